@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make figures` (main job) and `make test`.
+# Both create .venv on first use. The CPU build of torch is installed first, so that
+# the loose torch range in pyproject.toml never pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test figures figures-paper bench lint verify clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps curvlinops-for-pytorch==3.0.1 \
+	  && $(PY) -m pip install --quiet einops einconv linear_operator opt-einsum \
+	  || echo "curvlinops not installed: its cross-check tests will be skipped"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+figures: $(STAMP)
+	$(PY) -m paper_figs --quick --out paper_figs/out
+
+figures-paper: $(STAMP)
+	$(PY) -m paper_figs --paper --out paper_figs/out-paper
+
+verify: $(STAMP)
+	$(PY) -m energy verify
+
+bench: $(STAMP)
+	$(PY) -m benchmarks --json benchmarks/results.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,195 @@
+"""Input checks shared by every public entry point.
+
+Every check raises an error that names the argument, says what was expected and how to fix it.
+Nothing here ever rewrites a user's tensor (no silent symmetrisation, clipping or casting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EnergyInputError",
+    "ConstraintError",
+    "StepSizeError",
+    "StepSizeWarning",
+    "check_tensor",
+    "check_same_float_dtype",
+    "check_symmetric",
+    "check_psd",
+    "check_step_size",
+    "strict_mode",
+    "is_strict",
+]
+
+
+class EnergyInputError(ValueError):
+    """A public function received an argument it cannot use (shape, dtype, value)."""
+
+
+class ConstraintError(EnergyInputError):
+    """A weight violates a constraint the energy needs (symmetry, PSD, spectrum bound, orthogonality)."""
+
+
+class StepSizeError(EnergyInputError):
+    """A step size lies outside the range in which descent is guaranteed (strict mode only)."""
+
+
+class StepSizeWarning(UserWarning):
+    """A step size lies outside the range in which descent is guaranteed (default mode)."""
+
+
+_STRICT = False
+
+
+def is_strict() -> bool:
+    """Whether step sizes outside the guaranteed range raise (True) or warn (False)."""
+    return _STRICT
+
+
+@contextlib.contextmanager
+def strict_mode(enabled: bool = True) -> Iterator[None]:
+    """Context manager: inside it, step sizes outside the guaranteed range raise :class:`StepSizeError`.
+
+    >>> import energy
+    >>> with energy.strict_mode():
+    ...     pass
+    """
+    global _STRICT
+    previous, _STRICT = _STRICT, enabled
+    try:
+        yield
+    finally:
+        _STRICT = previous
+
+
+def _shape_str(shape: Sequence[int | str | None]) -> str:
+    return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+
+
+def check_tensor(
+    x: object,
+    name: str,
+    *,
+    ndim: int | None = None,
+    min_ndim: int | None = None,
+    trailing: Sequence[int | None] | None = None,
+    finite: bool = True,
+) -> Tensor:
+    """Check that ``x`` is a finite floating-point tensor of a given rank / trailing shape.
+
+    Args:
+        x: the object to check.
+        name: the argument's name, used in the error message.
+        ndim: exact number of dimensions required.
+        min_ndim: minimal number of dimensions (leading batch dimensions allowed).
+        trailing: required sizes of the trailing dimensions (``None`` = any size).
+        finite: reject NaN / inf entries.
+
+    Returns:
+        ``x`` itself (never a copy or a cast).
+    """
+    if not isinstance(x, Tensor):
+        raise EnergyInputError(
+            f"`{name}` must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(..., "
+            "dtype=torch.float64)."
+        )
+    if not x.is_floating_point():
+        raise EnergyInputError(
+            f"`{name}` must be a floating-point tensor, got dtype {x.dtype}; convert it with "
+            f"`{name}.to(torch.float64)` (float64 is recommended for verification)."
+        )
+    if ndim is not None and x.ndim != ndim:
+        raise EnergyInputError(f"`{name}` must have {ndim} dimensions, got shape {tuple(x.shape)}.")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise EnergyInputError(
+            f"`{name}` must have at least {min_ndim} dimensions (leading batch dimensions are allowed), "
+            f"got shape {tuple(x.shape)}."
+        )
+    if trailing is not None:
+        k = len(trailing)
+        if x.ndim < k or any(t is not None and s != t for s, t in zip(x.shape[x.ndim - k :], trailing)):
+            raise EnergyInputError(
+                f"`{name}` must end with shape {_shape_str(trailing)}, got shape {tuple(x.shape)}."
+            )
+    if finite and not bool(torch.isfinite(x).all()):
+        raise EnergyInputError(f"`{name}` contains NaN or inf entries; clean the input before calling.")
+    return x
+
+
+def check_same_float_dtype(**tensors: Tensor) -> torch.dtype:
+    """Check that all named tensors share one floating dtype (mixed precision is rejected, not cast)."""
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"`{n}`: {d}" for n, d in dtypes.items())
+        raise EnergyInputError(
+            f"mixed dtypes ({listing}); cast every argument to one dtype, e.g. `.to(torch.float64)`."
+        )
+    return next(iter(dtypes.values()))
+
+
+def _default_tol(W: Tensor) -> float:
+    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, float(W.abs().max()))
+
+
+def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tensor:
+    """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric."""
+    if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
+        raise EnergyInputError(f"`{name}` must be square in its last two dimensions, got {tuple(W.shape)}.")
+    tol = _default_tol(W) if atol is None else atol
+    asym = float((W - W.transpose(-1, -2)).abs().max()) if W.numel() else 0.0
+    if asym > tol:
+        raise ConstraintError(
+            f"`{name}` must be symmetric (max |W - Wᵀ| = {asym:.3e} > tol {tol:.1e}). The energy's gradient is "
+            "a symmetric operator, so only symmetric weights are steps of it; pass the symmetric part "
+            "(W + Wᵀ)/2 explicitly or parametrise W = M Mᵀ (unfold.parametrizations)."
+        )
+    return W
+
+
+def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | None = None) -> Tensor:
+    """Raise :class:`ConstraintError` unless ``W`` is symmetric positive semi-definite (definite if asked)."""
+    check_symmetric(W, name, atol=atol)
+    tol = _default_tol(W) if atol is None else atol
+    lam_min = float(torch.linalg.eigvalsh(W).min())
+    if strict_pd and lam_min <= tol:
+        raise ConstraintError(
+            f"`{name}` must be positive definite (smallest eigenvalue {lam_min:.3e}); this step applies W⁻¹. "
+            "Use a full-rank factor M (W = M Mᵀ with M of rank d) or use the token-preconditioned step."
+        )
+    if lam_min < -tol:
+        raise ConstraintError(
+            f"`{name}` must be positive semi-definite (smallest eigenvalue {lam_min:.3e} < 0); "
+            "parametrise it as W = M Mᵀ."
+        )
+    return W
+
+
+def check_step_size(alpha: float, name: str, *, low: float, high: float, reason: str,
+                    high_inclusive: bool = False) -> float:
+    """Warn (or raise in :func:`strict_mode`) if ``alpha`` lies outside the guaranteed descent range.
+
+    The guaranteed range is ``(low, high)`` (``(low, high]`` if ``high_inclusive``). ``reason`` names the
+    guarantee, e.g. ``"MATH §1.1(a): Gaussian kernel, α ∈ (0, 2)"``.
+    """
+    if isinstance(alpha, Tensor):
+        alpha = float(alpha)
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise EnergyInputError(f"`{name}` must be a finite real number, got {alpha!r}.")
+    inside = low < alpha and (alpha <= high if high_inclusive else alpha < high)
+    if not inside:
+        bracket = "]" if high_inclusive else ")"
+        msg = (
+            f"`{name}` = {alpha:g} lies outside ({low:g}, {high:g}{bracket}, the range in which descent is "
+            f"guaranteed ({reason}). The step is still computed, but the energy may increase."
+        )
+        if _STRICT:
+            raise StepSizeError(msg + " Choose a step size inside the range, or leave strict_mode.")
+        warnings.warn(msg, StepSizeWarning, stacklevel=3)
+    return float(alpha)

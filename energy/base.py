@@ -1,0 +1,71 @@
+"""The interface every energy answers (DESIGN: "energy objects answer three questions").
+
+An :class:`Energy` is a function ``E: R^{... × n × d} → R^{...}`` (one value per batch element) with
+
+* ``energy(Y)``  – the value, per batch element;
+* ``grad(Y)``    – the closed-form gradient ``∇_Y E`` (tests compare it with :meth:`autograd_grad`);
+* ``step(Y, alpha)`` – the preconditioned descent step that reproduces a Transformer layer;
+* ``step_range()`` – the step sizes for which ``E(step(Y, α)) ≤ E(Y)`` is guaranteed, and why.
+
+The preconditioner linking ``grad`` and ``step`` is documented (and, where it is a matrix, returned) by each
+subclass: ``step(Y, α) = Y − α P(Y)⁻¹ ∇E(Y)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Energy", "StepRange"]
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """Step sizes ``α`` for which a step is guaranteed not to increase its energy.
+
+    The range is ``(low, high)``, or ``(low, high]`` when ``high_inclusive``. ``reason`` cites the
+    guarantee (section of MATH.md and the hypothesis it needs).
+    """
+
+    low: float
+    high: float
+    reason: str
+    high_inclusive: bool = False
+
+    def __contains__(self, alpha: float) -> bool:
+        return self.low < alpha and (alpha <= self.high if self.high_inclusive else alpha < self.high)
+
+    def __str__(self) -> str:
+        return f"({self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}  [{self.reason}]"
+
+
+class Energy(torch.nn.Module):
+    """Base class: subclasses implement :meth:`energy`, :meth:`grad`, :meth:`step` and :meth:`step_range`.
+
+    Energies are ``nn.Module``s so that their weights can be registered as buffers or parameters and moved
+    with ``.to()``; they hold no other state. ``forward`` is :meth:`energy`.
+    """
+
+    def energy(self, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def grad(self, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, Y: Tensor, alpha: float = 1.0) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step_range(self, **kwargs) -> StepRange:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, Y: Tensor) -> Tensor:
+        return self.energy(Y)
+
+    def autograd_grad(self, Y: Tensor) -> Tensor:
+        """The autograd twin of :meth:`grad`: ``∇_Y Σ_batch E(Y)`` by reverse-mode AD of :meth:`energy` alone."""
+        Y = Y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.energy(Y).sum(), Y)
+        return g

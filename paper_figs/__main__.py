@@ -1,0 +1,209 @@
+"""``python -m paper_figs``: compute, plot and report the papers' figures.
+
+Usage::
+
+    python -m paper_figs --list
+    python -m paper_figs [NAME ...] [--quick | --paper | --tiny] [--out DIR] [--seed S] [--force]
+                         [--imdb PATH] [--sst2 PATH] [--glove PATH]
+
+Without names every registered figure runs. For each figure the command writes ``DIR/NAME.json`` (the data the
+plot is drawn from, with the fidelity, seed and options it was computed with), ``DIR/NAME.png`` and
+``DIR/NAME.pdf``, then rebuilds ``DIR/summary.json`` and ``DIR/report.md``. All writes are atomic. A figure whose
+JSON already exists with the same fidelity, seed and options is not recomputed (pass ``--force`` to recompute);
+if its picture is missing it is redrawn from the JSON. A failing figure is reported and the others still run;
+the exit code is then 1 (2 for usage errors such as an unknown figure name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from paper_figs.io import read_json, save_figure, to_jsonable, write_json  # noqa: E402
+from paper_figs.registry import (  # noqa: E402
+    REGISTRY,
+    FigureConfig,
+    FigureSpec,
+    Registry,
+    UnknownFigureError,
+    load_figure_modules,
+)
+from paper_figs.report import REPORT_NAME, SUMMARY_NAME, write_summary_and_report  # noqa: E402
+
+__all__ = ["main", "run_figure", "build_parser", "DATA_OPTIONS"]
+
+#: Extra options a figure may declare (``@figure(..., options=(...))``): CLI flag name -> help text.
+DATA_OPTIONS: dict[str, str] = {
+    "imdb": "path to the IMDB dataset (Yang et al. figs 5-6 run the paper's exact setting when given)",
+    "sst2": "path to the SST-2 dataset (Yang et al. figs 5-6)",
+    "glove": "path to GloVe-840B-300d vectors (Yang et al. figs 5-6)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m paper_figs",
+        description="Reproduce the papers' figures: data (JSON), pictures (PNG, PDF), summary.json and report.md.",
+    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="figures to run (default: all; see --list)")
+    p.add_argument("--list", action="store_true", help="print the figure names with one-line descriptions")
+    fid = p.add_mutually_exclusive_group()
+    fid.add_argument("--quick", dest="fidelity", action="store_const", const="quick",
+                     help="reduced protocol, minutes for all figures (default)")
+    fid.add_argument("--paper", dest="fidelity", action="store_const", const="paper",
+                     help="the papers' full protocols")
+    fid.add_argument("--tiny", dest="fidelity", action="store_const", const="tiny",
+                     help="smoke-test sizes (seconds); the numbers are not results")
+    p.set_defaults(fidelity="quick")
+    p.add_argument("--out", type=Path, default=Path("paper_figs/out"), help="output directory (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for every figure (default: each figure's seed from the paper)")
+    p.add_argument("--force", action="store_true", help="recompute figures even if their JSON is up to date")
+    for opt, text in DATA_OPTIONS.items():
+        p.add_argument(f"--{opt}", type=Path, default=None, metavar="PATH", help=text)
+    return p
+
+
+def _meta_key(fidelity: str, seed: int, options: Mapping[str, Any]) -> dict[str, Any]:
+    return {"fidelity": fidelity, "seed": seed, "options": to_jsonable(dict(options))}
+
+
+def _is_up_to_date(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stored payload if ``path`` holds data computed with the same fidelity/seed/options, else ``None``."""
+    if not path.exists():
+        return None
+    try:
+        payload = read_json(path)
+        meta = payload["meta"]
+        same = all(meta.get(k) == v for k, v in key.items())
+        return payload if same and "data" in payload else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable or foreign file: recompute
+
+
+def _draw(spec: FigureSpec, data: dict, cfg: FigureConfig) -> list[Path]:
+    if spec.plot_fn is None:
+        raise TypeError(f"figure {spec.name!r} has no plot function; add one with @{spec.compute.__name__}.plot")
+    fig = spec.plot_fn(data, cfg)
+    try:
+        return [save_figure(fig, cfg.out / f"{spec.name}.{ext}") for ext in ("png", "pdf")]
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def run_figure(
+    spec: FigureSpec,
+    *,
+    fidelity: str,
+    out: Path,
+    seed: int | None = None,
+    options: Mapping[str, Any] | None = None,
+    force: bool = False,
+    sizes: Mapping[str, Any] | None = None,
+) -> str:
+    """Compute (unless up to date), store and draw one figure.
+
+    Returns:
+        ``"computed"``, ``"redrawn"`` (JSON up to date, picture missing) or ``"up to date"``.
+    """
+    out = Path(out)
+    opts = {k: (None if options is None else options.get(k)) for k in spec.options}
+    cfg = FigureConfig(fidelity=fidelity, seed=spec.resolve_seed(seed), out=out, options=opts, sizes=dict(sizes or {}))
+    key = _meta_key(cfg.fidelity, cfg.seed, opts)
+    json_path = out / f"{spec.name}.json"
+    payload = None if force else _is_up_to_date(json_path, key)
+    if payload is not None:
+        if all((out / f"{spec.name}.{ext}").exists() for ext in ("png", "pdf")):
+            return "up to date"
+        _draw(spec, payload["data"], cfg)
+        return "redrawn"
+    t0 = time.perf_counter()
+    data = spec.compute(cfg)
+    seconds = time.perf_counter() - t0
+    if not isinstance(data, Mapping):
+        raise TypeError(f"compute of {spec.name!r} must return a dict, got {type(data).__name__}")
+    data = to_jsonable(data)
+    meta = dict(key, created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+                compute_seconds=seconds, torch=torch.__version__, numpy=np.__version__)
+    write_json(json_path, {"figure": spec.name, "meta": meta, "data": data})
+    _draw(spec, data, cfg)
+    return "computed"
+
+
+def _check_data_options(args: argparse.Namespace) -> dict[str, Path | None]:
+    options = {}
+    for opt in DATA_OPTIONS:
+        path = getattr(args, opt)
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"--{opt} {path}: no such file or directory; give an existing path or omit --{opt}")
+        options[opt] = path
+    return options
+
+
+def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 a figure failed, 2 usage error)."""
+    args = build_parser().parse_args(argv)
+    if registry is None:
+        missing = load_figure_modules()
+        registry = REGISTRY
+    else:
+        missing = []
+    if args.list:
+        width = max((len(n) for n in registry.names()), default=0)
+        for spec in registry:
+            print(f"{spec.name:<{width}}  {spec.description}")
+        if missing:
+            print(f"(not available yet: {', '.join(missing)})", file=sys.stderr)
+        return 0
+    try:
+        specs = registry.select(args.names)
+        options = _check_data_options(args)
+    except (UnknownFigureError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, str] = {}
+    t_all = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        tag = f"[{i}/{len(specs)}] {spec.name}"
+        print(f"{tag} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            status = run_figure(spec, fidelity=args.fidelity, out=out, seed=args.seed, options=options,
+                                force=args.force)
+        except Exception as exc:
+            failures[spec.name] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            print(f"{tag}: FAILED after {time.perf_counter() - t0:.1f} s: {failures[spec.name]}", flush=True)
+            continue
+        note = {"up to date": " (JSON up to date, skipped; --force recomputes)",
+                "redrawn": " (redrawn from JSON without recomputing)"}.get(status, "")
+        print(f"{tag}: {status} in {time.perf_counter() - t0:.1f} s{note}", flush=True)
+    write_summary_and_report(list(registry), out, failures)
+    n_ok = len(specs) - len(failures)
+    print(f"{n_ok}/{len(specs)} figures ok in {time.perf_counter() - t_all:.1f} s; "
+          f"wrote {out / SUMMARY_NAME} and {out / REPORT_NAME}", flush=True)
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

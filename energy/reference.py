@@ -1,20 +1,89 @@
 """Reference (standard) Transformer maths as plain functions.
 
 These are the layers the energies are compared with. They are written with ``einsum`` and an explicit
-softmax, so every ``torch.func`` transform (including forward-mode AD) works through them; tests compare
-them with ``torch.nn.MultiheadAttention``, ``scaled_dot_product_attention`` and ``torch.nn.LayerNorm``.
+softmax, so every ``torch.func`` transform (including forward-mode AD and ``vmap``) works through them; tests compare
+them with ``torch.nn.MultiheadAttention``, ``scaled_dot_product_attention``, ``torch.nn.LayerNorm`` and
+``torch.nn.RMSNorm``.
 
 Conventions (MATH §0): tokens are rows, ``X ∈ R^{... × n × d}``; weights act on the right, ``Q = X W_Q``.
+Multi-head weights are stored head-major along their output axis, like ``nn.MultiheadAttention``: columns
+``[h·d_k, (h+1)·d_k)`` of ``W_Q`` belong to head ``h``.
+
+Input checks: every public function validates shapes and dtypes and rejects NaN/inf. Inside a ``torch.func``
+transform (``vmap``, ``jvp``, ``grad``, ...) the value check is skipped, because ``vmap`` forbids data-dependent
+control flow; shape and dtype checks still run.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["attention_weights", "single_head_attention"]
+from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
+
+__all__ = [
+    "attention_weights",
+    "single_head_attention",
+    "multi_head_attention",
+    "linear_attention",
+    "causal_mask",
+    "feed_forward",
+    "layer_norm",
+    "rms_norm",
+]
+
+
+# ----------------------------------------------------------------------------------------------- validation helpers
+
+
+def _check(x: object, name: str, **kwargs) -> Tensor:
+    """``check_tensor`` that skips the (data-dependent) NaN/inf check inside ``torch.func`` transforms."""
+    if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        kwargs["finite"] = False
+    return check_tensor(x, name, **kwargs)
+
+
+def _check_optional(x: object | None, name: str, **kwargs) -> Tensor | None:
+    return None if x is None else _check(x, name, **kwargs)
+
+
+def _check_mask(mask: object, name: str, target: tuple[int, ...]) -> Tensor:
+    """A boolean (``True`` = attend) or additive float mask broadcastable to ``target``."""
+    if not isinstance(mask, Tensor):
+        raise EnergyInputError(f"`{name}` must be a torch.Tensor (bool: True = attend, or additive float), "
+                               f"got {type(mask).__name__}.")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise EnergyInputError(
+            f"`{name}` must be a bool tensor (True = attend) or an additive float tensor (-inf = blocked), "
+            f"got dtype {mask.dtype}; convert an integer 0/1 mask with `{name}.bool()`."
+        )
+    try:
+        torch.broadcast_shapes(mask.shape, target)
+    except RuntimeError:
+        raise EnergyInputError(
+            f"`{name}` of shape {tuple(mask.shape)} does not broadcast to the attention scores of shape {target} "
+            "(..., n_q, n_k); a key-padding mask of shape (B, n_k) must be passed as `mask=~padding[:, None, :]`."
+        ) from None
+    traced = torch._C._functorch.is_functorch_wrapped_tensor(mask)
+    if mask.is_floating_point() and not traced and bool((mask == float("inf")).any() | mask.isnan().any()):
+        raise EnergyInputError(f"`{name}` contains +inf or NaN; an additive mask may only contain finite values "
+                               "and -inf (blocked).")
+    return mask
+
+
+def causal_mask(n_q: int, n_k: int | None = None, *, device: torch.device | None = None) -> Tensor:
+    r"""Boolean causal mask (``True`` = attend), aligned top-left like ``scaled_dot_product_attention(is_causal=True)``.
+
+    .. math:: m_{ij} = [\, j \le i \,],\qquad i < n_q,\; j < n_k
+    """
+    n_k = n_q if n_k is None else n_k
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+
+
+# ------------------------------------------------------------------------------------------------------- attention
 
 
 def attention_weights(
@@ -36,14 +105,20 @@ def attention_weights(
         K: keys ``(..., n_k, d_k)``.
         scale: ``κ``; ``None`` means the standard ``1/√d_k``.
         mask: additive mask broadcastable to ``(..., n_q, n_k)`` (``-inf`` = blocked) or a boolean mask
-            where ``True`` means *attend* (the ``scaled_dot_product_attention`` convention).
+            where ``True`` means *attend* (the ``scaled_dot_product_attention`` convention). A row with every
+            entry blocked has no softmax and gives NaN (as in torch).
         key_bias: ``β`` of shape ``(..., n_k)``, added to every row (MATH §1.1).
     """
+    _check(Q, "Q", min_ndim=2)
+    _check(K, "K", min_ndim=2, trailing=(None, Q.shape[-1]))
+    _check_optional(key_bias, "key_bias", min_ndim=1, trailing=(K.shape[-2],))
+    check_same_float_dtype(Q=Q, K=K, key_bias=key_bias)
     kappa = 1.0 / math.sqrt(Q.shape[-1]) if scale is None else scale
     S = kappa * torch.einsum("...ik,...jk->...ij", Q, K)
     if key_bias is not None:
         S = S + key_bias.unsqueeze(-2)
     if mask is not None:
+        _check_mask(mask, "mask", tuple(S.shape))
         if mask.dtype == torch.bool:
             S = S.masked_fill(~mask, float("-inf"))
         else:
@@ -58,5 +133,264 @@ def single_head_attention(
 
     .. math:: F = \mathrm{softmax}(\kappa\, X W_Q W_K^\top X^\top)\, X W_V,\qquad \kappa = 1/\sqrt{d_K}
     """
+    _check(X, "X", min_ndim=2)
+    d = X.shape[-1]
+    _check(W_Q, "W_Q", ndim=2, trailing=(d, None))
+    _check(W_K, "W_K", ndim=2, trailing=(d, W_Q.shape[-1]))
+    _check(W_V, "W_V", ndim=2, trailing=(d, None))
+    check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V)
     A = attention_weights(X @ W_Q, X @ W_K, scale=scale, mask=mask)
     return A @ (X @ W_V)
+
+
+def _split_heads(Z: Tensor, num_heads: int) -> Tensor:
+    """``(..., n, h·e) -> (..., h, n, e)`` (head-major columns, the ``nn.MultiheadAttention`` layout)."""
+    return Z.unflatten(-1, (num_heads, Z.shape[-1] // num_heads)).transpose(-2, -3)
+
+
+def _merge_heads(Z: Tensor) -> Tensor:
+    """``(..., h, n, e) -> (..., n, h·e)``, the inverse of :func:`_split_heads`."""
+    return Z.transpose(-2, -3).flatten(-2)
+
+
+def _affine(X: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+    """``X W + 1 bᵀ`` in einsum form (weights act on the right)."""
+    Z = torch.einsum("...nd,de->...ne", X, W)
+    return Z if b is None else Z + b
+
+
+def _check_projections(
+    x_q: Tensor,
+    x_kv: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    W_O: Tensor | None,
+    num_heads: int,
+    b_Q: Tensor | None,
+    b_K: Tensor | None,
+    b_V: Tensor | None,
+    b_O: Tensor | None,
+) -> None:
+    """Shape/dtype checks shared by :func:`multi_head_attention` and :func:`linear_attention`."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise EnergyInputError(f"`num_heads` must be a positive int, got {num_heads!r}.")
+    _check(x_q, "x_q", min_ndim=2)
+    _check(x_kv, "x_kv", min_ndim=2)
+    try:
+        torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
+    except RuntimeError:
+        raise EnergyInputError(
+            f"the batch dimensions of `x_q` {tuple(x_q.shape[:-2])} and `x_kv` {tuple(x_kv.shape[:-2])} "
+            "do not broadcast."
+        ) from None
+    _check(W_Q, "W_Q", ndim=2, trailing=(x_q.shape[-1], None))
+    _check(W_K, "W_K", ndim=2, trailing=(x_kv.shape[-1], W_Q.shape[1]))
+    _check(W_V, "W_V", ndim=2, trailing=(x_kv.shape[-1], None))
+    for name, W in (("W_Q", W_Q), ("W_V", W_V)):
+        if W.shape[1] % num_heads:
+            raise EnergyInputError(
+                f"`{name}` has {W.shape[1]} output columns, not divisible by num_heads={num_heads}; its width "
+                "must be num_heads · (per-head width)."
+            )
+    _check_optional(W_O, "W_O", ndim=2, trailing=(W_V.shape[1], None))
+    _check_optional(b_Q, "b_Q", ndim=1, trailing=(W_Q.shape[1],))
+    _check_optional(b_K, "b_K", ndim=1, trailing=(W_K.shape[1],))
+    _check_optional(b_V, "b_V", ndim=1, trailing=(W_V.shape[1],))
+    if b_O is not None:
+        if W_O is None:
+            raise EnergyInputError("`b_O` was given without `W_O`; pass an output projection or drop the bias.")
+        _check(b_O, "b_O", ndim=1, trailing=(W_O.shape[1],))
+    check_same_float_dtype(x_q=x_q, x_kv=x_kv, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, b_Q=b_Q, b_K=b_K, b_V=b_V,
+                           b_O=b_O)
+
+
+def _scores_mask(
+    mask: Tensor | None, causal: bool, batch: tuple[int, ...], n_q: int, n_k: int, device: torch.device
+) -> Tensor | None:
+    """Combine a user mask (shared by all heads) with the causal mask; returns a mask for ``(..., h, n_q, n_k)``."""
+    if mask is not None:
+        _check_mask(mask, "mask", (*batch, n_q, n_k))
+    if causal:
+        c = causal_mask(n_q, n_k, device=device)
+        if mask is None:
+            mask = c
+        elif mask.dtype == torch.bool:
+            mask = mask & c
+        else:
+            mask = mask.masked_fill(~c, float("-inf"))
+    return None if mask is None else mask.unsqueeze(-3)
+
+
+def multi_head_attention(
+    x_q: Tensor,
+    x_kv: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    W_O: Tensor | None = None,
+    *,
+    num_heads: int,
+    b_Q: Tensor | None = None,
+    b_K: Tensor | None = None,
+    b_V: Tensor | None = None,
+    b_O: Tensor | None = None,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+) -> Tensor:
+    r"""Multi-head (cross- or self-) attention, einsum form.
+
+    With ``Q = x_q W_Q + 1 b_Qᵀ``, ``K = x_kv W_K + 1 b_Kᵀ``, ``V = x_kv W_V + 1 b_Vᵀ`` split head-major into
+    ``Q_h ∈ R^{n_q×d_k}``, ``K_h ∈ R^{n_k×d_k}``, ``V_h ∈ R^{n_k×d_v}``:
+
+    .. math::
+        \mathrm{MHA} = \big[\mathrm{softmax}(\kappa Q_1 K_1^\top + m)\,V_1 \;\big|\; \dots \;\big|\;
+                       \mathrm{softmax}(\kappa Q_H K_H^\top + m)\,V_H\big]\, W_O + 1 b_O^\top ,
+        \qquad \kappa = 1/\sqrt{d_k}\ \text{by default.}
+
+    Self-attention is ``multi_head_attention(X, X, ...)``. ``nn.MultiheadAttention(batch_first=True)`` maps to it by
+    ``W_Q, W_K, W_V = in_proj_weight.chunk(3)`` transposed, ``W_O = out_proj.weight.T`` (tests check this).
+
+    Args:
+        x_q: query tokens ``(..., n_q, d_q)``.
+        x_kv: key/value tokens ``(..., n_k, d_kv)``; batch dimensions broadcast with ``x_q``'s.
+        W_Q: ``(d_q, H·d_k)``.
+        W_K: ``(d_kv, H·d_k)``.
+        W_V: ``(d_kv, H·d_v)`` (``d_v ≠ d_k`` is allowed).
+        W_O: ``(H·d_v, d_out)`` or ``None`` (then the concatenated heads are returned).
+        num_heads: ``H``; must divide the widths of ``W_Q`` and ``W_V``.
+        b_Q, b_K, b_V, b_O: optional biases of the matching widths.
+        scale: ``κ``; ``None`` means ``1/√d_k`` with the per-head width ``d_k``.
+        mask: bool (``True`` = attend) or additive float mask broadcastable to ``(..., n_q, n_k)``, shared by all
+            heads. A key-padding mask ``pad (B, n_k)`` (``True`` = padding) is ``mask=~pad[:, None, :]``.
+        causal: also apply :func:`causal_mask` (top-left aligned, like ``is_causal=True``).
+
+    Returns:
+        ``(..., n_q, d_out)`` (or ``(..., n_q, H·d_v)`` without ``W_O``).
+    """
+    _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
+    Q = _split_heads(_affine(x_q, W_Q, b_Q), num_heads)  # (..., H, n_q, d_k)
+    K = _split_heads(_affine(x_kv, W_K, b_K), num_heads)  # (..., H, n_k, d_k)
+    V = _split_heads(_affine(x_kv, W_V, b_V), num_heads)  # (..., H, n_k, d_v)
+    batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
+    m = _scores_mask(mask, causal, batch, x_q.shape[-2], x_kv.shape[-2], x_q.device)
+    A = attention_weights(Q, K, scale=scale, mask=m)  # (..., H, n_q, n_k)
+    heads = _merge_heads(torch.einsum("...ij,...jv->...iv", A, V))  # (..., n_q, H·d_v)
+    return heads if W_O is None else _affine(heads, W_O, b_O)
+
+
+def linear_attention(
+    x_q: Tensor,
+    x_kv: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    W_O: Tensor | None = None,
+    *,
+    num_heads: int = 1,
+    b_Q: Tensor | None = None,
+    b_K: Tensor | None = None,
+    b_V: Tensor | None = None,
+    b_O: Tensor | None = None,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+) -> Tensor:
+    r"""Linear attention (no softmax), the variant of MATH §3.6, same arguments as :func:`multi_head_attention`.
+
+    .. math:: A_h = \kappa\, Q_h K_h^\top \odot m ,\qquad F = [A_1 V_1 | \dots | A_H V_H]\, W_O + 1 b_O^\top
+
+    ``mask`` must be boolean here (``True`` = keep, blocked scores are set to 0): an additive ``-inf`` mask has no
+    meaning without the exponential.
+    """
+    _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
+    if mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
+        raise EnergyInputError(
+            f"`mask` must be boolean (True = keep) for linear attention, got dtype {mask.dtype}; an additive "
+            "mask only makes sense inside a softmax."
+        )
+    Q = _split_heads(_affine(x_q, W_Q, b_Q), num_heads)
+    K = _split_heads(_affine(x_kv, W_K, b_K), num_heads)
+    V = _split_heads(_affine(x_kv, W_V, b_V), num_heads)
+    kappa = 1.0 / math.sqrt(Q.shape[-1]) if scale is None else scale
+    A = kappa * torch.einsum("...ik,...jk->...ij", Q, K)
+    batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
+    m = _scores_mask(mask, causal, batch, x_q.shape[-2], x_kv.shape[-2], x_q.device)
+    if m is not None:
+        A = A.masked_fill(~m, 0.0)
+    heads = _merge_heads(torch.einsum("...ij,...jv->...iv", A, V))
+    return heads if W_O is None else _affine(heads, W_O, b_O)
+
+
+# ------------------------------------------------------------------------------------------- feed-forward and norms
+
+_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, None: lambda Z: Z}
+
+
+def feed_forward(
+    X: Tensor,
+    W_1: Tensor,
+    b_1: Tensor | None,
+    W_2: Tensor,
+    b_2: Tensor | None,
+    activation: Literal["relu", "gelu"] | None = "relu",
+) -> Tensor:
+    r"""Two-matrix feed-forward block (weights act on the right).
+
+    .. math:: \mathrm{FFN}(X) = \sigma(X W_1 + 1 b_1^\top)\, W_2 + 1 b_2^\top
+
+    Args:
+        X: ``(..., n, d)``.
+        W_1: ``(d, m)``; ``b_1``: ``(m,)`` or ``None``.
+        W_2: ``(m, d_out)``; ``b_2``: ``(d_out,)`` or ``None``.
+        activation: ``"relu"``, ``"gelu"`` (exact, erf form, as ``nn.GELU()``) or ``None`` (linear).
+    """
+    if activation not in _ACTIVATIONS:
+        raise EnergyInputError(f"`activation` must be 'relu', 'gelu' or None, got {activation!r}.")
+    _check(X, "X", min_ndim=2)
+    _check(W_1, "W_1", ndim=2, trailing=(X.shape[-1], None))
+    _check_optional(b_1, "b_1", ndim=1, trailing=(W_1.shape[1],))
+    _check(W_2, "W_2", ndim=2, trailing=(W_1.shape[1], None))
+    _check_optional(b_2, "b_2", ndim=1, trailing=(W_2.shape[1],))
+    check_same_float_dtype(X=X, W_1=W_1, b_1=b_1, W_2=W_2, b_2=b_2)
+    return _affine(_ACTIVATIONS[activation](_affine(X, W_1, b_1)), W_2, b_2)
+
+
+def _check_norm_args(X: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float | None) -> None:
+    _check(X, "X", min_ndim=1)
+    _check_optional(weight, "weight", ndim=1, trailing=(X.shape[-1],))
+    _check_optional(bias, "bias", ndim=1, trailing=(X.shape[-1],))
+    check_same_float_dtype(X=X, weight=weight, bias=bias)
+    if eps is not None and (not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0):
+        raise EnergyInputError(f"`eps` must be a finite number ≥ 0, got {eps!r}.")
+
+
+def layer_norm(X: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    r"""LayerNorm over the last dimension, as ``nn.LayerNorm(d, eps)``.
+
+    .. math:: \mathrm{LN}(x) = \gamma \odot \frac{x - \bar x\,1}{\sqrt{\tfrac1d \|x - \bar x 1\|^2 + \varepsilon}} + b
+
+    With ``eps = 0`` and no affine part this is the projection onto the centred sphere of radius ``√d``
+    (:func:`energy.normalization.layernorm_projection`, MATH §1.4).
+    """
+    _check_norm_args(X, weight, bias, eps)
+    Xc = X - X.mean(dim=-1, keepdim=True)
+    Z = Xc / torch.sqrt((Xc * Xc).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        Z = Z * weight
+    return Z if bias is None else Z + bias
+
+
+def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
+    r"""RMSNorm over the last dimension, as ``nn.RMSNorm(d, eps)``.
+
+    .. math:: \mathrm{RMS}(x) = \gamma \odot \frac{x}{\sqrt{\tfrac1d \|x\|^2 + \varepsilon}}
+
+    ``eps = None`` uses ``torch.finfo(X.dtype).eps``, the ``nn.RMSNorm`` default. With ``eps = 0`` and no weight
+    this is the projection onto the sphere of radius ``√d`` (MATH §1.4).
+    """
+    _check_norm_args(X, weight, None, eps)
+    e = torch.finfo(X.dtype).eps if eps is None else eps
+    Z = X / torch.sqrt((X * X).mean(dim=-1, keepdim=True) + e)
+    return Z if weight is None else Z * weight

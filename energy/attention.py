@@ -1,0 +1,762 @@
+r"""Self-attention as a descent step on a pairwise energy (MATH §1.1, §1.2).
+
+The energy (tokens are rows, :math:`Y \in \mathbb{R}^{\dots\times n\times d}`, MATH §0):
+
+.. math::
+    E(Y) = \sum_{i<j} \rho(z_{ij}) + \tfrac{\lambda}{2}\|Y\|_W^2, \qquad
+    z_{ij} = \tfrac12 \|y_i - y_j\|_W^2, \qquad W = \kappa\, M M^\top,
+
+with :math:`\rho` concave and non-decreasing (:mod:`energy.kernels`), :math:`\gamma_{ij} = \rho'(z_{ij})`,
+:math:`\Gamma = [\gamma_{ij}]` (including :math:`\gamma_{ii} = \rho'(0)`), :math:`D = \mathrm{diag}(\Gamma 1)`,
+:math:`L = D - \Gamma`, and :math:`\nabla E = (L + \lambda I)\, Y W`.
+
+**The 1/√d_k convention.** ``W = scale · M Mᵀ`` with ``scale`` defaulting to :math:`\kappa = 1/\sqrt{k}`,
+``k = M.shape[-1]``. The *same* ``W`` enters the energy, the gradient, both steps and the standard layer the step
+reproduces: with :math:`Q = K = Y M`, :math:`Y W Y^\top = Q K^\top / \sqrt{k}`, so the Gaussian metric step is
+:math:`\mathrm{softmax}(Q K^\top/\sqrt{k} + \mathbf 1\beta^\top)\, Y` with :math:`\beta_j = -\tfrac12\|y_j\|_W^2
+= -\tfrac{1}{2\sqrt k}\|k_j\|^2`. Pass ``scale=1.0`` to use :math:`W = M M^\top` unscaled.
+
+**How the obstacles of MATH §1 (obstacle 1) are addressed.**
+
+* *Softmax is not the gradient of a quadratic.* It is a *preconditioned* gradient step of the non-quadratic
+  pairwise energy above with the Gaussian kernel :math:`\rho(z) = -e^{-z}`: the row normalisation :math:`D^{-1}`
+  is the preconditioner, and the factors of :math:`\gamma_{ij}` that depend only on :math:`i` cancel in it, leaving
+  the key bias :math:`\beta_j` (:func:`key_bias`). Step (a) ``preconditioner="metric"`` (preconditioner
+  :math:`(D\otimes W)^{-1}`): :math:`Y^+ = (1-\alpha) Y + \alpha D^{-1}\Gamma Y`; step (b) ``"token"``
+  (preconditioner :math:`D^{-1}\otimes I`): :math:`Y^+ = Y(I - \alpha W) + \alpha D^{-1}\Gamma Y W`.
+* *Monotone descent* follows from majorisation–minimisation (ρ concave): see :func:`attention_step_range` for the
+  guaranteed ranges and their proofs. Plain ``softmax(Y W Yᵀ) Y`` **without** β is not such a step and can increase
+  the energy (regression-tested); it coincides with the β step when all tokens have equal W-norm.
+* *Ridge* :math:`\lambda > 0`: the step normalises by :math:`\lambda + \sum_k \gamma_{ik}` (attention with a "null
+  slot" of value 0). The plain ``softmax_β`` step is *not* provably monotone for the ridge energy.
+* *Numerics.* :math:`z` is computed from the Gram matrix :math:`G = Y W Y^\top` as
+  :math:`z_{ij} = \tfrac12(G_{ii} + G_{jj}) - G_{ij}` (never an :math:`n^2\times d` pair tensor). Rounding can
+  make it slightly negative for nearly coincident tokens; it is clamped at 0 (``clamp_min(0)``, the exact value is
+  :math:`\ge 0`); :math:`z_{ii} = 0` exactly.
+
+**Multi-head (MATH §1.2, status "open" in MATH).** :class:`MultiHeadAttentionEnergy` uses
+:math:`E = \sum_h E_h` with :math:`W_h = \kappa M_h M_h^\top`. Its step is the sum of per-head steps, each with
+value/output map :math:`P_h` (the orthogonal projector onto the range of :math:`M_h`) for the metric step and
+:math:`W_h` for the token step. *Orthogonal heads* (:math:`M_h^\top M_g = 0`, :meth:`~MultiHeadAttentionEnergy.heads_orthogonal`):
+the energy separates over the subspaces, the step is a preconditioned gradient step and each head keeps the
+single-head guarantee. *General heads*: the summed step is **not** one preconditioned gradient step; no step size
+is guaranteed, descent is only measured (``tests/test_multihead_energy.py`` records the violation rate).
+
+**Masks.** A symmetric pairwise energy gives symmetric weights :math:`\gamma_{ij} = \gamma_{ji}`, so
+:math:`\Gamma` cannot be triangular: *causal attention is not a descent step of any energy of this form*
+(a causal layer can only be run as a non-energy step; nothing here pretends otherwise). What can be provided
+honestly is a *key-padding* mask ``token_mask`` (shape ``(..., n)``, ``True`` = real token): padded tokens are
+removed from the energy (from the pair sum and the ridge term), so their gradient is zero, they are left unchanged
+by every step, and the real tokens evolve exactly as for the unpadded sequence.
+
+Functional core: :func:`metric`, :func:`pairwise_sq_dist`, :func:`key_bias`, :func:`softmax_beta`,
+:func:`head_bases`, :func:`attention_step_range`, :func:`attention_step_fused`; module shell:
+:class:`AttentionEnergy`, :class:`MultiHeadAttentionEnergy`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from energy._validation import (
+    ConstraintError,
+    EnergyInputError,
+    check_psd,
+    check_same_float_dtype,
+    check_step_size,
+    check_tensor,
+)
+from energy.base import Energy, StepRange
+from energy.kernels import GaussianKernel, Kernel
+
+__all__ = [
+    "metric",
+    "pairwise_sq_dist",
+    "key_bias",
+    "softmax_beta",
+    "head_bases",
+    "attention_step_range",
+    "attention_step_fused",
+    "AttentionEnergy",
+    "MultiHeadAttentionEnergy",
+]
+
+_PRECONDITIONERS = ("metric", "token")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_scale(scale: float | None, k: int) -> float:
+    """``scale`` or the default :math:`\\kappa = 1/\\sqrt{k}`; rejects non-positive / non-finite values."""
+    if scale is None:
+        return 1.0 / math.sqrt(k)
+    if isinstance(scale, Tensor) and scale.numel() == 1:
+        scale = float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise EnergyInputError(
+            f"`scale` must be a finite real number > 0 (W = scale · M Mᵀ) or None for 1/sqrt(k), got {scale!r}."
+        )
+    return float(scale)
+
+
+def _check_ridge(ridge: float) -> float:
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0:
+        raise EnergyInputError(f"`ridge` must be a finite real number >= 0 (the λ of (λ/2)‖Y‖²_W), got {ridge!r}.")
+    return float(ridge)
+
+
+def _check_kernel(kernel: Kernel | None) -> Kernel:
+    if kernel is None:
+        return GaussianKernel()
+    if not isinstance(kernel, Kernel):
+        raise EnergyInputError(
+            f"`kernel` must be an energy.kernels.Kernel (e.g. GaussianKernel(), PowerKernel(p, eps), "
+            f"CauchyKernel()), got {type(kernel).__name__}."
+        )
+    return kernel
+
+
+def _check_preconditioner(preconditioner: str) -> str:
+    if preconditioner not in _PRECONDITIONERS:
+        raise EnergyInputError(
+            f"`preconditioner` must be 'metric' (step (a), identity values) or 'token' (step (b), values tied to "
+            f"W), got {preconditioner!r}."
+        )
+    return preconditioner
+
+
+def _check_M(M: object, ndim: int) -> Tensor:
+    if ndim == 2 and isinstance(M, Tensor) and M.ndim == 3:
+        raise EnergyInputError(
+            f"`M` must have 2 dimensions (d, k) for a single head, got shape {tuple(M.shape)}; for a stack of heads "
+            "(h, d, k) use MultiHeadAttentionEnergy."
+        )
+    M = check_tensor(M, "M", ndim=ndim)
+    if M.numel() == 0:
+        raise EnergyInputError(f"`M` must not be empty, got shape {tuple(M.shape)}.")
+    return M
+
+
+def _check_Y(Y: object, M: Tensor) -> Tensor:
+    """``Y`` of shape (..., n, d) matching ``M`` (d, k) / (h, d, k) in width and dtype."""
+    Y = check_tensor(Y, "Y", min_ndim=2)
+    d = M.shape[-2]
+    if Y.shape[-1] != d:
+        raise EnergyInputError(
+            f"`Y` has width {Y.shape[-1]} (last dimension) but `M` has d = {d} rows; tokens are rows: Y is "
+            f"(..., n, d) and M is (d, k) (or (h, d, k) for heads)."
+        )
+    if Y.shape[-2] == 0:
+        raise EnergyInputError(f"`Y` must contain at least one token, got shape {tuple(Y.shape)}.")
+    check_same_float_dtype(Y=Y, M=M)
+    return Y
+
+
+def _check_token_mask(token_mask: object, Y: Tensor) -> Tensor | None:
+    if token_mask is None:
+        return None
+    if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
+        raise EnergyInputError(
+            "`token_mask` must be a bool tensor of shape (..., n) with True = real token, False = padding, got "
+            f"{type(token_mask).__name__}{'' if not isinstance(token_mask, Tensor) else ' of ' + str(token_mask.dtype)}."
+        )
+    try:
+        torch.broadcast_shapes(token_mask.shape, Y.shape[:-1])
+    except RuntimeError:
+        raise EnergyInputError(
+            f"`token_mask` of shape {tuple(token_mask.shape)} does not broadcast to Y's token shape "
+            f"{tuple(Y.shape[:-1])} (= Y.shape[:-1])."
+        ) from None
+    if token_mask.shape[-1] != Y.shape[-2]:
+        raise EnergyInputError(
+            f"`token_mask` must have n = {Y.shape[-2]} entries in its last dimension, got {tuple(token_mask.shape)}."
+        )
+    return token_mask
+
+
+def _check_W(W: object, Y: Tensor) -> Tensor:
+    W = check_tensor(W, "W", min_ndim=2)
+    if W.shape[-1] != Y.shape[-1]:
+        raise EnergyInputError(
+            f"`W` must be (d, d) with d = {Y.shape[-1]} (the width of `Y`), got shape {tuple(W.shape)}."
+        )
+    check_same_float_dtype(Y=Y, W=W)
+    return check_psd(W, "W")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# functional core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def metric(M: Tensor, scale: float | None = None) -> Tensor:
+    r"""The metric :math:`W = \kappa\, M M^\top` (MATH §1.1), :math:`\kappa` = ``scale`` or :math:`1/\sqrt{k}`.
+
+    Args:
+        M: factor ``(..., d, k)`` (a stack of heads ``(h, d, k)`` gives one metric per head).
+        scale: :math:`\kappa`; ``None`` means :math:`1/\sqrt{k}`, matching ``softmax(Q Kᵀ/√d_k)`` with
+            :math:`Q = K = Y M`.
+
+    Returns:
+        ``W`` of shape ``(..., d, d)``, symmetric positive semi-definite by construction.
+    """
+    M = check_tensor(M, "M", min_ndim=2)
+    return _resolve_scale(scale, M.shape[-1]) * (M @ M.transpose(-1, -2))
+
+
+def _sq_dist_from_gram(G: Tensor) -> Tensor:
+    r""":math:`z_{ij} = \tfrac12(G_{ii} + G_{jj}) - G_{ij} = \tfrac12\|y_i - y_j\|_W^2` from :math:`G = YWY^\top`.
+
+    Clamped at 0 against rounding (the exact value is non-negative); the diagonal is exactly 0.
+    """
+    g = G.diagonal(dim1=-2, dim2=-1)
+    return (0.5 * (g.unsqueeze(-1) + g.unsqueeze(-2)) - G).clamp_min(0.0)
+
+
+def pairwise_sq_dist(Y: Tensor, W: Tensor) -> Tensor:
+    r"""Half squared :math:`W`-distances :math:`z_{ij} = \tfrac12\|y_i - y_j\|_W^2` via the Gram matrix (MATH §1.1).
+
+    .. math:: z_{ij} = \tfrac12 (G_{ii} + G_{jj}) - G_{ij}, \qquad G = Y W Y^\top .
+
+    Tiny negative values from rounding are clamped to 0.
+
+    Args:
+        Y: tokens ``(..., n, d)``.
+        W: symmetric PSD metric ``(d, d)`` (or broadcastable ``(..., d, d)``).
+
+    Returns:
+        ``z`` of shape ``(..., n, n)``.
+    """
+    Y = check_tensor(Y, "Y", min_ndim=2)
+    W = _check_W(W, Y)
+    return _sq_dist_from_gram(Y @ W @ Y.transpose(-1, -2))
+
+
+def key_bias(Y: Tensor, W: Tensor) -> Tensor:
+    r"""Key bias :math:`\beta_j = -\tfrac12 \|y_j\|_W^2` of the energy-derived softmax (MATH §1.1).
+
+    Returns:
+        ``β`` of shape ``(..., n)``.
+    """
+    Y = check_tensor(Y, "Y", min_ndim=2)
+    W = _check_W(W, Y)
+    return -0.5 * ((Y @ W) * Y).sum(-1)
+
+
+def softmax_beta(Y: Tensor, W: Tensor) -> Tensor:
+    r"""Energy-derived attention matrix :math:`\mathrm{softmax}_\beta(Y W Y^\top)` (MATH §1.1).
+
+    .. math:: A_{ij} = \frac{\exp(y_i^\top W y_j + \beta_j)}{\sum_l \exp(y_i^\top W y_l + \beta_l)}
+        = (D^{-1}\Gamma)_{ij}\ \text{for}\ \rho(z) = -e^{-z}.
+
+    Returns:
+        ``A`` of shape ``(..., n, n)``, rows summing to one.
+    """
+    beta = key_bias(Y, W)
+    return torch.softmax(Y @ W @ Y.transpose(-1, -2) + beta.unsqueeze(-2), dim=-1)
+
+
+def head_bases(M: Tensor) -> Tensor:
+    r"""Orthonormal bases :math:`U_h` of the ranges of the heads' factors, :math:`P_h = U_h U_h^\top` (MATH §1.2).
+
+    Computed from the thin SVD of each :math:`M_h`; columns belonging to singular values below
+    ``max(d, k) · eps · σ_max`` are set to zero, so :math:`U_h U_h^\top` is the exact projector onto
+    :math:`\mathrm{range}(M_h)` also for rank-deficient heads.
+
+    Args:
+        M: ``(h, d, k)`` (or ``(d, k)``, treated as one head).
+
+    Returns:
+        ``U`` of shape ``(h, d, min(d, k))`` (or ``(d, min(d, k))``).
+    """
+    M = check_tensor(M, "M", min_ndim=2)
+    U, S, _ = torch.linalg.svd(M, full_matrices=False)
+    tol = max(M.shape[-2], M.shape[-1]) * torch.finfo(M.dtype).eps * S[..., :1]
+    return U * (S > tol).to(U.dtype).unsqueeze(-2)
+
+
+def attention_step_range(
+    kernel: Kernel, preconditioner: str, *, lambda_max_W: float, orthogonal_heads: bool = True
+) -> StepRange:
+    r"""Step sizes for which the attention steps provably do not increase the energy (MATH §1.1 "Guarantee").
+
+    Proof sketch (MM). Since ρ is concave, :math:`E(Y) \le Q(Y\mid Y^t) = \tfrac12\mathrm{tr}(Y^\top (L + \lambda I)
+    Y W) + c` with equality at :math:`Y^t`. In :math:`Z = (D + \lambda I)^{1/2} Y`, :math:`Q = \tfrac12
+    \mathrm{tr}(Z^\top N Z W)`, :math:`N = I - (D + \lambda I)^{-1/2}\Gamma(D + \lambda I)^{-1/2}`; the eigenvalues of
+    :math:`N` lie in :math:`[0, 2]` (Γ ≥ 0 entrywise, rows of :math:`(D+\lambda I)^{-1}\Gamma` sum to ≤ 1), and in
+    :math:`[0, 1]` if :math:`\Gamma \succeq 0`. Step (a) is :math:`Z^+ = (I - \alpha N) Z`, step (b) is
+    :math:`Z^+ = Z - \alpha N Z W`; a gradient-type step on a PSD quadratic does not increase it iff
+    :math:`\alpha \mu \le 2` on every mode :math:`\mu`, and :math:`E(Y^+) \le Q(Y^+) \le Q(Y^t) = E(Y^t)`. Hence
+
+    * (a) ``"metric"``: :math:`\alpha \in (0, 2)` if ``kernel.psd_gram``, else :math:`\alpha \in (0, 1]`;
+    * (b) ``"token"``: :math:`\alpha\lambda_{\max}(W) \in (0, 2)` if ``kernel.psd_gram``, else
+      :math:`\alpha\lambda_{\max}(W) \in (0, 1]`.
+
+    The ridge term and a key-padding mask keep these ranges (same proof). For orthogonal heads the energy separates
+    over the heads' subspaces and each head keeps its range (:math:`\lambda_{\max}(W) = \max_h\lambda_{\max}(W_h)`).
+    For general heads no range is guaranteed: the returned range is empty, ``(0, 0)``.
+
+    Args:
+        kernel: the energy's kernel.
+        preconditioner: ``"metric"`` (step (a)) or ``"token"`` (step (b)).
+        lambda_max_W: :math:`\lambda_{\max}(W)` (only used for ``"token"``).
+        orthogonal_heads: ``False`` for multi-head energies whose heads are not mutually orthogonal.
+    """
+    _check_preconditioner(preconditioner)
+    if not orthogonal_heads:
+        return StepRange(
+            0.0, 0.0,
+            "MATH §1.2: the heads are not mutually orthogonal (M_hᵀ M_g ≠ 0), so the summed per-head step is not a "
+            "preconditioned gradient step; no step size is guaranteed to descend (descent is measured, not assumed)",
+        )
+    psd = kernel.psd_gram
+    if preconditioner == "metric":
+        if psd:
+            return StepRange(0.0, 2.0, f"MATH §1.1(a): Γ ⪰ 0 for the {kernel.name} kernel, so λ(N) ≤ 1")
+        return StepRange(0.0, 1.0, "MATH §1.1(a): any concave non-decreasing ρ, λ(N) ≤ 2", high_inclusive=True)
+    bound = 2.0 if psd else 1.0
+    high = math.inf if lambda_max_W <= 0.0 else bound / lambda_max_W
+    if psd:
+        return StepRange(0.0, high, f"MATH §1.1(b): α·λ_max(W) < 2, Γ ⪰ 0 for the {kernel.name} kernel, "
+                                    f"λ_max(W) = {lambda_max_W:.4g}")
+    return StepRange(0.0, high, f"MATH §1.1(b): α·λ_max(W) ≤ 1 for any concave non-decreasing ρ, "
+                                f"λ_max(W) = {lambda_max_W:.4g}", high_inclusive=True)
+
+
+# --- head-batched core: M3 is (h, d, k), Y is (..., n, d); results carry a head dimension (..., h, ...) ---------
+
+
+def _keys(Y: Tensor, M3: Tensor) -> Tensor:
+    """:math:`K_h = Y M_h` for all heads with one matmul: ``(..., n, d), (h, d, k) -> (..., h, n, k)``."""
+    h, d, k = M3.shape
+    K = Y @ M3.permute(1, 0, 2).reshape(d, h * k)
+    return K.unflatten(-1, (h, k)).transpose(-2, -3)
+
+
+def _pair_mask(token_mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """:math:`m_i m_j` as ``(..., 1, n, n)`` (broadcasts over heads)."""
+    m = token_mask.to(dtype)
+    return (m.unsqueeze(-1) * m.unsqueeze(-2)).unsqueeze(-3)
+
+
+def _head_gamma(K: Tensor, kappa: float, kernel: Kernel, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``z`` and :math:`\\Gamma = \\rho'(z)` per head (masked pairs set to zero)."""
+    z = _sq_dist_from_gram(kappa * (K @ K.transpose(-1, -2)))
+    Gamma = kernel.drho(z)
+    if token_mask is not None:
+        Gamma = Gamma * _pair_mask(token_mask, Gamma.dtype)
+    return z, Gamma
+
+
+def _head_energy(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float,
+                 token_mask: Tensor | None) -> Tensor:
+    r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, shape ``(..., h)``."""
+    K = _keys(Y, M3)
+    z = _sq_dist_from_gram(kappa * (K @ K.transpose(-1, -2)))
+    R = kernel.rho(z)
+    if token_mask is not None:
+        R = R * _pair_mask(token_mask, R.dtype)
+    E = torch.triu(R, diagonal=1).sum((-1, -2))
+    if ridge:
+        sq = kappa * (K * K).sum(-1)  # ‖y_i‖²_{W_h}
+        if token_mask is not None:
+            sq = sq * token_mask.to(sq.dtype).unsqueeze(-2)
+        E = E + 0.5 * ridge * sq.sum(-1)
+    return E
+
+
+def _denominator(Gamma: Tensor, ridge: float, token_mask: Tensor | None) -> Tensor:
+    r""":math:`D_{ii} + \lambda` on real tokens and 1 on padded ones (whose rows of Γ are zero), ``(..., h, n)``."""
+    denom = Gamma.sum(-1) + ridge
+    if token_mask is not None:
+        denom = torch.where(token_mask.unsqueeze(-2), denom, torch.ones_like(denom))
+    return denom
+
+
+def _head_grad(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float,
+               token_mask: Tensor | None) -> Tensor:
+    r""":math:`\nabla E = \sum_h (L_h + \lambda I_m) Y W_h = \kappa \sum_h ((D_h + \lambda I_m) K_h - \Gamma_h K_h)
+    M_h^\top` (``I_m`` = diag of the token mask)."""
+    K = _keys(Y, M3)
+    _, Gamma = _head_gamma(K, kappa, kernel, token_mask)
+    diag = Gamma.sum(-1) + ridge
+    if token_mask is not None:
+        diag = diag * token_mask.to(diag.dtype).unsqueeze(-2)
+    T = diag.unsqueeze(-1) * K - Gamma @ K  # (L_h + λ I_m) K_h,  (..., h, n, k)
+    h, d, k = M3.shape
+    return kappa * (T.transpose(-2, -3).flatten(-2) @ M3.permute(1, 0, 2).reshape(d, h * k).transpose(0, 1))
+
+
+def _head_mixing(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float,
+                 token_mask: Tensor | None) -> Tensor:
+    r""":math:`A_h = (D_h + \lambda I)^{-1}\Gamma_h` (rows of padded tokens are zero), ``(..., h, n, n)``."""
+    _, Gamma = _head_gamma(_keys(Y, M3), kappa, kernel, token_mask)
+    return Gamma / _denominator(Gamma, ridge, token_mask).unsqueeze(-1)
+
+
+def _apply_step(Y: Tensor, A: Tensor, V: Tensor, out: Tensor | None, alpha: float | Tensor,
+                token_mask: Tensor | None) -> Tensor:
+    r""":math:`Y^+ = Y - \alpha\, I_m \sum_h (V_h - A_h V_h)\, O_h`.
+
+    ``V`` ``(..., h, n, r)`` are the values, ``out`` ``(h, r, d)`` the output maps :math:`O_h`; ``out=None`` means
+    one head with :math:`V = Y` and :math:`O = I`.
+    """
+    R = V - A @ V
+    if out is None:
+        R = R.squeeze(-3)
+    else:
+        R = R.transpose(-2, -3).flatten(-2) @ out.flatten(0, 1)
+    if token_mask is not None:
+        R = R * token_mask.to(R.dtype).unsqueeze(-1)
+    return Y - alpha * R
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# module shell
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _PairwiseAttention(Energy):
+    """Shared machinery of the single- and multi-head energies (the head-batched core above)."""
+
+    M: Tensor
+
+    def __init__(self, M: Tensor, *, ndim: int, kernel: Kernel | None, scale: float | None, ridge: float) -> None:
+        super().__init__()
+        M = _check_M(M, ndim)
+        self.kernel = _check_kernel(kernel)
+        self.scale = _resolve_scale(scale, M.shape[-1])
+        self.ridge = _check_ridge(ridge)
+        if isinstance(M, torch.nn.Parameter):
+            self.M = M
+        else:
+            self.register_buffer("M", M)
+
+    # subclasses: the (h, d, k) stack and the per-head value/output maps of the metric step
+    def _M3(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _inputs(self, Y: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        Y = _check_Y(Y, self.M)
+        return Y, _check_token_mask(token_mask, Y)
+
+    @property
+    def W(self) -> Tensor:
+        r"""The metric :math:`W = \kappa M M^\top` (per head for multi-head energies)."""
+        return self.scale * (self.M @ self.M.transpose(-1, -2))
+
+    def lambda_max_W(self) -> float:
+        r""":math:`\lambda_{\max}(W)` (for heads: :math:`\max_h \lambda_{\max}(W_h)`) = :math:`\kappa\,\sigma_{\max}(M)^2`."""
+        return self.scale * float(torch.linalg.matrix_norm(self.M.detach(), ord=2).max()) ** 2
+
+    def energy(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        r"""Energy per batch element, shape ``Y.shape[:-2]`` (padded tokens excluded)."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        return _head_energy(Y, self._M3(), self.scale, self.kernel, self.ridge, token_mask).sum(-1)
+
+    def grad(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        r"""Closed-form gradient :math:`\nabla E = \sum_h (L_h + \lambda I) Y W_h` (MATH §1.1)."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        return _head_grad(Y, self._M3(), self.scale, self.kernel, self.ridge, token_mask)
+
+    def autograd_grad(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        """Autograd twin of :meth:`grad` (reverse-mode AD of :meth:`energy` alone)."""
+        Y = Y.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.energy(Y, token_mask).sum(), Y)
+        return g
+
+    def _range(self, preconditioner: str, orthogonal: bool) -> StepRange:
+        lam = self.lambda_max_W() if preconditioner == "token" else 0.0
+        return attention_step_range(self.kernel, preconditioner, lambda_max_W=lam, orthogonal_heads=orthogonal)
+
+    def extra_repr(self) -> str:
+        return f"M={tuple(self.M.shape)}, kernel={self.kernel!r}, scale={self.scale:.4g}, ridge={self.ridge:g}"
+
+
+class AttentionEnergy(_PairwiseAttention):
+    r"""Single-head pairwise attention energy (MATH §1.1).
+
+    .. math::
+        E(Y) = \sum_{i<j}\rho\big(\tfrac12\|y_i - y_j\|_W^2\big) + \tfrac\lambda2\|Y\|_W^2,\quad W = \kappa M M^\top,
+        \quad \nabla E = (L + \lambda I)\, Y W .
+
+    Steps (``step``): (a) ``preconditioner="metric"``, :math:`Y^+ = (1-\alpha)Y + \alpha(D+\lambda I)^{-1}\Gamma Y`
+    (Gaussian, λ = 0: :math:`\mathrm{softmax}_\beta(YWY^\top) Y`, i.e. self-attention with :math:`Q = K = YM`,
+    scale :math:`\kappa`, identity values, key bias β and residual weight :math:`1-\alpha`); (b) ``"token"``,
+    :math:`Y^+ = Y(I - \alpha W) + \alpha (D+\lambda I)^{-1}\Gamma Y W`.
+
+    Args:
+        M: factor ``(d, k)`` of the metric (a plain tensor is stored as a buffer, an ``nn.Parameter`` as a parameter).
+        kernel: concave non-decreasing ρ (default :class:`~energy.kernels.GaussianKernel`).
+        scale: :math:`\kappa` (default :math:`1/\sqrt{k}`).
+        ridge: λ ≥ 0.
+
+    >>> import torch
+    >>> E = AttentionEnergy(torch.eye(3, dtype=torch.float64))
+    >>> Y = torch.randn(2, 5, 3, dtype=torch.float64)
+    >>> bool((E.energy(E.step(Y, 1.0)) <= E.energy(Y)).all())
+    True
+    """
+
+    def __init__(self, M: Tensor, *, kernel: Kernel | None = None, scale: float | None = None,
+                 ridge: float = 0.0) -> None:
+        super().__init__(M, ndim=2, kernel=kernel, scale=scale, ridge=ridge)
+
+    def _M3(self) -> Tensor:
+        return self.M.unsqueeze(0)
+
+    def weights(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        r""":math:`\Gamma = [\rho'(z_{ij})]`, shape ``(..., n, n)`` (pairs with a padded token are 0)."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        return _head_gamma(_keys(Y, self._M3()), self.scale, self.kernel, token_mask)[1].squeeze(-3)
+
+    def attention_matrix(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        r""":math:`A = (D + \lambda I)^{-1}\Gamma` (= :math:`\mathrm{softmax}_\beta(YWY^\top)` for Gaussian, λ = 0)."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        return _head_mixing(Y, self._M3(), self.scale, self.kernel, self.ridge, token_mask).squeeze(-3)
+
+    def step_range(self, preconditioner: str = "metric") -> StepRange:
+        """Guaranteed descent range of :meth:`step` (see :func:`attention_step_range`)."""
+        return self._range(_check_preconditioner(preconditioner), True)
+
+    def step(self, Y: Tensor, alpha: float | Tensor = 1.0, *, preconditioner: str = "metric",
+             token_mask: Tensor | None = None) -> Tensor:
+        r"""Preconditioned descent step :math:`Y^+ = Y - \alpha P^{-1}\nabla E` (MATH §1.1 (a)/(b)).
+
+        ``"metric"``: :math:`Y^+ = Y - \alpha (D+\lambda I)^{-1}\nabla E\, W^{-1} = (1-\alpha)Y + \alpha A Y`;
+        ``"token"``: :math:`Y^+ = Y - \alpha (D+\lambda I)^{-1}\nabla E = Y - \alpha (Y - AY) W`, with
+        :math:`A = (D+\lambda I)^{-1}\Gamma`. The closed forms need no inverse of :math:`W`. Warns (or raises in
+        :func:`~energy.strict_mode`) if ``alpha`` is outside :meth:`step_range`. Padded tokens are unchanged.
+        """
+        Y, token_mask = self._inputs(Y, token_mask)
+        r = self.step_range(preconditioner)
+        check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
+        M3 = self._M3()
+        A = _head_mixing(Y, M3, self.scale, self.kernel, self.ridge, token_mask)
+        if preconditioner == "metric":
+            return _apply_step(Y, A, Y.unsqueeze(-3), None, alpha, token_mask)
+        return _apply_step(Y, A, _keys(Y, M3), self.scale * M3.transpose(-1, -2), alpha, token_mask)
+
+    def preconditioned_grad(self, Y: Tensor, G: Tensor | None = None, *, preconditioner: str = "metric",
+                            token_mask: Tensor | None = None) -> Tensor:
+        r"""Apply the inverse preconditioner of :meth:`step` to a gradient ``G`` (default: :meth:`grad`).
+
+        ``"metric"``: :math:`(D + \lambda I)^{-1} G W^{-1}` (the preconditioner :math:`((D+\lambda I)\otimes W)^{-1}`;
+        needs :math:`W \succ 0`, i.e. ``M`` of full row rank, ``k ≥ d``); ``"token"``: :math:`(D+\lambda I)^{-1} G`.
+        Rows of padded tokens are 0. ``Y - alpha * preconditioned_grad(Y, autograd_grad(Y))`` equals :meth:`step`.
+        """
+        Y, token_mask = self._inputs(Y, token_mask)
+        _check_preconditioner(preconditioner)
+        G = self.grad(Y, token_mask) if G is None else check_tensor(G, "G")
+        if G.shape != Y.shape:
+            raise EnergyInputError(f"`G` must have the shape of `Y` {tuple(Y.shape)}, got {tuple(G.shape)}.")
+        _, Gamma = _head_gamma(_keys(Y, self._M3()), self.scale, self.kernel, token_mask)
+        inv = 1.0 / _denominator(Gamma, self.ridge, token_mask).squeeze(-2)
+        if token_mask is not None:
+            inv = inv * token_mask.to(inv.dtype)
+        P = inv.unsqueeze(-1) * G
+        if preconditioner == "token":
+            return P
+        W = check_psd(self.W, "W", strict_pd=True)
+        return torch.linalg.solve(W, P.transpose(-1, -2)).transpose(-1, -2)  # P W⁻¹ (W symmetric)
+
+
+class MultiHeadAttentionEnergy(_PairwiseAttention):
+    r"""Multi-head attention energy :math:`E = \sum_h E_h`, :math:`W_h = \kappa M_h M_h^\top` (MATH §1.2).
+
+    Step (sum of per-head steps, :math:`A_h = (D_h + \lambda I)^{-1}\Gamma_h`):
+
+    * ``"metric"``: :math:`Y^+ = Y - \alpha\sum_h (Y - A_h Y) P_h`, :math:`P_h` = orthogonal projector onto
+      :math:`\mathrm{range}(M_h)` (per-head value/output map :math:`P_h`);
+    * ``"token"``: :math:`Y^+ = Y - \alpha\sum_h (Y - A_h Y) W_h`.
+
+    **Guarantee only for orthogonal heads** (:meth:`heads_orthogonal`, :math:`M_h^\top M_g = 0`): then
+    :math:`E(Y) = \sum_h E_h(Y P_h)`, the step acts independently in each subspace and equals the preconditioned
+    gradient step :math:`Y - \alpha\sum_h (D_h+\lambda I)^{-1}\nabla E\, W_h^{+}` (resp. :math:`\ldots\nabla E\,P_h`),
+    so every head keeps the single-head range. Components of ``Y`` outside all ranges are left unchanged (the
+    energy does not depend on them). **General heads:** the summed step is not a single preconditioned gradient step
+    and no step size is guaranteed; :meth:`step` warns (raises in strict mode), descent is measured in the tests.
+
+    Args:
+        M: ``(h, d, k)`` stack of per-head factors.
+        kernel, scale, ridge: as for :class:`AttentionEnergy` (``scale`` defaults to :math:`1/\sqrt{k}`).
+    """
+
+    def __init__(self, M: Tensor, *, kernel: Kernel | None = None, scale: float | None = None,
+                 ridge: float = 0.0) -> None:
+        super().__init__(M, ndim=3, kernel=kernel, scale=scale, ridge=ridge)
+
+    def _M3(self) -> Tensor:
+        return self.M
+
+    @property
+    def num_heads(self) -> int:
+        return self.M.shape[0]
+
+    def heads_orthogonal(self, atol: float | None = None) -> bool:
+        r"""Whether :math:`\max_{h\ne g}|M_h^\top M_g| \le` ``atol`` (default ``1e3·eps·max_h‖M_h‖_F²``)."""
+        M = self.M.detach()
+        C = torch.einsum("hdk,gdl->hgkl", M, M)
+        off = ~torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
+        err = float(C[off].abs().max()) if off.any() else 0.0
+        if atol is None:
+            atol = 1e3 * torch.finfo(M.dtype).eps * max(1.0, float((M * M).sum((-1, -2)).max()))
+        return err <= atol
+
+    def projectors(self) -> Tensor:
+        r""":math:`P_h = U_h U_h^\top`, shape ``(h, d, d)`` (see :func:`head_bases`)."""
+        U = head_bases(self.M)
+        return U @ U.transpose(-1, -2)
+
+    def weights(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        r"""Per-head :math:`\Gamma_h`, shape ``(..., h, n, n)``."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        return _head_gamma(_keys(Y, self.M), self.scale, self.kernel, token_mask)[1]
+
+    def attention_matrix(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        r"""Per-head :math:`A_h = (D_h + \lambda I)^{-1}\Gamma_h`, shape ``(..., h, n, n)``."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        return _head_mixing(Y, self.M, self.scale, self.kernel, self.ridge, token_mask)
+
+    def step_range(self, preconditioner: str = "metric") -> StepRange:
+        """Guaranteed range for orthogonal heads; the empty range ``(0, 0)`` for general heads (MATH §1.2)."""
+        return self._range(_check_preconditioner(preconditioner), self.heads_orthogonal())
+
+    def step(self, Y: Tensor, alpha: float | Tensor = 1.0, *, preconditioner: str = "metric",
+             token_mask: Tensor | None = None) -> Tensor:
+        r"""Sum of per-head steps (see the class docstring); guaranteed descent only for orthogonal heads."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        r = self.step_range(preconditioner)
+        check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
+        A = _head_mixing(Y, self.M, self.scale, self.kernel, self.ridge, token_mask)
+        if preconditioner == "metric":
+            U = head_bases(self.M)  # P_h = U_h U_hᵀ: values Y U_h, output map U_hᵀ
+            return _apply_step(Y, A, _keys(Y, U), U.transpose(-1, -2), alpha, token_mask)
+        return _apply_step(Y, A, _keys(Y, self.M), self.scale * self.M.transpose(-1, -2), alpha, token_mask)
+
+    def preconditioned_grad(self, Y: Tensor, G: Tensor | None = None, *, preconditioner: str = "metric",
+                            token_mask: Tensor | None = None) -> Tensor:
+        r"""Orthogonal heads only: :math:`\sum_h (D_h+\lambda I)^{-1} G\, W_h^{+}` (``"metric"``) or
+        :math:`\sum_h (D_h+\lambda I)^{-1} G\, P_h` (``"token"``), so that ``Y - α·preconditioned_grad(Y, ∇E)``
+        equals :meth:`step`. Raises :class:`~energy.ConstraintError` for general heads, whose step is not a
+        preconditioned gradient step."""
+        Y, token_mask = self._inputs(Y, token_mask)
+        _check_preconditioner(preconditioner)
+        if not self.heads_orthogonal():
+            raise ConstraintError(
+                "the heads are not mutually orthogonal (M_hᵀ M_g ≠ 0 for some h ≠ g), so the summed per-head step "
+                "is not a preconditioned gradient step (MATH §1.2); use orthogonal heads, e.g. M_h built from "
+                "disjoint blocks of an orthogonal matrix."
+            )
+        G = self.grad(Y, token_mask) if G is None else check_tensor(G, "G")
+        if G.shape != Y.shape:
+            raise EnergyInputError(f"`G` must have the shape of `Y` {tuple(Y.shape)}, got {tuple(G.shape)}.")
+        _, Gamma = _head_gamma(_keys(Y, self.M), self.scale, self.kernel, token_mask)
+        inv = 1.0 / _denominator(Gamma, self.ridge, token_mask)  # (..., h, n)
+        if token_mask is not None:
+            inv = inv * token_mask.to(inv.dtype).unsqueeze(-2)
+        right = torch.linalg.pinv(self.W, hermitian=True) if preconditioner == "metric" else self.projectors()
+        return ((inv.unsqueeze(-1) * G.unsqueeze(-3)) @ right).sum(-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fused fast path
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attention_step_fused(
+    Y: Tensor,
+    M: Tensor,
+    alpha: float = 1.0,
+    *,
+    scale: float | None = None,
+    preconditioner: str = "metric",
+    token_mask: Tensor | None = None,
+    value_basis: Tensor | None = None,
+    check: bool = True,
+) -> Tensor:
+    r"""Gaussian-kernel attention step (λ = 0) through ``F.scaled_dot_product_attention`` (MATH §1.1, fused β).
+
+    The key bias is folded into an augmented query/key pair: with :math:`q_i = k_i = y_i M_h`,
+
+    .. math:: \tilde q_i = [q_i, 1],\quad \tilde k_j = [k_j, -\tfrac12\|k_j\|^2],\qquad
+        \kappa\, \tilde q_i^\top \tilde k_j = \kappa\, q_i^\top k_j + \beta_j,\quad
+        \beta_j = -\tfrac{\kappa}{2}\|k_j\|^2 = -\tfrac12\|y_j\|^2_{W_h},
+
+    and the scale :math:`\kappa` is passed explicitly (the augmented width would change SDPA's default).
+
+    * ``M`` of shape ``(d, k)``: equals :meth:`AttentionEnergy.step` (metric: identity values; token: values
+      :math:`K = YM`, output map :math:`\kappa M^\top`).
+    * ``M`` of shape ``(h, d, k)``: equals :meth:`MultiHeadAttentionEnergy.step` (metric: values :math:`Y U_h`,
+      output map :math:`U_h^\top`, :math:`P_h = U_h U_h^\top`; token: values :math:`K_h`, output :math:`\kappa
+      M_h^\top`). All heads' queries (and values) come from one matmul with the stacked factors.
+
+    Args:
+        Y: tokens ``(..., n, d)``.
+        M: ``(d, k)`` or ``(h, d, k)``.
+        alpha: step size (checked against the guaranteed range unless ``check=False``).
+        scale: :math:`\kappa` (default :math:`1/\sqrt{k}`).
+        preconditioner: ``"metric"`` or ``"token"``.
+        token_mask: optional key-padding mask ``(..., n)``, ``True`` = real token; padded rows are returned unchanged.
+        value_basis: optional precomputed :func:`head_bases` ``(h, d, r)`` of ``M`` (multi-head metric step), to
+            avoid an SVD per call. It is trusted, not re-checked.
+        check: validate inputs and the step size (set ``False`` only in hot loops whose inputs are known good).
+    """
+    single = isinstance(M, Tensor) and M.ndim == 2
+    if check:
+        M = check_tensor(M, "M")
+        if M.ndim not in (2, 3):
+            raise EnergyInputError(f"`M` must be (d, k) or (h, d, k), got shape {tuple(M.shape)}.")
+        Y = _check_Y(Y, M)
+        token_mask = _check_token_mask(token_mask, Y)
+        _check_preconditioner(preconditioner)
+    M3 = M.unsqueeze(0) if single else M
+    h, d, k = M3.shape
+    kappa = _resolve_scale(scale, k)
+    if check:
+        orthogonal = True if single else MultiHeadAttentionEnergy(M, scale=kappa).heads_orthogonal()
+        lam = kappa * float(torch.linalg.matrix_norm(M3.detach(), ord=2).max()) ** 2 if preconditioner == "token" else 0
+        r = attention_step_range(GaussianKernel(), preconditioner, lambda_max_W=lam, orthogonal_heads=orthogonal)
+        check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
+
+    lead, n = Y.shape[:-2], Y.shape[-2]
+    Yb = Y.reshape(-1, n, d)
+    multi_metric = preconditioner == "metric" and not single
+    if multi_metric:
+        U = head_bases(M3) if value_basis is None else value_basis
+        r_ = U.shape[-1]
+        factors = torch.cat([M3, U], dim=-1)  # one matmul for queries/keys and values of all heads
+        KV = _keys(Yb, factors)
+        K, V = KV[..., :k], KV[..., k:]
+        out = U.transpose(-1, -2)
+    else:
+        K = _keys(Yb, M3)
+        if preconditioner == "metric":
+            V, out = Yb.unsqueeze(1), None
+        else:
+            V, out = K, kappa * M3.transpose(-1, -2)
+    q = torch.cat([K, torch.ones_like(K[..., :1])], dim=-1)
+    kt = torch.cat([K, -0.5 * (K * K).sum(-1, keepdim=True)], dim=-1)
+    attn_mask = None
+    if token_mask is not None:
+        attn_mask = token_mask.expand(*lead, n).reshape(-1, 1, 1, n)
+    O = F.scaled_dot_product_attention(q, kt, V, attn_mask=attn_mask, scale=kappa)
+    R = V - O
+    if out is None:
+        R = R.squeeze(1)
+    else:
+        r_ = out.shape[1]
+        R = R.transpose(1, 2).reshape(-1, n, h * r_) @ out.reshape(h * r_, d)
+    Yp = torch.add(Yb, R, alpha=-alpha) if not isinstance(alpha, Tensor) else Yb - alpha * R
+    Yp = Yp.reshape(*lead, n, d)
+    if token_mask is not None:
+        Yp = torch.where(token_mask.unsqueeze(-1), Yp, Y)
+    return Yp

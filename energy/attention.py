@@ -37,10 +37,11 @@ reproduces: with :math:`Q = K = Y M`, :math:`Y W Y^\top = Q K^\top / \sqrt{k}`, 
 **Multi-head (MATH §1.2, status "open" in MATH).** :class:`MultiHeadAttentionEnergy` uses
 :math:`E = \sum_h E_h` with :math:`W_h = \kappa M_h M_h^\top`. Its step is the sum of per-head steps, each with
 value/output map :math:`P_h` (the orthogonal projector onto the range of :math:`M_h`) for the metric step and
-:math:`W_h` for the token step. *Orthogonal heads* (:math:`M_h^\top M_g = 0`, :meth:`~MultiHeadAttentionEnergy.heads_orthogonal`):
-the energy separates over the subspaces, the step is a preconditioned gradient step and each head keeps the
-single-head guarantee. *General heads*: the summed step is **not** one preconditioned gradient step; no step size
-is guaranteed, descent is only measured (``tests/test_multihead_energy.py`` records the violation rate).
+:math:`W_h` for the token step. *Orthogonal heads* (:math:`M_h^\top M_g = 0`, see
+:meth:`~MultiHeadAttentionEnergy.heads_orthogonal`): the energy separates over the subspaces, the step is a
+preconditioned gradient step and each head keeps the single-head guarantee. *General heads*: the summed step is
+**not** one preconditioned gradient step; no step size is guaranteed, descent is only measured
+(``tests/test_multihead_energy.py`` records the violation rate).
 
 **Masks.** A symmetric pairwise energy gives symmetric weights :math:`\gamma_{ij} = \gamma_{ji}`, so
 :math:`\Gamma` cannot be triangular: *causal attention is not a descent step of any energy of this form*
@@ -165,7 +166,8 @@ def _check_token_mask(token_mask: object, Y: Tensor) -> Tensor | None:
     if not isinstance(token_mask, Tensor) or token_mask.dtype != torch.bool:
         raise EnergyInputError(
             "`token_mask` must be a bool tensor of shape (..., n) with True = real token, False = padding, got "
-            f"{type(token_mask).__name__}{'' if not isinstance(token_mask, Tensor) else ' of ' + str(token_mask.dtype)}."
+            f"{token_mask.dtype if isinstance(token_mask, Tensor) else type(token_mask).__name__}; build it with "
+            "e.g. `lengths[:, None] > torch.arange(n)`."
         )
     try:
         torch.broadcast_shapes(token_mask.shape, Y.shape[:-1])
@@ -357,7 +359,7 @@ def _head_gamma(K: Tensor, kappa: float, kernel: Kernel, token_mask: Tensor | No
 
 def _head_energy(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float,
                  token_mask: Tensor | None) -> Tensor:
-    r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, shape ``(..., h)``."""
+    r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, ``(..., h)``."""
     K = _keys(Y, M3)
     z = _sq_dist_from_gram(kappa * (K @ K.transpose(-1, -2)))
     R = kernel.rho(z)
@@ -453,7 +455,7 @@ class _PairwiseAttention(Energy):
         return self.scale * (self.M @ self.M.transpose(-1, -2))
 
     def lambda_max_W(self) -> float:
-        r""":math:`\lambda_{\max}(W)` (for heads: :math:`\max_h \lambda_{\max}(W_h)`) = :math:`\kappa\,\sigma_{\max}(M)^2`."""
+        r""":math:`\lambda_{\max}(W) = \kappa\,\sigma_{\max}(M)^2` (for heads: :math:`\max_h\lambda_{\max}(W_h)`)."""
         return self.scale * float(torch.linalg.matrix_norm(self.M.detach(), ord=2).max()) ** 2
 
     def energy(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:

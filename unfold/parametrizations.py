@@ -1,0 +1,302 @@
+"""Named weight constraints as ``torch.nn.utils.parametrize`` parametrisations (MATH §1.7).
+
+Energy-derived layers need constrained weights: a symmetric PSD query–key metric ``W = M Mᵀ`` per head, symmetric
+FFN weights (with a bounded spectrum so that ``α = 1`` is a descent step), heads on mutually orthogonal subspaces.
+Each constraint here is an ``nn.Module`` usable with :func:`torch.nn.utils.parametrize.register_parametrization`:
+
+* ``forward(original)`` maps an unconstrained tensor to a tensor that satisfies the constraint;
+* ``right_inverse(value)`` checks a given constrained value (raising :class:`~energy.ConstraintError` if it
+  violates the constraint) and returns an ``original`` that reproduces it, so ``module.W = value`` and loading
+  plain constrained weights never silently change them;
+* ``check(value, name)`` raises a :class:`~energy.ConstraintError` that names the constraint and how to satisfy it.
+
+No constraint is ever applied silently: a model declares its parametrisations, and :func:`constraints_of` lists them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from energy._validation import ConstraintError, EnergyInputError, check_psd, check_symmetric
+
+__all__ = [
+    "Constraint",
+    "PSDMetric",
+    "Symmetric",
+    "SpectrumClip",
+    "OrthogonalHeads",
+    "constraints_of",
+    "check_constraints",
+]
+
+
+def _tol(W: Tensor) -> float:
+    """Tolerance relative to the entries' size, in the precision of ``W``."""
+    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, float(W.detach().abs().max()) if W.numel() else 1.0)
+
+
+def _sym(A: Tensor) -> Tensor:
+    return 0.5 * (A + A.transpose(-1, -2))
+
+
+class Constraint(nn.Module):
+    """Base class of the named constraints: subclasses define ``forward``, ``right_inverse`` and ``check``."""
+
+    #: short human-readable name used in error messages and reports
+    constraint_name: str = "constraint"
+
+    def check(self, value: Tensor, name: str = "weight") -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line: what the constraint is (used in reports and error messages)."""
+        return self.constraint_name
+
+    def extra_repr(self) -> str:
+        return self.describe()
+
+
+class PSDMetric(Constraint):
+    r"""Query–key metric of one or more heads as a PSD Gram matrix (MATH §1.1).
+
+    .. math:: W_h = \kappa\, M_h M_h^\top,\qquad M_h \in \mathbb{R}^{d\times k},\quad \kappa = 1/\sqrt{k}
+        \text{ by default}
+
+    The original tensor is the factor ``M`` of shape ``(..., d, k)`` (``(h, d, k)`` for ``h`` heads); the
+    parametrised value is ``W`` of shape ``(..., d, d)``. ``W`` is symmetric PSD of rank ``≤ k`` by construction;
+    this is the metric of :func:`energy.attention.metric` (the same function is called, so the step, the
+    energy and the reproduced standard layer share one metric).
+
+    Args:
+        k: columns of the factor (per-head query/key width).
+        scale: ``κ``; ``None`` means ``1/√k`` (the ``softmax(Q Kᵀ/√d_k)`` convention).
+    """
+
+    constraint_name = "PSDMetric"
+
+    def __init__(self, k: int, scale: float | None = None) -> None:
+        super().__init__()
+        if not isinstance(k, int) or k <= 0:
+            raise EnergyInputError(f"`k` (factor width) must be a positive int, got {k!r}.")
+        self.k = k
+        self.scale = 1.0 / math.sqrt(k) if scale is None else float(scale)
+        if not self.scale > 0:
+            raise EnergyInputError(f"`scale` must be > 0, got {scale!r}.")
+
+    def describe(self) -> str:
+        return f"PSDMetric(W = {self.scale:.4g}·M Mᵀ, rank ≤ {self.k})"
+
+    def forward(self, M: Tensor) -> Tensor:
+        from energy.attention import metric
+
+        return metric(M, self.scale)
+
+    def check(self, W: Tensor, name: str = "W") -> Tensor:
+        """``W`` must be symmetric PSD with rank ``≤ k``."""
+        try:
+            check_psd(W, name, atol=_tol(W))
+        except ConstraintError as exc:
+            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
+        lam = torch.linalg.eigvalsh(W.detach())
+        rank = int((lam > _tol(W)).sum(-1).max()) if lam.numel() else 0
+        if rank > self.k:
+            raise ConstraintError(
+                f"{self.describe()} violated: `{name}` has rank {rank} > k = {self.k}, so it is not κ·M Mᵀ with "
+                f"M of width {self.k}. Use a factor width k ≥ {rank}, or truncate `{name}` to its top-{self.k} "
+                "eigenpairs (unfold.converters.nearest_constrained does this)."
+            )
+        return W
+
+    def right_inverse(self, W: Tensor) -> Tensor:
+        """A factor ``M`` (``(..., d, k)``) with ``κ M Mᵀ = W``: top-``k`` eigenpairs, ``M = V √(λ/κ)``."""
+        self.check(W)
+        lam, V = torch.linalg.eigh(W)
+        lam, V = lam[..., -self.k :].clamp_min(0.0), V[..., -self.k :]
+        if V.shape[-1] < self.k:  # k > d: pad with zero columns (they do not change M Mᵀ)
+            pad = V.new_zeros(*V.shape[:-1], self.k - V.shape[-1])
+            return torch.cat([V * torch.sqrt(lam / self.scale).unsqueeze(-2), pad], dim=-1)
+        return V * torch.sqrt(lam / self.scale).unsqueeze(-2)
+
+
+class Symmetric(Constraint):
+    r"""Symmetric matrix from an unconstrained square one.
+
+    .. math:: W = \tfrac12 (A + A^\top)
+
+    Declared, not silent: a step that uses it lists it in :func:`constraints_of`. Assigning or loading a
+    non-symmetric ``W`` raises (it is never symmetrised for you).
+    """
+
+    constraint_name = "Symmetric"
+
+    def describe(self) -> str:
+        return "Symmetric(W = (A + Aᵀ)/2)"
+
+    def forward(self, A: Tensor) -> Tensor:
+        return _sym(A)
+
+    def check(self, W: Tensor, name: str = "W") -> Tensor:
+        try:
+            return check_symmetric(W, name, atol=_tol(W))
+        except ConstraintError as exc:
+            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
+
+    def right_inverse(self, W: Tensor) -> Tensor:
+        return self.check(W)
+
+
+class SpectrumClip(Constraint):
+    r"""Symmetric matrix with eigenvalues clipped to ``[lo, hi]`` (MATH §1.3).
+
+    .. math:: W = V\,\mathrm{clip}(\Lambda, lo, hi)\,V^\top,\qquad V \Lambda V^\top = \tfrac12 (A + A^\top)
+
+    With ``[lo, hi] = [0, 0.95]`` the FFN energy's gradient step with ``α = 1`` is a descent step
+    (``α < 2 / λ_max(I + W_f)``). One symmetric eigendecomposition per evaluation (never a squared matrix);
+    the unroller evaluates each parametrised weight once per forward pass, however deep the model.
+
+    Args:
+        lo: lower bound of the spectrum.
+        hi: upper bound of the spectrum (``hi ≥ lo``).
+    """
+
+    constraint_name = "SpectrumClip"
+
+    def __init__(self, lo: float = 0.0, hi: float = 0.95) -> None:
+        super().__init__()
+        if not (math.isfinite(lo) and math.isfinite(hi)) or hi < lo:
+            raise EnergyInputError(f"SpectrumClip needs finite bounds lo ≤ hi, got lo={lo!r}, hi={hi!r}.")
+        self.lo, self.hi = float(lo), float(hi)
+
+    def describe(self) -> str:
+        return f"SpectrumClip(symmetric, eigenvalues in [{self.lo:g}, {self.hi:g}])"
+
+    def forward(self, A: Tensor) -> Tensor:
+        lam, V = torch.linalg.eigh(_sym(A))
+        return (V * lam.clamp(self.lo, self.hi).unsqueeze(-2)) @ V.transpose(-1, -2)
+
+    def check(self, W: Tensor, name: str = "W") -> Tensor:
+        try:
+            check_symmetric(W, name, atol=_tol(W))
+        except ConstraintError as exc:
+            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
+        lam = torch.linalg.eigvalsh(W.detach())
+        tol = _tol(W)
+        lmin, lmax = float(lam.min()), float(lam.max())
+        if lmin < self.lo - tol or lmax > self.hi + tol:
+            raise ConstraintError(
+                f"{self.describe()} violated: `{name}` has eigenvalues in [{lmin:.4g}, {lmax:.4g}]. Rescale "
+                f"`{name}` (e.g. by {self.hi / max(abs(lmax), 1e-300):.3g} if only the top is too large), or clip "
+                "its spectrum explicitly with SpectrumClip(lo, hi)(W) before loading."
+            )
+        return W
+
+    def right_inverse(self, W: Tensor) -> Tensor:
+        return self.check(W)
+
+
+class OrthogonalHeads(Constraint):
+    r"""Head factors on mutually orthogonal subspaces (MATH §1.2).
+
+    .. math:: M_h = Q_{[:,\,hk:(h+1)k]}\, R_h,\qquad Q^\top Q = I_d,\ R_h \in \mathbb{R}^{k\times k}
+
+    so ``M_hᵀ M_g = 0`` for ``h ≠ g`` and each head keeps its own descent guarantee (the multi-head step splits
+    into per-subspace steps). ``Q`` is kept orthogonal by torch's own parametrisation
+    (:func:`torch.nn.utils.parametrizations.orthogonal`) on an internal ``d × d`` matrix; the original of the
+    parametrised tensor is ``R`` of shape ``(h, k, k)``. Needs ``h·k ≤ d``.
+
+    Args:
+        heads: number of heads ``h``.
+        d: feature width.
+        k: per-head factor width.
+    """
+
+    constraint_name = "OrthogonalHeads"
+
+    def __init__(self, heads: int, d: int, k: int) -> None:
+        super().__init__()
+        if heads * k > d:
+            raise EnergyInputError(
+                f"OrthogonalHeads needs heads·k ≤ d (orthogonal subspaces of dimension k in R^d), got heads={heads}, "
+                f"k={k}, d={d}; reduce k to ≤ {d // heads} or drop the orthogonality constraint."
+            )
+        self.heads, self.d, self.k = heads, d, k
+        holder = nn.Linear(d, d, bias=False)
+        nn.init.eye_(holder.weight)
+        self.basis = nn.utils.parametrizations.orthogonal(holder)
+
+    def describe(self) -> str:
+        return f"OrthogonalHeads(h={self.heads}, k={self.k}: M_hᵀ M_g = 0 for h ≠ g)"
+
+    @property
+    def Q(self) -> Tensor:
+        """The orthogonal ``d × d`` basis whose column blocks span the heads' subspaces."""
+        return self.basis.weight
+
+    def forward(self, R: Tensor) -> Tensor:
+        Q = self.Q.to(R.dtype)[:, : self.heads * self.k]
+        blocks = Q.reshape(self.d, self.heads, self.k).permute(1, 0, 2)  # (h, d, k)
+        return blocks @ R
+
+    def check(self, M: Tensor, name: str = "M") -> Tensor:
+        if M.ndim != 3 or M.shape != (self.heads, self.d, self.k):
+            raise ConstraintError(
+                f"{self.describe()}: `{name}` must have shape (h, d, k) = {(self.heads, self.d, self.k)}, "
+                f"got {tuple(M.shape)}."
+            )
+        G = torch.einsum("hdk,gdl->hgkl", M, M)
+        off = G.clone()
+        idx = torch.arange(self.heads)
+        off[idx, idx] = 0.0
+        scale = float(G[idx, idx].abs().max()) if G.numel() else 1.0
+        worst = float(off.abs().max()) / max(scale, 1e-300)
+        if worst > 1e3 * torch.finfo(M.dtype).eps:
+            raise ConstraintError(
+                f"{self.describe()} violated: `{name}` has max |M_hᵀ M_g| / max |M_hᵀ M_h| = {worst:.3e} for some "
+                "h ≠ g. Orthogonalise the heads (e.g. QR of the stacked factors) or drop the constraint "
+                "(general heads: the summed step is not a guaranteed descent step, MATH §1.2)."
+            )
+        return M
+
+    def right_inverse(self, M: Tensor) -> Tensor:
+        """Check ``M``, set the basis ``Q`` to span the heads and return ``R_h = Q_hᵀ M_h``."""
+        self.check(M)
+        stacked = M.permute(1, 0, 2).reshape(self.d, self.heads * self.k)  # [M_1 … M_h]
+        Q, _ = torch.linalg.qr(stacked, mode="complete")
+        with torch.no_grad():
+            self.basis.weight = Q.to(self.basis.weight.dtype)
+        Qb = Q[:, : self.heads * self.k].reshape(self.d, self.heads, self.k).permute(1, 0, 2)
+        R = Qb.transpose(-1, -2) @ M
+        err = float((Qb @ R - M).abs().max())
+        if err > _tol(M) * 10:
+            raise ConstraintError(
+                f"{self.describe()}: could not factor `M` as Q_h R_h (reconstruction error {err:.3e}); a head "
+                "factor is rank-deficient in a way that mixes subspaces. Use full-rank head factors."
+            )
+        return R
+
+
+def constraints_of(module: nn.Module) -> dict[str, list[Constraint]]:
+    """All named constraints registered on ``module`` and its children: ``{"child.tensor": [constraints]}``."""
+    out: dict[str, list[Constraint]] = {}
+    for prefix, mod in module.named_modules():
+        if parametrize.is_parametrized(mod):
+            for tensor_name, plist in mod.parametrizations.items():
+                cons = [p for p in plist if isinstance(p, Constraint)]
+                if cons:
+                    out[f"{prefix}.{tensor_name}" if prefix else tensor_name] = cons
+    return out
+
+
+def check_constraints(module: nn.Module) -> None:
+    """Evaluate every parametrised tensor of ``module`` and run its constraints' checks (raises on violation)."""
+    for qualified, cons in constraints_of(module).items():
+        owner_name, _, tensor_name = qualified.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        value = getattr(owner, tensor_name).detach()
+        if not bool(torch.isfinite(value).all()):
+            raise ConstraintError(f"`{qualified}` contains NaN or inf entries (corrupt weights).")
+        cons[-1].check(value, qualified)

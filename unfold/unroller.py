@@ -1,0 +1,431 @@
+r"""The unroller: a deep network as ``depth`` repetitions of a schedule of descent steps (MATH §1.5, §1.6).
+
+>>> import torch
+>>> from unfold.unroller import unroll
+>>> model = unroll(["attention", "ffn", "relu"], depth=3, d=8)
+>>> Y_out, info = model(torch.randn(2, 5, 8), trace=True)
+>>> len(info["states"]), sorted(info["energies"]), tuple(info["energies"]["E_att"].shape)
+(10, ['E_att', 'E_ffn', 'total'], (10, 2))
+
+One layer is one pass through the schedule (e.g. attention step, FFN step, ReLU projection); the model energy is
+the sum of the schedule's energy terms (``E = E_att + E_ffn`` for Yang et al.). With ``tied=True`` every layer shares
+one step module per schedule entry (the weight-tied model of the paper); with ``tied=False`` each layer has its own.
+
+Tracing. ``forward(Y, trace=True)`` returns ``(Y_out, info)`` with
+
+* ``info["states"]`` — ``[Y⁰, Y¹, …, Y^T]``, the state after every step (``T = depth · len(schedule)``);
+* ``info["energies"]`` — ``{term: tensor (T+1, *batch)}``: every energy term evaluated on every state, plus
+  ``"total"`` (their sum). The energy at state ``t`` is that of the layer whose step acts next (the last state uses
+  the last layer); for a tied model this is one energy throughout;
+* ``info["step_names"]`` — ``["attention", "ffn", "relu", "attention", …]`` (length ``T``);
+* ``info["layer_of_state"]`` — the layer index whose energy was evaluated at each state.
+
+Each energy is built once per forward pass from the constrained weights (one evaluation of each parametrisation,
+the same object that makes the step, hence the same metric in the energy and the step), and the terms are evaluated
+on all states in one batched call per term. The plain forward never evaluates an energy.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from energy._validation import ConstraintError, EnergyInputError, check_tensor
+from unfold.parametrizations import check_constraints, constraints_of
+from unfold.steps import STEP_TYPES, Step
+
+__all__ = [
+    "Unrolled",
+    "unroll",
+    "CheckpointError",
+    "safe_load_state_dict",
+    "constrained_state_dict",
+    "save_model",
+    "load_model",
+    "register_builder",
+    "STEP_TYPES",
+]
+
+ScheduleEntry = str | tuple[str, dict[str, Any]] | Step
+
+
+class CheckpointError(EnergyInputError):
+    """A checkpoint is corrupt or does not match the model (keys, shapes, format); nothing was loaded."""
+
+
+def _valid_names() -> str:
+    return ", ".join(sorted(STEP_TYPES))
+
+
+def _make_step(entry: ScheduleEntry, d: int, defaults: dict[str, dict[str, Any]], position: int) -> Step:
+    if isinstance(entry, Step):
+        if entry.d != d:
+            raise EnergyInputError(
+                f"schedule entry {position} ({entry.kind}) has width d = {entry.d}, but the model width is d = {d}; "
+                "every step of an unrolled model acts on the same token width. Build the step with d={d}."
+            )
+        return entry
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict):
+        name, kwargs = entry
+    elif isinstance(entry, str):
+        name, kwargs = entry, {}
+    else:
+        raise EnergyInputError(
+            f"schedule entry {position} must be a step name, a (name, kwargs) pair or a Step module, got {entry!r}."
+        )
+    if name not in STEP_TYPES:
+        raise EnergyInputError(f"unknown step {name!r} at schedule position {position}; valid names: {_valid_names()}.")
+    kw = {**defaults.get(name, {}), **kwargs}
+    try:
+        return STEP_TYPES[name](d, **kw)
+    except TypeError as exc:
+        raise EnergyInputError(f"bad arguments for step {name!r} at schedule position {position}: {exc}") from None
+
+
+class Unrolled(nn.Module):
+    """An unrolled model: ``depth`` layers, each one pass through ``schedule`` (see the module docstring).
+
+    Args:
+        schedule: step names (``"attention"``, ``"ffn"``, ``"relu"``, ``"layernorm"``, ``"rmsnorm"``,
+            ``"tied_ffn"``, ``"hopfield"``, ``"energy_transformer"``), ``(name, kwargs)`` pairs, or :class:`Step`
+            modules (tied models only).
+        depth: number of layers (``≥ 1``).
+        d: token width shared by all steps.
+        tied: share one step module per schedule entry across all layers.
+        alphas: step size for all steps (a float) or per step name (``{"attention": 1.0, "ffn": 0.5}``).
+        step_kwargs: default keyword arguments per step name (``{"attention": {"heads": 2}}``).
+    """
+
+    def __init__(
+        self,
+        schedule: Sequence[ScheduleEntry],
+        depth: int,
+        d: int,
+        *,
+        tied: bool = True,
+        alphas: float | dict[str, float] | None = None,
+        step_kwargs: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(schedule, str) or not isinstance(schedule, Sequence) or len(schedule) == 0:
+            raise EnergyInputError(
+                f"`schedule` must be a non-empty list of steps, e.g. ['attention', 'ffn', 'relu'], got {schedule!r}; "
+                f"valid step names: {_valid_names()}."
+            )
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
+            raise EnergyInputError(f"`depth` must be a positive integer (number of layers), got {depth!r}.")
+        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+            raise EnergyInputError(f"`d` must be a positive integer (token width), got {d!r}.")
+        defaults = {k: dict(v) for k, v in (step_kwargs or {}).items()}
+        for name in defaults:
+            if name not in STEP_TYPES:
+                raise EnergyInputError(f"`step_kwargs` names unknown step {name!r}; valid names: {_valid_names()}.")
+        if alphas is not None:
+            per_name = alphas if isinstance(alphas, dict) else {n: alphas for n in STEP_TYPES}
+            for name, a in per_name.items():
+                if name not in STEP_TYPES:
+                    raise EnergyInputError(f"`alphas` names unknown step {name!r}; valid names: {_valid_names()}.")
+                if getattr(STEP_TYPES[name], "term", None) is not None:
+                    defaults.setdefault(name, {})["alpha"] = float(a)
+        if not tied and any(isinstance(e, Step) for e in schedule):
+            raise EnergyInputError(
+                "Step modules in the schedule can only be used with tied=True (one module per entry)."
+            )
+        self.d, self.depth, self.tied = d, depth, tied
+        n_layers = 1 if tied else depth
+        self.layers = nn.ModuleList(
+            nn.ModuleList(_make_step(e, d, defaults, j) for j, e in enumerate(schedule)) for _ in range(n_layers)
+        )
+        self.step_kinds = [s.kind for s in self.layers[0]]
+        self.term_names = self._term_names()
+
+    # -- structure -------------------------------------------------------------------------------------------------
+    def _term_names(self) -> list[str | None]:
+        names: list[str | None] = []
+        for step in self.layers[0]:
+            if step.term is None:
+                names.append(None)
+                continue
+            name, i = step.term, 2
+            while name in names:
+                name, i = f"{step.term}#{i}", i + 1
+            names.append(name)
+        return names
+
+    @property
+    def schedule(self) -> list[str]:
+        return list(self.step_kinds)
+
+    def layer(self, index: int) -> nn.ModuleList:
+        """The step modules of layer ``index`` (the shared ones for a tied model)."""
+        if not 0 <= index < self.depth:
+            raise EnergyInputError(f"`index` must lie in [0, {self.depth}), got {index}.")
+        return self.layers[0 if self.tied else index]
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable arguments that rebuild this model (:meth:`from_config`)."""
+        return {
+            "schedule": [[s.kind, s.config()] for s in self.layers[0]],
+            "depth": self.depth, "d": self.d, "tied": self.tied,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Unrolled:
+        try:
+            schedule = [(name, dict(kw)) for name, kw in config["schedule"]]
+            return cls(schedule, config["depth"], config["d"], tied=config["tied"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"invalid Unrolled config {config!r}: {exc}") from None
+
+    def energies(self) -> list[list[Any]]:
+        """The energy objects of every distinct layer (``None`` for projections), built from the current weights."""
+        return [[s.build() for s in layer] for layer in self.layers]
+
+    def energy(self, Y: Tensor, layer: int = 0) -> dict[str, Tensor]:
+        """Every energy term of layer ``layer`` (and ``"total"``) at ``Y``, shape ``Y.shape[:-2]`` each."""
+        steps = self.layer(layer)
+        out = {name: s.build().energy(Y) for name, s in zip(self.term_names, steps) if name is not None}
+        if out:
+            out["total"] = torch.stack(list(out.values())).sum(0)
+        return out
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def forward(self, Y: Tensor, *, trace: bool = False) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Run ``depth`` layers; with ``trace=True`` also return the trace dict (module docstring)."""
+        check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d))
+        prepared = [[s.prepare() for s in layer] for layer in self.layers]  # parametrisations evaluated once
+        states = [Y] if trace else None
+        for ell in range(self.depth):
+            li = 0 if self.tied else ell
+            for step, prep in zip(self.layers[li], prepared[li]):
+                Y = step.apply(prep, Y)
+                if trace:
+                    states.append(Y)
+        if not trace:
+            return Y
+        return Y, self._trace(states, [[p.energy for p in layer] for layer in prepared])
+
+    def _trace(self, states: list[Tensor], built: list[list[Any]]) -> dict[str, Any]:
+        S = len(self.step_kinds)
+        T = len(states) - 1
+        layer_of_state = [min(t // S, self.depth - 1) for t in range(T + 1)]
+        energies: dict[str, Tensor] = {}
+        for j, name in enumerate(self.term_names):
+            if name is None:
+                continue
+            if self.tied:
+                energies[name] = built[0][j].energy(torch.stack(states))
+            else:
+                parts = []
+                for ell in range(self.depth):
+                    idx = [t for t in range(T + 1) if layer_of_state[t] == ell]
+                    parts.append(built[ell][j].energy(torch.stack([states[t] for t in idx])))
+                energies[name] = torch.cat(parts)
+        if energies:
+            energies["total"] = torch.stack(list(energies.values())).sum(0)
+        return {
+            "states": states,
+            "energies": energies,
+            "step_names": self.step_kinds * self.depth,
+            "layer_of_state": layer_of_state,
+        }
+
+    # -- checkpoints -----------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Validated, all-or-nothing load (see :func:`safe_load_state_dict`)."""
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return safe_load_state_dict(self, state_dict, _inner=super().load_state_dict)
+
+
+def unroll(
+    schedule: Sequence[ScheduleEntry] = ("attention", "ffn", "relu"),
+    depth: int = 12,
+    d: int = 64,
+    *,
+    tied: bool = True,
+    alphas: float | dict[str, float] | None = None,
+    **step_kwargs: dict[str, Any],
+) -> Unrolled:
+    """Builder: ``unroll(["attention", "ffn", "relu"], depth=12, d=300, attention={"heads": 1})``.
+
+    Keyword arguments named after steps give that step's options (``attention={...}``, ``ffn={...}``).
+    """
+    return Unrolled(list(schedule), depth, d, tied=tied, alphas=alphas, step_kwargs=step_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- state dicts
+
+
+def _parametrized_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """``{"prefix.tensor": (owner, tensor)}`` for every parametrised tensor of ``module``."""
+    out = {}
+    for prefix, mod in module.named_modules():
+        if parametrize.is_parametrized(mod):
+            for tname in mod.parametrizations:
+                out[f"{prefix}.{tname}" if prefix else tname] = (mod, tname)
+    return out
+
+
+def constrained_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """State dict with every parametrised tensor given by its *constrained value* (``"ffn.W_f"``) instead of its
+    unconstrained original (``"ffn.parametrizations.W_f.original"``): a format independent of the
+    parametrisation's internals, which :func:`safe_load_state_dict` checks against the constraints when loading."""
+    sd = module.state_dict()
+    ptensors = _parametrized_tensors(module)
+    out = {}
+    for key, value in sd.items():
+        if any(key.startswith(_orig_prefix(q)) for q in ptensors):
+            continue
+        out[key] = value
+    for q, (owner, tname) in ptensors.items():
+        out[q] = getattr(owner, tname).detach().clone()
+    return out
+
+
+def _orig_prefix(qualified: str) -> str:
+    owner, _, tname = qualified.rpartition(".")
+    return (f"{owner}." if owner else "") + f"parametrizations.{tname}."
+
+
+def safe_load_state_dict(module: nn.Module, state_dict: dict[str, Tensor], *, _inner=None):
+    """Load ``state_dict`` into ``module`` all-or-nothing, with clear errors.
+
+    Accepts the module's own state dict or a :func:`constrained_state_dict`. Checks, before anything is changed:
+    the key sets (missing / unexpected keys are listed), shapes, finiteness, and — for constrained values — each
+    named constraint (:class:`~energy.ConstraintError` naming it). The load happens on a copy first; the module is
+    only touched once everything has passed.
+
+    Raises:
+        CheckpointError: keys, shapes or values do not match the model.
+        ConstraintError: a constrained weight violates its constraint.
+    """
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"a state dict must be a dict of tensors, got {type(state_dict).__name__}.")
+    own = module.state_dict()
+    ptensors = _parametrized_tensors(module)
+    plain = {q: state_dict[q] for q in ptensors if q in state_dict}
+    rest = {k: v for k, v in state_dict.items() if k not in plain}
+    expected = {k for k in own if not any(q in plain and k.startswith(_orig_prefix(q)) for q in ptensors)}
+    missing = sorted(expected - set(rest))
+    unexpected = sorted(set(rest) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            "the state dict does not match the model: "
+            + (f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}; " if missing else "")
+            + (f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}; " if unexpected else "")
+            + "was it saved from a model with the same schedule, depth, tied flag and options? Nothing was loaded."
+        )
+    for k, v in state_dict.items():
+        if not isinstance(v, Tensor):
+            raise CheckpointError(f"entry {k!r} is a {type(v).__name__}, not a tensor (corrupt checkpoint).")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"entry {k!r} contains NaN or inf (corrupt checkpoint); nothing was loaded.")
+    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in rest.items() if v.shape != own[k].shape]
+    for q, v in plain.items():
+        owner, tname = ptensors[q]
+        want = tuple(getattr(owner, tname).shape)
+        if tuple(v.shape) != want:
+            bad.append((q, tuple(v.shape), want))
+    if bad:
+        lines = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in bad[:8])
+        raise CheckpointError(f"shape mismatch ({lines}); the checkpoint was saved from a different model size. "
+                              "Nothing was loaded.")
+    candidate = copy.deepcopy(module)
+    cand_p = _parametrized_tensors(candidate)
+    for q, v in plain.items():
+        owner, tname = cand_p[q]
+        cons = constraints_of(owner).get(tname, [])
+        if cons:
+            cons[-1].check(v.to(getattr(owner, tname).dtype), q)
+        with torch.no_grad():
+            setattr(owner, tname, v.to(getattr(owner, tname).dtype))  # right_inverse checks the constraint chain
+    cand_sd = candidate.state_dict()
+    cand_sd.update({k: v.to(cand_sd[k].dtype) for k, v in rest.items()})
+    nn.Module.load_state_dict(candidate, cand_sd, strict=True)
+    check_constraints(candidate)
+    inner = _inner if _inner is not None else module.load_state_dict
+    return inner(candidate.state_dict(), strict=True)
+
+
+# ------------------------------------------------------------------------------------------------- model files
+
+_BUILDERS: dict[str, Any] = {"Unrolled": Unrolled.from_config}
+_FORMAT = "unfold-model"
+_VERSION = 1
+
+
+def register_builder(name: str, from_config) -> None:
+    """Register ``from_config(config) -> nn.Module`` so :func:`load_model` can rebuild models of that kind."""
+    _BUILDERS[name] = from_config
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
+    """Write ``{format, version, builder, config, state_dict, extra}`` atomically (temp file + rename).
+
+    ``model`` must have ``config()`` and its class name registered with :func:`register_builder`.
+    """
+    kind = type(model).__name__
+    if kind not in _BUILDERS or not hasattr(model, "config"):
+        raise EnergyInputError(f"cannot save a {kind}: no builder registered (known: {sorted(_BUILDERS)}).")
+    payload = {"format": _FORMAT, "version": _VERSION, "builder": kind, "config": model.config(),
+               "state_dict": model.state_dict(), "extra": extra or {}}
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a model file written by :func:`save_model` (clear errors for corrupt files)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist.")
+    try:
+        with open(path, "rb") as f:
+            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / not a torch file / unpickling refused
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a torch file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}).") from None
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise CheckpointError(f"{path!r} is not an unfold model file (expected format {_FORMAT!r}).")
+    if payload.get("version") != _VERSION:
+        raise CheckpointError(f"{path!r} has version {payload.get('version')!r}; this library reads {_VERSION}.")
+    for key in ("builder", "config", "state_dict"):
+        if key not in payload:
+            raise CheckpointError(f"{path!r} lacks the entry {key!r} (corrupt checkpoint).")
+    return payload
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model saved with :func:`save_model` and load its weights (validated, all-or-nothing)."""
+    payload = read_checkpoint(path)
+    builder = _BUILDERS.get(payload["builder"])
+    if builder is None:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} holds a {payload['builder']!r}; known builders: {sorted(_BUILDERS)}."
+        )
+    model = builder(payload["config"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except ConstraintError:
+        raise
+    except CheckpointError as exc:
+        raise CheckpointError(f"{os.fspath(path)!r}: {exc}") from None
+    return model

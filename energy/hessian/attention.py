@@ -1,0 +1,658 @@
+r"""Closed-form loss Hessian of one self-attention layer (MATH §3, Ormaniec, Dangel & Singh, ICLR 2025).
+
+Setup (MATH §3.1): one head, no output projection, no residual, no LayerNorm,
+
+.. math::
+    T = \kappa X W_Q W_K^\top X^\top,\quad A = \mathrm{softmax}(T),\quad F = A X W_V,\quad
+    \ell = c\,\|F - Y\|_F^2,
+
+with ``X (L × d_V)``, ``W_Q, W_K (d_V × d_K)``, ``W_V (d_V × d_V)`` and ``κ = 1/√d_K`` by default. The
+Hessian splits as ``H = H_o + H_f``: the outer-product (Gauss–Newton) part ``H_o = 2c JᵀJ`` and the
+functional part ``H_f = Σ_{lm} G_lm ∂²F_lm``, ``G = 2c (F − Y)``.
+
+Everything is in ``vec_r`` order (row-major flattening, MATH §0), so a block indexes exactly like
+``torch.func.hessian`` of the flattened weights; the assembled Hessian orders the parameters ``(Q, K, V)``.
+
+How the closed form is organised. For query row ``i`` the layer sees the weights only through
+``u_i = κ W_K W_Qᵀ x_i`` (logits ``T_i = X u_i``) and ``W_V``. With the attention moments of MATH §3.2
+(``μ_i``, ``Σ_i = Xᵀ J_i X``, ``Ŝ_i``), ``B_i = W_Vᵀ Σ_i`` and ``q_i = W_Qᵀ x_i``:
+
+.. math::
+    du_i = \kappa (W_K\, dW_Q^\top x_i + dW_K\, q_i),\qquad
+    \partial^2_{u_i} \ell = R_i/\kappa^2,\quad R_i = \kappa^2 (2c\,B_i^\top B_i + \hat S_i),
+
+so ``H(Q,Q) = Σ_i x_i x_iᵀ ⊗ W_Kᵀ R_i W_K``, ``H(K,K) = Σ_i R_i ⊗ q_i q_iᵀ`` and
+``H(Q,K) = Σ_i x_i ⊗ W_Kᵀ R_i ⊗ q_iᵀ + G_QK ⊗ I`` — the ``2cB_iᵀB_i`` half of ``R_i`` is ``H_o``, the ``Ŝ_i``
+half and the bilinear term ``G_QK ⊗ I`` are ``H_f`` (MATH §3.4–§3.5). The value blocks come from the
+mixed tensor ``E_i[n, m, a] = 2cκ μ_i[n] B_i[m, a] + κ Σ_i[n, a] g_i[m]`` (first half ``H_o``, second ``H_f``):
+``H(V,K)[(n,m),(a,b)] = Σ_i E_i[n,m,a] q_i[b]`` and ``H(V,Q)[(n,m),(c,b)] = Σ_i (E_i W_K)[n,m,b] x_i[c]``.
+These are the formulas of MATH §3.4–§3.5 written with shared factors; each block is one ``einsum`` whose
+contraction over rows ``i`` is a single GEMM (no Python loop over tokens or sequences).
+
+Covered variants (each tested against ``torch.func.hessian`` in float64):
+
+* a batch of sequences ``X (B, L, d_V)`` with ``reduction="sum"`` (``ℓ = Σ_b c‖F_b − Y_b‖²``) or ``"mean"``
+  (divided by ``B``). The default ``c = 1/(L d_V)`` makes the per-sequence loss the mean squared error;
+* a boolean attention ``mask`` (``True`` = attend), e.g. ``causal=True``: the mask only changes ``A``; the
+  formulas hold with the masked ``a_i`` because ``J_i = diag(a_i) − a_i a_iᵀ`` vanishes on masked keys;
+* linear attention (``linear=True``): ``A = κ X W_Q W_Kᵀ Xᵀ`` (times the mask), no softmax. Then
+  ``J_i = diag(m_i)`` (``m_i`` the mask row, all ones without mask), ``Σ_i = Xᵀ diag(m_i) X`` and ``Ŝ_i = 0``;
+  the same block formulas apply (MATH §3.6);
+* the single-matrix ``W_QK`` parametrisation (:func:`qk_hessian_blocks`).
+
+Not covered: an output projection ``W_O``, multiple heads, residual connections and LayerNorm. Use the
+matrix-free operators of ``energy.hessian.operators`` for those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
+from energy.reference import single_head_attention
+
+__all__ = [
+    "PARAMS",
+    "BLOCKS",
+    "AttentionMoments",
+    "DenseSizeError",
+    "linear_attention",
+    "attention_output",
+    "attention_loss",
+    "loss_constant",
+    "attention_moments",
+    "attention_jacobians",
+    "hessian_block",
+    "hessian_blocks",
+    "attention_hessian",
+    "bilinear_term",
+    "qk_hessian_blocks",
+    "qk_chain_matrix",
+    "autograd_attention_hessian",
+    "autograd_attention_ggn",
+    "check_dense_budget",
+]
+
+Part = Literal["H", "H_o", "H_f"]
+Reduction = Literal["sum", "mean"]
+
+#: Parameter order of the assembled Hessian.
+PARAMS: tuple[str, ...] = ("Q", "K", "V")
+#: The six distinct blocks (the other three are their transposes).
+BLOCKS: tuple[tuple[str, str], ...] = (("V", "V"), ("V", "Q"), ("V", "K"), ("Q", "Q"), ("K", "K"), ("Q", "K"))
+
+_GIB = 1024**3
+DEFAULT_MAX_GIB = 4.0
+
+
+class DenseSizeError(EnergyInputError):
+    """A dense Hessian (or block) was requested that exceeds the memory budget."""
+
+
+def check_dense_budget(rows: int, cols: int, dtype: torch.dtype, max_gib: float | None, what: str) -> None:
+    """Raise :class:`DenseSizeError` if a dense ``rows × cols`` matrix would exceed ``max_gib`` GiB.
+
+    Args:
+        rows, cols: size of the requested matrix.
+        dtype: its dtype.
+        max_gib: budget in GiB (``None`` = :data:`DEFAULT_MAX_GIB`; ``float('inf')`` disables the guard).
+        what: name of the requested object for the message.
+    """
+    budget = DEFAULT_MAX_GIB if max_gib is None else max_gib
+    size = rows * cols * torch.empty((), dtype=dtype).element_size() / _GIB
+    if size > budget:
+        raise DenseSizeError(
+            f"{what} would be a dense {rows} × {cols} matrix of {size:.2f} GiB, above the budget of {budget:g} GiB "
+            "(`max_gib`). Use the exact structured norms/traces/diagonals of energy.hessian.structure, or the "
+            "matrix-free operators of energy.hessian.operators; raise `max_gib` only if the memory is there."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward pass and loss (the autograd twin differentiates exactly these)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def linear_attention(
+    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, *, scale: float | None = None, mask: Tensor | None = None
+) -> Tensor:
+    r"""Linear (softmax-free) self-attention, MATH §3.6.
+
+    .. math:: F = \big(\kappa\, X W_Q W_K^\top X^\top \odot m\big)\, X W_V,\qquad \kappa = 1/\sqrt{d_K}
+
+    ``mask`` is boolean (``True`` = attend); ``m`` is its 0/1 version (no mask: all ones).
+    (``energy.reference`` has no linear attention, so it is defined here, next to its Hessian.)
+    """
+    kappa = 1.0 / math.sqrt(W_Q.shape[-1]) if scale is None else scale
+    A = kappa * (X @ W_Q) @ (X @ W_K).transpose(-1, -2)
+    if mask is not None:
+        A = A * mask.to(A.dtype)
+    return A @ (X @ W_V)
+
+
+def attention_output(
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    *,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    linear: bool = False,
+) -> Tensor:
+    """``F``: :func:`energy.reference.single_head_attention` (softmax) or :func:`linear_attention`."""
+    if linear:
+        return linear_attention(X, W_Q, W_K, W_V, scale=scale, mask=mask)
+    return single_head_attention(X, W_Q, W_K, W_V, scale=scale, mask=mask)
+
+
+def loss_constant(X: Tensor, c: float | None, reduction: Reduction) -> float:
+    r"""The effective constant ``c_eff`` with ``ℓ = c_eff Σ_b ‖F_b − Y_b‖²``.
+
+    ``c`` defaults to ``1/(L d_V)`` (per-sequence mean squared error, the paper's likely choice, MATH §3.1);
+    ``reduction="mean"`` divides by the number of sequences ``B``.
+    """
+    if reduction not in ("sum", "mean"):
+        raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
+    L, d_V = X.shape[-2], X.shape[-1]
+    c0 = 1.0 / (L * d_V) if c is None else float(c)
+    if not math.isfinite(c0) or c0 <= 0:
+        raise EnergyInputError(f"`c` must be a positive finite number, got {c!r}.")
+    n_seq = X.shape[0] if X.ndim == 3 else 1
+    return c0 / n_seq if reduction == "mean" else c0
+
+
+def attention_loss(
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    Y: Tensor,
+    *,
+    c: float | None = None,
+    reduction: Reduction = "sum",
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    linear: bool = False,
+) -> Tensor:
+    r"""The loss ``ℓ = c_eff Σ_b ‖F_b − Y_b‖²_F`` (MATH §3.1; ``c_eff`` from :func:`loss_constant`)."""
+    F = attention_output(X, W_Q, W_K, W_V, scale=scale, mask=mask, linear=linear)
+    return loss_constant(X, c, reduction) * ((F - Y) ** 2).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _validate(
+    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, Y: Tensor | None, mask: Tensor | None, causal: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Check shapes/dtypes; return ``X`` as ``(B, L, d_V)``, ``Y`` likewise, and the boolean mask."""
+    check_tensor(X, "X")
+    if X.ndim not in (2, 3):
+        raise EnergyInputError(f"`X` must have shape (L, d_V) or (B, L, d_V), got {tuple(X.shape)}.")
+    L, d_V = X.shape[-2], X.shape[-1]
+    check_tensor(W_Q, "W_Q", ndim=2)
+    check_tensor(W_K, "W_K", ndim=2)
+    check_tensor(W_V, "W_V", ndim=2)
+    if W_Q.shape[0] != d_V:
+        raise EnergyInputError(f"`W_Q` must have shape (d_V, d_K) = ({d_V}, d_K), got {tuple(W_Q.shape)}.")
+    if W_K.shape != W_Q.shape:
+        raise EnergyInputError(f"`W_K` must have the shape of `W_Q` {tuple(W_Q.shape)}, got {tuple(W_K.shape)}.")
+    if W_V.shape != (d_V, d_V):
+        raise EnergyInputError(
+            f"`W_V` must have shape (d_V, d_V) = ({d_V}, {d_V}) (no output projection), got {tuple(W_V.shape)}."
+        )
+    if Y is not None:
+        check_tensor(Y, "Y")
+        if Y.shape != X.shape:
+            raise EnergyInputError(f"`Y` (the target of F) must have the shape of `X` {tuple(X.shape)}, got "
+                                   f"{tuple(Y.shape)}.")
+    check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, Y=Y)
+    if causal:
+        if mask is not None:
+            raise EnergyInputError("pass either `mask` or `causal=True`, not both.")
+        mask = torch.ones(L, L, dtype=torch.bool, device=X.device).tril()
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise EnergyInputError(
+                "`mask` must be a boolean tensor (True = attend), e.g. torch.ones(L, L, dtype=torch.bool).tril()."
+            )
+        if mask.shape[-2:] != (L, L) or mask.ndim not in (2, 3) or (mask.ndim == 3 and X.ndim == 2):
+            raise EnergyInputError(
+                f"`mask` must have shape (L, L) or (B, L, L) with L = {L}, got {tuple(mask.shape)}."
+            )
+        if not bool(mask.any(-1).all()):
+            raise EnergyInputError("every query row of `mask` must attend to at least one key.")
+    X3 = X if X.ndim == 3 else X.unsqueeze(0)
+    Y3 = None if Y is None else (Y if Y.ndim == 3 else Y.unsqueeze(0))
+    if mask is not None:
+        if mask.ndim == 3 and mask.shape[0] != X3.shape[0]:
+            raise EnergyInputError(f"`mask` has {mask.shape[0]} sequences but `X` has {X3.shape[0]}.")
+        mask = mask.expand(X3.shape[0], L, L)
+    return X3, Y3, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# moments (MATH §3.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionMoments:
+    r"""The attention moments of MATH §3.2, computed once, with rows ``i`` of all sequences stacked.
+
+    Row index ``i`` runs over the ``N = B·L`` query rows of the batch (sequence-major). Shapes use
+    ``d = d_V``, ``k = d_K``.
+
+    Attributes:
+        x: query inputs ``x_i``, ``(N, d)``.
+        X: the sequences, ``(B, L, d)``.
+        A: attention matrices, ``(B, L, L)`` (softmax or linear, masked).
+        M_1: first moments ``μ_i = Xᵀ a_i`` (``M_1 = A X``), ``(N, d)``.
+        Sigma: ``Σ_i = Xᵀ J_i X``, ``(N, d, d)``; ``J_i = diag(a_i) − a_i a_iᵀ`` (softmax) or ``diag(m_i)``
+            (linear attention).
+        S_hat: ``Ŝ_i = Σ_j a_ij ((x_j − μ_i)ᵀ W_V g_i)(x_j − μ_i)(x_j − μ_i)ᵀ`` (0 for linear attention),
+            ``(N, d, d)``.
+        q: ``q_i = W_Qᵀ x_i``, ``(N, k)``.
+        G: residual gradient rows ``g_i = 2 c_eff (f_i − y_i)``, ``(N, d)``.
+        B_V: ``B_i = W_Vᵀ Σ_i``, ``(N, d, d)``.
+        G_QK: ``κ Σ_i x_i (Σ_i W_V g_i)ᵀ`` (the gradient w.r.t. ``W_Q W_Kᵀ``), ``(d, d)``.
+        F: layer output, ``(B, L, d)``.
+        kappa: ``κ``.
+        c: the effective loss constant ``c_eff`` (reduction included).
+        W_Q, W_K, W_V: the weights.
+        linear: whether the moments are those of linear attention.
+    """
+
+    x: Tensor
+    X: Tensor
+    A: Tensor
+    M_1: Tensor
+    Sigma: Tensor
+    S_hat: Tensor
+    q: Tensor
+    G: Tensor
+    B_V: Tensor
+    G_QK: Tensor
+    F: Tensor
+    kappa: float
+    c: float
+    W_Q: Tensor
+    W_K: Tensor
+    W_V: Tensor
+    linear: bool
+
+    @property
+    def d_V(self) -> int:
+        return self.x.shape[-1]
+
+    @property
+    def d_K(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Number of parameters per block name."""
+        return {"Q": self.d_V * self.d_K, "K": self.d_V * self.d_K, "V": self.d_V * self.d_V}
+
+
+def _weighted_outer(W: Tensor, X: Tensor) -> Tensor:
+    """``out[b, i] = Σ_j W[b, i, j] x_j x_jᵀ`` as one batched GEMM, ``(B, L, d, d)``."""
+    B, L, d = X.shape
+    XX = (X.unsqueeze(-1) * X.unsqueeze(-2)).reshape(B, L, d * d)
+    return (W @ XX).reshape(B, W.shape[1], d, d)
+
+
+def attention_moments(
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    Y: Tensor,
+    *,
+    c: float | None = None,
+    reduction: Reduction = "sum",
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    linear: bool = False,
+) -> AttentionMoments:
+    r"""Compute the moments of MATH §3.2 once (cost ``O(B L² d²)``).
+
+    .. math::
+        \mu_i = X^\top a_i,\quad \Sigma_i = X^\top J_i X,\quad
+        \hat S_i = \sum_j r_{ij} (x_j-\mu_i)(x_j-\mu_i)^\top,\ r_{ij} = a_{ij}\,(x_j-\mu_i)^\top W_V g_i
+
+    ``Ŝ_i`` is ``Xᵀ (∇²_t a_i·v_i) X``, the curvature of ``v_iᵀ softmax(t)`` with ``v_i = X W_V g_i``.
+
+    Args:
+        X: ``(L, d_V)`` or ``(B, L, d_V)``.
+        W_Q, W_K: ``(d_V, d_K)``; W_V: ``(d_V, d_V)``.
+        Y: regression target of ``F``, same shape as ``X``.
+        c: loss constant (default ``1/(L d_V)``); reduction: ``"sum"`` or ``"mean"`` over sequences.
+        scale: ``κ`` (default ``1/√d_K``). mask: boolean ``(L, L)`` or ``(B, L, L)``, ``True`` = attend.
+        causal: use the causal mask. linear: linear attention (no softmax).
+    """
+    X3, Y3, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal)
+    c_eff = loss_constant(X3 if X.ndim == 3 else X, c, reduction)
+    kappa = 1.0 / math.sqrt(W_Q.shape[1]) if scale is None else float(scale)
+    d = X3.shape[-1]
+    if linear:
+        A = kappa * (X3 @ W_Q) @ (X3 @ W_K).transpose(-1, -2)
+        if mask is not None:
+            A = A * mask.to(A.dtype)
+    else:
+        from energy.reference import attention_weights
+
+        A = attention_weights(X3 @ W_Q, X3 @ W_K, scale=kappa, mask=mask)
+    M_1 = A @ X3  # (B, L, d)
+    F = M_1 @ W_V
+    G = 2.0 * c_eff * (F - Y3)
+    if linear:
+        m = torch.ones_like(A) if mask is None else mask.to(A.dtype)
+        Sigma = _weighted_outer(m, X3)
+        S_hat = torch.zeros_like(Sigma)
+    else:
+        Sigma = _weighted_outer(A, X3) - M_1.unsqueeze(-1) * M_1.unsqueeze(-2)
+        v = torch.einsum("bjd,bid->bij", X3 @ W_V, G)  # v_ij = x_jᵀ W_V g_i
+        r = A * (v - (A * v).sum(-1, keepdim=True))  # r_ij = a_ij (v_ij − a_iᵀ v_i); Σ_j r_ij = 0
+        Xr = r @ X3  # Σ_j r_ij x_j
+        S_hat = (
+            _weighted_outer(r, X3)
+            - M_1.unsqueeze(-1) * Xr.unsqueeze(-2)
+            - Xr.unsqueeze(-1) * M_1.unsqueeze(-2)
+        )
+    N = X3.shape[0] * X3.shape[1]
+    x = X3.reshape(N, d)
+    Sigma, S_hat = Sigma.reshape(N, d, d), S_hat.reshape(N, d, d)
+    G = G.reshape(N, d)
+    B_V = torch.einsum("nm,inl->iml", W_V, Sigma)  # W_Vᵀ Σ_i
+    G_QK = kappa * x.T @ torch.einsum("ikl,lm,im->ik", Sigma, W_V, G)
+    return AttentionMoments(
+        x=x, X=X3, A=A, M_1=M_1.reshape(N, d), Sigma=Sigma, S_hat=S_hat, q=x @ W_Q, G=G, B_V=B_V, G_QK=G_QK,
+        F=F if X.ndim == 3 else F[0], kappa=kappa, c=c_eff, W_Q=W_Q, W_K=W_K, W_V=W_V, linear=linear,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Jacobians (MATH §3.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def attention_jacobians(mom: AttentionMoments) -> dict[str, Tensor]:
+    r"""Jacobians of ``vec_r(F)`` (all sequences stacked) w.r.t. ``vec_r(W_Q)``, ``vec_r(W_K)``, ``vec_r(W_V)``.
+
+    MATH §3.3, row block ``i``:
+
+    .. math::
+        J_V = \mu_i^\top \otimes I_{d_V},\quad J_Q = \kappa\, x_i^\top \otimes (W_V^\top\Sigma_i W_K),\quad
+        J_K = \kappa\, (W_V^\top \Sigma_i) \otimes q_i^\top
+
+    Returns:
+        ``{"Q": (N d_V, d_V d_K), "K": (N d_V, d_V d_K), "V": (N d_V, d_V²)}`` with ``N = B L``.
+    """
+    N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
+    C = mom.B_V @ mom.W_K  # W_Vᵀ Σ_i W_K
+    eye = torch.eye(d, dtype=mom.x.dtype, device=mom.x.device)
+    return {
+        "Q": mom.kappa * torch.einsum("ia,imb->imab", mom.x, C).reshape(N * d, d * k),
+        "K": mom.kappa * torch.einsum("ima,ib->imab", mom.B_V, mom.q).reshape(N * d, d * k),
+        "V": torch.einsum("in,mp->imnp", mom.M_1, eye).reshape(N * d, d * d),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hessian blocks (MATH §3.4–§3.5)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_part(part: str) -> None:
+    if part not in ("H", "H_o", "H_f"):
+        raise EnergyInputError(f"`part` must be 'H', 'H_o' or 'H_f', got {part!r}.")
+
+
+def _R(mom: AttentionMoments, part: Part) -> Tensor:
+    r"""``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` restricted to ``part`` (``(N, d_V, d_V)``)."""
+    k2 = mom.kappa**2
+    R_o = (2.0 * mom.c * k2) * mom.B_V.transpose(-1, -2) @ mom.B_V
+    if part == "H_o":
+        return R_o
+    if part == "H_f":
+        return k2 * mom.S_hat
+    return R_o + k2 * mom.S_hat
+
+
+def _E(mom: AttentionMoments, part: Part) -> Tensor:
+    r"""``E_i[n,m,a] = 2cκ μ_i[n] B_i[m,a] + κ Σ_i[n,a] g_i[m]`` restricted to ``part`` (``(N, d, d, d)``)."""
+    E = None
+    if part in ("H", "H_o"):
+        E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", mom.M_1, mom.B_V)
+    if part in ("H", "H_f"):
+        E_f = mom.kappa * torch.einsum("ina,im->inma", mom.Sigma, mom.G)
+        E = E_f if E is None else E + E_f
+    return E
+
+
+def bilinear_term(mom: AttentionMoments) -> Tensor:
+    r"""The bilinear (query–key) term of ``H_f(Q, K)``: ``G_QK ⊗ I_{d_K}`` (MATH §3.5), dense ``(d_V d_K)²``.
+
+    It exists only because ``T`` is bilinear in ``(W_Q, W_K)``.
+    """
+    return torch.kron(mom.G_QK, torch.eye(mom.d_K, dtype=mom.x.dtype, device=mom.x.device))
+
+
+def _block4(mom: AttentionMoments, a: str, b: str, part: Part) -> Tensor:
+    """Block ``(a, b)`` (an upper block of :data:`BLOCKS`) as a 4-D tensor ``(r1, r2, c1, c2)``.
+
+    Row index ``(r1, r2)`` and column index ``(c1, c2)`` are the ``vec_r`` indices of ``W_a`` and ``W_b``;
+    the result may be a non-contiguous view (the caller reshapes or copies it once).
+    """
+    d, k = mom.d_V, mom.d_K
+    x, q, W_K = mom.x, mom.q, mom.W_K
+    if (a, b) == ("V", "V"):
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        scale = 0.0 if part == "H_f" else 2.0 * mom.c
+        return torch.einsum("np,mr->nmpr", scale * mom.M_1.T @ mom.M_1, eye)
+    if (a, b) == ("Q", "Q"):
+        P = W_K.T @ _R(mom, part) @ W_K
+        return torch.einsum("ia,ic,ibd->abcd", x, x, P)
+    if (a, b) == ("K", "K"):
+        return torch.einsum("iac,ib,id->abcd", _R(mom, part), q, q)
+    if (a, b) == ("Q", "K"):
+        U = W_K.T @ _R(mom, part)  # (N, k, d)
+        H = torch.einsum("ic,iba,id->cbad", x, U, q)
+        if part == "H_o":
+            return H
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        return H + torch.einsum("ca,bd->cbad", mom.G_QK, eye)  # bilinear term G_QK ⊗ I
+    if (a, b) == ("V", "K"):
+        return torch.einsum("inma,ib->nmab", _E(mom, part), q)
+    # ("V", "Q")
+    EW = torch.einsum("inma,ab->inmb", _E(mom, part), W_K)
+    return torch.einsum("inmb,ic->nmcb", EW, x)
+
+
+def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Tensor:
+    r"""One dense block ``part(a, b)`` of the loss Hessian, ``a, b ∈ {"Q", "K", "V"}`` (MATH §3.4–§3.5).
+
+    .. math::
+        H(V,V) &= 2c\,(M_1^\top M_1)\otimes I \quad (H_f(V,V) = 0)\\
+        H(Q,Q) &= \textstyle\sum_i x_i x_i^\top \otimes W_K^\top R_i W_K,\qquad
+        H(K,K) = \sum_i R_i \otimes q_i q_i^\top\\
+        H(Q,K) &= \textstyle\sum_i x_i \otimes W_K^\top R_i \otimes q_i^\top + G_{QK}\otimes I_{d_K}\ (H_f\ only)\\
+        H(V,K)[(n,m),(a,b)] &= \textstyle\sum_i E_i[n,m,a]\, q_i[b],\qquad
+        H(V,Q)[(n,m),(c,b)] = \sum_i (E_i W_K)[n,m,b]\, x_i[c]
+
+    with ``R_i`` and ``E_i`` as in the module docstring, restricted to the ``H_o`` or ``H_f`` half.
+    Cost: ``O(N d_V² d_K²)`` for the query/key blocks, ``O(N d_V³ d_K)`` for the value–query/key blocks.
+
+    Returns:
+        dense ``(size_a, size_b)`` matrix in ``vec_r`` order.
+    """
+    _check_part(part)
+    if a not in PARAMS or b not in PARAMS:
+        raise EnergyInputError(f"block names must be among {PARAMS}, got ({a!r}, {b!r}).")
+    if (a, b) not in BLOCKS:  # lower block: transpose of an upper one
+        return hessian_block(mom, b, a, part).T
+    sizes = mom.sizes
+    return _block4(mom, a, b, part).reshape(sizes[a], sizes[b])
+
+
+def hessian_blocks(mom: AttentionMoments, part: Part = "H") -> dict[tuple[str, str], Tensor]:
+    """All nine blocks ``{(a, b): part(a, b)}`` (the three lower ones as transposes of the upper ones)."""
+    out = {ab: hessian_block(mom, *ab, part=part) for ab in BLOCKS}
+    for a, b in BLOCKS:
+        if a != b:
+            out[(b, a)] = out[(a, b)].T
+    return out
+
+
+def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
+    """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V)`` (MATH §3).
+
+    Each block is written straight into the preallocated output (lower blocks as transposed copies).
+
+    Args:
+        mom: from :func:`attention_moments`.
+        part: ``"H"``, ``"H_o"`` (Gauss–Newton) or ``"H_f"`` (functional part).
+        max_gib: memory budget of the dense result (default 4 GiB). Above it a :class:`DenseSizeError`
+            states the size and points to ``energy.hessian.structure`` / the matrix-free operators.
+    """
+    _check_part(part)
+    sizes = mom.sizes
+    p = sum(sizes.values())
+    check_dense_budget(p, p, mom.x.dtype, max_gib, f"the dense {part} of the attention layer")
+    offset = dict(zip(PARAMS, [0, sizes["Q"], sizes["Q"] + sizes["K"]]))
+    H = torch.empty(p, p, dtype=mom.x.dtype, device=mom.x.device)
+    for a, b in BLOCKS:
+        ra = slice(offset[a], offset[a] + sizes[a])
+        rb = slice(offset[b], offset[b] + sizes[b])
+        blk = _block4(mom, a, b, part)
+        H[ra, rb].view(blk.shape).copy_(blk)
+        del blk
+        if a != b:
+            H[rb, ra] = H[ra, rb].T
+    return H
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# single-matrix W_QK parametrisation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def qk_hessian_blocks(
+    X: Tensor,
+    W_QK: Tensor,
+    W_V: Tensor,
+    Y: Tensor,
+    *,
+    scale: float | None = None,
+    part: Part = "H",
+    **kwargs,
+) -> dict[tuple[str, str], Tensor]:
+    r"""Blocks of the Hessian w.r.t. ``(W_QK, W_V)`` for ``F = softmax(κ X W_QK Xᵀ) X W_V`` (MATH §3.5).
+
+    .. math::
+        H_o(QK,QK) = 2c\kappa^2 \textstyle\sum_i x_i x_i^\top \otimes \Sigma_i W_V W_V^\top \Sigma_i,\qquad
+        H_f(QK,QK) = \kappa^2 \textstyle\sum_i x_i x_i^\top \otimes \hat S_i
+
+    This is the two-matrix layer at ``W_Q = W_QK``, ``W_K = I``: its ``(Q, ·)`` blocks are the ``W_QK`` blocks.
+    ``scale`` defaults to ``1/√d_V`` (the query–key width of ``W_QK`` is ``d_V``). Further keyword arguments
+    (``c``, ``reduction``, ``mask``, ``causal``, ``linear``) as in :func:`attention_moments`.
+
+    Returns:
+        ``{("QK","QK"), ("QK","V"), ("V","QK"), ("V","V")}`` → dense blocks.
+    """
+    check_tensor(W_QK, "W_QK", ndim=2)
+    if W_QK.shape[0] != W_QK.shape[1]:
+        raise EnergyInputError(f"`W_QK` must be square (d_V × d_V), got {tuple(W_QK.shape)}.")
+    eye = torch.eye(W_QK.shape[0], dtype=W_QK.dtype, device=W_QK.device)
+    kappa = 1.0 / math.sqrt(W_QK.shape[0]) if scale is None else scale
+    mom = attention_moments(X, W_QK, eye, W_V, Y, scale=kappa, **kwargs)
+    H_qq = hessian_block(mom, "Q", "Q", part)
+    H_vq = hessian_block(mom, "V", "Q", part)
+    return {("QK", "QK"): H_qq, ("V", "QK"): H_vq, ("QK", "V"): H_vq.T, ("V", "V"): hessian_block(mom, "V", "V", part)}
+
+
+def qk_chain_matrix(W_Q: Tensor, W_K: Tensor) -> Tensor:
+    r"""``𝒥 = [I ⊗ W_K | (W_Q ⊗ I) P_{d_V,d_K}]``: ``d vec_r(W_Q W_Kᵀ) = 𝒥 [d vec_r W_Q; d vec_r W_K]`` (MATH §3.5).
+
+    The two-matrix query/key blocks are ``𝒥ᵀ H_{QK} 𝒥`` plus the bilinear term ``G_QK ⊗ I`` in the (Q, K) block.
+    """
+    d, k = W_Q.shape
+    eye_d = torch.eye(d, dtype=W_Q.dtype, device=W_Q.device)
+    # P_{d,k} vec_r(B) = vec_r(Bᵀ) for B (d × k): permutation of the identity
+    P = torch.eye(d * k, dtype=W_Q.dtype, device=W_Q.device).reshape(d, k, d * k).transpose(0, 1).reshape(d * k, d * k)
+    return torch.cat([torch.kron(eye_d, W_K), torch.kron(W_Q, eye_d) @ P], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd twins
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _split(theta: Tensor, d: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    s = d * k
+    return theta[:s].reshape(d, k), theta[s : 2 * s].reshape(d, k), theta[2 * s :].reshape(d, d)
+
+
+def autograd_attention_hessian(
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    Y: Tensor,
+    *,
+    c: float | None = None,
+    reduction: Reduction = "sum",
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    linear: bool = False,
+) -> Tensor:
+    """Autograd twin: ``torch.func.hessian`` of :func:`attention_loss` in the flattened ``(Q, K, V)`` vector."""
+    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal)
+    if mask is not None and X.ndim == 2:
+        mask = mask[0]
+    d, k = W_Q.shape
+    theta = torch.cat([W_Q.reshape(-1), W_K.reshape(-1), W_V.reshape(-1)])
+
+    def loss(t: Tensor) -> Tensor:
+        return attention_loss(X, *_split(t, d, k), Y, c=c, reduction=reduction, scale=scale, mask=mask, linear=linear)
+
+    return torch.func.hessian(loss)(theta)
+
+
+def autograd_attention_ggn(
+    X: Tensor,
+    W_Q: Tensor,
+    W_K: Tensor,
+    W_V: Tensor,
+    Y: Tensor,
+    *,
+    c: float | None = None,
+    reduction: Reduction = "sum",
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    linear: bool = False,
+) -> Tensor:
+    """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
+    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal)
+    if mask is not None and X.ndim == 2:
+        mask = mask[0]
+    d, k = W_Q.shape
+    theta = torch.cat([W_Q.reshape(-1), W_K.reshape(-1), W_V.reshape(-1)])
+
+    def out(t: Tensor) -> Tensor:
+        return attention_output(X, *_split(t, d, k), scale=scale, mask=mask, linear=linear).reshape(-1)
+
+    J = torch.func.jacrev(out)(theta)
+    return 2.0 * loss_constant(X, c, reduction) * J.T @ J

@@ -1,0 +1,173 @@
+r"""Ready-made models: the weight-tied model of Yang et al. (2022), an Energy-Transformer block, and the standard
+models of :mod:`unfold.standard` (re-exported).
+
+>>> import torch
+>>> from unfold.presets import yang2022
+>>> model = yang2022(d=16, depth=4, d_in=8, n_classes=10)
+>>> logits, info = model(torch.randn(3, 8, 8), trace=True)
+>>> tuple(logits.shape), tuple(info["energies"]["total"].shape)
+((3, 10), (13, 3))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from energy._validation import EnergyInputError, check_tensor
+from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, StandardEncoderClassifier, standard_encoder
+from unfold.unroller import CheckpointError, Unrolled, register_builder, safe_load_state_dict
+
+__all__ = [
+    "UnrolledClassifier",
+    "yang2022",
+    "energy_transformer_block",
+    "GPT2Config",
+    "GPT2Decoder",
+    "MLPBaseline",
+    "StandardEncoderClassifier",
+    "standard_encoder",
+    "parameter_count",
+]
+
+
+class UnrolledClassifier(nn.Module):
+    r"""Input map, an :class:`~unfold.unroller.Unrolled` body, mean pooling and a linear classification head.
+
+    .. math:: \text{logits} = \tfrac1n \mathbf 1^\top\, \mathrm{body}(X W_{in})\; W_{head} + b_{head}
+
+    ``forward(X, trace=True)`` returns ``(logits, info)`` with the body's trace (energies of the body's states; the
+    input map and the head are not descent steps and carry no energy). Without ``n_classes`` the head is omitted
+    and ``forward`` returns the body's output tokens.
+
+    Args:
+        body: the unrolled model.
+        d_in: input feature width (``None`` or ``body.d``: no input map).
+        n_classes: number of classes (``None``: no head).
+        input_bias: give the input map a bias.
+    """
+
+    def __init__(self, body: Unrolled, *, d_in: int | None = None, n_classes: int | None = None,
+                 input_bias: bool = False) -> None:
+        super().__init__()
+        if not isinstance(body, Unrolled):
+            raise EnergyInputError(f"`body` must be an unfold.Unrolled, got {type(body).__name__}.")
+        self.body = body
+        self.d_in = body.d if d_in is None else int(d_in)
+        self.n_classes = n_classes
+        self.input_bias = input_bias
+        self.input_proj = nn.Identity() if self.d_in == body.d else nn.Linear(self.d_in, body.d, bias=input_bias)
+        self.head = nn.Linear(body.d, n_classes) if n_classes is not None else None
+
+    def config(self) -> dict[str, Any]:
+        return {"body": self.body.config(), "d_in": self.d_in, "n_classes": self.n_classes,
+                "input_bias": self.input_bias}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> UnrolledClassifier:
+        try:
+            return cls(Unrolled.from_config(config["body"]), d_in=config["d_in"], n_classes=config["n_classes"],
+                       input_bias=config.get("input_bias", False))
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"invalid UnrolledClassifier config: {exc}") from None
+
+    def embed(self, X: Tensor) -> Tensor:
+        """The body's input ``Y⁰ = X W_in`` (``X`` itself without an input map)."""
+        check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in))
+        return self.input_proj(X)
+
+    def forward(self, X: Tensor, *, trace: bool = False) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        out = self.body(self.embed(X), trace=trace)
+        Y, info = out if trace else (out, None)
+        result = Y if self.head is None else self.head(Y.mean(dim=-2))
+        return (result, info) if trace else result
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Validated, all-or-nothing load (:func:`unfold.unroller.safe_load_state_dict`)."""
+        if not strict:
+            return super().load_state_dict(state_dict, strict=False, assign=assign)
+        return safe_load_state_dict(self, state_dict, _inner=super().load_state_dict)
+
+
+register_builder("UnrolledClassifier", UnrolledClassifier.from_config)
+
+
+def yang2022(
+    d: int = 300,
+    depth: int = 12,
+    *,
+    relu: bool = True,
+    heads: int = 1,
+    d_in: int | None = None,
+    n_classes: int | None = None,
+    alpha_att: float = 1.0,
+    alpha_ffn: float = 1.0,
+    spectrum: tuple[float, float] | None = (0.0, 0.95),
+    orthogonal_heads: bool = False,
+    normalization: str | None = None,
+    tied: bool = True,
+    fused: bool = True,
+) -> UnrolledClassifier:
+    r"""The weight-tied unfolded Transformer of Yang, Huang & Wipf (2022), MATH §1.6, §1.8.
+
+    One layer: attention step (a) with ``α = 1``, :math:`Y \leftarrow \mathrm{softmax}_\beta(Y W Y^\top) Y`,
+    ``W = M Mᵀ/√k`` (PSD by its factorisation); FFN step with ``W_f`` constrained to the
+    spectrum ``[0, 0.95]`` (:class:`~unfold.parametrizations.SpectrumClip`) and ``α = 1``,
+    :math:`Y \leftarrow -Y W_f + 1 b^\top`; optional ReLU projection. ``depth`` layers share their weights. The
+    model energy is ``E_att + E_ffn`` with the *same* metric as the steps. For training, a mean-pool + linear head
+    (``n_classes``) and an input map (``d_in``) are added.
+
+    Args:
+        d: width (300 in the paper, GloVe vectors).
+        depth: number of layers (12 in the paper).
+        relu: add the ReLU projection after the FFN step.
+        heads: attention heads (1 in the paper).
+        d_in: input feature width (default ``d``: no input map).
+        n_classes: classes of the head (default: no head).
+        alpha_att, alpha_ffn: step sizes (1 in the paper).
+        spectrum: eigenvalue bounds of ``W_f`` (``None``: only symmetric).
+        orthogonal_heads: constrain the heads to orthogonal subspaces.
+        normalization: ``None``, ``"layernorm"`` or ``"rmsnorm"`` projection at the end of each layer (not in the
+            paper; no descent guarantee, MATH §1.4).
+        tied: share weights across layers (True in the paper).
+        fused: fused SDPA attention path.
+    """
+    schedule: list[Any] = [
+        ("attention", {"heads": heads, "alpha": alpha_att, "orthogonal_heads": orthogonal_heads, "fused": fused}),
+        ("ffn", {"alpha": alpha_ffn, "spectrum": spectrum}),
+    ]
+    if relu:
+        schedule.append("relu")
+    if normalization is not None:
+        if normalization not in ("layernorm", "rmsnorm"):
+            raise EnergyInputError(f"`normalization` must be None, 'layernorm' or 'rmsnorm', got {normalization!r}.")
+        schedule.append(normalization)
+    body = Unrolled(schedule, depth, d, tied=tied)
+    return UnrolledClassifier(body, d_in=d_in, n_classes=n_classes)
+
+
+def energy_transformer_block(
+    d: int = 64,
+    depth: int = 12,
+    *,
+    heads: int = 4,
+    k: int | None = None,
+    memories: int | None = None,
+    alpha: float = 0.1,
+    d_in: int | None = None,
+    n_classes: int | None = None,
+) -> UnrolledClassifier:
+    r"""An Energy-Transformer block (Hoover et al. 2023, MATH §2.2) unrolled for ``depth`` discrete steps.
+
+    Every step is ``x ← x − α ∂E/∂g`` with ``g = LN(x)`` and ``E = E_att + E_hn`` (one shared set of weights, as in
+    the paper: the block is a recurrent energy descent, not a stack of layers).
+    """
+    body = Unrolled([("energy_transformer", {"heads": heads, "k": k, "memories": memories, "alpha": alpha})],
+                    depth, d, tied=True)
+    return UnrolledClassifier(body, d_in=d_in, n_classes=n_classes)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of trainable scalars (the unconstrained originals, i.e. what the optimiser updates)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -4,7 +4,7 @@ Usage::
 
     python -m paper_figs --list
     python -m paper_figs [NAME ...] [--quick | --paper | --tiny] [--out DIR] [--seed S] [--force]
-                         [--imdb PATH] [--sst2 PATH] [--glove PATH]
+                         [--threads N] [--imdb PATH] [--sst2 PATH] [--glove PATH]
 
 Without names every registered figure runs. For each figure the command writes ``DIR/NAME.json`` (the data the
 plot is drawn from, with the fidelity, seed and options it was computed with), ``DIR/NAME.png`` and
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="seed for every figure (default: each figure's seed from the paper)")
     p.add_argument("--force", action="store_true", help="recompute figures even if their JSON is up to date")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
     for opt, text in DATA_OPTIONS.items():
         p.add_argument(f"--{opt}", type=Path, default=None, metavar="PATH", help=text)
     return p
@@ -176,6 +178,11 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     except (UnknownFigureError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"error: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}

@@ -730,35 +730,53 @@ def attention_step_fused(
         check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
 
     lead, n = Y.shape[:-2], Y.shape[-2]
-    Yb = Y.reshape(-1, n, d)
-    multi_metric = preconditioner == "metric" and not single
-    if multi_metric:
-        U = head_bases(M3) if value_basis is None else value_basis
-        r_ = U.shape[-1]
-        factors = torch.cat([M3, U], dim=-1)  # one matmul for queries/keys and values of all heads
-        KV = _keys(Yb, factors)
-        K, V = KV[..., :k], KV[..., k:]
-        out = U.transpose(-1, -2)
+    if preconditioner == "metric" and not single:
+        values = head_bases(M3) if value_basis is None else value_basis  # values Y U_h, output map U_hᵀ
+        out = values.transpose(-1, -2)
+    elif preconditioner == "metric":
+        values, out = torch.eye(d, dtype=M3.dtype, device=M3.device).unsqueeze(0), None  # identity values
     else:
-        K = _keys(Yb, M3)
-        if preconditioner == "metric":
-            V, out = Yb.unsqueeze(1), None
-        else:
-            V, out = K, kappa * M3.transpose(-1, -2)
-    q = torch.cat([K, torch.ones_like(K[..., :1])], dim=-1)
-    kt = torch.cat([K, -0.5 * (K * K).sum(-1, keepdim=True)], dim=-1)
-    attn_mask = None
-    if token_mask is not None:
-        attn_mask = token_mask.expand(*lead, n).reshape(-1, 1, 1, n)
-    O = F.scaled_dot_product_attention(q, kt, V, attn_mask=attn_mask, scale=kappa)
-    R = V - O
-    if out is None:
-        R = R.squeeze(1)
-    else:
-        r_ = out.shape[1]
-        R = R.transpose(1, 2).reshape(-1, n, h * r_) @ out.reshape(h * r_, d)
-    Yp = torch.add(Yb, R, alpha=-alpha) if not isinstance(alpha, Tensor) else Yb - alpha * R
+        values, out = M3, kappa * M3.transpose(-1, -2)  # values K_h = Y M_h, output map κ M_hᵀ
+    q, kt, v = _augmented_qkv(Y.reshape(-1, n, d), M3, values)
+    attn_mask = None if token_mask is None else token_mask.expand(*lead, n).reshape(-1, 1, 1, n)
+    r = values.shape[-1]
+    O = F.scaled_dot_product_attention(q, kt, v, attn_mask=attn_mask, scale=kappa)[..., :r]
+    Y2 = Y.reshape(-1, d)
+    if out is None:  # Y⁺ = (1 − α) Y + α O
+        O = O.reshape(-1, d)
+        Yp = torch.lerp(Y2, O, alpha) if not isinstance(alpha, Tensor) else Y2 + alpha * (O - Y2)
+    else:  # Y⁺ = Y + α Σ_h (O_h − V_h) out_h
+        R = (O - v[..., :r]).transpose(1, 2).reshape(-1, h * r)
+        out2 = out.reshape(h * r, d)
+        Yp = torch.addmm(Y2, R, out2, alpha=alpha) if not isinstance(alpha, Tensor) else Y2 + alpha * (R @ out2)
     Yp = Yp.reshape(*lead, n, d)
     if token_mask is not None:
         Yp = torch.where(token_mask.unsqueeze(-1), Yp, Y)
     return Yp
+
+
+def _augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Augmented queries, keys and values of all heads from one matmul (MATH §1.1, fused β).
+
+    .. math:: \tilde q_i = [y_i M_h,\ 1],\qquad \tilde k_j = [y_j M_h,\ -\tfrac12\|y_j M_h\|^2],\qquad
+        \tilde v_j = [y_j U_h,\ 0]
+
+    ``Y`` ``(B, n, d)``, ``M3`` ``(h, d, k)``, ``values`` ``(h, d, r)``. All three are padded with zero columns to
+    one width ``w = max(k + 1, r)`` (zero columns change neither the scores nor the first ``r`` output columns),
+    because the CPU flash kernel needs equal query/key and value widths. Returns views ``(B, h, n, w)`` of one
+    buffer (last dimension contiguous).
+    """
+    B, n, d = Y.shape
+    h, _, k = M3.shape
+    r = values.shape[-1]
+    w = max(k + 1, r)
+    factor = M3.new_zeros(d, h, 3, w)
+    factor[:, :, 0, :k] = M3.permute(1, 0, 2)
+    factor[:, :, 1, :k] = M3.permute(1, 0, 2)
+    factor[:, :, 2, :r] = values.permute(1, 0, 2)
+    bias = M3.new_zeros(h, 3, w)
+    bias[:, 0, k] = 1.0  # the query's constant 1
+    X = torch.addmm(bias.reshape(-1), Y.reshape(-1, d), factor.reshape(d, -1)).view(B, n, h, 3, w)
+    K = X[:, :, :, 1, :k]
+    X[:, :, :, 1, k] = -0.5 * (K * K).sum(-1)  # the key's -½‖k‖² (β_j / κ)
+    return X[:, :, :, 0].transpose(1, 2), X[:, :, :, 1].transpose(1, 2), X[:, :, :, 2].transpose(1, 2)

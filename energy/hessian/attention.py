@@ -418,26 +418,96 @@ def _check_part(part: str) -> None:
         raise EnergyInputError(f"`part` must be 'H', 'H_o' or 'H_f', got {part!r}.")
 
 
-def _R(mom: AttentionMoments, part: Part) -> Tensor:
-    r"""``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` restricted to ``part`` (``(N, d_V, d_V)``)."""
-    k2 = mom.kappa**2
-    R_o = (2.0 * mom.c * k2) * mom.B_V.transpose(-1, -2) @ mom.B_V
-    if part == "H_o":
-        return R_o
-    if part == "H_f":
-        return k2 * mom.S_hat
-    return R_o + k2 * mom.S_hat
+class _Factors:
+    r"""Per-row factors shared by the blocks of one ``part`` (computed lazily, each once).
+
+    * ``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` (``H_o``: first term, ``H_f``: second), ``(N, d, d)``;
+    * ``P_i = W_Kᵀ R_i W_K`` ``(N, k, k)`` and ``U_i = W_Kᵀ R_i`` ``(N, k, d)``;
+    * ``E_i[n,m,a] = 2cκ μ_i[n] B_i[m,a] + κ Σ_i[n,a] g_i[m]`` ``(N, d, d, d)`` and ``(E_i W_K)`` ``(N, d, d, k)``;
+    * ``S = 2c M_1ᵀ M_1`` (``0`` for ``H_f``) and the bilinear ``G_QK`` (``0`` for ``H_o``).
+    """
+
+    def __init__(self, mom: AttentionMoments, part: Part) -> None:
+        _check_part(part)
+        self.mom, self.part = mom, part
+        self._cache: dict[str, Tensor] = {}
+        x = mom.x
+        self.eye_d = torch.eye(mom.d_V, dtype=x.dtype, device=x.device)
+        self.eye_k = torch.eye(mom.d_K, dtype=x.dtype, device=x.device)
+
+    def _get(self, name: str) -> Tensor:
+        if name not in self._cache:
+            self._cache[name] = getattr(self, "_make_" + name)()
+        return self._cache[name]
+
+    def _make_R(self) -> Tensor:
+        mom, k2 = self.mom, self.mom.kappa**2
+        R = None
+        if self.part in ("H", "H_o"):
+            R = (2.0 * mom.c * k2) * mom.B_V.transpose(-1, -2) @ mom.B_V
+        if self.part in ("H", "H_f"):
+            R = k2 * mom.S_hat if R is None else R + k2 * mom.S_hat
+        return R
+
+    def _make_P(self) -> Tensor:
+        return self.mom.W_K.T @ self.R @ self.mom.W_K
+
+    def _make_U(self) -> Tensor:
+        return self.mom.W_K.T @ self.R
+
+    def _make_E(self) -> Tensor:
+        mom, E = self.mom, None
+        if self.part in ("H", "H_o"):
+            E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", mom.M_1, mom.B_V)
+        if self.part in ("H", "H_f"):
+            E_f = mom.kappa * torch.einsum("ina,im->inma", mom.Sigma, mom.G)
+            E = E_f if E is None else E.add_(E_f)
+        return E
+
+    def _make_EW(self) -> Tensor:
+        return self.E @ self.mom.W_K
+
+    def _make_S(self) -> Tensor:
+        scale = 0.0 if self.part == "H_f" else 2.0 * self.mom.c
+        return scale * self.mom.M_1.T @ self.mom.M_1
+
+    def _make_G(self) -> Tensor:
+        return torch.zeros_like(self.mom.G_QK) if self.part == "H_o" else self.mom.G_QK
+
+    R = property(lambda self: self._get("R"))
+    P = property(lambda self: self._get("P"))
+    U = property(lambda self: self._get("U"))
+    E = property(lambda self: self._get("E"))
+    EW = property(lambda self: self._get("EW"))
+    S = property(lambda self: self._get("S"))
+    G = property(lambda self: self._get("G"))
 
 
-def _E(mom: AttentionMoments, part: Part) -> Tensor:
-    r"""``E_i[n,m,a] = 2cκ μ_i[n] B_i[m,a] + κ Σ_i[n,a] g_i[m]`` restricted to ``part`` (``(N, d, d, d)``)."""
-    E = None
-    if part in ("H", "H_o"):
-        E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", mom.M_1, mom.B_V)
-    if part in ("H", "H_f"):
-        E_f = mom.kappa * torch.einsum("ina,im->inma", mom.Sigma, mom.G)
-        E = E_f if E is None else E + E_f
-    return E
+def _block_rows(f: _Factors, a: str, b: str, r: slice) -> Tensor:
+    """Rows ``r`` (of the first ``vec_r`` index of ``W_a``) of block ``(a, b)`` as ``(r1, r2, c1, c2)``.
+
+    One ``einsum`` per block (its contraction over the stacked rows ``i`` is a GEMM); the formulas are those of
+    :func:`hessian_block`. Lower blocks are written with their own index order (no transposed copies).
+    """
+    x, q = f.mom.x, f.mom.q
+    if (a, b) == ("V", "V"):
+        return torch.einsum("np,mr->nmpr", f.S[r], f.eye_d)
+    if (a, b) == ("V", "Q"):
+        return torch.einsum("inmb,ic->nmcb", f.EW[:, r], x)
+    if (a, b) == ("Q", "V"):
+        return torch.einsum("inmb,ic->cbnm", f.EW, x[:, r])
+    if (a, b) == ("V", "K"):
+        return torch.einsum("inma,ib->nmab", f.E[:, r], q)
+    if (a, b) == ("K", "V"):
+        return torch.einsum("inma,ib->abnm", f.E[..., r], q)
+    if (a, b) == ("Q", "Q"):
+        return torch.einsum("ia,ic,ibd->abcd", x[:, r], x, f.P)
+    if (a, b) == ("K", "K"):
+        return torch.einsum("iac,ib,id->abcd", f.R[:, r], q, q)
+    if (a, b) == ("Q", "K"):  # Σ_i x_i ⊗ U_i ⊗ q_iᵀ + G_QK ⊗ I
+        return torch.einsum("ic,iba,id->cbad", x[:, r], f.U, q) + torch.einsum("ca,bd->cbad", f.G[r], f.eye_k)
+    # ("K", "Q"): transpose of (Q, K)
+    return torch.einsum("ic,iba,id->adcb", x, f.U[..., r], q) + torch.einsum("ca,bd->adcb", f.G[:, r], f.eye_k)
 
 
 def bilinear_term(mom: AttentionMoments) -> Tensor:
@@ -446,37 +516,6 @@ def bilinear_term(mom: AttentionMoments) -> Tensor:
     It exists only because ``T`` is bilinear in ``(W_Q, W_K)``.
     """
     return torch.kron(mom.G_QK, torch.eye(mom.d_K, dtype=mom.x.dtype, device=mom.x.device))
-
-
-def _block4(mom: AttentionMoments, a: str, b: str, part: Part) -> Tensor:
-    """Block ``(a, b)`` (an upper block of :data:`BLOCKS`) as a 4-D tensor ``(r1, r2, c1, c2)``.
-
-    Row index ``(r1, r2)`` and column index ``(c1, c2)`` are the ``vec_r`` indices of ``W_a`` and ``W_b``;
-    the result may be a non-contiguous view (the caller reshapes or copies it once).
-    """
-    d, k = mom.d_V, mom.d_K
-    x, q, W_K = mom.x, mom.q, mom.W_K
-    if (a, b) == ("V", "V"):
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        scale = 0.0 if part == "H_f" else 2.0 * mom.c
-        return torch.einsum("np,mr->nmpr", scale * mom.M_1.T @ mom.M_1, eye)
-    if (a, b) == ("Q", "Q"):
-        P = W_K.T @ _R(mom, part) @ W_K
-        return torch.einsum("ia,ic,ibd->abcd", x, x, P)
-    if (a, b) == ("K", "K"):
-        return torch.einsum("iac,ib,id->abcd", _R(mom, part), q, q)
-    if (a, b) == ("Q", "K"):
-        U = W_K.T @ _R(mom, part)  # (N, k, d)
-        H = torch.einsum("ic,iba,id->cbad", x, U, q)
-        if part == "H_o":
-            return H
-        eye = torch.eye(k, dtype=x.dtype, device=x.device)
-        return H + torch.einsum("ca,bd->cbad", mom.G_QK, eye)  # bilinear term G_QK ⊗ I
-    if (a, b) == ("V", "K"):
-        return torch.einsum("inma,ib->nmab", _E(mom, part), q)
-    # ("V", "Q")
-    EW = torch.einsum("inma,ab->inmb", _E(mom, part), W_K)
-    return torch.einsum("inmb,ic->nmcb", EW, x)
 
 
 def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Tensor:
@@ -499,46 +538,51 @@ def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Te
     _check_part(part)
     if a not in PARAMS or b not in PARAMS:
         raise EnergyInputError(f"block names must be among {PARAMS}, got ({a!r}, {b!r}).")
-    if (a, b) not in BLOCKS:  # lower block: transpose of an upper one
-        return hessian_block(mom, b, a, part).T
     sizes = mom.sizes
-    return _block4(mom, a, b, part).reshape(sizes[a], sizes[b])
+    return _block_rows(_Factors(mom, part), a, b, slice(None)).reshape(sizes[a], sizes[b])
 
 
 def hessian_blocks(mom: AttentionMoments, part: Part = "H") -> dict[tuple[str, str], Tensor]:
-    """All nine blocks ``{(a, b): part(a, b)}`` (the three lower ones as transposes of the upper ones)."""
-    out = {ab: hessian_block(mom, *ab, part=part) for ab in BLOCKS}
-    for a, b in BLOCKS:
-        if a != b:
-            out[(b, a)] = out[(a, b)].T
-    return out
+    """All nine blocks ``{(a, b): part(a, b)}`` (factors shared between blocks)."""
+    f = _Factors(mom, part)
+    sizes = mom.sizes
+    return {(a, b): _block_rows(f, a, b, slice(None)).reshape(sizes[a], sizes[b]) for a in PARAMS for b in PARAMS}
 
 
-def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
+def attention_hessian(
+    mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None, chunk_elems: int = 1 << 22
+) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V)`` (MATH §3).
 
-    Each block is written straight into the preallocated output (lower blocks as transposed copies).
+    The output is written once, in row slabs: each slab is one ``einsum`` of :func:`_block_rows` into a small
+    temporary (about ``chunk_elems`` numbers) copied into place, so memory traffic stays close to
+    the cost of writing the ``p²`` numbers.
 
     Args:
         mom: from :func:`attention_moments`.
         part: ``"H"``, ``"H_o"`` (Gauss–Newton) or ``"H_f"`` (functional part).
         max_gib: memory budget of the dense result (default 4 GiB). Above it a :class:`DenseSizeError`
             states the size and points to ``energy.hessian.structure`` / the matrix-free operators.
+        chunk_elems: target size of one slab temporary.
     """
     _check_part(part)
     sizes = mom.sizes
     p = sum(sizes.values())
     check_dense_budget(p, p, mom.x.dtype, max_gib, f"the dense {part} of the attention layer")
+    f = _Factors(mom, part)
+    first = {"Q": mom.d_V, "K": mom.d_V, "V": mom.d_V}  # size of the first vec_r index of each weight
     offset = dict(zip(PARAMS, [0, sizes["Q"], sizes["Q"] + sizes["K"]]))
     H = torch.empty(p, p, dtype=mom.x.dtype, device=mom.x.device)
-    for a, b in BLOCKS:
-        ra = slice(offset[a], offset[a] + sizes[a])
-        rb = slice(offset[b], offset[b] + sizes[b])
-        blk = _block4(mom, a, b, part)
-        H[ra, rb].view(blk.shape).copy_(blk)
-        del blk
-        if a != b:
-            H[rb, ra] = H[ra, rb].T
+    for a in PARAMS:
+        inner = sizes[a] // first[a]
+        for b in PARAMS:
+            step = max(1, chunk_elems // (inner * sizes[b]))
+            cols = slice(offset[b], offset[b] + sizes[b])
+            for r0 in range(0, first[a], step):
+                r = slice(r0, min(first[a], r0 + step))
+                slab = _block_rows(f, a, b, r)
+                rows = slice(offset[a] + r.start * inner, offset[a] + r.stop * inner)
+                H[rows, cols].view(slab.shape).copy_(slab)
     return H
 
 

@@ -378,7 +378,7 @@ def _alternating(cfg: FigureConfig) -> dict:
         cfg.seed,
         cfg.pick(tiny=12, quick=500, paper=500, key="n"),
         cfg.pick(tiny=7, quick=128, paper=128, key="d"),
-        cfg.pick(tiny=40, quick=200, paper=200, key="steps"),
+        cfg.pick(tiny=200, quick=200, paper=200, key="steps"),
         0.05,
         cfg.pick(tiny=600, quick=0, paper=600, key="ref_steps"),
         0.01,

@@ -317,7 +317,9 @@ def addition_mse_loss(outputs: Tensor, targets: Tensor) -> Tensor:
     averaged over the batch).
     """
     z, y = _answer_slices(outputs, targets)
-    return F.mse_loss(z, F.one_hot(y, z.shape[-1]).to(z.dtype))
+    # written out rather than F.mse_loss: in torch 2.13 the backward of F.mse_loss fails inside
+    # torch.func.jvp(torch.func.grad(...)) ("ZeroTensors are immutable"), which the Hessian tools need
+    return ((z - F.one_hot(y, z.shape[-1]).to(z.dtype)) ** 2).mean()
 
 
 def answer_accuracy(logits: Tensor, targets: Tensor) -> tuple[int, int]:

@@ -140,6 +140,7 @@ def run_figure(
     if not isinstance(data, Mapping):
         raise TypeError(f"compute of {spec.name!r} must return a dict, got {type(data).__name__}")
     data = to_jsonable(data)
+    spec.summarize(data)  # a broken summary is a failure of this figure, found before anything is written
     meta = dict(key, created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
                 compute_seconds=seconds, torch=torch.__version__, numpy=np.__version__)
     write_json(json_path, {"figure": spec.name, "meta": meta, "data": data})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from matplotlib.patches import Circle
 from torch import Tensor
 
 from paper_figs.io import decode_array, encode_array
-from paper_figs.registry import FigureConfig, figure, measured
+from paper_figs.registry import FigureConfig, figure, measured, progress
 
 __all__ = [
     "grid_axis",
@@ -265,10 +266,15 @@ def exact_minimiser(p: AlternatingProblem) -> Tensor:
     return U @ (rhs / (lam[:, None] + mu[None, :] + 2)) @ V.T
 
 
-def alternating_descent(p: AlternatingProblem, steps: int, lr: float, progress=None) -> dict[str, Tensor]:
+def alternating_descent(
+    p: AlternatingProblem, steps: int, lr: float, progress: Callable[..., Iterable[int]] | None = None
+) -> dict[str, Tensor]:
     """Plain gradient steps, even steps on ``e1``, odd steps on ``e2``; record every iterate and energy.
 
     .. math:: Y^{t+1} = Y^t - \\eta\\, \\nabla e_{1 + (t \\bmod 2)}(Y^t)
+
+    Args:
+        progress: optional wrapper ``progress(iterable, desc)`` for a progress bar (e.g. :func:`registry.progress`).
 
     Returns:
         ``iterates`` (steps, n, d) = ``Y¹ … Y^steps``; ``E``, ``e1``, ``e2`` (steps,) after every step.
@@ -347,7 +353,7 @@ def pca2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _alternating_run(seed: int, n: int, d: int, steps: int, lr: float, ref_steps: int, ref_lr: float) -> dict:
     """The computation Figs 2 and 3 share (cached, so running both figures computes it once)."""
     p = make_alternating_problem(n, d, torch.Generator().manual_seed(seed))
-    run = alternating_descent(p, steps, lr)
+    run = alternating_descent(p, steps, lr, progress=progress)
     Y_star = exact_minimiser(p)
     Y_ref = gradient_descent_on_sum(p, ref_steps, ref_lr) if ref_steps > 0 else Y_star
     fixed = alternating_fixed_point(p, lr)

@@ -370,3 +370,21 @@ def test_to_jsonable_and_array_records():
         assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
     with pytest.raises(ValueError, match="lacks keys"):
         pf_io.decode_array({"dtype": "<f8"})
+
+
+def test_cli_broken_summary_is_a_failure(tmp_path):
+    reg = Registry()
+
+    @reg.figure("s", description="d", claim="c")
+    def compute(cfg):
+        return {"x": [1.0]}
+
+    compute.plot(_line_plot)
+
+    @compute.summary
+    def summary(data):
+        return {"x": data["x"][0]}  # not a measured(...) record
+
+    assert main(["s", "--out", str(tmp_path)], registry=reg) == 1
+    entry = json.loads((tmp_path / "summary.json").read_text())["figures"]["s"]
+    assert entry["status"] == "failed" and "measured" in entry["error"]

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from energy._validation import ConstraintError, EnergyInputError, check_psd, check_symmetric
+from energy.attention import metric
 
 __all__ = [
     "Constraint",
@@ -91,8 +92,6 @@ class PSDMetric(Constraint):
         return f"PSDMetric(W = {self.scale:.4g}·M Mᵀ, rank ≤ {self.k})"
 
     def forward(self, M: Tensor) -> Tensor:
-        from energy.attention import metric
-
         return metric(M, self.scale)
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
@@ -233,8 +232,14 @@ class OrthogonalHeads(Constraint):
 
     @property
     def Q(self) -> Tensor:
-        """The orthogonal ``d × d`` basis whose column blocks span the heads' subspaces."""
-        return self.basis.weight
+        """The orthogonal ``d × d`` basis whose column blocks span the heads' subspaces.
+
+        torch's parametrisation keeps ``basis.weight`` orthogonal to the precision it was built in; a QR with
+        positive diagonal (the identity map on an exactly orthogonal matrix) makes it orthogonal to the working
+        precision also after a dtype change (e.g. a model built in float32, then ``.double()``).
+        """
+        Q, R = torch.linalg.qr(self.basis.weight)
+        return Q * torch.sign(R.diagonal()).unsqueeze(-2)
 
     def forward(self, R: Tensor) -> Tensor:
         Q = self.Q.to(R.dtype)[:, : self.heads * self.k]

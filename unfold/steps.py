@@ -29,8 +29,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from energy import kernels
 from energy._validation import EnergyInputError, StepSizeWarning, check_step_size, check_tensor
+from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, head_bases, metric
 from energy.base import Energy
+from energy.energy_transformer import EnergyTransformerEnergy
+from energy.ffn import FFNEnergy, TiedReLUEnergy
+from energy.hopfield import HopfieldEnergy
+from energy.normalization import layernorm_projection, rmsnorm_projection
 from unfold.parametrizations import OrthogonalHeads, SpectrumClip, Symmetric
 
 __all__ = [
@@ -56,8 +62,6 @@ def _positive_int(v: object, name: str) -> int:
 
 def make_kernel(kernel: str | Any, **kwargs: Any) -> Any:
     """Kernel from a name (``"gaussian"``, ``"power"``, ``"cauchy"``); an :class:`energy.kernels.Kernel` passes."""
-    from energy import kernels
-
     if not isinstance(kernel, str):
         if not isinstance(kernel, kernels.Kernel):
             raise EnergyInputError(f"`kernel` must be a name or an energy.kernels.Kernel, got {type(kernel).__name__}.")
@@ -89,7 +93,7 @@ class Step(nn.Module):
         self.d = _positive_int(d, "d")
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
-        a = torch.tensor(float(alpha))
+        a = torch.tensor(float(alpha), dtype=torch.float64)  # exact value, whatever the model's dtype
         if learn_alpha:
             self.alpha = nn.Parameter(a)
         else:
@@ -118,7 +122,7 @@ class Step(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments that rebuild this step (JSON-serialisable), without ``d``."""
-        return {"alpha": float(self.alpha), "learn_alpha": self.learn_alpha}
+        return {"alpha": float(self.alpha.detach()), "learn_alpha": self.learn_alpha}
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _check_Y(self, Y: Tensor) -> Tensor:
@@ -127,7 +131,7 @@ class Step(nn.Module):
     def _affine_in_alpha(self, Y: Tensor, unit_step, step_range) -> Tensor:
         """``Y + α (T(Y) − Y)`` with ``T`` the ``α = 1`` step (MATH §1.5), for a learnable ``α`` tensor."""
         r = step_range()
-        check_step_size(float(self.alpha), f"{self.kind}.alpha", low=r.low, high=r.high, reason=r.reason,
+        check_step_size(float(self.alpha.detach()), f"{self.kind}.alpha", low=r.low, high=r.high, reason=r.reason,
                         high_inclusive=r.high_inclusive)
         with warnings.catch_warnings():  # the α = 1 evaluation is an algebraic device, not the step taken
             warnings.simplefilter("ignore", StepSizeWarning)
@@ -161,8 +165,8 @@ class AttentionStep(Step):
         orthogonal_heads: constrain the heads to mutually orthogonal subspaces (:class:`OrthogonalHeads`); each head
             then keeps its own descent guarantee.
         fused: use :func:`energy.attention.attention_step_fused` (scaled-dot-product attention with the β
-            augmentation) when it computes the same step (Gaussian kernel, metric preconditioner); the result is
-            the same map, tested against the energy's ``step``.
+            augmentation) for the Gaussian kernel in forward passes that autograd does not record (inference,
+            traces under ``torch.no_grad()``); the result is the same map, tested against the energy's ``step``.
         init_std: standard deviation of the initial factor entries (default ``(k·d)^{-1/4}``, so that
             ``E[W] = I/√d``).
     """
@@ -231,8 +235,6 @@ class AttentionStep(Step):
     @property
     def W(self) -> Tensor:
         """The per-head metric ``W_h = κ M_h M_hᵀ``, shape ``(h, d, d)``."""
-        from energy.attention import metric
-
         return metric(self.M, self.scale)
 
     @property
@@ -241,8 +243,6 @@ class AttentionStep(Step):
         return self.fused and self.kernel.name == "gaussian"
 
     def build(self) -> Energy:
-        from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
-
         M = self.M
         if self.heads == 1:
             return AttentionEnergy(M[0], kernel=self.kernel, scale=self.scale)
@@ -250,11 +250,9 @@ class AttentionStep(Step):
 
     def prepare(self) -> Prepared:
         """Build the energy, check ``α`` against its guaranteed range once, cache the heads' value bases."""
-        from energy.attention import head_bases
-
         energy = self.build()
         r = energy.step_range(preconditioner=self.preconditioner)
-        check_step_size(float(self.alpha), f"{self.kind}.alpha", low=r.low, high=r.high, reason=r.reason,
+        check_step_size(float(self.alpha.detach()), f"{self.kind}.alpha", low=r.low, high=r.high, reason=r.reason,
                         high_inclusive=r.high_inclusive)
         cache: dict[str, Any] = {}
         if self.uses_fused and self.heads > 1 and self.preconditioner == "metric":
@@ -266,9 +264,9 @@ class AttentionStep(Step):
         self._check_Y(Y)
         energy = prepared.energy
         alpha = self.alpha if self.learn_alpha else float(self.alpha)
-        if self.uses_fused:
-            from energy.attention import attention_step_fused
-
+        if self.uses_fused and not (torch.is_grad_enabled() and (Y.requires_grad or energy.M.requires_grad)):
+            # The fused path is used without autograd only: energy.attention.attention_step_fused writes β in place
+            # into a buffer whose view autograd saved, so its backward fails; training uses the energy's own step.
             return attention_step_fused(Y, energy.M, alpha, scale=energy.scale, preconditioner=self.preconditioner,
                                         value_basis=prepared.cache.get("value_basis"), check=False)
         with warnings.catch_warnings():  # α was checked once in prepare()
@@ -332,8 +330,6 @@ class FFNStep(Step):
                 "bias": self.bias, "init_std": self.init_std}
 
     def build(self) -> Energy:
-        from energy.ffn import FFNEnergy
-
         return FFNEnergy(self.W_f, self.b)
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
@@ -372,8 +368,6 @@ class TiedReLUFFNStep(Step):
         return {**super().config(), "hidden": self.hidden, "bias": self.has_bias}
 
     def build(self) -> Energy:
-        from energy.ffn import TiedReLUEnergy
-
         return TiedReLUEnergy(self.W_1, self.b)
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
@@ -423,8 +417,6 @@ class LayerNormProjection(_Projection):
     kind = "layernorm"
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        from energy.normalization import layernorm_projection
-
         self._check_Y(Y)
         return layernorm_projection(Y)
 
@@ -438,8 +430,6 @@ class RMSNormProjection(_Projection):
     kind = "rmsnorm"
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        from energy.normalization import rmsnorm_projection
-
         self._check_Y(Y)
         return rmsnorm_projection(Y)
 
@@ -453,8 +443,8 @@ class HopfieldStep(Step):
     .. math:: \xi^+ = X^\top \mathrm{softmax}(\beta X \xi)
 
     applied to each token ``ξ = y_i`` with stored patterns ``X ∈ R^{N×d}`` (a parameter): one CCCP step on
-    :class:`energy.hopfield.HopfieldEnergy`, which decreases monotonically. With ``alpha ≠ 1`` the step is
-    ``(1−α)ξ + α ξ⁺`` (a convex combination, reported as such, not a CCCP step).
+    :class:`energy.hopfield.HopfieldEnergy` (``α = 1``), which decreases monotonically; ``α ≠ 1`` gives the relaxed
+    step ``(1−α)ξ + α ξ⁺`` (descent for ``α ∈ (0, 2)``, see that class).
 
     Args:
         d: token width.
@@ -476,17 +466,14 @@ class HopfieldStep(Step):
         return {**super().config(), "patterns": self.patterns, "beta": self.beta}
 
     def build(self) -> Energy:
-        from energy.hopfield import HopfieldEnergy
-
         return HopfieldEnergy(self.X, self.beta)
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
         self._check_Y(Y)
-        xi_plus = prepared.energy.step(Y)
+        energy = prepared.energy
         if self.learn_alpha:
-            return Y + self.alpha.to(Y.dtype) * (xi_plus - Y)
-        a = float(self.alpha)
-        return xi_plus if a == 1.0 else (1.0 - a) * Y + a * xi_plus
+            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
+        return energy.step(Y, float(self.alpha))
 
 
 class EnergyTransformerStep(Step):
@@ -524,8 +511,6 @@ class EnergyTransformerStep(Step):
         return {**super().config(), "heads": self.heads, "k": self.k, "memories": self.memories, "beta": self.beta}
 
     def build(self) -> Energy:
-        from energy.energy_transformer import EnergyTransformerEnergy
-
         return EnergyTransformerEnergy(self.W_Q, self.W_K, self.xi, beta=self.beta)
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:

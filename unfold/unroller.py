@@ -266,9 +266,13 @@ def unroll(
 
 
 def _parametrized_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """``{"prefix.tensor": (owner, tensor)}`` for every parametrised tensor of ``module``."""
+    """``{"prefix.tensor": (owner, tensor)}`` for every parametrised tensor of ``module`` (not counting tensors
+    internal to a parametrisation, e.g. the orthogonal basis inside :class:`~unfold.parametrizations.OrthogonalHeads`,
+    which its owner's ``right_inverse`` sets)."""
     out = {}
     for prefix, mod in module.named_modules():
+        if "parametrizations." in prefix or prefix.startswith("parametrizations"):
+            continue
         if parametrize.is_parametrized(mod):
             for tname in mod.parametrizations:
                 out[f"{prefix}.{tname}" if prefix else tname] = (mod, tname)

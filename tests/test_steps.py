@@ -1,0 +1,194 @@
+"""Step modules (unfold.steps): each equals the descent step of its energy object, in float64."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from energy._validation import EnergyInputError, StepSizeWarning
+from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, metric, softmax_beta
+from energy.energy_transformer import EnergyTransformerEnergy
+from energy.ffn import FFNEnergy, TiedReLUEnergy
+from energy.hopfield import HopfieldEnergy
+from energy.reference import attention_weights
+from unfold.steps import (
+    AttentionStep,
+    EnergyTransformerStep,
+    FFNStep,
+    HopfieldStep,
+    LayerNormProjection,
+    ReLUProjection,
+    RMSNormProjection,
+    TiedReLUFFNStep,
+)
+
+DT = torch.float64
+TOL = dict(rtol=0, atol=1e-12)
+
+
+def _Y(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=DT)
+
+
+@pytest.mark.parametrize("heads,k,prec,orth", [(1, 5, "metric", False), (1, 3, "token", False),
+                                               (2, 2, "metric", True), (3, 2, "token", True),
+                                               (2, 3, "metric", False)])
+def test_attention_step_fused_and_plain_equal_energy_step(gen, heads, k, prec, orth):
+    torch.manual_seed(int(gen.initial_seed()))
+    d = 7 if orth or heads == 1 else 6
+    alpha = 0.6
+    fused = AttentionStep(d, heads=heads, k=k, preconditioner=prec, alpha=alpha, orthogonal_heads=orth).double()
+    plain = AttentionStep(d, heads=heads, k=k, preconditioner=prec, alpha=alpha, orthogonal_heads=orth,
+                          fused=False).double()
+    plain.load_state_dict(fused.state_dict())
+    Y = _Y(gen, 2, 5, d)
+    M = fused.M.detach()
+    E = AttentionEnergy(M[0]) if heads == 1 else MultiHeadAttentionEnergy(M)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)  # general heads: no guaranteed range
+        want = E.step(Y, alpha, preconditioner=prec)
+        torch.testing.assert_close(fused(Y), want, **TOL)
+        torch.testing.assert_close(plain(Y), want, **TOL)
+    assert fused.uses_fused and not plain.uses_fused
+    torch.testing.assert_close(fused.energy.energy(Y), E.energy(Y), **TOL)
+
+
+def test_attention_step_a_is_softmax_beta_attention(gen):
+    """α = 1, metric step: Y⁺ = softmax_β(Y W Yᵀ) Y with W = M Mᵀ/√k (MATH §1.1(a))."""
+    torch.manual_seed(0)
+    step = AttentionStep(6, k=4).double()
+    Y = _Y(gen, 3, 5, 6)
+    W = step.M[0].detach() @ step.M[0].detach().T / math.sqrt(4)
+    torch.testing.assert_close(step.W[0], W, **TOL)
+    torch.testing.assert_close(step(Y), softmax_beta(Y, W) @ Y, **TOL)
+    beta = -0.5 * torch.einsum("bnd,de,bne->bn", Y, W, Y)
+    A = attention_weights(Y @ step.M[0].detach(), Y @ step.M[0].detach(), key_bias=beta)  # scale 1/√k
+    torch.testing.assert_close(step(Y), A @ Y, **TOL)
+
+
+@pytest.mark.parametrize("kernel,kw", [("power", {"p": 1.0}), ("cauchy", {})])
+def test_attention_step_other_kernels(gen, kernel, kw):
+    torch.manual_seed(1)
+    step = AttentionStep(5, kernel=kernel, kernel_kwargs=kw, alpha=0.5).double()
+    assert not step.uses_fused
+    Y = _Y(gen, 2, 4, 5)
+    E = AttentionEnergy(step.M[0].detach(), kernel=step.kernel)
+    torch.testing.assert_close(step(Y), E.step(Y, 0.5), **TOL)
+    assert (E.energy(step(Y)) <= E.energy(Y) + 1e-12).all()
+
+
+def test_attention_learnable_alpha_value_and_gradient(gen):
+    torch.manual_seed(2)
+    step = AttentionStep(5, alpha=0.7, learn_alpha=True).double()
+    fixed = AttentionStep(5, alpha=0.7).double()
+    fixed.M = step.M
+    Y = _Y(gen, 2, 4, 5)
+    out = step(Y)
+    torch.testing.assert_close(out, fixed(Y), **TOL)
+    C = _Y(gen, 2, 4, 5)
+    (g,) = torch.autograd.grad((out * C).sum(), step.alpha)
+    # the step is affine in α: d/dα = T(Y) − Y with T the α = 1 step
+    T = AttentionEnergy(step.M[0].detach()).step(Y, 1.0)
+    torch.testing.assert_close(g, ((T - Y) * C).sum(), **TOL)
+
+
+def test_ffn_step_formula_and_constraint(gen):
+    torch.manual_seed(3)
+    step = FFNStep(6, alpha=0.8).double()
+    with torch.no_grad():
+        step.b.copy_(_Y(gen, 6))
+    Y = _Y(gen, 2, 4, 6)
+    W_f, b = step.W_f.detach(), step.b.detach()
+    lam = torch.linalg.eigvalsh(W_f)
+    assert lam.min() >= -1e-12 and lam.max() <= 0.95 + 1e-12
+    want = (1 - 0.8) * Y - 0.8 * Y @ W_f + 0.8 * b
+    torch.testing.assert_close(step(Y), want, **TOL)
+    torch.testing.assert_close(step.energy.energy(Y), FFNEnergy(W_f, b).energy(Y), **TOL)
+    assert "SpectrumClip" in repr(step.parametrizations.W_f[0])
+    sym = FFNStep(6, spectrum=None).double()
+    assert "Symmetric" in repr(sym.parametrizations.W_f[0])
+
+
+def test_ffn_learnable_alpha_matches_fixed(gen):
+    torch.manual_seed(4)
+    a = FFNStep(5, alpha=0.5, learn_alpha=True).double()
+    b = FFNStep(5, alpha=0.5).double()
+    b.load_state_dict({k: v for k, v in a.state_dict().items()}, strict=False)
+    with torch.no_grad():
+        b.parametrizations.W_f.original.copy_(a.parametrizations.W_f.original)
+    Y = _Y(gen, 3, 4, 5)
+    torch.testing.assert_close(a(Y), b(Y), **TOL)
+    out = a(Y)
+    out.sum().backward()
+    assert a.alpha.grad is not None and torch.isfinite(a.alpha.grad)
+
+
+def test_tied_relu_step(gen):
+    torch.manual_seed(5)
+    step = TiedReLUFFNStep(4, hidden=6, alpha=0.3).double()
+    Y = _Y(gen, 2, 3, 4)
+    W1, b = step.W_1.detach(), step.b.detach()
+    torch.testing.assert_close(step(Y), Y + 0.3 * torch.relu(Y @ W1 + b) @ W1.T, **TOL)
+    torch.testing.assert_close(step.energy.energy(Y), TiedReLUEnergy(W1, b).energy(Y), **TOL)
+
+
+def test_projections_against_torch(gen):
+    Y = _Y(gen, 2, 5, 6)
+    torch.testing.assert_close(ReLUProjection(6)(Y), torch.relu(Y), rtol=0, atol=0)
+    ln = torch.nn.LayerNorm(6, elementwise_affine=False, eps=0.0, dtype=DT)
+    torch.testing.assert_close(LayerNormProjection(6)(Y), ln(Y), **TOL)
+    rms = torch.nn.RMSNorm(6, elementwise_affine=False, eps=0.0, dtype=DT)
+    torch.testing.assert_close(RMSNormProjection(6)(Y), rms(Y), **TOL)
+    for P in (ReLUProjection, LayerNormProjection, RMSNormProjection):
+        assert P(6).energy is None and P.term is None
+
+
+def test_hopfield_step_is_attention_over_patterns(gen):
+    torch.manual_seed(6)
+    step = HopfieldStep(5, patterns=7, beta=0.8).double()
+    Y = _Y(gen, 2, 3, 5)
+    X = step.X.detach()
+    A = attention_weights(Y, X.expand(2, 7, 5), scale=0.8)
+    torch.testing.assert_close(step(Y), A @ X, **TOL)
+    E = HopfieldEnergy(X, 0.8)
+    assert (E.energy(step(Y)) <= E.energy(Y) + 1e-12).all()
+
+
+def test_energy_transformer_step(gen):
+    torch.manual_seed(7)
+    step = EnergyTransformerStep(6, heads=2, k=3, memories=5, alpha=0.05).double()
+    Y = _Y(gen, 2, 4, 6)
+    E = EnergyTransformerEnergy(step.W_Q.detach(), step.W_K.detach(), step.xi.detach(), beta=step.beta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)
+        torch.testing.assert_close(step(Y), E.step(Y, 0.05), **TOL)
+    torch.testing.assert_close(step.energy.energy(Y), E.energy(Y), **TOL)
+
+
+def test_step_energy_uses_the_steps_metric(gen):
+    """`.energy` of an attention step is built from the same M (same metric W = κ M Mᵀ) as the step."""
+    torch.manual_seed(8)
+    step = AttentionStep(4, heads=2, k=2, orthogonal_heads=True).double()
+    E = step.energy
+    torch.testing.assert_close(E.W, metric(step.M.detach()), **TOL)
+    Y = _Y(gen, 3, 6, 4)
+    assert (E.energy(step(Y)) <= E.energy(Y) + 1e-12).all()  # orthogonal heads keep the guarantee
+
+
+def test_bad_arguments():
+    with pytest.raises(EnergyInputError, match="preconditioner"):
+        AttentionStep(4, preconditioner="diag")
+    with pytest.raises(EnergyInputError, match="does not divide"):
+        AttentionStep(5, heads=2)
+    with pytest.raises(EnergyInputError, match="unknown kernel 'laplace'"):
+        AttentionStep(4, kernel="laplace")
+    with pytest.raises(EnergyInputError, match="`d`"):
+        FFNStep(0)
+    with pytest.raises(EnergyInputError, match="alpha"):
+        FFNStep(3, alpha=float("nan"))
+    step = AttentionStep(4).double()
+    with pytest.raises(EnergyInputError, match="Y"):
+        step(torch.randn(2, 3, 5, dtype=DT))

@@ -1,0 +1,280 @@
+"""The unroller (unfold.unroller): traces, energies with the step's own metric, bad input, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from energy._validation import ConstraintError, EnergyInputError
+from energy.attention import AttentionEnergy, softmax_beta
+from energy.ffn import FFNEnergy
+from unfold.parametrizations import SpectrumClip
+from unfold.steps import AttentionStep, FFNStep
+from unfold.unroller import (
+    CheckpointError,
+    Unrolled,
+    constrained_state_dict,
+    load_model,
+    save_model,
+    unroll,
+)
+
+DT = torch.float64
+TOL = dict(rtol=0, atol=1e-11)
+
+
+def _model(seed: int, **kw) -> Unrolled:
+    torch.manual_seed(seed)
+    kw.setdefault("depth", 3)
+    kw.setdefault("d", 6)
+    return unroll(kw.pop("schedule", ["attention", "ffn", "relu"]), **kw).double()
+
+
+def _Y(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=DT)
+
+
+def test_trace_structure_and_plain_forward_equal(gen, seed):
+    model = _model(seed)
+    Y = _Y(gen, 2, 5, 6)
+    out, info = model(Y, trace=True)
+    torch.testing.assert_close(model(Y), out, rtol=0, atol=0)
+    T = 3 * 3
+    assert len(info["states"]) == T + 1 and info["states"][0] is Y
+    torch.testing.assert_close(info["states"][-1], out, rtol=0, atol=0)
+    assert info["step_names"] == ["attention", "ffn", "relu"] * 3
+    assert set(info["energies"]) == {"E_att", "E_ffn", "total"}
+    for v in info["energies"].values():
+        assert v.shape == (T + 1, 2)
+    torch.testing.assert_close(info["energies"]["total"], info["energies"]["E_att"] + info["energies"]["E_ffn"],
+                               **TOL)
+
+
+def test_trace_energies_equal_independent_evaluation_with_the_forward_metric(gen, seed):
+    """Regression (authors' defect: W Wᵀ in the energy, Wᵀ W in the forward): the traced E_att uses the metric of
+    the forward step. Checked against a hand-written energy and step with W = M Mᵀ/√k, and against the transposed
+    metric, which must differ."""
+    torch.manual_seed(seed)
+    d = 5
+    model = unroll(["attention", "ffn"], depth=2, d=d, attention={"k": d}).double()
+    Y = _Y(gen, 3, 4, d)
+    out, info = model(Y, trace=True)
+    M = model.layer(0)[0].M[0].detach()
+    W = M @ M.T / math.sqrt(d)
+    W_wrong = M.T @ M / math.sqrt(d)
+    assert (W - W_wrong).abs().max() > 1e-3  # M is not normal: the two metrics differ
+
+    def e_att(Z, W):
+        G = Z @ W @ Z.transpose(-1, -2)
+        g = G.diagonal(dim1=-2, dim2=-1)
+        z = 0.5 * (g[..., :, None] + g[..., None, :]) - G
+        iu = torch.triu_indices(Z.shape[-2], Z.shape[-2], 1)
+        return -torch.exp(-z[..., iu[0], iu[1]]).sum(-1)
+
+    # the forward step is softmax_β(Y W Yᵀ) Y with this W
+    torch.testing.assert_close(info["states"][1], softmax_beta(Y, W) @ Y, **TOL)
+    for t, state in enumerate(info["states"]):
+        torch.testing.assert_close(info["energies"]["E_att"][t], e_att(state, W), **TOL)
+        assert (info["energies"]["E_att"][t] - e_att(state, W_wrong)).abs().max() > 1e-6
+    ffn = model.layer(0)[1]
+    E_f = FFNEnergy(ffn.W_f.detach(), ffn.b.detach())
+    for t, state in enumerate(info["states"]):
+        torch.testing.assert_close(info["energies"]["E_ffn"][t], E_f.energy(state), **TOL)
+
+
+def test_each_step_descends_its_own_energy_term(gen, seed):
+    """Yang et al. model at init (α = 1, W_f spectrum in [0, 0.95]): the attention step never increases E_att, the
+    FFN step never increases E_ffn, the ReLU projection after the FFN step never increases E_ffn (projected gradient
+    from a feasible point) — MATH §1.1, §1.3. The sum need not decrease (MATH §1.6)."""
+    model = _model(seed, depth=4)
+    Y = torch.relu(_Y(gen, 4, 6, 6))
+    _, info = model(Y, trace=True)
+    E = info["energies"]
+    for t, name in enumerate(info["step_names"]):
+        if name == "attention":
+            assert (E["E_att"][t + 1] <= E["E_att"][t] + 1e-10).all()
+        if name == "ffn":
+            assert (E["E_ffn"][t + 1] <= E["E_ffn"][t] + 1e-10).all()
+        if name == "relu" and t >= 2:  # E_ffn + ι: from the feasible state before the FFN step
+            assert (E["E_ffn"][t + 1] <= E["E_ffn"][t - 1] + 1e-10).all()
+
+
+def test_plain_forward_evaluates_no_energy(gen, monkeypatch):
+    model = _model(0)
+    Y = _Y(gen, 2, 5, 6)
+
+    def boom(*a, **k):
+        raise AssertionError("energy evaluated in a plain forward")
+
+    monkeypatch.setattr(AttentionEnergy, "energy", boom)
+    monkeypatch.setattr(FFNEnergy, "energy", boom)
+    model(Y)  # no trace: must not call .energy
+    with pytest.raises(AssertionError, match="plain forward"):
+        model(Y, trace=True)
+
+
+def test_parametrisations_evaluated_once_per_forward(gen, monkeypatch):
+    calls = {"n": 0}
+    original = SpectrumClip.forward
+
+    def counting(self, A):
+        calls["n"] += 1
+        return original(self, A)
+
+    monkeypatch.setattr(SpectrumClip, "forward", counting)
+    model = _model(0, depth=6)
+    calls["n"] = 0
+    model(_Y(gen, 2, 5, 6), trace=True)
+    assert calls["n"] == 1  # depth 6, tied: one eigendecomposition per forward
+
+
+def test_untied_layers_and_layer_of_state(gen):
+    model = _model(1, tied=False, depth=3)
+    assert len(model.layers) == 3
+    assert model.layer(0)[0] is not model.layer(1)[0]
+    Y = _Y(gen, 2, 4, 6)
+    _, info = model(Y, trace=True)
+    assert info["layer_of_state"] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+    for t, state in enumerate(info["states"]):
+        ell = info["layer_of_state"][t]
+        E = model.layer(ell)[0].energy
+        torch.testing.assert_close(info["energies"]["E_att"][t], E.energy(state), **TOL)
+    assert set(model.energy(Y, layer=2)) == {"E_att", "E_ffn", "total"}
+
+
+def test_duplicate_terms_are_named_apart_and_gradients_flow(gen):
+    model = _model(2, schedule=["attention", "ffn", "attention"], depth=2)
+    Y = _Y(gen, 2, 4, 6)
+    out, info = model(Y, trace=True)
+    assert set(info["energies"]) == {"E_att", "E_ffn", "E_att#2", "total"}
+    (out.sum() + info["energies"]["total"].sum()).backward()
+    for p in model.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_step_modules_and_alphas_in_schedule(gen):
+    step = AttentionStep(6, heads=2).double()
+    model = Unrolled([step, ("ffn", {"spectrum": None})], depth=2, d=6, alphas={"ffn": 0.5})
+    assert model.layer(0)[0] is step
+    assert float(model.layer(0)[1].alpha) == 0.5
+    model2 = unroll(["attention", "ffn", "relu"], depth=1, d=4, alphas=0.25)
+    assert [float(getattr(s, "alpha", torch.tensor(-1.0))) for s in model2.layer(0)][:2] == [0.25, 0.25]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_schedules_depth_widths():
+    with pytest.raises(EnergyInputError, match=r"unknown step 'attn'.*valid names: attention, energy_transformer, ffn"):
+        unroll(["attn", "ffn"], depth=2, d=4)
+    with pytest.raises(EnergyInputError, match="depth"):
+        unroll(["attention"], depth=0, d=4)
+    with pytest.raises(EnergyInputError, match="depth"):
+        unroll(["attention"], depth=-3, d=4)
+    with pytest.raises(EnergyInputError, match="non-empty"):
+        Unrolled([], depth=2, d=4)
+    with pytest.raises(EnergyInputError, match="non-empty"):
+        Unrolled("attention", depth=2, d=4)
+    with pytest.raises(EnergyInputError, match=r"width d = 5, but the model width is d = 4"):
+        Unrolled([AttentionStep(5), "ffn"], depth=2, d=4)
+    with pytest.raises(EnergyInputError, match="step_kwargs.*'mlp'"):
+        Unrolled(["ffn"], depth=1, d=4, step_kwargs={"mlp": {}})
+    with pytest.raises(EnergyInputError, match="bad arguments for step 'ffn'"):
+        unroll(["ffn"], depth=1, d=4, ffn={"heads": 2})
+    with pytest.raises(EnergyInputError, match="tied=True"):
+        Unrolled([FFNStep(4)], depth=2, d=4, tied=False)
+    model = unroll(["attention"], depth=1, d=4)
+    with pytest.raises(EnergyInputError, match=r"`Y` must end with shape \(\*, 4\)"):
+        model(torch.randn(2, 3, 5))
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_load_roundtrip(tmp_path, gen):
+    model = _model(3, attention={"heads": 2, "orthogonal_heads": True})
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    loaded = load_model(path).double()
+    Y = _Y(gen, 2, 4, 6)
+    torch.testing.assert_close(loaded(Y), model(Y), rtol=0, atol=1e-6)  # saved in float64, rebuilt then cast
+
+
+def test_corrupt_and_mismatched_files(tmp_path):
+    model = _model(4)
+    path = tmp_path / "m.pt"
+    save_model(model, path)
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an unfold model file"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_mismatched_state_dict_loads_nothing(gen):
+    model = _model(5)
+    other = _model(6, attention={"heads": 2})  # different keys? same keys, different M shape
+    before = _snapshot(model)
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        model.load_state_dict(other.state_dict())
+    assert _same(before, _snapshot(model))
+    sd = other.state_dict()
+    sd.pop("layers.0.1.b")
+    with pytest.raises(CheckpointError, match=r"missing keys \['layers.0.1.b'\]"):
+        model.load_state_dict(sd)
+    deeper = _model(7, tied=False)
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        model.load_state_dict(deeper.state_dict())
+    assert _same(before, _snapshot(model))
+    sd = model.state_dict()
+    sd["layers.0.0.M"] = torch.full_like(sd["layers.0.0.M"], float("nan"))
+    with pytest.raises(CheckpointError, match="NaN"):
+        model.load_state_dict(sd)
+    assert _same(before, _snapshot(model))
+
+
+def test_constrained_state_dict_checked_on_load(gen):
+    model = _model(8)
+    csd = constrained_state_dict(model)
+    assert "layers.0.1.W_f" in csd and not any("original" in k for k in csd)
+    fresh = _model(9)
+    fresh.load_state_dict(csd)
+    Y = _Y(gen, 2, 4, 6)
+    torch.testing.assert_close(fresh(Y), model(Y), **TOL)
+    before = _snapshot(fresh)
+    bad = dict(csd)
+    bad["layers.0.1.W_f"] = torch.diag(torch.linspace(0, 1.5, 6, dtype=DT))
+    with pytest.raises(ConstraintError, match=r"SpectrumClip.*layers.0.1.W_f"):
+        fresh.load_state_dict(bad)
+    bad["layers.0.1.W_f"] = _Y(gen, 6, 6)
+    with pytest.raises(ConstraintError, match="symmetric"):
+        fresh.load_state_dict(bad)
+    assert _same(before, _snapshot(fresh))
+
+
+def test_orthogonal_heads_violation_on_load(gen):
+    model = _model(10, attention={"heads": 2, "k": 2, "orthogonal_heads": True})
+    csd = constrained_state_dict(model)
+    other = _model(11, attention={"heads": 2, "k": 2, "orthogonal_heads": True})
+    other.load_state_dict(csd)  # valid constrained M: loads, reproduces the model
+    Y = _Y(gen, 2, 4, 6)
+    torch.testing.assert_close(other(Y), model(Y), **TOL)
+    before = _snapshot(other)
+    csd["layers.0.0.M"] = _Y(gen, 2, 6, 2)
+    with pytest.raises(ConstraintError, match="OrthogonalHeads"):
+        other.load_state_dict(csd)
+    assert _same(before, _snapshot(other))

@@ -108,10 +108,10 @@ def bench_structured_norm(quick: bool) -> dict[str, Any]:
     X, W_Q, W_K, W_V, Y = _layer(L, d, d, seed=1)
     gen = torch.Generator().manual_seed(0)
     block = "Q"
-    exact_sq = block_norms(X, W_Q, W_K, W_V, Y, blocks=[(block, block)], squared=True)[((block, block), "H")]
+    exact_sq = block_norms(X, W_Q, W_K, W_V, Y, blocks=[block + block], squared=True)[(block + block, "H")]
     est_sq = _hutchinson_block_sq_norm(X, W_Q, W_K, W_V, Y, block, 20, gen)
     res = compare(
-        lambda: block_norms(X, W_Q, W_K, W_V, Y, blocks=[(block, block)]),
+        lambda: block_norms(X, W_Q, W_K, W_V, Y, blocks=[block + block]),
         lambda: _hutchinson_block_sq_norm(X, W_Q, W_K, W_V, Y, block, 20, gen),
         repeat=5,
         warmup=1,

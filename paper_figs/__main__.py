@@ -7,11 +7,12 @@ Usage::
                          [--threads N] [--imdb PATH] [--sst2 PATH] [--glove PATH]
 
 Without names every registered figure runs. For each figure the command writes ``DIR/NAME.json`` (the data the
-plot is drawn from, with the fidelity, seed and options it was computed with), ``DIR/NAME.png`` and
-``DIR/NAME.pdf``, then rebuilds ``DIR/summary.json`` and ``DIR/report.md``. All writes are atomic. A figure whose
-JSON already exists with the same fidelity, seed and options is not recomputed (pass ``--force`` to recompute);
-if its picture is missing it is redrawn from the JSON. A failing figure is reported and the others still run;
-the exit code is then 1 (2 for usage errors such as an unknown figure name).
+plot is drawn from, with the fidelity, seed, options and figure version it was computed with), ``DIR/NAME.png``
+and ``DIR/NAME.pdf``, then rebuilds ``DIR/summary.json`` and ``DIR/report.md``. All writes are atomic.
+
+Resume rule: a figure whose JSON exists with the same fidelity, seed, options and version is not recomputed (pass
+``--force`` to recompute); if its picture is missing it is redrawn from the JSON. A failing figure is reported and
+the others still run; the exit code is then 1 (2 for usage errors such as an unknown figure name).
 """
 
 from __future__ import annotations
@@ -79,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _meta_key(fidelity: str, seed: int, options: Mapping[str, Any]) -> dict[str, Any]:
-    return {"fidelity": fidelity, "seed": seed, "options": to_jsonable(dict(options))}
+def _meta_key(fidelity: str, seed: int, options: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """What a stored JSON must agree on to be reused (the resume rule)."""
+    return {"fidelity": fidelity, "seed": seed, "options": to_jsonable(dict(options)), "version": version}
 
 
 def _is_up_to_date(path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -126,10 +128,17 @@ def run_figure(
     out = Path(out)
     opts = {k: (None if options is None else options.get(k)) for k in spec.options}
     cfg = FigureConfig(fidelity=fidelity, seed=spec.resolve_seed(seed), out=out, options=opts, sizes=dict(sizes or {}))
-    key = _meta_key(cfg.fidelity, cfg.seed, opts)
+    key = _meta_key(cfg.fidelity, cfg.seed, opts, spec.version)
     json_path = out / f"{spec.name}.json"
     payload = None if force else _is_up_to_date(json_path, key)
     if payload is not None:
+        try:
+            spec.summarize(payload["data"])
+        except Exception as exc:
+            raise RuntimeError(
+                f"{json_path} does not fit the current code of {spec.name!r} ({exc!r}); "
+                f"recompute it with --force (and bump version= in its @figure)"
+            ) from exc
         if all((out / f"{spec.name}.{ext}").exists() for ext in ("png", "pdf")):
             return "up to date"
         _draw(spec, payload["data"], cfg)

@@ -194,6 +194,8 @@ class FigureSpec:
         paper_seed: the seed of the paper's protocol, used when the user gives none.
         options: names of the extra CLI options the figure reads (e.g. ``("imdb", "glove")``); only these reach
             ``cfg.options``, and they are part of the resume key.
+        version: bump it when ``compute`` changes what it returns, so that stored JSON files are recomputed
+            (part of the resume key).
         plot_fn: ``plot(data, cfg) -> matplotlib Figure`` (set with ``@spec.plot``).
         summary_fn: ``summary(data) -> {key: measured(...)}`` (set with ``@spec.summary``).
     """
@@ -205,6 +207,7 @@ class FigureSpec:
     caption: str | Callable[[dict], str] | None = None
     paper_seed: int | None = None
     options: tuple[str, ...] = ()
+    version: int = 1
     plot_fn: PlotFn | None = None
     summary_fn: SummaryFn | None = None
 
@@ -265,6 +268,7 @@ class Registry:
         caption: str | Callable[[dict], str] | None = None,
         paper_seed: int | None = None,
         options: Iterable[str] = (),
+        version: int = 1,
     ) -> Callable[[ComputeFn], FigureSpec]:
         """Decorator registering ``compute(cfg) -> dict`` under ``name``; returns the :class:`FigureSpec`."""
         if not name or any(c.isspace() or c in "/\\" for c in name):
@@ -283,6 +287,7 @@ class Registry:
                 caption=caption,
                 paper_seed=paper_seed,
                 options=tuple(options),
+                version=int(version),
             )
             self._figures[name] = spec
             return spec
@@ -331,7 +336,8 @@ class Registry:
 #: The package-wide registry that ``python -m paper_figs`` runs.
 REGISTRY = Registry()
 
-#: ``@figure(name, *, description, claim, caption=None, paper_seed=None, options=())`` on :data:`REGISTRY`.
+#: ``@figure(name, *, description, claim, caption=None, paper_seed=None, options=(), version=1)`` on
+#: :data:`REGISTRY`.
 figure = REGISTRY.figure
 
 

@@ -55,7 +55,7 @@ def figure_entry(spec: FigureSpec, payload: Mapping[str, Any] | None, error: str
         numbers = spec.summarize(payload["data"])
         caption = spec.caption_for(payload["data"])
     except Exception as exc:  # a broken summary must not hide the other figures
-        entry.update(status="failed", caption=spec.caption_for(None), error=f"summary failed: {exc!r}",
+        entry.update(status="failed", caption=spec.caption_for(None), error=error or f"summary failed: {exc!r}",
                      matches=None, numbers={})
         return entry
     entry.update(status="failed" if error else "ok", caption=caption, error=error,

@@ -363,6 +363,8 @@ def _alternating_run(seed: int, n: int, d: int, steps: int, lr: float, ref_steps
         "n": n, "d": d, "steps": steps, "lr": lr, "ref_steps": ref_steps, "ref_lr": ref_lr,
         "E": run["E"], "e1": run["e1"], "e2": run["e2"],
         "E0": float(total_energy(p.Y0, p)),
+        "e1_0": float(e1(p.Y0, p.W1, p.B1)),
+        "e2_0": float(e2(p.Y0, p.W2, p.B2)),
         "E_ref": float(total_energy(Y_ref, p)),
         "E_star": float(total_energy(Y_star, p)),
         "E_cycle_even": float(total_energy(fixed["Y_even"], p)),
@@ -488,7 +490,7 @@ def summarize_alternating_trace(data: dict) -> dict[str, Any]:
 )
 def compute_alternating_energy(cfg: FigureConfig) -> dict[str, Any]:
     run = _alternating(cfg)
-    keys = ("n", "d", "steps", "lr", "ref_steps", "ref_lr", "E", "e1", "e2", "E0", "E_ref", "E_star",
+    keys = ("n", "d", "steps", "lr", "ref_steps", "ref_lr", "E", "e1", "e2", "E0", "e1_0", "e2_0", "E_ref", "E_star",
             "E_cycle_even", "E_cycle_odd", "rho", "lr_L1", "lr_L2")
     return {k: run[k] for k in keys}
 
@@ -519,12 +521,20 @@ def summarize_alternating_energy(data: dict) -> dict[str, Any]:
     E = np.asarray(data["E"])
     dE = np.diff(np.concatenate([[data["E0"]], E]))  # change made by step t (t = 0 … steps-1)
     up = dE > 0
+    d1 = np.diff(np.concatenate([[data["e1_0"]], data["e1"]]))  # change of e1 made by step t
+    d2 = np.diff(np.concatenate([[data["e2_0"]], data["e2"]]))
     final_even, final_odd = (E[-2], E[-1]) if len(E) % 2 == 0 else (E[-1], E[-2])
     out = {
         "E_monotone_nonincreasing": measured(bool(not up.any()), note="over all steps, from E(Y^0)"),
         "n_increases": measured(int(up.sum()), note=f"steps that increased E, out of {len(E)}"),
         "n_increases_on_e1_steps": measured(int(up[0::2].sum())),
         "n_increases_on_e2_steps": measured(int(up[1::2].sum())),
+        "own_term_increases_on_e1_steps": measured(
+            int((d1[0::2] > 0).sum()), note="e1 steps that increased e1 itself (not a descent step on their own term)"
+        ),
+        "own_term_increases_on_e2_steps": measured(
+            int((d2[1::2] > 0).sum()), note="e2 steps that increased e2 itself"
+        ),
         "largest_relative_increase": measured(float((dE / np.concatenate([[data["E0"]], E[:-1]])).max())),
         "final_gap_to_E(Y_h*)": measured(
             float(E[-1] / data["E_ref"] - 1), note="E(Y^T)/E(Y_h*) - 1 after the last step"

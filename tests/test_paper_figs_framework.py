@@ -388,3 +388,32 @@ def test_cli_broken_summary_is_a_failure(tmp_path):
     assert main(["s", "--out", str(tmp_path)], registry=reg) == 1
     entry = json.loads((tmp_path / "summary.json").read_text())["figures"]["s"]
     assert entry["status"] == "failed" and "measured" in entry["error"]
+
+
+def test_cli_version_bump_recomputes_and_stale_data_is_reported(tmp_path):
+    def make(version: int, key: str):
+        reg = Registry()
+        calls = []
+
+        @reg.figure("v", description="d", claim="c", version=version)
+        def compute(cfg):
+            calls.append(cfg)
+            return {key: [1.0]}
+
+        compute.plot(lambda data, cfg: _line_plot({"x": next(iter(data.values()))}, cfg))
+        compute.summary(lambda data: {"first": measured(data["x"][0])})
+        return reg, calls
+
+    reg1, calls1 = make(1, "x")
+    assert main(["v", "--out", str(tmp_path)], registry=reg1) == 0
+    reg2, calls2 = make(2, "x")
+    assert main(["v", "--out", str(tmp_path)], registry=reg2) == 0
+    assert len(calls2) == 1  # new version: recomputed
+    assert json.loads((tmp_path / "v.json").read_text())["meta"]["version"] == 2
+
+    # same version, but stored data no longer fits the summary: reported, not silently reused
+    (tmp_path / "v.json").write_text((tmp_path / "v.json").read_text().replace('"x"', '"y"'))
+    assert main(["v", "--out", str(tmp_path)], registry=reg2) == 1
+    entry = json.loads((tmp_path / "summary.json").read_text())["figures"]["v"]
+    assert entry["status"] == "failed" and "--force" in entry["error"]
+    assert main(["v", "--out", str(tmp_path), "--force"], registry=reg2) == 0

@@ -211,7 +211,9 @@ class ConstraintReport:
 
 
 def _rel(num: Tensor, den: Tensor) -> float:
-    return float(torch.linalg.matrix_norm(num)) / max(float(torch.linalg.matrix_norm(den)), 1e-300)
+    """``‖num‖_F / ‖den‖_F`` (the largest over leading batch dimensions)."""
+    ratio = torch.linalg.matrix_norm(num) / torch.linalg.matrix_norm(den).clamp_min(1e-300)
+    return float(ratio.max())
 
 
 def _qk_products(w: AttentionWeights) -> Tensor:
@@ -524,8 +526,8 @@ def verify_equivalence(layer: nn.MultiheadAttention, step: Any, Y: Tensor, *, al
     alpha = a if alpha is None else alpha
     alpha = 1.0 if alpha is None else float(alpha)
     prec = prec or "metric"
-    target = energy.step(Y, alpha, preconditioner=prec)
     with torch.no_grad():
+        target = energy.step(Y, alpha, preconditioner=prec)
         with_mask = standard_step(layer, Y, step, alpha=alpha, with_key_bias=True)
         plain = standard_step(layer, Y, step, alpha=alpha, with_key_bias=False)
     mask = key_bias_mask(Y, energy)

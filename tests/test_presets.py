@@ -1,0 +1,89 @@
+"""Presets: the weight-tied model of Yang et al. (2022), the Energy-Transformer block, re-exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from energy._validation import EnergyInputError
+from energy.attention import softmax_beta
+from unfold import presets, standard
+from unfold.presets import UnrolledClassifier, energy_transformer_block, parameter_count, yang2022
+from unfold.unroller import load_model, save_model
+
+DT = torch.float64
+
+
+def test_yang2022_structure():
+    model = yang2022()
+    body = model.body
+    assert body.d == 300 and body.depth == 12 and body.tied
+    assert body.schedule == ["attention", "ffn", "relu"]
+    att, ffn, _ = body.layer(0)
+    assert float(att.alpha) == 1.0 and float(ffn.alpha) == 1.0 and att.heads == 1
+    assert ffn.spectrum == (0.0, 0.95)
+    assert all(body.layer(i)[0] is att for i in range(12))  # one set of weights for all 12 layers
+    assert model.head is None
+    assert yang2022(relu=False).body.schedule == ["attention", "ffn"]
+    assert yang2022(normalization="layernorm").body.schedule == ["attention", "ffn", "relu", "layernorm"]
+    # tied: the parameter count does not grow with depth
+    assert parameter_count(yang2022(d=8, depth=2)) == parameter_count(yang2022(d=8, depth=7))
+
+
+def test_yang2022_one_layer_is_the_papers_update(gen):
+    """Layer = Y ← softmax_β(Y W Yᵀ) Y, then Y ← ReLU(−Y W_f + 1bᵀ) (α = 1)."""
+    torch.manual_seed(0)
+    model = yang2022(d=6, depth=1).double()
+    Y = torch.randn(2, 5, 6, generator=gen, dtype=DT)
+    att, ffn, _ = model.body.layer(0)
+    W = att.W[0].detach()
+    Y1 = softmax_beta(Y, W) @ Y
+    want = torch.relu(-Y1 @ ffn.W_f.detach() + ffn.b.detach())
+    torch.testing.assert_close(model(Y), want, rtol=0, atol=1e-12)
+
+
+def test_classifier_head_trace_and_training_step(gen):
+    torch.manual_seed(1)
+    model = yang2022(d=8, depth=3, d_in=5, n_classes=4).double()
+    X = torch.randn(6, 7, 5, generator=gen, dtype=DT)
+    logits, info = model(X, trace=True)
+    assert logits.shape == (6, 4) and info["energies"]["total"].shape == (10, 6)
+    torch.testing.assert_close(model(X), logits, rtol=0, atol=0)
+    torch.testing.assert_close(info["states"][0], model.embed(X), rtol=0, atol=0)
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(6) % 4)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(EnergyInputError, match="X"):
+        model(torch.randn(6, 7, 4, dtype=DT))
+
+
+def test_save_load_classifier(tmp_path, gen):
+    torch.manual_seed(2)
+    model = yang2022(d=8, depth=2, d_in=3, n_classes=2, heads=2, orthogonal_heads=True).double()
+    save_model(model, tmp_path / "c.pt")
+    loaded = load_model(tmp_path / "c.pt")
+    assert isinstance(loaded, UnrolledClassifier)
+    X = torch.randn(2, 4, 3, generator=gen, dtype=DT)
+    torch.testing.assert_close(loaded.double()(X), model(X), rtol=0, atol=1e-12)
+
+
+def test_energy_transformer_block(gen):
+    torch.manual_seed(3)
+    model = energy_transformer_block(d=8, depth=4, heads=2, n_classes=3).double()
+    assert model.body.schedule == ["energy_transformer"] and model.body.tied
+    X = torch.randn(2, 5, 8, generator=gen, dtype=DT)
+    with pytest.warns(UserWarning):  # no uniform step size is guaranteed for the ET (MATH §2.2)
+        logits, info = model(X, trace=True)
+    assert logits.shape == (2, 3) and set(info["energies"]) == {"E_et", "total"}
+
+
+def test_bad_preset_arguments():
+    with pytest.raises(EnergyInputError, match="normalization"):
+        yang2022(d=4, depth=1, normalization="batchnorm")
+    with pytest.raises(EnergyInputError, match="body"):
+        UnrolledClassifier(torch.nn.Linear(2, 2))
+
+
+def test_standard_models_reexported():
+    for name in ("GPT2Config", "GPT2Decoder", "MLPBaseline", "StandardEncoderClassifier", "standard_encoder"):
+        assert getattr(presets, name) is getattr(standard, name)

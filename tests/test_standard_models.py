@@ -32,7 +32,7 @@ def _model(gen: torch.Generator, **kw) -> GPT2Decoder:
     model = GPT2Decoder(cfg, generator=gen).to(DT)
     with torch.no_grad():  # non-trivial biases and LayerNorm parameters, so the comparison can fail
         for name, p in model.named_parameters():
-            if name.endswith(("b_1", "b_2")) or "ln_" in name:
+            if name.endswith(("b_1", "b_2", "b_U")) or "ln_" in name:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=DT))
     return model
 
@@ -70,7 +70,7 @@ def _torch_modules_logits(model: GPT2Decoder, tokens: torch.Tensor) -> torch.Ten
                 lin2.bias.copy_(blk.mlp.b_2)
                 out = lin2(torch.relu(lin1(ln(blk.ln_2)(X))))
                 X = X + out if cfg.mlp_residual else out
-        return ln(model.ln_f)(X) @ model.W_U
+        return ln(model.ln_f)(X) @ model.W_U + model.b_U
 
 
 @pytest.mark.parametrize(
@@ -106,11 +106,18 @@ def test_parameter_names_and_shapes():
         assert shapes[f"blocks.{i}.mlp.W_1"] == (6, 7) and shapes[f"blocks.{i}.mlp.b_1"] == (7,)
         assert shapes[f"blocks.{i}.mlp.W_2"] == (7, 6) and shapes[f"blocks.{i}.mlp.b_2"] == (6,)
         assert shapes[f"blocks.{i}.ln_1.weight"] == (6,) and shapes[f"blocks.{i}.ln_2.bias"] == (6,)
-    assert shapes["ln_f.weight"] == (6,) and shapes["W_U"] == (6, 12)
+    assert shapes["ln_f.weight"] == (6,) and shapes["W_U"] == (6, 12) and shapes["b_U"] == (12,)
     # one head of width 5, d_head ≠ d_model / n_heads: the forward still runs
     assert model(torch.zeros(2, 7, dtype=torch.long)).shape == (2, 7, 12)
     no_ln = GPT2Decoder(GPT2Config(d_model=6, n_layers=1))
     assert not any("ln" in k for k, _ in no_ln.named_parameters())
+
+
+def test_parameter_count_of_the_paper_heat_map_model():
+    """MATH §3.7: one block, d_model = d_head = 16, d_mlp = 64 has 3,836 parameters, 1,024 of them in attention."""
+    model = GPT2Decoder(GPT2Config(d_model=16, n_layers=1, d_mlp=64))
+    assert sum(p.numel() for p in model.parameters()) == 3836
+    assert sum(p.numel() for n, p in model.named_parameters() if ".attn." in n) == 1024
 
 
 def test_gpt2_init_std_and_seed():
@@ -191,12 +198,16 @@ def test_set_embedding_scale_changes_only_embeddings():
 def test_linear_attention_without_residual_is_homogeneous_of_degree_3_to_the_n(gen, n_layers):
     """MATH §3.6: linear attention without the attention residual (and no MLP) is homogeneous of degree 3ⁿ."""
     model = _model(gen, n_layers=n_layers, attention="linear", attn_residual_scale=0.0, mlp=False)
+    with torch.no_grad():
+        model.b_U.zero_()  # the unembedding bias (0 at initialisation) is the only non-homogeneous part left
     X = torch.randn(2, 18, 8, generator=gen, dtype=DT)
     s = 1.7
     torch.testing.assert_close(
         model.forward_embeddings(s * X), s ** (3**n_layers) * model.forward_embeddings(X), rtol=1e-10, atol=1e-12
     )
     softmax = _model(gen, n_layers=n_layers, attn_residual_scale=0.0, mlp=False)
+    with torch.no_grad():
+        softmax.b_U.zero_()
     ratio = softmax.forward_embeddings(s * X) / softmax.forward_embeddings(X)
     assert (ratio - s ** (3**n_layers)).abs().max() > 1e-3  # softmax attention is not
 
@@ -209,7 +220,7 @@ def test_linear_attention_formula(gen):
     a = model.blocks[0].attn
     T = (X @ a.W_Q) @ (X @ a.W_K).transpose(-1, -2) / 8**0.5
     A = T * torch.ones(18, 18, dtype=DT).tril()
-    expected = (X + A @ X @ a.W_V @ a.W_O) @ model.W_U
+    expected = (X + A @ X @ a.W_V @ a.W_O) @ model.W_U + model.b_U
     torch.testing.assert_close(model(tokens), expected, rtol=1e-12, atol=1e-12)
 
 

@@ -20,8 +20,11 @@ name                                      shape                         role
 ``blocks.{i}.mlp.W_1``, ``b_1``           ``(d_model, d_mlp)``, ``(d_mlp,)``   first MLP layer
 ``blocks.{i}.mlp.W_2``, ``b_2``           ``(d_mlp, d_model)``, ``(d_model,)`` second MLP layer
 ``blocks.{i}.ln_1`` / ``ln_2``, ``ln_f``  ``nn.LayerNorm`` (Pre-LN only)  LayerNorm before attention / MLP / unembedding
-``W_U``                                   ``(d_model, vocab)``          unembedding
+``W_U``, ``b_U``                          ``(d_model, vocab)``, ``(vocab,)``   unembedding
 ========================================  ============================  ==================================
+
+With ``d_model = d_head = 16``, ``d_mlp = 64``, one block and the addition vocabulary this gives the 3,836 parameters
+of the paper's heat-map model (1,024 of them in ``W_Q, W_K, W_V, W_O``), MATH §3.7.
 """
 
 from __future__ import annotations
@@ -140,6 +143,14 @@ def _normal_(t: Tensor, std: float, generator: torch.Generator | None) -> None:
         t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
 
 
+def _redraw_embeddings(model: nn.Module, sigma: float, generator: torch.Generator | None) -> None:
+    """Token and position embeddings of ``model`` ← i.i.d. ``N(0, σ²)`` (the σ sweep of MATH §3.7)."""
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise EnergyInputError(f"`sigma` must be a finite number ≥ 0, got {sigma!r}.")
+    _normal_(model.token_embedding.weight, float(sigma), generator)
+    _normal_(model.position_embedding.weight, float(sigma), generator)
+
+
 class SelfAttention(nn.Module):
     r"""Multi-head self-attention with right-acting weights (no biases), via :mod:`energy.reference`.
 
@@ -234,12 +245,13 @@ class GPT2Decoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model) if config.layernorm == "pre" else None
         self.W_U = nn.Parameter(torch.empty(config.d_model, config.vocab))
+        self.b_U = nn.Parameter(torch.zeros(config.vocab))
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 initialisation: every weight matrix and embedding ``~ N(0, init_std²)``, biases 0, LayerNorm (1, 0)."""
         for name, p in self.named_parameters():
-            if name.endswith(("b_1", "b_2")):
+            if name.endswith(("b_1", "b_2", "b_U")):
                 nn.init.zeros_(p)
             elif ".ln_" in name or name.startswith("ln_f"):
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
@@ -249,12 +261,9 @@ class GPT2Decoder(nn.Module):
     def set_embedding_scale(self, sigma: float, generator: torch.Generator | None = None) -> None:
         r"""Redraw the token and position embeddings i.i.d. :math:`N(0, \sigma^2)` (the σ sweep of MATH §3.7).
 
-        All other weights are left as they are.
+        All other weights are left as they are. The token table is drawn first, then the position table.
         """
-        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-            raise EnergyInputError(f"`sigma` must be a finite number ≥ 0, got {sigma!r}.")
-        _normal_(self.token_embedding.weight, float(sigma), generator)
-        _normal_(self.position_embedding.weight, float(sigma), generator)
+        _redraw_embeddings(self, sigma, generator)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """``X = E[tokens] + P[:n]``, shape ``(..., n, d_model)``."""
@@ -263,10 +272,11 @@ class GPT2Decoder(nn.Module):
         return self.token_embedding(tokens) + self.position_embedding.weight[:n]
 
     def forward_embeddings(self, X: Tensor) -> Tensor:
-        """Logits ``(..., n, vocab)`` from an embedded sequence ``X (..., n, d_model)`` (blocks, LN_f, ``W_U``)."""
+        """Logits ``(..., n, vocab)`` from an embedded sequence ``X (..., n, d_model)``: blocks, ``LN_f``, then
+        ``X W_U + 1 b_Uᵀ``."""
         for block in self.blocks:
             X = block(X)
-        return _ln(self.ln_f, X) @ self.W_U
+        return _ln(self.ln_f, X) @ self.W_U + self.b_U
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Logits ``(..., n, vocab)`` of the token ids ``(..., n)``."""
@@ -323,7 +333,7 @@ class MLPBaseline(nn.Module):
 
     def set_embedding_scale(self, sigma: float, generator: torch.Generator | None = None) -> None:
         """Redraw token and position embeddings i.i.d. ``N(0, σ²)`` (as :meth:`GPT2Decoder.set_embedding_scale`)."""
-        GPT2Decoder.set_embedding_scale(self, sigma, generator)  # type: ignore[arg-type]
+        _redraw_embeddings(self, sigma, generator)
 
     def embed(self, tokens: Tensor) -> Tensor:
         """``X = E[tokens] + P[:n]``."""

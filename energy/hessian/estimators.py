@@ -1,0 +1,557 @@
+r"""Randomised and Krylov estimators for matrices known only through products (MATH §3.7).
+
+Every estimator accepts
+
+* a :class:`energy.hessian.operators.LinearOperator` (products by ``matmat``: all probe vectors in one batch),
+* anything with ``.shape`` and ``.matmat`` (e.g. a ``scipy.sparse.linalg.LinearOperator``),
+* a dense 2-D ``torch.Tensor``,
+* or a callable ``matvec(v) -> A v`` together with ``dim=`` (applied column by column).
+
+Randomness comes only from the ``generator`` argument (a ``torch.Generator``; ``None`` = a fresh generator
+seeded with 0, so results are reproducible by default). Probe vectors are drawn in one batch.
+
+Estimators and their equations (``z`` with i.i.d. Rademacher or standard normal entries, ``E z zᵀ = I``):
+
+.. math::
+    \operatorname{tr} A = \mathbb E\, z^\top A z, \qquad
+    \operatorname{diag} A = \mathbb E\, z \odot A z \;(\text{Rademacher}), \qquad
+    \|A\|_F^2 = \mathbb E\, \|A z\|^2 .
+
+Each Hutchinson estimate is the sample mean over ``S`` probes and is returned with its standard error
+``std / √S``. Hutch++ (Meyer, Musco, Musco, Woodruff 2021) removes the dominant range first:
+``Q = orth(A S)``, ``tr A = tr(Qᵀ A Q) + tr(P⊥ A P⊥)`` with ``P⊥ = I − Q Qᵀ``; the second term by Hutchinson.
+The same split gives ``‖A‖_F² = ‖A Q‖_F² + ‖A P⊥‖_F²`` (exact: ``tr(M P) = tr(P M P)`` for a projector ``P``).
+
+Asking for more probe vectors than the dimension ``n`` raises :class:`EnergyInputError` -- with ``n`` products the
+exact value is available -- unless ``exact_if_cheaper=True``, in which case the exact value is computed from
+``A I`` (``n`` products) and returned with standard error 0. Lanczos and SLQ refuse more eigenpairs/steps than ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from energy._validation import EnergyInputError
+
+__all__ = [
+    "Estimate",
+    "LanczosResult",
+    "SpectralDensity",
+    "as_matmat",
+    "hutchinson_trace",
+    "hutchinson_diagonal",
+    "hutchinson_squared_frobenius",
+    "hutchpp_trace",
+    "hutchpp_squared_frobenius",
+    "lanczos",
+    "slq_density",
+]
+
+Distribution = Literal["rademacher", "normal"]
+
+
+class Estimate(NamedTuple):
+    """An estimate with its standard error and the number of operator products it cost."""
+
+    value: Any  # float, or a Tensor for the diagonal
+    stderr: Any
+    num_matvecs: int
+
+
+class LanczosResult(NamedTuple):
+    """Ritz pairs from :func:`lanczos`: ``A x_i ≈ λ_i x_i`` with ``‖A x_i − λ_i x_i‖ = residuals[i]``."""
+
+    eigenvalues: Tensor  # (k,), float64
+    eigenvectors: Tensor  # (n, k), float64
+    residuals: Tensor  # (k,)
+    num_iter: int
+    converged: bool
+
+
+class SpectralDensity(NamedTuple):
+    r"""Stochastic Lanczos quadrature: nodes ``θ`` and weights ``τ`` (per probe) and a smoothed density.
+
+    ``Σ τ f(θ)`` (all probes, weights already divided by the number of probes) estimates
+    :math:`\frac1n \operatorname{tr} f(A)`; ``density`` is :math:`\sum \tau\, \mathcal N(t;\theta, s^2)` on ``grid``.
+    """
+
+    nodes: Tensor  # (num_probes, num_steps)
+    weights: Tensor  # (num_probes, num_steps); padded nodes have weight 0
+    grid: Tensor
+    density: Tensor
+    kernel_width: float
+
+    def quadrature(self, f: Callable[[Tensor], Tensor]) -> float:
+        """``Σ τ f(θ)`` ≈ ``tr f(A) / n``."""
+        return float((self.weights * f(self.nodes)).sum())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Operator access
+# --------------------------------------------------------------------------------------------------------------
+
+
+def as_matmat(
+    A: Any, dim: int | None = None, *, dtype: torch.dtype = torch.float64
+) -> tuple[Callable[[Tensor], Tensor], tuple[int, int], torch.dtype]:
+    """Normalise ``A`` to ``(matmat, shape, dtype)`` with ``matmat: (n, k) -> (m, k)`` tensors in ``dtype``.
+
+    Args:
+        A: operator with ``.matmat`` and ``.shape``, dense 2-D tensor, or matvec callable (needs ``dim``).
+        dim: the dimension when ``A`` is a callable.
+        dtype: the dtype of the probes for a callable or a numpy-based operator.
+    """
+    if isinstance(A, Tensor):
+        if A.ndim != 2:
+            raise EnergyInputError(f"`A` must be a 2-D tensor, got shape {tuple(A.shape)}.")
+        return (lambda V: A @ V.to(A.dtype)), (A.shape[0], A.shape[1]), A.dtype
+    if hasattr(A, "matmat") and hasattr(A, "shape"):
+        op_dtype = getattr(A, "dtype", dtype)
+        if isinstance(op_dtype, torch.dtype):
+            return A.matmat, (int(A.shape[0]), int(A.shape[1])), op_dtype
+
+        def mm(V: Tensor) -> Tensor:  # numpy-based (e.g. scipy) operator
+            return torch.as_tensor(np.asarray(A.matmat(V.detach().cpu().numpy())), dtype=V.dtype)
+
+        return mm, (int(A.shape[0]), int(A.shape[1])), dtype
+    if callable(A):
+        if dim is None or not isinstance(dim, int) or dim < 1:
+            raise EnergyInputError(f"a matvec callable needs `dim` (a positive int), got dim={dim!r}.")
+
+        def mm_cols(V: Tensor) -> Tensor:
+            return torch.stack([torch.as_tensor(A(V[:, j])).reshape(-1) for j in range(V.shape[1])], dim=1)
+
+        return mm_cols, (dim, dim), dtype
+    raise EnergyInputError(
+        f"`A` must be a linear operator (with .matmat and .shape), a 2-D tensor or a matvec callable with `dim`, "
+        f"got {type(A).__name__}."
+    )
+
+
+def _square(shape: tuple[int, int], what: str) -> int:
+    if shape[0] != shape[1]:
+        raise EnergyInputError(f"{what} needs a square operator, got shape {shape}.")
+    return shape[0]
+
+
+def _probes(n: int, k: int, distribution: str, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    if distribution == "rademacher":
+        return (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(dtype)
+    if distribution == "normal":
+        return torch.randn(n, k, generator=generator, dtype=torch.float64).to(dtype)
+    raise EnergyInputError(f"`distribution` must be 'rademacher' or 'normal', got {distribution!r}.")
+
+
+def _gen(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise EnergyInputError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    return generator
+
+
+def _count(num: int, name: str, n: int, *, exact_if_cheaper: bool, minimum: int = 1) -> bool:
+    """Validate a sample count; return True when the exact evaluation should be used instead."""
+    if not isinstance(num, int) or num < minimum:
+        raise EnergyInputError(f"`{name}` must be an int ≥ {minimum}, got {num!r}.")
+    if num > n:
+        if exact_if_cheaper:
+            return True
+        raise EnergyInputError(
+            f"`{name}`={num} exceeds the dimension n={n}: n operator products give the exact value. Use fewer "
+            "samples, or pass exact_if_cheaper=True to evaluate exactly from A·I."
+        )
+    return False
+
+
+def _apply(mm: Callable[[Tensor], Tensor], V: Tensor, batch_size: int | None) -> Tensor:
+    if batch_size is None or V.shape[1] <= batch_size:
+        return mm(V)
+    return torch.cat([mm(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1)
+
+
+def _exact_matrix(mm: Callable, shape: tuple[int, int], dtype: torch.dtype, batch_size: int | None) -> Tensor:
+    return _apply(mm, torch.eye(shape[1], dtype=dtype), batch_size).to(torch.float64)
+
+
+def _mean_se(x: Tensor) -> tuple[Tensor, Tensor]:
+    S = x.shape[0]
+    se = x.std(dim=0, unbiased=True) / math.sqrt(S) if S > 1 else torch.full_like(x[0], float("nan"))
+    return x.mean(dim=0), se
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hutchinson family
+# --------------------------------------------------------------------------------------------------------------
+
+
+def hutchinson_trace(
+    A: Any,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    distribution: Distribution = "rademacher",
+    dim: int | None = None,
+    batch_size: int | None = None,
+    exact_if_cheaper: bool = False,
+) -> Estimate:
+    r"""Hutchinson: :math:`\operatorname{tr} A \approx \frac1S \sum_s z_s^\top A z_s`, with its standard error.
+
+    Args:
+        A: square operator (see module docstring).
+        num_samples: ``S``; ``S > n`` raises unless ``exact_if_cheaper``.
+        generator: source of the probes.
+        distribution: ``"rademacher"`` (minimal variance ``2 Σ_{i≠j} A_ij²``) or ``"normal"``.
+        dim: dimension if ``A`` is a callable.
+        batch_size: probes per ``matmat`` call (memory bound); ``None`` = all at once.
+        exact_if_cheaper: if ``S > n``, return the exact trace (n products).
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, "hutchinson_trace")
+    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
+        return Estimate(float(torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size)).sum()), 0.0, n)
+    Z = _probes(n, num_samples, distribution, _gen(generator), dtype)
+    samples = (Z * _apply(mm, Z, batch_size)).sum(dim=0).to(torch.float64)
+    mean, se = _mean_se(samples)
+    return Estimate(float(mean), float(se), num_samples)
+
+
+def hutchinson_diagonal(
+    A: Any,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    dim: int | None = None,
+    batch_size: int | None = None,
+    exact_if_cheaper: bool = False,
+) -> Estimate:
+    r"""Diagonal estimate :math:`\operatorname{diag} A \approx \frac1S \sum_s z_s \odot A z_s` (Rademacher ``z``).
+
+    Entry ``i`` has variance :math:`\sum_{j\ne i} A_{ij}^2 / S`; the returned ``stderr`` is the per-entry sample
+    standard error (a tensor like ``value``).
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, "hutchinson_diagonal")
+    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
+        d = torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size)).clone()
+        return Estimate(d, torch.zeros_like(d), n)
+    Z = _probes(n, num_samples, "rademacher", _gen(generator), dtype)
+    samples = (Z * _apply(mm, Z, batch_size)).T.to(torch.float64)  # (S, n)
+    mean, se = _mean_se(samples)
+    return Estimate(mean, se, num_samples)
+
+
+def hutchinson_squared_frobenius(
+    A: Any,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    distribution: Distribution = "rademacher",
+    dim: int | None = None,
+    batch_size: int | None = None,
+    exact_if_cheaper: bool = False,
+) -> Estimate:
+    r""":math:`\|A\|_F^2 = \operatorname{tr}(A^\top A) \approx \frac1S \sum_s \|A z_s\|^2` (any ``m × n`` operator).
+
+    The protocol of MATH §3.7 takes the square root of this with 20 Rademacher probes per block.
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = shape[1]
+    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
+        M = _exact_matrix(mm, shape, dtype, batch_size)
+        return Estimate(float((M**2).sum()), 0.0, n)
+    Z = _probes(n, num_samples, distribution, _gen(generator), dtype)
+    samples = (_apply(mm, Z, batch_size).to(torch.float64) ** 2).sum(dim=0)
+    mean, se = _mean_se(samples)
+    return Estimate(float(mean), float(se), num_samples)
+
+
+def _hutchpp_split(num_matvecs: int, n: int, name: str, exact_if_cheaper: bool) -> tuple[bool, int]:
+    if not isinstance(num_matvecs, int) or num_matvecs < 3:
+        raise EnergyInputError(f"`{name}` must be an int ≥ 3 (sketch, projection, residual), got {num_matvecs!r}.")
+    exact = _count(num_matvecs, name, n, exact_if_cheaper=exact_if_cheaper, minimum=3)
+    return exact, num_matvecs // 3
+
+
+def hutchpp_trace(
+    A: Any,
+    num_matvecs: int,
+    *,
+    generator: torch.Generator | None = None,
+    distribution: Distribution = "rademacher",
+    dim: int | None = None,
+    exact_if_cheaper: bool = False,
+) -> Estimate:
+    r"""Hutch++ trace estimate with ``num_matvecs`` products (Meyer et al. 2021), ``k = num_matvecs // 3``:
+
+    .. math::
+        Q = \operatorname{orth}(A S),\quad P_\perp = I - QQ^\top,\quad
+        \mathrm{tr}\,A \approx \mathrm{tr}(Q^\top A Q) + \tfrac1k \mathrm{tr}(G^\top P_\perp A P_\perp G)
+
+    with ``S, G`` of ``k`` random columns each. The standard error is that of the residual Hutchinson term.
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, "hutchpp_trace")
+    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
+    if exact:
+        return Estimate(float(torch.diagonal(_exact_matrix(mm, shape, dtype, None)).sum()), 0.0, n)
+    g = _gen(generator)
+    S = _probes(n, k, distribution, g, dtype)
+    G = _probes(n, k, distribution, g, dtype)
+    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
+    top = float(torch.trace(Q.T @ mm(Q.to(dtype)).to(torch.float64)))
+    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
+    samples = (Gp * mm(Gp.to(dtype)).to(torch.float64)).sum(dim=0)
+    mean, se = _mean_se(samples)
+    return Estimate(top + float(mean), float(se), 3 * k)
+
+
+def hutchpp_squared_frobenius(
+    A: Any,
+    num_matvecs: int,
+    *,
+    generator: torch.Generator | None = None,
+    distribution: Distribution = "rademacher",
+    dim: int | None = None,
+    exact_if_cheaper: bool = False,
+) -> Estimate:
+    r"""Hutch++ for :math:`\|A\|_F^2` of a symmetric ``A`` (curvature blocks): ``k = num_matvecs // 3``,
+
+    .. math::
+        Q = \operatorname{orth}(A S),\qquad
+        \|A\|_F^2 = \|A Q\|_F^2 + \|A P_\perp\|_F^2 \approx \|AQ\|_F^2 + \frac1k \sum_{s} \|A P_\perp g_s\|^2 .
+
+    The split is exact for any ``A``; ``Q`` spans the dominant range of ``A`` when ``A`` is symmetric (the sketch
+    ``A S`` lies in the column space, which for symmetric ``A`` is the row space that matters here).
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, "hutchpp_squared_frobenius")
+    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
+    if exact:
+        return Estimate(float((_exact_matrix(mm, shape, dtype, None) ** 2).sum()), 0.0, n)
+    g = _gen(generator)
+    S = _probes(n, k, distribution, g, dtype)
+    G = _probes(n, k, distribution, g, dtype)
+    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
+    top = float((mm(Q.to(dtype)).to(torch.float64) ** 2).sum())
+    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
+    samples = (mm(Gp.to(dtype)).to(torch.float64) ** 2).sum(dim=0)
+    mean, se = _mean_se(samples)
+    return Estimate(top + float(mean), float(se), 3 * k)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Lanczos
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _lanczos_basis(
+    mm: Callable[[Tensor], Tensor],
+    n: int,
+    dtype: torch.dtype,
+    q0: Tensor,
+    num_steps: int,
+    generator: torch.Generator,
+    *,
+    restart_on_breakdown: bool,
+    stop: Callable[[Tensor, Tensor, float, int], bool] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    r"""``num_steps`` Lanczos steps with full (twice-applied Gram–Schmidt) reorthogonalisation, in float64.
+
+    Builds ``A Q_m = Q_m T_m + β_m q_{m+1} e_mᵀ`` with ``T_m`` tridiagonal (``α`` on, ``β`` off the diagonal).
+    On breakdown (``β ≈ 0``, an invariant subspace is found) either stop or continue with a fresh random vector
+    orthogonal to ``Q`` (``T`` then decouples; this is what makes ``num_steps = n`` exact).
+
+    Returns:
+        ``Q (n, m)``, ``alpha (m,)``, ``beta (m,)`` (``beta[j]`` couples ``q_j`` and ``q_{j+1}``), and the last ``β``.
+    """
+    Q = torch.zeros(n, num_steps, dtype=torch.float64)
+    alpha = torch.zeros(num_steps, dtype=torch.float64)
+    beta = torch.zeros(num_steps, dtype=torch.float64)
+    q = q0 / q0.norm()
+    scale = 0.0
+    m = 0
+    last_beta = 0.0
+    for j in range(num_steps):
+        Q[:, j] = q
+        w = mm(q.to(dtype)[:, None])[:, 0].to(torch.float64)
+        alpha[j] = q @ w
+        for _ in range(2):
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        b = float(w.norm())
+        scale = max(scale, abs(float(alpha[j])), b)
+        m = j + 1
+        last_beta = b
+        if stop is not None and stop(alpha[:m], beta[: m - 1], b, m):
+            break
+        if j + 1 == num_steps:
+            break
+        if b <= 1e-12 * max(scale, 1e-300):
+            if not restart_on_breakdown:
+                last_beta = 0.0
+                break
+            r = torch.randn(n, generator=generator, dtype=torch.float64)
+            for _ in range(2):
+                r = r - Q[:, : j + 1] @ (Q[:, : j + 1].T @ r)
+            q, beta[j] = r / r.norm(), 0.0
+        else:
+            q, beta[j] = w / b, b
+    return Q[:, :m], alpha[:m], beta[: max(m - 1, 0)], last_beta
+
+
+def _tridiag(alpha: Tensor, beta: Tensor) -> Tensor:
+    return torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+
+
+def _select(theta: Tensor, k: int, which: str) -> Tensor:
+    if which == "LA":
+        return torch.argsort(theta, descending=True)[:k]
+    if which == "SA":
+        return torch.argsort(theta)[:k]
+    return torch.argsort(theta.abs(), descending=True)[:k]
+
+
+def lanczos(
+    A: Any,
+    k: int,
+    *,
+    which: Literal["LA", "SA", "LM"] = "LA",
+    max_iter: int | None = None,
+    tol: float = 1e-8,
+    generator: torch.Generator | None = None,
+    v0: Tensor | None = None,
+    dim: int | None = None,
+) -> LanczosResult:
+    r"""``k`` extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Builds the Krylov basis ``Q_m`` of ``span{v0, A v0, …}`` and the tridiagonal ``T_m = Q_mᵀ A Q_m``; the Ritz
+    pairs ``(θ_i, Q_m s_i)`` of ``T_m`` approximate eigenpairs, with residual ``‖A x_i − θ_i x_i‖ = β_m |s_{m,i}|``.
+    Iterates until the ``k`` selected residuals are below ``tol · max|θ|`` or ``max_iter`` steps (default
+    ``min(n, max(3k + 50, 100))``); with ``m = n`` the result is exact. Not converging emits a warning.
+
+    Args:
+        A: symmetric operator (see module docstring). Symmetry is not checked.
+        k: number of eigenpairs, ``1 ≤ k ≤ n``.
+        which: ``"LA"`` largest algebraic (top-k, returned descending), ``"SA"`` smallest algebraic (bottom-k,
+            ascending), ``"LM"`` largest magnitude (descending ``|λ|``).
+        max_iter: maximal Krylov dimension.
+        tol: relative residual tolerance.
+        generator: for the start vector (and restarts after breakdown).
+        v0: start vector (default: normal random).
+        dim: dimension if ``A`` is a callable.
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, "lanczos")
+    if not isinstance(k, int) or k < 1:
+        raise EnergyInputError(f"`k` must be a positive int, got {k!r}.")
+    if k > n:
+        raise EnergyInputError(f"`k`={k} eigenpairs requested from an operator of dimension n={n}; use k ≤ n.")
+    if which not in ("LA", "SA", "LM"):
+        raise EnergyInputError(f"`which` must be 'LA' (top), 'SA' (bottom) or 'LM', got {which!r}.")
+    m_max = min(n, max(3 * k + 50, 100)) if max_iter is None else int(max_iter)
+    if m_max < k or m_max > n:
+        raise EnergyInputError(f"`max_iter`={max_iter} must lie in [k, n] = [{k}, {n}].")
+    g = _gen(generator)
+    if v0 is None:
+        q0 = torch.randn(n, generator=g, dtype=torch.float64)
+    else:
+        if not isinstance(v0, Tensor) or v0.shape != (n,):
+            raise EnergyInputError(f"`v0` must be a tensor of shape ({n},), got {getattr(v0, 'shape', v0)!r}.")
+        q0 = v0.to(torch.float64)
+
+    def converged(alpha: Tensor, beta: Tensor, b: float, m: int) -> bool:
+        if m < k or (m % 5 and m < m_max):
+            return False
+        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+        idx = _select(theta, k, which)
+        res = b * S[-1, idx].abs()
+        return bool((res <= tol * max(float(theta.abs().max()), 1e-300)).all())
+
+    Q, alpha, beta, b = _lanczos_basis(mm, n, dtype, q0, m_max, g, restart_on_breakdown=True, stop=converged)
+    theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+    idx = _select(theta, k, which)
+    res = b * S[-1, idx].abs() if Q.shape[1] < n else torch.zeros(k, dtype=torch.float64)
+    ok = bool((res <= tol * max(float(theta.abs().max()), 1e-300)).all())
+    if not ok:
+        warnings.warn(
+            f"lanczos: {k} Ritz pairs not converged after {Q.shape[1]} steps (max residual {float(res.max()):.2e}); "
+            "raise `max_iter` or relax `tol`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return LanczosResult(theta[idx], Q @ S[:, idx], res, Q.shape[1], ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stochastic Lanczos quadrature
+# --------------------------------------------------------------------------------------------------------------
+
+
+def slq_density(
+    A: Any,
+    num_probes: int = 10,
+    num_steps: int = 30,
+    *,
+    generator: torch.Generator | None = None,
+    grid: Tensor | None = None,
+    num_grid: int = 512,
+    kernel_width: float | None = None,
+    dim: int | None = None,
+) -> SpectralDensity:
+    r"""Spectral density by stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017; Ghorbani et al. 2019).
+
+    For each probe ``v = z/‖z‖`` (Rademacher ``z``), ``m = num_steps`` Lanczos steps give ``T_m = S Θ Sᵀ``; the
+    Gauss quadrature nodes are ``θ_i`` with weights ``τ_i = S_{1i}²`` and :math:`v^\top f(A) v \approx \sum_i \tau_i
+    f(\theta_i)` (exact for polynomials of degree ``< 2m``). Averaging over probes,
+
+    .. math::
+        \frac1n \operatorname{tr} f(A) \approx \frac{1}{P}\sum_{p=1}^{P} \sum_{i} \tau^{(p)}_i f(\theta^{(p)}_i),
+        \qquad \phi(t) = \frac1P \sum_{p,i} \tau^{(p)}_i\, \mathcal N(t; \theta^{(p)}_i, s^2).
+
+    A probe whose Krylov space is invariant before ``m`` steps stops early (its quadrature is then exact); the
+    missing nodes are padded with weight 0.
+
+    Args:
+        A: symmetric operator. num_probes: ``P``. num_steps: ``m ≤ n``.
+        grid: evaluation points of the density (default ``num_grid`` points over the node range ± 3 s).
+        kernel_width: Gaussian width ``s`` (default 1% of the node range, at least 1e-12).
+    """
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, "slq_density")
+    if not isinstance(num_probes, int) or num_probes < 1:
+        raise EnergyInputError(f"`num_probes` must be a positive int, got {num_probes!r}.")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise EnergyInputError(f"`num_steps` must be a positive int, got {num_steps!r}.")
+    if num_steps > n:
+        raise EnergyInputError(
+            f"`num_steps`={num_steps} exceeds the dimension n={n}; use num_steps ≤ n (n steps are already exact)."
+        )
+    g = _gen(generator)
+    nodes = torch.zeros(num_probes, num_steps, dtype=torch.float64)
+    weights = torch.zeros(num_probes, num_steps, dtype=torch.float64)
+    for p in range(num_probes):
+        z = _probes(n, 1, "rademacher", g, torch.float64)[:, 0]
+        _, alpha, beta, _ = _lanczos_basis(mm, n, dtype, z, num_steps, g, restart_on_breakdown=False)
+        theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
+        m = theta.shape[0]
+        nodes[p, :m] = theta
+        nodes[p, m:] = theta[-1]
+        weights[p, :m] = S[0] ** 2 / num_probes
+    lo, hi = float(nodes.min()), float(nodes.max())
+    s = kernel_width if kernel_width is not None else max(0.01 * (hi - lo), 1e-12)
+    if s <= 0:
+        raise EnergyInputError(f"`kernel_width` must be positive, got {kernel_width!r}.")
+    if grid is None:
+        grid = torch.linspace(lo - 3 * s, hi + 3 * s, num_grid, dtype=torch.float64)
+    else:
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+    diff = (grid[:, None] - nodes.reshape(1, -1)) / s
+    density = (torch.exp(-0.5 * diff**2) / (s * math.sqrt(2 * math.pi)) * weights.reshape(1, -1)).sum(dim=1)
+    return SpectralDensity(nodes, weights, grid, density, s)

@@ -251,3 +251,26 @@ def test_bad_arguments(tmp_path):
         train(model, nan_loss, batches, steps=2, lr=0.1, progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt", model)
+
+
+def test_resume_of_a_parametrized_unfolded_model(tmp_path):
+    """Checkpoints of models with torch.nn.utils.parametrize weights (the unfolded preset) resume exactly too."""
+    from unfold.presets import yang2022
+
+    data = _task()
+    batches = ShuffledBatches(data.X_train, data.y_train, 16, seed=0)
+
+    def build():
+        torch.manual_seed(0)
+        return yang2022(8, 2, d_in=8, n_classes=4)
+
+    kw = {"steps": 6, "lr": 1e-2, "optimizer": "adam", "progress": False}
+    reference = build()
+    ref = train(reference, F.cross_entropy, batches, **kw)
+    assert any("parametrizations" in k for k in reference.state_dict())
+    ckpt = tmp_path / "unfolded.pt"
+    train(build(), F.cross_entropy, batches, checkpoint=ckpt, **{**kw, "steps": 3})
+    resumed = build()
+    res = train(resumed, F.cross_entropy, batches, checkpoint=ckpt, **kw)
+    assert res.resumed_from == 3 and res.history == ref.history
+    assert _same(_state(resumed), _state(reference))

@@ -202,7 +202,8 @@ class AdditionDataset:
     """Seeded, endless stream of addition batches (MATH §3.7).
 
     Each batch is carry-rich (see :func:`addition_batch`) with probability ``carry_rich_fraction``, decided by the same
-    generator. Every call of ``iter()`` restarts the stream from ``seed``, so two iterations yield identical batches
+    generator. MATH §3.7 says only that *some* batches are carry-rich; the default of one half is this project's
+    choice. Every call of ``iter()`` restarts the stream from ``seed``, so two iterations yield identical batches
     (the training loop relies on this to resume a run exactly, see :func:`unfold.train.train`).
 
     >>> ds = AdditionDataset(4, seed=0)

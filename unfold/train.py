@@ -304,8 +304,9 @@ def train(
     """Train ``model`` for ``steps`` optimiser steps; seeded, with optional exact checkpoint/resume.
 
     Each step draws the next ``(inputs, targets)`` batch, computes ``loss_fn(model(inputs), targets)`` (a tuple of
-    inputs is unpacked: ``model(*inputs)``), back-propagates and takes one optimiser step. The global torch RNG is
-    seeded with ``seed`` for the run (dropout etc.) and restored afterwards, so the caller's random state is untouched.
+    inputs is unpacked: ``model(*inputs)``), back-propagates and takes one optimiser step. The global (CPU) torch RNG
+    is seeded with ``seed`` for the run (dropout etc.) and restored afterwards, so the caller's random state is
+    untouched. Model initialisation happens before, outside this function; seed it yourself.
 
     Args:
         model: the ``nn.Module`` to train (in place).

@@ -657,7 +657,8 @@ def load_glove(
     The file is read line by line and only the kept words are parsed, so memory stays bounded by
     ``len(vocab)`` (or ``max_words``) vectors even for the 5.6 GB ``glove.840B.300d.txt``. The dimension ``D`` is
     taken from the first line; a word may itself contain spaces (a few entries of the 840B file do), so the last
-    ``D`` fields are the vector and everything before them is the word. The first occurrence of a word wins.
+    ``D`` fields are the vector and everything before them is the word. The first occurrence of a word wins; reading
+    stops early once every word of ``vocab`` has been found.
 
     Args:
         path: the ``.txt`` file.
@@ -675,7 +676,7 @@ def load_glove(
     rows: list[list[float]] = []
     seen: set[str] = set()
     dim: int | None = None
-    with file.open(encoding="utf-8", errors="strict") as fh:
+    with file.open(encoding="utf-8", errors="replace") as fh:  # a stray invalid byte must not abort a 5 GB read
         for lineno, line in enumerate(fh, start=1):
             parts = line.rstrip("\n").rstrip(" ").split(" ")
             if parts == [""]:
@@ -697,8 +698,8 @@ def load_glove(
                 raise EnergyInputError(f"{file}, line {lineno}: non-numeric vector entry ({err}).") from None
             words.append(word)
             seen.add(word)
-            if max_words is not None and len(words) >= max_words:
-                break
+            if (max_words is not None and len(words) >= max_words) or (keep is not None and len(words) == len(keep)):
+                break  # enough words, or every requested word found: skip the rest of the file
     if dim is None:
         raise EnergyInputError(f"{file} is empty; expected one 'word v1 ... vD' per line.")
     vectors = torch.tensor(rows, dtype=dtype) if rows else torch.zeros(0, dim, dtype=dtype)

@@ -32,11 +32,11 @@ convex in the outputs (MSE, cross-entropy). Taken at the output of an attention 
 
 How products are computed (one batch, ``k`` vectors ``V`` at once with ``vmap``)
 ------------------------------------------------------------------------------
-* ``H V`` alone: forward-over-reverse, ``jvp(grad ℓ_b)`` -- the primal forward/backward runs once (it is
-  not batched by ``vmap``), the tangents for all ``k`` vectors are batched.
+* The primal forward/backward of a batch runs once (``vmap`` does not batch it); the tangents and cotangents
+  of all ``k`` vectors are batched.
 * ``G V``: one primal ``vjp`` (kept), ``J V`` by ``jvp``, ``U = ∇²_o ℓ_b · JV`` in output space, ``Jᵀ U`` by the
   kept ``vjp`` function.
-* ``H V`` and ``G V`` together (:meth:`CurvatureOperator.hessian_and_ggn`): the functional part is the
+* ``H V`` (alone, or with ``G V`` in :meth:`CurvatureOperator.hessian_and_ggn`): the functional part is the
   forward-over-reverse derivative of ``θ ↦ Jᵀ g_o`` with the output gradient ``g_o = ∇_o ℓ_b`` held fixed,
   and the same pass returns ``J V`` as a by-product:
 
@@ -45,7 +45,10 @@ How products are computed (one batch, ``k`` vectors ``V`` at once with ``vmap``)
       \qquad G v = J^\top(\nabla^2_o \ell\, J v), \qquad H v = G v + H_f v .
 
   The reverse tangent of ``Jᵀ g_o`` only carries the second derivatives of the network (nothing flows from a
-  loss Hessian), so it is cheaper than a full HVP; ``J V`` is not recomputed for the GGN.
+  loss Hessian), so it is cheaper than a full HVP; ``J V`` is not recomputed for the GGN. The loss itself is
+  differentiated only in reverse mode (``∇²_o ℓ U`` by reverse-over-reverse in output space), so every torch
+  loss works (forward-over-reverse through ``F.mse_loss`` fails in torch 2.x). Asking for ``G V`` alone skips
+  the functional pass (``jvp`` then ``vjp``); ``H V`` alone costs the same as ``(H V, G V)``.
 
 Public API: :class:`HessianOperator`, :class:`GGNOperator`, :class:`FunctionalOperator`,
 :class:`JacobianOperator` (``.T`` = :class:`TransposedJacobianOperator`), :class:`TokenHessianOperator`,
@@ -518,17 +521,19 @@ class CurvatureOperator(LinearOperator):
         return h
 
     def _output_hessian(self, ell: Callable, o: Tensor, U: Tensor) -> Tensor:
-        """``∇²_o ℓ · U`` for ``U`` of shape ``(k, *o.shape)`` (output space, cheap)."""
-        g = grad(ell)
-        return vmap(lambda u: jvp(g, (o,), (u,))[1])(U)
+        """``∇²_o ℓ · U`` for ``U`` of shape ``(k, *o.shape)`` (output space, cheap).
+
+        Reverse-over-reverse (``vjp`` of ``∇_o ℓ``, valid as the Hessian is symmetric): unlike forward-over-reverse
+        it works for every torch loss (``jvp`` of ``grad`` of ``F.mse_loss`` fails in torch 2.x on ZeroTensors).
+        """
+        _, back = vjp(grad(ell), o)
+        return vmap(back)(U)[0]
 
     def _batch_products(self, state: dict[str, Any], free: dict, Vd: dict, kinds: frozenset[str]) -> dict:
+        """One batch: ``{kind: {name: (k, *shape)}}``. The loss is only differentiated in reverse mode, the
+        network in forward-over-reverse (``H_f``) and forward / reverse (``J``, ``Jᵀ``)."""
         f, ell, o = state["f"], state["ell"], state["o"]
         out: dict[str, dict[str, Tensor]] = {}
-        if kinds == {"H"} and "lin" not in state:
-            g = grad(lambda p: ell(f(p)))
-            out["H"] = vmap(lambda v: jvp(g, (free,), (v,))[1])(Vd)
-            return out
         if kinds == {"G"} and "lin" not in state:
             JV = vmap(lambda v: jvp(f, (free,), (v,))[1])(Vd)
         else:

@@ -296,6 +296,7 @@ def test_load_glove_and_embed(tmp_path):
     bad.write_text("a 1 2\nb 1 x\n")
     with pytest.raises(EnergyInputError, match="line 2"):
         load_glove(bad)
+    assert load_glove(bad, vocab={"a"}).words == ["a"]  # stops once every requested word is found
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(EnergyInputError, match="empty"):
         load_glove(tmp_path / "empty.txt")

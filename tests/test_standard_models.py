@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vmap
 
 from energy._validation import EnergyInputError
 from unfold.data import addition_batch, addition_loss, addition_mse_loss
@@ -150,7 +150,7 @@ def test_causal_masking(gen, kw):
 
 @pytest.mark.parametrize("kw", [{}, {"attention": "linear"}, {"layernorm": "pre", "n_heads": 2}])
 def test_forward_mode_ad_through_model(kw):
-    """torch.func.jvp (and jvp-of-grad, the Hessian-vector product) work through the model and agree with autograd."""
+    """torch.func.jvp, jvp-of-grad (Hessian-vector products) and vmap work through the model; agree with autograd."""
     gen = torch.Generator().manual_seed(7)
     model = _model(gen, **kw)
     tokens, targets = addition_batch(2, generator=gen)
@@ -172,6 +172,16 @@ def test_forward_mode_ad_through_model(kw):
     _, hvp = jvp(grad(loss), (params,), (v,))  # forward-over-reverse, as the Hessian tools do
     for k, ref in zip(p_req, hvp_ref):
         torch.testing.assert_close(hvp[k], ref, rtol=1e-9, atol=1e-11)
+
+    # batched over several directions with vmap (Hutchinson-style), and per example over the token batch
+    V = {k: torch.stack([torch.zeros_like(t), v[k], 2 * v[k]]) for k, t in params.items()}
+    hvps = vmap(lambda u: jvp(grad(loss), (params,), (u,))[1])(V)
+    for k in params:
+        torch.testing.assert_close(hvps[k][1], hvp[k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hvps[k][2], 2 * hvp[k], rtol=1e-10, atol=1e-12)
+        assert float(hvps[k][0].abs().max()) == 0.0
+    per_example = vmap(lambda t: model(t[None])[0])(tokens)
+    torch.testing.assert_close(per_example, model(tokens), rtol=1e-12, atol=1e-12)
 
 
 def test_set_embedding_scale_changes_only_embeddings():

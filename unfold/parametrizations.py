@@ -148,6 +148,40 @@ class Symmetric(Constraint):
         return self.check(W)
 
 
+class _ClipSpectrum(torch.autograd.Function):
+    r"""``S ↦ V clip(Λ) Vᵀ`` for symmetric ``S = V Λ Vᵀ``, with the Daleckii–Krein derivative.
+
+    .. math:: \mathrm{d}F = V\,\big(\Phi \circ (V^\top \mathrm{d}S\, V)\big)\,V^\top ,\qquad
+        \Phi_{ij} = \frac{f(\lambda_i) - f(\lambda_j)}{\lambda_i - \lambda_j}\ (\lambda_i \ne \lambda_j),\quad
+        \Phi_{ii} = f'(\lambda_i),
+
+    ``f = clip(·, lo, hi)``. Autograd through ``eigh`` would form ``1/(λ_i − λ_j)`` for the eigenvectors, which is
+    infinite for repeated eigenvalues (and clipping creates them); the divided differences are bounded by 1.
+    """
+
+    @staticmethod
+    def forward(ctx, S: Tensor, lo: float, hi: float) -> Tensor:
+        lam, V = torch.linalg.eigh(S)
+        f = lam.clamp(lo, hi)
+        ctx.save_for_backward(lam, V, f)
+        ctx.lo, ctx.hi = lo, hi
+        return (V * f.unsqueeze(-2)) @ V.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, G: Tensor):
+        lam, V, f = ctx.saved_tensors
+        dlam = lam.unsqueeze(-1) - lam.unsqueeze(-2)
+        df = f.unsqueeze(-1) - f.unsqueeze(-2)
+        inside = ((lam >= ctx.lo) & (lam <= ctx.hi)).to(lam.dtype)  # one-sided at the bounds: they can move back
+        tie = dlam.abs() <= 1e3 * torch.finfo(lam.dtype).eps * lam.abs().max().clamp_min(1.0)
+        # ties: the derivative f' (1 inside the band, 0 outside; equal eigenvalues share one side)
+        deriv = 0.5 * (inside.unsqueeze(-1) + inside.unsqueeze(-2))
+        Phi = torch.where(tie, deriv, df / torch.where(tie, torch.ones_like(dlam), dlam))
+        Gs = 0.5 * (G + G.transpose(-1, -2))
+        grad = V @ (Phi * (V.transpose(-1, -2) @ Gs @ V)) @ V.transpose(-1, -2)
+        return grad, None, None
+
+
 class SpectrumClip(Constraint):
     r"""Symmetric matrix with eigenvalues clipped to ``[lo, hi]`` (MATH §1.3).
 
@@ -174,8 +208,7 @@ class SpectrumClip(Constraint):
         return f"SpectrumClip(symmetric, eigenvalues in [{self.lo:g}, {self.hi:g}])"
 
     def forward(self, A: Tensor) -> Tensor:
-        lam, V = torch.linalg.eigh(_sym(A))
-        return (V * lam.clamp(self.lo, self.hi).unsqueeze(-2)) @ V.transpose(-1, -2)
+        return _ClipSpectrum.apply(_sym(A), self.lo, self.hi)
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
         try:

@@ -41,6 +41,7 @@ from torch.nn.utils import parametrize
 from energy._validation import ConstraintError, EnergyInputError, check_tensor
 from unfold.parametrizations import check_constraints, constraints_of
 from unfold.steps import STEP_TYPES, Step
+from unfold.train import CheckpointError  # one error class for every checkpoint problem of the package
 
 __all__ = [
     "Unrolled",
@@ -55,10 +56,6 @@ __all__ = [
 ]
 
 ScheduleEntry = str | tuple[str, dict[str, Any]] | Step
-
-
-class CheckpointError(EnergyInputError):
-    """A checkpoint is corrupt or does not match the model (keys, shapes, format); nothing was loaded."""
 
 
 def _valid_names() -> str:

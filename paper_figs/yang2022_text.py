@@ -1,0 +1,561 @@
+r"""Yang, Huang & Wipf (NeurIPS 2022), figures 5-6: the energy of a weight-tied unfolded model against depth.
+
+The model (MATH §1.6, §1.8; :func:`unfold.presets.yang2022`): 12 weight-tied layers, each an attention step (a) with
+``α = 1``, :math:`Y \leftarrow \mathrm{softmax}_\beta(Y W Y^\top) Y` (``W = M Mᵀ/√k``), an FFN step with ``α = 1``
+and ``W_f`` constrained to the spectrum ``[0, 0.95]``, :math:`Y \leftarrow -Y W_f + 1 b^\top`, and optionally a ReLU
+projection. The energy ``E = E_att + E_ffn`` is recorded at the layer boundaries ``t = 0 … 12`` by the unroller's
+trace (:meth:`unfold.unroller.Unrolled.forward` with ``trace=True``), which builds the energies from the same
+constrained weights, hence the same metric, as the steps.
+
+- ``yang2022-energy-untrained``: freshly initialised models, without and with the ReLU projection (the same
+  initial weights; the ReLU model really has the ReLU — the authors' "ReLU" panel had none).
+- ``yang2022-energy-trained``: the ReLU model after training with a per-sequence cross-entropy (mean-pool + linear
+  head), beside the same model at its initialisation.
+
+Data. With ``--imdb``/``--sst2`` and ``--glove`` the paper's setting runs: GloVe vectors of IMDB reviews (IMDB curves)
+and of SST-2 sentences (SST-2 curves; the authors evaluated their SST-2 curves on IMDB sentences). Without them:
+
+- untrained: the English dataset descriptions that ship with scikit-learn (``sklearn/datasets/descr/*.rst``; split
+  into sentences by :func:`bundled_text_sentences`), embedded with a seeded Gaussian table
+  (:func:`unfold.data.seeded_embedding_table`, entries ``N(0, 1/d)``) over their vocabulary;
+- trained: scikit-learn's bundled handwritten digits as sequences of 8 row tokens with 8 pixels
+  (:func:`unfold.data.load_digits_sequences`), through a learned linear input map to width ``d``.
+
+Sequences have different lengths; they are run in buckets of equal length (no padding, so no padding token ever
+enters the attention). ``E_min`` is the minimum of each sequence's own energies over ``t = 0 … 12`` (the paper does
+not say which minimum it subtracts).
+
+Defects of the authors' code that are not reproduced (MATH §1.8): different metrics in energy and forward pass;
+``β`` computed but unused; the untrained "ReLU" model without ReLU; SST-2 curves evaluated on IMDB sentences; a
+training loss that flattens all token logits of a batch into one softmax; the FFN weight normaliser squaring the
+matrix on every call (here: a spectrum-clip parametrisation, :class:`unfold.parametrizations.SpectrumClip`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from energy._validation import EnergyInputError
+from paper_figs.registry import FigureConfig, figure, measured
+from unfold.data import (
+    ShuffledBatches,
+    build_vocabulary,
+    embed_sentences,
+    load_digits_sequences,
+    load_glove,
+    load_imdb,
+    load_sst2,
+    seeded_embedding_table,
+    tokenize,
+)
+from unfold.presets import UnrolledClassifier, yang2022
+from unfold.train import train
+from unfold.unroller import Unrolled
+
+__all__ = [
+    "DEPTH",
+    "TextSet",
+    "bundled_text_sentences",
+    "text_sets",
+    "layer_energies",
+    "make_model",
+    "train_classifier",
+    "test_accuracy",
+    "layer_summary",
+]
+
+DEPTH = 12  # layers of the paper's model
+LR = 1e-2  # SGD learning rate of the paper's training run (batch 1)
+BUNDLED_TEXT_PACKAGE = "sklearn.datasets.descr"
+_MIN_TOKENS = 5
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------------
+
+_RST_MARKUP = re.compile(r"^(\.\.|:|\||\*|-|=|\+|#|`)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def bundled_text_sentences(min_tokens: int = _MIN_TOKENS) -> tuple[list[str], str]:
+    """English sentences from the dataset descriptions bundled with scikit-learn (available offline).
+
+    The files ``sklearn/datasets/descr/*.rst`` (in sorted order) are split into paragraphs at blank lines and at
+    reStructuredText markup lines (directives, field lists, tables, bullet items, section underlines, lines with
+    column gaps of two spaces); each paragraph is split into sentences after ``.``, ``!`` or ``?`` followed by a
+    capital letter. Sentences with fewer than ``min_tokens`` :func:`unfold.data.tokenize` tokens are dropped. The
+    result is real but technical English text (some "sentences" are fragments of references).
+
+    Returns:
+        ``(sentences, description)``; the description names the scikit-learn version (the text depends on it).
+    """
+    import sklearn
+
+    files = sorted(
+        (p for p in importlib.resources.files(BUNDLED_TEXT_PACKAGE).iterdir() if p.name.endswith(".rst")),
+        key=lambda p: p.name,
+    )
+    sentences: list[str] = []
+    for f in files:
+        paragraph: list[str] = []
+        paragraphs: list[str] = []
+        for line in f.read_text(encoding="utf-8").splitlines() + [""]:
+            s = line.strip()
+            if not s or _RST_MARKUP.match(s) or set(s) <= set("=-~^*+#| ") or "  " in s:
+                if paragraph:
+                    paragraphs.append(" ".join(paragraph))
+                paragraph = []
+            else:
+                paragraph.append(s)
+        for p in paragraphs:
+            sentences.extend(s for s in _SENTENCE_END.split(p) if len(tokenize(s)) >= min_tokens)
+    description = (
+        f"{len(sentences)} sentences (>= {min_tokens} tokens) of the English dataset descriptions bundled with "
+        f"scikit-learn {sklearn.__version__} (sklearn/datasets/descr/*.rst, {len(files)} files)"
+    )
+    return sentences, description
+
+
+@dataclasses.dataclass
+class TextSet:
+    """Sequences of one data source, ready for the model.
+
+    Attributes:
+        name: ``"imdb"``, ``"sst2"``, ``"bundled-text"`` or ``"digits"``.
+        sequences: one ``(n_i, d_in)`` tensor per sequence (no padding), float64.
+        labels: class labels ``(N,)`` (``None`` for the untrained figure's bundled text).
+        description: what the data is, for the caption.
+    """
+
+    name: str
+    sequences: list[Tensor]
+    labels: Tensor | None
+    description: str
+
+
+def _sample(n_total: int, n: int, generator: torch.Generator) -> list[int]:
+    return torch.randperm(n_total, generator=generator)[: min(n, n_total)].sort().values.tolist()
+
+
+def _embed(sentences: Sequence[str], labels: Tensor | None, table: Any, max_len: int,
+           name: str, description: str) -> TextSet:
+    """Embed each sentence (first ``max_len`` tokens that have a vector); sentences with < 2 such tokens are dropped."""
+    Y, lengths = embed_sentences(list(sentences), table, max_len)
+    keep = [i for i, L in enumerate(lengths.tolist()) if L >= 2]
+    seqs = [Y[i, : int(lengths[i])].to(torch.float64) for i in keep]
+    lab = None if labels is None else labels[keep]
+    return TextSet(name, seqs, lab, f"{description}; {len(seqs)} sequences of 2-{max_len} tokens")
+
+
+def _check_text_options(cfg: FigureConfig) -> tuple[Path | None, Path | None, Path | None]:
+    imdb, sst2, glove = (cfg.options.get(k) for k in ("imdb", "sst2", "glove"))
+    if (imdb is not None or sst2 is not None) and glove is None:
+        raise EnergyInputError(
+            "--imdb/--sst2 need --glove PATH/glove.840B.300d.txt as well (the sentences are embedded with GloVe "
+            "vectors); give --glove, or omit --imdb/--sst2 to run on the bundled data."
+        )
+    if glove is not None and imdb is None and sst2 is None:
+        raise EnergyInputError("--glove was given without --imdb or --sst2; give at least one of them.")
+    return imdb, sst2, glove
+
+
+def _glove_sets(
+    imdb: Path | None, sst2: Path | None, glove: Path, *, split: str, n: int, max_len: int, seed: int,
+    max_per_class: int | None,
+) -> list[TextSet]:
+    """IMDB reviews (from their own split) and SST-2 sentences, each embedded with GloVe (paper setting)."""
+    g = torch.Generator().manual_seed(seed)
+    raw = []
+    if imdb is not None:
+        texts, labels = load_imdb(imdb, "test" if split == "eval" else "train", max_per_class=max_per_class)
+        idx = _sample(len(texts), n, g)
+        raw.append(("imdb", [texts[i] for i in idx], labels[idx],
+                    f"IMDB {'test' if split == 'eval' else 'train'} reviews ({imdb})"))
+    if sst2 is not None:
+        texts, labels = load_sst2(sst2, "dev" if split == "eval" else "train")
+        idx = _sample(len(texts), n, g)
+        raw.append(("sst2", [texts[i] for i in idx], labels[idx],
+                    f"SST-2 {'dev' if split == 'eval' else 'train'} sentences ({sst2})"))
+    vectors = load_glove(glove, vocab=build_vocabulary(s for _, texts, _, _ in raw for s in texts))
+    return [
+        _embed(texts, labels, vectors, max_len, name, f"{desc}, GloVe vectors {Path(glove).name} (d={vectors.dim})")
+        for name, texts, labels, desc in raw
+    ]
+
+
+def text_sets(cfg: FigureConfig, *, d: int, n: int, max_len: int) -> list[TextSet]:
+    """The evaluation sequences of ``yang2022-energy-untrained`` (paths given: IMDB / SST-2 with GloVe)."""
+    imdb, sst2, glove = _check_text_options(cfg)
+    if glove is not None:
+        return _glove_sets(imdb, sst2, glove, split="eval", n=n, max_len=max_len, seed=cfg.seed,
+                           max_per_class=cfg.pick(tiny=None, quick=None, paper=None, key="max_per_class"))
+    sentences, description = bundled_text_sentences()
+    idx = _sample(len(sentences), n, torch.Generator().manual_seed(cfg.seed))
+    chosen = [sentences[i] for i in idx]
+    vocab = sorted(build_vocabulary(chosen))
+    table = seeded_embedding_table(vocab, d, cfg.seed, dtype=torch.float64)
+    return [_embed(chosen, None, table, max_len, "bundled-text",
+                   f"{description}; {len(idx)} drawn; vectors: seeded N(0, 1/d) table ({len(vocab)} words, "
+                   f"d={d}, seed={cfg.seed})")]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# model, energies, training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def make_model(d: int, *, relu: bool, seed: int, d_in: int | None = None,
+               n_classes: int | None = None) -> UnrolledClassifier:
+    """:func:`unfold.presets.yang2022` (12 tied layers, ``α = 1``) initialised from ``seed``.
+
+    The same seed gives the same weights with and without ReLU (the projection has no parameters).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = yang2022(d, DEPTH, relu=relu, d_in=d_in, n_classes=n_classes)
+        _nondegenerate_ffn_original(model.body)
+    return model
+
+
+@torch.no_grad()
+def _nondegenerate_ffn_original(body: Unrolled) -> None:
+    """Give every spectrum-clipped ``W_f`` an unconstrained original with distinct eigenvalues.
+
+    :class:`unfold.steps.FFNStep` stores the already clipped matrix as the original of its
+    :class:`~unfold.parametrizations.SpectrumClip` parametrisation, so the original has (numerically) repeated
+    eigenvalues at 0 and 0.95; the backward pass of ``torch.linalg.eigh`` divides by eigenvalue gaps and gives NaN
+    gradients at the first SGD step. Here the original is redrawn as the unclipped symmetric matrix
+    ``½(A + Aᵀ)``, ``A_ij ~ N(0, 1/d)`` (the distribution :class:`~unfold.steps.FFNStep` draws from), so ``W_f`` is
+    its clipped version as before, with a spectrum that has no ties. (Workaround, reported to the owner of
+    ``unfold.steps``; the same random stream is used for every model of a figure.)
+    """
+    for layer in body.layers:
+        for step in layer:
+            if step.kind == "ffn" and step.spectrum is not None:
+                original = step.parametrizations.W_f.original
+                A = torch.randn(step.d, step.d, dtype=original.dtype) / step.d**0.5
+                original.copy_(0.5 * (A + A.T))
+
+
+@torch.no_grad()
+def layer_energies(model: UnrolledClassifier, sequences: Sequence[Tensor]) -> dict[str, np.ndarray]:
+    """Every energy term at the layer boundaries ``t = 0 … depth`` of every sequence, ``(N, depth + 1)`` each.
+
+    ``Y⁰`` is the body's input (``model.embed`` of the sequence). Sequences of equal length run as one batch
+    (no padding). The energies come from the unroller's trace (MATH §1.6: ``E = E_att + E_ffn``, the same
+    constrained weights as the steps); state ``t·S`` (``S`` steps per layer) is the state after layer ``t``.
+    """
+    body: Unrolled = model.body
+    S = len(body.step_kinds)
+    out: dict[str, np.ndarray] = {}
+    by_length: dict[int, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        by_length.setdefault(seq.shape[0], []).append(i)
+    dtype = next(model.parameters()).dtype
+    for idx in by_length.values():
+        X = torch.stack([sequences[i] for i in idx]).to(dtype)
+        _, info = body(model.embed(X), trace=True)
+        for name, E in info["energies"].items():
+            arr = out.setdefault(name, np.full((len(sequences), body.depth + 1), np.nan))
+            arr[idx] = E[::S].T.to(torch.float64).numpy()
+    return out
+
+
+def layer_summary(E: np.ndarray) -> dict[str, Any]:
+    """Statistics of ``E (N, T+1)`` against depth: the mean curve, ``E − E_min`` quartiles, monotonicity."""
+    gap = E - E.min(axis=1, keepdims=True)
+    mean = E.mean(axis=0)
+    dmean = np.diff(mean)
+    return {
+        "mean_E": mean,
+        "mean_gap": gap.mean(axis=0),
+        "gap": gap,
+        "n_layers_mean_decreases": int((dmean < 0).sum()),
+        "n_layers": int(len(dmean)),
+        "mean_monotone": bool((dmean <= 0).all()),
+        "frac_sequences_monotone": float((np.diff(E, axis=1) <= 0).all(axis=1).mean()),
+        "frac_sequences_final_below_initial": float((E[:, -1] < E[:, 0]).mean()),
+        "frac_steps_increasing": float((np.diff(E, axis=1) > 0).mean()),
+    }
+
+
+def train_classifier(
+    model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor, *, steps: int, seed: int,
+    progress: bool | None = None,
+) -> list[float]:
+    """``steps`` SGD steps (lr 1e-2, batch 1) of the per-sequence cross-entropy of the class logits.
+
+    The loss of one sequence is ``−log softmax(logits)[label]`` over its ``C`` classes (``F.cross_entropy`` of the
+    ``(1, C)`` logits) — not the authors' flattening of all token logits into one softmax. Sequences are visited in
+    seeded random order (epochs of fresh permutations), one per step. Returns the loss history.
+    """
+    progress = sys.stderr.isatty() if progress is None else progress
+    order = ShuffledBatches(torch.arange(len(sequences)), labels, 1, seed=seed)
+    dtype = next(model.parameters()).dtype
+    batches = ((sequences[int(i)].unsqueeze(0).to(dtype), y) for i, y in order)
+    result = train(model, F.cross_entropy, batches, steps=steps, lr=LR, optimizer="sgd", seed=seed,
+                   progress=progress, desc="train yang2022 model")
+    return result.history
+
+
+@torch.no_grad()
+def test_accuracy(model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor) -> float:
+    """Fraction of sequences whose arg-max class is the label (equal-length buckets, no padding)."""
+    dtype = next(model.parameters()).dtype
+    correct = 0
+    by_length: dict[int, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        by_length.setdefault(seq.shape[0], []).append(i)
+    for idx in by_length.values():
+        logits = model(torch.stack([sequences[i] for i in idx]).to(dtype))
+        correct += int((logits.argmax(-1) == labels[idx]).sum())
+    return correct / len(sequences)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plotting helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _panel(ax: Any, gap: np.ndarray, title: str, reference: np.ndarray | None = None) -> None:
+    """Box plots (no fliers) of ``E(Yᵗ) − E_min`` per layer, the mean line, on a symlog axis."""
+    t = np.arange(gap.shape[1])
+    ax.boxplot([gap[:, k] for k in t], positions=t, showfliers=False, widths=0.5,
+               medianprops={"color": "C1"}, boxprops={"color": "0.35"}, whiskerprops={"color": "0.35"},
+               capprops={"color": "0.35"})
+    ax.plot(t, gap.mean(axis=0), "o-", color="C0", ms=3, lw=1.4, label="mean")
+    if reference is not None:
+        ax.plot(t, reference, "s--", color="0.5", ms=2.5, lw=1, label="mean at initialisation")
+    positive = gap[gap > 0]
+    lin = float(np.quantile(positive, 0.05)) if positive.size else 1.0
+    ax.set_yscale("symlog", linthresh=max(lin, 1e-12))
+    ax.set_xticks(t)
+    ax.set_xlabel("layer t")
+    ax.set_ylabel(r"$E(Y^t) - E_{\min}$")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _stats_record(E_total: np.ndarray, terms: dict[str, np.ndarray]) -> dict[str, Any]:
+    rec = layer_summary(E_total)
+    rec["mean_terms"] = {k: v.mean(axis=0) for k, v in terms.items()}
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# yang2022-energy-untrained
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _caption_untrained(data: dict) -> str:
+    sets = "; ".join(f"{s['name']}: {s['description']}" for s in data["sets"])
+    return (
+        "Energy E = E_att + E_ffn of a freshly initialised 12-layer weight-tied unfolded Transformer (Yang et al. "
+        "2022, Fig 5/6 protocol; attention step (a) with alpha = 1, i.e. softmax_beta(Y W Y^T) Y, W = M M^T/sqrt(k); "
+        f"FFN step with alpha = 1 and W_f spectrum clipped to [0, 0.95]; d = {data['d']}), without (left) and with "
+        "(right) the ReLU projection after the FFN step, the same initial weights (seed "
+        f"{data['seed']}). Box plots (no fliers) of E(Y^t) - E_min per layer t over the sequences, E_min = minimum of "
+        "each sequence's own energies over t; line: mean. Energies from the unroller's trace (same metric in energy "
+        f"and step). Data: {sets}."
+        + ("" if data["paper_setting"] else
+           " Offline stand-in: IMDB/SST-2 and GloVe are not available, so the protocol runs on real English text "
+           "bundled with scikit-learn and random (seeded) word vectors; pass --imdb/--sst2 and --glove for the "
+           "paper's setting.")
+    )
+
+
+@figure(
+    "yang2022-energy-untrained",
+    description="Yang et al. 2022 Fig 5/6: energy E_att + E_ffn vs layer, fresh weight-tied model, w/o and w/ ReLU.",
+    claim=(
+        "An unfolded Transformer whose layers are descent steps on E_att and E_ffn lowers the total energy with depth "
+        "on average (MATH §1.6, §1.8); each step descends its own term only, so the sum need not be monotone."
+    ),
+    caption=_caption_untrained,
+    paper_seed=2333,
+    options=("imdb", "sst2", "glove"),
+)
+def compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
+    d = cfg.pick(tiny=16, quick=128, paper=300, key="d")
+    n = cfg.pick(tiny=6, quick=100, paper=200, key="n_sequences")
+    max_len = cfg.pick(tiny=10, quick=40, paper=64, key="max_len")
+    sets = text_sets(cfg, d=d, n=n, max_len=max_len)
+    if cfg.options.get("glove") is not None:
+        d = sets[0].sequences[0].shape[1]  # GloVe fixes the width
+    panels = []
+    for ts in sets:
+        for relu in (False, True):
+            model = make_model(d, relu=relu, seed=cfg.seed).double()
+            E = layer_energies(model, ts.sequences)
+            rec = _stats_record(E["total"], {k: v for k, v in E.items() if k != "total"})
+            panels.append({"set": ts.name, "relu": relu, **rec})
+    return {
+        "d": d, "depth": DEPTH, "seed": cfg.seed, "max_len": max_len,
+        "paper_setting": cfg.options.get("glove") is not None,
+        "sets": [{"name": s.name, "description": s.description, "n": len(s.sequences),
+                  "lengths": [int(x.shape[0]) for x in s.sequences]} for s in sets],
+        "panels": panels,
+    }
+
+
+@compute_energy_untrained.plot
+def plot_energy_untrained(data: dict, cfg: FigureConfig) -> Figure:
+    names = [s["name"] for s in data["sets"]]
+    fig = Figure(figsize=(11, 3.8 * len(names)), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(names), 2, squeeze=False))
+    for p in data["panels"]:
+        ax = axes[names.index(p["set"]), int(p["relu"])]
+        title = (f"{p['set']}, {'with' if p['relu'] else 'without'} ReLU: mean decreases at "
+                 f"{p['n_layers_mean_decreases']}/{p['n_layers']} layers")
+        _panel(ax, np.asarray(p["gap"]), title)
+    fig.suptitle(f"Yang et al. 2022, Fig 5/6 (protocol): energy vs layer, untrained, d = {data['d']}")
+    return fig
+
+
+def _summary_panels(panels: list[dict], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for p in panels:
+        key = f"{prefix}{p['set']}_{'relu' if p['relu'] else 'norelu'}"
+        out[f"{key}_layers_mean_decreases"] = measured(
+            f"{p['n_layers_mean_decreases']}/{p['n_layers']}",
+            note="layers t -> t+1 at which the mean energy over sequences decreased (no target: reported as is)",
+        )
+        out[f"{key}_mean_E_final_below_initial"] = measured(
+            bool(p["mean_E"][-1] < p["mean_E"][0]), target=True,
+            note="the paper's expectation: energy decreasing in depth on average (mean E(Y^12) < mean E(Y^0))",
+        )
+        out[f"{key}_mean_monotone"] = measured(p["mean_monotone"], note="mean energy non-increasing at every layer")
+        out[f"{key}_frac_sequences_monotone"] = measured(
+            p["frac_sequences_monotone"], note="share of sequences whose own energy never increased over the layers"
+        )
+    return out
+
+
+@compute_energy_untrained.summary
+def summarize_energy_untrained(data: dict) -> dict[str, Any]:
+    return _summary_panels(data["panels"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# yang2022-energy-trained
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _training_sets(cfg: FigureConfig, *, steps: int, n_eval: int, max_len: int) -> list[tuple[TextSet, TextSet]]:
+    """``(train, eval)`` pairs: IMDB / SST-2 with GloVe when given, else sklearn's digits."""
+    imdb, sst2, glove = _check_text_options(cfg)
+    if glove is not None:
+        train_sets = _glove_sets(imdb, sst2, glove, split="train", n=steps, max_len=max_len, seed=cfg.seed,
+                                 max_per_class=None)
+        eval_sets = _glove_sets(imdb, sst2, glove, split="eval", n=n_eval, max_len=max_len, seed=cfg.seed + 1,
+                                max_per_class=None)
+        return list(zip(train_sets, eval_sets))
+    digits = load_digits_sequences(tokens="rows", seed=cfg.seed, dtype=torch.float64)
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = _sample(len(digits.y_test), n_eval, g)
+    return [(
+        TextSet("digits", list(digits.X_train), digits.y_train, f"{digits.description} (train, {len(digits.y_train)})"),
+        TextSet("digits", [digits.X_test[i] for i in idx], digits.y_test[idx],
+                f"{digits.description} (test, {len(idx)} drawn)"),
+    )]
+
+
+def _caption_trained(data: dict) -> str:
+    runs = "; ".join(
+        f"{r['set']}: trained on {r['train_description']}, energies on {r['eval_description']}, test accuracy "
+        f"{r['acc_before']:.3f} before / {r['acc_after']:.3f} after training"
+        for r in data["runs"]
+    )
+    return (
+        "Energy E = E_att + E_ffn against layer t of the 12-layer weight-tied unfolded Transformer with ReLU "
+        f"(Yang et al. 2022, Fig 5/6 protocol; d = {data['d']}) after {data['steps']} SGD steps (lr {data['lr']}, "
+        "batch 1) of the per-sequence cross-entropy of a mean-pool + linear head (not the authors' flattened "
+        "token softmax). Box plots (no fliers) of E(Y^t) - E_min, E_min = each sequence's minimum over t; solid: "
+        "mean after training; dashed: mean of the same model at its initialisation. Energies from the unroller's "
+        f"trace on the body's input Y^0 (after the input map when there is one). {runs}."
+        + ("" if data["paper_setting"] else
+           " Offline stand-in for IMDB/SST-2 + GloVe: scikit-learn's bundled digits as token sequences.")
+    )
+
+
+@figure(
+    "yang2022-energy-trained",
+    description="Yang et al. 2022 Fig 5/6: energy vs layer of the weight-tied ReLU model after training.",
+    claim=(
+        "After training (the layers stay descent steps of their energy terms; the weights only move within the "
+        "constraints), the energy still decreases with depth on average (MATH §1.8)."
+    ),
+    caption=_caption_trained,
+    paper_seed=2333,
+    options=("imdb", "sst2", "glove"),
+)
+def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
+    d = cfg.pick(tiny=8, quick=32, paper=300, key="d")
+    steps = cfg.pick(tiny=20, quick=600, paper=2000, key="steps")
+    n_eval = cfg.pick(tiny=8, quick=200, paper=200, key="n_sequences")
+    max_len = cfg.pick(tiny=10, quick=40, paper=64, key="max_len")
+    runs = []
+    for train_set, eval_set in _training_sets(cfg, steps=steps, n_eval=n_eval, max_len=max_len):
+        d_in = train_set.sequences[0].shape[1]
+        if cfg.options.get("glove") is not None:
+            d = d_in  # the paper feeds the GloVe vectors directly
+        n_classes = int(torch.cat([train_set.labels, eval_set.labels]).max()) + 1
+        model = make_model(d, relu=True, seed=cfg.seed, d_in=d_in, n_classes=n_classes)
+        E0 = layer_energies(model.double(), eval_set.sequences)
+        acc_before = test_accuracy(model, eval_set.sequences, eval_set.labels)
+        model = model.float()
+        history = train_classifier(model, [s.float() for s in train_set.sequences], train_set.labels, steps=steps,
+                                   seed=cfg.seed)
+        model = model.double()
+        E = layer_energies(model, eval_set.sequences)
+        acc_after = test_accuracy(model, eval_set.sequences, eval_set.labels)
+        rec = _stats_record(E["total"], {k: v for k, v in E.items() if k != "total"})
+        init = layer_summary(E0["total"])
+        k = max(1, len(history) // 10)
+        runs.append({
+            "set": train_set.name, "relu": True, **rec,
+            "init_mean_gap": init["mean_gap"], "init_n_layers_mean_decreases": init["n_layers_mean_decreases"],
+            "acc_before": acc_before, "acc_after": acc_after,
+            "loss_first_tenth": float(np.mean(history[:k])), "loss_last_tenth": float(np.mean(history[-k:])),
+            "train_description": train_set.description, "eval_description": eval_set.description,
+        })
+    return {"d": d, "depth": DEPTH, "steps": steps, "lr": LR, "seed": cfg.seed,
+            "paper_setting": cfg.options.get("glove") is not None, "runs": runs}
+
+
+@compute_energy_trained.plot
+def plot_energy_trained(data: dict, cfg: FigureConfig) -> Figure:
+    runs = data["runs"]
+    fig = Figure(figsize=(6.5 * len(runs), 4.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(runs), squeeze=False)[0])
+    for ax, r in zip(axes, runs):
+        title = (f"{r['set']}, ReLU, after {data['steps']} steps (acc {r['acc_after']:.2f}): mean decreases at "
+                 f"{r['n_layers_mean_decreases']}/{r['n_layers']} layers")
+        _panel(ax, np.asarray(r["gap"]), title, reference=np.asarray(r["init_mean_gap"]))
+    fig.suptitle(f"Yang et al. 2022, Fig 5/6 (protocol): energy vs layer after training, d = {data['d']}")
+    return fig
+
+
+@compute_energy_trained.summary
+def summarize_energy_trained(data: dict) -> dict[str, Any]:
+    out = _summary_panels(data["runs"])
+    for r in data["runs"]:
+        out[f"{r['set']}_test_accuracy_after"] = measured(
+            r["acc_after"], note=f"before training {r['acc_before']:.3f}; shows the model was trained"
+        )
+        out[f"{r['set']}_train_loss_first_last_tenth"] = measured(
+            [r["loss_first_tenth"], r["loss_last_tenth"]], note="mean cross-entropy over the first / last 10% of steps"
+        )
+    return out

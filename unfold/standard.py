@@ -9,19 +9,15 @@ tools use (``jvp`` over ``grad``) — works through the whole model.
 
 Parameter names are those a reader expects (weights act on the right, MATH §0):
 
-========================================  ============================  ==================================
-name                                      shape                         role
-========================================  ============================  ==================================
-``token_embedding.weight``                ``(vocab, d_model)``          token embedding ``E``
-``position_embedding.weight``             ``(seq_len, d_model)``        position embedding ``P``
-``blocks.{i}.attn.W_Q`` / ``W_K``         ``(d_model, h·d_head)``       queries / keys, ``Q = X W_Q``
-``blocks.{i}.attn.W_V``                   ``(d_model, h·d_head)``       values
-``blocks.{i}.attn.W_O``                   ``(h·d_head, d_model)``       output projection
-``blocks.{i}.mlp.W_1``, ``b_1``           ``(d_model, d_mlp)``, ``(d_mlp,)``   first MLP layer
-``blocks.{i}.mlp.W_2``, ``b_2``           ``(d_mlp, d_model)``, ``(d_model,)`` second MLP layer
-``blocks.{i}.ln_1`` / ``ln_2``, ``ln_f``  ``nn.LayerNorm`` (Pre-LN only)  LayerNorm before attention / MLP / unembedding
-``W_U``, ``b_U``                          ``(d_model, vocab)``, ``(vocab,)``   unembedding
-========================================  ============================  ==================================
+- ``token_embedding.weight`` ``(vocab, d_model)``: token embedding ``E``;
+- ``position_embedding.weight`` ``(seq_len, d_model)``: position embedding ``P``;
+- ``blocks.{i}.attn.W_Q``, ``.W_K``, ``.W_V`` ``(d_model, h·d_head)`` (``Q = X W_Q``) and ``.W_O``
+  ``(h·d_head, d_model)``: attention, no biases;
+- ``blocks.{i}.mlp.W_1`` ``(d_model, d_mlp)``, ``.b_1`` ``(d_mlp,)``, ``.W_2`` ``(d_mlp, d_model)``, ``.b_2``
+  ``(d_model,)``: ReLU MLP;
+- ``blocks.{i}.ln_1``, ``blocks.{i}.ln_2``, ``ln_f`` (Pre-LN only): ``nn.LayerNorm`` before attention, MLP and
+  unembedding;
+- ``W_U`` ``(d_model, vocab)``, ``b_U`` ``(vocab,)``: unembedding, ``logits = X W_U + 1 b_Uᵀ``.
 
 With ``d_model = d_head = 16``, ``d_mlp = 64``, one block and the addition vocabulary this gives the 3,836 parameters
 of the paper's heat-map model (1,024 of them in ``W_Q, W_K, W_V, W_O``), MATH §3.7.

@@ -83,6 +83,32 @@ def test_all_blocks_match_autograd(gen, seed, variant):
         _close(attention_hessian(mom, part, chunk_elems=5), ref)  # slab-wise assembly
 
 
+@pytest.mark.parametrize("variant", [{}, {"causal": True, "reduction": "mean"}, {"linear": True}],
+                         ids=["plain", "causal-mean", "linear"])
+def test_output_projection_blocks_match_autograd(gen, seed, variant):
+    B, L, d, k = SHAPES[seed]
+    X, W_Q, W_K, W_V, _ = _problem(gen, B, L, d, k)
+    d_O = (2, 5, 3)[seed]
+    W_O = torch.randn(d, d_O, generator=gen, dtype=DT)
+    Y = torch.randn(*X.shape[:-1], d_O, generator=gen, dtype=DT)
+    H_ad = autograd_attention_hessian(X, W_Q, W_K, W_V, Y, W_O=W_O, **variant)
+    Ho_ad = autograd_attention_ggn(X, W_Q, W_K, W_V, Y, W_O=W_O, **variant)
+    mom = attention_moments(X, W_Q, W_K, W_V, Y, W_O=W_O, **variant)
+    assert mom.params == ("Q", "K", "V", "O")
+    sl = {**_slices(d, k), "O": slice(2 * d * k + d * d, 2 * d * k + d * d + d * d_O)}
+    for part, ref in (("H", H_ad), ("H_o", Ho_ad), ("H_f", H_ad - Ho_ad)):
+        blocks = hessian_blocks(mom, part)
+        assert len(blocks) == 16
+        for (a, b), blk in blocks.items():
+            _close(blk, ref[sl[a], sl[b]])
+        _close(attention_hessian(mom, part, chunk_elems=7), ref)
+    J = attention_jacobians(mom)
+    Jall = torch.cat([J[p] for p in mom.params], dim=1)
+    _close(2 * mom.c * Jall.T @ Jall, Ho_ad)
+    n_seq = 1 if B is None or variant.get("reduction") != "mean" else B
+    assert mom.c == pytest.approx(1.0 / (L * d_O) / n_seq)
+
+
 def test_random_mask_and_batch_mask(gen):
     X, W_Q, W_K, W_V, Y = _problem(gen, 3, 5, 3, 2)
     mask = _random_mask(gen, 3, 5)
@@ -182,6 +208,10 @@ def test_errors(gen):
         attention_moments(X, W_Q, W_K, W_V[:, :2], Y)
     with pytest.raises(EnergyInputError, match="Y"):
         attention_moments(X, W_Q, W_K, W_V, Y[:, :3])
+    with pytest.raises(EnergyInputError, match="W_O"):
+        attention_moments(X, W_Q, W_K, W_V, Y, W_O=W_V[:2])
+    with pytest.raises(EnergyInputError, match="output width"):
+        attention_moments(X, W_Q, W_K, W_V, Y, W_O=W_V[:, :2])
     with pytest.raises(EnergyInputError, match="dtype"):
         attention_moments(X.float(), W_Q, W_K, W_V, Y)
     with pytest.raises(EnergyInputError, match="reduction"):

@@ -15,6 +15,7 @@ from energy.hessian.attention import (
 )
 from energy.hessian.structure import (
     BLOCK_NAMES,
+    BLOCK_NAMES_O,
     block_diagonals,
     block_inner_products,
     block_norms,
@@ -59,6 +60,30 @@ def test_block_norms_match_dense(gen, seed, variant):
         assert _rel(whole[part], float(attention_hessian(mom, part).norm())) < 1e-12
 
 
+@pytest.mark.parametrize("variant", [{}, {"causal": True}, {"linear": True}], ids=["plain", "causal", "linear"])
+def test_output_projection_structure(gen, seed, variant):
+    X, W_Q, W_K, W_V, _ = _problem(gen, *SHAPES[seed])
+    d_O = (2, 5, 3)[seed]
+    W_O = torch.randn(X.shape[-1], d_O, generator=gen, dtype=DT)
+    Y = torch.randn(*X.shape[:-1], d_O, generator=gen, dtype=DT)
+    mom = attention_moments(X, W_Q, W_K, W_V, Y, W_O=W_O, **variant)
+    norms = block_norms_from_moments(mom)
+    assert {b for b, _ in norms} == set(BLOCK_NAMES) | set(BLOCK_NAMES_O)
+    dense = {part: hessian_blocks(mom, part) for part in ("H", "H_o", "H_f")}
+    for (name, part), value in norms.items():
+        ab = (name[0], name[1])
+        if part == "cross":
+            assert _rel(value, float((dense["H_o"][ab] * dense["H_f"][ab]).sum())) < 1e-11, name
+        else:
+            assert _rel(value, float(dense[part][ab].norm())) < 1e-12, (name, part)
+    for part in ("H", "H_o", "H_f"):
+        H = attention_hessian(mom, part)
+        assert _rel(hessian_frobenius_norms(mom)[part], float(H.norm())) < 1e-12
+        diag = torch.cat([block_diagonals(mom, part)[p] for p in mom.params])
+        torch.testing.assert_close(diag, H.diagonal(), rtol=1e-12, atol=1e-13)
+        assert _rel(block_traces(mom, part)["total"], float(H.trace())) < 1e-12
+
+
 def test_norms_match_autograd_directly(gen):
     """Closing the loop: structured norms vs torch.func.hessian (not only vs the dense closed form)."""
     X, W_Q, W_K, W_V, Y = _problem(gen, 2, 5, 3, 4)
@@ -91,7 +116,9 @@ def test_transposed_names_and_errors(gen):
     mom = attention_moments(X, W_Q, W_K, W_V, Y)
     assert block_inner_products(mom, "QV") == block_inner_products(mom, "VQ")
     with pytest.raises(EnergyInputError, match="block names"):
-        block_inner_products(mom, "QO")
+        block_inner_products(mom, "QO")  # no output projection in this layer
+    with pytest.raises(EnergyInputError, match="block names"):
+        block_inner_products(mom, "QX")
     with pytest.raises(EnergyInputError, match="part"):
         block_diagonals(mom, "GGN")
 

@@ -1,17 +1,19 @@
 r"""Closed-form loss Hessian of one self-attention layer (MATH §3, Ormaniec, Dangel & Singh, ICLR 2025).
 
-Setup (MATH §3.1): one head, no output projection, no residual, no LayerNorm,
+Setup (MATH §3.1): one head, no residual, no LayerNorm, optional output projection ``W_O``,
 
 .. math::
-    T = \kappa X W_Q W_K^\top X^\top,\quad A = \mathrm{softmax}(T),\quad F = A X W_V,\quad
+    T = \kappa X W_Q W_K^\top X^\top,\quad A = \mathrm{softmax}(T),\quad F = A X W_V\,[W_O],\quad
     \ell = c\,\|F - Y\|_F^2,
 
-with ``X (L × d_V)``, ``W_Q, W_K (d_V × d_K)``, ``W_V (d_V × d_V)`` and ``κ = 1/√d_K`` by default. The
+with ``X (L × d_V)``, ``W_Q, W_K (d_V × d_K)``, ``W_V (d_V × d_V)``, ``W_O (d_V × d_O)`` and ``κ = 1/√d_K``
+by default. The
 Hessian splits as ``H = H_o + H_f``: the outer-product (Gauss–Newton) part ``H_o = 2c JᵀJ`` and the
 functional part ``H_f = Σ_{lm} G_lm ∂²F_lm``, ``G = 2c (F − Y)``.
 
 Everything is in ``vec_r`` order (row-major flattening, MATH §0), so a block indexes exactly like
-``torch.func.hessian`` of the flattened weights; the assembled Hessian orders the parameters ``(Q, K, V)``.
+``torch.func.hessian`` of the flattened weights; the assembled Hessian orders the parameters ``(Q, K, V)``
+(``(Q, K, V, O)`` with an output projection).
 
 How the closed form is organised. For query row ``i`` the layer sees the weights only through
 ``u_i = κ W_K W_Qᵀ x_i`` (logits ``T_i = X u_i``) and ``W_V``. With the attention moments of MATH §3.2
@@ -38,10 +40,17 @@ Covered variants (each tested against ``torch.func.hessian`` in float64):
 * linear attention (``linear=True``): ``A = κ X W_Q W_Kᵀ Xᵀ`` (times the mask), no softmax. Then
   ``J_i = diag(m_i)`` (``m_i`` the mask row, all ones without mask), ``Σ_i = Xᵀ diag(m_i) X`` and ``Ŝ_i = 0``;
   the same block formulas apply (MATH §3.6);
-* the single-matrix ``W_QK`` parametrisation (:func:`qk_hessian_blocks`).
+* the single-matrix ``W_QK`` parametrisation (:func:`qk_hessian_blocks`);
+* an output projection ``W_O`` (pass ``W_O=``): the query/key side sees the value map ``Ṽ = W_V W_O``
+  (``B_i = Ṽᵀ Σ_i``, ``Ŝ_i`` and ``G_QK`` with ``Ṽ g_i``); the value side is written with four per-row factors
+  ``(α_i, B̃_i, S̃_i, γ_i)``, ``E_i[n, m, a] = 2cκ α_i[n] B̃_i[m, a] + κ S̃_i[n, a] γ_i[m]``: for ``V``
+  ``(μ_i, W_O B_i, Σ_i, W_O g_i)``, for ``O`` ``(W_Vᵀ μ_i, B_i, W_Vᵀ Σ_i, g_i)``. The remaining blocks are
+  ``H(V,V) = 2c M_1ᵀM_1 ⊗ W_O W_Oᵀ``, ``H(O,O) = 2c W_VᵀM_1ᵀM_1W_V ⊗ I`` (both ``H_o`` only) and
+  ``H(V,O)[(n,m),(p,o)] = 2c (M_1ᵀM_1W_V)[n,p] W_O[m,o] + (M_1ᵀG)[n,o] δ_mp`` (``H_o`` + ``H_f``); the
+  default ``c`` is then ``1/(L d_O)``.
 
-Not covered: an output projection ``W_O``, multiple heads, residual connections and LayerNorm. Use the
-matrix-free operators of ``energy.hessian.operators`` for those.
+Not covered: multiple heads, residual connections and LayerNorm. Use the matrix-free operators of
+``energy.hessian.operators`` for those.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from energy.reference import single_head_attention
 __all__ = [
     "PARAMS",
     "BLOCKS",
+    "BLOCKS_O",
     "AttentionMoments",
     "DenseSizeError",
     "linear_attention",
@@ -85,6 +95,8 @@ Reduction = Literal["sum", "mean"]
 PARAMS: tuple[str, ...] = ("Q", "K", "V")
 #: The six distinct blocks (the other three are their transposes).
 BLOCKS: tuple[tuple[str, str], ...] = (("V", "V"), ("V", "Q"), ("V", "K"), ("Q", "Q"), ("K", "K"), ("Q", "K"))
+#: The extra distinct blocks with an output projection ``W_O``.
+BLOCKS_O: tuple[tuple[str, str], ...] = (("O", "O"), ("V", "O"), ("O", "Q"), ("O", "K"))
 
 _GIB = 1024**3
 DEFAULT_MAX_GIB = 4.0
@@ -141,26 +153,31 @@ def attention_output(
     W_K: Tensor,
     W_V: Tensor,
     *,
+    W_O: Tensor | None = None,
     scale: float | None = None,
     mask: Tensor | None = None,
     linear: bool = False,
 ) -> Tensor:
-    """``F``: :func:`energy.reference.single_head_attention` (softmax) or :func:`linear_attention`."""
+    """``F``: :func:`energy.reference.single_head_attention` (softmax) or :func:`linear_attention`, times ``W_O``."""
     if linear:
-        return linear_attention(X, W_Q, W_K, W_V, scale=scale, mask=mask)
-    return single_head_attention(X, W_Q, W_K, W_V, scale=scale, mask=mask)
+        F = linear_attention(X, W_Q, W_K, W_V, scale=scale, mask=mask)
+    else:
+        F = single_head_attention(X, W_Q, W_K, W_V, scale=scale, mask=mask)
+    return F if W_O is None else F @ W_O
 
 
-def loss_constant(X: Tensor, c: float | None, reduction: Reduction) -> float:
+def loss_constant(X: Tensor, c: float | None, reduction: Reduction, d_out: int | None = None) -> float:
     r"""The effective constant ``c_eff`` with ``ℓ = c_eff Σ_b ‖F_b − Y_b‖²``.
 
-    ``c`` defaults to ``1/(L d_V)`` (per-sequence mean squared error, the paper's likely choice, MATH §3.1);
-    ``reduction="mean"`` divides by the number of sequences ``B``.
+    ``c`` defaults to ``1/(L d_out)`` (per-sequence mean squared error, the paper's likely choice, MATH §3.1;
+    ``d_out = d_V``, or ``d_O`` with an output projection); ``reduction="mean"`` divides by the number of
+    sequences ``B``.
     """
     if reduction not in ("sum", "mean"):
         raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
-    L, d_V = X.shape[-2], X.shape[-1]
-    c0 = 1.0 / (L * d_V) if c is None else float(c)
+    L = X.shape[-2]
+    d_out = X.shape[-1] if d_out is None else d_out
+    c0 = 1.0 / (L * d_out) if c is None else float(c)
     if not math.isfinite(c0) or c0 <= 0:
         raise EnergyInputError(f"`c` must be a positive finite number, got {c!r}.")
     n_seq = X.shape[0] if X.ndim == 3 else 1
@@ -174,6 +191,7 @@ def attention_loss(
     W_V: Tensor,
     Y: Tensor,
     *,
+    W_O: Tensor | None = None,
     c: float | None = None,
     reduction: Reduction = "sum",
     scale: float | None = None,
@@ -181,8 +199,8 @@ def attention_loss(
     linear: bool = False,
 ) -> Tensor:
     r"""The loss ``ℓ = c_eff Σ_b ‖F_b − Y_b‖²_F`` (MATH §3.1; ``c_eff`` from :func:`loss_constant`)."""
-    F = attention_output(X, W_Q, W_K, W_V, scale=scale, mask=mask, linear=linear)
-    return loss_constant(X, c, reduction) * ((F - Y) ** 2).sum()
+    F = attention_output(X, W_Q, W_K, W_V, W_O=W_O, scale=scale, mask=mask, linear=linear)
+    return loss_constant(X, c, reduction, F.shape[-1]) * ((F - Y) ** 2).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,7 +209,8 @@ def attention_loss(
 
 
 def _validate(
-    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, Y: Tensor | None, mask: Tensor | None, causal: bool
+    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, Y: Tensor | None, mask: Tensor | None, causal: bool,
+    W_O: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Check shapes/dtypes; return ``X`` as ``(B, L, d_V)``, ``Y`` likewise, and the boolean mask."""
     check_tensor(X, "X")
@@ -207,14 +226,21 @@ def _validate(
         raise EnergyInputError(f"`W_K` must have the shape of `W_Q` {tuple(W_Q.shape)}, got {tuple(W_K.shape)}.")
     if W_V.shape != (d_V, d_V):
         raise EnergyInputError(
-            f"`W_V` must have shape (d_V, d_V) = ({d_V}, {d_V}) (no output projection), got {tuple(W_V.shape)}."
+            f"`W_V` must have shape (d_V, d_V) = ({d_V}, {d_V}) (put a rectangular map in `W_O`), got "
+            f"{tuple(W_V.shape)}."
         )
+    d_out = d_V
+    if W_O is not None:
+        check_tensor(W_O, "W_O", ndim=2)
+        if W_O.shape[0] != d_V:
+            raise EnergyInputError(f"`W_O` must have shape (d_V, d_O) = ({d_V}, d_O), got {tuple(W_O.shape)}.")
+        d_out = W_O.shape[1]
     if Y is not None:
         check_tensor(Y, "Y")
-        if Y.shape != X.shape:
-            raise EnergyInputError(f"`Y` (the target of F) must have the shape of `X` {tuple(X.shape)}, got "
-                                   f"{tuple(Y.shape)}.")
-    check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, Y=Y)
+        if Y.shape != (*X.shape[:-1], d_out):
+            raise EnergyInputError(f"`Y` (the target of F) must have shape {(*X.shape[:-1], d_out)} (X's with the "
+                                   f"output width), got {tuple(Y.shape)}.")
+    check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, Y=Y)
     if causal:
         if mask is not None:
             raise EnergyInputError("pass either `mask` or `causal=True`, not both.")
@@ -261,13 +287,13 @@ class AttentionMoments:
         S_hat: ``Ŝ_i = Σ_j a_ij ((x_j − μ_i)ᵀ W_V g_i)(x_j − μ_i)(x_j − μ_i)ᵀ`` (0 for linear attention),
             ``(N, d, d)``.
         q: ``q_i = W_Qᵀ x_i``, ``(N, k)``.
-        G: residual gradient rows ``g_i = 2 c_eff (f_i − y_i)``, ``(N, d)``.
-        B_V: ``B_i = W_Vᵀ Σ_i``, ``(N, d, d)``.
-        G_QK: ``κ Σ_i x_i (Σ_i W_V g_i)ᵀ`` (the gradient w.r.t. ``W_Q W_Kᵀ``), ``(d, d)``.
-        F: layer output, ``(B, L, d)``.
+        G: residual gradient rows ``g_i = 2 c_eff (f_i − y_i)``, ``(N, d_out)``.
+        B_V: ``B_i = Ṽᵀ Σ_i``, ``(N, d_out, d)``, ``Ṽ = W_V W_O`` (``W_V`` without ``W_O``).
+        G_QK: ``κ Σ_i x_i (Σ_i Ṽ g_i)ᵀ`` (the gradient w.r.t. ``W_Q W_Kᵀ``), ``(d, d)``.
+        F: layer output, ``(B, L, d_out)`` (``(L, d_out)`` for a single sequence).
         kappa: ``κ``.
         c: the effective loss constant ``c_eff`` (reduction included).
-        W_Q, W_K, W_V: the weights.
+        W_Q, W_K, W_V, W_O: the weights (``W_O`` may be ``None``).
         linear: whether the moments are those of linear attention.
     """
 
@@ -287,6 +313,7 @@ class AttentionMoments:
     W_Q: Tensor
     W_K: Tensor
     W_V: Tensor
+    W_O: Tensor | None
     linear: bool
 
     @property
@@ -298,9 +325,27 @@ class AttentionMoments:
         return self.q.shape[-1]
 
     @property
+    def d_O(self) -> int:
+        """Output width (``d_V`` without output projection)."""
+        return self.G.shape[-1]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Parameter names in Hessian order: ``("Q", "K", "V")`` plus ``"O"`` with an output projection."""
+        return PARAMS if self.W_O is None else (*PARAMS, "O")
+
+    @property
+    def blocks(self) -> tuple[tuple[str, str], ...]:
+        """The distinct blocks (:data:`BLOCKS`, plus :data:`BLOCKS_O` with an output projection)."""
+        return BLOCKS if self.W_O is None else BLOCKS + BLOCKS_O
+
+    @property
     def sizes(self) -> dict[str, int]:
         """Number of parameters per block name."""
-        return {"Q": self.d_V * self.d_K, "K": self.d_V * self.d_K, "V": self.d_V * self.d_V}
+        out = {"Q": self.d_V * self.d_K, "K": self.d_V * self.d_K, "V": self.d_V * self.d_V}
+        if self.W_O is not None:
+            out["O"] = self.d_V * self.d_O
+        return out
 
 
 def _weighted_outer(W: Tensor, X: Tensor) -> Tensor:
@@ -317,6 +362,7 @@ def attention_moments(
     W_V: Tensor,
     Y: Tensor,
     *,
+    W_O: Tensor | None = None,
     c: float | None = None,
     reduction: Reduction = "sum",
     scale: float | None = None,
@@ -328,20 +374,23 @@ def attention_moments(
 
     .. math::
         \mu_i = X^\top a_i,\quad \Sigma_i = X^\top J_i X,\quad
-        \hat S_i = \sum_j r_{ij} (x_j-\mu_i)(x_j-\mu_i)^\top,\ r_{ij} = a_{ij}\,(x_j-\mu_i)^\top W_V g_i
+        \hat S_i = \sum_j r_{ij} (x_j-\mu_i)(x_j-\mu_i)^\top,\ r_{ij} = a_{ij}\,(x_j-\mu_i)^\top \tilde V g_i
 
-    ``Ŝ_i`` is ``Xᵀ (∇²_t a_i·v_i) X``, the curvature of ``v_iᵀ softmax(t)`` with ``v_i = X W_V g_i``.
+    ``Ŝ_i`` is ``Xᵀ (∇²_t a_i·v_i) X``, the curvature of ``v_iᵀ softmax(t)`` with ``v_i = X Ṽ g_i``,
+    ``Ṽ = W_V W_O`` (``W_V`` without output projection).
 
     Args:
         X: ``(L, d_V)`` or ``(B, L, d_V)``.
         W_Q, W_K: ``(d_V, d_K)``; W_V: ``(d_V, d_V)``.
-        Y: regression target of ``F``, same shape as ``X``.
-        c: loss constant (default ``1/(L d_V)``); reduction: ``"sum"`` or ``"mean"`` over sequences.
+        Y: regression target of ``F``, shape of ``X`` with the output width.
+        W_O: optional output projection ``(d_V, d_O)``.
+        c: loss constant (default ``1/(L d_out)``); reduction: ``"sum"`` or ``"mean"`` over sequences.
         scale: ``κ`` (default ``1/√d_K``). mask: boolean ``(L, L)`` or ``(B, L, L)``, ``True`` = attend.
         causal: use the causal mask. linear: linear attention (no softmax).
     """
-    X3, Y3, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal)
-    c_eff = loss_constant(X3 if X.ndim == 3 else X, c, reduction)
+    X3, Y3, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
+    V_eff = W_V if W_O is None else W_V @ W_O  # Ṽ
+    c_eff = loss_constant(X, c, reduction, V_eff.shape[1])
     kappa = 1.0 / math.sqrt(W_Q.shape[1]) if scale is None else float(scale)
     d = X3.shape[-1]
     if linear:
@@ -353,7 +402,7 @@ def attention_moments(
 
         A = attention_weights(X3 @ W_Q, X3 @ W_K, scale=kappa, mask=mask)
     M_1 = A @ X3  # (B, L, d)
-    F = M_1 @ W_V
+    F = M_1 @ V_eff
     G = 2.0 * c_eff * (F - Y3)
     if linear:
         m = torch.ones_like(A) if mask is None else mask.to(A.dtype)
@@ -361,7 +410,7 @@ def attention_moments(
         S_hat = torch.zeros_like(Sigma)
     else:
         Sigma = _weighted_outer(A, X3) - M_1.unsqueeze(-1) * M_1.unsqueeze(-2)
-        v = torch.einsum("bjd,bid->bij", X3 @ W_V, G)  # v_ij = x_jᵀ W_V g_i
+        v = torch.einsum("bjd,bid->bij", X3 @ V_eff, G)  # v_ij = x_jᵀ Ṽ g_i
         r = A * (v - (A * v).sum(-1, keepdim=True))  # r_ij = a_ij (v_ij − a_iᵀ v_i); Σ_j r_ij = 0
         Xr = r @ X3  # Σ_j r_ij x_j
         S_hat = (
@@ -372,12 +421,12 @@ def attention_moments(
     N = X3.shape[0] * X3.shape[1]
     x = X3.reshape(N, d)
     Sigma, S_hat = Sigma.reshape(N, d, d), S_hat.reshape(N, d, d)
-    G = G.reshape(N, d)
-    B_V = torch.einsum("nm,inl->iml", W_V, Sigma)  # W_Vᵀ Σ_i
-    G_QK = kappa * x.T @ torch.einsum("ikl,lm,im->ik", Sigma, W_V, G)
+    G = G.reshape(N, -1)
+    B_V = torch.einsum("nm,inl->iml", V_eff, Sigma)  # Ṽᵀ Σ_i
+    G_QK = kappa * x.T @ torch.einsum("ikl,lm,im->ik", Sigma, V_eff, G)
     return AttentionMoments(
         x=x, X=X3, A=A, M_1=M_1.reshape(N, d), Sigma=Sigma, S_hat=S_hat, q=x @ W_Q, G=G, B_V=B_V, G_QK=G_QK,
-        F=F if X.ndim == 3 else F[0], kappa=kappa, c=c_eff, W_Q=W_Q, W_K=W_K, W_V=W_V, linear=linear,
+        F=F if X.ndim == 3 else F[0], kappa=kappa, c=c_eff, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, linear=linear,
     )
 
 
@@ -387,25 +436,30 @@ def attention_moments(
 
 
 def attention_jacobians(mom: AttentionMoments) -> dict[str, Tensor]:
-    r"""Jacobians of ``vec_r(F)`` (all sequences stacked) w.r.t. ``vec_r(W_Q)``, ``vec_r(W_K)``, ``vec_r(W_V)``.
+    r"""Jacobians of ``vec_r(F)`` (all sequences stacked) w.r.t. the flattened weights (MATH §3.3).
 
-    MATH §3.3, row block ``i``:
+    Row block ``i`` (``Ṽ = W_V W_O``; without output projection ``W_O = I``, ``Ṽ = W_V``):
 
     .. math::
-        J_V = \mu_i^\top \otimes I_{d_V},\quad J_Q = \kappa\, x_i^\top \otimes (W_V^\top\Sigma_i W_K),\quad
-        J_K = \kappa\, (W_V^\top \Sigma_i) \otimes q_i^\top
+        J_V = \mu_i^\top \otimes W_O^\top,\quad J_Q = \kappa\, x_i^\top \otimes (\tilde V^\top\Sigma_i W_K),\quad
+        J_K = \kappa\, (\tilde V^\top \Sigma_i) \otimes q_i^\top,\quad J_O = (W_V^\top\mu_i)^\top \otimes I_{d_O}
 
     Returns:
-        ``{"Q": (N d_V, d_V d_K), "K": (N d_V, d_V d_K), "V": (N d_V, d_V²)}`` with ``N = B L``.
+        ``{"Q": (N d_O, d_V d_K), "K": (N d_O, d_V d_K), "V": (N d_O, d_V²)[, "O": (N d_O, d_V d_O)]}``,
+        ``N = B L``.
     """
-    N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
-    C = mom.B_V @ mom.W_K  # W_Vᵀ Σ_i W_K
-    eye = torch.eye(d, dtype=mom.x.dtype, device=mom.x.device)
-    return {
-        "Q": mom.kappa * torch.einsum("ia,imb->imab", mom.x, C).reshape(N * d, d * k),
-        "K": mom.kappa * torch.einsum("ima,ib->imab", mom.B_V, mom.q).reshape(N * d, d * k),
-        "V": torch.einsum("in,mp->imnp", mom.M_1, eye).reshape(N * d, d * d),
+    N, d, k, o = mom.x.shape[0], mom.d_V, mom.d_K, mom.d_O
+    C = mom.B_V @ mom.W_K  # Ṽᵀ Σ_i W_K
+    eye_o = torch.eye(o, dtype=mom.x.dtype, device=mom.x.device)
+    W_O = eye_o if mom.W_O is None else mom.W_O
+    out = {
+        "Q": mom.kappa * torch.einsum("ia,imb->imab", mom.x, C).reshape(N * o, d * k),
+        "K": mom.kappa * torch.einsum("ima,ib->imab", mom.B_V, mom.q).reshape(N * o, d * k),
+        "V": torch.einsum("in,po->ionp", mom.M_1, W_O).reshape(N * o, d * d),
     }
+    if mom.W_O is not None:
+        out["O"] = torch.einsum("ip,or->iopr", mom.M_1 @ mom.W_V, eye_o).reshape(N * o, d * o)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,8 +477,10 @@ class _Factors:
 
     * ``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` (``H_o``: first term, ``H_f``: second), ``(N, d, d)``;
     * ``P_i = W_Kᵀ R_i W_K`` ``(N, k, k)`` and ``U_i = W_Kᵀ R_i`` ``(N, k, d)``;
-    * ``E_i[n,m,a] = 2cκ μ_i[n] B_i[m,a] + κ Σ_i[n,a] g_i[m]`` ``(N, d, d, d)`` and ``(E_i W_K)`` ``(N, d, d, k)``;
-    * ``S = 2c M_1ᵀ M_1`` (``0`` for ``H_f``) and the bilinear ``G_QK`` (``0`` for ``H_o``).
+    * per value-side weight ``w ∈ {V, O}``: ``E^w_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``
+      (module docstring) and ``E^w_i W_K``;
+    * ``S = 2c M_1ᵀ M_1`` (``0`` for ``H_f``), ``Ω_O = W_O W_Oᵀ`` and the bilinear ``G_QK`` (``0`` for ``H_o``);
+    * with ``W_O``: ``S_O = 2c W_VᵀM_1ᵀM_1W_V``, ``P_VO = 2c M_1ᵀ M_1 W_V`` (``H_o``), ``Q_VO = M_1ᵀ G`` (``H_f``).
     """
 
     def __init__(self, mom: AttentionMoments, part: Part) -> None:
@@ -434,6 +490,9 @@ class _Factors:
         x = mom.x
         self.eye_d = torch.eye(mom.d_V, dtype=x.dtype, device=x.device)
         self.eye_k = torch.eye(mom.d_K, dtype=x.dtype, device=x.device)
+        self.eye_o = torch.eye(mom.d_O, dtype=x.dtype, device=x.device)
+        self.use_o = part in ("H", "H_o")
+        self.use_f = part in ("H", "H_f")
 
     def _get(self, name: str) -> Tensor:
         if name not in self._cache:
@@ -455,21 +514,53 @@ class _Factors:
     def _make_U(self) -> Tensor:
         return self.mom.W_K.T @ self.R
 
-    def _make_E(self) -> Tensor:
+    def value_side(self, w: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(α_i, B̃_i, S̃_i, γ_i)`` of the value-side weight ``w ∈ {"V", "O"}`` (module docstring)."""
+        mom = self.mom
+        if w == "V":
+            if mom.W_O is None:
+                return mom.M_1, mom.B_V, mom.Sigma, mom.G
+            return mom.M_1, mom.W_O @ mom.B_V, mom.Sigma, mom.G @ mom.W_O.T
+        return mom.M_1 @ mom.W_V, mom.B_V, mom.W_V.T @ mom.Sigma, mom.G
+
+    def _E(self, w: str) -> Tensor:
         mom, E = self.mom, None
-        if self.part in ("H", "H_o"):
-            E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", mom.M_1, mom.B_V)
-        if self.part in ("H", "H_f"):
-            E_f = mom.kappa * torch.einsum("ina,im->inma", mom.Sigma, mom.G)
+        alpha, Bt, St, gamma = self.value_side(w)
+        if self.use_o:
+            E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", alpha, Bt)
+        if self.use_f:
+            E_f = mom.kappa * torch.einsum("ina,im->inma", St, gamma)
             E = E_f if E is None else E.add_(E_f)
         return E
+
+    def _make_E(self) -> Tensor:
+        return self._E("V")
 
     def _make_EW(self) -> Tensor:
         return self.E @ self.mom.W_K
 
+    def _make_EO(self) -> Tensor:
+        return self._E("O")
+
+    def _make_EOW(self) -> Tensor:
+        return self.EO @ self.mom.W_K
+
     def _make_S(self) -> Tensor:
-        scale = 0.0 if self.part == "H_f" else 2.0 * self.mom.c
+        scale = 2.0 * self.mom.c if self.use_o else 0.0
         return scale * self.mom.M_1.T @ self.mom.M_1
+
+    def _make_Omega_O(self) -> Tensor:
+        return self.eye_d if self.mom.W_O is None else self.mom.W_O @ self.mom.W_O.T
+
+    def _make_S_O(self) -> Tensor:
+        return self.mom.W_V.T @ self.S @ self.mom.W_V
+
+    def _make_P_VO(self) -> Tensor:
+        return self.S @ self.mom.W_V
+
+    def _make_Q_VO(self) -> Tensor:
+        Q = self.mom.M_1.T @ self.mom.G
+        return Q if self.use_f else torch.zeros_like(Q)
 
     def _make_G(self) -> Tensor:
         return torch.zeros_like(self.mom.G_QK) if self.part == "H_o" else self.mom.G_QK
@@ -481,6 +572,12 @@ class _Factors:
     EW = property(lambda self: self._get("EW"))
     S = property(lambda self: self._get("S"))
     G = property(lambda self: self._get("G"))
+    EO = property(lambda self: self._get("EO"))
+    EOW = property(lambda self: self._get("EOW"))
+    Omega_O = property(lambda self: self._get("Omega_O"))
+    S_O = property(lambda self: self._get("S_O"))
+    P_VO = property(lambda self: self._get("P_VO"))
+    Q_VO = property(lambda self: self._get("Q_VO"))
 
 
 def _block_rows(f: _Factors, a: str, b: str, r: slice) -> Tensor:
@@ -491,7 +588,9 @@ def _block_rows(f: _Factors, a: str, b: str, r: slice) -> Tensor:
     """
     x, q = f.mom.x, f.mom.q
     if (a, b) == ("V", "V"):
-        return torch.einsum("np,mr->nmpr", f.S[r], f.eye_d)
+        return torch.einsum("np,mr->nmpr", f.S[r], f.Omega_O)
+    if "O" in (a, b):
+        return _block_rows_O(f, a, b, r)
     if (a, b) == ("V", "Q"):
         return torch.einsum("inmb,ic->nmcb", f.EW[:, r], x)
     if (a, b) == ("Q", "V"):
@@ -508,6 +607,26 @@ def _block_rows(f: _Factors, a: str, b: str, r: slice) -> Tensor:
         return torch.einsum("ic,iba,id->cbad", x[:, r], f.U, q) + torch.einsum("ca,bd->cbad", f.G[r], f.eye_k)
     # ("K", "Q"): transpose of (Q, K)
     return torch.einsum("ic,iba,id->adcb", x, f.U[..., r], q) + torch.einsum("ca,bd->adcb", f.G[:, r], f.eye_k)
+
+
+def _block_rows_O(f: _Factors, a: str, b: str, r: slice) -> Tensor:
+    """The blocks involving the output projection (see :func:`_block_rows`)."""
+    x, q = f.mom.x, f.mom.q
+    W_O = f.mom.W_O
+    if (a, b) == ("O", "O"):
+        return torch.einsum("mp,or->mopr", f.S_O[r], f.eye_o)
+    if (a, b) == ("V", "O"):  # 2c (M_1ᵀM_1W_V)[n,p] W_O[m,o] + (M_1ᵀG)[n,o] δ_mp
+        return torch.einsum("np,mo->nmpo", f.P_VO[r], W_O) + torch.einsum("no,mp->nmpo", f.Q_VO[r], f.eye_d)
+    if (a, b) == ("O", "V"):
+        return torch.einsum("np,mo->ponm", f.P_VO[:, r], W_O) + torch.einsum("no,mp->ponm", f.Q_VO, f.eye_d[:, r])
+    if (a, b) == ("O", "Q"):
+        return torch.einsum("inmb,ic->nmcb", f.EOW[:, r], x)
+    if (a, b) == ("Q", "O"):
+        return torch.einsum("inmb,ic->cbnm", f.EOW, x[:, r])
+    if (a, b) == ("O", "K"):
+        return torch.einsum("inma,ib->nmab", f.EO[:, r], q)
+    # ("K", "O")
+    return torch.einsum("inma,ib->abnm", f.EO[..., r], q)
 
 
 def bilinear_term(mom: AttentionMoments) -> Tensor:
@@ -536,23 +655,23 @@ def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Te
         dense ``(size_a, size_b)`` matrix in ``vec_r`` order.
     """
     _check_part(part)
-    if a not in PARAMS or b not in PARAMS:
-        raise EnergyInputError(f"block names must be among {PARAMS}, got ({a!r}, {b!r}).")
+    if a not in mom.params or b not in mom.params:
+        raise EnergyInputError(f"block names must be among {mom.params}, got ({a!r}, {b!r}).")
     sizes = mom.sizes
     return _block_rows(_Factors(mom, part), a, b, slice(None)).reshape(sizes[a], sizes[b])
 
 
 def hessian_blocks(mom: AttentionMoments, part: Part = "H") -> dict[tuple[str, str], Tensor]:
-    """All nine blocks ``{(a, b): part(a, b)}`` (factors shared between blocks)."""
+    """All blocks ``{(a, b): part(a, b)}`` (nine, or sixteen with ``W_O``; factors shared between blocks)."""
     f = _Factors(mom, part)
-    sizes = mom.sizes
-    return {(a, b): _block_rows(f, a, b, slice(None)).reshape(sizes[a], sizes[b]) for a in PARAMS for b in PARAMS}
+    sizes, params = mom.sizes, mom.params
+    return {(a, b): _block_rows(f, a, b, slice(None)).reshape(sizes[a], sizes[b]) for a in params for b in params}
 
 
 def attention_hessian(
     mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None, chunk_elems: int = 1 << 22
 ) -> Tensor:
-    """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V)`` (MATH §3).
+    """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
     The output is written once, in row slabs: each slab is one ``einsum`` of :func:`_block_rows` into a small
     temporary (about ``chunk_elems`` numbers) copied into place, so memory traffic stays close to
@@ -570,12 +689,15 @@ def attention_hessian(
     p = sum(sizes.values())
     check_dense_budget(p, p, mom.x.dtype, max_gib, f"the dense {part} of the attention layer")
     f = _Factors(mom, part)
-    first = {"Q": mom.d_V, "K": mom.d_V, "V": mom.d_V}  # size of the first vec_r index of each weight
-    offset = dict(zip(PARAMS, [0, sizes["Q"], sizes["Q"] + sizes["K"]]))
+    params = mom.params
+    first = dict.fromkeys(params, mom.d_V)  # size of the first vec_r index of each weight (all have d_V rows)
+    offset, start = {}, 0
+    for name in params:
+        offset[name], start = start, start + sizes[name]
     H = torch.empty(p, p, dtype=mom.x.dtype, device=mom.x.device)
-    for a in PARAMS:
+    for a in params:
         inner = sizes[a] // first[a]
-        for b in PARAMS:
+        for b in params:
             step = max(1, chunk_elems // (inner * sizes[b]))
             cols = slice(offset[b], offset[b] + sizes[b])
             for r0 in range(0, first[a], step):
@@ -642,9 +764,14 @@ def qk_chain_matrix(W_Q: Tensor, W_K: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _split(theta: Tensor, d: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    s = d * k
-    return theta[:s].reshape(d, k), theta[s : 2 * s].reshape(d, k), theta[2 * s :].reshape(d, d)
+def _flatten(W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None) -> Tensor:
+    return torch.cat([W.reshape(-1) for W in (W_Q, W_K, W_V, W_O) if W is not None])
+
+
+def _split(theta: Tensor, d: int, k: int, o: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    s, v = d * k, d * d
+    W_O = None if o is None else theta[2 * s + v :].reshape(d, o)
+    return theta[:s].reshape(d, k), theta[s : 2 * s].reshape(d, k), theta[2 * s : 2 * s + v].reshape(d, d), W_O
 
 
 def autograd_attention_hessian(
@@ -654,6 +781,7 @@ def autograd_attention_hessian(
     W_V: Tensor,
     Y: Tensor,
     *,
+    W_O: Tensor | None = None,
     c: float | None = None,
     reduction: Reduction = "sum",
     scale: float | None = None,
@@ -661,15 +789,18 @@ def autograd_attention_hessian(
     causal: bool = False,
     linear: bool = False,
 ) -> Tensor:
-    """Autograd twin: ``torch.func.hessian`` of :func:`attention_loss` in the flattened ``(Q, K, V)`` vector."""
-    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal)
+    """Autograd twin: ``torch.func.hessian`` of :func:`attention_loss` in the flattened ``(Q, K, V[, O])`` vector."""
+    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
     if mask is not None and X.ndim == 2:
         mask = mask[0]
     d, k = W_Q.shape
-    theta = torch.cat([W_Q.reshape(-1), W_K.reshape(-1), W_V.reshape(-1)])
+    o = None if W_O is None else W_O.shape[1]
 
     def loss(t: Tensor) -> Tensor:
-        return attention_loss(X, *_split(t, d, k), Y, c=c, reduction=reduction, scale=scale, mask=mask, linear=linear)
+        Q, K, V, O = _split(t, d, k, o)
+        return attention_loss(X, Q, K, V, Y, W_O=O, c=c, reduction=reduction, scale=scale, mask=mask, linear=linear)
+
+    theta = _flatten(W_Q, W_K, W_V, W_O)
 
     return torch.func.hessian(loss)(theta)
 
@@ -681,6 +812,7 @@ def autograd_attention_ggn(
     W_V: Tensor,
     Y: Tensor,
     *,
+    W_O: Tensor | None = None,
     c: float | None = None,
     reduction: Reduction = "sum",
     scale: float | None = None,
@@ -689,14 +821,15 @@ def autograd_attention_ggn(
     linear: bool = False,
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
-    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal)
+    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
     if mask is not None and X.ndim == 2:
         mask = mask[0]
     d, k = W_Q.shape
-    theta = torch.cat([W_Q.reshape(-1), W_K.reshape(-1), W_V.reshape(-1)])
+    o = None if W_O is None else W_O.shape[1]
 
     def out(t: Tensor) -> Tensor:
-        return attention_output(X, *_split(t, d, k), scale=scale, mask=mask, linear=linear).reshape(-1)
+        Q, K, V, O = _split(t, d, k, o)
+        return attention_output(X, Q, K, V, W_O=O, scale=scale, mask=mask, linear=linear).reshape(-1)
 
-    J = torch.func.jacrev(out)(theta)
-    return 2.0 * loss_constant(X, c, reduction) * J.T @ J
+    J = torch.func.jacrev(out)(_flatten(W_Q, W_K, W_V, W_O))
+    return 2.0 * loss_constant(X, c, reduction, d if o is None else o) * J.T @ J

@@ -15,10 +15,15 @@ With the factors of :class:`energy.hessian.attention._Factors` (``R_i``, ``E_i``
 * ``(K,K)``: ``Σ_ij (K^q_ij)² ⟨R_i, R'_j⟩``;
 * ``(Q,K)``: ``Σ_ij K^x_ij K^q_ij ⟨U_i, U'_j⟩`` (``U_i = W_KᵀR_i``), plus for ``H_f`` the bilinear term
   ``G_QK ⊗ I``: ``⟨Σ x_i⊗U_i⊗q_iᵀ, G_QK⊗I⟩ = Σ_i q_iᵀ U_i G_QKᵀ x_i`` and ``‖G_QK⊗I‖² = d_K ‖G_QK‖²``;
-* ``(V,V)``: ``H_o = S ⊗ I`` (``S = 2c M_1ᵀM_1``), ``‖·‖² = d_V ‖S‖²``; ``H_f(V,V) = 0``;
-* ``(V,K)``: ``Σ_ij K^q_ij ⟨E_i, E'_j⟩`` and ``(V,Q)``: ``Σ_ij K^x_ij ⟨E_iΩ, E'_j⟩`` with
-  ``⟨E^o_iΩ, E^o_j⟩ = (2cκ)² K^μ_ij ⟨B_iΩ, B_j⟩``, ``⟨E^f_iΩ, E^f_j⟩ = κ² K^g_ij ⟨Σ_iΩ, Σ_j⟩``,
-  ``⟨E^o_iΩ, E^f_j⟩ = 2cκ² μ_iᵀ Σ_j Ω B_iᵀ g_j`` (``Ω = I`` for ``(V,K)``).
+* ``(V,V)``: ``H_o = S ⊗ Ω_O`` (``S = 2c M_1ᵀM_1``, ``Ω_O = W_O W_Oᵀ`` or ``I``), ``‖·‖² = ‖S‖² ‖Ω_O‖²``;
+  ``H_f(V,V) = 0``;
+* ``(V,K)``: ``Σ_ij K^q_ij ⟨E_i, E'_j⟩`` and ``(V,Q)``: ``Σ_ij K^x_ij ⟨E_iΩ, E'_j⟩`` with the value-side factors
+  ``(α_i, B̃_i, S̃_i, γ_i)`` of :mod:`energy.hessian.attention` (``(μ_i, B_i, Σ_i, g_i)`` without ``W_O``):
+  ``⟨E^o_iΩ, E^o_j⟩ = (2cκ)² (α_iᵀα_j) ⟨B̃_iΩ, B̃_j⟩``, ``⟨E^f_iΩ, E^f_j⟩ = κ² (γ_iᵀγ_j) ⟨S̃_iΩ, S̃_j⟩``,
+  ``⟨E^o_iΩ, E^f_j⟩ = 2cκ² α_iᵀ S̃_j Ω B̃_iᵀ γ_j`` (``Ω = I`` for ``(V,K)``); ``(O,Q)``, ``(O,K)`` alike;
+* with ``W_O``: ``(O,O) = S_O ⊗ I`` (``‖·‖² = d_O ‖S_O‖²``) and ``(V,O) = P ⊠ W_O + Q ⊠ I`` with
+  ``P = 2c M_1ᵀM_1W_V``, ``Q = M_1ᵀG``: ``‖H_o‖² = ‖P‖²‖W_O‖²``, ``‖H_f‖² = d_V‖Q‖²``,
+  ``⟨H_o, H_f⟩ = ⟨P W_O, Q⟩``.
 
 For each block the three numbers ``⟨H_o,H_o⟩``, ``⟨H_o,H_f⟩``, ``⟨H_f,H_f⟩`` are computed exactly, and
 ``‖H‖² = ‖H_o‖² + 2⟨H_o,H_f⟩ + ‖H_f‖²`` (in floating point this loses relative accuracy only where ``H_o`` and
@@ -38,6 +43,7 @@ from torch import Tensor
 from energy._validation import EnergyInputError
 from energy.hessian.attention import (
     BLOCKS,
+    BLOCKS_O,
     AttentionMoments,
     Part,
     Reduction,
@@ -47,6 +53,7 @@ from energy.hessian.attention import (
 
 __all__ = [
     "BLOCK_NAMES",
+    "BLOCK_NAMES_O",
     "block_inner_products",
     "block_norms",
     "block_norms_from_moments",
@@ -57,13 +64,20 @@ __all__ = [
 
 #: Canonical block names, e.g. ``"VQ"`` for the (V, Q) block (its transpose ``"QV"`` has the same norm).
 BLOCK_NAMES: tuple[str, ...] = tuple(a + b for a, b in BLOCKS)
-_PARTS = ("H", "H_o", "H_f", "cross")
+#: The extra block names with an output projection.
+BLOCK_NAMES_O: tuple[str, ...] = tuple(a + b for a, b in BLOCKS_O)
 
 
-def _canonical(block: str) -> str:
-    if not isinstance(block, str) or len(block) != 2 or any(ch not in "QKV" for ch in block):
-        raise EnergyInputError(f"block names are two letters out of Q, K, V (e.g. 'QQ', 'VQ'), got {block!r}.")
-    return block if block in BLOCK_NAMES else block[::-1]
+def _names(mom: AttentionMoments) -> tuple[str, ...]:
+    return tuple(a + b for a, b in mom.blocks)
+
+
+def _canonical(block: str, mom: AttentionMoments) -> str:
+    names = _names(mom)
+    if not isinstance(block, str) or (block not in names and block[::-1] not in names):
+        raise EnergyInputError(f"block names are two letters of the layer's weights {mom.params}, e.g. 'QQ' or "
+                               f"'VQ' (transposes allowed); got {block!r}.")
+    return block if block in names else block[::-1]
 
 
 def _gram(F: Tensor) -> Tensor:
@@ -76,16 +90,16 @@ def _cross_gram(F1: Tensor, F2: Tensor) -> Tensor:
     return F1.reshape(F1.shape[0], -1) @ F2.reshape(F2.shape[0], -1).T
 
 
-def _mixed_value_term(mom: AttentionMoments, Omega: Tensor | None, weight: Tensor, chunk: int = 64) -> float:
-    r"""``Σ_ij w_ij μ_iᵀ Σ_j Ω B_iᵀ g_j`` in row chunks (``Ω = I`` when ``None``); cost ``O(N² d²)``."""
-    N = mom.x.shape[0]
-    # (Σ_j Ω)ᵀ-contracted with μ_i:  z_ij = Ω Σ_j μ_i  (Σ_j symmetric);  y_ij = B_iᵀ g_j
-    SigO = mom.Sigma if Omega is None else mom.Sigma @ Omega  # Σ_j Ω
+def _mixed_value_term(
+    alpha: Tensor, Bt: Tensor, SO: Tensor, gamma: Tensor, weight: Tensor, chunk: int = 64
+) -> float:
+    r"""``Σ_ij w_ij α_iᵀ (S̃_jΩ) B̃_iᵀ γ_j`` in row chunks (``SO`` = ``S̃_j Ω``); cost ``O(N² d²)``, memory bounded."""
+    N = alpha.shape[0]
     total = 0.0
     for s in range(0, N, chunk):
         i = slice(s, min(N, s + chunk))
-        z = torch.einsum("in,jna->ija", mom.M_1[i], SigO)  # (μ_iᵀ Σ_j Ω)[a]
-        y = torch.einsum("ima,jm->ija", mom.B_V[i], mom.G)  # (B_iᵀ g_j)[a]
+        z = torch.einsum("in,jna->ija", alpha[i], SO)  # (α_iᵀ S̃_j Ω)[a]
+        y = torch.einsum("ima,jm->ija", Bt[i], gamma)  # (B̃_iᵀ γ_j)[a]
         total += float((weight[i] * (z * y).sum(-1)).sum())
     return total
 
@@ -95,13 +109,23 @@ def block_inner_products(mom: AttentionMoments, block: str) -> dict[str, float]:
 
     Args:
         mom: from :func:`energy.hessian.attention.attention_moments`.
-        block: ``"VV"``, ``"VQ"``, ``"VK"``, ``"QQ"``, ``"KK"``, ``"QK"`` (or a transpose such as ``"QV"``).
+        block: ``"VV"``, ``"VQ"``, ``"VK"``, ``"QQ"``, ``"KK"``, ``"QK"`` (or a transpose such as ``"QV"``);
+            with an output projection also ``"OO"``, ``"VO"``, ``"OQ"``, ``"OK"``.
     """
-    block = _canonical(block)
+    block = _canonical(block, mom)
     fo, ff = _Factors(mom, "H_o"), _Factors(mom, "H_f")
     kappa, c = mom.kappa, mom.c
     if block == "VV":
-        return {"oo": mom.d_V * float((fo.S**2).sum()), "of": 0.0, "ff": 0.0}
+        return {"oo": float((fo.S**2).sum()) * float((fo.Omega_O**2).sum()), "of": 0.0, "ff": 0.0}
+    if block == "OO":
+        return {"oo": mom.d_O * float((fo.S_O**2).sum()), "of": 0.0, "ff": 0.0}
+    if block == "VO":
+        P, Q = fo.P_VO, ff.Q_VO
+        return {
+            "oo": float((P**2).sum()) * float((mom.W_O**2).sum()),
+            "of": float(((P @ mom.W_O) * Q).sum()),
+            "ff": mom.d_V * float((Q**2).sum()),
+        }
     if block == "QQ":
         w = _gram(mom.x) ** 2
         Po, Pf = fo.P, ff.P
@@ -123,16 +147,16 @@ def block_inner_products(mom: AttentionMoments, block: str) -> dict[str, float]:
             "of": float((w * _cross_gram(Uo, Uf)).sum()) + with_G["o"],
             "ff": float((w * _cross_gram(Uf, Uf)).sum()) + 2.0 * with_G["f"] + mom.d_K * float((G**2).sum()),
         }
-    # value–query / value–key: Σ_ij w_ij ⟨E_i Ω, E'_j⟩
-    if block == "VK":
-        w, Omega = _gram(mom.q), None
-        BO, SO = mom.B_V, mom.Sigma
-    else:  # "VQ"
-        w, Omega = _gram(mom.x), mom.W_K @ mom.W_K.T
-        BO, SO = mom.B_V @ Omega, mom.Sigma @ Omega
-    oo = (2 * c * kappa) ** 2 * float((w * _gram(mom.M_1) * _cross_gram(BO, mom.B_V)).sum())
-    ff_ = kappa**2 * float((w * _gram(mom.G) * _cross_gram(SO, mom.Sigma)).sum())
-    of = 2 * c * kappa**2 * _mixed_value_term(mom, Omega, w)
+    # value-side × query/key ("VQ", "VK", "OQ", "OK"): Σ_ij w_ij ⟨E_i Ω, E'_j⟩
+    alpha, Bt, St, gamma = fo.value_side(block[0])
+    if block[1] == "K":
+        w, BO, SO = _gram(mom.q), Bt, St
+    else:  # query: Ω = W_K W_Kᵀ
+        Omega = mom.W_K @ mom.W_K.T
+        w, BO, SO = _gram(mom.x), Bt @ Omega, St @ Omega
+    oo = (2 * c * kappa) ** 2 * float((w * _gram(alpha) * _cross_gram(BO, Bt)).sum())
+    ff_ = kappa**2 * float((w * _gram(gamma) * _cross_gram(SO, St)).sum())
+    of = 2 * c * kappa**2 * _mixed_value_term(alpha, Bt, SO, gamma, w)
     return {"oo": oo, "of": of, "ff": ff_}
 
 
@@ -151,7 +175,7 @@ def block_norms_from_moments(
     ``"cross"`` is the inner product ``⟨H_o, H_f⟩_F`` of the block (not a norm). With ``squared=True`` the
     squared norms are returned (no square root; useful to sum blocks).
     """
-    names = BLOCK_NAMES if blocks is None else [_canonical(b) for b in blocks]
+    names = _names(mom) if blocks is None else [_canonical(b, mom) for b in blocks]
     out: dict[tuple[str, str], float] = {}
     for name in names:
         for part, value in _parts(block_inner_products(mom, name), squared).items():
@@ -166,6 +190,7 @@ def block_norms(
     W_V: Tensor,
     Y: Tensor,
     *,
+    W_O: Tensor | None = None,
     blocks: list[str] | None = None,
     squared: bool = False,
     c: float | None = None,
@@ -182,7 +207,7 @@ def block_norms(
     Cost ``O(N d³ + N² d²)`` with ``N = B L`` (module docstring).
     """
     mom = attention_moments(
-        X, W_Q, W_K, W_V, Y, c=c, reduction=reduction, scale=scale, mask=mask, causal=causal, linear=linear
+        X, W_Q, W_K, W_V, Y, W_O=W_O, c=c, reduction=reduction, scale=scale, mask=mask, causal=causal, linear=linear
     )
     return block_norms_from_moments(mom, blocks, squared=squared)
 
@@ -192,37 +217,37 @@ def hessian_frobenius_norms(mom: AttentionMoments) -> dict[str, float]:
     sq = block_norms_from_moments(mom, squared=True)
     out = {}
     for part in ("H", "H_o", "H_f"):
-        total = sum((1.0 if b[0] == b[1] else 2.0) * sq[(b, part)] for b in BLOCK_NAMES)
+        total = sum((1.0 if b[0] == b[1] else 2.0) * sq[(b, part)] for b in _names(mom))
         out[part] = max(total, 0.0) ** 0.5
     return out
 
 
 def _diag_factors(mom: AttentionMoments, part: Part) -> dict[str, Tensor]:
     f = _Factors(mom, part)
-    R = f.R
-    P = f.P
-    d = mom.d_V
-    diag_R = R.diagonal(dim1=-2, dim2=-1)  # (N, d)
-    diag_P = P.diagonal(dim1=-2, dim2=-1)  # (N, k)
-    return {
+    diag_R = f.R.diagonal(dim1=-2, dim2=-1)  # (N, d)
+    diag_P = f.P.diagonal(dim1=-2, dim2=-1)  # (N, k)
+    out = {
         # diag Σ_i x_i x_iᵀ ⊗ P_i = Σ_i (x_i ∘ x_i) ⊗ diag P_i
         "Q": torch.einsum("ia,ib->ab", mom.x**2, diag_P).reshape(-1),
         # diag Σ_i R_i ⊗ q_i q_iᵀ = Σ_i diag R_i ⊗ (q_i ∘ q_i)
         "K": torch.einsum("ia,ib->ab", diag_R, mom.q**2).reshape(-1),
-        # diag S ⊗ I
-        "V": f.S.diagonal().repeat_interleave(d),
+        # diag S ⊗ Ω_O
+        "V": torch.outer(f.S.diagonal(), f.Omega_O.diagonal()).reshape(-1),
     }
+    if mom.W_O is not None:  # diag S_O ⊗ I
+        out["O"] = f.S_O.diagonal().repeat_interleave(mom.d_O)
+    return out
 
 
 def block_diagonals(mom: AttentionMoments, part: Part = "H") -> dict[str, Tensor]:
-    r"""Diagonals of the diagonal blocks ``(Q,Q)``, ``(K,K)``, ``(V,V)`` in ``vec_r`` order, exactly.
+    r"""Diagonals of the diagonal blocks ``(Q,Q)``, ``(K,K)``, ``(V,V)`` [, ``(O,O)``] in ``vec_r`` order, exactly.
 
     .. math:: \mathrm{diag}\,H(Q,Q) = \textstyle\sum_i (x_i\circ x_i)\otimes \mathrm{diag}(W_K^\top R_i W_K),\quad
               \mathrm{diag}\,H(K,K) = \sum_i \mathrm{diag}R_i \otimes (q_i\circ q_i),\quad
-              \mathrm{diag}\,H(V,V) = \mathrm{diag}(2c M_1^\top M_1)\otimes \mathbf 1
+              \mathrm{diag}\,H(V,V) = \mathrm{diag}(2c M_1^\top M_1)\otimes \mathrm{diag}(W_O W_O^\top)
 
-    (the bilinear term sits off the diagonal blocks). Cost ``O(N d² k)``. Concatenated in the order
-    ``(Q, K, V)`` they are the diagonal of the whole Hessian.
+    and ``diag H(O,O) = diag(2c W_VᵀM_1ᵀM_1W_V) ⊗ 1`` (the bilinear term sits off the diagonal blocks). Cost
+    ``O(N d² k)``. Concatenated in the order of ``mom.params`` they are the diagonal of the whole Hessian.
     """
     if part not in ("H", "H_o", "H_f"):
         raise EnergyInputError(f"`part` must be 'H', 'H_o' or 'H_f', got {part!r}.")
@@ -230,13 +255,13 @@ def block_diagonals(mom: AttentionMoments, part: Part = "H") -> dict[str, Tensor
 
 
 def block_traces(mom: AttentionMoments, part: Part = "H") -> dict[str, float]:
-    r"""Traces of the diagonal blocks and of the whole Hessian: ``{"QQ", "KK", "VV", "total"}``.
+    r"""Traces of the diagonal blocks and of the whole Hessian: ``{"QQ", "KK", "VV"[, "OO"], "total"}``.
 
     .. math:: \mathrm{tr}\,H(Q,Q) = \textstyle\sum_i \|x_i\|^2\,\mathrm{tr}(W_K^\top R_i W_K),\quad
               \mathrm{tr}\,H(K,K) = \sum_i \mathrm{tr}R_i\,\|q_i\|^2,\quad
-              \mathrm{tr}\,H(V,V) = d_V\,\mathrm{tr}(2c M_1^\top M_1)
+              \mathrm{tr}\,H(V,V) = \mathrm{tr}(2c M_1^\top M_1)\,\|W_O\|_F^2
     """
     diags = block_diagonals(mom, part)
     out = {name + name: float(v.sum()) for name, v in diags.items()}
-    out["total"] = out["QQ"] + out["KK"] + out["VV"]
+    out["total"] = sum(out.values())
     return out

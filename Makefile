@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(or $(PYTEST_WORKERS),auto)
 
 figures: $(STAMP)
 	$(PY) -m paper_figs --quick --out paper_figs/out

@@ -14,6 +14,8 @@ Full size: batch 8, n 512, d 256, 4 heads (head width 64), float32, ``torch.no_g
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,6 +45,21 @@ def _mha_forward(mha: torch.nn.MultiheadAttention, Y: torch.Tensor):
     return lambda: mha(Y, Y, Y, need_weights=False)
 
 
+def _context() -> dict[str, Any]:
+    """Threads and machine load at measurement time (shared machines: ratios drift with the load)."""
+    return {"threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0]}
+
+
+def _ratio_single_thread(candidate: Callable[[], Any], baseline: Callable[[], Any], repeat: int) -> float:
+    """The same ratio with one intra-op thread (no thread-pool wake-ups; reported next to the default)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return compare(candidate, baseline, repeat=repeat)["ratio"]
+    finally:
+        torch.set_num_threads(threads)
+
+
 @benchmark("energy/fused_step_vs_nn_mha")
 def fused_step_vs_nn_mha(quick: bool) -> dict[str, Any]:
     Y, M, mha, s = _setup(quick)
@@ -56,8 +73,11 @@ def fused_step_vs_nn_mha(quick: bool) -> dict[str, Any]:
         # correctness of what is timed: the fused step equals the einsum step (float32 here; float64 in the tests)
         err = float((attention_step_fused(Y, M, 1.0, value_basis=U) - MultiHeadAttentionEnergy(M).step(Y, 1.0))
                     .abs().max())
+        res["ratio_1thread"] = _ratio_single_thread(
+            lambda: attention_step_fused(Y, M, 1.0, value_basis=U), _mha_forward(mha, Y), repeat)
     res["ratio_without_input_checks"] = unchecked["ratio"]
     res["max_abs_diff_vs_einsum_step_float32"] = err
+    res.update(_context())
     return res
 
 
@@ -65,9 +85,12 @@ def fused_step_vs_nn_mha(quick: bool) -> dict[str, Any]:
 def energy_eval_vs_attention_forward(quick: bool) -> dict[str, Any]:
     Y, M, mha, s = _setup(quick)
     E = MultiHeadAttentionEnergy(M)
+    repeat = 5 if quick else 9
     with torch.no_grad():
-        return compare(lambda: E.energy(Y), _mha_forward(mha, Y), repeat=5 if quick else 9, target=2.0,
-                       dtype="float32", **s)
+        res = compare(lambda: E.energy(Y), _mha_forward(mha, Y), repeat=repeat, target=2.0, dtype="float32", **s)
+        res["ratio_1thread"] = _ratio_single_thread(lambda: E.energy(Y), _mha_forward(mha, Y), repeat)
+    res.update(_context())
+    return res
 
 
 @benchmark("energy/closed_form_grad_vs_autograd")
@@ -77,4 +100,5 @@ def closed_form_grad_vs_autograd(quick: bool) -> dict[str, Any]:
     res = compare(lambda: E.grad(Y), lambda: E.autograd_grad(Y), repeat=5 if quick else 7, dtype="float32", **s)
     g, ga = E.grad(Y), E.autograd_grad(Y)
     res["max_rel_diff_float32"] = float((g - ga).abs().max() / ga.abs().max())
+    res.update(_context())
     return res

@@ -170,12 +170,14 @@ def _check_token_mask(token_mask: object, Y: Tensor) -> Tensor | None:
             "e.g. `lengths[:, None] > torch.arange(n)`."
         )
     try:
-        torch.broadcast_shapes(token_mask.shape, Y.shape[:-1])
+        ok = torch.broadcast_shapes(token_mask.shape, Y.shape[:-1]) == Y.shape[:-1]
     except RuntimeError:
+        ok = False
+    if not ok:
         raise EnergyInputError(
             f"`token_mask` of shape {tuple(token_mask.shape)} does not broadcast to Y's token shape "
             f"{tuple(Y.shape[:-1])} (= Y.shape[:-1])."
-        ) from None
+        )
     if token_mask.shape[-1] != Y.shape[-2]:
         raise EnergyInputError(
             f"`token_mask` must have n = {Y.shape[-2]} entries in its last dimension, got {tuple(token_mask.shape)}."
@@ -213,13 +215,15 @@ def metric(M: Tensor, scale: float | None = None) -> Tensor:
     return _resolve_scale(scale, M.shape[-1]) * (M @ M.transpose(-1, -2))
 
 
-def _sq_dist_from_gram(G: Tensor) -> Tensor:
-    r""":math:`z_{ij} = \tfrac12(G_{ii} + G_{jj}) - G_{ij} = \tfrac12\|y_i - y_j\|_W^2` from :math:`G = YWY^\top`.
+def _sq_dist_from_gram(G: Tensor, kappa: float = 1.0) -> Tensor:
+    r""":math:`z_{ij} = \kappa\,(\tfrac12(G_{ii} + G_{jj}) - G_{ij})` (:math:`= \tfrac12\|y_i - y_j\|_W^2` for
+    :math:`\kappa G = YWY^\top`).
 
-    Clamped at 0 against rounding (the exact value is non-negative); the diagonal is exactly 0.
+    Clamped at 0 against rounding (the exact value is non-negative); the diagonal is exactly 0. ``kappa`` is applied
+    inside the subtraction so that the scaled Gram matrix is never formed (one pass fewer over the n×n array).
     """
-    g = G.diagonal(dim1=-2, dim2=-1)
-    return (0.5 * (g.unsqueeze(-1) + g.unsqueeze(-2)) - G).clamp_min(0.0)
+    half = (0.5 * kappa) * G.diagonal(dim1=-2, dim2=-1)
+    return torch.sub(half.unsqueeze(-1) + half.unsqueeze(-2), G, alpha=kappa).clamp_min(0.0)
 
 
 def pairwise_sq_dist(Y: Tensor, W: Tensor) -> Tensor:
@@ -350,7 +354,7 @@ def _pair_mask(token_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _head_gamma(K: Tensor, kappa: float, kernel: Kernel, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``z`` and :math:`\\Gamma = \\rho'(z)` per head (masked pairs set to zero)."""
-    z = _sq_dist_from_gram(kappa * (K @ K.transpose(-1, -2)))
+    z = _sq_dist_from_gram(K @ K.transpose(-1, -2), kappa)
     Gamma = kernel.drho(z)
     if token_mask is not None:
         Gamma = Gamma * _pair_mask(token_mask, Gamma.dtype)
@@ -361,11 +365,11 @@ def _head_energy(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: flo
                  token_mask: Tensor | None) -> Tensor:
     r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, ``(..., h)``."""
     K = _keys(Y, M3)
-    z = _sq_dist_from_gram(kappa * (K @ K.transpose(-1, -2)))
-    R = kernel.rho(z)
+    R = kernel.rho(_sq_dist_from_gram(K @ K.transpose(-1, -2), kappa))
     if token_mask is not None:
         R = R * _pair_mask(token_mask, R.dtype)
-    E = torch.triu(R, diagonal=1).sum((-1, -2))
+    # Σ_{i<j} ρ(z_ij) = ½ (Σ_{i,j} ρ(z_ij) − Σ_i ρ(z_ii)), z symmetric; avoids copying the upper triangle
+    E = 0.5 * (R.sum((-1, -2)) - R.diagonal(dim1=-2, dim2=-1).sum(-1))
     if ridge:
         sq = kappa * (K * K).sum(-1)  # ‖y_i‖²_{W_h}
         if token_mask is not None:
@@ -401,6 +405,16 @@ def _head_mixing(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: flo
     r""":math:`A_h = (D_h + \lambda I)^{-1}\Gamma_h` (rows of padded tokens are zero), ``(..., h, n, n)``."""
     _, Gamma = _head_gamma(_keys(Y, M3), kappa, kernel, token_mask)
     return Gamma / _denominator(Gamma, ridge, token_mask).unsqueeze(-1)
+
+
+def _heads_orthogonal(M3: Tensor, atol: float | None = None) -> bool:
+    r"""Whether :math:`\max_{h\ne g}|M_h^\top M_g| \le` ``atol`` (default ``1e3·eps·max_h‖M_h‖_F²``), M3 (h, d, k)."""
+    M = M3.detach()
+    off = ~torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
+    err = float(torch.einsum("hdk,gdl->hgkl", M, M)[off].abs().max()) if off.any() else 0.0
+    if atol is None:
+        atol = 1e3 * torch.finfo(M.dtype).eps * max(1.0, float((M * M).sum((-1, -2)).max()))
+    return err <= atol
 
 
 def _apply_step(Y: Tensor, A: Tensor, V: Tensor, out: Tensor | None, alpha: float | Tensor,
@@ -605,13 +619,7 @@ class MultiHeadAttentionEnergy(_PairwiseAttention):
 
     def heads_orthogonal(self, atol: float | None = None) -> bool:
         r"""Whether :math:`\max_{h\ne g}|M_h^\top M_g| \le` ``atol`` (default ``1e3·eps·max_h‖M_h‖_F²``)."""
-        M = self.M.detach()
-        C = torch.einsum("hdk,gdl->hgkl", M, M)
-        off = ~torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
-        err = float(C[off].abs().max()) if off.any() else 0.0
-        if atol is None:
-            atol = 1e3 * torch.finfo(M.dtype).eps * max(1.0, float((M * M).sum((-1, -2)).max()))
-        return err <= atol
+        return _heads_orthogonal(self.M, atol)
 
     def projectors(self) -> Tensor:
         r""":math:`P_h = U_h U_h^\top`, shape ``(h, d, d)`` (see :func:`head_bases`)."""
@@ -723,8 +731,11 @@ def attention_step_fused(
     M3 = M.unsqueeze(0) if single else M
     h, d, k = M3.shape
     kappa = _resolve_scale(scale, k)
+    if check and value_basis is not None:
+        value_basis = check_tensor(value_basis, "value_basis", ndim=3, trailing=(h, d, None))
+        check_same_float_dtype(M=M, value_basis=value_basis)
     if check:
-        orthogonal = True if single else MultiHeadAttentionEnergy(M, scale=kappa).heads_orthogonal()
+        orthogonal = single or _heads_orthogonal(M3)
         lam = kappa * float(torch.linalg.matrix_norm(M3.detach(), ord=2).max()) ** 2 if preconditioner == "token" else 0
         r = attention_step_range(GaussianKernel(), preconditioner, lambda_max_W=lam, orthogonal_heads=orthogonal)
         check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
@@ -777,6 +788,5 @@ def _augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tenso
     bias = M3.new_zeros(h, 3, w)
     bias[:, 0, k] = 1.0  # the query's constant 1
     X = torch.addmm(bias.reshape(-1), Y.reshape(-1, d), factor.reshape(d, -1)).view(B, n, h, 3, w)
-    K = X[:, :, :, 1, :k]
-    X[:, :, :, 1, k] = -0.5 * (K * K).sum(-1)  # the key's -½‖k‖² (β_j / κ)
+    X[:, :, :, 1, k] = torch.linalg.vector_norm(X[:, :, :, 1, :k], dim=-1).square_().mul_(-0.5)  # -½‖k‖² = β_j/κ
     return X[:, :, :, 0].transpose(1, 2), X[:, :, :, 1].transpose(1, 2), X[:, :, :, 2].transpose(1, 2)

@@ -451,6 +451,8 @@ BAD_INPUT = [
      "`token_mask`"),
     ("mask batch", lambda: _E.energy(_Y, token_mask=torch.ones(3, 6, dtype=torch.bool)), EnergyInputError,
      "broadcast"),
+    ("mask more dims than Y", lambda: _E.energy(_Y[0], token_mask=torch.ones(3, 6, dtype=torch.bool)),
+     EnergyInputError, "broadcast"),
     ("G shape", lambda: _E.preconditioned_grad(_Y, torch.zeros(6, 4, dtype=DT), preconditioner="token"),
      EnergyInputError, "`G`"),
     ("W not symmetric", lambda: pairwise_sq_dist(_Y, torch.triu(torch.ones(4, 4, dtype=DT))), ConstraintError,

@@ -280,6 +280,8 @@ BAD_INPUT = [
      "floating"),
     ("kernel", lambda: MultiHeadAttentionEnergy(_M3, kernel=lambda z: z), EnergyInputError, "`kernel`"),
     ("fused width", lambda: attention_step_fused(torch.randn(5, 3, dtype=DT), _M3), EnergyInputError, "width"),
+    ("fused value_basis", lambda: attention_step_fused(_Y, _M3, value_basis=torch.randn(3, 4, 2, dtype=DT)),
+     EnergyInputError, "`value_basis`"),
     ("fused mask", lambda: attention_step_fused(_Y, _M3, token_mask=torch.ones(2, 5)), EnergyInputError,
      "`token_mask`"),
 ]

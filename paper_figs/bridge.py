@@ -31,6 +31,7 @@ measures them.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from energy._validation import StepSizeWarning
 from energy.attention import AttentionEnergy, attention_step_fused
 from energy.hessian.energy_curvature import majoriser_step_bound, preconditioned_curvature
 from energy.hessian.energy_layer import energy_layer_hessian
@@ -73,7 +75,8 @@ def equivalence_errors(n: int, d: int, dtype: torch.dtype, generator: torch.Gene
     r"""Relative errors ``max|out − step| / max|step|`` of the standard layers against the energy's step.
 
     One draw: ``M ~ N(0, 1/√d)`` entries (``d × d``, so ``W = M Mᵀ/√d`` with ``E[W] = I``), tokens
-    ``Y ~ N(0, I_d)`` (batch of :data:`EQUIV_BATCH`), drawn in float64 and cast to ``dtype``. Step (a) uses ``α = 1``;
+    ``Y ~ N(0, I_d/d)`` (batch of :data:`EQUIV_BATCH`; ``z_ij = ½‖y_i − y_j‖²_W ≈ 1``, so the attention is neither
+    uniform nor one-hot at any ``d``), drawn in float64 and cast to ``dtype``. Step (a) uses ``α = 1``;
     step (b) ``α = 1/λ_max(W)`` (inside its guaranteed range ``(0, 2/λ_max(W))``). The standard layer is
     ``nn.MultiheadAttention`` from :func:`unfold.converters.to_standard`, run through
     :func:`unfold.converters.verify_equivalence` (skip map plus the layer with ``β`` as additive mask; also the plain
@@ -81,7 +84,7 @@ def equivalence_errors(n: int, d: int, dtype: torch.dtype, generator: torch.Gene
     augmentation). Every output is compared, in ``dtype``, with :meth:`AttentionEnergy.step` in ``dtype``.
     """
     M64 = torch.randn(d, d, generator=generator, dtype=DTYPE) * d**-0.25
-    Y64 = torch.randn(EQUIV_BATCH, n, d, generator=generator, dtype=DTYPE)
+    Y64 = torch.randn(EQUIV_BATCH, n, d, generator=generator, dtype=DTYPE) / math.sqrt(d)
     M, Y = M64.to(dtype), Y64.to(dtype)
     energy = AttentionEnergy(M)
     lam_W = float(torch.linalg.eigvalsh(energy.W.to(DTYPE))[-1])
@@ -104,13 +107,14 @@ def _equiv_caption(data: dict) -> str:
     return (
         "Relative error max|standard − step| / max|step| of the energy's descent step against the standard attention "
         "layer it reproduces (MATH §1.1), over sequence lengths n (x axis) and widths d (colours), float64 (solid) "
-        "and float32 (dashed), for step (a) Y+ = (1 − α)Y + α softmax_β(Y W Yᵀ) Y (α = 1, identity values; left) and "
-        "step (b) Y+ = Y(I − αW) + α softmax_β(Y W Yᵀ) Y W (values tied to W, α = 1/λ_max(W); middle). Standard "
-        "layer: torch's nn.MultiheadAttention built by unfold.converters.to_standard, with the key bias β_j = "
-        "−½‖y_j‖²_W passed as additive attn_mask; grey dotted: the same layer without β (a different map). Right: "
-        "the fused path through F.scaled_dot_product_attention with the β augmentation. M has N(0, d^-1/2) entries "
-        f"(W = M Mᵀ/√d, E[W] = I), tokens N(0, I), batch {EQUIV_BATCH}, seed {data['seed']}; each point is the "
-        f"maximum over {data['repeats']} draws."
+        "and float32 (dashed). Left: step (a) Y+ = (1 − α)Y + α softmax_β(Y W Yᵀ) Y (α = 1, identity values); "
+        "middle: step (b) Y+ = Y(I − αW) + α softmax_β(Y W Yᵀ) Y W (values tied to W, α = 1/λ_max(W)). Standard "
+        "layer: torch's nn.MultiheadAttention built by unfold.converters.to_standard, with the key bias "
+        "β_j = −½‖y_j‖²_W passed as additive attn_mask; dotted with crosses: the same layer without β (a different "
+        "map). Right: the fused path through F.scaled_dot_product_attention with the β augmentation (worse of "
+        "steps (a), (b)). M has N(0, d^-1/2) entries (W = M Mᵀ/√d, E[W] = I), tokens N(0, I/d) (so "
+        f"½‖y_i − y_j‖²_W ≈ 1), batch {EQUIV_BATCH}, seed {data['seed']}; each point is the maximum over "
+        f"{data['repeats']} draws."
     )
 
 
@@ -124,6 +128,7 @@ def _equiv_caption(data: dict) -> str:
     ),
     caption=_equiv_caption,
     paper_seed=0,
+    version=2,
 )
 def compute_equivalence(cfg: FigureConfig) -> dict[str, Any]:
     ns = cfg.pick(tiny=[3, 8], quick=[4, 16, 64, 256], paper=[4, 16, 64, 256, 1024], key="n")
@@ -151,14 +156,14 @@ def plot_equivalence(data: dict, cfg: FigureConfig) -> Figure:
             for dt, ls in (("float64", "-"), ("float32", "--")):
                 rows = [r for r in data["rows"] if r["d"] == d and r["dtype"] == dt]
                 n = [r["n"] for r in rows]
-                ax.plot(n, [r[key] for r in rows], ls, marker="o", ms=3, color=f"C{ci}",
-                        label=f"d={d}, {dt}" + (" (a)" if key.startswith("sdpa") else ""))
                 if key.startswith("sdpa"):
-                    ax.plot(n, [r[other] for r in rows], ls, marker="^", ms=3, color=f"C{ci}", alpha=0.5,
-                            label=f"d={d}, {dt} (b)")
-                elif dt == "float64":
-                    ax.plot(n, [r[other] for r in rows], ":", color="0.55", lw=1,
-                            label="without β (float64)" if ci == 0 else None)
+                    err = [max(r[key], r[other]) for r in rows]
+                else:
+                    err = [r[key] for r in rows]
+                ax.plot(n, err, ls, marker="o", ms=3, color=f"C{ci}", label=f"d={d}, {dt}")
+                if not key.startswith("sdpa") and dt == "float64":
+                    ax.plot(n, [r[other] for r in rows], ":", marker="x", ms=3, color=f"C{ci}", lw=1, alpha=0.6,
+                            label=f"d={d}, without β (float64)")
         for dt, eps in data["eps"].items():
             ax.axhline(eps, color="0.8", lw=0.8)
             ax.text(data["ns"][0], eps * 1.4, f"{dt} eps", fontsize=7, color="0.5")
@@ -168,7 +173,7 @@ def plot_equivalence(data: dict, cfg: FigureConfig) -> Figure:
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("max |out − step| / max |step|")
     axes[0].legend(fontsize=7, ncol=2)
-    axes[2].legend(fontsize=6, ncol=2)
+    axes[2].legend(fontsize=7, ncol=2)
     fig.suptitle("Energy descent steps are standard attention layers (with the key bias β)")
     return fig
 
@@ -354,8 +359,14 @@ def summarize_hessian_comparison(data: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+#: step sizes of the sweep in ``unfold-energy-curvature`` (the model itself uses α = 1)
+SWEEP_ALPHAS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
+
+
 @torch.no_grad()
-def curvature_along_model(model: Any, sequences: list[Tensor]) -> dict[str, np.ndarray]:
+def curvature_along_model(
+    model: Any, sequences: list[Tensor], alphas: tuple[float, ...] = ()
+) -> dict[str, np.ndarray]:
     r"""Per layer ``ℓ`` and sequence ``b``, at the state ``Y`` entering the attention step of layer ``ℓ``:
 
     - ``bound_a = 2/λ_max(N)``, ``bound_b = 2/(λ_max(N) λ_max(W))``: the largest step sizes for which steps (a)/(b)
@@ -366,18 +377,26 @@ def curvature_along_model(model: Any, sequences: list[Tensor]) -> dict[str, np.n
     - the change of ``E_att`` made by the attention step, of ``E_ffn`` made by the FFN step, and of the total
       energy ``E_att + E_ffn`` made by each step (attention, FFN, ReLU), from the unroller's trace.
 
-    Arrays have shape ``(depth, N)``. Single-head model, one sequence at a time (no padding).
+    - ``spread = ‖Y − 1ȳᵀ‖_F / ‖Y‖_F``: how far the tokens are from coinciding (0: all tokens equal, where
+      ``E_att`` is at its minimum and every attention step is the identity);
+    - ``up_a``, ``up_b`` of shape ``(depth, N, len(alphas))``: whether step (a) / (b) of the layer's attention
+      energy with step size ``alphas[m]`` (instead of the model's) would have *increased* ``E_att`` (by more than
+      ``1e-12·|E_att|``) — the sweep that shows where the guarantee is only sufficient and where descent fails.
+
+    Other arrays have shape ``(depth, N)``. Single-head model, one sequence at a time (no padding).
     """
     body = model.body
     kinds = body.step_kinds
     S = len(kinds)
     depth = body.depth
-    keys = ("bound_a", "bound_b", "lam_true", "lam_true_min", "lam_maj", "alpha")
+    keys = ("bound_a", "bound_b", "lam_true", "lam_true_min", "lam_maj", "alpha", "spread")
     out = {k: np.zeros((depth, len(sequences))) for k in keys}
     for kind in kinds:
         out[f"dE_total_{kind}"] = np.zeros((depth, len(sequences)))
     out["dE_att_attention"] = np.zeros((depth, len(sequences)))
     out["dE_ffn_ffn"] = np.zeros((depth, len(sequences)))
+    out["up_a"] = np.zeros((depth, len(sequences), len(alphas)), dtype=bool)
+    out["up_b"] = np.zeros((depth, len(sequences), len(alphas)), dtype=bool)
     for b, seq in enumerate(sequences):
         _, info = body(model.embed(seq.unsqueeze(0).to(DTYPE)), trace=True)
         E = {k: v[:, 0].numpy() for k, v in info["energies"].items()}
@@ -386,11 +405,19 @@ def curvature_along_model(model: Any, sequences: list[Tensor]) -> dict[str, np.n
             energy = att.build()
             Y = info["states"][ell * S][0]
             out["alpha"][ell, b] = float(att.alpha)
+            out["spread"][ell, b] = float(torch.linalg.norm(Y - Y.mean(0)) / torch.linalg.norm(Y).clamp_min(1e-300))
             out["bound_a"][ell, b] = majoriser_step_bound(energy, Y, "metric")
             out["bound_b"][ell, b] = majoriser_step_bound(energy, Y, "token")
             curv = preconditioned_curvature(energy, Y, "metric")
             out["lam_true"][ell, b], out["lam_true_min"][ell, b] = curv["true"], curv["true_min"]
             out["lam_maj"][ell, b] = curv["majoriser"]
+            E0 = energy.energy(Y)
+            with warnings.catch_warnings():  # steps beyond the guaranteed range are the point of the sweep
+                warnings.simplefilter("ignore", StepSizeWarning)
+                for m, a in enumerate(alphas):
+                    for prec, key in (("metric", "up_a"), ("token", "up_b")):
+                        E1 = energy.energy(energy.step(Y, a, preconditioner=prec))
+                        out[key][ell, b, m] = bool(E1 - E0 > 1e-12 * abs(float(E0)))
             for j, kind in enumerate(kinds):
                 t = ell * S + j
                 out[f"dE_total_{kind}"][ell, b] = E["total"][t + 1] - E["total"][t]
@@ -405,12 +432,15 @@ def _curv_caption(data: dict) -> str:
     return (
         f"Along a freshly initialised weight-tied unfolded model (unfold.presets.yang2022, d = {data['d']}, 12 layers, "
         "attention step (a) with α = 1, FFN step with W_f spectrum in [0, 0.95], ReLU), at the state entering each "
-        "layer's attention step. Left: the largest step sizes with guaranteed descent of E_att from the MM "
-        "majoriser, 2/λ_max(N) for the step (a) the model takes and 2/(λ_max(N)λ_max(W)) for step (b) (had the "
-        "model used the token preconditioner), and 2/λ_max of the metric-preconditioned true token-space Hessian "
+        "layer's attention step. Top left: the largest step sizes with guaranteed descent of E_att from the MM "
+        "majoriser, 2/λ_max(N) for the step (a) the model takes and 2/(λ_max(N)λ_max(W)) for step (b) (had "
+        "the model used the token preconditioner), and 2/λ_max of the metric-preconditioned true token-space Hessian "
         "(the step at which a quadratic model stops descending along its top mode; MATH §4.1); median with "
-        "min–max band over the sequences; black: the step size α = 1 used. Right: share of sequences in which each "
-        "step lowered its own energy term and the total E_att + E_ffn. Inputs: "
+        "min–max band over the sequences; black: the step size α = 1 used. Top right: share of sequences in which each "
+        "step lowered its own energy term and the total E_att + E_ffn. Bottom: the same states stepped with the "
+        "attention energy's step (a) (left) or (b) (right) at the step sizes α of a sweep: share of sequences in "
+        "which E_att increased, with the median guaranteed bound (dashed); below the bound no increase is possible. "
+        "Inputs: "
         f"{data['description']}."
     )
 
@@ -425,6 +455,7 @@ def _curv_caption(data: dict) -> str:
     ),
     caption=_curv_caption,
     paper_seed=2333,
+    version=2,
 )
 def compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
     d = cfg.pick(tiny=4, quick=12, paper=16, key="d")
@@ -438,8 +469,8 @@ def compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
     Yall, lengths = embed_sentences(chosen, table, max_len)
     sequences = [Yall[b, : int(lengths[b])] for b in range(len(chosen)) if int(lengths[b]) >= 2]
     model = make_model(d, relu=True, seed=cfg.seed).double()
-    res = curvature_along_model(model, sequences)
-    return {"d": d, "depth": DEPTH, "seed": cfg.seed, "n_sequences": len(sequences),
+    res = curvature_along_model(model, sequences, SWEEP_ALPHAS)
+    return {"d": d, "alphas": SWEEP_ALPHAS, "depth": DEPTH, "seed": cfg.seed, "n_sequences": len(sequences),
             "description": (f"{len(sequences)} sentences of {text} (first {max_len} tokens), embedded with a seeded "
                             f"N(0, 1) table (token norm ≈ √d), seed {cfg.seed}"),
             **res}
@@ -447,8 +478,8 @@ def compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_energy_curvature.plot
 def plot_energy_curvature(data: dict, cfg: FigureConfig) -> Figure:
-    fig = Figure(figsize=(13, 4.6), layout="constrained")
-    ax, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(13, 9), layout="constrained")
+    (ax, ax2), (ax3, ax4) = fig.subplots(2, 2)
     t = np.arange(data["depth"])
     series = (("bound_a", "2/λ_max(N): step (a) guaranteed", "C0"),
               ("bound_b", "2/(λ_max(N)λ_max(W)): step (b) guaranteed", "C1"),
@@ -458,7 +489,7 @@ def plot_energy_curvature(data: dict, cfg: FigureConfig) -> Figure:
         v = 2.0 / v if key == "lam_true" else v
         ax.plot(t, np.median(v, axis=1), "o-", color=color, ms=3, label=label)
         ax.fill_between(t, v.min(axis=1), v.max(axis=1), color=color, alpha=0.2)
-    ax.plot(t, np.asarray(data["alpha"])[:, 0], "k-", lw=2, label="α used (step (a))")
+    ax.plot(t, np.asarray(data["alpha"])[:, 0], "k-", lw=2, label="α used by the model (step (a))")
     ax.set_yscale("log")
     ax.set_xlabel("layer ℓ")
     ax.set_ylabel("step size")
@@ -476,8 +507,24 @@ def plot_energy_curvature(data: dict, cfg: FigureConfig) -> Figure:
     ax2.set_ylim(0, 1.05)
     ax2.set_xlabel("layer ℓ")
     ax2.set_ylabel("share of sequences with ΔE ≤ 0")
-    ax2.set_title("did the step lower the energy?", fontsize=10)
+    ax2.set_title("did the model's steps lower the energy?", fontsize=10)
     ax2.legend(fontsize=7, loc="lower left")
+    alphas = np.asarray(data["alphas"])
+    for axh, key, bound, name in ((ax3, "up_a", "bound_a", "(a)"), (ax4, "up_b", "bound_b", "(b)")):
+        frac = np.asarray(data[key], dtype=float).mean(axis=1)  # (depth, n_alpha)
+        im = axh.imshow(frac.T, origin="lower", aspect="auto", cmap="Reds", vmin=0, vmax=1,
+                        extent=(-0.5, len(t) - 0.5, -0.5, len(alphas) - 0.5))
+        # the median bound, drawn on the α index axis by interpolation
+        med = np.median(np.asarray(data[bound]), axis=1)
+        axh.plot(t, np.interp(med, alphas, np.arange(len(alphas)), left=-0.5, right=len(alphas) - 0.5), "b--",
+                 lw=1.5, label="median guaranteed bound")
+        axh.axhline(float(np.interp(1.0, alphas, np.arange(len(alphas)))), color="k", lw=1, label="α = 1")
+        axh.set_yticks(np.arange(len(alphas)), [f"{a:g}" for a in alphas])
+        axh.set_xlabel("layer ℓ")
+        axh.set_ylabel("step size α of the sweep")
+        axh.set_title(f"step {name} with step size α: share of sequences where E_att increased", fontsize=10)
+        axh.legend(fontsize=7, loc="upper right")
+        fig.colorbar(im, ax=axh, shrink=0.8)
     fig.suptitle(f"Unrolled model (d = {data['d']}): token-space curvature of the attention energy per layer")
     return fig
 
@@ -488,6 +535,12 @@ def summarize_energy_curvature(data: dict) -> dict[str, Any]:
     bound_a, bound_b = np.asarray(data["bound_a"]), np.asarray(data["bound_b"])
     lam_true, lam_maj = np.asarray(data["lam_true"]), np.asarray(data["lam_maj"])
     n = alpha.size
+
+    alphas = np.asarray(data["alphas"])
+    up_a, up_b = np.asarray(data["up_a"], dtype=bool), np.asarray(data["up_b"], dtype=bool)
+    within = int((up_a & (alphas <= bound_a[..., None])).sum() + (up_b & (alphas <= bound_b[..., None])).sum())
+    first_a = float(alphas[up_a.any(axis=(0, 1))].min()) if up_a.any() else None
+    first_b = float(alphas[up_b.any(axis=(0, 1))].min()) if up_b.any() else None
 
     def count_up(key: str) -> int:
         return int((np.asarray(data[key]) > 0).sum())
@@ -508,4 +561,15 @@ def summarize_energy_curvature(data: dict) -> dict[str, Any]:
         "total_increases_by_attention_step": measured(count_up("dE_total_attention"), note=f"out of {n}"),
         "total_increases_by_ffn_step": measured(count_up("dE_total_ffn"), note=f"out of {n}"),
         "total_increases_by_relu": measured(count_up("dE_total_relu"), note=f"out of {n}"),
+        "median_token_spread_per_layer": measured(
+            [float(f"{v:.3g}") for v in np.median(np.asarray(data["spread"]), axis=1)],
+            note="‖Y − mean token‖_F / ‖Y‖_F entering each layer (0: tokens coincide)",
+        ),
+        "sweep_increases_within_guarantee": measured(
+            within, target=0, tolerance=0,
+            note="(layer, sequence, α) of the sweep with α ≤ the majoriser bound where E_att increased, steps (a)+(b)",
+        ),
+        "sweep_smallest_alpha_increasing_(a)": measured(first_a, note="smallest α of the sweep at which step (a) "
+                                                        "increased E_att somewhere (None: never)"),
+        "sweep_smallest_alpha_increasing_(b)": measured(first_b, note="the same for step (b)"),
     }

@@ -1,0 +1,265 @@
+r"""Energy Transformer energy (Hoover et al., NeurIPS 2023; MATH §2.2).
+
+Token states ``x_B ∈ R^d`` (rows of ``x ∈ R^{... × n × d}``) are normalised by a LayerNorm written as the gradient
+of a convex Lagrangian,
+
+.. math::
+    L(x) = d\,\gamma \sqrt{\tfrac1d \textstyle\sum_j (x_j - \bar x)^2 + \varepsilon} + \delta^\top x ,
+
+.. math::
+    g = \frac{\partial L}{\partial x}
+      = \gamma\, \frac{x - \bar x 1}{\sqrt{\tfrac1d \|x - \bar x 1\|^2 + \varepsilon}} + \delta ,
+
+i.e. ``g = nn.LayerNorm(d, eps)(x)`` with weight ``γ·1`` and bias ``δ`` (computed by
+:func:`energy.reference.layer_norm`). Its Hessian is
+
+.. math:: \frac{\partial g}{\partial x} = \frac{\gamma}{\tilde\sigma}\Big(I - \tfrac1d 11^\top - u u^\top\Big),
+          \qquad \tilde\sigma = \sqrt{\tfrac1d\|x_c\|^2 + \varepsilon},\quad u = \frac{x_c}{\sqrt d\,\tilde\sigma},
+
+with ``u ⊥ 1`` and ``‖u‖² = ‖x_c‖²/(‖x_c‖² + dε) < 1``: positive semi-definite **iff γ ≥ 0**. ``γ`` must be a
+*scalar*: with a per-feature weight ``diag(γ)``, ``∂g/∂x = diag(γ) J`` is not symmetric, so ``g`` is the gradient of
+no Lagrangian. The constructor requires a scalar ``γ > 0``.
+
+The energy of the normalised tokens ``G`` (rows ``g_B``), with heads ``h``, ``Q_h = G W_Q[h]``, ``K_h = G W_K[h]``:
+
+.. math::
+    E_{att}(G) = -\frac1\beta \sum_h \sum_C \log \sum_{B \ne C} \exp\big(\beta\, k_{hB}^\top q_{hC}\big),\qquad
+    E_{hn}(G) = -\tfrac12 \sum_\mu \sum_B \mathrm{ReLU}(\xi_\mu^\top g_B)^2 ,
+
+``E = E_att + E_hn``. ``E_hn`` is :func:`energy.ffn.tied_relu_energy` with ``W_1 = ξᵀ`` and no bias.
+
+**Diagonal convention.** The paper's equation excludes ``B = C`` (a token does not attend to itself); public ports
+differ. ``exclude_diagonal=True`` (default) follows the paper's equation and needs ``n ≥ 2``; ``False`` includes it.
+
+**Gradient with respect to g** (closed form, two attention terms): with ``A_h = softmax_row(β Q_h K_hᵀ)`` (diagonal
+blocked if excluded),
+
+.. math::
+    \frac{\partial E}{\partial G} = -\sum_h \Big( A_h K_h W_Q[h]^\top + A_h^\top Q_h W_K[h]^\top \Big)
+                                    - \mathrm{ReLU}(G \xi^\top)\, \xi ,
+
+the query-side and key-side terms. Their value maps are tied to the query–key weights
+(``A_h G (W_K W_Qᵀ)[h]`` and ``A_hᵀ G (W_Q W_Kᵀ)[h]``): attention-like, but not ``softmax(QKᵀ)V`` with a free ``V``.
+
+**Dynamics and descent.** The update is ``x ← x − α ∂E/∂g`` (:meth:`EnergyTransformerEnergy.step`). The true
+gradient is ``∇_x E = (∂g/∂x) ∂E/∂g`` (token-wise; :meth:`EnergyTransformerEnergy.grad`), so the continuous dynamics
+``ẋ = −∂E/∂g`` satisfy ``dE/dt = −Σ_B (∂E/∂g_B)ᵀ (∂g/∂x_B) (∂E/∂g_B) ≤ 0`` by the PSD Hessian of ``L``
+(:meth:`~EnergyTransformerEnergy.descent_rate`). A *finite* step is a gradient step preconditioned by the singular
+``(∂g/∂x)⁻¹`` and is **not** guaranteed to descend: the first-order decrease ``α · descent_rate`` is positive, but
+the threshold ``ᾱ(x)`` below which it dominates depends on the instance (it shrinks with ``ε`` and with the token
+scale ``σ̃``, because the smallest non-zero eigenvalue of ``∂g/∂x`` is ``γε/σ̃³``). No uniform range is known, so
+:meth:`~EnergyTransformerEnergy.step_range` is empty and every step warns (an error in strict mode); descent of
+small steps is *measured* in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from energy._validation import (
+    ConstraintError,
+    EnergyInputError,
+    check_same_float_dtype,
+    check_step_size,
+    check_tensor,
+)
+from energy.base import Energy, StepRange
+from energy.ffn import _check_Y, tied_relu_energy, tied_relu_grad
+from energy.reference import layer_norm
+
+__all__ = ["EnergyTransformerEnergy", "et_lagrangian"]
+
+
+def et_lagrangian(x: Tensor, gamma: float, bias: Tensor | None, eps: float) -> Tensor:
+    r"""The LayerNorm Lagrangian ``L(x) = dγ sqrt(var(x) + ε) + δᵀx`` per token (shape ``x.shape[:-1]``).
+
+    Its gradient is the LayerNorm ``g`` of :class:`EnergyTransformerEnergy` (tests check ``∇L = g`` by autograd).
+    """
+    d = x.shape[-1]
+    xc = x - x.mean(dim=-1, keepdim=True)
+    L = d * gamma * torch.sqrt(xc.square().mean(dim=-1) + eps)
+    return L if bias is None else L + x @ bias
+
+
+class EnergyTransformerEnergy(Energy):
+    r"""Energy Transformer energy ``E(x) = E_att(LN(x)) + E_hn(LN(x))`` (MATH §2.2; see the module docstring).
+
+    Args:
+        W_Q: query weights ``(h, d, k)``, acting on the right (``Q_h = G W_Q[h]``).
+        W_K: key weights ``(h, d, k)``.
+        xi: Hopfield memories ``(m, d)`` (rows ``ξ_μ``).
+        beta: attention inverse temperature ``β > 0``; ``None`` means ``1/√k``.
+        ln_gamma: scalar LayerNorm scale ``γ > 0`` (a scalar keeps ``∂g/∂x`` symmetric PSD).
+        ln_bias: LayerNorm bias ``δ`` ``(d,)`` or ``None`` (zero).
+        eps: LayerNorm ``ε ≥ 0`` (``ε = 0`` fails on constant tokens).
+        exclude_diagonal: exclude ``B = C`` from the attention sum (the paper's equation; needs ``n ≥ 2``).
+    """
+
+    def __init__(
+        self,
+        W_Q: Tensor,
+        W_K: Tensor,
+        xi: Tensor,
+        *,
+        beta: float | None = None,
+        ln_gamma: float = 1.0,
+        ln_bias: Tensor | None = None,
+        eps: float = 1e-5,
+        exclude_diagonal: bool = True,
+    ) -> None:
+        super().__init__()
+        check_tensor(W_Q, "W_Q", ndim=3)
+        h, d, k = W_Q.shape
+        check_tensor(W_K, "W_K", ndim=3, trailing=(h, d, k))
+        check_tensor(xi, "xi", ndim=2, trailing=(None, d))
+        if ln_bias is not None:
+            check_tensor(ln_bias, "ln_bias", ndim=1, trailing=(d,))
+        check_same_float_dtype(W_Q=W_Q, W_K=W_K, xi=xi, ln_bias=ln_bias)
+        beta = 1.0 / math.sqrt(k) if beta is None else beta
+        self.beta = self._positive_scalar(beta, "beta")
+        if isinstance(ln_gamma, Tensor):
+            if ln_gamma.numel() != 1:
+                raise EnergyInputError(
+                    f"`ln_gamma` must be a scalar, got shape {tuple(ln_gamma.shape)}: a per-feature LayerNorm weight "
+                    "makes ∂g/∂x non-symmetric, so g is not the gradient of a Lagrangian (MATH §2.2)."
+                )
+            ln_gamma = float(ln_gamma)
+        if not isinstance(ln_gamma, (int, float)) or not math.isfinite(ln_gamma):
+            raise EnergyInputError(f"`ln_gamma` must be a finite scalar, got {ln_gamma!r}.")
+        if ln_gamma <= 0:
+            raise ConstraintError(
+                f"`ln_gamma` = {ln_gamma:g} must be > 0: the Hessian of the LayerNorm Lagrangian is γ·(PSD matrix), "
+                "so the dynamics descend the energy only for γ > 0."
+            )
+        self.ln_gamma = float(ln_gamma)
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise EnergyInputError(f"`eps` must be a finite number ≥ 0, got {eps!r}.")
+        self.eps = float(eps)
+        self.exclude_diagonal = bool(exclude_diagonal)
+        self.register_buffer("W_Q", W_Q)
+        self.register_buffer("W_K", W_K)
+        self.register_buffer("xi", xi)
+        self.register_buffer("ln_bias", ln_bias)
+
+    @staticmethod
+    def _positive_scalar(v: object, name: str) -> float:
+        if isinstance(v, Tensor):
+            v = float(v)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise EnergyInputError(f"`{name}` must be a finite number > 0, got {v!r}.")
+        return float(v)
+
+    @property
+    def d(self) -> int:
+        return self.W_Q.shape[1]
+
+    def _check_tokens(self, Y: Tensor, name: str = "x", *, pairs: bool = True) -> Tensor:
+        """Tokens ``(..., n, d)`` of the weights' dtype; ``pairs``: the attention term needs ``n ≥ 2`` if B ≠ C."""
+        try:
+            _check_Y(Y, self.d, self.W_Q.dtype)
+        except EnergyInputError as err:
+            raise EnergyInputError(str(err).replace("`Y`", f"`{name}`")) from None
+        if pairs and self.exclude_diagonal and Y.shape[-2] < 2:
+            raise EnergyInputError(
+                f"`{name}` has {Y.shape[-2]} token(s); with exclude_diagonal=True the attention sum over B ≠ C is "
+                "empty. Pass at least 2 tokens or use exclude_diagonal=False."
+            )
+        return Y
+
+    # -------------------------------------------------------------------------------------- LayerNorm (Lagrangian)
+
+    def lagrangian(self, x: Tensor) -> Tensor:
+        """``L(x)`` per token (shape ``x.shape[:-1]``)."""
+        self._check_tokens(x, pairs=False)
+        return et_lagrangian(x, self.ln_gamma, self.ln_bias, self.eps)
+
+    def normalize(self, x: Tensor) -> Tensor:
+        """``g = ∂L/∂x = LayerNorm(x)`` with weight ``γ·1``, bias ``δ``, ``eps``."""
+        self._check_tokens(x, pairs=False)
+        weight = torch.full((self.d,), self.ln_gamma, dtype=x.dtype, device=x.device)
+        return layer_norm(x, weight, self.ln_bias, eps=self.eps)
+
+    def lagrangian_hvp(self, x: Tensor, V: Tensor) -> Tensor:
+        r"""``(∂g/∂x) v`` for every token: ``γ/σ̃ · (v − v̄1 − x̂ (x̂ᵀv)/d)``, ``x̂ = x_c/σ̃`` (symmetric PSD)."""
+        self._check_tokens(x, pairs=False)
+        self._check_tokens(V, "V", pairs=False)
+        xc = x - x.mean(dim=-1, keepdim=True)
+        sigma = torch.sqrt(xc.square().mean(dim=-1, keepdim=True) + self.eps)
+        xh = xc / sigma
+        Vc = V - V.mean(dim=-1, keepdim=True)
+        return self.ln_gamma / sigma * (Vc - xh * (xh * V).sum(dim=-1, keepdim=True) / self.d)
+
+    # ------------------------------------------------------------------------------------ energy of the normalised G
+
+    def _scores(self, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``Q, K`` of shape ``(..., h, n, k)`` and the scaled, diagonal-masked logits ``β Q Kᵀ``."""
+        Q = torch.einsum("...nd,hdk->...hnk", G, self.W_Q)
+        K = torch.einsum("...nd,hdk->...hnk", G, self.W_K)
+        S = self.beta * torch.einsum("...hck,...hbk->...hcb", Q, K)
+        if self.exclude_diagonal:
+            n = G.shape[-2]
+            S = S.masked_fill(torch.eye(n, dtype=torch.bool, device=G.device), float("-inf"))
+        return Q, K, S
+
+    def attention_energy_g(self, G: Tensor) -> Tensor:
+        """``E_att(G)`` per batch element."""
+        self._check_tokens(G, "G")
+        _, _, S = self._scores(G)
+        return -torch.logsumexp(S, dim=-1).sum(dim=(-2, -1)) / self.beta
+
+    def hopfield_energy_g(self, G: Tensor) -> Tensor:
+        """``E_hn(G) = −½ Σ_{μ,B} ReLU(ξ_μᵀ g_B)²`` per batch element."""
+        self._check_tokens(G, "G")
+        return tied_relu_energy(G, self.xi.T)
+
+    def energy_g(self, G: Tensor) -> Tensor:
+        """``E_att(G) + E_hn(G)``: the energy as a function of the normalised tokens."""
+        return self.attention_energy_g(G) + self.hopfield_energy_g(G)
+
+    def grad_g(self, G: Tensor) -> Tensor:
+        r"""``∂E/∂G`` in closed form (query-side + key-side attention terms + Hopfield term)."""
+        self._check_tokens(G, "G")
+        Q, K, S = self._scores(G)
+        A = torch.softmax(S, dim=-1)  # (..., h, C, B)
+        dQ = torch.einsum("...hcb,...hbk->...hck", A, K)  # −∂E_att/∂Q
+        dK = torch.einsum("...hcb,...hck->...hbk", A, Q)  # −∂E_att/∂K
+        g_att = -(torch.einsum("...hnk,hdk->...nd", dQ, self.W_Q) + torch.einsum("...hnk,hdk->...nd", dK, self.W_K))
+        return g_att + tied_relu_grad(G, self.xi.T)
+
+    # ------------------------------------------------------------------------------------- the Energy interface (x)
+
+    def energy(self, x: Tensor) -> Tensor:
+        """``E(x) = E_att(g(x)) + E_hn(g(x))`` per batch element."""
+        return self.energy_g(self.normalize(x))
+
+    def terms(self, x: Tensor) -> dict[str, Tensor]:
+        """The two terms separately: ``{"attention": E_att, "hopfield": E_hn}``."""
+        G = self.normalize(x)
+        return {"attention": self.attention_energy_g(G), "hopfield": self.hopfield_energy_g(G)}
+
+    def grad(self, x: Tensor) -> Tensor:
+        r"""``∇_x E = (∂g/∂x)(∂E/∂g)`` token-wise (closed form; tests compare with :meth:`autograd_grad`)."""
+        return self.lagrangian_hvp(x, self.grad_g(self.normalize(x)))
+
+    def descent_rate(self, x: Tensor) -> Tensor:
+        r"""``−dE/dα`` at ``α = 0`` along the step: ``Σ_B (∂E/∂g_B)ᵀ (∂g/∂x_B) (∂E/∂g_B) ≥ 0`` per batch element."""
+        D = self.grad_g(self.normalize(x))
+        return (D * self.lagrangian_hvp(x, D)).sum(dim=(-2, -1))
+
+    def step_range(self) -> StepRange:
+        """Empty: only the continuous dynamics (α → 0) provably descend; finite steps are measured (MATH §2.2)."""
+        return StepRange(
+            0.0,
+            0.0,
+            "MATH §2.2: no uniform step size is known; x − α∂E/∂g descends only for α below an instance-dependent "
+            "threshold (continuous-time guarantee). Measure descent, e.g. with descent_rate",
+        )
+
+    def step(self, x: Tensor, alpha: float = 0.1) -> Tensor:
+        r"""``x − α ∂E/∂g`` evaluated at ``g = LN(x)`` (the Energy Transformer update; warns, see step_range)."""
+        r = self.step_range()
+        alpha = check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason)
+        return x - alpha * self.grad_g(self.normalize(x))

@@ -474,8 +474,9 @@ class CurvatureOperator(LinearOperator):
         return [n / self.num_data for n in self.batch_sizes]
 
     def _free_and_fixed(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        free = {n: p.detach() for n, p in self.model.named_parameters() if n in self.space.names}
-        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in self.space.names}
+        named = dict(self.model.named_parameters())
+        free = {n: named[n].detach() for n in self.space.names}  # in block order (vmap / jvp pytree structure)
+        fixed = {n: p.detach() for n, p in named.items() if n not in self.space.names}
         fixed.update({n: b for n, b in self.model.named_buffers()})
         return free, fixed
 
@@ -753,8 +754,9 @@ class JacobianOperator(LinearOperator):
             yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
     def _fixed(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        free = {n: p.detach() for n, p in self.model.named_parameters() if n in self.space.names}
-        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in self.space.names}
+        named = dict(self.model.named_parameters())
+        free = {n: named[n].detach() for n in self.space.names}  # in block order (vmap / jvp pytree structure)
+        fixed = {n: p.detach() for n, p in named.items() if n not in self.space.names}
         fixed.update(dict(self.model.named_buffers()))
         return free, fixed
 
@@ -873,7 +875,8 @@ def _warn_not_float64(dtype: torch.dtype, where: str) -> None:
 def _flat_functional(model: nn.Module, space: ParameterSpace):
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in space.names}
     fixed.update(dict(model.named_buffers()))
-    theta = space.flatten({n: p.detach() for n, p in model.named_parameters() if n in space.names})
+    named = dict(model.named_parameters())
+    theta = space.flatten([named[n].detach() for n in space.names])
 
     def out(flat: Tensor, X: Any) -> Tensor:
         return functional_call(model, (space.unflatten(flat), fixed), (X,))

@@ -219,15 +219,28 @@ class EnergyTransformerEnergy(Energy):
         """``E_att(G) + E_hn(G)``: the energy as a function of the normalised tokens."""
         return self.attention_energy_g(G) + self.hopfield_energy_g(G)
 
-    def grad_g(self, G: Tensor) -> Tensor:
-        r"""``∂E/∂G`` in closed form (query-side + key-side attention terms + Hopfield term)."""
+    def attention_grad_terms(self, G: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The two terms of ``∂E_att/∂G``: ``(query side, key side)``.
+
+        .. math:: \text{query side} = -\sum_h A_h K_h W_Q[h]^\top ,\qquad
+                  \text{key side} = -\sum_h A_h^\top Q_h W_K[h]^\top .
+
+        The query side is standard multi-head attention with scale ``β``, values tied to keys (``W_V = W_K``),
+        output map ``W_O = [W_Q[1]ᵀ; …; W_Q[h]ᵀ]`` and (if excluded) the diagonal masked — tests compare it with
+        :func:`energy.reference.multi_head_attention`. The key side uses ``A_hᵀ`` (columns of the softmax), which
+        is not row-stochastic: no standard attention layer computes it.
+        """
         self._check_tokens(G, "G")
         Q, K, S = self._scores(G)
         A = torch.softmax(S, dim=-1)  # (..., h, C, B)
-        dQ = torch.einsum("...hcb,...hbk->...hck", A, K)  # −∂E_att/∂Q
-        dK = torch.einsum("...hcb,...hck->...hbk", A, Q)  # −∂E_att/∂K
-        g_att = -(torch.einsum("...hnk,hdk->...nd", dQ, self.W_Q) + torch.einsum("...hnk,hdk->...nd", dK, self.W_K))
-        return g_att + tied_relu_grad(G, self.xi.T)
+        query_side = -torch.einsum("...hcb,...hbk,hdk->...cd", A, K, self.W_Q)
+        key_side = -torch.einsum("...hcb,...hck,hdk->...bd", A, Q, self.W_K)
+        return query_side, key_side
+
+    def grad_g(self, G: Tensor) -> Tensor:
+        r"""``∂E/∂G`` in closed form: query-side + key-side attention terms + Hopfield term ``−ReLU(Gξᵀ)ξ``."""
+        query_side, key_side = self.attention_grad_terms(G)
+        return query_side + key_side + tied_relu_grad(G, self.xi.T)
 
     # ------------------------------------------------------------------------------------- the Energy interface (x)
 

@@ -14,6 +14,7 @@ from torch import nn
 from energy._validation import ConstraintError, EnergyInputError, StepSizeError, StepSizeWarning, strict_mode
 from energy.energy_transformer import EnergyTransformerEnergy, et_lagrangian
 from energy.ffn import TiedReLUEnergy
+from energy.reference import multi_head_attention
 
 TOL = 1e-10
 f64 = torch.float64
@@ -109,6 +110,24 @@ def test_grad_g_closed_form_matches_autograd(gen, exclude):
     (ref_att,) = torch.autograd.grad(E.attention_energy_g(G_).sum(), G_)
     (ref_hn,) = torch.autograd.grad(E.hopfield_energy_g(G_).sum(), G_)
     assert (E.grad_g(G) - ref_att - ref_hn).abs().max() < TOL
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_query_side_is_standard_multi_head_attention(gen, exclude):
+    """−Σ_h A_h K_h W_Q[h]ᵀ = MHA(G) with W_V = W_K (tied values), W_O = [W_Q[h]ᵀ]_h, scale β, diagonal masked."""
+    E, x = instance(gen, exclude=exclude, h=3, d=5, k=2)
+    G = E.normalize(x)
+    h, d, k = E.W_Q.shape
+    cat = lambda W: W.permute(1, 0, 2).reshape(d, h * k)  # (h, d, k) -> (d, h·k), head-major columns
+    W_O = E.W_Q.transpose(1, 2).reshape(h * k, d)
+    mask = ~torch.eye(G.shape[-2], dtype=torch.bool) if exclude else None
+    mha = multi_head_attention(G, G, cat(E.W_Q), cat(E.W_K), cat(E.W_K), W_O, num_heads=h, scale=E.beta, mask=mask)
+    query_side, key_side = E.attention_grad_terms(G)
+    assert (query_side + mha).abs().max() < TOL
+    # the key side is the other half of the autograd gradient of E_att
+    G_ = G.clone().requires_grad_(True)
+    (ref_att,) = torch.autograd.grad(E.attention_energy_g(G_).sum(), G_)
+    assert (query_side + key_side - ref_att).abs().max() < TOL
 
 
 def test_grad_x_is_lagrangian_hessian_times_grad_g(gen):

@@ -1,0 +1,62 @@
+"""``python -m unfold train / trace`` (run in-process through ``unfold.__main__.main``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unfold.__main__ import main
+
+
+def test_train_save_resume_and_trace(tmp_path, capsys):
+    ckpt, model = tmp_path / "run.ckpt", tmp_path / "model.pt"
+    args = ["train", "--task", "synthetic", "--d", "8", "--depth", "2", "--steps", "6", "--batch-size", "16",
+            "--checkpoint", str(ckpt), "--checkpoint-every", "3", "--quiet"]
+    assert main(args + ["--save", str(model)]) == 0
+    assert ckpt.exists() and model.exists()
+    assert "test accuracy" in capsys.readouterr().out
+    # a longer run of the same configuration resumes from the checkpoint
+    assert main(args[:8] + ["9"] + args[9:]) == 0
+    assert "resumed from step 6" in capsys.readouterr().out
+    plot, out = tmp_path / "trace.png", tmp_path / "trace.json"
+    assert main(["trace", "--model", str(model), "--task", "synthetic", "--n", "8", "--plot", str(plot),
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "E_att" in text and "E_ffn" in text and "total energy decreased" in text
+    data = json.loads(out.read_text())
+    assert len(data["mean_energies"]["total"]) == 2 * 3 + 1
+    assert plot.stat().st_size > 1000
+
+
+def test_trace_fresh_preset_variants(capsys):
+    assert main(["trace", "--task", "digits", "--d", "8", "--depth", "2", "--n", "4", "--normalization",
+                 "layernorm"]) == 0
+    assert "layernorm" in capsys.readouterr().out
+
+
+def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--depth", "0"])
+    assert "--depth must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["trace", "--task", "imagenet"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["trace", "--model", str(bad)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert main(["trace", "--model", str(tmp_path / "missing.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_mismatched_training_checkpoint_is_refused(tmp_path, capsys):
+    ckpt = tmp_path / "run.ckpt"
+    base = ["train", "--task", "synthetic", "--depth", "2", "--steps", "2", "--batch-size", "16", "--quiet",
+            "--checkpoint", str(ckpt)]
+    assert main(base + ["--d", "8"]) == 0
+    capsys.readouterr()
+    assert main(base[:6] + ["4"] + base[7:] + ["--d", "12"]) == 2
+    assert "another size" in capsys.readouterr().err

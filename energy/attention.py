@@ -407,6 +407,28 @@ def _head_mixing(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: flo
     return Gamma / _denominator(Gamma, ridge, token_mask).unsqueeze(-1)
 
 
+_CHUNK_ENTRIES = 1 << 20  # pairwise entries (heads × n × n) processed at once: keeps the n×n arrays cache-resident
+
+
+def _batch_chunks(fn, Y: Tensor, token_mask: Tensor | None, h: int) -> Tensor:
+    """Apply ``fn(Y_chunk, mask_chunk)`` over chunks of the flattened leading batch dimensions and reassemble.
+
+    Each batch element is computed independently, so chunking changes only the evaluation order, not the result.
+    It keeps the ``(chunk, h, n, n)`` pairwise arrays small enough to stay in cache, which is several times faster
+    than streaming them through memory at large batch sizes.
+    """
+    lead, (n, d) = Y.shape[:-2], Y.shape[-2:]
+    Yf = Y.reshape(-1, n, d)
+    mf = None if token_mask is None else token_mask.expand(*lead, n).reshape(-1, n)
+    size = max(1, _CHUNK_ENTRIES // (h * n * n))
+    if Yf.shape[0] <= size:
+        out = fn(Yf, mf)
+    else:
+        out = torch.cat([fn(Yf[i:i + size], None if mf is None else mf[i:i + size])
+                         for i in range(0, Yf.shape[0], size)])
+    return out.reshape(tuple(lead) + tuple(out.shape[1:]))
+
+
 def _heads_orthogonal(M3: Tensor, atol: float | None = None) -> bool:
     r"""Whether :math:`\max_{h\ne g}|M_h^\top M_g| \le` ``atol`` (default ``1e3·eps·max_h‖M_h‖_F²``), M3 (h, d, k)."""
     M = M3.detach()
@@ -475,12 +497,16 @@ class _PairwiseAttention(Energy):
     def energy(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
         r"""Energy per batch element, shape ``Y.shape[:-2]`` (padded tokens excluded)."""
         Y, token_mask = self._inputs(Y, token_mask)
-        return _head_energy(Y, self._M3(), self.scale, self.kernel, self.ridge, token_mask).sum(-1)
+        M3 = self._M3()
+        return _batch_chunks(lambda Yc, mc: _head_energy(Yc, M3, self.scale, self.kernel, self.ridge, mc).sum(-1),
+                             Y, token_mask, M3.shape[0])
 
     def grad(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
         r"""Closed-form gradient :math:`\nabla E = \sum_h (L_h + \lambda I) Y W_h` (MATH §1.1)."""
         Y, token_mask = self._inputs(Y, token_mask)
-        return _head_grad(Y, self._M3(), self.scale, self.kernel, self.ridge, token_mask)
+        M3 = self._M3()
+        return _batch_chunks(lambda Yc, mc: _head_grad(Yc, M3, self.scale, self.kernel, self.ridge, mc),
+                             Y, token_mask, M3.shape[0])
 
     def autograd_grad(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
         """Autograd twin of :meth:`grad` (reverse-mode AD of :meth:`energy` alone)."""
@@ -556,10 +582,14 @@ class AttentionEnergy(_PairwiseAttention):
         r = self.step_range(preconditioner)
         check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
         M3 = self._M3()
-        A = _head_mixing(Y, M3, self.scale, self.kernel, self.ridge, token_mask)
-        if preconditioner == "metric":
-            return _apply_step(Y, A, Y.unsqueeze(-3), None, alpha, token_mask)
-        return _apply_step(Y, A, _keys(Y, M3), self.scale * M3.transpose(-1, -2), alpha, token_mask)
+
+        def one_chunk(Yc: Tensor, mc: Tensor | None) -> Tensor:
+            A = _head_mixing(Yc, M3, self.scale, self.kernel, self.ridge, mc)
+            if preconditioner == "metric":
+                return _apply_step(Yc, A, Yc.unsqueeze(-3), None, alpha, mc)
+            return _apply_step(Yc, A, _keys(Yc, M3), self.scale * M3.transpose(-1, -2), alpha, mc)
+
+        return _batch_chunks(one_chunk, Y, token_mask, 1)
 
     def preconditioned_grad(self, Y: Tensor, G: Tensor | None = None, *, preconditioner: str = "metric",
                             token_mask: Tensor | None = None) -> Tensor:
@@ -646,11 +676,17 @@ class MultiHeadAttentionEnergy(_PairwiseAttention):
         Y, token_mask = self._inputs(Y, token_mask)
         r = self.step_range(preconditioner)
         check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
-        A = _head_mixing(Y, self.M, self.scale, self.kernel, self.ridge, token_mask)
         if preconditioner == "metric":
             U = head_bases(self.M)  # P_h = U_h U_hᵀ: values Y U_h, output map U_hᵀ
-            return _apply_step(Y, A, _keys(Y, U), U.transpose(-1, -2), alpha, token_mask)
-        return _apply_step(Y, A, _keys(Y, self.M), self.scale * self.M.transpose(-1, -2), alpha, token_mask)
+            values, out = U, U.transpose(-1, -2)
+        else:
+            values, out = self.M, self.scale * self.M.transpose(-1, -2)  # values Y M_h, output map κ M_hᵀ
+
+        def one_chunk(Yc: Tensor, mc: Tensor | None) -> Tensor:
+            A = _head_mixing(Yc, self.M, self.scale, self.kernel, self.ridge, mc)
+            return _apply_step(Yc, A, _keys(Yc, values), out, alpha, mc)
+
+        return _batch_chunks(one_chunk, Y, token_mask, self.num_heads)
 
     def preconditioned_grad(self, Y: Tensor, G: Tensor | None = None, *, preconditioner: str = "metric",
                             token_mask: Tensor | None = None) -> Tensor:

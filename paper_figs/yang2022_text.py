@@ -199,8 +199,7 @@ def text_sets(cfg: FigureConfig, *, d: int, n: int, max_len: int) -> list[TextSe
     """The evaluation sequences of ``yang2022-energy-untrained`` (paths given: IMDB / SST-2 with GloVe)."""
     imdb, sst2, glove = _check_text_options(cfg)
     if glove is not None:
-        return _glove_sets(imdb, sst2, glove, split="eval", n=n, max_len=max_len, seed=cfg.seed,
-                           max_per_class=cfg.pick(tiny=None, quick=None, paper=None, key="max_per_class"))
+        return _glove_sets(imdb, sst2, glove, split="eval", n=n, max_len=max_len, seed=cfg.seed, max_per_class=None)
     sentences, description = bundled_text_sentences()
     idx = _sample(len(sentences), n, torch.Generator().manual_seed(cfg.seed))
     chosen = [sentences[i] for i in idx]
@@ -388,9 +387,10 @@ def _caption_untrained(data: dict) -> str:
     options=("imdb", "sst2", "glove"),
 )
 def compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
-    d = cfg.pick(tiny=16, quick=128, paper=300, key="d")
-    n = cfg.pick(tiny=6, quick=100, paper=200, key="n_sequences")
-    max_len = cfg.pick(tiny=10, quick=40, paper=64, key="max_len")
+    # --quick runs the full protocol too (about 10 s of CPU time)
+    d = cfg.pick(tiny=16, quick=300, paper=300, key="d")
+    n = cfg.pick(tiny=6, quick=200, paper=200, key="n_sequences")
+    max_len = cfg.pick(tiny=10, quick=64, paper=64, key="max_len")
     sets = text_sets(cfg, d=d, n=n, max_len=max_len)
     if cfg.options.get("glove") is not None:
         d = sets[0].sequences[0].shape[1]  # GloVe fixes the width

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -275,7 +276,8 @@ class AttentionMoments:
     r"""The attention moments of MATH §3.2, computed once, with rows ``i`` of all sequences stacked.
 
     Row index ``i`` runs over the ``N = B·L`` query rows of the batch (sequence-major). Shapes use
-    ``d = d_V``, ``k = d_K``.
+    ``d = d_V``, ``k = d_K``. The ``d × d`` per-row moments ``Sigma``, ``S_hat``, ``B_V`` (cost ``O(N d²)``
+    memory, ``O(N d³)`` for ``B_V``) are computed on first use; :mod:`energy.hessian.structure` never needs them.
 
     Attributes:
         x: query inputs ``x_i``, ``(N, d)``.
@@ -295,17 +297,18 @@ class AttentionMoments:
         c: the effective loss constant ``c_eff`` (reduction included).
         W_Q, W_K, W_V, W_O: the weights (``W_O`` may be ``None``).
         linear: whether the moments are those of linear attention.
+        J_tok: the token-space Jacobians ``J_i`` (``Σ_i = Xᵀ J_i X``), ``(B, L, L, L)``.
+        r: ``r_ij = a_ij (v_ij − a_iᵀ v_i)``, ``v_ij = x_jᵀ Ṽ g_i`` (``Ŝ_i = Xᵀ C_i X`` with
+            ``C_i = diag(r_i) − a_i r_iᵀ − r_i a_iᵀ``; 0 for linear attention), ``(B, L, L)``.
+        V_eff: ``Ṽ = W_V W_O`` (``W_V`` without output projection).
     """
 
     x: Tensor
     X: Tensor
     A: Tensor
     M_1: Tensor
-    Sigma: Tensor
-    S_hat: Tensor
     q: Tensor
     G: Tensor
-    B_V: Tensor
     G_QK: Tensor
     F: Tensor
     kappa: float
@@ -315,6 +318,34 @@ class AttentionMoments:
     W_V: Tensor
     W_O: Tensor | None
     linear: bool
+    J_tok: Tensor
+    r: Tensor
+    V_eff: Tensor
+
+    @cached_property
+    def Sigma(self) -> Tensor:
+        """``Σ_i = Xᵀ J_i X`` ``(N, d, d)``."""
+        X = self.X
+        if self.linear:
+            Sigma = _weighted_outer(self.J_tok.diagonal(dim1=-2, dim2=-1), X)
+        else:
+            mu = self.M_1.reshape(X.shape)
+            Sigma = _weighted_outer(self.A, X) - mu.unsqueeze(-1) * mu.unsqueeze(-2)
+        return Sigma.reshape(-1, X.shape[-1], X.shape[-1])
+
+    @cached_property
+    def S_hat(self) -> Tensor:
+        """``Ŝ_i = Xᵀ C_i X = Σ_j r_ij (x_j − μ_i)(x_j − μ_i)ᵀ`` ``(N, d, d)`` (uses ``Σ_j r_ij = 0``)."""
+        X, r = self.X, self.r
+        mu = self.M_1.reshape(X.shape)
+        Xr = r @ X  # Σ_j r_ij x_j
+        S = _weighted_outer(r, X) - mu.unsqueeze(-1) * Xr.unsqueeze(-2) - Xr.unsqueeze(-1) * mu.unsqueeze(-2)
+        return S.reshape(-1, X.shape[-1], X.shape[-1])
+
+    @cached_property
+    def B_V(self) -> Tensor:
+        """``B_i = Ṽᵀ Σ_i`` ``(N, d_out, d)``."""
+        return torch.einsum("nm,inl->iml", self.V_eff, self.Sigma)
 
     @property
     def d_V(self) -> int:
@@ -404,29 +435,24 @@ def attention_moments(
     M_1 = A @ X3  # (B, L, d)
     F = M_1 @ V_eff
     G = 2.0 * c_eff * (F - Y3)
+    v = torch.einsum("bjd,bid->bij", X3 @ V_eff, G)  # v_ij = x_jᵀ Ṽ g_i
     if linear:
         m = torch.ones_like(A) if mask is None else mask.to(A.dtype)
-        Sigma = _weighted_outer(m, X3)
-        S_hat = torch.zeros_like(Sigma)
+        J_tok, r = torch.diag_embed(m), torch.zeros_like(A)
+        Jv = m * v
     else:
-        Sigma = _weighted_outer(A, X3) - M_1.unsqueeze(-1) * M_1.unsqueeze(-2)
-        v = torch.einsum("bjd,bid->bij", X3 @ V_eff, G)  # v_ij = x_jᵀ Ṽ g_i
-        r = A * (v - (A * v).sum(-1, keepdim=True))  # r_ij = a_ij (v_ij − a_iᵀ v_i); Σ_j r_ij = 0
-        Xr = r @ X3  # Σ_j r_ij x_j
-        S_hat = (
-            _weighted_outer(r, X3)
-            - M_1.unsqueeze(-1) * Xr.unsqueeze(-2)
-            - Xr.unsqueeze(-1) * M_1.unsqueeze(-2)
-        )
+        J_tok = torch.diag_embed(A) - A.unsqueeze(-1) * A.unsqueeze(-2)
+        r = A * (v - (A * v).sum(-1, keepdim=True))  # r_ij = a_ij (v_ij − a_iᵀ v_i) = (J_i v_i)_j; Σ_j r_ij = 0
+        Jv = r
     N = X3.shape[0] * X3.shape[1]
     x = X3.reshape(N, d)
-    Sigma, S_hat = Sigma.reshape(N, d, d), S_hat.reshape(N, d, d)
     G = G.reshape(N, -1)
-    B_V = torch.einsum("nm,inl->iml", V_eff, Sigma)  # Ṽᵀ Σ_i
-    G_QK = kappa * x.T @ torch.einsum("ikl,lm,im->ik", Sigma, V_eff, G)
+    # G_QK = κ Σ_i x_i (Σ_i Ṽ g_i)ᵀ with Σ_i Ṽ g_i = Xᵀ J_i X Ṽ g_i = Xᵀ (J_i v_i)
+    G_QK = kappa * x.T @ (Jv @ X3).reshape(N, d)
     return AttentionMoments(
-        x=x, X=X3, A=A, M_1=M_1.reshape(N, d), Sigma=Sigma, S_hat=S_hat, q=x @ W_Q, G=G, B_V=B_V, G_QK=G_QK,
+        x=x, X=X3, A=A, M_1=M_1.reshape(N, d), q=x @ W_Q, G=G, G_QK=G_QK,
         F=F if X.ndim == 3 else F[0], kappa=kappa, c=c_eff, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, linear=linear,
+        J_tok=J_tok, r=r, V_eff=V_eff,
     )
 
 

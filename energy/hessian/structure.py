@@ -86,25 +86,87 @@ def _gram(F: Tensor) -> Tensor:
     return F @ F.T
 
 
-def _cross_gram(F1: Tensor, F2: Tensor) -> Tensor:
-    return F1.reshape(F1.shape[0], -1) @ F2.reshape(F2.shape[0], -1).T
+class _TokenCores:
+    r"""Token-space (``L × L``) cores of the per-row factors, so that no ``d × d`` matrix per row is formed.
+
+    Every per-row factor is ``U_bᵀ F̃_i V_b`` with an ``L × L`` core ``F̃_i`` and per-sequence factors
+    ``U_b, V_b`` (``L × r``): ``Σ_i = X_bᵀ J_i X_b``, ``Ŝ_i = X_bᵀ C_i X_b``,
+    ``R_i = X_bᵀ R̃_i X_b`` with ``R̃_i = κ²(2c J_i K^V_b J_i + C_i)``, ``K^V_b = X_b Ṽ Ṽᵀ X_bᵀ``, and
+    ``B̃_i = U_Bᵀ J_i X_b``. Gram matrices then follow from
+    ``⟨U_1ᵀF_iV_1, U_2ᵀF'_jV_2⟩ = tr(F_iᵀ (U_{1,b}U_{2,c}ᵀ) F'_j (V_{2,c}V_{1,b}ᵀ))`` (:func:`_core_gram`).
+    """
+
+    def __init__(self, mom: AttentionMoments) -> None:
+        self.mom = mom
+        X, A, r = mom.X, mom.A, mom.r
+        self.X = X
+        self.K = X @ mom.W_K  # (B, L, k)
+        self.J = mom.J_tok  # (B, L, L, L)
+        C = torch.diag_embed(r) - A.unsqueeze(-1) * r.unsqueeze(-2) - r.unsqueeze(-1) * A.unsqueeze(-2)
+        XV = X @ mom.V_eff
+        KV = XV @ XV.transpose(-1, -2)  # (B, L, L)
+        k2 = mom.kappa**2
+        self.R = {
+            "H_o": (2.0 * mom.c * k2) * torch.einsum("bipq,bqs,bist->bipt", self.J, KV, self.J),
+            "H_f": k2 * C,
+        }
+        self.R["H"] = self.R["H_o"] + self.R["H_f"]
+
+    def value_side(self, w: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(α_i, U_B, U_S, γ_i)`` with ``B̃_i = U_Bᵀ J_i X`` and ``S̃_i = U_Sᵀ J_i X`` for ``w ∈ {V, O}``."""
+        mom, X = self.mom, self.X
+        XV = X @ mom.V_eff
+        if w == "V":
+            if mom.W_O is None:
+                return mom.M_1, XV, X, mom.G
+            return mom.M_1, XV @ mom.W_O.T, X, mom.G @ mom.W_O.T
+        return mom.M_1 @ mom.W_V, XV, X @ mom.W_V, mom.G
+
+
+def _core_gram(F1: Tensor, U1: Tensor, V1: Tensor, F2: Tensor, U2: Tensor, V2: Tensor, chunk: int = 1 << 22) -> Tensor:
+    r"""``Gram[(b,i),(c,j)] = ⟨U_{1,b}ᵀ F1_{b,i} V_{1,b}, U_{2,c}ᵀ F2_{c,j} V_{2,c}⟩_F`` as an ``(N, N)`` matrix.
+
+    ``= tr(F1_{b,i}ᵀ (U_{1,b}U_{2,c}ᵀ) F2_{c,j} (V_{2,c}V_{1,b}ᵀ))``; cores ``(B, L, L, L)``, factors ``(B, L, r)``.
+    Cost ``O(B² L⁴ + B² L² r)``, memory bounded by processing sequences ``b`` in chunks.
+    """
+    B, L = F1.shape[:2]
+    GU = torch.einsum("bpr,cqr->bcpq", U1, U2)  # U_{1,b} U_{2,c}ᵀ
+    GV = torch.einsum("csr,bqr->cbsq", V2, V1)  # V_{2,c} V_{1,b}ᵀ
+    out = torch.empty(B, L, B, L, dtype=F1.dtype, device=F1.device)
+    step = max(1, chunk // (B * L**3))
+    for b0 in range(0, B, step):
+        b = slice(b0, min(B, b0 + step))
+        X1 = torch.einsum("bipq,bcpr->bciqr", F1[b], GU[b])  # (F1ᵀ GU)[q, r]
+        X2 = torch.einsum("cjrs,cbsq->bcjrq", F2, GV[:, b])  # (F2 GV)[r, q]
+        out[b] = torch.einsum("bciqr,bcjrq->bicj", X1, X2)
+    return out.reshape(B * L, B * L)
 
 
 def _mixed_value_term(
-    alpha: Tensor, Bt: Tensor, SO: Tensor, gamma: Tensor, weight: Tensor, chunk: int = 64
+    cores: _TokenCores, alpha: Tensor, U_B: Tensor, U_S: Tensor, gamma: Tensor, Rf: Tensor, weight: Tensor
 ) -> float:
-    r"""``Σ_ij w_ij α_iᵀ (S̃_jΩ) B̃_iᵀ γ_j`` in row chunks (``SO`` = ``S̃_j Ω``); cost ``O(N² d²)``, memory bounded."""
-    N = alpha.shape[0]
+    r"""``Σ_ij w_ij α_iᵀ S̃_j Ω B̃_iᵀ γ_j`` with ``S̃_j = U_Sᵀ J_j X``, ``B̃_i = U_Bᵀ J_i X``, ``XΩXᵀ = Rf Rfᵀ``.
+
+    In token space: ``(J_j U_{S,c} α_i)ᵀ (Rf_c Rf_bᵀ) (J_i U_{B,b} γ_j)`` for ``i`` in sequence ``b``, ``j`` in
+    ``c``. Cost ``O(B² L⁴)``, one sequence ``b`` at a time.
+    """
+    J = cores.J
+    B, L = J.shape[:2]
+    a1 = torch.einsum("cpd,id->icp", U_S, alpha)  # U_{S,c} α_i, (N, B, L)
+    a2 = torch.einsum("bpd,jd->jbp", U_B, gamma)  # U_{B,b} γ_j, (N, B, L)
+    Lam = torch.einsum("cpr,bqr->cbpq", Rf, Rf)  # Rf_c Rf_bᵀ
+    w = weight.reshape(B, L, B, L)
     total = 0.0
-    for s in range(0, N, chunk):
-        i = slice(s, min(N, s + chunk))
-        z = torch.einsum("in,jna->ija", alpha[i], SO)  # (α_iᵀ S̃_j Ω)[a]
-        y = torch.einsum("ima,jm->ija", Bt[i], gamma)  # (B̃_iᵀ γ_j)[a]
-        total += float((weight[i] * (z * y).sum(-1)).sum())
+    for b in range(B):
+        rows = slice(b * L, (b + 1) * L)
+        s_ = torch.einsum("cjpq,icq->icjp", J, a1[rows])  # J_j U_{S,c} α_i, (L, B, L, L)
+        t_ = torch.einsum("ipq,cjq->icjp", J[b], a2.reshape(B, L, B, L)[:, :, b])  # J_i U_{B,b} γ_j
+        val = torch.einsum("icjp,cpq,icjq->icj", s_, Lam[:, b], t_)
+        total += float((w[b] * val).sum())
     return total
 
 
-def block_inner_products(mom: AttentionMoments, block: str) -> dict[str, float]:
+def block_inner_products(mom: AttentionMoments, block: str, *, _cores: _TokenCores | None = None) -> dict[str, float]:
     r"""``{"oo": ‖H_o‖², "of": ⟨H_o, H_f⟩_F, "ff": ‖H_f‖²}`` of one block, exactly (module docstring formulas).
 
     Args:
@@ -113,50 +175,48 @@ def block_inner_products(mom: AttentionMoments, block: str) -> dict[str, float]:
             with an output projection also ``"OO"``, ``"VO"``, ``"OQ"``, ``"OK"``.
     """
     block = _canonical(block, mom)
-    fo, ff = _Factors(mom, "H_o"), _Factors(mom, "H_f")
     kappa, c = mom.kappa, mom.c
-    if block == "VV":
-        return {"oo": float((fo.S**2).sum()) * float((fo.Omega_O**2).sum()), "of": 0.0, "ff": 0.0}
-    if block == "OO":
-        return {"oo": mom.d_O * float((fo.S_O**2).sum()), "of": 0.0, "ff": 0.0}
-    if block == "VO":
+    if block in ("VV", "OO", "VO"):  # d-space, no per-row factors
+        fo, ff = _Factors(mom, "H_o"), _Factors(mom, "H_f")
+        if block == "VV":
+            return {"oo": float((fo.S**2).sum()) * float((fo.Omega_O**2).sum()), "of": 0.0, "ff": 0.0}
+        if block == "OO":
+            return {"oo": mom.d_O * float((fo.S_O**2).sum()), "of": 0.0, "ff": 0.0}
         P, Q = fo.P_VO, ff.Q_VO
         return {
             "oo": float((P**2).sum()) * float((mom.W_O**2).sum()),
             "of": float(((P @ mom.W_O) * Q).sum()),
             "ff": mom.d_V * float((Q**2).sum()),
         }
-    if block == "QQ":
-        w = _gram(mom.x) ** 2
-        Po, Pf = fo.P, ff.P
-        pairs = {"oo": (Po, Po), "of": (Po, Pf), "ff": (Pf, Pf)}
-        return {key: float((w * _cross_gram(A, B)).sum()) for key, (A, B) in pairs.items()}
-    if block == "KK":
-        w = _gram(mom.q) ** 2
-        Ro, Rf = fo.R, ff.R
-        pairs = {"oo": (Ro, Ro), "of": (Ro, Rf), "ff": (Rf, Rf)}
-        return {key: float((w * _cross_gram(A, B)).sum()) for key, (A, B) in pairs.items()}
-    if block == "QK":
-        w = _gram(mom.x) * _gram(mom.q)
-        Uo, Uf = fo.U, ff.U
-        G = mom.G_QK
-        # ⟨Σ_i x_i ⊗ U_i ⊗ q_iᵀ, G ⊗ I⟩ = Σ_i q_iᵀ U_i Gᵀ x_i
-        with_G = {name: float(torch.einsum("ib,iba,ca,ic->", mom.q, U, G, mom.x)) for name, U in (("o", Uo), ("f", Uf))}
-        return {
-            "oo": float((w * _cross_gram(Uo, Uo)).sum()),
-            "of": float((w * _cross_gram(Uo, Uf)).sum()) + with_G["o"],
-            "ff": float((w * _cross_gram(Uf, Uf)).sum()) + 2.0 * with_G["f"] + mom.d_K * float((G**2).sum()),
+    tc = _TokenCores(mom) if _cores is None else _cores
+    X, K, Ro, Rf = tc.X, tc.K, tc.R["H_o"], tc.R["H_f"]
+    if block in ("QQ", "KK", "QK"):
+        if block == "QQ":  # P_i = W_Kᵀ R_i W_K = Kᵀ R̃_i K
+            w, U, V = _gram(mom.x) ** 2, K, K
+        elif block == "KK":  # R_i = Xᵀ R̃_i X
+            w, U, V = _gram(mom.q) ** 2, X, X
+        else:  # U_i = W_Kᵀ R_i = Kᵀ R̃_i X
+            w, U, V = _gram(mom.x) * _gram(mom.q), K, X
+        out = {
+            "oo": float((w * _core_gram(Ro, U, V, Ro, U, V)).sum()),
+            "of": float((w * _core_gram(Ro, U, V, Rf, U, V)).sum()),
+            "ff": float((w * _core_gram(Rf, U, V, Rf, U, V)).sum()),
         }
-    # value-side × query/key ("VQ", "VK", "OQ", "OK"): Σ_ij w_ij ⟨E_i Ω, E'_j⟩
-    alpha, Bt, St, gamma = fo.value_side(block[0])
-    if block[1] == "K":
-        w, BO, SO = _gram(mom.q), Bt, St
-    else:  # query: Ω = W_K W_Kᵀ
-        Omega = mom.W_K @ mom.W_K.T
-        w, BO, SO = _gram(mom.x), Bt @ Omega, St @ Omega
-    oo = (2 * c * kappa) ** 2 * float((w * _gram(alpha) * _cross_gram(BO, Bt)).sum())
-    ff_ = kappa**2 * float((w * _gram(gamma) * _cross_gram(SO, St)).sum())
-    of = 2 * c * kappa**2 * _mixed_value_term(alpha, Bt, SO, gamma, w)
+        if block == "QK":  # bilinear term G_QK ⊗ I: ⟨Σ_i x_i⊗U_i⊗q_iᵀ, G⊗I⟩ = Σ_i (K q_i)ᵀ R̃_i (X Gᵀ x_i)
+            B, L = X.shape[:2]
+            kq = torch.einsum("bpk,bik->bip", K, mom.q.reshape(B, L, -1))
+            xg = torch.einsum("bpd,bid->bip", X, (mom.x @ mom.G_QK).reshape(B, L, -1))
+            with_G = {name: float(torch.einsum("bip,bipq,biq->", kq, R, xg)) for name, R in (("o", Ro), ("f", Rf))}
+            out["of"] += with_G["o"]
+            out["ff"] += 2.0 * with_G["f"] + mom.d_K * float((mom.G_QK**2).sum())
+        return out
+    # value side × query/key ("VQ", "VK", "OQ", "OK"): Σ_ij w_ij ⟨E_i Ω, E'_j⟩, Ω = W_K W_Kᵀ (Q) or I (K)
+    alpha, U_B, U_S, gamma = tc.value_side(block[0])
+    w, Rfac = (_gram(mom.q), X) if block[1] == "K" else (_gram(mom.x), K)
+    J = tc.J
+    oo = (2 * c * kappa) ** 2 * float((w * _gram(alpha) * _core_gram(J, U_B, Rfac, J, U_B, Rfac)).sum())
+    ff_ = kappa**2 * float((w * _gram(gamma) * _core_gram(J, U_S, Rfac, J, U_S, Rfac)).sum())
+    of = 2 * c * kappa**2 * _mixed_value_term(tc, alpha, U_B, U_S, gamma, Rfac, w)
     return {"oo": oo, "of": of, "ff": ff_}
 
 
@@ -176,9 +236,10 @@ def block_norms_from_moments(
     squared norms are returned (no square root; useful to sum blocks).
     """
     names = _names(mom) if blocks is None else [_canonical(b, mom) for b in blocks]
+    cores = _TokenCores(mom)
     out: dict[tuple[str, str], float] = {}
     for name in names:
-        for part, value in _parts(block_inner_products(mom, name), squared).items():
+        for part, value in _parts(block_inner_products(mom, name, _cores=cores), squared).items():
             out[(name, part)] = value
     return out
 
@@ -224,8 +285,11 @@ def hessian_frobenius_norms(mom: AttentionMoments) -> dict[str, float]:
 
 def _diag_factors(mom: AttentionMoments, part: Part) -> dict[str, Tensor]:
     f = _Factors(mom, part)
-    diag_R = f.R.diagonal(dim1=-2, dim2=-1)  # (N, d)
-    diag_P = f.P.diagonal(dim1=-2, dim2=-1)  # (N, k)
+    tc = _TokenCores(mom)
+    R = tc.R[part]
+    # diag R_i = diag(Xᵀ R̃_i X), diag P_i = diag(Kᵀ R̃_i K): O(N L² d)
+    diag_R = torch.einsum("bpa,bipq,bqa->bia", tc.X, R, tc.X).reshape(-1, mom.d_V)
+    diag_P = torch.einsum("bpa,bipq,bqa->bia", tc.K, R, tc.K).reshape(-1, mom.d_K)
     out = {
         # diag Σ_i x_i x_iᵀ ⊗ P_i = Σ_i (x_i ∘ x_i) ⊗ diag P_i
         "Q": torch.einsum("ia,ib->ab", mom.x**2, diag_P).reshape(-1),

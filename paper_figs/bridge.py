@@ -172,8 +172,8 @@ def plot_equivalence(data: dict, cfg: FigureConfig) -> Figure:
         ax.set_xlabel("tokens n")
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("max |out − step| / max |step|")
-    axes[0].legend(fontsize=7, ncol=2, loc="center right")
-    axes[2].legend(fontsize=7, ncol=2, loc="center right")
+    axes[0].legend(fontsize=7, ncol=2, loc="center right", bbox_to_anchor=(1, 0.4))
+    axes[2].legend(fontsize=7, ncol=2, loc="center right", bbox_to_anchor=(1, 0.4))
     fig.suptitle("Energy descent steps are standard attention layers (with the key bias β)")
     return fig
 

@@ -61,12 +61,14 @@ def _check_mask(mask: object, name: str, target: tuple[int, ...]) -> Tensor:
             f"got dtype {mask.dtype}; convert an integer 0/1 mask with `{name}.bool()`."
         )
     try:
-        torch.broadcast_shapes(mask.shape, target)
+        fits = torch.broadcast_shapes(mask.shape, target) == torch.Size(target)
     except RuntimeError:
+        fits = False
+    if not fits:
         raise EnergyInputError(
             f"`{name}` of shape {tuple(mask.shape)} does not broadcast to the attention scores of shape {target} "
             "(..., n_q, n_k); a key-padding mask of shape (B, n_k) must be passed as `mask=~padding[:, None, :]`."
-        ) from None
+        )
     traced = torch._C._functorch.is_functorch_wrapped_tensor(mask)
     if mask.is_floating_point() and not traced and bool((mask == float("inf")).any() | mask.isnan().any()):
         raise EnergyInputError(f"`{name}` contains +inf or NaN; an additive mask may only contain finite values "
@@ -218,7 +220,7 @@ def _scores_mask(
         elif mask.dtype == torch.bool:
             mask = mask & c
         else:
-            mask = mask.masked_fill(~c, float("-inf"))
+            mask = torch.where(c, mask, float("-inf"))
     return None if mask is None else mask.unsqueeze(-3)
 
 
@@ -318,7 +320,7 @@ def linear_attention(
     batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
     m = _scores_mask(mask, causal, batch, x_q.shape[-2], x_kv.shape[-2], x_q.device)
     if m is not None:
-        A = A.masked_fill(~m, 0.0)
+        A = torch.where(m, A, 0.0)
     heads = _merge_heads(torch.einsum("...ij,...jv->...iv", A, V))
     return heads if W_O is None else _affine(heads, W_O, b_O)
 

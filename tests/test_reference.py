@@ -93,6 +93,18 @@ def test_mha_causal_matches_nn_module_attn_mask(gen):
     assert (multi_head_attention(X, X, **mha_weights(m), mask=add, causal=True) - ref2).abs().max() < TOL
 
 
+def test_mha_float_key_padding_mask_with_causal(gen):
+    B, n, E, heads = 2, 5, 4, 2
+    m = make_mha(E, heads, gen)
+    X = randn(B, n, E, gen=gen)
+    pad = torch.zeros(B, n, dtype=torch.bool)
+    pad[1, -1] = True
+    additive = torch.zeros(B, 1, n, dtype=f64).masked_fill(pad[:, None, :], float("-inf"))
+    ref, _ = m(X, X, X, key_padding_mask=pad, attn_mask=~causal_mask(n), need_weights=False)
+    out = multi_head_attention(X, X, **mha_weights(m), mask=additive, causal=True)
+    assert (out - ref).abs().max() < TOL
+
+
 def _sdpa_inputs(gen, *, B=2, n_q=4, n_k=6, d_q=5, d_kv=3, heads=2, d_k=3, d_v=4):
     Xq, Xkv = randn(B, n_q, d_q, gen=gen), randn(B, n_k, d_kv, gen=gen)
     W = dict(W_Q=randn(d_q, heads * d_k, gen=gen), W_K=randn(d_kv, heads * d_k, gen=gen),
@@ -226,6 +238,8 @@ _W = torch.zeros(6, 6, dtype=f64)
         (lambda: multi_head_attention(_X.long(), _X, _W, _W, _W, num_heads=2), "floating-point"),
         (lambda: multi_head_attention(_X, torch.zeros(3, 4, 6, dtype=f64), _W, _W, _W, num_heads=2), "broadcast"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.ones(5, 5, dtype=torch.bool)),
+         "does not broadcast"),
+        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.ones(3, 2, 4, 4, dtype=torch.bool)),
          "does not broadcast"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.ones(4, 4, dtype=torch.long)),
          "bool"),

@@ -549,9 +549,12 @@ class _Factors:
             return mom.M_1, mom.W_O @ mom.B_V, mom.Sigma, mom.G @ mom.W_O.T
         return mom.M_1 @ mom.W_V, mom.B_V, mom.W_V.T @ mom.Sigma, mom.G
 
-    def _E(self, w: str) -> Tensor:
+    def _E(self, w: str, right: Tensor | None = None) -> Tensor:
+        """``E^w_i`` or, with ``right``, ``E^w_i · right`` (formed from ``B̃_i right`` and ``S̃_i right``)."""
         mom, E = self.mom, None
         alpha, Bt, St, gamma = self.value_side(w)
+        if right is not None:
+            Bt, St = Bt @ right, St @ right
         if self.use_o:
             E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", alpha, Bt)
         if self.use_f:
@@ -563,13 +566,13 @@ class _Factors:
         return self._E("V")
 
     def _make_EW(self) -> Tensor:
-        return self.E @ self.mom.W_K
+        return self._E("V", self.mom.W_K)
 
     def _make_EO(self) -> Tensor:
         return self._E("O")
 
     def _make_EOW(self) -> Tensor:
-        return self.EO @ self.mom.W_K
+        return self._E("O", self.mom.W_K)
 
     def _make_S(self) -> Tensor:
         scale = 2.0 * self.mom.c if self.use_o else 0.0
@@ -606,11 +609,12 @@ class _Factors:
     Q_VO = property(lambda self: self._get("Q_VO"))
 
 
-def _block_rows(f: _Factors, a: str, b: str, r: slice) -> Tensor:
+def _block_rows(f: _Factors, a: str, b: str, r: slice, *, bilinear: bool = True) -> Tensor:
     """Rows ``r`` (of the first ``vec_r`` index of ``W_a``) of block ``(a, b)`` as ``(r1, r2, c1, c2)``.
 
     One ``einsum`` per block (its contraction over the stacked rows ``i`` is a GEMM); the formulas are those of
-    :func:`hessian_block`. Lower blocks are written with their own index order (no transposed copies).
+    :func:`hessian_block`. Lower blocks are written with their own index order. ``bilinear=False`` leaves out
+    the bilinear term ``G_QK ⊗ I`` of the ``(Q, K)`` block (the assembly adds it in place).
     """
     x, q = f.mom.x, f.mom.q
     if (a, b) == ("V", "V"):
@@ -630,7 +634,8 @@ def _block_rows(f: _Factors, a: str, b: str, r: slice) -> Tensor:
     if (a, b) == ("K", "K"):
         return torch.einsum("iac,ib,id->abcd", f.R[:, r], q, q)
     if (a, b) == ("Q", "K"):  # Σ_i x_i ⊗ U_i ⊗ q_iᵀ + G_QK ⊗ I
-        return torch.einsum("ic,iba,id->cbad", x[:, r], f.U, q) + torch.einsum("ca,bd->cbad", f.G[r], f.eye_k)
+        H = torch.einsum("ic,iba,id->cbad", x[:, r], f.U, q)
+        return H + torch.einsum("ca,bd->cbad", f.G[r], f.eye_k) if bilinear else H
     # ("K", "Q"): transpose of (Q, K)
     return torch.einsum("ic,iba,id->adcb", x, f.U[..., r], q) + torch.einsum("ca,bd->adcb", f.G[:, r], f.eye_k)
 
@@ -699,9 +704,9 @@ def attention_hessian(
 ) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    The output is written once, in row slabs: each slab is one ``einsum`` of :func:`_block_rows` into a small
-    temporary (about ``chunk_elems`` numbers) copied into place, so memory traffic stays close to
-    the cost of writing the ``p²`` numbers.
+    Only the distinct blocks (``mom.blocks``) are computed, in row slabs: each slab is one ``einsum`` of
+    :func:`_block_rows` into a temporary of about ``chunk_elems`` numbers copied into place; the bilinear term
+    is added in place on its diagonal, and the transposed blocks are copied from the computed ones.
 
     Args:
         mom: from :func:`attention_moments`.
@@ -721,16 +726,20 @@ def attention_hessian(
     for name in params:
         offset[name], start = start, start + sizes[name]
     H = torch.empty(p, p, dtype=mom.x.dtype, device=mom.x.device)
-    for a in params:
+    span = {name: slice(offset[name], offset[name] + sizes[name]) for name in params}
+    for a, b in mom.blocks:
         inner = sizes[a] // first[a]
-        for b in params:
-            step = max(1, chunk_elems // (inner * sizes[b]))
-            cols = slice(offset[b], offset[b] + sizes[b])
-            for r0 in range(0, first[a], step):
-                r = slice(r0, min(first[a], r0 + step))
-                slab = _block_rows(f, a, b, r)
-                rows = slice(offset[a] + r.start * inner, offset[a] + r.stop * inner)
-                H[rows, cols].view(slab.shape).copy_(slab)
+        step = max(1, chunk_elems // (inner * sizes[b]))
+        for r0 in range(0, first[a], step):
+            r = slice(r0, min(first[a], r0 + step))
+            slab = _block_rows(f, a, b, r, bilinear=False)
+            rows = slice(offset[a] + r.start * inner, offset[a] + r.stop * inner)
+            H[rows, span[b]].view(slab.shape).copy_(slab)
+        if (a, b) == ("Q", "K") and part != "H_o":  # + G_QK ⊗ I: entries [(c, j), (a, j)]
+            d, k = mom.d_V, mom.d_K
+            H[span["Q"], span["K"]].view(d, k, d, k).diagonal(dim1=1, dim2=3).add_(f.G.unsqueeze(-1))
+        if a != b:
+            H[span[b], span[a]] = H[span[a], span[b]].T
     return H
 
 

@@ -52,6 +52,19 @@ def test_trace_structure_and_plain_forward_equal(gen, seed):
                                **TOL)
 
 
+def test_states_only_trace_and_deferred_energies(gen):
+    model = _model(3)
+    Y = _Y(gen, 2, 5, 6)
+    out, info = model(Y, trace=True)
+    out2, info2 = model(Y, trace=True, energies=False)
+    assert info2["energies"] == {} and len(info2["states"]) == len(info["states"])
+    later = model.trace_energies(info2["states"])
+    for k, v in info["energies"].items():
+        torch.testing.assert_close(later[k], v, **TOL)
+    with pytest.raises(EnergyInputError, match="states"):
+        model.trace_energies(info2["states"][:-1])
+
+
 def test_trace_energies_equal_independent_evaluation_with_the_forward_metric(gen, seed):
     """Regression (authors' defect: W Wᵀ in the energy, Wᵀ W in the forward): the traced E_att uses the metric of
     the forward step. Checked against a hand-written energy and step with W = M Mᵀ/√k, and against the transposed

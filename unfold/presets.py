@@ -77,8 +77,9 @@ class UnrolledClassifier(nn.Module):
         check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in))
         return self.input_proj(X)
 
-    def forward(self, X: Tensor, *, trace: bool = False) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        out = self.body(self.embed(X), trace=trace)
+    def forward(self, X: Tensor, *, trace: bool = False,
+                energies: bool = True) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        out = self.body(self.embed(X), trace=trace, energies=energies)
         Y, info = out if trace else (out, None)
         result = Y if self.head is None else self.head(Y.mean(dim=-2))
         return (result, info) if trace else result

@@ -195,8 +195,13 @@ class Unrolled(nn.Module):
         return out
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def forward(self, Y: Tensor, *, trace: bool = False) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        """Run ``depth`` layers; with ``trace=True`` also return the trace dict (module docstring)."""
+    def forward(self, Y: Tensor, *, trace: bool = False,
+                energies: bool = True) -> Tensor | tuple[Tensor, dict[str, Any]]:
+        """Run ``depth`` layers; with ``trace=True`` also return the trace dict (module docstring).
+
+        ``energies=False`` records the states only (``info["energies"]`` is empty); evaluate them later with
+        :meth:`trace_energies` (same numbers, with the weights of the time of that call).
+        """
         check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d))
         prepared = [[s.prepare() for s in layer] for layer in self.layers]  # parametrisations evaluated once
         states = [Y] if trace else None
@@ -208,12 +213,29 @@ class Unrolled(nn.Module):
                     states.append(Y)
         if not trace:
             return Y
-        return Y, self._trace(states, [[p.energy for p in layer] for layer in prepared])
+        built = [[p.energy for p in layer] for layer in prepared]
+        return Y, {
+            "states": states,
+            "energies": self._energies(states, built) if energies else {},
+            "step_names": self.step_kinds * self.depth,
+            "layer_of_state": self._layer_of_state(len(states) - 1),
+        }
 
-    def _trace(self, states: list[Tensor], built: list[list[Any]]) -> dict[str, Any]:
+    def _layer_of_state(self, T: int) -> list[int]:
         S = len(self.step_kinds)
+        return [min(t // S, self.depth - 1) for t in range(T + 1)]
+
+    def trace_energies(self, states: Sequence[Tensor]) -> dict[str, Tensor]:
+        """Every energy term (and ``"total"``) on the states of a trace, ``{term: (T+1, *batch)}``."""
+        T = self.depth * len(self.step_kinds)
+        if len(states) != T + 1:
+            raise EnergyInputError(f"`states` must hold the {T + 1} states of one forward pass, got {len(states)}.")
+        return self._energies(list(states), self.energies())
+
+    def _energies(self, states: list[Tensor], built: list[list[Any]]) -> dict[str, Tensor]:
+        """Each term evaluated in one batched call over the stacked states (per layer when untied)."""
         T = len(states) - 1
-        layer_of_state = [min(t // S, self.depth - 1) for t in range(T + 1)]
+        layer_of_state = self._layer_of_state(T)
         energies: dict[str, Tensor] = {}
         for j, name in enumerate(self.term_names):
             if name is None:
@@ -228,12 +250,7 @@ class Unrolled(nn.Module):
                 energies[name] = torch.cat(parts)
         if energies:
             energies["total"] = torch.stack(list(energies.values())).sum(0)
-        return {
-            "states": states,
-            "energies": energies,
-            "step_names": self.step_kinds * self.depth,
-            "layer_of_state": layer_of_state,
-        }
+        return energies
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):

@@ -297,9 +297,10 @@ def attention_step_range(
     Y W) + c` with equality at :math:`Y^t`. In :math:`Z = (D + \lambda I)^{1/2} Y`, :math:`Q = \tfrac12
     \mathrm{tr}(Z^\top N Z W)`, :math:`N = I - (D + \lambda I)^{-1/2}\Gamma(D + \lambda I)^{-1/2}`; the eigenvalues of
     :math:`N` lie in :math:`[0, 2]` (Γ ≥ 0 entrywise, rows of :math:`(D+\lambda I)^{-1}\Gamma` sum to ≤ 1), and in
-    :math:`[0, 1]` if :math:`\Gamma \succeq 0`. Step (a) is :math:`Z^+ = (I - \alpha N) Z`, step (b) is
-    :math:`Z^+ = Z - \alpha N Z W`; a gradient-type step on a PSD quadratic does not increase it iff
-    :math:`\alpha \mu \le 2` on every mode :math:`\mu`, and :math:`E(Y^+) \le Q(Y^+) \le Q(Y^t) = E(Y^t)`. Hence
+    :math:`[0, 1]` if :math:`\Gamma \succeq 0`. Step (a) is :math:`Z^+ = (I - \alpha N) Z` and multiplies each
+    eigen-mode of :math:`N \otimes W` (eigenvalue :math:`\nu\mu`) by :math:`1 - \alpha\nu`; step (b) is
+    :math:`Z^+ = Z - \alpha N Z W` and multiplies it by :math:`1 - \alpha\nu\mu`. :math:`Q` does not increase iff
+    every factor lies in :math:`[-1, 1]`, and then :math:`E(Y^+) \le Q(Y^+) \le Q(Y^t) = E(Y^t)`. Hence
 
     * (a) ``"metric"``: :math:`\alpha \in (0, 2)` if ``kernel.psd_gram``, else :math:`\alpha \in (0, 1]`;
     * (b) ``"token"``: :math:`\alpha\lambda_{\max}(W) \in (0, 2)` if ``kernel.psd_gram``, else
@@ -407,7 +408,7 @@ def _head_mixing(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: flo
     return Gamma / _denominator(Gamma, ridge, token_mask).unsqueeze(-1)
 
 
-_CHUNK_ENTRIES = 1 << 20  # pairwise entries (heads × n × n) processed at once: keeps the n×n arrays cache-resident
+_CHUNK_ENTRIES = 1 << 22  # pairwise entries (heads × n × n) per chunk: 16 MB in float32, the size of a typical L3
 
 
 def _batch_chunks(fn, Y: Tensor, token_mask: Tensor | None, h: int) -> Tensor:
@@ -768,7 +769,7 @@ def attention_step_fused(
     h, d, k = M3.shape
     kappa = _resolve_scale(scale, k)
     if check and value_basis is not None:
-        value_basis = check_tensor(value_basis, "value_basis", ndim=3, trailing=(h, d, None))
+        value_basis = check_tensor(value_basis, "value_basis", ndim=3, trailing=(h, d, None), finite=False)
         check_same_float_dtype(M=M, value_basis=value_basis)
     if check:
         orthogonal = single or _heads_orthogonal(M3)

@@ -468,3 +468,23 @@ BAD_INPUT = [
 def test_bad_input_is_rejected_with_clear_error(call, exc, match) -> None:
     with pytest.raises(exc, match=match):
         call()
+
+
+# --- batch chunking (an evaluation-order detail) must not change any result ------------------------------------------
+
+
+@pytest.mark.parametrize("preconditioner", ["metric", "token"])
+def test_batch_chunking_does_not_change_results(preconditioner: str, gen: torch.Generator,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import energy.attention as attention_module
+
+    Y, M = _problem(gen, (2, 3), 6, 4, 5)
+    mask = torch.rand(2, 3, 6, generator=gen) > 0.3
+    E = AttentionEnergy(M, kernel=CauchyKernel(), ridge=0.2)
+    alpha = _alpha(E, preconditioner)
+    whole = (E.energy(Y, mask), E.grad(Y, mask), E.step(Y, alpha, preconditioner=preconditioner, token_mask=mask))
+    monkeypatch.setattr(attention_module, "_CHUNK_ENTRIES", 40)  # one batch element per chunk
+    chunked = (E.energy(Y, mask), E.grad(Y, mask), E.step(Y, alpha, preconditioner=preconditioner, token_mask=mask))
+    for a, b in zip(whole, chunked):
+        _close(a, b, 1e-13)
+    _close(E.autograd_grad(Y, mask), whole[1])

@@ -129,3 +129,18 @@ def test_linear_attention_diagonal_functional_blocks_vanish(gen):
     for name in ("QQ", "KK", "VV"):
         assert norms[(name, "H_f")] == 0.0
     assert norms[("QK", "H_f")] > 0.0  # the bilinear term survives (MATH §3.6)
+
+
+def test_core_gram_chunking_and_definition(gen):
+    """_core_gram equals the Gram of the explicitly formed factors U_bᵀ F_i V_b, whatever the chunk size."""
+    from energy.hessian.structure import _core_gram
+
+    B, L, r1, r2 = 3, 4, 5, 2
+    F1, F2 = (torch.randn(B, L, L, L, generator=gen, dtype=DT) for _ in range(2))
+    U1, U2 = (torch.randn(B, L, r1, generator=gen, dtype=DT) for _ in range(2))
+    V1, V2 = (torch.randn(B, L, r2, generator=gen, dtype=DT) for _ in range(2))
+    M1 = torch.einsum("bpr,bipq,bqs->birs", U1, F1, V1).reshape(B * L, -1)
+    M2 = torch.einsum("bpr,bipq,bqs->birs", U2, F2, V2).reshape(B * L, -1)
+    ref = M1 @ M2.T
+    torch.testing.assert_close(_core_gram(F1, U1, V1, F2, U2, V2), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_core_gram(F1, U1, V1, F2, U2, V2, chunk=1), ref, rtol=1e-12, atol=1e-12)

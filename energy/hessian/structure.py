@@ -8,7 +8,7 @@ products of small per-row factors. Inner products of such sums reduce to Gram ma
     \mathrm{tr}\sum_i A_i \otimes B_i = \sum_i \mathrm{tr}A_i\,\mathrm{tr}B_i,\qquad
     \mathrm{diag}\sum_i A_i\otimes B_i = \sum_i \mathrm{diag}A_i \otimes \mathrm{diag}B_i .
 
-With the factors of :class:`energy.hessian.attention._Factors` (``R_i``, ``E_i``; Gram matrices
+With the per-row factors of :mod:`energy.hessian.attention` (``R_i``, ``E_i``; Gram matrices
 ``K^x_{ij} = x_iᵀx_j``, ``K^q_{ij} = q_iᵀq_j``, ``K^μ_{ij} = μ_iᵀμ_j``, ``K^g_{ij} = g_iᵀg_j``, ``Ω = W_K W_Kᵀ``):
 
 * ``(Q,Q)``: ``⟨Σ x_ix_iᵀ⊗P_i, Σ x_jx_jᵀ⊗P'_j⟩ = Σ_ij (K^x_ij)² ⟨P_i, P'_j⟩``, ``P_i = W_KᵀR_iW_K``;
@@ -29,10 +29,17 @@ For each block the three numbers ``⟨H_o,H_o⟩``, ``⟨H_o,H_f⟩``, ``⟨H_f,
 ``‖H‖² = ‖H_o‖² + 2⟨H_o,H_f⟩ + ‖H_f‖²`` (in floating point this loses relative accuracy only where ``H_o`` and
 ``H_f`` nearly cancel).
 
-Cost (``d = d_V``, ``k = d_K``): forming the factors ``O(N d³ + N d² k)``; the Gram sums
-``O(N² (d² + k²))``; the mixed ``(V, ·)`` term ``O(N² d²)`` computed in row chunks of bounded memory. Nothing of
-size ``p²`` or ``N d³ k`` is formed. At ``d = k = 128, L = 32`` that is ~10⁸ flops against ``p² ≈ 2.4·10⁹`` entries
-of the dense Hessian.
+**Token space.** The per-row ``d × d`` factors are never formed either. Each is ``U_bᵀ F̃_i V_b`` with an
+``L × L`` core (``Σ_i = XᵀJ_iX``, ``Ŝ_i = XᵀC_iX``, ``R_i = XᵀR̃_iX`` with ``R̃_i = κ²(2c J_i X Ṽ Ṽᵀ Xᵀ J_i + C_i)``,
+``B̃_i = U_Bᵀ J_i X``; ``J_i``, ``C_i`` the softmax Jacobian and curvature, :class:`_TokenCores`), so
+``⟨U_{1}ᵀF_iV_{1}, U_{2}ᵀF'_jV_{2}⟩ = tr(F_iᵀ (U_{1,b}U_{2,c}ᵀ) F'_j (V_{2,c}V_{1,b}ᵀ))`` needs only ``L × L``
+products (:func:`_core_gram`).
+
+Cost (``B`` sequences of length ``L``, ``d = d_V``, ``k = d_K``): ``O(B² L⁴ + B² L² d + B L² d)`` time and
+``O(B L³ + B² L²)`` memory per block (sequence pairs processed in chunks), plus ``O(d³)`` for the value-only blocks.
+Nothing of size ``p²`` and no ``d × d`` matrix per row is formed: at ``d = k = 128``, ``L = 18`` one sequence's
+six blocks take milliseconds, against ``p² ≈ 2.4·10⁹`` entries of the dense Hessian. Diagonals cost
+``O(B L³ + B L² (d + k))``.
 """
 
 from __future__ import annotations

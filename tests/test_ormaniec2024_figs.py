@@ -86,7 +86,7 @@ def test_max_pool_and_log_histogram():
     P = om.max_pool(A, 2)
     assert P.shape == (3, 3)
     assert P[0, 0] == 6 and P[2, 2] == 24 and P[0, 2] == 9
-    values = torch.tensor([0.0, 1e-3, 2e-3, 0.5, -0.5, 3.0])
+    values = torch.tensor([0.0, 1e-3, 2e-3, 0.5, -0.5, 3.0], dtype=torch.float64)
     edges = np.logspace(-4, 1, 6)
     h = om.log_histogram(values, edges)
     assert h["zeros"] == 1 and h["n"] == 6
@@ -99,7 +99,7 @@ def test_loglog_slope_exact_power_law():
     p, se, n = om.loglog_slope(s, 3.0 * s**5.0)
     assert n == int((s <= om.SMALL_SIGMA_MAX * (1 + 1e-12)).sum()) and n >= 3
     assert abs(p - 5.0) < 1e-12 and se < 1e-10
-    p, se, n = om.loglog_slope(s, np.where(s < 0.05, 0.0, s**2))  # zeros are skipped
+    p, se, n = om.loglog_slope(s, np.where(s < 0.015, 0.0, s**2))  # zeros are skipped
     assert abs(p - 2.0) < 1e-12
     assert math.isnan(om.loglog_slope([0.5, 1.0], [1.0, 2.0])[0])  # no point in the window
 

@@ -64,7 +64,7 @@ def test_save_load_classifier(tmp_path, gen):
     loaded = load_model(tmp_path / "c.pt")
     assert isinstance(loaded, UnrolledClassifier)
     X = torch.randn(2, 4, 3, generator=gen, dtype=DT)
-    torch.testing.assert_close(loaded.double()(X), model(X), rtol=0, atol=1e-12)
+    torch.testing.assert_close(loaded(X), model(X), rtol=0, atol=1e-12)
 
 
 def test_energy_transformer_block(gen):

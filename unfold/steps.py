@@ -93,11 +93,10 @@ class Step(nn.Module):
         self.d = _positive_int(d, "d")
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
-        a = torch.tensor(float(alpha), dtype=torch.float64)  # exact value, whatever the model's dtype
         if learn_alpha:
-            self.alpha = nn.Parameter(a)
-        else:
-            self.register_buffer("alpha", a)
+            self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        else:  # part of the configuration (saved in config(), not in the state dict); float64 keeps it exact
+            self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float64), persistent=False)
         self.learn_alpha = learn_alpha
 
     # -- interface -------------------------------------------------------------------------------------------------

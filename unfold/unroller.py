@@ -347,6 +347,15 @@ def safe_load_state_dict(module: nn.Module, state_dict: dict[str, Tensor], *, _i
             raise CheckpointError(f"entry {k!r} is a {type(v).__name__}, not a tensor (corrupt checkpoint).")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise CheckpointError(f"entry {k!r} contains NaN or inf (corrupt checkpoint); nothing was loaded.")
+    wrong_dtype = [(k, v.dtype, own[k].dtype) for k, v in rest.items() if v.dtype != own[k].dtype]
+    for q, v in plain.items():
+        owner, tname = ptensors[q]
+        if v.dtype != getattr(owner, tname).dtype:
+            wrong_dtype.append((q, v.dtype, getattr(owner, tname).dtype))
+    if wrong_dtype:
+        k, a, b = wrong_dtype[0]
+        raise CheckpointError(f"{k!r} has dtype {a} but the model's is {b}; convert the model with `model.to({a})` "
+                              "before loading, so no value is silently cast. Nothing was loaded.")
     bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in rest.items() if v.shape != own[k].shape]
     for q, v in plain.items():
         owner, tname = ptensors[q]
@@ -363,11 +372,11 @@ def safe_load_state_dict(module: nn.Module, state_dict: dict[str, Tensor], *, _i
         owner, tname = cand_p[q]
         cons = constraints_of(owner).get(tname, [])
         if cons:
-            cons[-1].check(v.to(getattr(owner, tname).dtype), q)
+            cons[-1].check(v, q)
         with torch.no_grad():
-            setattr(owner, tname, v.to(getattr(owner, tname).dtype))  # right_inverse checks the constraint chain
+            setattr(owner, tname, v)  # right_inverse checks the constraint chain
     cand_sd = candidate.state_dict()
-    cand_sd.update({k: v.to(cand_sd[k].dtype) for k, v in rest.items()})
+    cand_sd.update(rest)
     nn.Module.load_state_dict(candidate, cand_sd, strict=True)
     check_constraints(candidate)
     inner = _inner if _inner is not None else module.load_state_dict
@@ -440,6 +449,9 @@ def load_model(path: str | os.PathLike) -> nn.Module:
             f"{os.fspath(path)!r} holds a {payload['builder']!r}; known builders: {sorted(_BUILDERS)}."
         )
     model = builder(payload["config"])
+    dtypes = {v.dtype for v in payload["state_dict"].values() if isinstance(v, Tensor) and v.is_floating_point()}
+    if len(dtypes) == 1:  # rebuild in the precision the model was saved in
+        model = model.to(dtypes.pop())
     try:
         model.load_state_dict(payload["state_dict"])
     except ConstraintError:

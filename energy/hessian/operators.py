@@ -36,7 +36,9 @@ How products are computed (one batch, ``k`` vectors ``V`` at once with ``vmap``)
   of all ``k`` vectors are batched.
 * ``G V``: one primal ``vjp`` (kept), ``J V`` by ``jvp``, ``U = ∇²_o ℓ_b · JV`` in output space, ``Jᵀ U`` by the
   kept ``vjp`` function.
-* ``H V`` (alone, or with ``G V`` in :meth:`CurvatureOperator.hessian_and_ggn`): the functional part is the
+* ``H V`` alone: reverse-over-reverse, ``vjp`` of ``θ ↦ ∇_θ ℓ_b`` -- one linearisation of the batch (the kept
+  ``vjp`` function) reused for all ``k`` vectors (measured ~2 gradients for one vector, benchmarks/).
+* ``H V`` with ``G V`` (:meth:`CurvatureOperator.hessian_and_ggn`) or ``H_f V``: the functional part is the
   forward-over-reverse derivative of ``θ ↦ Jᵀ g_o`` with the output gradient ``g_o = ∇_o ℓ_b`` held fixed,
   and the same pass returns ``J V`` as a by-product:
 
@@ -48,7 +50,7 @@ How products are computed (one batch, ``k`` vectors ``V`` at once with ``vmap``)
   loss Hessian), so it is cheaper than a full HVP; ``J V`` is not recomputed for the GGN. The loss itself is
   differentiated only in reverse mode (``∇²_o ℓ U`` by reverse-over-reverse in output space), so every torch
   loss works (forward-over-reverse through ``F.mse_loss`` fails in torch 2.x). Asking for ``G V`` alone skips
-  the functional pass (``jvp`` then ``vjp``); ``H V`` alone costs the same as ``(H V, G V)``.
+  the functional pass (``jvp`` then ``vjp``).
 
 Public API: :class:`HessianOperator`, :class:`GGNOperator`, :class:`FunctionalOperator`,
 :class:`JacobianOperator` (``.T`` = :class:`TransposedJacobianOperator`), :class:`TokenHessianOperator`,
@@ -414,10 +416,11 @@ class CurvatureOperator(LinearOperator):
         reduction: ``"mean"`` or ``"sum"``, see the module docstring; defaults to ``loss_fn.reduction``.
         batch_size_fn: ``N_b`` from ``X_b`` (default ``X_b.shape[0]``).
         max_vectors: column chunk for ``matmat`` / ``dense`` (memory bound).
-        cache: keep, per batch, the primal ``vjp`` function, the output gradient and a
-            ``torch.func.linearize``-d tangent map, and reuse them for every later product. Pays off for many
-            sequential products (Lanczos) on few batches; memory = activations of every batch. The cache is
-            built for the current parameter values; call :meth:`clear_cache` after changing the model.
+        cache: keep, per batch, the linearisation (the ``vjp`` function of the gradient for ``H``; the primal
+            ``vjp`` function, the output gradient and a ``torch.func.linearize``-d tangent map for ``G`` / ``F``)
+            and reuse it for every later product. Pays off for many sequential products (Lanczos) on few
+            batches; memory = activations of every batch. The cache is built for the current parameter values;
+            call :meth:`clear_cache` after changing the model.
     """
 
     kind: Kind = "H"
@@ -501,15 +504,27 @@ class CurvatureOperator(LinearOperator):
         self._cache = None
 
     # -- the per-batch kernels -------------------------------------------------------------------------------------
-    def _batch_state(self, X: Any, y: Any, free: dict, fixed: dict, *, need_linearize: bool) -> dict[str, Any]:
-        """Primal pass of one batch: outputs, the kept vjp, the output gradient, optionally a linearised map."""
+    def _state(self, X: Any, y: Any, free: dict, fixed: dict, state: dict[str, Any], kinds: frozenset[str]) -> None:
+        """Fill ``state`` (one batch) with what ``kinds`` need; entries already present are reused.
+
+        * ``"hvp_fn"`` (``H`` alone): the ``vjp`` function of ``θ ↦ ∇_θ ℓ_b`` -- the batch linearised once;
+          ``vjp`` of a gradient is ``Hᵀ v = H v`` (reverse-over-reverse).
+        * ``"o", "vjp_fn", "g_o"`` (``G`` or ``F`` involved): outputs, the kept primal ``vjp`` and ``∇_o ℓ_b``;
+          ``"lin"`` (with ``cache=True``): the ``linearize``-d map ``θ ↦ (Jᵀ g_o, f(θ))``.
+        """
         f, ell = self._functions(X, y, fixed)
-        o, vjp_fn = vjp(f, free)
-        g_o = grad(ell)(o)
-        state = {"f": f, "ell": ell, "o": o, "vjp_fn": vjp_fn, "g_o": g_o}
-        if need_linearize:
-            state["lin"] = _linearize(self._functional_and_output(f, g_o), free)
-        return state
+        state.setdefault("f", f)
+        state.setdefault("ell", ell)
+        f, ell = state["f"], state["ell"]
+        if kinds == {"H"}:
+            if "hvp_fn" not in state:
+                state["hvp_fn"] = vjp(grad(lambda p: ell(f(p))), free)[1]
+            return
+        if "vjp_fn" not in state:
+            state["o"], state["vjp_fn"] = vjp(f, free)
+            state["g_o"] = grad(ell)(state["o"])
+        if self.cache and "lin" not in state and kinds != {"G"}:
+            state["lin"] = _linearize(self._functional_and_output(f, state["g_o"]), free)
 
     @staticmethod
     def _functional_and_output(f: Callable, g_o: Tensor) -> Callable:
@@ -532,10 +547,12 @@ class CurvatureOperator(LinearOperator):
 
     def _batch_products(self, state: dict[str, Any], free: dict, Vd: dict, kinds: frozenset[str]) -> dict:
         """One batch: ``{kind: {name: (k, *shape)}}``. The loss is only differentiated in reverse mode, the
-        network in forward-over-reverse (``H_f``) and forward / reverse (``J``, ``Jᵀ``)."""
+        network in forward-over-reverse (``H_f``, ``J``) and reverse mode (``Jᵀ``, ``H`` alone)."""
+        if kinds == {"H"}:
+            return {"H": vmap(state["hvp_fn"])(Vd)[0]}
         f, ell, o = state["f"], state["ell"], state["o"]
         out: dict[str, dict[str, Tensor]] = {}
-        if kinds == {"G"} and "lin" not in state:
+        if kinds == {"G"}:
             JV = vmap(lambda v: jvp(f, (free,), (v,))[1])(Vd)
         else:
             if "lin" in state:
@@ -557,14 +574,11 @@ class CurvatureOperator(LinearOperator):
         Vd = self.space.split(V)
         total: dict[str, Tensor] = {}
         if self.cache and self._cache is None:
-            self._cache = [
-                self._batch_state(X, y, free, fixed, need_linearize=True) for X, y, _ in self._batches()
-            ]
-        with torch.no_grad():
-            for i, (X, y, w) in enumerate(self._batches()):
-                state = self._cache[i] if self._cache is not None else self._batch_state(
-                    X, y, free, fixed, need_linearize=False
-                )
+            self._cache = [{} for _ in self.batch_sizes]
+        for i, (X, y, w) in enumerate(self._batches()):
+            state = self._cache[i] if self._cache is not None else {}
+            self._state(X, y, free, fixed, state, kinds)
+            with torch.no_grad():
                 for kind, blocks in self._batch_products(state, free, Vd, kinds).items():
                     if kind not in kinds:
                         continue

@@ -469,8 +469,9 @@ def compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
     Yall, lengths = embed_sentences(chosen, table, max_len)
     sequences = [Yall[b, : int(lengths[b])] for b in range(len(chosen)) if int(lengths[b]) >= 2]
     model = make_model(d, relu=True, seed=cfg.seed).double()
-    res = curvature_along_model(model, sequences, SWEEP_ALPHAS)
-    return {"d": d, "alphas": SWEEP_ALPHAS, "depth": DEPTH, "seed": cfg.seed, "n_sequences": len(sequences),
+    alphas = cfg.pick(tiny=(0.5, 1.0, 3.0, 8.0), quick=SWEEP_ALPHAS, paper=SWEEP_ALPHAS, key="alphas")
+    res = curvature_along_model(model, sequences, alphas)
+    return {"d": d, "alphas": alphas, "depth": DEPTH, "seed": cfg.seed, "n_sequences": len(sequences),
             "description": (f"{len(sequences)} sentences of {text} (first {max_len} tokens), embedded with a seeded "
                             f"N(0, 1) table (token norm ≈ √d), seed {cfg.seed}"),
             **res}

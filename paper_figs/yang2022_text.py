@@ -72,7 +72,7 @@ __all__ = [
     "layer_energies",
     "make_model",
     "train_classifier",
-    "test_accuracy",
+    "classification_accuracy",
     "layer_summary",
 ]
 
@@ -156,7 +156,8 @@ def _embed(sentences: Sequence[str], labels: Tensor | None, table: Any, max_len:
     keep = [i for i, L in enumerate(lengths.tolist()) if L >= 2]
     seqs = [Y[i, : int(lengths[i])].to(torch.float64) for i in keep]
     lab = None if labels is None else labels[keep]
-    return TextSet(name, seqs, lab, f"{description}; {len(seqs)} sequences of 2-{max_len} tokens")
+    return TextSet(name, seqs, lab, f"{description}; {len(seqs)} sequences: the first <= {max_len} tokens that have "
+                                    "a vector (sentences with fewer than 2 dropped)")
 
 
 def _check_text_options(cfg: FigureConfig) -> tuple[Path | None, Path | None, Path | None]:
@@ -310,7 +311,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def test_accuracy(model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor) -> float:
+def classification_accuracy(model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor) -> float:
     """Fraction of sequences whose arg-max class is the label (equal-length buckets, no padding)."""
     dtype = next(model.parameters()).dtype
     correct = 0
@@ -514,13 +515,13 @@ def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
         n_classes = int(torch.cat([train_set.labels, eval_set.labels]).max()) + 1
         model = make_model(d, relu=True, seed=cfg.seed, d_in=d_in, n_classes=n_classes)
         E0 = layer_energies(model.double(), eval_set.sequences)
-        acc_before = test_accuracy(model, eval_set.sequences, eval_set.labels)
+        acc_before = classification_accuracy(model, eval_set.sequences, eval_set.labels)
         model = model.float()
         history = train_classifier(model, [s.float() for s in train_set.sequences], train_set.labels, steps=steps,
                                    seed=cfg.seed)
         model = model.double()
         E = layer_energies(model, eval_set.sequences)
-        acc_after = test_accuracy(model, eval_set.sequences, eval_set.labels)
+        acc_after = classification_accuracy(model, eval_set.sequences, eval_set.labels)
         rec = _stats_record(E["total"], {k: v for k, v in E.items() if k != "total"})
         init = layer_summary(E0["total"])
         k = max(1, len(history) // 10)

@@ -1,4 +1,7 @@
-"""Bridge figures: equivalence errors, Hessian norms vs autograd, curvature along an unrolled model, tiny computes."""
+"""Bridge figures: equivalence errors, Hessian norms vs autograd, curvature along an unrolled model, tiny computes.
+
+The autograd twins use ``torch.autograd.functional.hessian`` (no ``torch.func`` start-up cost of several seconds).
+"""
 
 from __future__ import annotations
 
@@ -70,11 +73,11 @@ def test_hessian_norms_match_autograd(gen):
             ws = dict(weights, **{name: w.reshape(d, d)})
             return attention_loss(X, ws["Q"], ws["K"], ws["V"], Y)
 
-        H = torch.func.hessian(loss)(weights[name].reshape(-1))
+        H = torch.autograd.functional.hessian(loss, weights[name].reshape(-1))
         assert norms[f"standard {name}"]["H"] == pytest.approx(float(torch.linalg.matrix_norm(H)), rel=1e-9)
     for series, tied in (("energy M (a)", False), ("energy M (b, tied values)", True)):
-        H = torch.func.hessian(lambda m, t=tied: energy_layer_loss(X, m.reshape(d, d), Y, alpha=1.0, tied=t))(
-            W_Q.reshape(-1))
+        H = torch.autograd.functional.hessian(
+            lambda m, t=tied: energy_layer_loss(X, m.reshape(d, d), Y, alpha=1.0, tied=t), W_Q.reshape(-1))
         assert norms[series]["H"] == pytest.approx(float(torch.linalg.matrix_norm(H)), rel=1e-9)
         assert norms[series]["H_o"] > 0 and norms[series]["H_f"] > 0
 

@@ -386,6 +386,7 @@ def _caption_untrained(data: dict) -> str:
     caption=_caption_untrained,
     paper_seed=2333,
     options=("imdb", "sst2", "glove"),
+    version=2,
 )
 def compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
     # --quick runs the full protocol too (about 10 s of CPU time)
@@ -501,6 +502,7 @@ def _caption_trained(data: dict) -> str:
     caption=_caption_trained,
     paper_seed=2333,
     options=("imdb", "sst2", "glove"),
+    version=2,
 )
 def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
     d = cfg.pick(tiny=8, quick=32, paper=300, key="d")

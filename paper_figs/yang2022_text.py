@@ -172,15 +172,16 @@ def _check_text_options(cfg: FigureConfig) -> tuple[Path | None, Path | None, Pa
     return imdb, sst2, glove
 
 
-def _glove_sets(
-    imdb: Path | None, sst2: Path | None, glove: Path, *, split: str, n: int, max_len: int, seed: int,
-    max_per_class: int | None,
-) -> list[TextSet]:
-    """IMDB reviews (from their own split) and SST-2 sentences, each embedded with GloVe (paper setting)."""
+_RawText = tuple[str, list[str], Tensor, str]  # (name, texts, labels, description)
+
+
+def _raw_text(imdb: Path | None, sst2: Path | None, *, split: str, n: int, seed: int) -> list[_RawText]:
+    """``n`` seeded random IMDB reviews and SST-2 sentences of ``split`` (``"train"``, or ``"eval"`` = IMDB test /
+    SST-2 dev), each data set from its own files."""
     g = torch.Generator().manual_seed(seed)
-    raw = []
+    raw: list[_RawText] = []
     if imdb is not None:
-        texts, labels = load_imdb(imdb, "test" if split == "eval" else "train", max_per_class=max_per_class)
+        texts, labels = load_imdb(imdb, "test" if split == "eval" else "train")
         idx = _sample(len(texts), n, g)
         raw.append(("imdb", [texts[i] for i in idx], labels[idx],
                     f"IMDB {'test' if split == 'eval' else 'train'} reviews ({imdb})"))
@@ -189,10 +190,16 @@ def _glove_sets(
         idx = _sample(len(texts), n, g)
         raw.append(("sst2", [texts[i] for i in idx], labels[idx],
                     f"SST-2 {'dev' if split == 'eval' else 'train'} sentences ({sst2})"))
-    vectors = load_glove(glove, vocab=build_vocabulary(s for _, texts, _, _ in raw for s in texts))
+    return raw
+
+
+def _glove_embed(groups: list[list[_RawText]], glove: Path, max_len: int) -> list[list[TextSet]]:
+    """Embed every group of texts with GloVe vectors, reading the (large) GloVe file once for all of them."""
+    vectors = load_glove(glove, vocab=build_vocabulary(s for raw in groups for _, texts, _, _ in raw for s in texts))
     return [
-        _embed(texts, labels, vectors, max_len, name, f"{desc}, GloVe vectors {Path(glove).name} (d={vectors.dim})")
-        for name, texts, labels, desc in raw
+        [_embed(texts, labels, vectors, max_len, name, f"{desc}, GloVe vectors {Path(glove).name} (d={vectors.dim})")
+         for name, texts, labels, desc in raw]
+        for raw in groups
     ]
 
 
@@ -200,7 +207,7 @@ def text_sets(cfg: FigureConfig, *, d: int, n: int, max_len: int) -> list[TextSe
     """The evaluation sequences of ``yang2022-energy-untrained`` (paths given: IMDB / SST-2 with GloVe)."""
     imdb, sst2, glove = _check_text_options(cfg)
     if glove is not None:
-        return _glove_sets(imdb, sst2, glove, split="eval", n=n, max_len=max_len, seed=cfg.seed, max_per_class=None)
+        return _glove_embed([_raw_text(imdb, sst2, split="eval", n=n, seed=cfg.seed)], glove, max_len)[0]
     sentences, description = bundled_text_sentences()
     idx = _sample(len(sentences), n, torch.Generator().manual_seed(cfg.seed))
     chosen = [sentences[i] for i in idx]
@@ -459,10 +466,9 @@ def _training_sets(cfg: FigureConfig, *, steps: int, n_eval: int, max_len: int) 
     """``(train, eval)`` pairs: IMDB / SST-2 with GloVe when given, else sklearn's digits."""
     imdb, sst2, glove = _check_text_options(cfg)
     if glove is not None:
-        train_sets = _glove_sets(imdb, sst2, glove, split="train", n=steps, max_len=max_len, seed=cfg.seed,
-                                 max_per_class=None)
-        eval_sets = _glove_sets(imdb, sst2, glove, split="eval", n=n_eval, max_len=max_len, seed=cfg.seed + 1,
-                                max_per_class=None)
+        train_raw = _raw_text(imdb, sst2, split="train", n=steps, seed=cfg.seed)
+        eval_raw = _raw_text(imdb, sst2, split="eval", n=n_eval, seed=cfg.seed + 1)
+        train_sets, eval_sets = _glove_embed([train_raw, eval_raw], glove, max_len)
         return list(zip(train_sets, eval_sets))
     digits = load_digits_sequences(tokens="rows", seed=cfg.seed, dtype=torch.float64)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -83,7 +83,7 @@ def test_attention_step_other_kernels(gen, kernel, kw):
 def test_attention_learnable_alpha_value_and_gradient(gen):
     torch.manual_seed(2)
     step = AttentionStep(5, alpha=0.7, learn_alpha=True).double()
-    fixed = AttentionStep(5, alpha=float(step.alpha)).double()
+    fixed = AttentionStep(5, alpha=float(step.alpha.detach())).double()
     fixed.M = step.M
     Y = _Y(gen, 2, 4, 5)
     out = step(Y)
@@ -115,7 +115,7 @@ def test_ffn_step_formula_and_constraint(gen):
 def test_ffn_learnable_alpha_matches_fixed(gen):
     torch.manual_seed(4)
     a = FFNStep(5, alpha=0.5, learn_alpha=True).double()
-    b = FFNStep(5, alpha=float(a.alpha)).double()
+    b = FFNStep(5, alpha=float(a.alpha.detach())).double()
     b.load_state_dict({k: v for k, v in a.state_dict().items()}, strict=False)
     with torch.no_grad():
         b.parametrizations.W_f.original.copy_(a.parametrizations.W_f.original)

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from energy._validation import ConstraintError, EnergyInputError
 from energy.attention import AttentionEnergy, softmax_beta
@@ -294,3 +296,21 @@ def test_orthogonal_heads_violation_on_load(gen):
     with pytest.raises(ConstraintError, match="OrthogonalHeads"):
         other.load_state_dict(csd)
     assert _same(before, _snapshot(other))
+
+
+@settings(max_examples=25)
+@given(alpha_att=st.floats(0.05, 1.95), alpha_ffn=st.floats(0.05, 1.0), heads=st.sampled_from([1, 2]),
+       n=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_property_steps_descend_own_terms_inside_guaranteed_ranges(alpha_att, alpha_ffn, heads, n, seed):
+    """Inside the guaranteed ranges (MATH §1.1(a) Gaussian α ∈ (0, 2), orthogonal heads; §1.3 α < 2/λ_max(I + W_f),
+    here ≤ 1 < 2/1.95), every attention step decreases E_att and every FFN step decreases E_ffn, at any depth."""
+    torch.manual_seed(seed)
+    model = unroll(["attention", "ffn"], depth=3, d=4, alphas={"attention": alpha_att, "ffn": alpha_ffn},
+                   attention={"heads": heads, "orthogonal_heads": heads > 1}).double()
+    Y = torch.randn(2, n, 4, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    with torch.no_grad():
+        _, info = model(Y, trace=True)
+    E = info["energies"]
+    for t, name in enumerate(info["step_names"]):
+        term = E["E_att"] if name == "attention" else E["E_ffn"]
+        assert (term[t + 1] <= term[t] + 1e-9 * (1 + term[t].abs())).all()

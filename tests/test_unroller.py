@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from energy._validation import ConstraintError, EnergyInputError
+from energy._validation import ConstraintError, EnergyInputError, StepSizeWarning
 from energy.attention import AttentionEnergy, softmax_beta
 from energy.ffn import FFNEnergy
 from unfold.parametrizations import SpectrumClip
@@ -314,3 +315,21 @@ def test_property_steps_descend_own_terms_inside_guaranteed_ranges(alpha_att, al
     for t, name in enumerate(info["step_names"]):
         term = E["E_att"] if name == "attention" else E["E_ffn"]
         assert (term[t + 1] <= term[t] + 1e-9 * (1 + term[t].abs())).all()
+
+
+@pytest.mark.parametrize("schedule,kw", [
+    (["hopfield"], {}),
+    (["energy_transformer"], {}),
+    (["tied_ffn", "layernorm", "rmsnorm"], {}),
+    (["attention", "ffn"], {"attention": {"kernel": "power", "kernel_kwargs": {"p": 1.0}, "preconditioner": "token",
+                                          "learn_alpha": True}}),
+])
+def test_every_step_kind_saves_and_loads(tmp_path, schedule, kw):
+    torch.manual_seed(0)
+    model = unroll(schedule, depth=2, d=6, tied=False, **kw).double()
+    save_model(model, tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt")
+    Y = torch.randn(2, 4, 6, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)  # the ET has no guaranteed step size
+        torch.testing.assert_close(loaded(Y), model(Y), rtol=0, atol=0)

@@ -199,3 +199,18 @@ def test_bad_inputs(gen):
     E = _energy(gen, 3, 6, 3)  # k = 3 > d/h = 2 with full rank: not representable by an MHA head
     with pytest.raises(EnergyInputError, match="d_head"):
         to_standard(E)
+
+
+def test_reference_weights_dict_and_reference_attention(gen):
+    """Reference weights (right-acting dict) convert as well, and energy.reference.multi_head_attention with the key
+    bias as an additive mask reproduces step (a) (one head: the mask is shared by the heads there)."""
+    d = 5
+    E = _energy(gen, 1, d, 3)
+    w = from_mha(to_standard(E))
+    weights = {"W_Q": w.W_Q, "W_K": w.W_K, "W_V": w.W_V, "W_O": w.W_O, "num_heads": 1}
+    E2, step = to_energy(weights)
+    Y = torch.randn(3, 6, d, generator=gen, dtype=DT)
+    torch.testing.assert_close(step(Y), E.step(Y, 1.0), rtol=0, atol=1e-12)
+    beta = key_bias_mask(Y, E)[:, :1, :]  # (B, 1, n): β_j for every query row
+    ref = multi_head_attention(Y, Y, w.W_Q, w.W_K, w.W_V, w.W_O, num_heads=1, mask=beta)
+    torch.testing.assert_close(ref, E.step(Y, 1.0), rtol=0, atol=1e-12)

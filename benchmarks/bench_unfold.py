@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +21,21 @@ import torch.nn.functional as F
 from benchmarks import benchmark, compare
 from unfold.presets import parameter_count, yang2022
 from unfold.standard import standard_encoder
+
+
+def _with_single_thread(res: dict[str, Any], candidate: Callable[[], Any], baseline: Callable[[], Any],
+                        repeat: int, no_grad: bool) -> dict[str, Any]:
+    """Add the machine load and the same ratio measured with one intra-op thread (less noisy on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = compare(candidate, baseline, repeat=repeat, no_grad=no_grad)
+    finally:
+        torch.set_num_threads(threads)
+    res.update(threads=threads, load_average_1min=os.getloadavg()[0], ratio_1thread=single["ratio"],
+               candidate_median_1thread_s=single["candidate_median_s"],
+               baseline_median_1thread_s=single["baseline_median_s"])
+    return res
 
 
 def _sizes(quick: bool) -> dict[str, int]:
@@ -35,8 +52,10 @@ def trace_vs_plain(quick: bool) -> dict[str, Any]:
     Y = torch.randn(s["batch"], s["n"], s["d"])
     _, info = model(Y, trace=True)
     n_states = len(info["states"])
-    return compare(lambda: model(Y, trace=True), lambda: model(Y), repeat=s["repeat"], target=1.5, no_grad=True,
-                   sizes=s, states=n_states, energy_terms=len(info["energies"]) - 1)
+    cand, base = (lambda: model(Y, trace=True)), (lambda: model(Y))
+    res = compare(cand, base, repeat=s["repeat"], target=1.5, no_grad=True, sizes=s, states=n_states,
+                  energy_terms=len(info["energies"]) - 1)
+    return _with_single_thread(res, cand, base, s["repeat"], True)
 
 
 @benchmark("unfold/trace_states_only_vs_plain_forward")
@@ -45,8 +64,9 @@ def trace_states_only(quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     model = yang2022(s["d"], s["depth"]).eval()
     Y = torch.randn(s["batch"], s["n"], s["d"])
-    return compare(lambda: model(Y, trace=True, energies=False), lambda: model(Y), repeat=s["repeat"], target=1.5,
-                   no_grad=True, sizes=s)
+    cand, base = (lambda: model(Y, trace=True, energies=False)), (lambda: model(Y))
+    res = compare(cand, base, repeat=s["repeat"], target=1.5, no_grad=True, sizes=s)
+    return _with_single_thread(res, cand, base, s["repeat"], True)
 
 
 @benchmark("unfold/train_step_vs_transformer_encoder")
@@ -69,6 +89,7 @@ def train_step(quick: bool) -> dict[str, Any]:
             opt.step()
         return run
 
-    return compare(step(unfolded, opt_u), step(standard, opt_s), repeat=s["repeat"], target=1.3,
-                   sizes={**s, "depth": depth, "heads": 1},
-                   parameters={"unfolded": parameter_count(unfolded), "standard": parameter_count(standard)})
+    cand, base = step(unfolded, opt_u), step(standard, opt_s)
+    res = compare(cand, base, repeat=s["repeat"], target=1.3, sizes={**s, "depth": depth, "heads": 1},
+                  parameters={"unfolded": parameter_count(unfolded), "standard": parameter_count(standard)})
+    return _with_single_thread(res, cand, base, s["repeat"], False)

@@ -9,9 +9,10 @@ Every step module carries its weights through named parametrisations (:mod:`unfo
   pass, however deep it is);
 * ``forward(Y)`` = ``apply(prepare(), Y)``.
 
-Step sizes. ``alpha`` is a buffer (fixed) or, with ``learn_alpha=True``, a parameter. A gradient step is affine in
-``α`` (MATH §1.5: ``Y − α P⁻¹∇E = Y + α (T(Y) − Y)`` with ``T`` the ``α = 1`` step), which is how a learnable ``α``
-keeps the graph where the energy's ``step`` takes a float; the attention energies accept a tensor ``α`` directly.
+Step sizes. ``alpha`` is a non-persistent float64 buffer (fixed; part of ``config()``) or, with
+``learn_alpha=True``, a parameter. A gradient step is affine in ``α`` (MATH §1.5: ``Y − α P⁻¹∇E = Y + α (T(Y) − Y)``
+with ``T`` the ``α = 1`` step), which is how a learnable ``α`` keeps the graph where the energy's ``step`` takes a
+float; the attention energies accept a tensor ``α`` directly.
 ``α`` is checked against the energy's ``step_range`` (warning, or error in ``strict_mode``).
 
 Each step class has a schedule name (``kind``) and, if it descends an energy, the name of its energy term

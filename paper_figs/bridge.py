@@ -9,7 +9,8 @@ r"""Beyond the papers: figures that connect the energy view (Yang et al. 2022) w
   for the standard attention layer (``Q``, ``K``, ``V`` blocks, exact closed forms of
   :mod:`energy.hessian.structure`) beside the energy-derived layer (one matrix ``M``, steps (a) and (b), closed form
   of :mod:`energy.hessian.energy_layer`, MATH §4.2), with and without the LayerNorm projection of the input
-  (:func:`energy.normalization.layernorm_projection`, MATH §1.4); fitted log–log exponents.
+  (:func:`energy.normalization.layernorm_projection`, MATH §1.4); log–log exponents fitted by
+  :func:`energy.hessian.sweep.fit_loglog_slope`.
 - ``unfold-energy-curvature``: along an untrained unrolled model (:func:`unfold.presets.yang2022`), per layer, the
   largest step sizes that the majoriser guarantees (MATH §1.1 "Guarantee", :func:`majoriser_step_bound`) and the
   local preconditioned curvature of the true token-space Hessian (MATH §4.1, :func:`preconditioned_curvature`)
@@ -44,6 +45,7 @@ from energy.attention import AttentionEnergy, attention_step_fused
 from energy.hessian.energy_curvature import majoriser_step_bound, preconditioned_curvature
 from energy.hessian.energy_layer import energy_layer_hessian
 from energy.hessian.structure import block_norms
+from energy.hessian.sweep import fit_loglog_slope
 from energy.normalization import layernorm_projection
 from paper_figs.registry import FigureConfig, figure, measured
 from paper_figs.yang2022_text import DEPTH, bundled_text_sentences, make_model
@@ -52,7 +54,6 @@ from unfold.data import build_vocabulary, embed_sentences, seeded_embedding_tabl
 
 __all__ = [
     "equivalence_errors",
-    "fit_loglog_slope",
     "hessian_norms_at",
     "curvature_along_model",
 ]
@@ -212,22 +213,6 @@ PARTS = ("H_o", "H_f", "H")
 SLOPE_TOL = 0.15
 
 
-def fit_loglog_slope(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    r"""Least-squares slope of ``log y`` against ``log x`` and its standard error.
-
-    .. math:: \hat p = \frac{\sum (u - \bar u)(v - \bar v)}{\sum (u - \bar u)^2},\quad u = \log x,\ v = \log y,
-              \qquad \mathrm{se}(\hat p) = \sqrt{\frac{\sum r^2 / (m - 2)}{\sum (u - \bar u)^2}}
-
-    (``se = 0`` for two points).
-    """
-    u, v = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
-    uc = u - u.mean()
-    p = float((uc * (v - v.mean())).sum() / (uc**2).sum())
-    r = v - v.mean() - p * uc
-    se = float(math.sqrt((r**2).sum() / (len(u) - 2) / (uc**2).sum())) if len(u) > 2 else 0.0
-    return p, se
-
-
 def hessian_norms_at(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, Y: Tensor) -> dict[str, dict[str, float]]:
     r"""Frobenius norms ``{series: {part: ‖·‖_F}}`` of the loss Hessians at inputs ``X`` (float64, exact).
 
@@ -256,8 +241,9 @@ def _hess_caption(data: dict) -> str:
         "closed form of MATH §4.2, tested against torch.func.hessian). Solid: raw input; dashed: input "
         "through the LayerNorm projection Π(X) (MATH §1.4), which removes σ entirely. Loss c Σ‖F − Y‖², c = 1/(Ld), "
         f"target Y ~ N(0, I) fixed; B = {data['B']} sequences of L = {data['L']} tokens, d = d_K = {data['d']}, "
-        "weights N(0, 1/d). Legend: exponents fitted on σ ≤ "
-        f"{data['fit_max']:g}; targets: MATH §3.6 for the standard blocks, power counting (bridge.py docstring) "
+        "weights N(0, 1/d). Legend: log-log slope of the mean curve on σ ≤ "
+        f"{data['fit_max']:g} (grey band; energy.hessian.sweep.fit_loglog_slope); summary ± = standard error of the "
+        "per-initialisation slopes; targets: MATH §3.6 for the standard blocks, power counting (bridge.py docstring) "
         "for the energy-derived layer."
     )
 
@@ -304,8 +290,8 @@ def compute_hessian_comparison(cfg: FigureConfig) -> dict[str, Any]:
         for series, parts in ss.items():
             for part, runs in parts.items():
                 arr = np.asarray(runs)  # (n_init, n_sigma)
-                per_init = [fit_loglog_slope(sigmas[small], r[small])[0] for r in arr]
-                mean_fit = fit_loglog_slope(sigmas[small], arr.mean(axis=0)[small])[0]
+                per_init = [fit_loglog_slope(sigmas[small], r[small]).slope for r in arr]
+                mean_fit = fit_loglog_slope(sigmas[small], arr.mean(axis=0)[small]).slope
                 se = float(np.std(per_init, ddof=1) / math.sqrt(len(per_init))) if len(per_init) > 1 else 0.0
                 slopes.setdefault(proj, {}).setdefault(series, {})[part] = [mean_fit, se]
     return {"sigmas": sigmas, "fit_max": fit_max, "B": B, "L": L, "d": d, "n_init": n_init, "seed": cfg.seed,

@@ -76,6 +76,19 @@ def _check_mask(mask: object, name: str, target: tuple[int, ...]) -> Tensor:
     return mask
 
 
+def _resolve_scale(scale: object, d_k: int) -> float | Tensor:
+    """``κ``: the given scale (a finite real number, or a 0-dim tensor under ``torch.func``) or ``1/√d_k``."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_k)
+    if isinstance(scale, Tensor):
+        if scale.ndim != 0:
+            raise EnergyInputError(f"`scale` must be a scalar, got a tensor of shape {tuple(scale.shape)}.")
+        return scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise EnergyInputError(f"`scale` must be a finite real number or None (= 1/√d_k), got {scale!r}.")
+    return float(scale)
+
+
 def causal_mask(n_q: int, n_k: int | None = None, *, device: torch.device | None = None) -> Tensor:
     r"""Boolean causal mask (``True`` = attend), aligned top-left like ``scaled_dot_product_attention(is_causal=True)``.
 
@@ -115,7 +128,7 @@ def attention_weights(
     _check(K, "K", min_ndim=2, trailing=(None, Q.shape[-1]))
     _check_optional(key_bias, "key_bias", min_ndim=1, trailing=(K.shape[-2],))
     check_same_float_dtype(Q=Q, K=K, key_bias=key_bias)
-    kappa = 1.0 / math.sqrt(Q.shape[-1]) if scale is None else scale
+    kappa = _resolve_scale(scale, Q.shape[-1])
     S = kappa * torch.einsum("...ik,...jk->...ij", Q, K)
     if key_bias is not None:
         S = S + key_bias.unsqueeze(-2)
@@ -211,6 +224,8 @@ def _scores_mask(
     mask: Tensor | None, causal: bool, batch: tuple[int, ...], n_q: int, n_k: int, device: torch.device
 ) -> Tensor | None:
     """Combine a user mask (shared by all heads) with the causal mask; returns a mask for ``(..., h, n_q, n_k)``."""
+    if not isinstance(causal, bool):
+        raise EnergyInputError(f"`causal` must be a bool, got {causal!r}.")
     if mask is not None:
         _check_mask(mask, "mask", (*batch, n_q, n_k))
     if causal:
@@ -315,7 +330,7 @@ def linear_attention(
     Q = _split_heads(_affine(x_q, W_Q, b_Q), num_heads)
     K = _split_heads(_affine(x_kv, W_K, b_K), num_heads)
     V = _split_heads(_affine(x_kv, W_V, b_V), num_heads)
-    kappa = 1.0 / math.sqrt(Q.shape[-1]) if scale is None else scale
+    kappa = _resolve_scale(scale, Q.shape[-1])
     A = kappa * torch.einsum("...ik,...jk->...ij", Q, K)
     batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
     m = _scores_mask(mask, causal, batch, x_q.shape[-2], x_kv.shape[-2], x_q.device)

@@ -7,8 +7,6 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 
 from energy._validation import ConstraintError, EnergyInputError, StepSizeError, StepSizeWarning, strict_mode
@@ -158,13 +156,13 @@ def test_descent_rate_is_the_first_order_decrease(gen):
         assert ((fd - rate).abs() / rate < 50 * alpha * max(1.0, float(rate.max()))).all()
 
 
-@given(seed=st.integers(0, 2**20))
-def test_small_steps_descend_on_bounded_instances(seed):
-    """α = 0.01, weights N(0, 1/d), tokens N(0, 1): measured, not a theorem (no uniform range is known)."""
-    gen = torch.Generator().manual_seed(seed)
-    E, x = instance(gen, B=2)
-    e0, e1 = E.energy(x), E.energy(quiet_step(E, x, 0.01))
-    assert (e1 <= e0 + 1e-12 * e0.abs().clamp_min(1)).all()
+def test_small_steps_descend_on_bounded_instances():
+    """α = 0.01, weights N(0, 1/d), tokens N(0, 1), 50 fixed instances × 2 token sets: a measurement, not a theorem
+    (no uniform range is known), so the instances are fixed rather than drawn by hypothesis."""
+    for seed in range(50):
+        E, x = instance(torch.Generator().manual_seed(seed), B=2)
+        e0, e1 = E.energy(x), E.energy(quiet_step(E, x, 0.01))
+        assert (e1 <= e0 + 1e-12 * e0.abs().clamp_min(1)).all(), seed
 
 
 def test_trajectory_small_steps_monotone(gen):

@@ -82,10 +82,11 @@ def test_layernorm_projection_is_closest_point(seed, d, shift):
     y = randn(d, gen=gen) + shift  # not centred
     p = layernorm_projection(y)
     # (i) no random point of the centred sphere is closer (including points near p)
+    # (tolerance 1e-9: sampled sphere points carry rounding errors of order eps·‖z‖/‖z_c‖ off the sphere)
     Z = _random_centred_sphere(2000, d, gen)
     near = layernorm_projection(p + 0.05 * randn(200, d, gen=gen))
-    assert ((Z - y).norm(dim=-1) >= (p - y).norm() - 1e-12).all()
-    assert ((near - y).norm(dim=-1) >= (p - y).norm() - 1e-12).all()
+    assert ((Z - y).norm(dim=-1) >= (p - y).norm() - 1e-9).all()
+    assert ((near - y).norm(dim=-1) >= (p - y).norm() - 1e-9).all()
     # (ii) first-order optimality: y − p lies in the normal space span{1, p} of the centred sphere at p
     N = torch.stack([torch.ones(d, dtype=f64), p], dim=1)
     coef = torch.linalg.lstsq(N, y - p).solution
@@ -99,7 +100,7 @@ def test_rmsnorm_projection_is_closest_point(seed, d):
     p = rmsnorm_projection(y)
     Z = randn(2000, d, gen=gen)
     Z = math.sqrt(d) * Z / Z.norm(dim=-1, keepdim=True)
-    assert ((Z - y).norm(dim=-1) >= (p - y).norm() - 1e-12).all()
+    assert ((Z - y).norm(dim=-1) >= (p - y).norm() - 1e-9).all()
     # first-order optimality: the normal space of the sphere at p is span{p}, so y − p ∥ p
     r = y - p
     assert (r - (r @ p) / (p @ p) * p).abs().max() < 1e-9

@@ -244,6 +244,8 @@ _W = torch.zeros(6, 6, dtype=f64)
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.ones(4, 4, dtype=torch.long)),
          "bool"),
         (lambda: multi_head_attention(_X * float("nan"), _X, _W, _W, _W, num_heads=2), "NaN"),
+        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, scale=float("inf")), "scale"),
+        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, causal="yes"), "causal"),
         (lambda: linear_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.zeros(4, 4, dtype=f64)), "boolean"),
         (lambda: feed_forward(_X, _W, None, _W, None, activation="tanh"), "activation"),
         (lambda: feed_forward(_X, torch.zeros(5, 3, dtype=f64), None, _W, None), "W_1"),

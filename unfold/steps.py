@@ -32,13 +32,13 @@ from torch.nn.utils import parametrize
 
 from energy import kernels
 from energy._validation import EnergyInputError, StepSizeWarning, check_step_size, check_tensor
-from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, head_bases, metric
+from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, head_bases
 from energy.base import Energy
 from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.normalization import layernorm_projection, rmsnorm_projection
-from unfold.parametrizations import OrthogonalHeads, SpectrumClip, Symmetric
+from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, Symmetric
 
 __all__ = [
     "Prepared",
@@ -210,6 +210,7 @@ class AttentionStep(Step):
         self.fused = bool(fused)
         std = (self.k * d) ** -0.25 if init_std is None else float(init_std)
         self.init_std = init_std
+        self.psd = PSDMetric(self.k, scale)  # W_h = κ M_h M_hᵀ: symmetric PSD by construction, named
         if self.orthogonal_heads:
             constraint = OrthogonalHeads(self.heads, d, self.k)  # checks heads·k ≤ d
             Q, _ = torch.linalg.qr(torch.randn(d, d))
@@ -234,8 +235,8 @@ class AttentionStep(Step):
 
     @property
     def W(self) -> Tensor:
-        """The per-head metric ``W_h = κ M_h M_hᵀ``, shape ``(h, d, d)``."""
-        return metric(self.M, self.scale)
+        """The per-head metric ``W_h = κ M_h M_hᵀ``, shape ``(h, d, d)`` (the named :class:`PSDMetric` of ``M``)."""
+        return self.psd(self.M)
 
     @property
     def uses_fused(self) -> bool:

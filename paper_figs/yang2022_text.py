@@ -437,9 +437,10 @@ def _summary_panels(panels: list[dict], prefix: str = "") -> dict[str, Any]:
     out = {}
     for p in panels:
         key = f"{prefix}{p['set']}_{'relu' if p['relu'] else 'norelu'}"
-        out[f"{key}_layers_mean_decreases"] = measured(
-            f"{p['n_layers_mean_decreases']}/{p['n_layers']}",
-            note="layers t -> t+1 at which the mean energy over sequences decreased (no target: reported as is)",
+        out[f"{key}_frac_layers_mean_decreases"] = measured(
+            p["n_layers_mean_decreases"] / p["n_layers"],
+            note=(f"{p['n_layers_mean_decreases']} of {p['n_layers']} layers t -> t+1 lowered the mean energy over "
+                  "sequences (no target: reported as is)"),
         )
         out[f"{key}_mean_E_final_below_initial"] = measured(
             bool(p["mean_E"][-1] < p["mean_E"][0]), target=True,

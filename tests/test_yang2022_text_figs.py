@@ -190,7 +190,7 @@ def test_untrained_figure_offline():
         assert (gap >= 0).all() and np.allclose(gap.min(axis=1), 0.0)
         assert 0 <= p["n_layers_mean_decreases"] <= p["n_layers"] == yt.DEPTH
     summary = spec.summarize(data)
-    assert "bundled-text_relu_layers_mean_decreases" in summary
+    assert "bundled-text_relu_frac_layers_mean_decreases" in summary
     assert "scikit-learn" in spec.caption_for(data) and "seeded" in spec.caption_for(data)
     fig = spec.plot_fn(data, _cfg())
     assert len(fig.axes) == 2

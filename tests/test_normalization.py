@@ -209,6 +209,14 @@ def test_plain_softmax_equals_softmax_beta_after_projection(gen):
     assert (attention_weights(X @ W, X, scale=1.0) - _softmax_beta(X, W)).abs().max() > 1e-3
 
 
+def test_energy_attention_softmax_beta_is_plain_softmax_after_projection(gen):
+    attention = pytest.importorskip("energy.attention")
+    X = randn(3, 5, 4, gen=gen)
+    W = attention.metric(torch.eye(4, dtype=f64))  # W ∝ I (scale 1/√k)
+    Y = layernorm_projection(X)
+    assert (attention.softmax_beta(Y, W) - torch.softmax(Y @ W @ Y.transpose(-1, -2), dim=-1)).abs().max() < TOL
+
+
 @pytest.mark.parametrize(
     "call, match",
     [

@@ -342,3 +342,15 @@ def test_reference_warns_on_float32():
         dense_hessian_reference(model, nn.MSELoss(), None, data)
     with pytest.warns(UserWarning, match="float64"):
         dense_ggn_reference(model, nn.MSELoss(), None, data)
+
+
+def test_training_mode_dropout_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(DT)
+    data = [(torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT))]
+    with pytest.raises(EnergyInputError, match=r"training mode.*model.eval\(\)"):
+        HessianOperator(model, nn.MSELoss(), None, data)
+    with pytest.raises(EnergyInputError, match="training mode"):
+        JacobianOperator(model, None, data)
+    model.eval()
+    H = HessianOperator(model, nn.MSELoss(), None, data)
+    assert torch.allclose(H.dense(), dense_hessian_reference(model, nn.MSELoss(), None, data), atol=1e-13)

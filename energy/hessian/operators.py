@@ -377,6 +377,18 @@ def _check_data(data: object) -> list[tuple[Any, Any]] | Iterable:
     return data
 
 
+def _check_deterministic_model(model: nn.Module) -> None:
+    """Curvature of a random or batch-coupled forward pass is ill-defined: refuse active dropout / batch norm."""
+    for name, m in model.named_modules():
+        active_dropout = isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+        train_bn = isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        if active_dropout or train_bn:
+            raise EnergyInputError(
+                f"module {name or type(m).__name__!r} ({type(m).__name__}) is in training mode, so the forward pass is "
+                "random or depends on the batch composition; call `model.eval()` before building the operator."
+            )
+
+
 def _resolve_reduction(loss_fn: Callable, reduction: str | None) -> Reduction:
     own = getattr(loss_fn, "reduction", None)
     if reduction is None:
@@ -440,6 +452,7 @@ class CurvatureOperator(LinearOperator):
         if not callable(loss_fn):
             raise EnergyInputError(f"`loss_fn` must be callable (o, y) -> scalar, got {type(loss_fn).__name__}.")
         self.space = ParameterSpace(model, params)
+        _check_deterministic_model(model)
         super().__init__(
             (self.space.dim, self.space.dim),
             self.space.dtype,
@@ -744,18 +757,16 @@ class JacobianOperator(LinearOperator):
         max_vectors: int | None = None,
     ) -> None:
         self.space = ParameterSpace(model, params)
+        _check_deterministic_model(model)
         self.model = model
         self.data = _check_data(data)
-        self._inputs = []
         sizes = []
         with torch.no_grad():
-            for i, batch in enumerate(self.data):
-                X = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for X in self._inputs_iter():
                 o = model(X)
                 if not isinstance(o, Tensor):
                     raise EnergyInputError(f"`model` must return one tensor of outputs, got {type(o).__name__}.")
                 sizes.append((tuple(o.shape), o.numel()))
-                del i
         if not sizes:
             raise EnergyInputError("`data` contains no batches.")
         self.output_shapes = tuple(s for s, _ in sizes)

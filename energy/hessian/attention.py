@@ -609,55 +609,53 @@ class _Factors:
     Q_VO = property(lambda self: self._get("Q_VO"))
 
 
-def _block_rows(f: _Factors, a: str, b: str, r: slice, *, bilinear: bool = True) -> Tensor:
-    """Rows ``r`` (of the first ``vec_r`` index of ``W_a``) of block ``(a, b)`` as ``(r1, r2, c1, c2)``.
+def _bmm_into(L: Tensor, R: Tensor, out: Tensor) -> None:
+    """``out[β] = L[β] @ R[β]`` for a 3-D ``out`` view with unit column stride (written in place, no temporary)."""
+    torch.bmm(L, R, out=out)
 
-    One ``einsum`` per block (its contraction over the stacked rows ``i`` is a GEMM); the formulas are those of
-    :func:`hessian_block`. Lower blocks are written with their own index order. ``bilinear=False`` leaves out
-    the bilinear term ``G_QK ⊗ I`` of the ``(Q, K)`` block (the assembly adds it in place).
+
+def _write_block(f: _Factors, a: str, b: str, out: Tensor) -> None:
+    """Write the distinct block ``(a, b)`` (one of ``mom.blocks``) into the 2-D view ``out`` (``size_a × size_b``).
+
+    Each block is one batched GEMM over the stacked rows ``i`` (batch = the two ``vec_r`` indices of ``W_a``),
+    written straight into ``out`` (which may be a slice of the assembled Hessian); the formulas are those of
+    :func:`hessian_block`.
     """
-    x, q = f.mom.x, f.mom.q
-    if (a, b) == ("V", "V"):
-        return torch.einsum("np,mr->nmpr", f.S[r], f.Omega_O)
-    if "O" in (a, b):
-        return _block_rows_O(f, a, b, r)
-    if (a, b) == ("V", "Q"):
-        return torch.einsum("inmb,ic->nmcb", f.EW[:, r], x)
-    if (a, b) == ("Q", "V"):
-        return torch.einsum("inmb,ic->cbnm", f.EW, x[:, r])
-    if (a, b) == ("V", "K"):
-        return torch.einsum("inma,ib->nmab", f.E[:, r], q)
-    if (a, b) == ("K", "V"):
-        return torch.einsum("inma,ib->abnm", f.E[..., r], q)
-    if (a, b) == ("Q", "Q"):
-        return torch.einsum("ia,ic,ibd->abcd", x[:, r], x, f.P)
-    if (a, b) == ("K", "K"):
-        return torch.einsum("iac,ib,id->abcd", f.R[:, r], q, q)
-    if (a, b) == ("Q", "K"):  # Σ_i x_i ⊗ U_i ⊗ q_iᵀ + G_QK ⊗ I
-        H = torch.einsum("ic,iba,id->cbad", x[:, r], f.U, q)
-        return H + torch.einsum("ca,bd->cbad", f.G[r], f.eye_k) if bilinear else H
-    # ("K", "Q"): transpose of (Q, K)
-    return torch.einsum("ic,iba,id->adcb", x, f.U[..., r], q) + torch.einsum("ca,bd->adcb", f.G[:, r], f.eye_k)
-
-
-def _block_rows_O(f: _Factors, a: str, b: str, r: slice) -> Tensor:
-    """The blocks involving the output projection (see :func:`_block_rows`)."""
-    x, q = f.mom.x, f.mom.q
-    W_O = f.mom.W_O
-    if (a, b) == ("O", "O"):
-        return torch.einsum("mp,or->mopr", f.S_O[r], f.eye_o)
-    if (a, b) == ("V", "O"):  # 2c (M_1ᵀM_1W_V)[n,p] W_O[m,o] + (M_1ᵀG)[n,o] δ_mp
-        return torch.einsum("np,mo->nmpo", f.P_VO[r], W_O) + torch.einsum("no,mp->nmpo", f.Q_VO[r], f.eye_d)
-    if (a, b) == ("O", "V"):
-        return torch.einsum("np,mo->ponm", f.P_VO[:, r], W_O) + torch.einsum("no,mp->ponm", f.Q_VO, f.eye_d[:, r])
-    if (a, b) == ("O", "Q"):
-        return torch.einsum("inmb,ic->nmcb", f.EOW[:, r], x)
-    if (a, b) == ("Q", "O"):
-        return torch.einsum("inmb,ic->cbnm", f.EOW, x[:, r])
-    if (a, b) == ("O", "K"):
-        return torch.einsum("inma,ib->nmab", f.EO[:, r], q)
-    # ("K", "O")
-    return torch.einsum("inma,ib->abnm", f.EO[..., r], q)
+    mom = f.mom
+    x, q = mom.x, mom.q
+    N, d, k, o = x.shape[0], mom.d_V, mom.d_K, mom.d_O
+    r1, c1 = d, d  # every weight has d_V rows
+    r2, c2 = out.shape[0] // r1, out.shape[1] // c1
+    out3 = out.view(r1 * r2, c1, c2)
+    xt = x.T  # (d, N)
+    if (a, b) == ("Q", "Q"):  # T[(a,b), c, d] = Σ_i x_ic · x_ia P_i[b, d]
+        _bmm_into(xt.expand(d * k, d, N), torch.einsum("ia,ibd->abid", x, f.P).reshape(d * k, N, k), out3)
+    elif (a, b) == ("K", "K"):  # T[(a,b), c, d] = Σ_i R_i[a, c] · q_ib q_id
+        L = f.R.permute(1, 2, 0).unsqueeze(1).expand(d, k, d, N).reshape(d * k, d, N)
+        R = (q.T.unsqueeze(-1) * q).unsqueeze(0).expand(d, k, N, k).reshape(d * k, N, k)
+        _bmm_into(L, R, out3)
+    elif (a, b) == ("Q", "K"):  # T[(c,b), a, d] = Σ_i U_i[b, a] · x_ic q_id  (+ G_QK ⊗ I)
+        L = f.U.permute(1, 2, 0).unsqueeze(0).expand(d, k, d, N).reshape(d * k, d, N)
+        R = (xt.unsqueeze(-1) * q).unsqueeze(1).expand(d, k, N, k).reshape(d * k, N, k)
+        _bmm_into(L, R, out3)
+        if f.use_f:  # bilinear term: entries [(c, j), (a, j)] += G_QK[c, a]
+            out.view(d, k, d, k).diagonal(dim1=1, dim2=3).add_(f.G.unsqueeze(-1))
+    elif (a, b) in (("V", "Q"), ("O", "Q")):  # T[(n,m), c, b] = Σ_i x_ic · (E_i W_K)[n, m, b]
+        EW = f.EW if a == "V" else f.EOW
+        _bmm_into(xt.expand(r1 * r2, d, N), EW.permute(1, 2, 0, 3).reshape(r1 * r2, N, k), out3)
+    elif (a, b) in (("V", "K"), ("O", "K")):  # T[(n,m), a, b] = Σ_i E_i[n, m, a] · q_ib
+        E = f.E if a == "V" else f.EO
+        _bmm_into(E.permute(1, 2, 3, 0).reshape(r1 * r2, d, N), q.expand(r1 * r2, N, k), out3)
+    elif (a, b) == ("V", "V"):  # S ⊗ Ω_O
+        torch.mul(f.S[:, None, :, None], f.Omega_O[None, :, None, :], out=out.view(d, d, d, d))
+    elif (a, b) == ("O", "O"):  # S_O ⊗ I
+        torch.mul(f.S_O[:, None, :, None], f.eye_o[None, :, None, :], out=out.view(d, o, d, o))
+    elif (a, b) == ("V", "O"):  # 2c (M_1ᵀM_1W_V)[n,p] W_O[m,o] + (M_1ᵀG)[n,o] δ_mp
+        out4 = out.view(d, d, d, o)
+        torch.mul(f.P_VO[:, None, :, None], mom.W_O[None, :, None, :], out=out4)
+        out4.diagonal(dim1=1, dim2=2).add_(f.Q_VO.unsqueeze(-1))
+    else:  # pragma: no cover - guarded by the callers
+        raise EnergyInputError(f"({a}, {b}) is not one of the distinct blocks {mom.blocks}.")
 
 
 def bilinear_term(mom: AttentionMoments) -> Tensor:
@@ -668,19 +666,29 @@ def bilinear_term(mom: AttentionMoments) -> Tensor:
     return torch.kron(mom.G_QK, torch.eye(mom.d_K, dtype=mom.x.dtype, device=mom.x.device))
 
 
+def _block(f: _Factors, a: str, b: str) -> Tensor:
+    sizes = f.mom.sizes
+    if (a, b) not in f.mom.blocks:  # a transposed block
+        return _block(f, b, a).T
+    out = torch.empty(sizes[a], sizes[b], dtype=f.mom.x.dtype, device=f.mom.x.device)
+    _write_block(f, a, b, out)
+    return out
+
+
 def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Tensor:
-    r"""One dense block ``part(a, b)`` of the loss Hessian, ``a, b ∈ {"Q", "K", "V"}`` (MATH §3.4–§3.5).
+    r"""One dense block ``part(a, b)`` of the loss Hessian, ``a, b ∈ mom.params`` (MATH §3.4–§3.5).
 
     .. math::
-        H(V,V) &= 2c\,(M_1^\top M_1)\otimes I \quad (H_f(V,V) = 0)\\
+        H(V,V) &= 2c\,(M_1^\top M_1)\otimes W_O W_O^\top \quad (H_f(V,V) = 0;\ W_O = I\ \text{without projection})\\
         H(Q,Q) &= \textstyle\sum_i x_i x_i^\top \otimes W_K^\top R_i W_K,\qquad
         H(K,K) = \sum_i R_i \otimes q_i q_i^\top\\
         H(Q,K) &= \textstyle\sum_i x_i \otimes W_K^\top R_i \otimes q_i^\top + G_{QK}\otimes I_{d_K}\ (H_f\ only)\\
         H(V,K)[(n,m),(a,b)] &= \textstyle\sum_i E_i[n,m,a]\, q_i[b],\qquad
         H(V,Q)[(n,m),(c,b)] = \sum_i (E_i W_K)[n,m,b]\, x_i[c]
 
-    with ``R_i`` and ``E_i`` as in the module docstring, restricted to the ``H_o`` or ``H_f`` half.
-    Cost: ``O(N d_V² d_K²)`` for the query/key blocks, ``O(N d_V³ d_K)`` for the value–query/key blocks.
+    with ``R_i`` and ``E_i`` as in the module docstring, restricted to the ``H_o`` or ``H_f`` half (blocks with
+    ``O``: module docstring). Cost: ``O(N d_V² d_K²)`` for the query/key blocks, ``O(N d_V³ d_K)`` for the
+    value–query/key blocks. A lower block is returned as the transpose (a view) of the computed upper one.
 
     Returns:
         dense ``(size_a, size_b)`` matrix in ``vec_r`` order.
@@ -688,56 +696,42 @@ def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Te
     _check_part(part)
     if a not in mom.params or b not in mom.params:
         raise EnergyInputError(f"block names must be among {mom.params}, got ({a!r}, {b!r}).")
-    sizes = mom.sizes
-    return _block_rows(_Factors(mom, part), a, b, slice(None)).reshape(sizes[a], sizes[b])
+    return _block(_Factors(mom, part), a, b)
 
 
 def hessian_blocks(mom: AttentionMoments, part: Part = "H") -> dict[tuple[str, str], Tensor]:
-    """All blocks ``{(a, b): part(a, b)}`` (nine, or sixteen with ``W_O``; factors shared between blocks)."""
+    """All blocks ``{(a, b): part(a, b)}`` (nine, or sixteen with ``W_O``; factors shared, lower blocks as views)."""
     f = _Factors(mom, part)
-    sizes, params = mom.sizes, mom.params
-    return {(a, b): _block_rows(f, a, b, slice(None)).reshape(sizes[a], sizes[b]) for a in params for b in params}
+    out = {ab: _block(f, *ab) for ab in mom.blocks}
+    for a, b in mom.blocks:
+        out[(b, a)] = out[(a, b)].T
+    return out
 
 
-def attention_hessian(
-    mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None, chunk_elems: int = 1 << 22
-) -> Tensor:
+def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    Only the distinct blocks (``mom.blocks``) are computed, in row slabs: each slab is one ``einsum`` of
-    :func:`_block_rows` into a temporary of about ``chunk_elems`` numbers copied into place; the bilinear term
-    is added in place on its diagonal, and the transposed blocks are copied from the computed ones.
+    Each distinct block (``mom.blocks``) is one batched GEMM written straight into its place in the output
+    (:func:`_write_block`); the transposed blocks are copied from it. Memory: the ``p × p`` result plus
+    ``O(N d_V³)`` factors.
 
     Args:
         mom: from :func:`attention_moments`.
         part: ``"H"``, ``"H_o"`` (Gauss–Newton) or ``"H_f"`` (functional part).
         max_gib: memory budget of the dense result (default 4 GiB). Above it a :class:`DenseSizeError`
             states the size and points to ``energy.hessian.structure`` / the matrix-free operators.
-        chunk_elems: target size of one slab temporary.
     """
     _check_part(part)
     sizes = mom.sizes
     p = sum(sizes.values())
     check_dense_budget(p, p, mom.x.dtype, max_gib, f"the dense {part} of the attention layer")
     f = _Factors(mom, part)
-    params = mom.params
-    first = dict.fromkeys(params, mom.d_V)  # size of the first vec_r index of each weight (all have d_V rows)
-    offset, start = {}, 0
-    for name in params:
-        offset[name], start = start, start + sizes[name]
+    span, start = {}, 0
+    for name in mom.params:
+        span[name], start = slice(start, start + sizes[name]), start + sizes[name]
     H = torch.empty(p, p, dtype=mom.x.dtype, device=mom.x.device)
-    span = {name: slice(offset[name], offset[name] + sizes[name]) for name in params}
     for a, b in mom.blocks:
-        inner = sizes[a] // first[a]
-        step = max(1, chunk_elems // (inner * sizes[b]))
-        for r0 in range(0, first[a], step):
-            r = slice(r0, min(first[a], r0 + step))
-            slab = _block_rows(f, a, b, r, bilinear=False)
-            rows = slice(offset[a] + r.start * inner, offset[a] + r.stop * inner)
-            H[rows, span[b]].view(slab.shape).copy_(slab)
-        if (a, b) == ("Q", "K") and part != "H_o":  # + G_QK ⊗ I: entries [(c, j), (a, j)]
-            d, k = mom.d_V, mom.d_K
-            H[span["Q"], span["K"]].view(d, k, d, k).diagonal(dim1=1, dim2=3).add_(f.G.unsqueeze(-1))
+        _write_block(f, a, b, H[span[a], span[b]])
         if a != b:
             H[span[b], span[a]] = H[span[a], span[b]].T
     return H

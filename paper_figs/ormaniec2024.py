@@ -56,6 +56,7 @@ __all__ = [
     "ScoredPositions",
     "addition_data",
     "gpt2_model",
+    "natural_order",
     "parameter_groups",
     "dense_loss_hessian",
     "log_histogram",
@@ -170,12 +171,22 @@ class ScoredPositions(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """``[{"name", "start", "stop"}]``: where each parameter sits in the flat vector (``named_parameters`` order)."""
+def natural_order(model: GPT2Decoder) -> list[str]:
+    """Parameter names in the order of the forward pass: embeddings, then per block ``W_Q, W_K, W_V, W_O``, LayerNorms
+    and MLP, then ``LN_f`` and the unembedding (``named_parameters`` lists the model's own ``W_U, b_U`` first)."""
+    names = [n for n, _ in model.named_parameters()]
+    head = [n for n in names if n.startswith(("W_U", "b_U", "ln_f"))]
+    return [n for n in names if n not in head] + sorted(head, key=lambda n: not n.startswith("ln_f"))
+
+
+def parameter_groups(model: nn.Module, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """``[{"name", "start", "stop"}]``: where each parameter sits in the flat vector (``order``, default
+    ``named_parameters`` order)."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
     groups, start = [], 0
-    for name, p in model.named_parameters():
-        groups.append({"name": name, "start": start, "stop": start + p.numel()})
-        start += p.numel()
+    for name in order or list(sizes):
+        groups.append({"name": name, "start": start, "stop": start + sizes[name]})
+        start += sizes[name]
     return groups
 
 
@@ -270,8 +281,9 @@ def compute_heterogeneity(cfg: FigureConfig) -> dict[str, Any]:
         config = GPT2Config(d_model=d, n_layers=1, d_head=d, d_mlp=4 * d)
     model = gpt2_model(config, cfg.seed)
     tokens, targets = addition_data(batch, cfg.seed + 1)
-    H = dense_loss_hessian(model, addition_loss, tokens, targets)
-    groups = parameter_groups(model)
+    order = natural_order(model)
+    H = dense_loss_hessian(model, addition_loss, tokens, targets, order)
+    groups = parameter_groups(model, order)
     where = {g["name"]: slice(g["start"], g["stop"]) for g in groups}
     names = _attention_names()
     attn = slice(where[names["Q"]].start, where[names["O"]].stop)
@@ -292,6 +304,7 @@ def compute_heterogeneity(cfg: FigureConfig) -> dict[str, Any]:
         "symmetry_error": float((H - H.T).abs().max()),
         "max_abs": float(H.abs().max()),
         "histograms": _block_histograms(blocks),
+        "frobenius": {k: float(v.norm()) for k, v in blocks.items()},
     }
 
 
@@ -350,10 +363,14 @@ def plot_heterogeneity(data: dict, cfg: FigureConfig) -> Figure:
 @compute_heterogeneity.summary
 def summarize_heterogeneity(data: dict) -> dict[str, Any]:
     ratio = _ratio(data["histograms"])
+    fro = data["frobenius"]["V"] / data["frobenius"]["Q"]
     return {
         "median_ratio_value_over_query": measured(
             ratio, target="≥ 10 (orders of magnitude)", matches=ratio >= 10,
             note="median |H(W_V,W_V)| entry / median |H(W_Q,W_Q)| entry of the exact blocks",
+        ),
+        "frobenius_ratio_value_over_query": measured(
+            fro, target="≥ 10", matches=fro >= 10, note="||H(W_V,W_V)||_F / ||H(W_Q,W_Q)||_F",
         ),
         "n_params": measured(data["n_params"], target=3836, tolerance=0,
                              note="parameters of the paper's heat-map model (with embeddings and unembedding bias)"),
@@ -541,43 +558,50 @@ def _sweep_record(sweep: GrowthSweep, **meta: Any) -> dict[str, Any]:
     return {"curves": sweep.curves(), **meta}
 
 
-def _plot_grid(data: dict, title: str, *, blocks: Sequence[str] = ("V", "Q"), parts: Sequence[str] = ("H_o", "H_f", "H")
-               ) -> Figure:
-    """Rows = blocks, columns = parts; one line per series (mean ± SE over inits), dashed guides ``σ^p``."""
+def _plot_grid(data: dict, title: str, *, blocks: Sequence[str] = ("V", "Q"),
+               parts: Sequence[str] = ("H_o", "H_f", "H"), block_titles: dict[str, str] | None = None) -> Figure:
+    """Rows = blocks, columns = parts; one line per series (mean, shaded ± SE over inits), dashed guides ``σ^p``."""
     sig = np.asarray(data["sigmas"])
     fig = Figure(figsize=(4.2 * len(parts), 3.4 * len(blocks)), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(blocks), len(parts), squeeze=False))
-    colors = [f"C{i}" for i in range(10)]
     fit_max = data.get("fit_max", SMALL_SIGMA_MAX)
     for r, block in enumerate(blocks):
         for c, part in enumerate(parts):
             ax = axes[r, c]
+            zero_labels, guides = [], set()
             for k, series in enumerate(data["series"]):
                 cur = series["curves"][block][part]
                 mean, se = np.asarray(cur["mean"], dtype=float), np.asarray(cur["se"], dtype=float)
                 ok = np.isfinite(mean) & (mean > 0)
-                color = colors[k % 10]
+                color = f"C{k % 10}"
                 if not ok.any():
-                    ax.text(0.05, 0.9 - 0.08 * k, f"{series['label']}: ≡ 0 at every σ (not drawn on log axes)",
-                            transform=ax.transAxes, fontsize=8, color=color)
+                    zero_labels.append(series["label"])
                     continue
                 lab = f"{series['label']}: slope {cur['slope']:.3f} ± {cur['slope_se']:.3f}"
-                ax.errorbar(sig[ok], mean[ok], yerr=se[ok], color=color, marker="o", ms=3, lw=1.2, capsize=2,
-                            label=lab)
+                ax.plot(sig[ok], mean[ok], color=color, marker="osv^Dx"[k % 6], ms=3.5, lw=1.2, label=lab,
+                        mfc="none" if k % 2 else color)
+                lo = np.where(mean - se > 0, mean - se, mean)
+                ax.fill_between(sig[ok], lo[ok], (mean + se)[ok], color=color, alpha=0.2, lw=0)
                 p = series["guides"][block][part]
                 if p is not None:
                     i0 = int(np.flatnonzero(ok)[0])
-                    ax.plot(sig, mean[i0] * (sig / sig[i0]) ** p, ls="--", lw=0.9, color=color, alpha=0.7,
-                            label=rf"guide $\sigma^{{{p}}}$")
+                    ax.plot(sig, mean[i0] * (sig / sig[i0]) ** p, ls="--", lw=0.9, color=color, alpha=0.7)
+                    guides.add(p)
+            if guides:
+                ax.plot([], [], ls="--", color="0.4", label="dashed: " + ", ".join(rf"$\sigma^{{{p}}}$"
+                                                                                  for p in sorted(guides)))
+            if zero_labels:
+                ax.text(0.03, 0.97, f"≡ 0 at every σ: {', '.join(zero_labels)}", transform=ax.transAxes,
+                        fontsize=7, va="top")
             ax.axvspan(sig[0], fit_max, color="0.92", zorder=0)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_title(rf"$\|{part.replace('_', '_{')}{'}' if '_' in part else ''}(W_{block},W_{block})\|_F$",
-                         fontsize=10)
+            where = (block_titles or {}).get(block, rf"$(W_{block},W_{block})$")
+            ax.set_title(rf"$\|{part}\|_F$ " + where, fontsize=10)
             ax.set_xlabel(r"embedding scale $\sigma$")
             ax.set_xlim(sig[0] / 1.3, sig[-1] * 1.3)
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=6.5, loc="best")
+                ax.legend(fontsize=6.5, loc="lower right")
             else:
                 ax.set_yticks([])
     fig.suptitle(title + "  (grey: small-σ fit window)", fontsize=11)
@@ -695,7 +719,8 @@ def summarize_growth_single(data: dict) -> dict[str, Any]:
     description="Ormaniec et al. 2024: block norms vs σ in a 5-layer GPT-2, one line per layer.",
     claim=(
         "With residual connections every layer's input stays O(σ), so the blocks of every layer follow the "
-        "single-layer rates of MATH §3.6 (value σ², query σ⁶ for H_o and σ⁵ for H_f and H)."
+        "single-layer rates of MATH §3.6 (value σ², query σ⁶ for H_o and σ⁵ for H_f and H). Only the last layer's "
+        "H_f(V,V) is 0: a lower layer's W_V feeds later softmaxes."
     ),
     caption=lambda d: (
         f"{d['n_layers']}-layer GPT-2-style model (width {d['width']}, d_mlp = {d['d_mlp']}, causal softmax "
@@ -722,8 +747,16 @@ def plot_growth_depth(data: dict, cfg: FigureConfig) -> Figure:
 
 @compute_growth_depth.summary
 def summarize_growth_depth(data: dict) -> dict[str, Any]:
-    return _growth_summary(data, _SINGLE_TARGETS, 0.15,
-                           "small-σ slope of this layer vs the single-layer rate of MATH §3.6")
+    out = _growth_summary(data, _SINGLE_TARGETS, 0.15,
+                          "small-σ slope of this layer vs the single-layer rate of MATH §3.6")
+    for s in data["series"]:
+        cur = s["curves"]["V"]["H_f"]
+        if math.isfinite(cur["slope"]):
+            out[f"slope_V_H_f_{s['key']}"] = measured(
+                cur["slope"], uncertainty=cur["slope_se"],
+                note="H_f(V,V) of a lower layer (its W_V reaches the later softmaxes); 0 in the single-layer table",
+            )
+    return out
 
 
 # -- Pre-LN ------------------------------------------------------------------------------------------------------------
@@ -882,7 +915,7 @@ def compute_growth_mlp(cfg: FigureConfig) -> dict[str, Any]:
 @compute_growth_mlp.plot
 def plot_growth_mlp(data: dict, cfg: FigureConfig) -> Figure:
     return _plot_grid(data, f"Ormaniec et al. 2024: deep linear MLP ({data['n_layers']} layers), block norms vs σ",
-                      blocks=("W",), parts=("H_o", "H"))
+                      blocks=("W",), parts=("H_o", "H"), block_titles={"W": r"$(W_k,W_k)$ of layer $k$"})
 
 
 @compute_growth_mlp.summary
@@ -969,13 +1002,8 @@ def compute_growth_closed_form(cfg: FigureConfig) -> dict[str, Any]:
 def plot_growth_closed_form(data: dict, cfg: FigureConfig) -> Figure:
     series = [{"label": _CF_BLOCK_LABEL[b], "key": b, "curves": {"A": data["curves"][b]},
                "guides": {"A": data["theory"][b]}} for b in THEORY_RATES]
-    fig = _plot_grid({**data, "series": series}, f"Single attention layer (MATH §3.1, width {data['width']}): "
-                     "exact block norms vs σ", blocks=("A",))
-    for ax in fig.axes:
-        if ax.get_title():
-            ax.set_title(ax.get_title().replace("(W_A,W_A)", "").replace("W_A,W_A", "") + " of each block",
-                         fontsize=10)
-    return fig
+    return _plot_grid({**data, "series": series}, f"Single attention layer (MATH §3.1, width {data['width']}): "
+                      "exact block norms vs σ", blocks=("A",), block_titles={"A": "of each block"})
 
 
 @compute_growth_closed_form.summary

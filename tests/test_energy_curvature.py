@@ -143,3 +143,11 @@ def test_errors(gen):
         majoriser_step_bound(E, Y, "both")
     with pytest.raises(EnergyInputError, match="one sequence"):
         majoriser_step_bound(E, Y.unsqueeze(0))
+
+
+def test_size_guard(gen):
+    from energy.hessian.attention import DenseSizeError
+
+    E = AttentionEnergy(torch.randn(3, 2, generator=gen, dtype=DT))
+    with pytest.raises(DenseSizeError, match="GiB"):
+        attention_energy_hessian(E, torch.randn(2, 4, 3, generator=gen, dtype=DT), max_gib=1e-9)

@@ -240,3 +240,12 @@ def test_size_guard_reports_the_size():
 
 def test_blocks_listed_once():
     assert len(BLOCKS) == 6 and len({frozenset(b) for b in BLOCKS}) == 6
+
+
+def test_block_size_guards(gen):
+    X, W_Q, W_K, W_V, Y = _problem(gen, 2, 4, 3, 2)
+    mom = attention_moments(X, W_Q, W_K, W_V, Y)
+    with pytest.raises(DenseSizeError, match=r"block H_o\(Q, K\)"):
+        hessian_block(mom, "Q", "K", "H_o", max_gib=1e-9)
+    with pytest.raises(DenseSizeError, match="distinct dense blocks"):
+        hessian_blocks(mom, max_gib=1e-9)

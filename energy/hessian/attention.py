@@ -676,7 +676,9 @@ def _block(f: _Factors, a: str, b: str) -> Tensor:
     return out
 
 
-def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Tensor:
+def hessian_block(
+    mom: AttentionMoments, a: str, b: str, part: Part = "H", *, max_gib: float | None = None
+) -> Tensor:
     r"""One dense block ``part(a, b)`` of the loss Hessian, ``a, b ∈ mom.params`` (MATH §3.4–§3.5).
 
     .. math::
@@ -697,11 +699,20 @@ def hessian_block(mom: AttentionMoments, a: str, b: str, part: Part = "H") -> Te
     _check_part(part)
     if a not in mom.params or b not in mom.params:
         raise EnergyInputError(f"block names must be among {mom.params}, got ({a!r}, {b!r}).")
+    check_dense_budget(mom.sizes[a], mom.sizes[b], mom.x.dtype, max_gib, f"the dense block {part}({a}, {b})")
     return _block(_Factors(mom, part), a, b)
 
 
-def hessian_blocks(mom: AttentionMoments, part: Part = "H") -> dict[tuple[str, str], Tensor]:
-    """All blocks ``{(a, b): part(a, b)}`` (nine, or sixteen with ``W_O``; factors shared, lower blocks as views)."""
+def hessian_blocks(
+    mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None
+) -> dict[tuple[str, str], Tensor]:
+    """All blocks ``{(a, b): part(a, b)}`` (nine, or sixteen with ``W_O``; factors shared, lower blocks as views).
+
+    ``max_gib`` bounds the memory of the distinct blocks together (default 4 GiB, :class:`DenseSizeError`).
+    """
+    _check_part(part)
+    total = sum(mom.sizes[a] * mom.sizes[b] for a, b in mom.blocks)
+    check_dense_budget(total, 1, mom.x.dtype, max_gib, f"the distinct dense blocks of {part}")
     f = _Factors(mom, part)
     out = {ab: _block(f, *ab) for ab in mom.blocks}
     for a, b in mom.blocks:

@@ -32,6 +32,7 @@ Not covered: token (padding) masks.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -40,6 +41,7 @@ from torch import Tensor
 from energy._validation import EnergyInputError, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, pairwise_sq_dist
 from energy.ffn import FFNEnergy
+from energy.hessian.attention import check_dense_budget
 
 __all__ = [
     "attention_energy_hessian",
@@ -81,7 +83,9 @@ def _check_preconditioner(preconditioner: str) -> str:
     return preconditioner
 
 
-def attention_energy_hessian(energy: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor) -> Tensor:
+def attention_energy_hessian(
+    energy: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor, *, max_gib: float | None = None
+) -> Tensor:
     r"""Closed-form ``∇²_Y E_att`` (MATH §4.1) in ``vec_r`` order, shape ``(..., n d, n d)``.
 
     .. math::
@@ -89,7 +93,8 @@ def attention_energy_hessian(energy: AttentionEnergy | MultiHeadAttentionEnergy,
         v^h_{ij} {v^h_{ij}}^\top\Big]
 
     Block ``(i, j)``, ``i ≠ j``, of the second term is ``−ρ''_ij u_ij u_ijᵀ``; block ``(i, i)`` is
-    ``Σ_{j≠i} ρ''_ij u_ij u_ijᵀ``. Cost ``O(n² d²)`` memory and time per head.
+    ``Σ_{j≠i} ρ''_ij u_ij u_ijᵀ``. Cost ``O(n² d²)`` memory and time per head and batch element; ``max_gib``
+    (default 4 GiB) bounds the result (:class:`~energy.hessian.attention.DenseSizeError`).
     """
     if not isinstance(energy, (AttentionEnergy, MultiHeadAttentionEnergy)):
         raise EnergyInputError(f"`energy` must be an AttentionEnergy or MultiHeadAttentionEnergy, got "
@@ -98,6 +103,8 @@ def attention_energy_hessian(energy: AttentionEnergy | MultiHeadAttentionEnergy,
     W3 = W if W.ndim == 3 else W.unsqueeze(0)  # (h, d, d)
     Y = _check_Y(Y, W3.shape[-1], W3.dtype)
     n, d = Y.shape[-2], Y.shape[-1]
+    batch = math.prod(Y.shape[:-2])
+    check_dense_budget(batch * n * d, n * d, Y.dtype, max_gib, "the token-space energy Hessian")
     Gamma = energy.weights(Y)
     Gamma = Gamma if Gamma.ndim == Y.ndim + 1 else Gamma.unsqueeze(-3)  # (..., h, n, n)
     eye_n = torch.eye(n, dtype=Y.dtype, device=Y.device)

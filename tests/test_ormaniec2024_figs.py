@@ -136,7 +136,7 @@ def test_all_ormaniec_figures_registered():
 
 
 def test_paper_model_has_3836_parameters():
-    model = om.gpt2_model(om._heterogeneity_config(FigureConfig()), 0)
+    model = om.gpt2_model(om.heterogeneity_config(), 0)
     groups = om.parameter_groups(model)
     assert groups[-1]["stop"] == 3836
     attn = [g for g in groups if ".attn." in g["name"]]
@@ -147,8 +147,10 @@ def test_heterogeneity_tiny():
     cfg = _tiny(d_model=4)
     data = om.compute_heterogeneity(cfg)
     n = data["n_params"]
-    assert n == om.parameter_groups(om.gpt2_model(GPT2Config(d_model=4, n_layers=1, d_head=4, d_mlp=16), 0))[-1][
-        "stop"]
+    assert n == om.parameter_groups(om.gpt2_model(om.heterogeneity_config(4), 0))[-1]["stop"]
+    assert [g["name"] for g in data["groups"]][:3] == ["token_embedding.weight", "position_embedding.weight",
+                                                        "blocks.0.attn.W_Q"]
+    assert data["groups"][-1]["name"] == "b_U"
     assert data["symmetry_error"] < 1e-12
     img = decode_array(data["log_full"])
     assert img.shape == (n, n) and np.isfinite(img).all()

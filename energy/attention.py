@@ -29,10 +29,10 @@ reproduces: with :math:`Q = K = Y M`, :math:`Y W Y^\top = Q K^\top / \sqrt{k}`, 
   the energy (regression-tested); it coincides with the β step when all tokens have equal W-norm.
 * *Ridge* :math:`\lambda > 0`: the step normalises by :math:`\lambda + \sum_k \gamma_{ik}` (attention with a "null
   slot" of value 0). The plain ``softmax_β`` step is *not* provably monotone for the ridge energy.
-* *Numerics.* :math:`z` is computed from the Gram matrix :math:`G = Y W Y^\top` as
-  :math:`z_{ij} = \tfrac12(G_{ii} + G_{jj}) - G_{ij}` (never an :math:`n^2\times d` pair tensor). Rounding can
-  make it slightly negative for nearly coincident tokens; it is clamped at 0 (``clamp_min(0)``, the exact value is
-  :math:`\ge 0`); :math:`z_{ii} = 0` exactly.
+* *Numerics.* :math:`z` is computed through the Gram matrix, :math:`z_{ij} = \tfrac12\|y_i\|_W^2 +
+  \tfrac12\|y_j\|_W^2 - y_i^\top W y_j`, as one matrix product of augmented rows (never an :math:`n^2\times d`
+  pair tensor). Rounding can make it slightly negative for nearly coincident tokens (and on the diagonal); it is
+  clamped at 0 (``clamp_min(0)``; the exact value is :math:`\ge 0`).
 
 **Multi-head (MATH §1.2, status "open" in MATH).** :class:`MultiHeadAttentionEnergy` uses
 :math:`E = \sum_h E_h` with :math:`W_h = \kappa M_h M_h^\top`. Its step is the sum of per-head steps, each with
@@ -215,15 +215,23 @@ def metric(M: Tensor, scale: float | None = None) -> Tensor:
     return _resolve_scale(scale, M.shape[-1]) * (M @ M.transpose(-1, -2))
 
 
-def _sq_dist_from_gram(G: Tensor, kappa: float = 1.0) -> Tensor:
-    r""":math:`z_{ij} = \kappa\,(\tfrac12(G_{ii} + G_{jj}) - G_{ij})` (:math:`= \tfrac12\|y_i - y_j\|_W^2` for
-    :math:`\kappa G = YWY^\top`).
+def _sq_dist(A: Tensor, B: Tensor, h: Tensor) -> Tensor:
+    r""":math:`z_{ij} = h_i + h_j - a_i^\top b_j` as one matrix product of augmented rows (MATH §1.1).
 
-    Clamped at 0 against rounding (the exact value is non-negative); the diagonal is exactly 0. ``kappa`` is applied
-    inside the subtraction so that the scaled Gram matrix is never formed (one pass fewer over the n×n array).
+    .. math:: z_{ij} = [-a_i,\ h_i,\ 1]^\top [b_j,\ 1,\ h_j]
+
+    With :math:`a_i = W y_i`, :math:`b_j = y_j`, :math:`h_i = \tfrac12\|y_i\|_W^2` this is
+    :math:`\tfrac12\|y_i - y_j\|_W^2` through the Gram matrix (never an :math:`n^2\times d` pair tensor), with the
+    diagonal terms folded into the same product (no extra passes over the :math:`n\times n` array). Rounding can
+    make entries slightly negative for (nearly) coincident tokens, including the diagonal; they are clamped at 0
+    (the exact value is non-negative).
+
+    Args:
+        A, B: ``(..., n, c)``; h: ``(..., n)``.
     """
-    half = (0.5 * kappa) * G.diagonal(dim1=-2, dim2=-1)
-    return torch.sub(half.unsqueeze(-1) + half.unsqueeze(-2), G, alpha=kappa).clamp_min(0.0)
+    h = h.unsqueeze(-1)
+    one = torch.ones_like(h)
+    return (torch.cat([-A, h, one], dim=-1) @ torch.cat([B, one, h], dim=-1).transpose(-1, -2)).clamp_min(0.0)
 
 
 def pairwise_sq_dist(Y: Tensor, W: Tensor) -> Tensor:
@@ -242,7 +250,8 @@ def pairwise_sq_dist(Y: Tensor, W: Tensor) -> Tensor:
     """
     Y = check_tensor(Y, "Y", min_ndim=2)
     W = _check_W(W, Y)
-    return _sq_dist_from_gram(Y @ W @ Y.transpose(-1, -2))
+    YW = Y @ W
+    return _sq_dist(YW, Y, 0.5 * (YW * Y).sum(-1))
 
 
 def key_bias(Y: Tensor, W: Tensor) -> Tensor:
@@ -347,6 +356,11 @@ def _keys(Y: Tensor, M3: Tensor) -> Tensor:
     return K.unflatten(-1, (h, k)).transpose(-2, -3)
 
 
+def _head_sq_dist(K: Tensor, kappa: float) -> Tensor:
+    r""":math:`z^h_{ij} = \tfrac12\|y_i - y_j\|^2_{W_h} = \tfrac\kappa2\|k_i - k_j\|^2`, keys :math:`K_h = Y M_h`."""
+    return _sq_dist(kappa * K, K, (0.5 * kappa) * (K * K).sum(-1))
+
+
 def _pair_mask(token_mask: Tensor, dtype: torch.dtype) -> Tensor:
     """:math:`m_i m_j` as ``(..., 1, n, n)`` (broadcasts over heads)."""
     m = token_mask.to(dtype)
@@ -355,7 +369,7 @@ def _pair_mask(token_mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _head_gamma(K: Tensor, kappa: float, kernel: Kernel, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``z`` and :math:`\\Gamma = \\rho'(z)` per head (masked pairs set to zero)."""
-    z = _sq_dist_from_gram(K @ K.transpose(-1, -2), kappa)
+    z = _head_sq_dist(K, kappa)
     Gamma = kernel.drho(z)
     if token_mask is not None:
         Gamma = Gamma * _pair_mask(token_mask, Gamma.dtype)
@@ -366,7 +380,7 @@ def _head_energy(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: flo
                  token_mask: Tensor | None) -> Tensor:
     r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, ``(..., h)``."""
     K = _keys(Y, M3)
-    R = kernel.rho(_sq_dist_from_gram(K @ K.transpose(-1, -2), kappa))
+    R = kernel.rho(_head_sq_dist(K, kappa))
     if token_mask is not None:
         R = R * _pair_mask(token_mask, R.dtype)
     # Σ_{i<j} ρ(z_ij) = ½ (Σ_{i,j} ρ(z_ij) − Σ_i ρ(z_ii)), z symmetric; avoids copying the upper triangle

@@ -113,4 +113,6 @@ def test_frobenius_estimates_agree_with_same_probes():
     H_cl = curvlinops.HessianLinearOperator(model, loss, [model.W_Q], data, check_deterministic=False)
     ours = hutchinson_squared_frobenius(H, 10, generator=torch.Generator().manual_seed(3))
     theirs = hutchinson_squared_frobenius(H_cl.to_scipy(), 10, generator=torch.Generator().manual_seed(3))
+    theirs_torch = hutchinson_squared_frobenius(H_cl, 10, generator=torch.Generator().manual_seed(3))
     assert ours.value == pytest.approx(theirs.value, rel=1e-10)
+    assert ours.value == pytest.approx(theirs_torch.value, rel=1e-10)

@@ -137,6 +137,15 @@ def test_operator_kinds_accepted():
     sp = ScipyOp((21, 21), matvec=lambda x: A.numpy() @ x, matmat=lambda X: A.numpy() @ X, dtype=np.float64)
     by_scipy = hutchinson_trace(sp, 7, generator=torch.Generator().manual_seed(0)).value
     assert by_callable == pytest.approx(ref, abs=1e-12) and by_scipy == pytest.approx(ref, abs=1e-12)
+
+    class MatvecOnly:
+        shape = (21, 21)
+
+        def matvec(self, v: torch.Tensor) -> torch.Tensor:
+            return A @ v
+
+    by_matvec = hutchinson_trace(MatvecOnly(), 7, generator=torch.Generator().manual_seed(0)).value
+    assert by_matvec == pytest.approx(ref, abs=1e-12)
     with pytest.raises(EnergyInputError, match="needs `dim`"):
         hutchinson_trace(lambda v: A @ v, 7)
     with pytest.raises(EnergyInputError, match="square"):

@@ -3,7 +3,8 @@ r"""Randomised and Krylov estimators for matrices known only through products (M
 Every estimator accepts
 
 * a :class:`energy.hessian.operators.LinearOperator` (products by ``matmat``: all probe vectors in one batch),
-* anything with ``.shape`` and ``.matmat`` (e.g. a ``scipy.sparse.linalg.LinearOperator``),
+* anything with ``.shape`` and ``.matmat`` (e.g. a ``scipy.sparse.linalg.LinearOperator``), or with ``.shape``
+  and ``@`` (torch-based operators such as curvlinops'), or ``.shape`` and ``.matvec``,
 * a dense 2-D ``torch.Tensor``,
 * or a callable ``matvec(v) -> A v`` together with ``dim=`` (applied column by column).
 
@@ -121,6 +122,17 @@ def as_matmat(
             return torch.as_tensor(np.asarray(A.matmat(V.detach().cpu().numpy())), dtype=V.dtype)
 
         return mm, (int(A.shape[0]), int(A.shape[1])), dtype
+    if hasattr(A, "shape") and len(A.shape) == 2 and (hasattr(A, "matvec") or hasattr(A, "__matmul__")):
+        shape = (int(A.shape[0]), int(A.shape[1]))
+        op_dtype = getattr(A, "dtype", dtype)
+        op_dtype = op_dtype if isinstance(op_dtype, torch.dtype) else dtype
+        if hasattr(A, "__matmul__"):  # torch-based operators (e.g. curvlinops') multiply matrices with `@`
+            return (lambda V: torch.as_tensor(A @ V.to(op_dtype))), shape, op_dtype
+
+        def mv_cols(V: Tensor) -> Tensor:
+            return torch.stack([torch.as_tensor(A.matvec(V[:, j])).reshape(-1) for j in range(V.shape[1])], dim=1)
+
+        return mv_cols, shape, op_dtype
     if callable(A):
         if dim is None or not isinstance(dim, int) or dim < 1:
             raise EnergyInputError(f"a matvec callable needs `dim` (a positive int), got dim={dim!r}.")

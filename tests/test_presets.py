@@ -26,6 +26,7 @@ def test_yang2022_structure():
     assert model.head is None
     assert yang2022(relu=False).body.schedule == ["attention", "ffn"]
     assert yang2022(normalization="layernorm").body.schedule == ["attention", "ffn", "relu", "layernorm"]
+    assert yang2022(d=8, depth=1, normalization="rmsnorm", norm_eps=1e-5).body.layer(0)[3].eps == 1e-5
     # tied: the parameter count does not grow with depth
     assert parameter_count(yang2022(d=8, depth=2)) == parameter_count(yang2022(d=8, depth=7))
 

@@ -144,6 +144,17 @@ def test_projections_against_torch(gen):
     torch.testing.assert_close(RMSNormProjection(6)(Y), rms(Y), **TOL)
     for P in (ReLUProjection, LayerNormProjection, RMSNormProjection):
         assert P(6).energy is None and P.term is None
+    ln_eps = torch.nn.LayerNorm(6, elementwise_affine=False, eps=1e-5, dtype=DT)
+    torch.testing.assert_close(LayerNormProjection(6, eps=1e-5)(Y), ln_eps(Y), **TOL)
+    rms_eps = torch.nn.RMSNorm(6, elementwise_affine=False, eps=1e-5, dtype=DT)
+    torch.testing.assert_close(RMSNormProjection(6, eps=1e-5)(Y), rms_eps(Y), **TOL)
+    Z = Y.clone()
+    Z[0, 1] = 0.0  # a token the ReLU zeroed: the exact projection is not unique, the eps map sends it to 0
+    with pytest.raises(EnergyInputError, match="not unique"):
+        LayerNormProjection(6)(Z)
+    assert LayerNormProjection(6, eps=1e-5)(Z)[0, 1].abs().max() == 0
+    with pytest.raises(EnergyInputError, match="eps"):
+        LayerNormProjection(6, eps=-1.0)
 
 
 def test_hopfield_step_is_attention_over_patterns(gen):

@@ -36,7 +36,7 @@ PRESETS = ("yang2022", "energy_transformer")
 def _build(args: argparse.Namespace, d_in: int, n_outputs: int) -> UnrolledClassifier:
     if args.preset == "yang2022":
         return yang2022(args.d, args.depth, relu=not args.no_relu, heads=args.heads, d_in=d_in, n_classes=n_outputs,
-                        normalization=args.normalization, tied=not args.untied)
+                        normalization=args.normalization, norm_eps=args.norm_eps, tied=not args.untied)
     return energy_transformer_block(args.d, args.depth, heads=args.heads, d_in=d_in, n_classes=n_outputs)
 
 
@@ -48,6 +48,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-relu", action="store_true", help="yang2022 without the ReLU projection")
     p.add_argument("--normalization", choices=("layernorm", "rmsnorm"), default=None,
                    help="projection at the end of every layer (yang2022)")
+    p.add_argument("--norm-eps", type=float, default=1e-5,
+                   help="eps of that normalisation (0 = the exact projection, undefined for constant tokens)")
     p.add_argument("--untied", action="store_true", help="one set of weights per layer")
     p.add_argument("--task", choices=TASKS, default="digits")
     p.add_argument("--seed", type=int, default=0)

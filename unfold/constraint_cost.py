@@ -5,7 +5,8 @@ optimiser, learning rate, batch size and number of steps:
 
 * **unfolded**: :func:`unfold.presets.yang2022` (weight-tied; attention step (a) with ``W = M Mᵀ/√k``, identity
   values, key bias ``β``; FFN step with ``W_f`` symmetric, spectrum in ``[0, 0.95]``; ReLU; ``α = 1``);
-* **unfolded_ln**: the same plus a LayerNorm projection at the end of every layer (MATH §1.4; no descent guarantee);
+* **unfolded_ln**: the same plus a LayerNorm (no affine, ``eps = 1e-5`` as ``nn.LayerNorm``, so that tokens zeroed by
+  the ReLU stay defined) at the end of every layer (MATH §1.4; no descent guarantee);
 * **standard**: :func:`unfold.standard.standard_encoder` (``nn.TransformerEncoderLayer`` × depth, unconstrained
   ``W_Q, W_K, W_V, W_O``, ``W_1, W_2``, LayerNorms, residuals, untied),
 
@@ -166,7 +167,8 @@ def build_model(kind: str, task: Task, *, d: int, depth: int, heads: int = 1) ->
     or ``"standard"`` (nn.TransformerEncoderLayer stack), all with the task's input width and output head."""
     if kind == "standard":
         return standard_encoder(d, depth, heads, task.n_outputs, d_in=task.d_in)
-    variants = {"unfolded": {}, "unfolded_norelu": {"relu": False}, "unfolded_ln": {"normalization": "layernorm"}}
+    variants = {"unfolded": {}, "unfolded_norelu": {"relu": False},
+                "unfolded_ln": {"normalization": "layernorm", "norm_eps": 1e-5}}
     if kind not in variants:
         raise EnergyInputError(f"unknown model kind {kind!r}; valid: standard, {', '.join(variants)}.")
     return yang2022(d, depth, heads=heads, d_in=task.d_in, n_classes=task.n_outputs, **variants[kind])
@@ -261,7 +263,7 @@ def run(*, tasks: tuple[str, ...] = ("digits", "addition"), seeds: tuple[int, ..
                      "steps": steps, "lr": lr, "optimizer": "adam", "batch_size": batch_size,
                      "standard": "unfold.standard.standard_encoder (nn.TransformerEncoderLayer, d_ff = 4d, post-LN)",
                      "unfolded": "unfold.presets.yang2022 (tied, α = 1, W_f spectrum [0, 0.95], ReLU)",
-                     "unfolded_ln": "the same + LayerNorm projection (no affine) after every layer"},
+                     "unfolded_ln": "the same + LayerNorm (no affine, eps 1e-5) after every layer"},
         "results": results,
         "trace_variants": variants,
         "wall_s": time.perf_counter() - t0,

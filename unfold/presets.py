@@ -107,6 +107,7 @@ def yang2022(
     spectrum: tuple[float, float] | None = (0.0, 0.95),
     orthogonal_heads: bool = False,
     normalization: str | None = None,
+    norm_eps: float = 0.0,
     tied: bool = True,
     fused: bool = True,
 ) -> UnrolledClassifier:
@@ -131,6 +132,8 @@ def yang2022(
         orthogonal_heads: constrain the heads to orthogonal subspaces.
         normalization: ``None``, ``"layernorm"`` or ``"rmsnorm"`` projection at the end of each layer (not in the
             paper; no descent guarantee, MATH §1.4).
+        norm_eps: ``eps`` of that projection (0: the exact projection, undefined for constant tokens; > 0: the
+            ``nn.LayerNorm`` / ``nn.RMSNorm`` map, defined everywhere).
         tied: share weights across layers (True in the paper).
         fused: fused SDPA attention path.
     """
@@ -143,7 +146,7 @@ def yang2022(
     if normalization is not None:
         if normalization not in ("layernorm", "rmsnorm"):
             raise EnergyInputError(f"`normalization` must be None, 'layernorm' or 'rmsnorm', got {normalization!r}.")
-        schedule.append(normalization)
+        schedule.append((normalization, {"eps": norm_eps}))
     body = Unrolled(schedule, depth, d, tied=tied)
     return UnrolledClassifier(body, d_in=d_in, n_classes=n_classes)
 

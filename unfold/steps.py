@@ -38,6 +38,7 @@ from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.normalization import layernorm_projection, rmsnorm_projection
+from energy.reference import layer_norm, rms_norm
 from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, Symmetric
 
 __all__ = [
@@ -407,32 +408,50 @@ class ReLUProjection(_Projection):
         return torch.relu(Y)
 
 
-class LayerNormProjection(_Projection):
+class _SphereProjection(_Projection):
+    """Shared ``eps`` handling of the normalisation projections."""
+
+    def __init__(self, d: int, *, eps: float = 0.0) -> None:
+        super().__init__(d)
+        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise EnergyInputError(f"`eps` must be a finite number ≥ 0, got {eps!r}.")
+        self.eps = float(eps)
+
+    def config(self) -> dict[str, Any]:
+        return {"eps": self.eps}
+
+
+class LayerNormProjection(_SphereProjection):
     r"""LayerNorm without affine part as a projection (MATH §1.4): centre each token, rescale it to norm ``√d``.
 
-    The affine ``(γ, b)`` of a standard LayerNorm is not part of the projection and is deliberately left out here
-    (it would move the state off the set); the sphere is not convex, so no descent guarantee is claimed — the
-    unroller's trace shows what the energy does. Calls :func:`energy.normalization.layernorm_projection`.
+    ``eps = 0`` (default): the exact Euclidean projection :func:`energy.normalization.layernorm_projection`, which
+    raises for a constant token (no unique projection). ``eps > 0``: ``nn.LayerNorm``'s map
+    (:func:`energy.reference.layer_norm`), the projection followed by a radial shrink ``‖y_c‖/√(‖y_c‖² + dε)``;
+    defined for every token (a constant token maps to 0), slightly inside the sphere. The affine ``(γ, b)`` of a
+    standard LayerNorm is left out (it can be absorbed into the next attention metric, see
+    :mod:`energy.normalization`). The sphere is not convex, so no descent guarantee is claimed — the unroller's
+    trace shows what the energy does.
     """
 
     kind = "layernorm"
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
         self._check_Y(Y)
-        return layernorm_projection(Y)
+        return layernorm_projection(Y) if self.eps == 0.0 else layer_norm(Y, eps=self.eps)
 
 
-class RMSNormProjection(_Projection):
+class RMSNormProjection(_SphereProjection):
     r"""RMSNorm without gain as the projection onto the sphere of radius ``√d`` (MATH §1.4).
 
-    Calls :func:`energy.normalization.rmsnorm_projection`; no descent guarantee (non-convex set).
+    ``eps = 0``: :func:`energy.normalization.rmsnorm_projection` (raises for a zero token); ``eps > 0``:
+    :func:`energy.reference.rms_norm`. No descent guarantee (non-convex set).
     """
 
     kind = "rmsnorm"
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
         self._check_Y(Y)
-        return rmsnorm_projection(Y)
+        return rmsnorm_projection(Y) if self.eps == 0.0 else rms_norm(Y, eps=self.eps)
 
 
 # ------------------------------------------------------------------------------------------------ related energies

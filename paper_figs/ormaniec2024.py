@@ -768,7 +768,8 @@ def summarize_growth_depth(data: dict) -> dict[str, Any]:
     claim="Pre-LayerNorm removes most of the σ-dependence of the attention blocks (MATH §3.6).",
     caption=lambda d: (
         f"One-layer Pre-LN GPT-2-style model (LayerNorm before attention, MLP and unembedding; width {d['width']}, "
-        f"d_mlp = {d['d_mlp']}); dashed: the rates without LayerNorm (MATH §3.6), for comparison. "
+        f"d_mlp = {d['d_mlp']}); dashed: σ⁰ (no dependence on σ). Without LayerNorm the same blocks grow like σ² "
+        "(value) and σ⁶ / σ⁵ (query H_o / H_f, H), see ormaniec2024-growth-single. "
         + _protocol(d)
     ),
     paper_seed=0,
@@ -777,8 +778,8 @@ def compute_growth_preln(cfg: FigureConfig) -> dict[str, Any]:
     sizes = _sizes(cfg, width=(8, 64, 128), batch=(4, 32, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 10, 20))
     sweep, meta = _gpt2_growth(cfg, sizes, 1, "growth-preln", layernorm="pre")
-    series = [{"label": "Pre-LN", "key": "preLN", "curves": _split_layers(sweep, [0])[0]["curves"],
-               "guides": _SOFTMAX_GUIDES}]
+    flat = {b: {"H_o": 0, "H_f": 0, "H": 0} for b in ("V", "Q")}
+    series = [{"label": "Pre-LN", "key": "preLN", "curves": _split_layers(sweep, [0])[0]["curves"], "guides": flat}]
     return {**meta, "series": series}
 
 
@@ -867,6 +868,13 @@ def summarize_growth_linear_depth(data: dict) -> dict[str, Any]:
         p = 2 * 3 ** s["depth"]
         out.update(_growth_summary(data, {"V": {"H_o": p}, "Q": {"H_o": p}}, 0.05,
                                    f"H_o slope, {s['depth']} layer(s): theory 2·3ⁿ (±5%)", series=[k], relative=True))
+        for block in ("V", "Q"):
+            cur = s["curves"][block]["H_f"]
+            if math.isfinite(cur["slope"]):  # n = 1: the diagonal blocks are block-hollow (H_f ≡ 0, MATH §3.6)
+                out[f"slope_{block}_H_f_n{s['depth']}"] = measured(
+                    cur["slope"], uncertainty=cur["slope_se"],
+                    note="H_f = Σ δ·∇²z with δ → −(one-hot) = O(1) and z of degree 3ⁿ in X: expected 3ⁿ",
+                )
     return out
 
 

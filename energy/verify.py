@@ -195,7 +195,8 @@ def _attention_other_kernels(g: torch.Generator) -> _Trial:
     k = d + 1
     M, Y = _randn(g, d, k), _randn(g, B, n, d)
     kernel = CauchyKernel() if _randint(g, 0, 1) else PowerKernel(_uniform(g, 0.5, 2.0), eps=_uniform(g, 0.1, 1.0))
-    E, alpha = AttentionEnergy(M, kernel=kernel), _uniform(g, 0.05, 1.0)
+    E = AttentionEnergy(M, kernel=kernel)
+    alpha = _uniform(g, 0.05, 0.975) * E.step_range().high  # both kernels have Γ ⪰ 0: range (0, 2)
     Yp = E.step(Y, alpha)
     via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     diff = Y.unsqueeze(-2) - Y.unsqueeze(-3)  # (B, n, n, d): fine for a reference at these sizes

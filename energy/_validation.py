@@ -119,7 +119,7 @@ def check_tensor(
                 f"`{name}` must end with shape {_shape_str(trailing)}, got shape {tuple(x.shape)}."
             )
     # One reduction first: a finite sum proves every entry finite (NaN/inf propagate); only then a full pass.
-    if finite and not bool(torch.isfinite(x.detach().sum())) and not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise EnergyInputError(f"`{name}` contains NaN or inf entries; clean the input before calling.")
     return x
 

@@ -29,7 +29,7 @@ half and the bilinear term ``G_QK ⊗ I`` are ``H_f`` (MATH §3.4–§3.5). The 
 mixed tensor ``E_i[n, m, a] = 2cκ μ_i[n] B_i[m, a] + κ Σ_i[n, a] g_i[m]`` (first half ``H_o``, second ``H_f``):
 ``H(V,K)[(n,m),(a,b)] = Σ_i E_i[n,m,a] q_i[b]`` and ``H(V,Q)[(n,m),(c,b)] = Σ_i (E_i W_K)[n,m,b] x_i[c]``.
 These are the formulas of MATH §3.4–§3.5 written with shared factors; each block is one batched GEMM whose
-inner dimension is the stacked rows ``i`` (no Python loop over tokens or sequences), written in place into the
+inner dimension is the stacked rows ``i`` (no Python loop over tokens or sequences), copied in chunks into the
 assembled Hessian.
 
 Covered variants (each tested against ``torch.func.hessian`` in float64):
@@ -610,16 +610,28 @@ class _Factors:
     Q_VO = property(lambda self: self._get("Q_VO"))
 
 
-def _bmm_into(L: Tensor, R: Tensor, out: Tensor) -> None:
-    """``out[β] = L[β] @ R[β]`` for a 3-D ``out`` view with unit column stride (written in place, no temporary)."""
-    torch.bmm(L, R, out=out)
+def _bmm_into(L: Tensor, R: Tensor, out: Tensor, chunk_elems: int = 1 << 22) -> None:
+    """``out[β] = L[β] @ R[β]``.
+
+    A contiguous ``out`` is written directly. A strided ``out`` (a block of the assembled Hessian) is filled in
+    batch chunks of about ``chunk_elems`` numbers through a contiguous temporary: ``bmm`` into strided outputs
+    takes a per-matrix path that, with several threads on a busy machine, is tens of times slower.
+    """
+    if out.is_contiguous():
+        torch.bmm(L, R, out=out)
+        return
+    n = out.shape[0]
+    step = max(1, chunk_elems // (out.shape[1] * out.shape[2]))
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        out[s:e].copy_(torch.bmm(L[s:e], R[s:e]))
 
 
 def _write_block(f: _Factors, a: str, b: str, out: Tensor) -> None:
     """Write the distinct block ``(a, b)`` (one of ``mom.blocks``) into the 2-D view ``out`` (``size_a × size_b``).
 
-    Each block is one batched GEMM over the stacked rows ``i`` (batch = the two ``vec_r`` indices of ``W_a``),
-    written straight into ``out`` (which may be a slice of the assembled Hessian); the formulas are those of
+    Each block is one batched GEMM over the stacked rows ``i`` (batch = the two ``vec_r`` indices of ``W_a``)
+    into ``out`` (which may be a slice of the assembled Hessian, :func:`_bmm_into`); the formulas are those of
     :func:`hessian_block`.
     """
     mom = f.mom
@@ -723,9 +735,9 @@ def hessian_blocks(
 def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    Each distinct block (``mom.blocks``) is one batched GEMM written straight into its place in the output
-    (:func:`_write_block`); the transposed blocks are copied from it. Memory: the ``p × p`` result plus
-    ``O(N d_V³)`` factors.
+    Each distinct block (``mom.blocks``) is one batched GEMM written into its place in the output in chunks
+    (:func:`_write_block`, :func:`_bmm_into`); the transposed blocks are copied from it. Memory: the ``p × p``
+    result plus ``O(N d_V³)`` factors and a 32 MB temporary.
 
     Args:
         mom: from :func:`attention_moments`.

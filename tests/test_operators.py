@@ -354,3 +354,47 @@ def test_training_mode_dropout_refused():
     model.eval()
     H = HessianOperator(model, nn.MSELoss(), None, data)
     assert torch.allclose(H.dense(), dense_hessian_reference(model, nn.MSELoss(), None, data), atol=1e-13)
+
+
+class _SingleLayer(nn.Module):
+    """F = softmax(κ X W_Q W_Kᵀ Xᵀ) X W_V of MATH §3.1 (one sequence X, no mask, no W_O)."""
+
+    def __init__(self, d_V: int, d_K: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.W_Q = nn.Parameter(torch.randn(d_V, d_K, generator=gen, dtype=DT))
+        self.W_K = nn.Parameter(torch.randn(d_V, d_K, generator=gen, dtype=DT))
+        self.W_V = nn.Parameter(torch.randn(d_V, d_V, generator=gen, dtype=DT))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        kappa = 1 / math.sqrt(self.W_Q.shape[1])
+        A = (kappa * X @ self.W_Q @ self.W_K.T @ X.T).softmax(-1)
+        return A @ X @ self.W_V
+
+
+def test_ggn_at_layer_output_is_outer_product_part_of_math_3_4(gen):
+    """GGN of ℓ = c‖F − Y‖² at the attention output = H_o of MATH §3.4 (closed forms written out here):
+    H_o(V,V) = 2c (M_1ᵀ M_1) ⊗ I, H_o(Q,Q) = 2cκ² Σ_i x_i x_iᵀ ⊗ (W_Kᵀ Σ_i W_V W_Vᵀ Σ_i W_K); H_f(V,V) = 0."""
+    L, d_V, d_K = 5, 4, 3
+    model = _SingleLayer(d_V, d_K, gen)
+    X = torch.randn(L, d_V, generator=gen, dtype=DT) * 0.7
+    Y = torch.randn(L, d_V, generator=gen, dtype=DT)
+    c = 1 / (L * d_V)
+    loss = lambda F, Y: c * ((F - Y) ** 2).sum()
+    data = [(X, Y)]
+    G = GGNOperator(model, loss, ["W_Q", "W_V"], data, reduction="sum", batch_size_fn=lambda X: 1)
+    kappa = 1 / math.sqrt(d_K)
+    W_Q, W_K, W_V = model.W_Q.detach(), model.W_K.detach(), model.W_V.detach()
+    A = (kappa * X @ W_Q @ W_K.T @ X.T).softmax(-1)
+    M1 = A @ X
+    H_VV = 2 * c * torch.kron(M1.T @ M1, torch.eye(d_V, dtype=DT))
+    H_QQ = torch.zeros(d_V * d_K, d_V * d_K, dtype=DT)
+    for i in range(L):
+        Sigma_i = X.T @ (torch.diag(A[i]) - torch.outer(A[i], A[i])) @ X
+        H_QQ += torch.kron(torch.outer(X[i], X[i]), W_K.T @ Sigma_i @ W_V @ W_V.T @ Sigma_i @ W_K)
+    H_QQ *= 2 * c * kappa**2
+    sQ, sV = G.space.slice("W_Q"), G.space.slice("W_V")
+    D = G.dense()
+    assert torch.allclose(D[sV, sV], H_VV, atol=1e-12)
+    assert torch.allclose(D[sQ, sQ], H_QQ, atol=1e-12)
+    F_VV = FunctionalOperator(model, loss, ["W_V"], data, reduction="sum", batch_size_fn=lambda X: 1).dense()
+    assert F_VV.abs().max() < 1e-14

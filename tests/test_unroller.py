@@ -158,6 +158,9 @@ def test_untied_layers_and_layer_of_state(gen):
         E = model.layer(ell)[0].energy
         torch.testing.assert_close(info["energies"]["E_att"][t], E.energy(state), **TOL)
     assert set(model.energy(Y, layer=2)) == {"E_att", "E_ffn", "total"}
+    E2 = model.composite_energy(2)
+    torch.testing.assert_close(E2.energy(info["states"][-1]), info["energies"]["total"][-1], **TOL)
+    assert unroll(["relu"], depth=1, d=6).composite_energy() is None
 
 
 def test_duplicate_terms_are_named_apart_and_gradients_flow(gen):

@@ -15,8 +15,9 @@ Tracing. ``forward(Y, trace=True)`` returns ``(Y_out, info)`` with
 
 * ``info["states"]`` — ``[Y⁰, Y¹, …, Y^T]``, the state after every step (``T = depth · len(schedule)``);
 * ``info["energies"]`` — ``{term: tensor (T+1, *batch)}``: every energy term evaluated on every state, plus
-  ``"total"`` (their sum). The energy at state ``t`` is that of the layer whose step acts next (the last state uses
-  the last layer); for a tied model this is one energy throughout;
+  ``"total"`` (their sum; the model energy :meth:`Unrolled.composite_energy`, e.g. ``E_att + E_ffn``). The energy
+  at state ``t`` is that of the layer whose step acts next (the last state uses the last layer); for a tied model
+  this is one energy throughout;
 * ``info["step_names"]`` — ``["attention", "ffn", "relu", "attention", …]`` (length ``T``);
 * ``info["layer_of_state"]`` — the layer index whose energy was evaluated at each state.
 
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from energy._validation import ConstraintError, EnergyInputError, check_tensor
+from energy.composite import CompositeEnergy
 from unfold.parametrizations import check_constraints, constraints_of
 from unfold.steps import STEP_TYPES, Step
 from unfold.train import CheckpointError  # one error class for every checkpoint problem of the package
@@ -186,13 +188,19 @@ class Unrolled(nn.Module):
         """The energy objects of every distinct layer (``None`` for projections), built from the current weights."""
         return [[s.build() for s in layer] for layer in self.layers]
 
+    def composite_energy(self, layer: int = 0) -> CompositeEnergy | None:
+        """The model energy of layer ``layer``: ``CompositeEnergy({"E_att": …, "E_ffn": …})`` built from the current
+        weights (MATH §1.6); ``None`` if the schedule has only projections."""
+        return self._composite([s.build() for s in self.layer(layer)])
+
+    def _composite(self, built: list[Any]) -> CompositeEnergy | None:
+        terms = {name: e for name, e in zip(self.term_names, built) if name is not None}
+        return CompositeEnergy(terms) if terms else None
+
     def energy(self, Y: Tensor, layer: int = 0) -> dict[str, Tensor]:
         """Every energy term of layer ``layer`` (and ``"total"``) at ``Y``, shape ``Y.shape[:-2]`` each."""
-        steps = self.layer(layer)
-        out = {name: s.build().energy(Y) for name, s in zip(self.term_names, steps) if name is not None}
-        if out:
-            out["total"] = torch.stack(list(out.values())).sum(0)
-        return out
+        E = self.composite_energy(layer)
+        return {} if E is None else _with_total(E.terms(Y))
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def forward(self, Y: Tensor, *, trace: bool = False,
@@ -234,23 +242,15 @@ class Unrolled(nn.Module):
 
     def _energies(self, states: list[Tensor], built: list[list[Any]]) -> dict[str, Tensor]:
         """Each term evaluated in one batched call over the stacked states (per layer when untied)."""
-        T = len(states) - 1
-        layer_of_state = self._layer_of_state(T)
-        energies: dict[str, Tensor] = {}
-        for j, name in enumerate(self.term_names):
-            if name is None:
-                continue
-            if self.tied:
-                energies[name] = built[0][j].energy(torch.stack(states))
-            else:
-                parts = []
-                for ell in range(self.depth):
-                    idx = [t for t in range(T + 1) if layer_of_state[t] == ell]
-                    parts.append(built[ell][j].energy(torch.stack([states[t] for t in idx])))
-                energies[name] = torch.cat(parts)
-        if energies:
-            energies["total"] = torch.stack(list(energies.values())).sum(0)
-        return energies
+        composites = [self._composite(layer) for layer in built]
+        if composites[0] is None:
+            return {}
+        if self.tied:
+            return _with_total(composites[0].terms(torch.stack(states)))
+        layer_of_state = self._layer_of_state(len(states) - 1)
+        parts = [composites[ell].terms(torch.stack([Y for Y, l in zip(states, layer_of_state) if l == ell]))
+                 for ell in range(self.depth)]
+        return _with_total({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
@@ -258,6 +258,11 @@ class Unrolled(nn.Module):
         if not strict:
             return super().load_state_dict(state_dict, strict=False, assign=assign)
         return safe_load_state_dict(self, state_dict, _inner=super().load_state_dict)
+
+
+def _with_total(terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The terms plus ``"total"``, their sum."""
+    return {**terms, "total": torch.stack(list(terms.values())).sum(0)}
 
 
 def unroll(

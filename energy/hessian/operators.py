@@ -37,7 +37,7 @@ How products are computed (one batch, ``k`` vectors ``V`` at once with ``vmap``)
 * ``G V``: one primal ``vjp`` (kept), ``J V`` by ``jvp``, ``U = ∇²_o ℓ_b · JV`` in output space, ``Jᵀ U`` by the
   kept ``vjp`` function.
 * ``H V`` alone: reverse-over-reverse, ``vjp`` of ``θ ↦ ∇_θ ℓ_b`` -- one linearisation of the batch (the kept
-  ``vjp`` function) reused for all ``k`` vectors (measured ~2 gradients for one vector, benchmarks/).
+  ``vjp`` function) reused for all ``k`` vectors.
 * ``H V`` with ``G V`` (:meth:`CurvatureOperator.hessian_and_ggn`) or ``H_f V``: the functional part is the
   forward-over-reverse derivative of ``θ ↦ Jᵀ g_o`` with the output gradient ``g_o = ∇_o ℓ_b`` held fixed,
   and the same pass returns ``J V`` as a by-product:
@@ -46,11 +46,11 @@ How products are computed (one batch, ``k`` vectors ``V`` at once with ``vmap``)
       \frac{d}{d\epsilon}\Big( J(\theta+\epsilon v)^\top g_o,\; f(\theta+\epsilon v)\Big)\Big|_0 = (H_f v,\; J v),
       \qquad G v = J^\top(\nabla^2_o \ell\, J v), \qquad H v = G v + H_f v .
 
-  The reverse tangent of ``Jᵀ g_o`` only carries the second derivatives of the network (nothing flows from a
-  loss Hessian), so it is cheaper than a full HVP; ``J V`` is not recomputed for the GGN. The loss itself is
-  differentiated only in reverse mode (``∇²_o ℓ U`` by reverse-over-reverse in output space), so every torch
-  loss works (forward-over-reverse through ``F.mse_loss`` fails in torch 2.x). Asking for ``G V`` alone skips
-  the functional pass (``jvp`` then ``vjp``).
+  The reverse tangent of ``Jᵀ g_o`` carries only the second derivatives of the network (no loss-Hessian term
+  flows back through it), and ``J V`` is not recomputed for the GGN (timings: benchmarks/bench_hessian.py).
+  The loss itself is differentiated only in reverse mode (``∇²_o ℓ U`` by reverse-over-reverse in output
+  space), so every torch loss works (forward-over-reverse through ``F.mse_loss`` fails in torch 2.x). Asking
+  for ``G V`` alone skips the functional pass (``jvp`` then ``vjp``).
 
 Public API: :class:`HessianOperator`, :class:`GGNOperator`, :class:`FunctionalOperator`,
 :class:`JacobianOperator` (``.T`` = :class:`TransposedJacobianOperator`), :class:`TokenHessianOperator`,

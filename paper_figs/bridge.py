@@ -48,7 +48,7 @@ from energy.hessian.structure import block_norms
 from energy.hessian.sweep import fit_loglog_slope
 from energy.normalization import layernorm_projection
 from paper_figs.registry import FigureConfig, figure, measured
-from paper_figs.yang2022_text import DEPTH, bundled_text_sentences, make_model
+from paper_figs.yang2022_text import DEPTH, bundled_text_sentences, make_model, single_thread
 from unfold.converters import EnergyStep, to_standard, verify_equivalence
 from unfold.data import build_vocabulary, embed_sentences, seeded_embedding_table
 
@@ -132,6 +132,11 @@ def _equiv_caption(data: dict) -> str:
     version=2,
 )
 def compute_equivalence(cfg: FigureConfig) -> dict[str, Any]:
+    with single_thread():  # small operations: see paper_figs.yang2022_text.single_thread
+        return _compute_equivalence(cfg)
+
+
+def _compute_equivalence(cfg: FigureConfig) -> dict[str, Any]:
     ns = cfg.pick(tiny=[3, 8], quick=[4, 16, 64, 256], paper=[4, 16, 64, 256, 1024], key="n")
     ds = cfg.pick(tiny=[4, 8], quick=[8, 32, 128], paper=[8, 32, 128, 512], key="d")
     repeats = cfg.pick(tiny=1, quick=2, paper=5, key="repeats")
@@ -261,6 +266,11 @@ def _hess_caption(data: dict) -> str:
     paper_seed=0,
 )
 def compute_hessian_comparison(cfg: FigureConfig) -> dict[str, Any]:
+    with single_thread():  # small operations: see paper_figs.yang2022_text.single_thread
+        return _compute_hessian_comparison(cfg)
+
+
+def _compute_hessian_comparison(cfg: FigureConfig) -> dict[str, Any]:
     B = cfg.pick(tiny=2, quick=4, paper=8, key="B")
     L = cfg.pick(tiny=4, quick=8, paper=16, key="L")
     d = cfg.pick(tiny=3, quick=6, paper=8, key="d")
@@ -444,6 +454,11 @@ def _curv_caption(data: dict) -> str:
     version=2,
 )
 def compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
+    with single_thread():  # small operations: see paper_figs.yang2022_text.single_thread
+        return _compute_energy_curvature(cfg)
+
+
+def _compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
     d = cfg.pick(tiny=4, quick=12, paper=16, key="d")
     n_seq = cfg.pick(tiny=3, quick=12, paper=32, key="n_sequences")
     max_len = cfg.pick(tiny=5, quick=10, paper=12, key="max_len")

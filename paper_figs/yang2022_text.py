@@ -33,11 +33,12 @@ matrix on every call (here: a spectrum-clip parametrisation, :class:`unfold.para
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.resources
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,32 @@ __all__ = [
     "train_classifier",
     "classification_accuracy",
     "layer_summary",
+    "single_thread",
 ]
 
 DEPTH = 12  # layers of the paper's model
 LR = 1e-2  # SGD learning rate of the paper's training run (batch 1)
 BUNDLED_TEXT_PACKAGE = "sklearn.datasets.descr"
 _MIN_TOKENS = 5
+
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread, then restore the previous setting.
+
+    These figures are thousands of small operations (batch-1 training steps, per-length buckets, 300×300
+    matrices); a second intra-op thread only adds synchronisation. Measured on the 2-core machine under load
+    (load average ≈ 10): the five figures of this module and :mod:`paper_figs.bridge` at ``--quick`` took 474 s
+    wall (186 s CPU) with torch's default 2 threads and 60 s (23 s CPU) with one.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # data
@@ -396,6 +417,11 @@ def _caption_untrained(data: dict) -> str:
     version=2,
 )
 def compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
+    with single_thread():
+        return _compute_energy_untrained(cfg)
+
+
+def _compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
     # --quick runs the full protocol too (about 10 s of CPU time)
     d = cfg.pick(tiny=16, quick=300, paper=300, key="d")
     n = cfg.pick(tiny=6, quick=200, paper=200, key="n_sequences")
@@ -512,6 +538,11 @@ def _caption_trained(data: dict) -> str:
     version=2,
 )
 def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
+    with single_thread():
+        return _compute_energy_trained(cfg)
+
+
+def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
     d = cfg.pick(tiny=8, quick=32, paper=300, key="d")
     steps = cfg.pick(tiny=20, quick=600, paper=2000, key="steps")
     n_eval = cfg.pick(tiny=8, quick=200, paper=200, key="n_sequences")

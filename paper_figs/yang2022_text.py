@@ -74,6 +74,8 @@ __all__ = [
     "make_model",
     "train_classifier",
     "classification_accuracy",
+    "pooled_features",
+    "representation_spread",
     "layer_summary",
     "single_thread",
 ]
@@ -288,11 +290,8 @@ def layer_energies(model: UnrolledClassifier, sequences: Sequence[Tensor]) -> di
     body: Unrolled = model.body
     S = len(body.step_kinds)
     out: dict[str, np.ndarray] = {}
-    by_length: dict[int, list[int]] = {}
-    for i, seq in enumerate(sequences):
-        by_length.setdefault(seq.shape[0], []).append(i)
     dtype = next(model.parameters()).dtype
-    for idx in by_length.values():
+    for idx in _length_buckets(sequences):
         X = torch.stack([sequences[i] for i in idx]).to(dtype)
         _, info = body(model.embed(X), trace=True)
         for name, E in info["energies"].items():
@@ -338,18 +337,38 @@ def train_classifier(
     return result.history
 
 
-@torch.no_grad()
-def classification_accuracy(model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor) -> float:
-    """Fraction of sequences whose arg-max class is the label (equal-length buckets, no padding)."""
-    dtype = next(model.parameters()).dtype
-    correct = 0
+def _length_buckets(sequences: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of the sequences grouped by length (each group runs as one batch, without padding)."""
     by_length: dict[int, list[int]] = {}
     for i, seq in enumerate(sequences):
         by_length.setdefault(seq.shape[0], []).append(i)
-    for idx in by_length.values():
-        logits = model(torch.stack([sequences[i] for i in idx]).to(dtype))
-        correct += int((logits.argmax(-1) == labels[idx]).sum())
-    return correct / len(sequences)
+    return list(by_length.values())
+
+
+@torch.no_grad()
+def pooled_features(model: UnrolledClassifier, sequences: Sequence[Tensor]) -> Tensor:
+    """The head's input for every sequence: the mean over tokens of the body's output, ``(N, d)``."""
+    dtype = next(model.parameters()).dtype
+    out = torch.empty(len(sequences), model.body.d, dtype=dtype)
+    for idx in _length_buckets(sequences):
+        out[idx] = model.body(model.embed(torch.stack([sequences[i] for i in idx]).to(dtype))).mean(dim=-2)
+    return out
+
+
+@torch.no_grad()
+def classification_accuracy(model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor) -> float:
+    """Fraction of sequences whose arg-max class (head of :func:`pooled_features`) is the label."""
+    logits = model.head(pooled_features(model, sequences))
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+def representation_spread(P: Tensor) -> float:
+    r"""How much the pooled features differ between inputs: :math:`\|P - 1\bar p^\top\|_F / (\sqrt N \|\bar p\|)`.
+
+    0 means every input is mapped to the same feature vector (the head cannot tell the classes apart).
+    """
+    mean = P.mean(dim=0)
+    return float(torch.linalg.norm(P - mean) / (P.shape[0] ** 0.5 * torch.linalg.norm(mean).clamp_min(1e-300)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,7 +554,7 @@ def _caption_trained(data: dict) -> str:
     caption=_caption_trained,
     paper_seed=2333,
     options=("imdb", "sst2", "glove"),
-    version=2,
+    version=3,
 )
 def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
     with single_thread():
@@ -562,6 +581,10 @@ def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
         model = model.double()
         E = layer_energies(model, eval_set.sequences)
         acc_after = classification_accuracy(model, eval_set.sequences, eval_set.labels)
+        spread = representation_spread(pooled_features(model, eval_set.sequences))
+        with torch.no_grad():
+            Y0_pooled = torch.stack([model.embed(s.to(torch.float64)).mean(0) for s in eval_set.sequences])
+        input_spread = representation_spread(Y0_pooled)
         rec = _stats_record(E["total"], {k: v for k, v in E.items() if k != "total"})
         init = layer_summary(E0["total"])
         k = max(1, len(history) // 10)
@@ -569,6 +592,7 @@ def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
             "set": train_set.name, "relu": True, **rec,
             "init_mean_gap": init["mean_gap"], "init_n_layers_mean_decreases": init["n_layers_mean_decreases"],
             "acc_before": acc_before, "acc_after": acc_after,
+            "pooled_spread_output": spread, "pooled_spread_input": input_spread,
             "loss_first_tenth": float(np.mean(history[:k])), "loss_last_tenth": float(np.mean(history[-k:])),
             "train_description": train_set.description, "eval_description": eval_set.description,
         })
@@ -594,7 +618,12 @@ def summarize_energy_trained(data: dict) -> dict[str, Any]:
     out = _summary_panels(data["runs"])
     for r in data["runs"]:
         out[f"{r['set']}_test_accuracy_after"] = measured(
-            r["acc_after"], note=f"before training {r['acc_before']:.3f}; shows the model was trained"
+            r["acc_after"], note=f"test accuracy after training (before: {r['acc_before']:.3f}; chance: 1/classes)"
+        )
+        out[f"{r['set']}_pooled_feature_spread_output_vs_input"] = measured(
+            [r["pooled_spread_output"], r["pooled_spread_input"]],
+            note="‖P − mean‖_F / (√N ‖mean‖) of the mean-pooled tokens after the 12 layers vs at Y^0; near 0: "
+                 "every input reaches the same state, so the head cannot separate the classes",
         )
         out[f"{r['set']}_train_loss_first_last_tenth"] = measured(
             [r["loss_first_tenth"], r["loss_last_tenth"]], note="mean cross-entropy over the first / last 10% of steps"

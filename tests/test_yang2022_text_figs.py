@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -215,6 +216,14 @@ def test_trained_figure_offline_digits():
     assert len(run["init_mean_gap"]) == len(run["mean_gap"]) == yt.DEPTH + 1
     assert "digits" in spec.caption_for(data)
     assert "digits_test_accuracy_after" in spec.summarize(data)
+    assert run["pooled_spread_input"] > 0 and run["pooled_spread_output"] >= 0
+
+
+def test_representation_spread():
+    P = torch.tensor([[1.0, 2.0], [1.0, 2.0]], dtype=torch.float64)
+    assert yt.representation_spread(P) == 0.0
+    Q = torch.tensor([[1.0, 0.0], [-1.0, 2.0]], dtype=torch.float64)  # mean (0, 1), deviations (±1, ∓1)
+    assert yt.representation_spread(Q) == pytest.approx(math.sqrt(4.0) / (math.sqrt(2) * 1.0))
 
 
 def test_trained_figure_with_paths(tmp_path):

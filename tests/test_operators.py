@@ -139,6 +139,7 @@ def test_hessian_and_ggn_shared_equals_separate_and_cache(gen):
     assert torch.allclose(out["F"], F @ V, atol=1e-13) and torch.allclose(out["F"] + out["G"], HV, atol=1e-13)
 
 
+@pytest.mark.slow  # torch.func.linearize traces the model (a few seconds)
 def test_cached_linearisation_reused():
     model, loss, data, _, _ = _attention_case(torch.Generator().manual_seed(5))
     H = HessianOperator(model, loss, ["W_Q", "W_V"], data, reduction="mean")

@@ -136,7 +136,7 @@ def check_same_float_dtype(**tensors: Tensor) -> torch.dtype:
 
 
 def _default_tol(W: Tensor) -> float:
-    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, float(W.abs().max()))
+    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, float(W.detach().abs().max()))
 
 
 def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tensor:
@@ -144,7 +144,8 @@ def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tenso
     if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
         raise EnergyInputError(f"`{name}` must be square in its last two dimensions, got {tuple(W.shape)}.")
     tol = _default_tol(W) if atol is None else atol
-    asym = float((W - W.transpose(-1, -2)).abs().max()) if W.numel() else 0.0
+    Wd = W.detach()  # a check, not part of any graph
+    asym = float((Wd - Wd.transpose(-1, -2)).abs().max()) if W.numel() else 0.0
     if asym > tol:
         raise ConstraintError(
             f"`{name}` must be symmetric (max |W - Wᵀ| = {asym:.3e} > tol {tol:.1e}). The energy's gradient is "
@@ -158,7 +159,7 @@ def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | No
     """Raise :class:`ConstraintError` unless ``W`` is symmetric positive semi-definite (definite if asked)."""
     check_symmetric(W, name, atol=atol)
     tol = _default_tol(W) if atol is None else atol
-    lam_min = float(torch.linalg.eigvalsh(W).min())
+    lam_min = float(torch.linalg.eigvalsh(W.detach()).min())
     if strict_pd and lam_min <= tol:
         raise ConstraintError(
             f"`{name}` must be positive definite (smallest eigenvalue {lam_min:.3e}); this step applies W⁻¹. "

@@ -505,7 +505,7 @@ class _Factors:
     * ``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` (``H_o``: first term, ``H_f``: second), ``(N, d, d)``;
     * ``P_i = W_Kᵀ R_i W_K`` ``(N, k, k)`` and ``U_i = W_Kᵀ R_i`` ``(N, k, d)``;
     * per value-side weight ``w ∈ {V, O}``: ``E^w_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``
-      (module docstring) and ``E^w_i W_K``;
+      (module docstring) and ``E^w_i W_K``, stored as ``(n, m, a, i)`` and ``(n, m, i, b)`` (see :meth:`_E`);
     * ``S = 2c M_1ᵀ M_1`` (``0`` for ``H_f``), ``Ω_O = W_O W_Oᵀ`` and the bilinear ``G_QK`` (``0`` for ``H_o``);
     * with ``W_O``: ``S_O = 2c W_VᵀM_1ᵀM_1W_V``, ``P_VO = 2c M_1ᵀ M_1 W_V`` (``H_o``), ``Q_VO = M_1ᵀ G`` (``H_f``).
     """
@@ -551,16 +551,24 @@ class _Factors:
         return mom.M_1 @ mom.W_V, mom.B_V, mom.W_V.T @ mom.Sigma, mom.G
 
     def _E(self, w: str, right: Tensor | None = None) -> Tensor:
-        """``E^w_i`` or, with ``right``, ``E^w_i · right`` (formed from ``B̃_i right`` and ``S̃_i right``)."""
+        """``E^w`` laid out ``(n, m, a, i)``, or with ``right`` ``E^w · right`` laid out ``(n, m, i, b)``.
+
+        ``E_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``, written directly in the layout the batched
+        GEMMs of :func:`_write_block` read (rows ``i`` innermost or second-innermost), with one pass per half.
+        """
         mom, E = self.mom, None
         alpha, Bt, St, gamma = self.value_side(w)
-        if right is not None:
+        if right is None:  # (n, m, a, i)
+            o1, o2 = alpha.T[:, None, None, :], Bt.permute(1, 2, 0)[None]
+            f1, f2 = St.permute(1, 2, 0)[:, None], gamma.T[None, :, None, :]
+        else:  # (n, m, i, b) with B̃_i right, S̃_i right
             Bt, St = Bt @ right, St @ right
+            o1, o2 = alpha.T[:, None, :, None], Bt.permute(1, 0, 2)[None]
+            f1, f2 = St.permute(1, 0, 2)[:, None], gamma.T[None, :, :, None]
         if self.use_o:
-            E = (2.0 * mom.c * mom.kappa) * torch.einsum("in,ima->inma", alpha, Bt)
+            E = torch.mul(o1, o2).mul_(2.0 * mom.c * mom.kappa)
         if self.use_f:
-            E_f = mom.kappa * torch.einsum("ina,im->inma", St, gamma)
-            E = E_f if E is None else E.add_(E_f)
+            E = mom.kappa * (f1 * f2) if E is None else E.addcmul_(f1, f2, value=mom.kappa)
         return E
 
     def _make_E(self) -> Tensor:
@@ -655,10 +663,10 @@ def _write_block(f: _Factors, a: str, b: str, out: Tensor) -> None:
             out.view(d, k, d, k).diagonal(dim1=1, dim2=3).add_(f.G.unsqueeze(-1))
     elif (a, b) in (("V", "Q"), ("O", "Q")):  # T[(n,m), c, b] = Σ_i x_ic · (E_i W_K)[n, m, b]
         EW = f.EW if a == "V" else f.EOW
-        _bmm_into(xt.expand(r1 * r2, d, N), EW.permute(1, 2, 0, 3).reshape(r1 * r2, N, k), out3)
+        _bmm_into(xt.expand(r1 * r2, d, N), EW.reshape(r1 * r2, N, k), out3)
     elif (a, b) in (("V", "K"), ("O", "K")):  # T[(n,m), a, b] = Σ_i E_i[n, m, a] · q_ib
         E = f.E if a == "V" else f.EO
-        _bmm_into(E.permute(1, 2, 3, 0).reshape(r1 * r2, d, N), q.expand(r1 * r2, N, k), out3)
+        _bmm_into(E.reshape(r1 * r2, d, N), q.expand(r1 * r2, N, k), out3)
     elif (a, b) == ("V", "V"):  # S ⊗ Ω_O
         torch.mul(f.S[:, None, :, None], f.Omega_O[None, :, None, :], out=out.view(d, d, d, d))
     elif (a, b) == ("O", "O"):  # S_O ⊗ I

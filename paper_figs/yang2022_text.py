@@ -433,7 +433,7 @@ def _caption_untrained(data: dict) -> str:
     caption=_caption_untrained,
     paper_seed=2333,
     options=("imdb", "sst2", "glove"),
-    version=2,
+    version=3,
 )
 def compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
     with single_thread():
@@ -454,7 +454,11 @@ def _compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
             model = make_model(d, relu=relu, seed=cfg.seed).double()
             E = layer_energies(model, ts.sequences)
             rec = _stats_record(E["total"], {k: v for k, v in E.items() if k != "total"})
-            panels.append({"set": ts.name, "relu": relu, **rec})
+            with torch.no_grad():
+                Y0_pooled = torch.stack([s.mean(0) for s in ts.sequences])
+            spreads = {"pooled_spread_output": representation_spread(pooled_features(model, ts.sequences)),
+                       "pooled_spread_input": representation_spread(Y0_pooled)}
+            panels.append({"set": ts.name, "relu": relu, **rec, **spreads})
     return {
         "d": d, "depth": DEPTH, "seed": cfg.seed, "max_len": max_len,
         "paper_setting": cfg.options.get("glove") is not None,
@@ -495,6 +499,12 @@ def _summary_panels(panels: list[dict], prefix: str = "") -> dict[str, Any]:
         out[f"{key}_frac_sequences_monotone"] = measured(
             p["frac_sequences_monotone"], note="share of sequences whose own energy never increased over the layers"
         )
+        if "pooled_spread_output" in p:
+            out[f"{key}_pooled_spread_output_vs_input"] = measured(
+                [p["pooled_spread_output"], p["pooled_spread_input"]],
+                note="‖P − mean‖_F / (√N ‖mean‖) of the mean-pooled tokens after layer 12 vs at Y^0 (0: every input "
+                     "ends in the same state)",
+            )
     return out
 
 
@@ -554,7 +564,7 @@ def _caption_trained(data: dict) -> str:
     caption=_caption_trained,
     paper_seed=2333,
     options=("imdb", "sst2", "glove"),
-    version=3,
+    version=4,
 )
 def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
     with single_thread():
@@ -575,6 +585,7 @@ def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
         model = make_model(d, relu=True, seed=cfg.seed, d_in=d_in, n_classes=n_classes)
         E0 = layer_energies(model.double(), eval_set.sequences)
         acc_before = classification_accuracy(model, eval_set.sequences, eval_set.labels)
+        spread_init = representation_spread(pooled_features(model, eval_set.sequences))
         model = model.float()
         history = train_classifier(model, [s.float() for s in train_set.sequences], train_set.labels, steps=steps,
                                    seed=cfg.seed)
@@ -592,7 +603,7 @@ def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
             "set": train_set.name, "relu": True, **rec,
             "init_mean_gap": init["mean_gap"], "init_n_layers_mean_decreases": init["n_layers_mean_decreases"],
             "acc_before": acc_before, "acc_after": acc_after,
-            "pooled_spread_output": spread, "pooled_spread_input": input_spread,
+            "pooled_spread_output": spread, "pooled_spread_input": input_spread, "pooled_spread_init": spread_init,
             "loss_first_tenth": float(np.mean(history[:k])), "loss_last_tenth": float(np.mean(history[-k:])),
             "train_description": train_set.description, "eval_description": eval_set.description,
         })
@@ -617,13 +628,11 @@ def plot_energy_trained(data: dict, cfg: FigureConfig) -> Figure:
 def summarize_energy_trained(data: dict) -> dict[str, Any]:
     out = _summary_panels(data["runs"])
     for r in data["runs"]:
+        out[f"{r['set']}_pooled_spread_at_initialisation"] = measured(
+            r["pooled_spread_init"], note="the same spread of the pooled output before training"
+        )
         out[f"{r['set']}_test_accuracy_after"] = measured(
             r["acc_after"], note=f"test accuracy after training (before: {r['acc_before']:.3f}; chance: 1/classes)"
-        )
-        out[f"{r['set']}_pooled_feature_spread_output_vs_input"] = measured(
-            [r["pooled_spread_output"], r["pooled_spread_input"]],
-            note="‖P − mean‖_F / (√N ‖mean‖) of the mean-pooled tokens after the 12 layers vs at Y^0; near 0: "
-                 "every input reaches the same state, so the head cannot separate the classes",
         )
         out[f"{r['set']}_train_loss_first_last_tenth"] = measured(
             [r["loss_first_tenth"], r["loss_last_tenth"]], note="mean cross-entropy over the first / last 10% of steps"

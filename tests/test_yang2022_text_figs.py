@@ -192,6 +192,7 @@ def test_untrained_figure_offline():
         assert 0 <= p["n_layers_mean_decreases"] <= p["n_layers"] == yt.DEPTH
     summary = spec.summarize(data)
     assert "bundled-text_relu_frac_layers_mean_decreases" in summary
+    assert all(p["pooled_spread_input"] > 0 for p in data["panels"])
     assert "scikit-learn" in spec.caption_for(data) and "seeded" in spec.caption_for(data)
     fig = spec.plot_fn(data, _cfg())
     assert len(fig.axes) == 2
@@ -216,7 +217,7 @@ def test_trained_figure_offline_digits():
     assert len(run["init_mean_gap"]) == len(run["mean_gap"]) == yt.DEPTH + 1
     assert "digits" in spec.caption_for(data)
     assert "digits_test_accuracy_after" in spec.summarize(data)
-    assert run["pooled_spread_input"] > 0 and run["pooled_spread_output"] >= 0
+    assert run["pooled_spread_input"] > 0 and run["pooled_spread_output"] >= 0 and run["pooled_spread_init"] >= 0
 
 
 def test_representation_spread():

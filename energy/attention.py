@@ -825,8 +825,9 @@ def _augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tenso
 
     ``Y`` ``(B, n, d)``, ``M3`` ``(h, d, k)``, ``values`` ``(h, d, r)``. All three are padded with zero columns to
     one width ``w = max(k + 1, r)`` (zero columns change neither the scores nor the first ``r`` output columns),
-    because the CPU flash kernel needs equal query/key and value widths. Returns views ``(B, h, n, w)`` of one
-    buffer (last dimension contiguous).
+    because the CPU flash kernel needs equal query/key and value widths. Returns ``(B, h, n, w)`` tensors with a
+    contiguous last dimension: views of one buffer, except that when autograd records, the keys are a new tensor
+    (the β column is added out of place, so no tensor saved for backward is modified).
     """
     B, n, d = Y.shape
     h, _, k = M3.shape
@@ -839,5 +840,13 @@ def _augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tenso
     bias = M3.new_zeros(h, 3, w)
     bias[:, 0, k] = 1.0  # the query's constant 1
     X = torch.addmm(bias.reshape(-1), Y.reshape(-1, d), factor.reshape(d, -1)).view(B, n, h, 3, w)
-    X[:, :, :, 1, k] = torch.linalg.vector_norm(X[:, :, :, 1, :k], dim=-1).square_().mul_(-0.5)  # -½‖k‖² = β_j/κ
-    return X[:, :, :, 0].transpose(1, 2), X[:, :, :, 1].transpose(1, 2), X[:, :, :, 2].transpose(1, 2)
+    q, kt, v = X[:, :, :, 0], X[:, :, :, 1], X[:, :, :, 2]
+    beta = torch.linalg.vector_norm(kt[..., :k], dim=-1).square().mul(-0.5)  # -½‖k_j‖² = β_j/κ
+    if torch.is_grad_enabled() and X.requires_grad:
+        # autograd records: the norm saved a view of X, so X must not be written; add β as a one-hot column
+        onehot = torch.zeros(w, dtype=X.dtype, device=X.device)
+        onehot[k] = 1.0
+        kt = kt + beta.unsqueeze(-1) * onehot
+    else:  # no graph: write β into the zero column of the buffer (no copy of the keys)
+        kt[..., k] = beta
+    return q.transpose(1, 2), kt.transpose(1, 2), v.transpose(1, 2)

@@ -166,8 +166,8 @@ class AttentionStep(Step):
         orthogonal_heads: constrain the heads to mutually orthogonal subspaces (:class:`OrthogonalHeads`); each head
             then keeps its own descent guarantee.
         fused: use :func:`energy.attention.attention_step_fused` (scaled-dot-product attention with the β
-            augmentation) for the Gaussian kernel in forward passes that autograd does not record (inference,
-            traces under ``torch.no_grad()``); the result is the same map, tested against the energy's ``step``.
+            augmentation) for the Gaussian kernel, in inference and in training (its backward is autograd's);
+            the result is the same map, tested against the energy's ``step`` (values and gradients).
         init_std: standard deviation of the initial factor entries (default ``(k·d)^{-1/4}``, so that
             ``E[W] = I/√d``).
     """
@@ -266,9 +266,7 @@ class AttentionStep(Step):
         self._check_Y(Y)
         energy = prepared.energy
         alpha = self.alpha if self.learn_alpha else float(self.alpha)
-        if self.uses_fused and not (torch.is_grad_enabled() and (Y.requires_grad or energy.M.requires_grad)):
-            # The fused path is used without autograd only: energy.attention.attention_step_fused writes β in place
-            # into a buffer whose view autograd saved, so its backward fails; training uses the energy's own step.
+        if self.uses_fused:  # autograd-safe (training included); same map as the energy's step
             return attention_step_fused(Y, energy.M, alpha, scale=energy.scale, preconditioner=self.preconditioner,
                                         value_basis=prepared.cache.get("value_basis"), check=False)
         with warnings.catch_warnings():  # α was checked once in prepare()

@@ -426,17 +426,17 @@ def curvature_along_model(
 
 def _curv_caption(data: dict) -> str:
     return (
-        f"Along a freshly initialised weight-tied unfolded model (unfold.presets.yang2022, d = {data['d']}, 12 layers, "
-        "attention step (a) with α = 1, FFN step with W_f spectrum in [0, 0.95], ReLU), at the state entering each "
-        "layer's attention step. Top left: the largest step sizes with guaranteed descent of E_att from the MM "
-        "majoriser, 2/λ_max(N) for the step (a) the model takes and 2/(λ_max(N)λ_max(W)) for step (b) (had "
-        "the model used the token preconditioner), and 2/λ_max of the metric-preconditioned true token-space Hessian "
-        "(the step at which a quadratic model stops descending along its top mode; MATH §4.1); median with "
-        "min–max band over the sequences; black: the step size α = 1 used. Top right: share of sequences in which each "
-        "step lowered its own energy term and the total E_att + E_ffn. Bottom: the same states stepped with the "
-        "attention energy's step (a) (left) or (b) (right) at the step sizes α of a sweep: share of sequences in "
-        "which E_att increased, with the median guaranteed bound (dashed); below the bound no increase is possible. "
-        "Inputs: "
+        f"Along a freshly initialised weight-tied unfolded model (unfold.presets.yang2022, d = {data['d']}, 12 "
+        "layers, attention step (a) with α = 1, FFN step with W_f spectrum in [0, 0.95]; top row with the ReLU "
+        "projection, bottom row without it, the same weights), at the state entering each layer's attention step. "
+        "First column: the largest step sizes with guaranteed descent of E_att from the MM majoriser, 2/λ_max(N) for "
+        "the step (a) the model takes and 2/(λ_max(N)λ_max(W)) for step (b) (had the model used the token "
+        "preconditioner), and 2/λ_max of the metric-preconditioned true token-space Hessian (the step at which a "
+        "quadratic model stops descending along its top mode; MATH §4.1); median with min–max band over the "
+        "sequences; black: the step size α = 1 used. Second column: share of sequences in which each step lowered "
+        "its own energy term and the total E_att + E_ffn. Third and fourth columns: the same states stepped with the "
+        "attention energy's step (a) or (b) at the step sizes α of a sweep: share of sequences in which E_att "
+        "increased, with the median guaranteed bound (dashed); below the bound no increase is possible. Inputs: "
         f"{data['description']}."
     )
 
@@ -451,7 +451,7 @@ def _curv_caption(data: dict) -> str:
     ),
     caption=_curv_caption,
     paper_seed=2333,
-    version=2,
+    version=3,
 )
 def compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
     with single_thread():  # small operations: see paper_figs.yang2022_text.single_thread
@@ -469,85 +469,108 @@ def _compute_energy_curvature(cfg: FigureConfig) -> dict[str, Any]:
     table = seeded_embedding_table(sorted(build_vocabulary(chosen)), d, cfg.seed, std=1.0, dtype=DTYPE)
     Yall, lengths = embed_sentences(chosen, table, max_len)
     sequences = [Yall[b, : int(lengths[b])] for b in range(len(chosen)) if int(lengths[b]) >= 2]
-    model = make_model(d, relu=True, seed=cfg.seed).double()
     alphas = cfg.pick(tiny=(0.5, 1.0, 3.0, 8.0), quick=SWEEP_ALPHAS, paper=SWEEP_ALPHAS, key="alphas")
-    res = curvature_along_model(model, sequences, alphas)
+    models = []
+    for relu in (True, False):  # the same initial weights (make_model draws them from the seed)
+        model = make_model(d, relu=relu, seed=cfg.seed).double()
+        models.append({"relu": relu, **curvature_along_model(model, sequences, alphas)})
     return {"d": d, "alphas": alphas, "depth": DEPTH, "seed": cfg.seed, "n_sequences": len(sequences),
             "description": (f"{len(sequences)} sentences of {text} (first {max_len} tokens), embedded with a seeded "
                             f"N(0, 1) table (token norm ≈ √d), seed {cfg.seed}"),
-            **res}
+            "models": models}
 
 
 @compute_energy_curvature.plot
 def plot_energy_curvature(data: dict, cfg: FigureConfig) -> Figure:
-    fig = Figure(figsize=(13, 9), layout="constrained")
-    (ax, ax2), (ax3, ax4) = fig.subplots(2, 2)
-    t = np.arange(data["depth"])
+    fig = Figure(figsize=(22, 9), layout="constrained")
+    axes = fig.subplots(2, 4)
+    for row, m in zip(axes, data["models"]):
+        name = "with ReLU" if m["relu"] else "without ReLU"
+        _plot_bounds(row[0], m, f"{name}: largest guaranteed step sizes vs the step size used")
+        _plot_descent(row[1], m, f"{name}: did the model's steps lower the energy?")
+        for ax, key, bound, step in ((row[2], "up_a", "bound_a", "(a)"), (row[3], "up_b", "bound_b", "(b)")):
+            _plot_sweep(ax, m, np.asarray(data["alphas"]), key, bound,
+                        f"{name}: step {step} with step size α:\nshare of sequences where E_att increased")
+    fig.suptitle(f"Unrolled model (d = {data['d']}, untrained): token-space curvature of the attention energy, "
+                 "per layer")
+    return fig
+
+
+def _plot_bounds(ax: Any, m: dict, title: str) -> None:
+    t = np.arange(len(m["alpha"]))
     series = (("bound_a", "2/λ_max(N): step (a) guaranteed", "C0"),
               ("bound_b", "2/(λ_max(N)λ_max(W)): step (b) guaranteed", "C1"),
               ("lam_true", "2/λ_max(true preconditioned Hessian)", "C2"))
     for key, label, color in series:
-        v = np.asarray(data[key])
+        v = np.asarray(m[key])
         v = 2.0 / v if key == "lam_true" else v
         ax.plot(t, np.median(v, axis=1), "o-", color=color, ms=3, label=label)
         ax.fill_between(t, v.min(axis=1), v.max(axis=1), color=color, alpha=0.2)
-    ax.plot(t, np.asarray(data["alpha"])[:, 0], "k-", lw=2, label="α used by the model (step (a))")
+    ax.plot(t, np.asarray(m["alpha"])[:, 0], "k-", lw=2, label="α used by the model (step (a))")
     ax.set_yscale("log")
     ax.set_xlabel("layer ℓ")
     ax.set_ylabel("step size")
-    ax.set_title("largest guaranteed step sizes vs the step size used", fontsize=10)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    bars = (("dE_att_attention", "attention step: E_att"), ("dE_total_attention", "attention step: total"),
-            ("dE_ffn_ffn", "FFN step: E_ffn"), ("dE_total_ffn", "FFN step: total"),
-            ("dE_total_relu", "ReLU: total"))
+
+
+def _plot_descent(ax: Any, m: dict, title: str) -> None:
+    t = np.arange(len(m["alpha"]))
+    bars = [(k, lab) for k, lab in (("dE_att_attention", "attention step: E_att"),
+                                    ("dE_total_attention", "attention step: total"),
+                                    ("dE_ffn_ffn", "FFN step: E_ffn"), ("dE_total_ffn", "FFN step: total"),
+                                    ("dE_total_relu", "ReLU: total")) if k in m]
     width = 0.8 / len(bars)
     for i, (key, label) in enumerate(bars):
-        if key not in data:
-            continue
-        frac = (np.asarray(data[key]) <= 0).mean(axis=1)
-        ax2.bar(t + (i - len(bars) / 2 + 0.5) * width, frac, width, label=label, color=f"C{i}")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_xlabel("layer ℓ")
-    ax2.set_ylabel("share of sequences with ΔE ≤ 0")
-    ax2.set_title("did the model's steps lower the energy?", fontsize=10)
-    ax2.legend(fontsize=7, loc="lower left")
-    alphas = np.asarray(data["alphas"])
-    for axh, key, bound, name in ((ax3, "up_a", "bound_a", "(a)"), (ax4, "up_b", "bound_b", "(b)")):
-        frac = np.asarray(data[key], dtype=float).mean(axis=1)  # (depth, n_alpha)
-        im = axh.imshow(frac.T, origin="lower", aspect="auto", cmap="Reds", vmin=0, vmax=1,
-                        extent=(-0.5, len(t) - 0.5, -0.5, len(alphas) - 0.5))
-        # the median bound, drawn on the α index axis by interpolation
-        med = np.median(np.asarray(data[bound]), axis=1)
-        axh.plot(t, np.interp(med, alphas, np.arange(len(alphas)), left=-0.5, right=len(alphas) - 0.5), "b--",
-                 lw=1.5, label="median guaranteed bound")
-        axh.axhline(float(np.interp(1.0, alphas, np.arange(len(alphas)))), color="k", lw=1, label="α = 1")
-        axh.set_yticks(np.arange(len(alphas)), [f"{a:g}" for a in alphas])
-        axh.set_xlabel("layer ℓ")
-        axh.set_ylabel("step size α of the sweep")
-        axh.set_title(f"step {name} with step size α: share of sequences where E_att increased", fontsize=10)
-        axh.legend(fontsize=7, loc="upper right")
-        fig.colorbar(im, ax=axh, shrink=0.8)
-    fig.suptitle(f"Unrolled model (d = {data['d']}): token-space curvature of the attention energy per layer")
-    return fig
+        frac = (np.asarray(m[key]) <= 0).mean(axis=1)
+        ax.bar(t + (i - len(bars) / 2 + 0.5) * width, frac, width, label=label, color=f"C{i}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("layer ℓ")
+    ax.set_ylabel("share of sequences with ΔE ≤ 0")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def _plot_sweep(ax: Any, m: dict, alphas: np.ndarray, key: str, bound: str, title: str) -> None:
+    depth = len(m["alpha"])
+    frac = np.asarray(m[key], dtype=float).mean(axis=1)  # (depth, n_alpha)
+    im = ax.imshow(frac.T, origin="lower", aspect="auto", cmap="Reds", vmin=0, vmax=1,
+                   extent=(-0.5, depth - 0.5, -0.5, len(alphas) - 0.5))
+    idx = np.arange(len(alphas))
+    med = np.median(np.asarray(m[bound]), axis=1)  # drawn on the α-index axis by interpolation
+    ax.plot(np.arange(depth), np.interp(med, alphas, idx, left=-0.5, right=len(alphas) - 0.5), "b--", lw=1.5,
+            label="median guaranteed bound")
+    ax.axhline(float(np.interp(1.0, alphas, idx)), color="k", lw=1, label="α = 1")
+    ax.set_yticks(idx, [f"{a:g}" for a in alphas])
+    ax.set_xlabel("layer ℓ")
+    ax.set_ylabel("step size α of the sweep")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.figure.colorbar(im, ax=ax, shrink=0.8)
 
 
 @compute_energy_curvature.summary
 def summarize_energy_curvature(data: dict) -> dict[str, Any]:
-    alpha = np.asarray(data["alpha"])
-    bound_a, bound_b = np.asarray(data["bound_a"]), np.asarray(data["bound_b"])
-    lam_true, lam_maj = np.asarray(data["lam_true"]), np.asarray(data["lam_maj"])
-    n = alpha.size
+    out: dict[str, Any] = {}
+    for m in data["models"]:
+        out.update(_curvature_summary(m, np.asarray(data["alphas"]), "relu" if m["relu"] else "norelu"))
+    return out
 
-    alphas = np.asarray(data["alphas"])
-    up_a, up_b = np.asarray(data["up_a"], dtype=bool), np.asarray(data["up_b"], dtype=bool)
+
+def _curvature_summary(m: dict, alphas: np.ndarray, tag: str) -> dict[str, Any]:
+    alpha = np.asarray(m["alpha"])
+    bound_a, bound_b = np.asarray(m["bound_a"]), np.asarray(m["bound_b"])
+    lam_true, lam_maj = np.asarray(m["lam_true"]), np.asarray(m["lam_maj"])
+    n = alpha.size
+    up_a, up_b = np.asarray(m["up_a"], dtype=bool), np.asarray(m["up_b"], dtype=bool)
     within = int((up_a & (alphas <= bound_a[..., None])).sum() + (up_b & (alphas <= bound_b[..., None])).sum())
     first_a = float(alphas[up_a.any(axis=(0, 1))].min()) if up_a.any() else None
     first_b = float(alphas[up_b.any(axis=(0, 1))].min()) if up_b.any() else None
 
     def count_up(key: str) -> int:
-        return int((np.asarray(data[key]) > 0).sum())
+        return int((np.asarray(m[key]) > 0).sum()) if key in m else 0
 
-    return {
+    out = {
         "min_bound_(a)": measured(float(bound_a.min()), note="smallest 2/λ_max(N) over layers and sequences; "
                                   "theory (Γ ⪰ 0 ⇒ λ_max(N) ≤ 1): ≥ 2"),
         "alpha_within_bound_(a)": measured(bool((alpha <= bound_a).all()), target=True,
@@ -562,9 +585,8 @@ def summarize_energy_curvature(data: dict) -> dict[str, Any]:
                                                 note=f"out of {n}; α = 1 < 2/λ_max(I + W_f)"),
         "total_increases_by_attention_step": measured(count_up("dE_total_attention"), note=f"out of {n}"),
         "total_increases_by_ffn_step": measured(count_up("dE_total_ffn"), note=f"out of {n}"),
-        "total_increases_by_relu": measured(count_up("dE_total_relu"), note=f"out of {n}"),
         "median_token_spread_per_layer": measured(
-            [float(f"{v:.3g}") for v in np.median(np.asarray(data["spread"]), axis=1)],
+            [float(f"{v:.3g}") for v in np.median(np.asarray(m["spread"]), axis=1)],
             note="‖Y − mean token‖_F / ‖Y‖_F entering each layer (0: tokens coincide)",
         ),
         "sweep_increases_within_guarantee": measured(
@@ -575,3 +597,6 @@ def summarize_energy_curvature(data: dict) -> dict[str, Any]:
                                                         "increased E_att somewhere (None: never)"),
         "sweep_smallest_alpha_increasing_(b)": measured(first_b, note="the same for step (b)"),
     }
+    if "dE_total_relu" in m:
+        out["total_increases_by_relu"] = measured(count_up("dE_total_relu"), note=f"out of {n}")
+    return {f"{tag}: {k}": v for k, v in out.items()}

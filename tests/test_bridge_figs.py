@@ -130,9 +130,14 @@ def test_energy_curvature_figure_tiny():
     spec = bridge.compute_energy_curvature
     data = spec(_cfg(2333))
     n = data["n_sequences"]
-    assert np.asarray(data["bound_a"]).shape == (DEPTH, n) and n >= 2
+    assert [m["relu"] for m in data["models"]] == [True, False] and n >= 2
+    for m in data["models"]:
+        assert np.asarray(m["bound_a"]).shape == (DEPTH, n)
+        assert ("dE_total_relu" in m) == m["relu"]
     summary = spec.summarize(data)
-    assert summary["alpha_within_bound_(a)"]["matches"] is True
-    assert summary["sweep_increases_within_guarantee"]["matches"] is True
-    assert summary["E_att_increases_by_attention_step"]["value"] == 0
-    assert len(spec.plot_fn(data, _cfg()).axes) >= 4
+    for tag in ("relu", "norelu"):
+        assert summary[f"{tag}: alpha_within_bound_(a)"]["matches"] is True
+        assert summary[f"{tag}: sweep_increases_within_guarantee"]["matches"] is True
+        assert summary[f"{tag}: E_att_increases_by_attention_step"]["value"] == 0
+    assert "relu: total_increases_by_relu" in summary and "norelu: total_increases_by_relu" not in summary
+    assert len(spec.plot_fn(data, _cfg()).axes) >= 8

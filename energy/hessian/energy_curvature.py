@@ -110,7 +110,8 @@ def attention_energy_hessian(
     eye_n = torch.eye(n, dtype=Y.dtype, device=Y.device)
     L = torch.diag_embed(Gamma.sum(-1)) - Gamma + energy.ridge * eye_n  # L_h + λI
     H = torch.einsum("...hij,hab->...iajb", L, W3)
-    z = pairwise_sq_dist(Y.unsqueeze(-3), W3)  # (..., h, n, n)
+    Yh = Y.unsqueeze(-3).expand(*Y.shape[:-2], W3.shape[0], n, d)  # one copy of the tokens per head
+    z = pairwise_sq_dist(Yh, W3)  # (..., h, n, n)
     c = energy.kernel.d2rho(z) * (1.0 - eye_n)  # ρ''(z_ij), i ≠ j
     YW = Y.unsqueeze(-3) @ W3  # rows (W y_i)ᵀ
     u = YW.unsqueeze(-2) - YW.unsqueeze(-3)  # u_ij = W (y_i − y_j), (..., h, n, n, d)

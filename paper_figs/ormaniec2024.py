@@ -693,7 +693,7 @@ _SOFTMAX_GUIDES = {b: _guide_exponents(b, THEORY_RATES) for b in ("V", "Q")}
     paper_seed=0,
 )
 def compute_growth_single(cfg: FigureConfig) -> dict[str, Any]:
-    sizes = _sizes(cfg, width=(8, 64, 128), batch=(4, 32, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
+    sizes = _sizes(cfg, width=(8, 128, 128), batch=(4, 64, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 10, 20))
     sweep, meta = _gpt2_growth(cfg, sizes, 1, "growth-single")
     series = [{"label": "layer 1", "key": "L1", "curves": _split_layers(sweep, [0])[0]["curves"],
@@ -730,7 +730,7 @@ def summarize_growth_single(data: dict) -> dict[str, Any]:
     paper_seed=0,
 )
 def compute_growth_depth(cfg: FigureConfig) -> dict[str, Any]:
-    sizes = _sizes(cfg, width=(8, 32, 128), batch=(4, 16, 64), n_sigma=(5, 10, 20), n_inits=(2, 2, 20),
+    sizes = _sizes(cfg, width=(8, 32, 128), batch=(4, 16, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 8, 20))
     n_layers = cfg.pick(tiny=2, quick=5, paper=5, key="n_layers")
     sweep, meta = _gpt2_growth(cfg, sizes, n_layers, "growth-depth")
@@ -994,7 +994,7 @@ _CF_BLOCK_LABEL = {"VV": "(V,V)", "VQ": "(V,Q)", "VK": "(V,K)", "QQ": "(Q,Q)", "
     paper_seed=0,
 )
 def compute_growth_closed_form(cfg: FigureConfig) -> dict[str, Any]:
-    width = cfg.pick(tiny=6, quick=64, paper=128, key="width")
+    width = cfg.pick(tiny=6, quick=128, paper=128, key="width")
     batch = cfg.pick(tiny=2, quick=4, paper=8, key="batch")
     n_sigma = cfg.pick(tiny=5, quick=10, paper=20, key="n_sigma")
     n_inits = cfg.pick(tiny=2, quick=2, paper=5, key="n_inits")

@@ -370,27 +370,53 @@ def _pair_mask(token_mask: Tensor, dtype: torch.dtype) -> Tensor:
 def _head_gamma(K: Tensor, kappa: float, kernel: Kernel, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``z`` and :math:`\\Gamma = \\rho'(z)` per head (masked pairs set to zero)."""
     z = _head_sq_dist(K, kappa)
-    Gamma = kernel.drho(z)
-    if token_mask is not None:
-        Gamma = Gamma * _pair_mask(token_mask, Gamma.dtype)
-    return z, Gamma
+    return z, _masked(kernel.drho(z), token_mask)
 
 
-def _head_energy(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float,
-                 token_mask: Tensor | None) -> Tensor:
-    r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, ``(..., h)``."""
-    K = _keys(Y, M3)
-    R = kernel.rho(_head_sq_dist(K, kappa))
-    if token_mask is not None:
-        R = R * _pair_mask(token_mask, R.dtype)
-    # Σ_{i<j} ρ(z_ij) = ½ (Σ_{i,j} ρ(z_ij) − Σ_i ρ(z_ii)), z symmetric; avoids copying the upper triangle
-    E = 0.5 * (R.sum((-1, -2)) - R.diagonal(dim1=-2, dim2=-1).sum(-1))
+def _energy_from_z(z: Tensor, Gamma: Tensor | None, K: Tensor, kappa: float, kernel: Kernel, ridge: float,
+                   token_mask: Tensor | None) -> Tensor:
+    r""":math:`E_h = \sum_{i<j} m_i m_j\rho(z^h_{ij}) + \tfrac\lambda2 \sum_i m_i\|y_i\|^2_{W_h}`, ``(..., h)``.
+
+    The one place the energy is evaluated from the pairwise :math:`z` (``energy`` and ``step_and_energy`` both
+    call it), as :math:`\sum_{i<j} R_{ij} = \tfrac12(\sum_{i,j} R_{ij} - \sum_i R_{ii})` (``R`` symmetric; no copy
+    of the upper triangle). For the Gaussian kernel :math:`\rho = -\rho'`, so the energy is
+    :func:`_gaussian_energy` of the off-diagonal row sums of :math:`\Gamma`, and a :math:`\Gamma` the step has
+    already computed (``Gamma``, masked pairs zero) is reused (one exponential per pair in ``step_and_energy``); any
+    other kernel evaluates :math:`\rho(z)`.
+    """
+    if type(kernel) is GaussianKernel:
+        if Gamma is None:
+            Gamma = _masked(kernel.drho(z), token_mask)
+        E = _gaussian_energy(Gamma.sum(-1) - Gamma.diagonal(dim1=-2, dim2=-1))
+    else:
+        R = _masked(kernel.rho(z), token_mask)
+        E = 0.5 * (R.sum((-1, -2)) - R.diagonal(dim1=-2, dim2=-1).sum(-1))
     if ridge:
         sq = kappa * (K * K).sum(-1)  # ‖y_i‖²_{W_h}
         if token_mask is not None:
             sq = sq * token_mask.to(sq.dtype).unsqueeze(-2)
         E = E + 0.5 * ridge * sq.sum(-1)
     return E
+
+
+def _gaussian_energy(offdiag_row_sums: Tensor) -> Tensor:
+    r"""Gaussian kernel, :math:`\rho(z) = -e^{-z} = -\gamma`: :math:`\sum_{i<j}\rho(z_{ij}) = -\tfrac12\sum_i
+    \sum_{j\ne i}\gamma_{ij} = -\tfrac12\sum_i (D_{ii} - \gamma_{ii})` (MATH §1.1), from the off-diagonal row
+    sums ``(..., n)`` of :math:`\Gamma` (masked rows zero). Used with the explicit :math:`\Gamma`
+    (:func:`_energy_from_z`) and with the fused step's log-normalisers (:func:`_fused_gaussian_energy`)."""
+    return -0.5 * offdiag_row_sums.sum(-1)
+
+
+def _masked(R: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Pairwise ``R`` with every pair that involves a padded token set to zero."""
+    return R if token_mask is None else R * _pair_mask(token_mask, R.dtype)
+
+
+def _head_energy(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float,
+                 token_mask: Tensor | None) -> Tensor:
+    r""":math:`E_h` at ``Y`` (see :func:`_energy_from_z`), ``(..., h)``: one key product, one Gram product."""
+    K = _keys(Y, M3)
+    return _energy_from_z(_head_sq_dist(K, kappa), None, K, kappa, kernel, ridge, token_mask)
 
 
 def _denominator(Gamma: Tensor, ridge: float, token_mask: Tensor | None) -> Tensor:
@@ -419,7 +445,31 @@ def _head_mixing(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: flo
                  token_mask: Tensor | None) -> Tensor:
     r""":math:`A_h = (D_h + \lambda I)^{-1}\Gamma_h` (rows of padded tokens are zero), ``(..., h, n, n)``."""
     _, Gamma = _head_gamma(_keys(Y, M3), kappa, kernel, token_mask)
+    return _mixing(Gamma, ridge, token_mask)
+
+
+def _mixing(Gamma: Tensor, ridge: float, token_mask: Tensor | None) -> Tensor:
+    r""":math:`A_h = (D_h + \lambda I)^{-1}\Gamma_h` from :math:`\Gamma_h`."""
     return Gamma / _denominator(Gamma, ridge, token_mask).unsqueeze(-1)
+
+
+def _head_step(Y: Tensor, M3: Tensor, kappa: float, kernel: Kernel, ridge: float, token_mask: Tensor | None,
+               values: Tensor | None, out: Tensor | None, alpha: float | Tensor,
+               with_energy: bool) -> Tensor | tuple[Tensor, Tensor]:
+    r"""The step :math:`Y^+` (:func:`_apply_step`) and, if ``with_energy``, :math:`E(Y) = \sum_h E_h(Y)` from the
+    same keys, :math:`z` and :math:`\Gamma` (:func:`_energy_from_z`).
+
+    ``values``: ``None`` for :math:`V = Y` (one head, ``out=None``), ``M3`` itself for :math:`V_h = K_h`
+    (the keys are reused), else a ``(h, d, r)`` value factor.
+    """
+    K = _keys(Y, M3)
+    z, Gamma = _head_gamma(K, kappa, kernel, token_mask)
+    A = _mixing(Gamma, ridge, token_mask)
+    V = Y.unsqueeze(-3) if values is None else K if values is M3 else _keys(Y, values)
+    Yp = _apply_step(Y, A, V, out, alpha, token_mask)
+    if not with_energy:
+        return Yp
+    return Yp, _energy_from_z(z, Gamma, K, kappa, kernel, ridge, token_mask).sum(-1)
 
 
 _CHUNK_ENTRIES = 1 << 22  # pairwise entries (heads × n × n) per chunk: 16 MB in float32, the size of a typical L3
@@ -439,8 +489,10 @@ def _batch_chunks(fn, Y: Tensor, token_mask: Tensor | None, h: int) -> Tensor:
     if Yf.shape[0] <= size:
         out = fn(Yf, mf)
     else:
-        out = torch.cat([fn(Yf[i:i + size], None if mf is None else mf[i:i + size])
-                         for i in range(0, Yf.shape[0], size)])
+        parts = [fn(Yf[i:i + size], None if mf is None else mf[i:i + size]) for i in range(0, Yf.shape[0], size)]
+        out = tuple(map(torch.cat, zip(*parts))) if isinstance(parts[0], tuple) else torch.cat(parts)
+    if isinstance(out, tuple):  # several results per batch element (step_and_energy)
+        return tuple(o.reshape(tuple(lead) + tuple(o.shape[1:])) for o in out)
     return out.reshape(tuple(lead) + tuple(out.shape[1:]))
 
 
@@ -530,6 +582,34 @@ class _PairwiseAttention(Energy):
             (g,) = torch.autograd.grad(self.energy(Y, token_mask).sum(), Y)
         return g
 
+    def _value_maps(self, M3: Tensor, preconditioner: str) -> tuple[Tensor | None, Tensor | None]:
+        """The step's values and output maps (see :func:`_head_step`)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def step_and_energy(self, Y: Tensor, alpha: float | Tensor = 1.0, *, preconditioner: str = "metric",
+                        token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""The step and the energy at its input, :math:`(Y^+, E(Y))`, from one evaluation of :math:`z` and
+        :math:`\Gamma` at ``Y`` (MATH §1.1).
+
+        The step needs :math:`z_{ij}` and :math:`\Gamma = \rho'(z)`; the energy :math:`\sum_{i<j}\rho(z_{ij})` is
+        the same :math:`z` summed (for the Gaussian kernel, :math:`\rho = -\rho'`: the already computed
+        :math:`\Gamma` summed). Equals ``(self.step(Y, alpha, ...), self.energy(Y, token_mask))``; the step size is
+        checked as in :meth:`step`. The unroller uses it to trace :math:`E` at the input of every attention step.
+        """
+        return self._step(Y, alpha, preconditioner, token_mask, with_energy=True)
+
+    def _step(self, Y: Tensor, alpha: float | Tensor, preconditioner: str, token_mask: Tensor | None,
+              with_energy: bool) -> Tensor | tuple[Tensor, Tensor]:
+        Y, token_mask = self._inputs(Y, token_mask)
+        r = self.step_range(preconditioner)
+        check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
+        M3 = self._M3()
+        values, out = self._value_maps(M3, preconditioner)
+        return _batch_chunks(
+            lambda Yc, mc: _head_step(Yc, M3, self.scale, self.kernel, self.ridge, mc, values, out, alpha,
+                                      with_energy),
+            Y, token_mask, M3.shape[0])
+
     def _range(self, preconditioner: str, orthogonal: bool) -> StepRange:
         lam = self.lambda_max_W() if preconditioner == "token" else 0.0
         return attention_step_range(self.kernel, preconditioner, lambda_max_W=lam, orthogonal_heads=orthogonal)
@@ -593,18 +673,11 @@ class AttentionEnergy(_PairwiseAttention):
         :math:`A = (D+\lambda I)^{-1}\Gamma`. The closed forms need no inverse of :math:`W`. Warns (or raises in
         :func:`~energy.strict_mode`) if ``alpha`` is outside :meth:`step_range`. Padded tokens are unchanged.
         """
-        Y, token_mask = self._inputs(Y, token_mask)
-        r = self.step_range(preconditioner)
-        check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
-        M3 = self._M3()
+        return self._step(Y, alpha, preconditioner, token_mask, with_energy=False)
 
-        def one_chunk(Yc: Tensor, mc: Tensor | None) -> Tensor:
-            A = _head_mixing(Yc, M3, self.scale, self.kernel, self.ridge, mc)
-            if preconditioner == "metric":
-                return _apply_step(Yc, A, Yc.unsqueeze(-3), None, alpha, mc)
-            return _apply_step(Yc, A, _keys(Yc, M3), self.scale * M3.transpose(-1, -2), alpha, mc)
-
-        return _batch_chunks(one_chunk, Y, token_mask, 1)
+    def _value_maps(self, M3: Tensor, preconditioner: str) -> tuple[Tensor | None, Tensor | None]:
+        # metric: identity values (V = Y, no output map); token: values K = Y M, output map κ Mᵀ
+        return (None, None) if preconditioner == "metric" else (M3, self.scale * M3.transpose(-1, -2))
 
     def preconditioned_grad(self, Y: Tensor, G: Tensor | None = None, *, preconditioner: str = "metric",
                             token_mask: Tensor | None = None) -> Tensor:
@@ -688,20 +761,13 @@ class MultiHeadAttentionEnergy(_PairwiseAttention):
     def step(self, Y: Tensor, alpha: float | Tensor = 1.0, *, preconditioner: str = "metric",
              token_mask: Tensor | None = None) -> Tensor:
         r"""Sum of per-head steps (see the class docstring); guaranteed descent only for orthogonal heads."""
-        Y, token_mask = self._inputs(Y, token_mask)
-        r = self.step_range(preconditioner)
-        check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason, high_inclusive=r.high_inclusive)
+        return self._step(Y, alpha, preconditioner, token_mask, with_energy=False)
+
+    def _value_maps(self, M3: Tensor, preconditioner: str) -> tuple[Tensor | None, Tensor | None]:
         if preconditioner == "metric":
-            U = head_bases(self.M)  # P_h = U_h U_hᵀ: values Y U_h, output map U_hᵀ
-            values, out = U, U.transpose(-1, -2)
-        else:
-            values, out = self.M, self.scale * self.M.transpose(-1, -2)  # values Y M_h, output map κ M_hᵀ
-
-        def one_chunk(Yc: Tensor, mc: Tensor | None) -> Tensor:
-            A = _head_mixing(Yc, self.M, self.scale, self.kernel, self.ridge, mc)
-            return _apply_step(Yc, A, _keys(Yc, values), out, alpha, mc)
-
-        return _batch_chunks(one_chunk, Y, token_mask, self.num_heads)
+            U = head_bases(M3)  # P_h = U_h U_hᵀ: values Y U_h, output map U_hᵀ
+            return U, U.transpose(-1, -2)
+        return M3, self.scale * M3.transpose(-1, -2)  # values K_h = Y M_h (the keys), output map κ M_hᵀ
 
     def preconditioned_grad(self, Y: Tensor, G: Tensor | None = None, *, preconditioner: str = "metric",
                             token_mask: Tensor | None = None) -> Tensor:
@@ -743,7 +809,8 @@ def attention_step_fused(
     token_mask: Tensor | None = None,
     value_basis: Tensor | None = None,
     check: bool = True,
-) -> Tensor:
+    return_energy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     r"""Gaussian-kernel attention step (λ = 0) through ``F.scaled_dot_product_attention`` (MATH §1.1, fused β).
 
     The key bias is folded into an augmented query/key pair: with :math:`q_i = k_i = y_i M_h`,
@@ -770,6 +837,15 @@ def attention_step_fused(
         value_basis: optional precomputed :func:`head_bases` ``(h, d, r)`` of ``M`` (multi-head metric step), to
             avoid an SVD per call. It is trusted, not re-checked.
         check: validate inputs and the step size (set ``False`` only in hot loops whose inputs are known good).
+        return_energy: also return the energy at the input, :math:`E(Y) = \sum_h E_h(Y)` (shape ``Y.shape[:-2]``).
+            Without autograd it comes from the attention kernel's row log-normalisers at no pairwise cost
+            (:func:`_fused_gaussian_energy`); when autograd records it is evaluated explicitly (differentiable).
+
+    Autograd: differentiable in ``Y``, ``M``, ``alpha`` (a tensor) and ``value_basis``; no tensor saved for
+    backward is written in place (see :func:`_augmented_qkv`).
+
+    Returns:
+        ``Y⁺`` of the shape of ``Y``; with ``return_energy``, ``(Y⁺, E(Y))``.
     """
     single = isinstance(M, Tensor) and M.ndim == 2
     if check:
@@ -800,9 +876,18 @@ def attention_step_fused(
     else:
         values, out = M3, kappa * M3.transpose(-1, -2)  # values K_h = Y M_h, output map κ M_hᵀ
     q, kt, v = _augmented_qkv(Y.reshape(-1, n, d), M3, values)
-    attn_mask = None if token_mask is None else token_mask.expand(*lead, n).reshape(-1, 1, 1, n)
+    mask_flat = None if token_mask is None else token_mask.expand(*lead, n).reshape(-1, n)
+    attn_mask = None if mask_flat is None else mask_flat.view(-1, 1, 1, n)
     r = values.shape[-1]
-    O = F.scaled_dot_product_attention(q, kt, v, attn_mask=attn_mask, scale=kappa)[..., :r]
+    energy = None
+    if return_energy and not kt.requires_grad:
+        O, lse = _sdpa_with_lse(q, kt, v, mask_flat, kappa)
+        energy = _fused_gaussian_energy(lse, kappa * kt[..., k], mask_flat).sum(-1).reshape(lead)
+    else:
+        O = F.scaled_dot_product_attention(q, kt, v, attn_mask=attn_mask, scale=kappa)
+        if return_energy:  # autograd records: the kernel's log-normalisers carry no gradient
+            energy = _head_energy(Y, M3, kappa, GaussianKernel(), 0.0, token_mask).sum(-1)
+    O = O[..., :r]
     Y2 = Y.reshape(-1, d)
     if out is None:  # Y⁺ = (1 − α) Y + α O
         O = O.reshape(-1, d)
@@ -814,7 +899,57 @@ def attention_step_fused(
     Yp = Yp.reshape(*lead, n, d)
     if token_mask is not None:
         Yp = torch.where(token_mask.unsqueeze(-1), Yp, Y)
-    return Yp
+    return (Yp, energy) if return_energy else Yp
+
+
+def _fused_gaussian_energy(lse: Tensor, beta: Tensor, token_mask: Tensor | None) -> Tensor:
+    r"""Gaussian energy per head from the fused step's row log-normalisers (MATH §1.1), ``(B, h)``.
+
+    The step's logits are :math:`s_{ij} = y_i^\top W y_j + \beta_j` and :math:`z_{ij} = -\beta_i - s_{ij}`, so
+    with :math:`\ell_i = \log\sum_j m_j e^{s_{ij}}` (what the attention kernel normalises by)
+
+    .. math:: D_{ii} = \sum_j m_j\gamma_{ij} = e^{\beta_i + \ell_i}, \qquad
+        \sum_{j\ne i} m_j\gamma_{ij} = D_{ii} - 1 = \operatorname{expm1}(\beta_i + \ell_i),
+
+    (:math:`\gamma_{ii} = 1`), and :func:`_gaussian_energy` sums them over the real tokens: no pairwise work.
+
+    Args:
+        lse: :math:`\ell` ``(B, h, n)``; beta: :math:`\beta` ``(B, h, n)``; token_mask: ``(B, n)`` or ``None``.
+    """
+    off = torch.expm1(lse + beta)
+    if token_mask is not None:
+        off = off * token_mask.to(off.dtype).unsqueeze(-2)
+    return _gaussian_energy(off)
+
+
+def _flash_lse_op():
+    """torch's CPU flash-attention op, which also returns the row log-sum-exp (``None`` if this torch lacks it)."""
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _sdpa_with_lse(q: Tensor, kt: Tensor, v: Tensor, token_mask: Tensor | None,
+                   kappa: float) -> tuple[Tensor, Tensor]:
+    r"""Scaled-dot-product attention ``(B, h, n, w)`` and the log-sum-exp ``(B, h, n)`` of its logits (no autograd).
+
+    On CPU, torch's flash kernel (the one ``F.scaled_dot_product_attention`` dispatches to) returns both in one
+    pass; elsewhere, or if that op is unavailable, the logits are formed explicitly.
+    """
+    bias = None
+    if token_mask is not None:  # additive key mask: 0 for real tokens, −∞ for padding
+        bias = torch.zeros(token_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~token_mask, -math.inf)
+        bias = bias.view(-1, 1, 1, token_mask.shape[-1])
+    op = _flash_lse_op() if q.device.type == "cpu" else None
+    if op is not None:
+        O, lse = op(q, kt, v, attn_mask=bias, scale=kappa)
+        return O, lse
+    S = kappa * (q @ kt.transpose(-1, -2))
+    if bias is not None:
+        S = S + bias
+    lse = torch.logsumexp(S, dim=-1)
+    return torch.exp(S - lse.unsqueeze(-1)) @ v, lse
 
 
 def _augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import energy.attention as energy_attention
 from energy._validation import ConstraintError, EnergyInputError, StepSizeError, StepSizeWarning, strict_mode
 from energy.attention import (
     AttentionEnergy,
@@ -237,6 +238,69 @@ def test_fused_step_equals_einsum_step(shape: tuple, preconditioner: str, gen: t
     alpha = _alpha(E2, preconditioner)
     _close(attention_step_fused(Y, M, alpha, scale=0.37, preconditioner=preconditioner),
            E2.step(Y, alpha, preconditioner=preconditioner))
+
+
+# --- step and energy from one evaluation of z (the unroller traces) -----------------------------------------------
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+@pytest.mark.parametrize("preconditioner", ["metric", "token"])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KIDS)
+def test_step_and_energy_equals_step_and_energy_separately(kernel: Kernel, preconditioner: str, ridge: float,
+                                                           masked: bool, gen: torch.Generator) -> None:
+    Y, M = _problem(gen, (2, 3), 6, 4, 5)
+    E = AttentionEnergy(M, kernel=kernel, ridge=ridge)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 3, 6, generator=gen) > 0.4
+        mask[..., 0] = True
+    alpha = _alpha(E, preconditioner)
+    Yp, e = E.step_and_energy(Y, alpha, preconditioner=preconditioner, token_mask=mask)
+    assert e.shape == (2, 3)
+    _close(Yp, E.step(Y, alpha, preconditioner=preconditioner, token_mask=mask), 1e-12)
+    _close(e, E.energy(Y, mask), 1e-12)
+    _close(e, _pair_sum_energy(Y, E, mask), 1e-12)  # and the definition Σ_{i<j} ρ(z_ij) + (λ/2)‖Y‖²_W itself
+
+
+def _pair_sum_energy(Y: torch.Tensor, E: AttentionEnergy, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ_{i<j} m_i m_j ρ(½‖y_i − y_j‖²_W) + (λ/2) Σ_i m_i ‖y_i‖²_W by brute force over the pairs."""
+    n = Y.shape[-2]
+    W = E.W
+    m = torch.ones(Y.shape[:-1], dtype=DT) if mask is None else mask.to(DT)
+    diff = Y.unsqueeze(-2) - Y.unsqueeze(-3)
+    z = 0.5 * torch.einsum("...ijd,de,...ije->...ij", diff, W, diff)
+    iu = torch.triu_indices(n, n, 1)
+    pair = (E.kernel.rho(z) * m.unsqueeze(-1) * m.unsqueeze(-2))[..., iu[0], iu[1]].sum(-1)
+    return pair + 0.5 * E.ridge * (torch.einsum("...nd,de,...ne->...n", Y, W, Y) * m).sum(-1)
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["flash-lse", "explicit-logits"])
+@pytest.mark.parametrize("preconditioner", ["metric", "token"])
+def test_fused_step_returns_the_energy_at_its_input(preconditioner: str, flash: bool, gen: torch.Generator,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``attention_step_fused(..., return_energy=True)``: E(Y) from the kernel's row log-normalisers, MATH §1.1
+    (``D_ii = exp(β_i + lse_i)``), equals ``energy(Y)``; both the flash op and the explicit-logit fallback; under
+    autograd the energy is the explicit, differentiable one."""
+    if not flash:
+        monkeypatch.setattr(energy_attention, "_flash_lse_op", lambda: None)
+    Y, M = _problem(gen, (2, 3), 7, 4, 5)
+    mask = torch.rand(2, 3, 7, generator=gen) > 0.4
+    mask[..., 0] = True
+    for scale in (None, 0.37):
+        E = AttentionEnergy(M, scale=scale)
+        alpha = _alpha(E, preconditioner)
+        for mk in (None, mask):
+            with torch.no_grad():
+                Yp, e = attention_step_fused(Y, M, alpha, scale=scale, preconditioner=preconditioner, token_mask=mk,
+                                             return_energy=True)
+            _close(Yp, E.step(Y, alpha, preconditioner=preconditioner, token_mask=mk))
+            _close(e, E.energy(Y, mk), 1e-12)
+    Yg = Y.clone().requires_grad_(True)
+    _, e = attention_step_fused(Yg, M, _alpha(AttentionEnergy(M), preconditioner), preconditioner=preconditioner,
+                                return_energy=True)
+    (g,) = torch.autograd.grad(e.sum(), Yg)
+    _close(g, AttentionEnergy(M).grad(Y))
 
 
 # --- the key bias β: regression and the equal-norm case --------------------------------------------------------------

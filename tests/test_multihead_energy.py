@@ -220,6 +220,36 @@ def test_fused_multihead_equals_einsum_step(shape: tuple, preconditioner: str, g
                Eg.step(Y, 0.1, preconditioner=preconditioner))
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("orthogonal", [True, False], ids=["orth", "general"])
+@pytest.mark.parametrize("preconditioner", ["metric", "token"])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KIDS)
+def test_step_and_energy_equals_step_and_energy_separately(kernel: Kernel, preconditioner: str, orthogonal: bool,
+                                                           masked: bool, gen: torch.Generator) -> None:
+    batch, n, d, h, k, r = SHAPES[1]
+    Y = _tokens(gen, batch, n, d)
+    M = _orthogonal_heads(gen, d, h, k, r) if orthogonal else _general_heads(gen, d, h, k)
+    mask = None
+    if masked:
+        mask = torch.rand(*batch, n, generator=gen) > 0.4
+        mask[..., 0] = True
+    for ridge in (0.0, 0.2):
+        E = MultiHeadAttentionEnergy(M, kernel=kernel, ridge=ridge)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StepSizeWarning)  # general heads: no guaranteed range
+            Yp, e = E.step_and_energy(Y, 0.3, preconditioner=preconditioner, token_mask=mask)
+            _close(Yp, E.step(Y, 0.3, preconditioner=preconditioner, token_mask=mask), 1e-12)
+        assert e.shape == batch
+        _close(e, E.energy(Y, mask), 1e-12)
+        if type(kernel) is GaussianKernel and ridge == 0.0:  # the fused path's energy (from the log-normalisers)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", StepSizeWarning)
+                Yf, ef = attention_step_fused(Y, M, 0.3, preconditioner=preconditioner, token_mask=mask,
+                                              return_energy=True)
+            _close(Yf, Yp)
+            _close(ef, e, 1e-12)
+
+
 def _grads_of_step(step, Y: torch.Tensor, M: torch.Tensor, alpha: torch.Tensor, C: torch.Tensor):
     """Gradients of ⟨C, step(Y, M, α)⟩ with respect to Y, M and α (reverse mode)."""
     Y, M, alpha = (t.detach().requires_grad_(True) for t in (Y, M, alpha))

@@ -50,6 +50,9 @@ from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline
 
 __all__ = [
     "DTYPE",
+    "EMBEDDING_SEED",
+    "PROBE_SEED",
+    "DATA_SEED",
     "HEATMAP_EPS",
     "SMALL_SIGMA_MAX",
     "THEORY_RATES",
@@ -92,6 +95,12 @@ THEORY_RATES: dict[str, dict[str, int | None]] = {
 # ----------------------------------------------------------------------------------------------------------------------
 # models, data, fast scored-position forward
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+#: Seed offsets of the independent random streams of one figure seed ``s``: initialisation ``i`` uses ``s + i`` for the
+#: weights, ``s + i + EMBEDDING_SEED`` for the embedding draw, ``s + i + PROBE_SEED`` for the Hutchinson probes, and the
+#: data batch uses ``s + DATA_SEED``.
+EMBEDDING_SEED, PROBE_SEED, DATA_SEED = 10_000, 20_000, 30_000
 
 
 def addition_data(batch_size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -279,7 +288,7 @@ def compute_heterogeneity(cfg: FigureConfig) -> dict[str, Any]:
     batch = cfg.pick(tiny=2, quick=16, paper=64, key="batch")
     d = cfg.pick(tiny=16, quick=16, paper=16, key="d_model")
     model = gpt2_model(heterogeneity_config(d), cfg.seed)
-    tokens, targets = addition_data(batch, cfg.seed + 1)
+    tokens, targets = addition_data(batch, cfg.seed + DATA_SEED)
     order = natural_order(model)
     H = dense_loss_hessian(model, addition_loss, tokens, targets, order)
     groups = parameter_groups(model, order)
@@ -402,7 +411,7 @@ def summarize_heterogeneity(data: dict) -> dict[str, Any]:
 def compute_linear_attention(cfg: FigureConfig) -> dict[str, Any]:
     batch = cfg.pick(tiny=2, quick=32, paper=64, key="batch")
     d = cfg.pick(tiny=16, quick=16, paper=16, key="d_model")
-    tokens, targets = addition_data(batch, cfg.seed + 1)
+    tokens, targets = addition_data(batch, cfg.seed + DATA_SEED)
     names = _attention_names()
     out: dict[str, Any] = {"batch": batch, "d_model": d}
     for kind in ("softmax", "linear"):
@@ -518,7 +527,8 @@ def growth_sweep(
     .. math:: \|A_{aa}\|_F \approx \Big(\frac1S \sum_{s=1}^S \|A_{aa} z_s\|^2\Big)^{1/2},\qquad
               A \in \{H_o = \mathrm{GGN},\ H_f = H - \mathrm{GGN},\ H\},
 
-    with ``S`` Rademacher probes ``z_s`` (the same for every σ), all three products from one shared pass of
+    (the estimator of :func:`energy.hessian.estimators.hutchinson_squared_frobenius`, evaluated here on products
+    the three matrices share) with ``S`` Rademacher probes ``z_s`` (the same for every σ), from one shared pass of
     :meth:`energy.hessian.operators.CurvatureOperator.products` (``H_f`` and ``J z`` by one forward-over-reverse
     pass, ``GGN z = Jᵀ ∇²ℓ J z`` by the kept ``vjp``, ``H z = GGN z + H_f z``).
 
@@ -527,11 +537,11 @@ def growth_sweep(
             ``loss_fn``.
         blocks: ``{label: parameter name}``.
         loss_fn: ``loss_fn(outputs, targets)``, a mean over the batch.
-        sigmas, n_inits, n_samples, batch, seed: protocol sizes; the data is one addition batch (seed ``seed+1``).
+        sigmas, n_inits, n_samples, batch, seed: protocol sizes and seed (streams: :data:`DATA_SEED` etc.); the
+            data is one addition batch.
         progress: ``progress(iterable, desc, total)`` wrapper (e.g. ``cfg.progress``).
     """
-    tokens, targets = addition_data(batch, seed + 1)
-    data = [(tokens, targets)]
+    data = [addition_data(batch, seed + DATA_SEED)]
     norms = {b: {part: np.full((n_inits, len(sigmas)), np.nan) for _, part in PARTS} for b in blocks}
     kinds = tuple(k for k, _ in PARTS)
     steps = [(i, j) for i in range(n_inits) for j in range(len(sigmas))]
@@ -539,10 +549,10 @@ def growth_sweep(
     for i, j in progress(steps, desc, total=len(steps)):
         if j == 0:
             model = make_model(seed + i)
-            probe_gen = torch.Generator().manual_seed(20_000 + seed + i)
+            probe_gen = torch.Generator().manual_seed(seed + i + PROBE_SEED)
             ops = {b: HessianOperator(model, loss_fn, [name], data, reduction="mean") for b, name in blocks.items()}
             probes = {b: _rademacher(op.shape[0], n_samples, probe_gen) for b, op in ops.items()}
-        model.set_embedding_scale(float(sigmas[j]), torch.Generator().manual_seed(10_000 + seed + i))
+        model.set_embedding_scale(float(sigmas[j]), torch.Generator().manual_seed(seed + i + EMBEDDING_SEED))
         for b, op in ops.items():
             products = op.products(probes[b], kinds)
             for kind, part in PARTS:
@@ -954,7 +964,7 @@ def closed_form_sweep(
     """
     from energy.hessian.structure import block_norms
 
-    tokens, _ = addition_data(batch, seed + 1)
+    tokens, _ = addition_data(batch, seed + DATA_SEED)
     out = {b: {p: np.full((n_inits, len(sigmas)), np.nan) for p in ("H_o", "H_f", "H")} for b in THEORY_RATES}
     steps = [(i, j) for i in range(n_inits) for j in range(len(sigmas))]
     for i, j in progress(steps, "closed-form σ sweep", total=len(steps)):

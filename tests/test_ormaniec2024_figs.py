@@ -112,9 +112,9 @@ def test_growth_sweep_matches_dense_blocks():
                             {"Q": "model.blocks.0.attn.W_Q"}, addition_loss,
                             sigmas=np.array([0.3]), n_inits=1, n_samples=9, batch=2, seed=0)
     model = om.ScoredPositions(om.gpt2_model(config, 0))
-    model.set_embedding_scale(0.3, torch.Generator().manual_seed(10_000))
-    H = om.dense_loss_hessian(model, addition_loss, *om.addition_data(2, 1), ["model.blocks.0.attn.W_Q"])
-    Z = om._rademacher(9, 9, torch.Generator().manual_seed(20_000))
+    model.set_embedding_scale(0.3, torch.Generator().manual_seed(om.EMBEDDING_SEED))
+    H = om.dense_loss_hessian(model, addition_loss, *om.addition_data(2, om.DATA_SEED), ["model.blocks.0.attn.W_Q"])
+    Z = om._rademacher(9, 9, torch.Generator().manual_seed(om.PROBE_SEED))
     expected = float(((H @ Z) ** 2).sum(0).mean().sqrt())
     assert math.isclose(sweep.norms["Q"]["H"][0, 0], expected, rel_tol=1e-10)
     assert np.all(sweep.norms["Q"]["H_o"] > 0)
@@ -235,7 +235,7 @@ def test_closed_form_sweep_matches_dense_closed_form():
     """The structured norms equal the Frobenius norms of the dense closed-form blocks (energy.hessian.attention)."""
     s = np.array([0.2])
     norms = om.closed_form_sweep(s, width=3, batch=2, n_inits=1, seed=0)
-    tokens, _ = om.addition_data(2, 1)
+    tokens, _ = om.addition_data(2, om.DATA_SEED)
     g = torch.Generator().manual_seed(0)
     E = torch.randn(int(tokens.max()) + 1, 3, generator=g, dtype=torch.float64)
     P = torch.randn(tokens.shape[1], 3, generator=g, dtype=torch.float64)

@@ -113,8 +113,8 @@ def _compare_one_and_all_threads(candidate, baseline, *, repeat: int, target: fl
 def bench_largest_dense(quick: bool) -> dict[str, Any]:
     L, budget_gib = 32, 8.0
     widths = (32, 48) if quick else (64, 96, 128)
-    # peak memory ≈ the p×p result (blocks are written in place) + a few value-side factors of L·d³ numbers
-    fits = [d for d in widths if ((3 * d * d) ** 2 + 6 * L * d**3) * 8 / _GIB <= budget_gib]
+    # peak memory ≈ the p×p result + one row-strip factor (L·d·p numbers) + value-side factors (4·L·d³ numbers)
+    fits = [d for d in widths if ((3 * d * d) ** 2 + L * d * 3 * d * d + 4 * L * d**3) * 8 / _GIB <= budget_gib]
     d = max(fits)
     p = 3 * d * d
     X, W_Q, W_K, W_V, Y = _layer(L, d, d)

@@ -505,7 +505,7 @@ class _Factors:
     * ``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` (``H_o``: first term, ``H_f``: second), ``(N, d, d)``;
     * ``P_i = W_Kᵀ R_i W_K`` ``(N, k, k)`` and ``U_i = W_Kᵀ R_i`` ``(N, k, d)``;
     * per value-side weight ``w ∈ {V, O}``: ``E^w_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``
-      (module docstring) and ``E^w_i W_K``, stored as ``(n, m, a, i)`` and ``(n, m, i, b)`` (see :meth:`_E`);
+      (module docstring) and ``E^w_i W_K``, stored as ``(a, i, n, m)`` and ``(i, b, n, m)`` (see :meth:`_E`);
     * ``S = 2c M_1ᵀ M_1`` (``0`` for ``H_f``), ``Ω_O = W_O W_Oᵀ`` and the bilinear ``G_QK`` (``0`` for ``H_o``);
     * with ``W_O``: ``S_O = 2c W_VᵀM_1ᵀM_1W_V``, ``P_VO = 2c M_1ᵀ M_1 W_V`` (``H_o``), ``Q_VO = M_1ᵀ G`` (``H_f``).
     """
@@ -551,20 +551,20 @@ class _Factors:
         return mom.M_1 @ mom.W_V, mom.B_V, mom.W_V.T @ mom.Sigma, mom.G
 
     def _E(self, w: str, right: Tensor | None = None) -> Tensor:
-        """``E^w`` laid out ``(n, m, a, i)``, or with ``right`` ``E^w · right`` laid out ``(n, m, i, b)``.
+        """``E^w`` laid out ``(a, i, n, m)``, or with ``right`` ``E^w · right`` laid out ``(i, b, n, m)``.
 
-        ``E_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``, written directly in the layout the batched
-        GEMMs of :func:`_write_block` read (rows ``i`` innermost or second-innermost), with one pass per half.
+        ``E_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``, written directly in the layout the row-strip
+        GEMMs of :func:`_write_rows` read, with one pass per half.
         """
         mom, E = self.mom, None
         alpha, Bt, St, gamma = self.value_side(w)
-        if right is None:  # (n, m, a, i)
-            o1, o2 = alpha.T[:, None, None, :], Bt.permute(1, 2, 0)[None]
-            f1, f2 = St.permute(1, 2, 0)[:, None], gamma.T[None, :, None, :]
-        else:  # (n, m, i, b) with B̃_i right, S̃_i right
+        if right is None:  # (a, i, n, m)
+            o1, o2 = alpha[None, :, :, None], Bt.permute(2, 0, 1)[:, :, None, :]
+            f1, f2 = St.permute(2, 0, 1)[:, :, :, None], gamma[None, :, None, :]
+        else:  # (i, b, n, m) with B̃_i right, S̃_i right
             Bt, St = Bt @ right, St @ right
-            o1, o2 = alpha.T[:, None, :, None], Bt.permute(1, 0, 2)[None]
-            f1, f2 = St.permute(1, 0, 2)[:, None], gamma.T[None, :, :, None]
+            o1, o2 = alpha[:, None, :, None], Bt.permute(0, 2, 1)[:, :, None, :]
+            f1, f2 = St.permute(0, 2, 1)[:, :, :, None], gamma[:, None, None, :]
         if self.use_o:
             E = torch.mul(o1, o2).mul_(2.0 * mom.c * mom.kappa)
         if self.use_f:
@@ -618,56 +618,63 @@ class _Factors:
     Q_VO = property(lambda self: self._get("Q_VO"))
 
 
-def _bmm_into(L: Tensor, R: Tensor, out: Tensor, chunk_elems: int = 1 << 22) -> None:
-    """``out[β] = L[β] @ R[β]``.
+def _row_factor(f: _Factors, a: str, b: str, out: Tensor) -> None:
+    """Write the row factor of block ``(a, b)``, ``a ∈ {Q, K}``, into ``out``.
 
-    A contiguous ``out`` is written directly. A strided ``out`` (a block of the assembled Hessian) is filled in
-    batch chunks of about ``chunk_elems`` numbers through a contiguous temporary: ``bmm`` into strided outputs
-    takes a per-matrix path that, with several threads on a busy machine, is tens of times slower.
-    """
-    if out.is_contiguous():
-        torch.bmm(L, R, out=out)
-        return
-    n = out.shape[0]
-    step = max(1, chunk_elems // (out.shape[1] * out.shape[2]))
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        out[s:e].copy_(torch.bmm(L[s:e], R[s:e]))
-
-
-def _write_block(f: _Factors, a: str, b: str, out: Tensor) -> None:
-    """Write the distinct block ``(a, b)`` (one of ``mom.blocks``) into the 2-D view ``out`` (``size_a × size_b``).
-
-    Each block is one batched GEMM over the stacked rows ``i`` (batch = the two ``vec_r`` indices of ``W_a``)
-    into ``out`` (which may be a slice of the assembled Hessian, :func:`_bmm_into`); the formulas are those of
-    :func:`hessian_block`.
+    Query rows: ``H(Q, b)[(a', b'), col] = Σ_i x_i[a'] F_i[b', col]``, ``out`` is ``F`` ``(N, d_K, size_b)``.
+    Key rows: ``H(K, b)[(a', b'), col] = Σ_i q_i[b'] G_i[a', col]``, ``out`` is ``G`` ``(d_V, N, size_b)``.
+    The factors are those of :func:`hessian_block` (``P_i``, ``U_i``, ``R_i``, ``E_i``, ``E_i W_K``).
     """
     mom = f.mom
     x, q = mom.x, mom.q
-    N, d, k, o = x.shape[0], mom.d_V, mom.d_K, mom.d_O
-    r1, c1 = d, d  # every weight has d_V rows
-    r2, c2 = out.shape[0] // r1, out.shape[1] // c1
-    out3 = out.view(r1 * r2, c1, c2)
-    xt = x.T  # (d, N)
-    if (a, b) == ("Q", "Q"):  # T[(a,b), c, d] = Σ_i x_ic · x_ia P_i[b, d]
-        _bmm_into(xt.expand(d * k, d, N), torch.einsum("ia,ibd->abid", x, f.P).reshape(d * k, N, k), out3)
-    elif (a, b) == ("K", "K"):  # T[(a,b), c, d] = Σ_i R_i[a, c] · q_ib q_id
-        L = f.R.permute(1, 2, 0).unsqueeze(1).expand(d, k, d, N).reshape(d * k, d, N)
-        R = (q.T.unsqueeze(-1) * q).unsqueeze(0).expand(d, k, N, k).reshape(d * k, N, k)
-        _bmm_into(L, R, out3)
-    elif (a, b) == ("Q", "K"):  # T[(c,b), a, d] = Σ_i U_i[b, a] · x_ic q_id  (+ G_QK ⊗ I)
-        L = f.U.permute(1, 2, 0).unsqueeze(0).expand(d, k, d, N).reshape(d * k, d, N)
-        R = (xt.unsqueeze(-1) * q).unsqueeze(1).expand(d, k, N, k).reshape(d * k, N, k)
-        _bmm_into(L, R, out3)
-        if f.use_f:  # bilinear term: entries [(c, j), (a, j)] += G_QK[c, a]
-            out.view(d, k, d, k).diagonal(dim1=1, dim2=3).add_(f.G.unsqueeze(-1))
-    elif (a, b) in (("V", "Q"), ("O", "Q")):  # T[(n,m), c, b] = Σ_i x_ic · (E_i W_K)[n, m, b]
-        EW = f.EW if a == "V" else f.EOW
-        _bmm_into(xt.expand(r1 * r2, d, N), EW.reshape(r1 * r2, N, k), out3)
-    elif (a, b) in (("V", "K"), ("O", "K")):  # T[(n,m), a, b] = Σ_i E_i[n, m, a] · q_ib
-        E = f.E if a == "V" else f.EO
-        _bmm_into(E.reshape(r1 * r2, d, N), q.expand(r1 * r2, N, k), out3)
-    elif (a, b) == ("V", "V"):  # S ⊗ Ω_O
+    out4 = out.view(*out.shape[:2], mom.d_V, -1)
+    if (a, b) == ("Q", "Q"):  # x_ic P_i[b', d']
+        torch.mul(x[:, None, :, None], f.P[:, :, None, :], out=out4)
+    elif (a, b) == ("Q", "K"):  # U_i[b', c] q_id'  (the bilinear term is added by the caller)
+        torch.mul(f.U[:, :, :, None], q[:, None, None, :], out=out4)
+    elif (a, b) == ("K", "Q"):  # x_ic U_i[d', a']
+        torch.mul(x[None, :, :, None], f.U.permute(2, 0, 1)[:, :, None, :], out=out4)
+    elif (a, b) == ("K", "K"):  # R_i[a', c] q_id'
+        torch.mul(f.R.permute(1, 0, 2)[..., None], q[None, :, None, :], out=out4)
+    elif a == "Q":  # (E_i W_K)[n, m, b'] (value side V or O)
+        out4.copy_(f.EW if b == "V" else f.EOW)
+    else:  # E_i[n, m, a']
+        out4.copy_(f.E if b == "V" else f.EO)
+
+
+def _write_rows(f: _Factors, a: str, bs: tuple[str, ...], out: Tensor) -> None:
+    """Write the blocks ``(a, b)``, ``b ∈ bs``, of a query or key row strip into ``out`` (contiguous rows).
+
+    The whole strip is one GEMM with inner dimension ``N`` (the stacked query rows), written straight into
+    ``out``: ``out.view(d_V, d_K·cols) = Xᵀ F`` for query rows and a batched ``q``-GEMM over ``a'`` for key rows
+    (:func:`_row_factor`). The bilinear term ``G_QK ⊗ I`` (``H_f``) is then added on its diagonal.
+    """
+    mom = f.mom
+    N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
+    sizes = mom.sizes
+    width = sum(sizes[b] for b in bs)
+    lead = (N, k) if a == "Q" else (d, N)
+    F = torch.empty(*lead, width, dtype=mom.x.dtype, device=mom.x.device)
+    col, cols = 0, {}
+    for b in bs:
+        _row_factor(f, a, b, F[..., col : col + sizes[b]])
+        cols[b] = slice(col, col + sizes[b])
+        col += sizes[b]
+    if a == "Q":
+        torch.mm(mom.x.T, F.view(N, k * width), out=out.view(d, k * width))
+    else:
+        torch.bmm(mom.q.T.expand(d, k, N), F, out=out.view(d, k, width))
+    partner = "K" if a == "Q" else "Q"
+    if f.use_f and partner in bs:  # entries [(c, j), (a', j)] += G_QK[c, a'] (transposed for key rows)
+        G = f.G if a == "Q" else f.G.T
+        out[:, cols[partner]].view(d, k, d, k).diagonal(dim1=1, dim2=3).add_(G.unsqueeze(-1))
+
+
+def _value_block(f: _Factors, a: str, b: str, out: Tensor) -> None:
+    """Write a block between value-side weights (``V``, ``O``) into the 2-D view ``out``."""
+    mom = f.mom
+    d, o = mom.d_V, mom.d_O
+    if (a, b) == ("V", "V"):  # S ⊗ Ω_O
         torch.mul(f.S[:, None, :, None], f.Omega_O[None, :, None, :], out=out.view(d, d, d, d))
     elif (a, b) == ("O", "O"):  # S_O ⊗ I
         torch.mul(f.S_O[:, None, :, None], f.eye_o[None, :, None, :], out=out.view(d, o, d, o))
@@ -675,8 +682,10 @@ def _write_block(f: _Factors, a: str, b: str, out: Tensor) -> None:
         out4 = out.view(d, d, d, o)
         torch.mul(f.P_VO[:, None, :, None], mom.W_O[None, :, None, :], out=out4)
         out4.diagonal(dim1=1, dim2=2).add_(f.Q_VO.unsqueeze(-1))
-    else:  # pragma: no cover - guarded by the callers
-        raise EnergyInputError(f"({a}, {b}) is not one of the distinct blocks {mom.blocks}.")
+    else:  # ("O", "V")
+        tmp = torch.empty(mom.sizes["V"], mom.sizes["O"], dtype=out.dtype, device=out.device)
+        _value_block(f, "V", "O", tmp)
+        out.copy_(tmp.T)
 
 
 def bilinear_term(mom: AttentionMoments) -> Tensor:
@@ -689,10 +698,13 @@ def bilinear_term(mom: AttentionMoments) -> Tensor:
 
 def _block(f: _Factors, a: str, b: str) -> Tensor:
     sizes = f.mom.sizes
-    if (a, b) not in f.mom.blocks:  # a transposed block
+    if a in "VO" and b in "QK":  # value-side rows: transpose of the query/key row block
         return _block(f, b, a).T
     out = torch.empty(sizes[a], sizes[b], dtype=f.mom.x.dtype, device=f.mom.x.device)
-    _write_block(f, a, b, out)
+    if a in "QK":
+        _write_rows(f, a, (b,), out)
+    else:
+        _value_block(f, a, b, out)
     return out
 
 
@@ -743,9 +755,9 @@ def hessian_blocks(
 def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    Each distinct block (``mom.blocks``) is one batched GEMM written into its place in the output in chunks
-    (:func:`_write_block`, :func:`_bmm_into`); the transposed blocks are copied from it. Memory: the ``p × p``
-    result plus ``O(N d_V³)`` factors and a 32 MB temporary.
+    The query and key row strips are one GEMM each, written straight into the output (:func:`_write_rows`);
+    the value-side rows are the transposes of their query/key columns plus the small value–value blocks.
+    Memory: the ``p × p`` result, one strip factor of ``N d_K p`` numbers and ``O(N d_V³)`` value-side factors.
 
     Args:
         mom: from :func:`attention_moments`.
@@ -762,10 +774,13 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
     for name in mom.params:
         span[name], start = slice(start, start + sizes[name]), start + sizes[name]
     H = torch.empty(p, p, dtype=mom.x.dtype, device=mom.x.device)
-    for a, b in mom.blocks:
-        _write_block(f, a, b, H[span[a], span[b]])
-        if a != b:
-            H[span[b], span[a]] = H[span[a], span[b]].T
+    for a in ("Q", "K"):
+        _write_rows(f, a, mom.params, H[span[a]])
+    for a in mom.params[2:]:  # V (and O)
+        for b in ("Q", "K"):
+            H[span[a], span[b]] = H[span[b], span[a]].T
+        for b in mom.params[2:]:
+            _value_block(f, a, b, H[span[a], span[b]])
     return H
 
 

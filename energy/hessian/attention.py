@@ -28,9 +28,10 @@ so ``H(Q,Q) = Σ_i x_i x_iᵀ ⊗ W_Kᵀ R_i W_K``, ``H(K,K) = Σ_i R_i ⊗ q_i 
 half and the bilinear term ``G_QK ⊗ I`` are ``H_f`` (MATH §3.4–§3.5). The value blocks come from the
 mixed tensor ``E_i[n, m, a] = 2cκ μ_i[n] B_i[m, a] + κ Σ_i[n, a] g_i[m]`` (first half ``H_o``, second ``H_f``):
 ``H(V,K)[(n,m),(a,b)] = Σ_i E_i[n,m,a] q_i[b]`` and ``H(V,Q)[(n,m),(c,b)] = Σ_i (E_i W_K)[n,m,b] x_i[c]``.
-These are the formulas of MATH §3.4–§3.5 written with shared factors; each block is one batched GEMM whose
-inner dimension is the stacked rows ``i`` (no Python loop over tokens or sequences), copied in chunks into the
-assembled Hessian.
+These are the formulas of MATH §3.4–§3.5 written with shared factors. Every query row strip
+``H(Q, ·)[(a', b'), :] = Σ_i x_i[a'] F_i[b', :]`` and key row strip ``H(K, ·)[(a', b'), :] = Σ_i q_i[b'] G_i[a', :]``
+is one GEMM whose inner dimension is the stacked rows ``i`` (no Python loop over tokens or sequences), written
+straight into the assembled Hessian; value rows are transposes plus the small value–value blocks.
 
 Covered variants (each tested against ``torch.func.hessian`` in float64):
 

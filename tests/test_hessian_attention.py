@@ -249,3 +249,14 @@ def test_block_size_guards(gen):
         hessian_block(mom, "Q", "K", "H_o", max_gib=1e-9)
     with pytest.raises(DenseSizeError, match="distinct dense blocks"):
         hessian_blocks(mom, max_gib=1e-9)
+
+
+def test_float32_verification_warns(gen):
+    from energy.hessian.attention import VerificationPrecisionWarning
+
+    X, W_Q, W_K, W_V, Y = (t.float() for t in _problem(gen, None, 4, 3, 2))
+    with pytest.warns(VerificationPrecisionWarning, match="verification routine"):
+        H_ad = autograd_attention_hessian(X, W_Q, W_K, W_V, Y)
+    H = attention_hessian(attention_moments(X, W_Q, W_K, W_V, Y))  # the closed form accepts float32
+    assert H.dtype == torch.float32
+    assert float((H - H_ad).abs().max()) <= 1e-4 * max(1.0, float(H_ad.abs().max()))

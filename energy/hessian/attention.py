@@ -58,6 +58,7 @@ Not covered: multiple heads, residual connections and LayerNorm. Use the matrix-
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -89,6 +90,8 @@ __all__ = [
     "autograd_attention_hessian",
     "autograd_attention_ggn",
     "check_dense_budget",
+    "VerificationPrecisionWarning",
+    "warn_if_not_float64",
 ]
 
 Part = Literal["H", "H_o", "H_f"]
@@ -841,6 +844,21 @@ def qk_chain_matrix(W_Q: Tensor, W_K: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class VerificationPrecisionWarning(UserWarning):
+    """A verification routine (autograd twin) was called with a dtype other than float64."""
+
+
+def warn_if_not_float64(t: Tensor, routine: str) -> None:
+    """Warn that comparisons at the 1e-10 level need float64 (the closed forms themselves accept any float)."""
+    if t.dtype != torch.float64:
+        warnings.warn(
+            f"{routine} is a verification routine; with {t.dtype} its agreement with the closed form is limited "
+            "to that precision (about 1e-6 for float32). Cast the inputs with `.double()` to verify at 1e-10.",
+            VerificationPrecisionWarning,
+            stacklevel=3,
+        )
+
+
 def _flatten(W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None) -> Tensor:
     return torch.cat([W.reshape(-1) for W in (W_Q, W_K, W_V, W_O) if W is not None])
 
@@ -867,6 +885,7 @@ def autograd_attention_hessian(
     linear: bool = False,
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`attention_loss` in the flattened ``(Q, K, V[, O])`` vector."""
+    warn_if_not_float64(X, "autograd_attention_hessian")
     X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
     if mask is not None and X.ndim == 2:
         mask = mask[0]
@@ -898,6 +917,7 @@ def autograd_attention_ggn(
     linear: bool = False,
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
+    warn_if_not_float64(X, "autograd_attention_ggn")
     X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
     if mask is not None and X.ndim == 2:
         mask = mask[0]

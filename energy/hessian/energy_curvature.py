@@ -41,7 +41,7 @@ from torch import Tensor
 from energy._validation import EnergyInputError, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, pairwise_sq_dist
 from energy.ffn import FFNEnergy
-from energy.hessian.attention import check_dense_budget
+from energy.hessian.attention import check_dense_budget, warn_if_not_float64
 
 __all__ = [
     "attention_energy_hessian",
@@ -142,6 +142,7 @@ def ffn_energy_hessian(energy: FFNEnergy, n: int) -> Tensor:
 def autograd_energy_hessian(energy: torch.nn.Module, Y: Tensor) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of ``energy.energy`` at one sequence ``Y (n, d)``, ``(n d, n d)``."""
     Y = _check_single(check_tensor(Y, "Y"))
+    warn_if_not_float64(Y, "autograd_energy_hessian")
     n, d = Y.shape
     return torch.func.hessian(lambda y: energy.energy(y.reshape(n, d)))(Y.reshape(-1))
 

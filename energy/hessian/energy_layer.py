@@ -54,7 +54,14 @@ import torch
 from torch import Tensor
 
 from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
-from energy.hessian.attention import Part, Reduction, _check_part, check_dense_budget, loss_constant
+from energy.hessian.attention import (
+    Part,
+    Reduction,
+    _check_part,
+    check_dense_budget,
+    loss_constant,
+    warn_if_not_float64,
+)
 from energy.reference import attention_weights
 
 __all__ = [
@@ -231,6 +238,7 @@ def autograd_energy_layer_hessian(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`energy_layer_loss` in ``vec_r(M)``."""
+    warn_if_not_float64(X, "autograd_energy_layer_hessian")
     _validate(X, M, Y, alpha)
     d, k = M.shape
 
@@ -245,6 +253,7 @@ def autograd_energy_layer_ggn(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
+    warn_if_not_float64(X, "autograd_energy_layer_ggn")
     _validate(X, M, Y, alpha)
     d, k = M.shape
     J = torch.func.jacrev(

@@ -57,6 +57,7 @@ Functional core: :func:`metric`, :func:`pairwise_sq_dist`, :func:`key_bias`, :fu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -922,6 +923,7 @@ def _fused_gaussian_energy(lse: Tensor, beta: Tensor, token_mask: Tensor | None)
     return _gaussian_energy(off)
 
 
+@functools.cache
 def _flash_lse_op():
     """torch's CPU flash-attention op, which also returns the row log-sum-exp (``None`` if this torch lacks it)."""
     try:

@@ -56,6 +56,39 @@ def test_attention_step_fused_and_plain_equal_energy_step(gen, heads, k, prec, o
     torch.testing.assert_close(fused.energy.energy(Y), E.energy(Y), **TOL)
 
 
+@pytest.mark.parametrize("heads,k,prec,orth,kernel", [
+    (1, 5, "metric", False, "gaussian"), (3, 2, "token", True, "gaussian"), (2, 3, "metric", False, "gaussian"),
+    (1, 4, "metric", False, "cauchy"), (2, 3, "token", True, "power"),
+])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_attention_apply_and_energy_equals_apply_and_energy_separately(gen, heads, k, prec, orth, kernel, grad):
+    """``apply_and_energy`` (fused: the kernel's log-normalisers; otherwise the energy's ``step_and_energy``) equals
+    ``(apply(Y), energy(Y))`` in float64; gradients flow through both outputs when autograd records."""
+    torch.manual_seed(int(gen.initial_seed()))
+    d = 7
+    alpha = 0.05 if prec == "token" else 0.6
+    step = AttentionStep(d, heads=heads, k=k, preconditioner=prec, alpha=alpha, orthogonal_heads=orth,
+                         kernel=kernel, kernel_kwargs={"p": 1.0} if kernel == "power" else None).double()
+    Y = _Y(gen, 2, 5, d)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)  # general heads: no guaranteed range
+        prep = step.prepare()
+        Yp, E = step.apply_and_energy(prep, Y)
+        torch.testing.assert_close(Yp, step.apply(prep, Y), **TOL)
+    torch.testing.assert_close(E, prep.energy.energy(Y), **TOL)
+    assert E.requires_grad == grad
+    assert step.uses_fused == (kernel == "gaussian")
+
+
+def test_non_attention_steps_return_no_energy_in_passing(gen):
+    step = FFNStep(4).double()
+    prep = step.prepare()
+    Y = _Y(gen, 2, 3, 4)
+    Yp, E = step.apply_and_energy(prep, Y)
+    assert E is None
+    torch.testing.assert_close(Yp, step.apply(prep, Y), rtol=0, atol=0)
+
+
 def test_attention_step_a_is_softmax_beta_attention(gen):
     """α = 1, metric step: Y⁺ = softmax_β(Y W Yᵀ) Y with W = M Mᵀ/√k (MATH §1.1(a))."""
     torch.manual_seed(0)

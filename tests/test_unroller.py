@@ -336,3 +336,110 @@ def test_every_step_kind_saves_and_loads(tmp_path, schedule, kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", StepSizeWarning)  # the ET has no guaranteed step size
         torch.testing.assert_close(loaded(Y), model(Y), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ trace granularity, cost
+
+
+def _explicit_energies(model: Unrolled, info: dict) -> dict[str, torch.Tensor]:
+    """Every term at every recorded state, evaluated afterwards by the energy objects of the layer that acts next."""
+    out = {}
+    for j, name in enumerate(model.term_names):
+        if name is None:
+            continue
+        out[name] = torch.stack([model.layer(ell)[j].energy.energy(Y)
+                                 for Y, ell in zip(info["states"], info["layer_of_state"])])
+    return out
+
+
+TRACE_MODELS = [
+    ("yang-fused", dict(schedule=["attention", "ffn", "relu"])),
+    ("untied-2heads", dict(schedule=["attention", "ffn", "relu"], tied=False,
+                           attention={"heads": 2, "orthogonal_heads": True})),
+    ("power-token", dict(schedule=["attention", "ffn"], attention={"kernel": "power", "kernel_kwargs": {"p": 1.0},
+                                                                   "preconditioner": "token", "alpha": 0.05})),
+    ("attention-second", dict(schedule=["ffn", "attention", "relu", "attention"])),
+]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+@pytest.mark.parametrize("trace", ["step", "layer"])
+@pytest.mark.parametrize("name,kw", TRACE_MODELS, ids=[m[0] for m in TRACE_MODELS])
+def test_traced_energies_equal_energies_evaluated_afterwards(name, kw, trace, grad, gen):
+    """Energies the attention steps return in passing (z / log-normalisers of the step) and the ones evaluated
+    during the pass equal the energy objects' ``energy`` on the recorded states, float64, 1e-12."""
+    model = _model(int(gen.initial_seed()), depth=3, **kw)
+    Y = _Y(gen, 2, 5, 6)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)
+        out, info = model(Y, trace=trace)
+        plain = model(Y)
+    torch.testing.assert_close(out, plain, rtol=0, atol=1e-12)
+    want = _explicit_energies(model, info)
+    assert set(info["energies"]) == set(want) | {"total"}
+    for key, v in want.items():
+        assert info["energies"][key].shape == (len(info["states"]), 2)
+        torch.testing.assert_close(info["energies"][key], v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(info["energies"]["total"], sum(want.values()), rtol=0, atol=1e-12)
+    assert info["energies"]["total"].requires_grad == grad
+
+
+@pytest.mark.parametrize("name,kw", TRACE_MODELS, ids=[m[0] for m in TRACE_MODELS])
+def test_layer_trace_is_the_subsampled_step_trace(name, kw, gen):
+    model = _model(3, depth=3, **kw)
+    S = len(model.schedule)
+    Y = _Y(gen, 2, 5, 6)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)
+        out_s, step = model(Y, trace=True)
+        out_l, layer = model(Y, trace="layer")
+    torch.testing.assert_close(out_l, out_s, rtol=0, atol=1e-12)
+    assert step["trace"] == "step" and layer["trace"] == "layer"
+    assert step["t"] == list(range(3 * S + 1)) and layer["t"] == list(range(0, 3 * S + 1, S))
+    assert layer["step_names"] == step["step_names"]
+    assert layer["layer_of_state"] == [step["layer_of_state"][t] for t in layer["t"]] == [0, 1, 2, 2]
+    assert len(layer["states"]) == 4
+    for i, t in enumerate(layer["t"]):
+        torch.testing.assert_close(layer["states"][i], step["states"][t], rtol=0, atol=1e-12)
+    for key, v in step["energies"].items():
+        torch.testing.assert_close(layer["energies"][key], v[layer["t"]], rtol=0, atol=1e-12)
+    later = model.trace_energies(layer["states"], trace="layer")  # deferred evaluation, same numbers
+    for key, v in layer["energies"].items():
+        torch.testing.assert_close(later[key], v, rtol=0, atol=1e-12)
+    with pytest.raises(EnergyInputError, match="trace='layer'"):
+        model.trace_energies(step["states"], trace="layer")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_energy_is_evaluated_only_where_no_step_computed_it(fused, gen, monkeypatch):
+    """Yang et al. schedule, depth D: the step trace needs E_att at 3D + 1 states, D of them come from the attention
+    steps, so 2D + 1 explicit evaluations remain; the layer trace needs D + 1, explicit: 1 (the last state). E_ffn is
+    evaluated at every recorded state. The plain forward evaluates none."""
+    D = 4
+    model = _model(1, depth=D, attention={"fused": fused})
+    calls = {"E_att": 0, "E_ffn": 0}
+    att_energy, ffn_energy = AttentionEnergy.energy, FFNEnergy.energy
+
+    def counting(name, fn):
+        def wrapped(self, *a, **k):
+            calls[name] += 1
+            return fn(self, *a, **k)
+        return wrapped
+
+    monkeypatch.setattr(AttentionEnergy, "energy", counting("E_att", att_energy))
+    monkeypatch.setattr(FFNEnergy, "energy", counting("E_ffn", ffn_energy))
+    Y = _Y(gen, 2, 5, 6)
+    with torch.no_grad():
+        model(Y)
+        assert calls == {"E_att": 0, "E_ffn": 0}
+        model(Y, trace="step")
+        assert calls == {"E_att": 2 * D + 1, "E_ffn": 3 * D + 1}
+        calls.update(E_att=0, E_ffn=0)
+        model(Y, trace="layer")
+        assert calls == {"E_att": 1, "E_ffn": D + 1}
+
+
+def test_bad_trace_argument(gen):
+    model = _model(0)
+    with pytest.raises(EnergyInputError, match=r"`trace` must be False, True / 'step'.*'layer'.*got 'layers'"):
+        model(_Y(gen, 2, 5, 6), trace="layers")

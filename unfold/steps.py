@@ -113,6 +113,14 @@ class Step(nn.Module):
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def apply_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The step and, if the step computes it in passing, its energy term at the input ``Y`` (else ``None``).
+
+        The unroller's traces call this at recorded states; steps that can return ``E(Y)`` almost for free (the
+        attention step: the same ``z`` / log-normalisers) override it.
+        """
+        return self.apply(prepared, Y), None
+
     def forward(self, Y: Tensor) -> Tensor:
         return self.apply(self.prepare(), Y)
 
@@ -263,14 +271,27 @@ class AttentionStep(Step):
 
     def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
         """Step (a) or (b) at ``Y``; ``α`` may be a learnable tensor (the steps are affine in ``α``)."""
+        return self._step(prepared, Y, with_energy=False)
+
+    def apply_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(Y⁺, E_att(Y))``: the step and the attention energy at its input from the same pairwise quantities
+        (:meth:`energy.attention.AttentionEnergy.step_and_energy`; on the fused path, the attention kernel's row
+        log-normalisers, ``return_energy`` of :func:`energy.attention.attention_step_fused`). ``Y⁺`` is the same
+        map as :meth:`apply`."""
+        return self._step(prepared, Y, with_energy=True)
+
+    def _step(self, prepared: Prepared, Y: Tensor, with_energy: bool) -> Tensor | tuple[Tensor, Tensor]:
         self._check_Y(Y)
         energy = prepared.energy
         alpha = self.alpha if self.learn_alpha else float(self.alpha)
         if self.uses_fused:  # autograd-safe (training included); same map as the energy's step
             return attention_step_fused(Y, energy.M, alpha, scale=energy.scale, preconditioner=self.preconditioner,
-                                        value_basis=prepared.cache.get("value_basis"), check=False)
+                                        value_basis=prepared.cache.get("value_basis"), check=False,
+                                        return_energy=with_energy)
         with warnings.catch_warnings():  # α was checked once in prepare()
             warnings.simplefilter("ignore", StepSizeWarning)
+            if with_energy:
+                return energy.step_and_energy(Y, alpha, preconditioner=self.preconditioner)
             return energy.step(Y, alpha, preconditioner=self.preconditioner)
 
 

@@ -11,19 +11,30 @@ One layer is one pass through the schedule (e.g. attention step, FFN step, ReLU 
 the sum of the schedule's energy terms (``E = E_att + E_ffn`` for Yang et al.). With ``tied=True`` every layer shares
 one step module per schedule entry (the weight-tied model of the paper); with ``tied=False`` each layer has its own.
 
-Tracing. ``forward(Y, trace=True)`` returns ``(Y_out, info)`` with
+Tracing. ``forward(Y, trace=...)`` returns ``(Y_out, info)``. ``trace=True`` or ``"step"`` records the state after
+every step, ``trace="layer"`` only at the layer boundaries (``t = 0, S, 2S, …, T``, ``S = len(schedule)``: the
+states the paper's figures plot). With ``T = depth · S``:
 
-* ``info["states"]`` — ``[Y⁰, Y¹, …, Y^T]``, the state after every step (``T = depth · len(schedule)``);
-* ``info["energies"]`` — ``{term: tensor (T+1, *batch)}``: every energy term evaluated on every state, plus
-  ``"total"`` (their sum; the model energy :meth:`Unrolled.composite_energy`, e.g. ``E_att + E_ffn``). The energy
-  at state ``t`` is that of the layer whose step acts next (the last state uses the last layer); for a tied model
-  this is one energy throughout;
-* ``info["step_names"]`` — ``["attention", "ffn", "relu", "attention", …]`` (length ``T``);
-* ``info["layer_of_state"]`` — the layer index whose energy was evaluated at each state.
+* ``info["states"]`` — the recorded states: ``[Y⁰, Y¹, …, Y^T]`` (step) or ``[Y⁰, Y^S, …, Y^T]`` (layer);
+* ``info["t"]`` — the step index ``t`` of each recorded state;
+* ``info["energies"]`` — ``{term: tensor (len(states), *batch)}``: every energy term at every recorded state,
+  plus ``"total"`` (their sum; the model energy :meth:`Unrolled.composite_energy`, e.g. ``E_att + E_ffn``). The
+  energy at state ``t`` is that of the layer whose step acts next (the last state uses the last layer); for a tied
+  model this is one energy throughout;
+* ``info["step_names"]`` — ``["attention", "ffn", "relu", "attention", …]`` (length ``T``, all steps);
+* ``info["layer_of_state"]`` — the layer index whose energy was evaluated at each recorded state;
+* ``info["trace"]`` — ``"step"`` or ``"layer"``.
 
-Each energy is built once per forward pass from the constrained weights (one evaluation of each parametrisation,
-the same object that makes the step, hence the same metric in the energy and the step), and the terms are evaluated
-on all states in one batched call per term. The plain forward never evaluates an energy.
+Cost of the energies. Each energy is built once per forward pass from the constrained weights (one evaluation of each
+parametrisation, the same object that makes the step, hence the same metric in the energy and the step). A step that
+acts on a recorded state returns its own term at that state in passing (:meth:`unfold.steps.Step.apply_and_energy`):
+the attention step gets ``E_att(Y)`` from the pairwise quantities it computes anyway (without autograd, on the fused
+path, from the attention kernel's row log-normalisers: no pairwise work at all). Every other (term, state) value is
+evaluated after the pass, in one batched call per term (and layer, if untied). For the Yang et al. schedule
+``[attention, ffn, relu]`` the step trace needs ``E_att`` at ``3·depth + 1`` states, of which ``depth`` come free,
+so ``2·depth + 1`` explicit evaluations remain (each a key product, a Gram product and an exponential per pair, about
+the pairwise work of one attention step); the layer trace needs ``depth + 1``, of which ``depth`` come free. The
+plain forward never evaluates an energy.
 """
 
 from __future__ import annotations
@@ -203,54 +214,99 @@ class Unrolled(nn.Module):
         return {} if E is None else _with_total(E.terms(Y))
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def forward(self, Y: Tensor, *, trace: bool = False,
+    def forward(self, Y: Tensor, *, trace: bool | str = False,
                 energies: bool = True) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        """Run ``depth`` layers; with ``trace=True`` also return the trace dict (module docstring).
+        """Run ``depth`` layers; with ``trace`` also return the trace dict (module docstring).
 
-        ``energies=False`` records the states only (``info["energies"]`` is empty); evaluate them later with
-        :meth:`trace_energies` (same numbers, with the weights of the time of that call).
+        Args:
+            Y: tokens ``(..., n, d)``.
+            trace: ``False`` (plain forward), ``True`` / ``"step"`` (state after every step) or ``"layer"``
+                (states at the layer boundaries).
+            energies: ``False`` records the states only (``info["energies"]`` is empty); evaluate them later with
+                :meth:`trace_energies` (same numbers, with the weights of the time of that call).
         """
         check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d))
+        granularity = _trace_granularity(trace)
         prepared = [[s.prepare() for s in layer] for layer in self.layers]  # parametrisations evaluated once
-        states = [Y] if trace else None
+        if granularity is None:
+            for ell in range(self.depth):
+                li = 0 if self.tied else ell
+                for step, prep in zip(self.layers[li], prepared[li]):
+                    Y = step.apply(prep, Y)
+            return Y
+        S = len(self.step_kinds)
+        built = [[p.energy for p in layer] for layer in prepared]
+        states, ts = [Y], [0]
+        values: dict[tuple[str, int], Tensor] = {}  # (term, index of the recorded state) -> its value
+        t = 0
         for ell in range(self.depth):
             li = 0 if self.tied else ell
-            for step, prep in zip(self.layers[li], prepared[li]):
-                Y = step.apply(prep, Y)
-                if trace:
+            for j, (step, prep) in enumerate(zip(self.layers[li], prepared[li])):
+                name = self.term_names[j]
+                on_record = energies and ts[-1] == t  # the step acts on the last recorded state
+                if on_record and name is not None:  # its own term at that state, in passing
+                    Y, E = step.apply_and_energy(prep, Y)
+                    if E is not None:
+                        values[(name, len(states) - 1)] = E
+                else:
+                    Y = step.apply(prep, Y)
+                if on_record:  # the remaining terms there, while that state is still in cache
+                    self._evaluate_missing(states, built[li], values, len(states) - 1)
+                t += 1
+                if granularity == "step" or t % S == 0:
                     states.append(Y)
-        if not trace:
-            return Y
-        built = [[p.energy for p in layer] for layer in prepared]
-        return Y, {
-            "states": states,
-            "energies": self._energies(states, built) if energies else {},
-            "step_names": self.step_kinds * self.depth,
-            "layer_of_state": self._layer_of_state(len(states) - 1),
-        }
+                    ts.append(t)
+        info = {"states": states, "t": ts, "energies": {}, "step_names": self.step_kinds * self.depth,
+                "layer_of_state": self._layer_of_state(ts), "trace": granularity}
+        if energies:
+            self._evaluate_missing(states, built[0 if self.tied else self.depth - 1], values, len(states) - 1)
+            info["energies"] = self._collect(values, len(states))
+        return Y, info
 
-    def _layer_of_state(self, T: int) -> list[int]:
+    def _layer_of_state(self, ts: Sequence[int]) -> list[int]:
         S = len(self.step_kinds)
-        return [min(t // S, self.depth - 1) for t in range(T + 1)]
+        return [min(t // S, self.depth - 1) for t in ts]
 
-    def trace_energies(self, states: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Every energy term (and ``"total"``) on the states of a trace, ``{term: (T+1, *batch)}``."""
-        T = self.depth * len(self.step_kinds)
-        if len(states) != T + 1:
-            raise EnergyInputError(f"`states` must hold the {T + 1} states of one forward pass, got {len(states)}.")
-        return self._energies(list(states), self.energies())
+    def _trace_steps(self, granularity: str) -> list[int]:
+        """Step indices ``t`` of the states a trace of this granularity records."""
+        S = len(self.step_kinds)
+        T = self.depth * S
+        return list(range(T + 1)) if granularity == "step" else list(range(0, T + 1, S))
 
-    def _energies(self, states: list[Tensor], built: list[list[Any]]) -> dict[str, Tensor]:
-        """Each term evaluated in one batched call over the stacked states (per layer when untied)."""
-        composites = [self._composite(layer) for layer in built]
-        if composites[0] is None:
+    def trace_energies(self, states: Sequence[Tensor], trace: bool | str = "step") -> dict[str, Tensor]:
+        """Every energy term (and ``"total"``) on the states of a trace of granularity ``trace`` (``"step"`` or
+        ``"layer"``), ``{term: (len(states), *batch)}``, all evaluated explicitly."""
+        granularity = _trace_granularity(trace) or "step"
+        ts = self._trace_steps(granularity)
+        if len(states) != len(ts):
+            raise EnergyInputError(
+                f"`states` must hold the {len(ts)} states of one forward pass traced with trace={granularity!r}, "
+                f"got {len(states)}."
+            )
+        states = list(states)
+        built = self.energies()
+        values: dict[tuple[str, int], Tensor] = {}
+        for i, ell in enumerate(self._layer_of_state(ts)):
+            self._evaluate_missing(states, built[0 if self.tied else ell], values, i)
+        return self._collect(values, len(states))
+
+    def _evaluate_missing(self, states: list[Tensor], layer: list[Any], values: dict[tuple[str, int], Tensor],
+                          i: int) -> None:
+        """Evaluate every term of ``layer`` at recorded state ``i`` that ``values`` does not hold yet.
+
+        One state at a time: a state is small enough to stay in cache, a stack of all states is not (stacking them
+        into one batched call was several times slower at the benchmark sizes).
+        """
+        for name, energy in zip(self.term_names, layer):
+            if name is not None and (name, i) not in values:
+                values[(name, i)] = energy.energy(states[i])
+
+    def _collect(self, values: dict[tuple[str, int], Tensor], n_states: int) -> dict[str, Tensor]:
+        """``{term: (n_states, *batch)}`` plus ``"total"`` (empty if the schedule has only projections)."""
+        names = [name for name in self.term_names if name is not None]
+        if not names:
             return {}
-        if self.tied:
-            return _with_total(composites[0].terms(torch.stack(states)))
-        layer_of_state = self._layer_of_state(len(states) - 1)
-        parts = [composites[ell].terms(torch.stack([Y for Y, l in zip(states, layer_of_state) if l == ell]))
-                 for ell in range(self.depth)]
-        return _with_total({name: torch.cat([p[name] for p in parts]) for name in parts[0]})
+        return _with_total({name: torch.stack([values[(name, i)] for i in range(n_states)]) for name in names})
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
@@ -258,6 +314,20 @@ class Unrolled(nn.Module):
         if not strict:
             return super().load_state_dict(state_dict, strict=False, assign=assign)
         return safe_load_state_dict(self, state_dict, _inner=super().load_state_dict)
+
+
+def _trace_granularity(trace: object) -> str | None:
+    """``None`` (no trace), ``"step"`` or ``"layer"`` from the ``trace`` argument."""
+    if trace is False or trace is None:
+        return None
+    if trace is True or trace == "step":
+        return "step"
+    if trace == "layer":
+        return "layer"
+    raise EnergyInputError(
+        f"`trace` must be False, True / 'step' (the state after every step) or 'layer' (states at the layer "
+        f"boundaries), got {trace!r}."
+    )
 
 
 def _with_total(terms: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,9 +1,23 @@
 """Unroller benchmarks (ratios measured in the same run, see :mod:`benchmarks`).
 
-* ``unfold/trace_vs_plain_forward`` — forward of the Yang et al. model with the full trace (every state and every
-  energy term at every state) vs the plain forward of the same model, without autograd. Target ratio ≤ 1.5.
-* ``unfold/trace_states_only_vs_plain_forward`` — the same with ``energies=False`` (states recorded, energies
+* ``unfold/trace_vs_plain_forward`` — forward of the Yang et al. model (``[attention, ffn, relu]``, tied) with the
+  full step-level trace (``trace=True``: every state and every energy term at every state) vs the plain forward of
+  the same model, without autograd. Target ratio ≤ 1.5.
+* ``unfold/layer_trace_vs_plain_forward`` — the same with ``trace="layer"`` (states and energies at the layer
+  boundaries, what the paper's figures plot).
+* ``unfold/trace_states_only_vs_plain_forward`` — ``trace=True, energies=False`` (states recorded, energies
   deferred to :meth:`unfold.unroller.Unrolled.trace_energies`): the cost of the tracing machinery itself.
+
+**Count-based floor of the step-level trace.** With depth ``D`` the step trace needs ``E_att`` at ``3D + 1`` states;
+the ``D`` attention steps return it at their inputs in passing, so ``2D + 1`` explicit evaluations remain (each: the
+key product ``Y M``, the Gram product of the keys, one exponential per pair), plus ``E_ffn`` at all ``3D + 1``
+states (a ``d×d`` product each). Counting multiply–adds per token (``d = k = 64``, ``n = 32``; attention step:
+augmented q/k/v product ``3d(k+1)`` and SDPA ``2n(k+1)``; FFN step ``d²``; ``E_att``: ``dk + n(k+2)``; ``E_ffn``:
+``d²``), the trace does ``2.23×`` the multiply–adds of the plain forward, and ``1.62×`` even with ``E_ffn`` left
+out: the ``≤ 1.5`` target is out of reach at the step level by operation count. Each entry reports these counts
+(``mac_ratio_*``) and a floor from unit costs measured in the same run (``floor_from_unit_costs``: plain forward plus
+the explicit evaluations, each timed on one state). The layer trace needs ``D + 1`` ``E_att`` values (``D`` free)
+and ``D + 1`` ``E_ffn`` values: ``1.24×`` by the same count.
 * ``unfold/train_step_vs_transformer_encoder`` — one training step (forward, cross-entropy, backward, Adam step) of
   the unfolded model vs a stack of ``nn.TransformerEncoderLayer`` (unfold.standard.standard_encoder) of the same
   width, depth and heads, same batch. Target ratio ≤ 1.3.
@@ -18,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks import benchmark, compare
+from benchmarks import benchmark, compare, median_time
 from unfold.presets import parameter_count, yang2022
 from unfold.standard import standard_encoder
 
@@ -44,18 +58,72 @@ def _sizes(quick: bool) -> dict[str, int]:
     return {"d": 64, "depth": 12, "batch": 32, "n": 32, "repeat": 15}
 
 
-@benchmark("unfold/trace_vs_plain_forward")
-def trace_vs_plain(quick: bool) -> dict[str, Any]:
+def _explicit_evaluations(depth: int, trace: str) -> dict[str, int]:
+    """Energy evaluations the trace of the Yang et al. schedule cannot take from a step (see the module docstring)."""
+    if trace == "step":
+        return {"E_att": 2 * depth + 1, "E_ffn": 3 * depth + 1}
+    return {"E_att": 1, "E_ffn": depth + 1}
+
+
+def _mac_counts(s: dict[str, int], trace: str) -> dict[str, float]:
+    """Multiply–adds per token (matrix products only) of the plain forward and of the explicit trace evaluations."""
+    d, n, depth = s["d"], s["n"], s["depth"]
+    k = d  # one head, k = d
+    plain = depth * (3 * d * (k + 1) + 2 * n * (k + 1) + d * d)
+    ev = _explicit_evaluations(depth, trace)
+    att, ffn = ev["E_att"] * (d * k + n * (k + 2)), ev["E_ffn"] * d * d
+    return {"mac_ratio_trace_vs_plain": (plain + att + ffn) / plain,
+            "mac_ratio_without_E_ffn": (plain + att) / plain}
+
+
+def _unit_cost_floor(model, Y: torch.Tensor, trace: str, repeat: int) -> dict[str, Any]:
+    """Plain forward plus the explicit evaluations the trace needs, each timed on one state (same run)."""
+    body = model.body
+    att, ffn = (step.build() for step in body.layer(0)[:2])
+    with torch.no_grad():
+        t_plain = median_time(lambda: model(Y), repeat=repeat)
+        t_att = median_time(lambda: att.energy(Y), repeat=repeat)
+        t_ffn = median_time(lambda: ffn.energy(Y), repeat=repeat)
+    ev = _explicit_evaluations(body.depth, trace)
+    return {"explicit_evaluations": ev, "E_att_eval_vs_plain_forward": t_att / t_plain,
+            "E_ffn_eval_vs_plain_forward": t_ffn / t_plain,
+            "floor_from_unit_costs": 1.0 + (ev["E_att"] * t_att + ev["E_ffn"] * t_ffn) / t_plain}
+
+
+def _trace_entry(quick: bool, trace: str, note: str) -> dict[str, Any]:
     s = _sizes(quick)
     torch.manual_seed(0)
     model = yang2022(s["d"], s["depth"]).eval()
     Y = torch.randn(s["batch"], s["n"], s["d"])
-    _, info = model(Y, trace=True)
-    n_states = len(info["states"])
-    cand, base = (lambda: model(Y, trace=True)), (lambda: model(Y))
-    res = compare(cand, base, repeat=s["repeat"], target=1.5, no_grad=True, sizes=s, states=n_states,
-                  energy_terms=len(info["energies"]) - 1)
-    return _with_single_thread(res, cand, base, s["repeat"], True)
+    with torch.no_grad():
+        _, info = model(Y, trace=trace)
+    cand, base = (lambda: model(Y, trace=trace)), (lambda: model(Y))
+    res = compare(cand, base, repeat=s["repeat"], target=1.5, no_grad=True, sizes=s, states=len(info["states"]),
+                  energy_terms=len(info["energies"]) - 1, trace=trace, note=note, **_mac_counts(s, trace))
+    res = _with_single_thread(res, cand, base, s["repeat"], True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the floor with one thread, comparable with ratio_1thread
+    try:
+        res.update(_unit_cost_floor(model, Y, trace, s["repeat"]))
+    finally:
+        torch.set_num_threads(threads)
+    return res
+
+
+@benchmark("unfold/trace_vs_plain_forward")
+def trace_vs_plain(quick: bool) -> dict[str, Any]:
+    note = ("step-level trace: E_att is needed at 3D+1 states, D come free from the attention steps, 2D+1 explicit "
+            "evaluations remain, plus E_ffn at 3D+1 states; by multiply-add count (mac_ratio_*) the 1.5 target is "
+            "not reachable at the step level (E_att alone: mac_ratio_without_E_ffn); floor_from_unit_costs = plain "
+            "forward + the explicit evaluations timed one state each (1 thread)")
+    return _trace_entry(quick, "step", note)
+
+
+@benchmark("unfold/layer_trace_vs_plain_forward")
+def layer_trace_vs_plain(quick: bool) -> dict[str, Any]:
+    note = ("layer-level trace (states t = 0, S, ..., T): E_att at D+1 states, D free from the next attention step, "
+            "1 explicit; E_ffn at D+1 states explicit")
+    return _trace_entry(quick, "layer", note)
 
 
 @benchmark("unfold/trace_states_only_vs_plain_forward")

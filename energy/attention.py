@@ -50,6 +50,13 @@ honestly is a *key-padding* mask ``token_mask`` (shape ``(..., n)``, ``True`` = 
 removed from the energy (from the pair sum and the ridge term), so their gradient is zero, they are left unchanged
 by every step, and the real tokens evolve exactly as for the unpadded sequence.
 
+**Step and energy together.** The step needs :math:`z` and :math:`\Gamma` at ``Y``, and :math:`E(Y)` is the same
+:math:`z` summed through ρ; ``step_and_energy`` returns both from one evaluation (for the Gaussian kernel,
+:math:`\rho = -\rho'`, the energy is minus the off-diagonal sum of the step's own :math:`\Gamma`). The fused path
+(``attention_step_fused(..., return_energy=True)``) gets it from the attention kernel's row log-normalisers,
+:math:`D_{ii} = e^{\beta_i + \mathrm{lse}_i}`, with no pairwise work. The unroller uses this to trace the energy at
+the input of every attention step for free.
+
 Functional core: :func:`metric`, :func:`pairwise_sq_dist`, :func:`key_bias`, :func:`softmax_beta`,
 :func:`head_bases`, :func:`attention_step_range`, :func:`attention_step_fused`; module shell:
 :class:`AttentionEnergy`, :class:`MultiHeadAttentionEnergy`.
@@ -883,7 +890,7 @@ def attention_step_fused(
     energy = None
     if return_energy and not kt.requires_grad:
         O, lse = _sdpa_with_lse(q, kt, v, mask_flat, kappa)
-        energy = _fused_gaussian_energy(lse, kappa * kt[..., k], mask_flat).sum(-1).reshape(lead)
+        energy = _fused_gaussian_energy(lse, kt[..., k], kappa, mask_flat).reshape(lead)
     else:
         O = F.scaled_dot_product_attention(q, kt, v, attn_mask=attn_mask, scale=kappa)
         if return_energy:  # autograd records: the kernel's log-normalisers carry no gradient
@@ -903,8 +910,8 @@ def attention_step_fused(
     return (Yp, energy) if return_energy else Yp
 
 
-def _fused_gaussian_energy(lse: Tensor, beta: Tensor, token_mask: Tensor | None) -> Tensor:
-    r"""Gaussian energy per head from the fused step's row log-normalisers (MATH §1.1), ``(B, h)``.
+def _fused_gaussian_energy(lse: Tensor, beta_over_kappa: Tensor, kappa: float, token_mask: Tensor | None) -> Tensor:
+    r"""Gaussian energy :math:`\sum_h E_h` from the fused step's row log-normalisers (MATH §1.1), ``(B,)``.
 
     The step's logits are :math:`s_{ij} = y_i^\top W y_j + \beta_j` and :math:`z_{ij} = -\beta_i - s_{ij}`, so
     with :math:`\ell_i = \log\sum_j m_j e^{s_{ij}}` (what the attention kernel normalises by)
@@ -915,12 +922,13 @@ def _fused_gaussian_energy(lse: Tensor, beta: Tensor, token_mask: Tensor | None)
     (:math:`\gamma_{ii} = 1`), and :func:`_gaussian_energy` sums them over the real tokens: no pairwise work.
 
     Args:
-        lse: :math:`\ell` ``(B, h, n)``; beta: :math:`\beta` ``(B, h, n)``; token_mask: ``(B, n)`` or ``None``.
+        lse: :math:`\ell` ``(B, h, n)``; beta_over_kappa: :math:`\beta/\kappa = -\tfrac12\|k_i\|^2` ``(B, h, n)``
+        (the keys' augmented column); kappa: :math:`\kappa`; token_mask: ``(B, n)`` or ``None``.
     """
-    off = torch.expm1(lse + beta)
+    off = torch.expm1(torch.add(lse, beta_over_kappa, alpha=kappa))
     if token_mask is not None:
         off = off * token_mask.to(off.dtype).unsqueeze(-2)
-    return _gaussian_energy(off)
+    return _gaussian_energy(off.flatten(-2))  # sum over heads and tokens
 
 
 @functools.cache

@@ -7,6 +7,8 @@ Every step module carries its weights through named parametrisations (:mod:`unfo
 * ``prepare()`` — a :class:`Prepared` (the built energy plus a per-pass cache; the step size is checked here, once);
 * ``apply(prepared, Y)`` — the descent step (so a weight-tied model evaluates its parametrisations once per forward
   pass, however deep it is);
+* ``apply_and_energy(prepared, Y)`` — ``(Y⁺, E_term(Y))`` if the step computes its energy term at ``Y`` in passing
+  (the attention step), else ``(Y⁺, None)`` (used by the unroller's traces);
 * ``forward(Y)`` = ``apply(prepare(), Y)``.
 
 Step sizes. ``alpha`` is a non-persistent float64 buffer (fixed; part of ``config()``) or, with

@@ -20,7 +20,7 @@ import torch
 __all__ = ["benchmark", "compare", "median_time", "REGISTRY"]
 
 REGISTRY: dict[str, Callable[[bool], dict[str, Any]]] = {}
-MODULES = ("bench_energy", "bench_unfold", "bench_hessian", "bench_hessian_closed")
+MODULES = ("bench_energy", "bench_unfold", "bench_hessian", "bench_hessian_closed", "bench_figures")
 
 
 def benchmark(name: str) -> Callable:

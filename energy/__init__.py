@@ -13,6 +13,7 @@ True
 
 from energy._validation import (
     ConstraintError,
+    DenseSizeError,
     EnergyInputError,
     StepSizeError,
     StepSizeWarning,
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     # errors and modes
     "ConstraintError",
+    "DenseSizeError",
     "EnergyInputError",
     "StepSizeError",
     "StepSizeWarning",

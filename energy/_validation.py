@@ -18,6 +18,7 @@ __all__ = [
     "EnergyInputError",
     "ConstraintError",
     "StepSizeError",
+    "DenseSizeError",
     "StepSizeWarning",
     "check_tensor",
     "check_same_float_dtype",
@@ -35,6 +36,10 @@ class EnergyInputError(ValueError):
 
 class ConstraintError(EnergyInputError):
     """A weight violates a constraint the energy needs (symmetry, PSD, spectrum bound, orthogonality)."""
+
+
+class DenseSizeError(EnergyInputError, MemoryError):
+    """A dense matrix (a Hessian or one of its blocks) was requested that exceeds the memory budget."""
 
 
 class StepSizeError(EnergyInputError):

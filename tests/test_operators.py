@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from energy._validation import EnergyInputError
 from energy.hessian.operators import (
-    DenseMemoryError,
+    DenseSizeError,
     FunctionalOperator,
     GGNOperator,
     HessianOperator,
@@ -332,7 +332,7 @@ def test_dense_memory_guard_points_to_matrix_free():
     data = [(torch.randn(2, 5, dtype=DT), torch.randn(2, 3, dtype=DT))]
     H = HessianOperator(model, nn.MSELoss(), None, data)
     need = 66 * 66 * 8 / 2**30
-    with pytest.raises(DenseMemoryError, match=rf"{need:.3g} GiB.*matrix-free"):
+    with pytest.raises(DenseSizeError, match=rf"{need:.3g} GiB.*matrix-free"):
         H.dense(max_gib=1e-6)
 
 

@@ -66,7 +66,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
+from energy._validation import DenseSizeError, EnergyInputError, check_same_float_dtype, check_tensor
 from energy.reference import single_head_attention
 
 __all__ = [
@@ -106,10 +106,6 @@ BLOCKS_O: tuple[tuple[str, str], ...] = (("O", "O"), ("V", "O"), ("O", "Q"), ("O
 
 _GIB = 1024**3
 DEFAULT_MAX_GIB = 4.0
-
-
-class DenseSizeError(EnergyInputError):
-    """A dense Hessian (or block) was requested that exceeds the memory budget."""
 
 
 def check_dense_budget(rows: int, cols: int, dtype: torch.dtype, max_gib: float | None, what: str) -> None:

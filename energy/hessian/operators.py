@@ -73,7 +73,7 @@ from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
 
-from energy._validation import EnergyInputError, check_tensor
+from energy._validation import DenseSizeError, EnergyInputError, check_tensor
 
 __all__ = [
     "LinearOperator",
@@ -85,7 +85,7 @@ __all__ = [
     "TransposedJacobianOperator",
     "TokenHessianOperator",
     "ParameterSpace",
-    "DenseMemoryError",
+    "DenseSizeError",
     "dense_hessian_reference",
     "dense_ggn_reference",
 ]
@@ -100,10 +100,6 @@ def _linearize(fn: Callable, primal: Any) -> Callable:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
         return linearize(fn, primal)[1]
-
-
-class DenseMemoryError(EnergyInputError, MemoryError):
-    """A dense matrix was requested that would not fit into the allowed memory."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -239,7 +235,7 @@ class LinearOperator:
         """Materialise ``A`` as an ``(m, n)`` tensor by multiplying the identity (in column chunks).
 
         Args:
-            max_gib: refuse (with :class:`DenseMemoryError`) if the matrix needs more than this many GiB.
+            max_gib: refuse (with :class:`DenseSizeError`) if the matrix needs more than this many GiB.
                 Default: half the memory currently available.
         """
         m, n = self.shape
@@ -247,7 +243,7 @@ class LinearOperator:
         need = m * n * itemsize / 2**30
         limit = _available_memory_bytes() / 2 / 2**30 if max_gib is None else float(max_gib)
         if need > limit:
-            raise DenseMemoryError(
+            raise DenseSizeError(
                 f"{type(self).__name__}.dense() would need {need:.3g} GiB for a {m}×{n} {self.dtype} matrix, more "
                 f"than the allowed {limit:.3g} GiB (`max_gib`; default half the available memory). Use the "
                 "matrix-free route instead: `op @ v` / `op.matmat(V)`, the estimators of energy.hessian.estimators "

@@ -39,3 +39,14 @@ def test_train_and_trace(monkeypatch, capsys):
     _run(monkeypatch, "train_and_trace.py", "20")
     text = capsys.readouterr().out
     assert "trained 20 steps" in text and "test accuracy" in text and text.count("mean energy per layer") == 2
+
+
+@pytest.mark.slow
+def test_hessian_blocks(monkeypatch, capsys):
+    _run(monkeypatch, "hessian_blocks.py")
+    text = capsys.readouterr().out
+    err = float(text.split("max |closed form − autograd| = ")[1].split()[0])
+    assert err < 1e-10
+    dense = text.split("dense :")[1].splitlines()[0]
+    lanczos = text.split("Lanczos:")[1].splitlines()[0]
+    assert dense.strip() == lanczos.strip()

@@ -569,9 +569,14 @@ class _PairwiseAttention(Energy):
         r""":math:`\lambda_{\max}(W) = \kappa\,\sigma_{\max}(M)^2` (for heads: :math:`\max_h\lambda_{\max}(W_h)`)."""
         return self.scale * float(torch.linalg.matrix_norm(self.M.detach(), ord=2).max()) ** 2
 
-    def energy(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
-        r"""Energy per batch element, shape ``Y.shape[:-2]`` (padded tokens excluded)."""
-        Y, token_mask = self._inputs(Y, token_mask)
+    def energy(self, Y: Tensor, token_mask: Tensor | None = None, *, check: bool = True) -> Tensor:
+        r"""Energy per batch element, shape ``Y.shape[:-2]`` (padded tokens excluded).
+
+        ``check=False`` skips the input validation (a full pass over ``Y``): only for inputs known to be good, e.g.
+        states a model produced itself (the unroller's traces); non-finite states then give non-finite energies.
+        """
+        if check:
+            Y, token_mask = self._inputs(Y, token_mask)
         M3 = self._M3()
         return _batch_chunks(lambda Yc, mc: _head_energy(Yc, M3, self.scale, self.kernel, self.ridge, mc).sum(-1),
                              Y, token_mask, M3.shape[0])

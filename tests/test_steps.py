@@ -80,6 +80,18 @@ def test_attention_apply_and_energy_equals_apply_and_energy_separately(gen, head
     assert step.uses_fused == (kernel == "gaussian")
 
 
+def test_energy_at_equals_the_energy_objects_energy(gen):
+    """``energy_at`` (the traces' explicit evaluation; the attention step skips re-validating its own states)."""
+    torch.manual_seed(4)
+    for step in (AttentionStep(5, heads=1).double(), AttentionStep(6, heads=2, kernel="cauchy").double(),
+                 FFNStep(5).double()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", StepSizeWarning)  # general heads: no guaranteed range
+            prep = step.prepare()
+        Y = _Y(gen, 2, 3, 4, step.d)
+        torch.testing.assert_close(step.energy_at(prep, Y), prep.energy.energy(Y), rtol=0, atol=0)
+
+
 def test_non_attention_steps_return_no_energy_in_passing(gen):
     step = FFNStep(4).double()
     prep = step.prepare()

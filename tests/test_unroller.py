@@ -441,5 +441,9 @@ def test_attention_energy_is_evaluated_only_where_no_step_computed_it(fused, gen
 
 def test_bad_trace_argument(gen):
     model = _model(0)
+    _, info = model(_Y(gen, 2, 5, 6), trace="layer", energies=False)
+    info["states"][2] = torch.full_like(info["states"][2], float("nan"))
+    with pytest.raises(EnergyInputError, match=r"states\[2\]"):
+        model.trace_energies(info["states"], trace="layer")
     with pytest.raises(EnergyInputError, match=r"`trace` must be False, True / 'step'.*'layer'.*got 'layers'"):
         model(_Y(gen, 2, 5, 6), trace="layers")

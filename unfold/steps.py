@@ -123,6 +123,10 @@ class Step(nn.Module):
         """
         return self.apply(prepared, Y), None
 
+    def energy_at(self, prepared: Prepared, Y: Tensor) -> Tensor:
+        """This step's energy term at ``Y`` from the prepared energy object (the unroller's traces)."""
+        return prepared.energy.energy(Y)
+
     def forward(self, Y: Tensor) -> Tensor:
         return self.apply(self.prepare(), Y)
 
@@ -281,6 +285,10 @@ class AttentionStep(Step):
         log-normalisers, ``return_energy`` of :func:`energy.attention.attention_step_fused`). ``Y⁺`` is the same
         map as :meth:`apply`."""
         return self._step(prepared, Y, with_energy=True)
+
+    def energy_at(self, prepared: Prepared, Y: Tensor) -> Tensor:
+        """``E_att(Y)`` without re-validating ``Y`` (a state the model produced itself; one pass over it saved)."""
+        return prepared.energy.energy(Y, check=False)
 
     def _step(self, prepared: Prepared, Y: Tensor, with_energy: bool) -> Tensor | tuple[Tensor, Tensor]:
         self._check_Y(Y)

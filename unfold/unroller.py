@@ -235,7 +235,6 @@ class Unrolled(nn.Module):
                     Y = step.apply(prep, Y)
             return Y
         S = len(self.step_kinds)
-        built = [[p.energy for p in layer] for layer in prepared]
         states, ts = [Y], [0]
         values: dict[tuple[str, int], Tensor] = {}  # (term, index of the recorded state) -> its value
         t = 0
@@ -251,7 +250,7 @@ class Unrolled(nn.Module):
                 else:
                     Y = step.apply(prep, Y)
                 if on_record:  # the remaining terms there, while that state is still in cache
-                    self._evaluate_missing(states, built[li], values, len(states) - 1)
+                    self._evaluate_missing(states, li, prepared, values, len(states) - 1)
                 t += 1
                 if granularity == "step" or t % S == 0:
                     states.append(Y)
@@ -259,7 +258,8 @@ class Unrolled(nn.Module):
         info = {"states": states, "t": ts, "energies": {}, "step_names": self.step_kinds * self.depth,
                 "layer_of_state": self._layer_of_state(ts), "trace": granularity}
         if energies:
-            self._evaluate_missing(states, built[0 if self.tied else self.depth - 1], values, len(states) - 1)
+            last = self.depth - 1
+            self._evaluate_missing(states, 0 if self.tied else last, prepared, values, len(states) - 1)
             info["energies"] = self._collect(values, len(states))
         return Y, info
 
@@ -283,23 +283,24 @@ class Unrolled(nn.Module):
                 f"`states` must hold the {len(ts)} states of one forward pass traced with trace={granularity!r}, "
                 f"got {len(states)}."
             )
-        states = list(states)
-        built = self.energies()
+        states = [check_tensor(Y, f"states[{i}]", min_ndim=2, trailing=(None, self.d)) for i, Y in enumerate(states)]
+        prepared = [[s.prepare() for s in layer] for layer in self.layers]
         values: dict[tuple[str, int], Tensor] = {}
         for i, ell in enumerate(self._layer_of_state(ts)):
-            self._evaluate_missing(states, built[0 if self.tied else ell], values, i)
+            self._evaluate_missing(states, 0 if self.tied else ell, prepared, values, i)
         return self._collect(values, len(states))
 
-    def _evaluate_missing(self, states: list[Tensor], layer: list[Any], values: dict[tuple[str, int], Tensor],
-                          i: int) -> None:
-        """Evaluate every term of ``layer`` at recorded state ``i`` that ``values`` does not hold yet.
+    def _evaluate_missing(self, states: list[Tensor], li: int, prepared: list[list[Any]],
+                          values: dict[tuple[str, int], Tensor], i: int) -> None:
+        """Evaluate every term of layer module ``li`` at recorded state ``i`` that ``values`` does not hold yet
+        (:meth:`unfold.steps.Step.energy_at` with the pass's prepared energies).
 
         One state at a time: a state is small enough to stay in cache, a stack of all states is not (stacking them
         into one batched call was several times slower at the benchmark sizes).
         """
-        for name, energy in zip(self.term_names, layer):
+        for name, step, prep in zip(self.term_names, self.layers[li], prepared[li]):
             if name is not None and (name, i) not in values:
-                values[(name, i)] = energy.energy(states[i])
+                values[(name, i)] = step.energy_at(prep, states[i])
 
     def _collect(self, values: dict[tuple[str, int], Tensor], n_states: int) -> dict[str, Tensor]:
         """``{term: (n_states, *batch)}`` plus ``"total"`` (empty if the schedule has only projections)."""

@@ -990,7 +990,7 @@ def _augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tenso
     bias = M3.new_zeros(h, 3, w)
     bias[:, 0, k] = 1.0  # the query's constant 1
     X = torch.addmm(bias.reshape(-1), Y.reshape(-1, d), factor.reshape(d, -1)).view(B, n, h, 3, w)
-    q, kt, v = X[:, :, :, 0], X[:, :, :, 1], X[:, :, :, 2]
+    q, kt, v = X.unbind(3)  # views; under autograd one stacked gradient instead of three zero-filled ones
     beta = torch.linalg.vector_norm(kt[..., :k], dim=-1).square().mul(-0.5)  # -½‖k_j‖² = β_j/κ
     if torch.is_grad_enabled() and X.requires_grad:
         # autograd records: the norm saved a view of X, so X must not be written; add β as a one-hot column

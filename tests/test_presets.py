@@ -8,7 +8,13 @@ import torch
 from energy._validation import EnergyInputError
 from energy.attention import softmax_beta
 from unfold import presets, standard
-from unfold.presets import UnrolledClassifier, energy_transformer_block, parameter_count, yang2022
+from unfold.presets import (
+    UnrolledClassifier,
+    energy_transformer_block,
+    init_signal_preserving_,
+    parameter_count,
+    yang2022,
+)
 from unfold.unroller import load_model, save_model
 
 DT = torch.float64
@@ -88,3 +94,78 @@ def test_bad_preset_arguments():
 def test_standard_models_reexported():
     for name in ("GPT2Config", "GPT2Decoder", "MLPBaseline", "StandardEncoderClassifier", "standard_encoder"):
         assert getattr(presets, name) is getattr(standard, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# init_signal_preserving_
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_init_signal_preserving_sets_spectrum_bias_and_input_map(seed, relu):
+    torch.manual_seed(seed)
+    model = yang2022(d=24, depth=3, relu=relu, d_in=5, n_classes=3).double()
+    M_before = model.body.layer(0)[0].M.detach().clone()
+    g = torch.Generator().manual_seed(seed)
+    out = init_signal_preserving_(model, ffn_band=(0.6, 0.9), ffn_bias=0.5, input_std=2.0, generator=g)
+    assert out is model
+    att, ffn = model.body.layer(0)[:2]
+    original = ffn.parametrizations.W_f.original.detach()
+    lam = torch.linalg.eigvalsh(original)
+    assert float(lam.min()) >= 0.6 and float(lam.max()) <= 0.9  # inside the band ...
+    assert float(torch.diff(lam).min()) > 1e-8  # ... distinct ...
+    torch.testing.assert_close(ffn.W_f.detach(), original, rtol=0, atol=1e-12)  # ... so the clip is the identity
+    torch.testing.assert_close(ffn.b.detach(), torch.full((24,), 0.5, dtype=DT), rtol=0, atol=0)
+    torch.testing.assert_close(att.M.detach(), M_before, rtol=0, atol=0)  # M untouched
+    W_in = model.input_proj.weight.detach()
+    assert abs(float(W_in.std()) - 2.0) < 0.5  # 120 entries of N(0, 4)
+    assert float(att.alpha) == 1.0 and float(ffn.alpha) == 1.0 and ffn.spectrum == (0.0, 0.95)
+    # every eigenvalue of W_f receives a gradient (none sits outside the band, where the clip's derivative is 0)
+    Y = torch.rand(2, 4, 24, dtype=DT)
+    (model.body(Y) ** 2).sum().backward()
+    G = ffn.parametrizations.W_f.original.grad
+    _, V = torch.linalg.eigh(original)
+    assert float((V.T @ G @ V).diagonal().abs().min()) > 0
+
+
+def test_init_signal_preserving_is_reproducible_and_keeps_the_default_input_map():
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = yang2022(d=8, depth=2, d_in=3, n_classes=2)
+        W_in = m.input_proj.weight.detach().clone()
+        init_signal_preserving_(m, input_std=None, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(m.input_proj.weight.detach(), W_in, rtol=0, atol=0)
+        models.append(m)
+    for (ka, va), (kb, vb) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_init_signal_preserving_passes_the_input_through_depth(gen):
+    """The reason for the initialiser (measured): the input-dependent part of the output survives 12 tied layers."""
+
+    def gain(model: UnrolledClassifier) -> float:
+        X = torch.rand(64, 6, 4, generator=gen, dtype=DT)
+        with torch.no_grad():
+            P_in, P_out = model.embed(X).mean(-2), model.body(model.embed(X)).mean(-2)
+        return float(torch.linalg.norm(P_out - P_out.mean(0)) / torch.linalg.norm(P_in - P_in.mean(0)))
+
+    torch.manual_seed(0)
+    preset = yang2022(d=16, depth=12, d_in=4, n_classes=3).double()
+    signal = init_signal_preserving_(yang2022(d=16, depth=12, d_in=4, n_classes=3).double(),
+                                     generator=torch.Generator().manual_seed(0))
+    assert gain(preset) < 1e-3 < 1e-2 < gain(signal)
+
+
+def test_init_signal_preserving_bad_arguments():
+    model = yang2022(d=6, depth=1, d_in=3, n_classes=2)
+    with pytest.raises(EnergyInputError, match="ffn_band"):
+        init_signal_preserving_(model, ffn_band=(0.5, 1.2))  # outside the clip band [0, 0.95]
+    with pytest.raises(EnergyInputError, match="ffn_band"):
+        init_signal_preserving_(model, ffn_band=(0.9, 0.9))
+    with pytest.raises(EnergyInputError, match="input_std"):
+        init_signal_preserving_(model, input_std=0.0)
+    with pytest.raises(EnergyInputError, match="model"):
+        init_signal_preserving_(torch.nn.Linear(2, 2))
+    with pytest.raises(EnergyInputError, match="FFN"):
+        init_signal_preserving_(energy_transformer_block(d=8, depth=1, heads=2))

@@ -11,8 +11,10 @@ models of :mod:`unfold.standard` (re-exported).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_tensor
@@ -22,6 +24,7 @@ from unfold.unroller import CheckpointError, Unrolled, register_builder, safe_lo
 __all__ = [
     "UnrolledClassifier",
     "yang2022",
+    "init_signal_preserving_",
     "energy_transformer_block",
     "GPT2Config",
     "GPT2Decoder",
@@ -149,6 +152,81 @@ def yang2022(
         schedule.append((normalization, {"eps": norm_eps}))
     body = Unrolled(schedule, depth, d, tied=tied)
     return UnrolledClassifier(body, d_in=d_in, n_classes=n_classes)
+
+
+@torch.no_grad()
+def init_signal_preserving_(
+    model: UnrolledClassifier,
+    *,
+    ffn_band: tuple[float, float] = (0.85, 0.95),
+    ffn_bias: float = 1.0,
+    input_std: float | None = 1.0,
+    generator: torch.Generator | None = None,
+) -> UnrolledClassifier:
+    r"""Re-initialise a :func:`yang2022` model so that a deep tied stack passes its input on (in place).
+
+    The paper fixes the model and the training protocol, not the initialisation. Two properties of the default
+    initialisation of the FFN step make the 12-layer ``α = 1`` model forget its input (measured on the digits
+    stand-in of ``yang2022-energy-trained``: the pooled output's input-dependent part shrinks by ``≈ 5·10⁻⁶``
+    over 12 layers, and the gradients of ``M``, ``W_f`` and the input map are ``10⁻⁸ … 10⁻⁵`` against ``0.3`` for
+    ``b``):
+
+    * ``W_f = clip(½(A + Aᵀ), 0, 0.95)`` with ``A_ij ~ N(0, 1/d)`` has a semicircle spectrum on ``[−√2, √2]``
+      clipped to the band, so about half of the eigenvalues are ``0``. Once the attention steps have merged the
+      tokens of a sequence (step (a) with ``α = 1`` is a convex combination of the tokens) and while the ReLU is
+      inactive, one layer maps a perturbation ``δ`` of the state to ``−δ W_f``; ``depth`` tied layers transmit
+      ``δ W_f^{depth}``, i.e. ``λ^{12}`` per eigen-direction (``0.95¹² = 0.54``, ``0.5¹² = 2.4·10⁻⁴``, ``0``).
+    * ``b = 0`` with ``W_f ⪰ 0``: after the first ReLU the tokens are non-negative and ``ReLU(−Y W_f)`` removes
+      every component along which ``Y W_f`` is positive (all of it for ``W_f ∝ I``).
+
+    This initialiser sets, for every FFN step, the unconstrained original of ``W_f`` to ``Q diag(λ) Qᵀ`` with
+    ``Q`` Haar-orthogonal and ``λ_i ~ U(ffn_band)`` (distinct, inside the constraint's band: the clip is the
+    identity at initialisation and every eigenvalue receives a gradient), the bias to ``b = ffn_bias · 1``, and
+    (``input_std`` not ``None``) the input map's weight to ``N(0, input_std²)`` entries (its bias to 0). The
+    attention factor ``M`` keeps its default. The model's structure, its constraints and its step sizes are
+    unchanged.
+
+    Args:
+        model: a model built by :func:`yang2022` (any width, depth, with or without ReLU).
+        ffn_band: ``(low, high)`` of the initial spectrum of ``W_f``; must lie inside the step's spectrum bounds.
+        ffn_bias: initial value of every entry of ``b`` (FFN steps without a learnable bias are left alone).
+        input_std: standard deviation of the input map's entries (``None``: keep the default initialisation).
+        generator: random generator (default: torch's global one).
+
+    Returns:
+        ``model`` (re-initialised in place).
+    """
+    if not isinstance(model, UnrolledClassifier):
+        raise EnergyInputError(f"`model` must be an UnrolledClassifier from yang2022(), got {type(model).__name__}.")
+    lo, hi = (float(x) for x in ffn_band)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise EnergyInputError(f"`ffn_band` must be finite (low, high) with low < high, got {ffn_band!r}.")
+    if input_std is not None and not (math.isfinite(input_std) and input_std > 0):
+        raise EnergyInputError(f"`input_std` must be a positive number or None, got {input_std!r}.")
+    ffn_steps = [step for layer in model.body.layers for step in layer if step.kind == "ffn"]
+    if not ffn_steps:
+        raise EnergyInputError("`model` has no FFN step; init_signal_preserving_ expects a yang2022() model.")
+    for step in ffn_steps:
+        if step.spectrum is not None and not (step.spectrum[0] <= lo and hi <= step.spectrum[1]):
+            raise EnergyInputError(
+                f"`ffn_band` = {ffn_band!r} must lie inside the FFN spectrum bounds {step.spectrum}; choose a band "
+                "within them."
+            )
+        original = step.parametrizations.W_f.original
+        d = original.shape[-1]
+        G = torch.randn(d, d, generator=generator, dtype=torch.float64)
+        Q, R = torch.linalg.qr(G)
+        Q = Q * torch.sign(torch.diagonal(R)).unsqueeze(-2)  # Haar-distributed
+        lam = lo + (hi - lo) * torch.rand(d, generator=generator, dtype=torch.float64)
+        original.copy_(((Q * lam.unsqueeze(-2)) @ Q.T).to(original.dtype))
+        if step.bias:
+            step.b.fill_(ffn_bias)
+    if input_std is not None and isinstance(model.input_proj, nn.Linear):
+        W_in = model.input_proj.weight
+        W_in.copy_(torch.randn(W_in.shape, generator=generator, dtype=torch.float64).to(W_in.dtype) * input_std)
+        if model.input_proj.bias is not None:
+            model.input_proj.bias.zero_()
+    return model
 
 
 def energy_transformer_block(

@@ -114,19 +114,82 @@ def test_models_with_and_without_relu_share_weights():
     assert float(lam.min()) >= -1e-6 and float(lam.max()) <= 0.95 + 1e-6
 
 
-def test_model_gradients_are_finite_after_sgd_steps():
-    """Regression: the spectrum-clip original must not have tied eigenvalues (NaN gradients of eigh)."""
-    model = yt.make_model(8, relu=True, seed=0, d_in=4, n_classes=3)
-    original = model.body.layers[0][1].parametrizations.W_f.original.detach().double()
-    gaps = torch.diff(torch.linalg.eigvalsh(original))
-    assert float(gaps.min()) > 1e-6
+@pytest.mark.parametrize("init", yt.INIT_CHOICES)
+def test_model_gradients_are_finite_after_sgd_steps(init):
+    """Regression: the preset stores the clipped W_f as its original (eigenvalues tied at 0 and 0.95); the
+    spectrum clip's tie-aware backward keeps every gradient finite."""
+    model = yt.make_model(8, relu=True, seed=0, d_in=4, n_classes=3, init=init)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for _ in range(5):
         opt.zero_grad()
         F.cross_entropy(model(torch.randn(1, 5, 4, generator=g)), torch.tensor([1])).backward()
         assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
         opt.step()
+
+
+def test_make_model_inits():
+    preset = yt.make_model(8, relu=True, seed=5, d_in=3, n_classes=2)
+    signal = yt.make_model(8, relu=True, seed=5, d_in=3, n_classes=2, init="signal")
+    torch.testing.assert_close(signal.body.layers[0][0].M, preset.body.layers[0][0].M, rtol=0, atol=0)
+    ffn = signal.body.layers[0][1]
+    lam = torch.linalg.eigvalsh(ffn.W_f.detach().double())
+    assert float(lam.min()) >= 0.85 - 1e-6 and float(lam.max()) <= 0.95 + 1e-6
+    assert torch.equal(ffn.b.detach(), torch.ones(8))
+    with pytest.raises(EnergyInputError, match="init"):
+        yt.make_model(8, relu=True, seed=5, init="xavier")
+
+
+def test_layer_spreads_match_a_step_by_step_run(gen):
+    model = yt.make_model(6, relu=True, seed=1, d_in=3, n_classes=2, init="signal").double()
+    seqs = [torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in (4, 5, 4)]
+    out = yt.layer_spreads(model, seqs)
+    assert out["tokens"].shape == out["pooled"].shape == (yt.DEPTH + 1,)
+    with torch.no_grad():
+        states = [model.embed(X) for X in seqs]
+        tokens, pooled = [], []
+        for ell in range(yt.DEPTH + 1):
+            if ell:
+                for step in model.body.layer(ell - 1):
+                    states = [step(Y) for Y in states]
+            tokens.append(np.mean([float(torch.linalg.norm(Y - Y.mean(0)) / torch.linalg.norm(Y)) for Y in states]))
+            P = torch.stack([Y.mean(0) for Y in states])
+            pooled.append(float(torch.linalg.norm(P - P.mean(0)) / math.sqrt(len(seqs))))
+    np.testing.assert_allclose(out["tokens"], tokens, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(out["pooled"], pooled, rtol=1e-9, atol=1e-14)
+
+
+def test_gradient_norms_by_group(gen):
+    model = yt.make_model(6, relu=True, seed=2, d_in=3, n_classes=4, init="signal").double()
+    seqs = [torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    labels = torch.tensor([0, 3, 1])
+    got = yt.gradient_norms(model, seqs, labels)
+    assert set(got) == set(yt.GRAD_GROUPS)
+    want = dict.fromkeys(yt.GRAD_GROUPS, 0.0)
+    ffn = model.body.layers[0][1]
+    for X, y in zip(seqs, labels):
+        params = {"M": model.body.layers[0][0].M, "W_f": ffn.parametrizations.W_f.original, "b": ffn.b,
+                  "input map": model.input_proj.weight, "head_w": model.head.weight, "head_b": model.head.bias}
+        # M is a plain parameter here; W_f's gradient is the one of its unconstrained original
+        grads = torch.autograd.grad(F.cross_entropy(model(X.unsqueeze(0)), y.reshape(1)), list(params.values()))
+        g = dict(zip(params, grads))
+        for k in ("M", "W_f", "b", "input map"):
+            want[k] += float(g[k].norm()) / 3
+        want["head"] += float(torch.sqrt(g["head_w"].pow(2).sum() + g["head_b"].pow(2).sum())) / 3
+    for k in yt.GRAD_GROUPS:
+        assert got[k] == pytest.approx(want[k], rel=1e-10)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_classification_accuracy_of_any_model():
+    seqs = [torch.tensor([[1.0, 0.0]] * 3), torch.tensor([[0.0, 1.0]] * 2), torch.tensor([[0.0, 1.0]] * 3)]
+    ref = yt.MeanPoolLinear(2, 2, 2)  # widths agree: no input map
+    assert isinstance(ref.input_proj, torch.nn.Identity)
+    with torch.no_grad():
+        ref.head.weight.copy_(torch.eye(2))
+        ref.head.bias.zero_()
+    assert yt.classification_accuracy(ref, seqs, torch.tensor([0, 1, 0])) == pytest.approx(2 / 3)
+    assert isinstance(yt.MeanPoolLinear(3, 5, 2).input_proj, torch.nn.Linear)
 
 
 def _energies_by_hand(model, Y: torch.Tensor) -> list[float]:
@@ -218,6 +281,15 @@ def test_trained_figure_offline_digits():
     assert "digits" in spec.caption_for(data)
     assert "digits_test_accuracy_after" in spec.summarize(data)
     assert run["pooled_spread_input"] > 0 and run["pooled_spread_output"] >= 0 and run["pooled_spread_init"] >= 0
+    assert 0.0 <= run["acc_reference"] <= 1.0 and 0.0 <= run["preset_init"]["acc_after"] <= 1.0
+    for key in ("preset_init", "signal_init", "trained"):
+        assert len(run[key]["pooled"]) == len(run[key]["tokens"]) == yt.DEPTH + 1 and run[key]["gain"] >= 0
+    assert set(run["signal_init"]["grad_norms"]) == set(yt.GRAD_GROUPS)
+    summary = spec.summarize(data)
+    assert {"digits_test_accuracy_reference_no_body", "digits_test_accuracy_preset_init_trained",
+            "digits_signal_gain_preset_init_vs_used_init_vs_trained"} <= set(summary)
+    assert "init_signal_preserving_" in spec.caption_for(data)
+    assert len(spec.plot_fn(data, _cfg()).axes) == 2
 
 
 def test_representation_spread():

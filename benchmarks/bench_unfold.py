@@ -17,7 +17,10 @@ augmented q/k/v product ``3d(k+1)`` and SDPA ``2n(k+1)``; FFN step ``d²``; ``E_
 out: the ``≤ 1.5`` target is out of reach at the step level by operation count. Each entry reports these counts
 (``mac_ratio_*``) and a floor from unit costs measured in the same run (``floor_from_unit_costs``: plain forward plus
 the explicit evaluations, each timed on one state). The layer trace needs ``D + 1`` ``E_att`` values (``D`` free)
-and ``D + 1`` ``E_ffn`` values: ``1.24×`` by the same count.
+and ``D + 1`` ``E_ffn`` values: ``1.24×`` by the same count. The measured cost of one explicit evaluation relative
+to the plain forward is reported per term (``E_att_eval_vs_plain_forward``, ``E_ffn_eval_vs_plain_forward``); the
+``E_ffn`` one is :meth:`energy.ffn.FFNEnergy.energy` as it stands (an ``einsum``), which at these sizes costs more
+than the FFN step itself and dominates the layer-level overhead.
 * ``unfold/train_step_vs_transformer_encoder`` — one training step (forward, cross-entropy, backward, Adam step) of
   the unfolded model vs a stack of ``nn.TransformerEncoderLayer`` (unfold.standard.standard_encoder) of the same
   width, depth and heads, same batch. Target ratio ≤ 1.3.

@@ -186,7 +186,7 @@ def check_step_size(alpha: float, name: str, *, low: float, high: float, reason:
     guarantee, e.g. ``"MATH §1.1(a): Gaussian kernel, α ∈ (0, 2)"``.
     """
     if isinstance(alpha, Tensor):
-        alpha = float(alpha)
+        alpha = float(alpha.detach())  # a (possibly learnable) step size is checked by value
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise EnergyInputError(f"`{name}` must be a finite real number, got {alpha!r}.")
     inside = low < alpha and (alpha <= high if high_inclusive else alpha < high)

@@ -95,7 +95,7 @@ class FFNEnergy(Energy):
 
     def energy(self, Y: Tensor) -> Tensor:
         _check_Y(Y, self.d, self.W_f.dtype)
-        quad = torch.einsum("...nd,de,...ne->...", Y, self.W_f, Y)
+        quad = ((Y @ self.W_f) * Y).sum(dim=(-2, -1))  # tr(Y W_f Yᵀ): one GEMM (faster than the 3-operand einsum)
         return 0.5 * quad + 0.5 * (Y - self.b).square().sum(dim=(-2, -1))
 
     def grad(self, Y: Tensor) -> Tensor:

@@ -259,6 +259,7 @@ def pairwise_sq_dist(Y: Tensor, W: Tensor) -> Tensor:
     Y = check_tensor(Y, "Y", min_ndim=2)
     W = _check_W(W, Y)
     YW = Y @ W
+    Y = Y.expand_as(YW)  # a batched W (e.g. one metric per head) broadcasts the tokens
     return _sq_dist(YW, Y, 0.5 * (YW * Y).sum(-1))
 
 

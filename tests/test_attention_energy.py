@@ -552,3 +552,17 @@ def test_batch_chunking_does_not_change_results(preconditioner: str, gen: torch.
     for a, b in zip(whole, chunked):
         _close(a, b, 1e-13)
     _close(E.autograd_grad(Y, mask), whole[1])
+
+
+def test_pairwise_sq_dist_broadcasts_a_stack_of_metrics():
+    """One metric per head, ``W (h, d, d)``, against tokens ``(B, 1, n, d)``: z per head (docstring promise)."""
+    g = torch.Generator().manual_seed(3)
+    Y = torch.randn(2, 1, 5, 3, generator=g, dtype=torch.float64)
+    M = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    W = M @ M.transpose(-1, -2)
+    z = pairwise_sq_dist(Y, W)
+    assert z.shape == (2, 4, 5, 5)
+    for h in range(4):
+        diff = Y[:, 0].unsqueeze(-2) - Y[:, 0].unsqueeze(-3)
+        ref = 0.5 * torch.einsum("bijd,de,bije->bij", diff, W[h], diff)
+        torch.testing.assert_close(z[:, h], ref, rtol=0, atol=1e-12)

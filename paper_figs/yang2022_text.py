@@ -20,7 +20,11 @@ the input-dependent part of the pooled state shrinks by ``≈ 10⁻⁵``; the gr
 map are ``10⁻⁸ … 10⁻⁵`` against ``0.3 … 1`` for ``b`` and the head; trained with the paper's protocol that model
 stays at chance and maps every input to the same state). The figure trains both and reports both, plus the same
 protocol without the body (mean-pooled input map + head) as the reference for what 2000 SGD steps at lr 1e-2,
-batch 1 can reach on the data.
+batch 1 can reach on the data. Each part of the initialisation was needed in a one-at-a-time check (digits,
+``d = 32``, seed 2333, 2000 steps; test accuracy with all three: 0.37): ``b = 0`` gives a signal gain of
+``3·10⁻¹⁸`` and chance accuracy (0.10); the default input map (kaiming-uniform, std 0.2) keeps a gain of 0.24 but
+the features are too small for the head to learn at lr 1e-2 in 2000 steps (0.10); a ``W_f`` band ``[0, 0.95]``
+gives a gain of 0.035 and 0.23; ``b = 0.5`` gives 0.29.
 
 Data. With ``--imdb``/``--sst2`` and ``--glove`` the paper's setting runs: GloVe vectors of IMDB reviews (IMDB curves)
 and of SST-2 sentences (SST-2 curves; the authors evaluated their SST-2 curves on IMDB sentences). Without them:
@@ -661,8 +665,8 @@ def _caption_trained(data: dict) -> str:
         "there is one). Initialisation (not fixed by the paper; unfold.presets.init_signal_preserving_): W_f's "
         "unconstrained original Q diag(lambda) Q^T, Q Haar-orthogonal, lambda ~ U[0.85, 0.95] (inside the clip band "
         "[0, 0.95]: 12 tied layers pass lambda^12 of each eigen-direction, 0.95^12 = 0.54), FFN bias b = 1, input "
-        "map entries N(0, 1); M keeps the preset's N(0, (kd)^(-1/2)) entries. Model structure, alpha = 1, "
-        f"constraints, optimiser, lr and batch size as in the paper. {runs}."
+        "map entries N(0, 1) (when there is an input map); M keeps the preset's N(0, (kd)^(-1/2)) entries. Model "
+        f"structure, alpha = 1, constraints, optimiser, lr and batch size as in the paper. {runs}."
         + ("" if data["paper_setting"] else
            " Offline stand-in for IMDB/SST-2 + GloVe: scikit-learn's bundled digits as sequences of 8 row tokens "
            "(no positional features).")

@@ -163,7 +163,8 @@ def init_signal_preserving_(
     input_std: float | None = 1.0,
     generator: torch.Generator | None = None,
 ) -> UnrolledClassifier:
-    r"""Re-initialise a :func:`yang2022` model so that a deep tied stack passes its input on (in place).
+    r"""Re-initialise a :func:`yang2022` model so that a deep tied stack passes its input on (in place; MATH §1.3,
+    §1.6).
 
     The paper fixes the model and the training protocol, not the initialisation. Two properties of the default
     initialisation of the FFN step make the 12-layer ``α = 1`` model forget its input (measured on the digits

@@ -22,7 +22,7 @@ from unfold.parametrizations import (
     check_constraints,
     constraints_of,
 )
-from unfold.presets import UnrolledClassifier, energy_transformer_block, yang2022
+from unfold.presets import UnrolledClassifier, energy_transformer_block, init_signal_preserving_, yang2022
 from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, standard_encoder
 from unfold.steps import (
     AttentionStep,
@@ -62,6 +62,7 @@ __all__ = [
     "check_constraints",
     # presets and standard models
     "yang2022",
+    "init_signal_preserving_",
     "energy_transformer_block",
     "UnrolledClassifier",
     "GPT2Config",

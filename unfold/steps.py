@@ -112,8 +112,14 @@ class Step(nn.Module):
         """Evaluate the parametrisations once (and check the step size once) for one forward pass."""
         return Prepared(self.build())
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
+        """The descent step ``energy.step(Y, α)`` of the prepared energy (projections and the attention step
+        override this); a learnable ``α`` goes through :meth:`_affine_in_alpha`."""
+        self._check_Y(Y)
+        energy = prepared.energy
+        if self.learn_alpha:
+            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
+        return energy.step(Y, float(self.alpha))
 
     def apply_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
         """The step and, if the step computes it in passing, its energy term at the input ``Y`` (else ``None``).
@@ -363,13 +369,6 @@ class FFNStep(Step):
     def build(self) -> Energy:
         return FFNEnergy(self.W_f, self.b)
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
-        energy = prepared.energy
-        if self.learn_alpha:
-            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
-        return energy.step(Y, float(self.alpha))
-
 
 class TiedReLUFFNStep(Step):
     r"""Residual two-matrix ReLU FFN with tied weights ``W_2 = α W_1ᵀ`` (MATH §1.3; Energy Transformer's ``E_hn``).
@@ -400,13 +399,6 @@ class TiedReLUFFNStep(Step):
 
     def build(self) -> Energy:
         return TiedReLUEnergy(self.W_1, self.b)
-
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
-        energy = prepared.energy
-        if self.learn_alpha:
-            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
-        return energy.step(Y, float(self.alpha))
 
 
 # ------------------------------------------------------------------------------------------------------ projections
@@ -517,13 +509,6 @@ class HopfieldStep(Step):
     def build(self) -> Energy:
         return HopfieldEnergy(self.X, self.beta)
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
-        energy = prepared.energy
-        if self.learn_alpha:
-            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
-        return energy.step(Y, float(self.alpha))
-
 
 class EnergyTransformerStep(Step):
     r"""One discrete step of the Energy Transformer (MATH §2.2): ``x ← x − α ∂E/∂g`` with ``g = LN(x)``.
@@ -561,13 +546,6 @@ class EnergyTransformerStep(Step):
 
     def build(self) -> Energy:
         return EnergyTransformerEnergy(self.W_Q, self.W_K, self.xi, beta=self.beta)
-
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
-        energy = prepared.energy
-        if self.learn_alpha:
-            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
-        return energy.step(Y, float(self.alpha))
 
 
 #: schedule name → step class (the unroller's vocabulary)

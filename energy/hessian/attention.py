@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -865,6 +866,18 @@ def _split(theta: Tensor, d: int, k: int, o: int | None) -> tuple[Tensor, Tensor
     return theta[:s].reshape(d, k), theta[s : 2 * s].reshape(d, k), theta[2 * s : 2 * s + v].reshape(d, d), W_O
 
 
+def _twin_setup(
+    X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, Y: Tensor, W_O: Tensor | None, mask: Tensor | None, causal: bool
+) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor, Tensor, Tensor | None]], Tensor | None]:
+    """Validated inputs of the autograd twins: ``(split, mask)`` with ``split(θ) = (W_Q, W_K, W_V, W_O)``."""
+    _, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
+    if mask is not None and X.ndim == 2:
+        mask = mask[0]
+    d, k = W_Q.shape
+    o = None if W_O is None else W_O.shape[1]
+    return (lambda theta: _split(theta, d, k, o)), mask
+
+
 def autograd_attention_hessian(
     X: Tensor,
     W_Q: Tensor,
@@ -882,19 +895,13 @@ def autograd_attention_hessian(
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`attention_loss` in the flattened ``(Q, K, V[, O])`` vector."""
     warn_if_not_float64(X, "autograd_attention_hessian")
-    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
-    if mask is not None and X.ndim == 2:
-        mask = mask[0]
-    d, k = W_Q.shape
-    o = None if W_O is None else W_O.shape[1]
+    split, mask = _twin_setup(X, W_Q, W_K, W_V, Y, W_O, mask, causal)
 
     def loss(t: Tensor) -> Tensor:
-        Q, K, V, O = _split(t, d, k, o)
+        Q, K, V, O = split(t)
         return attention_loss(X, Q, K, V, Y, W_O=O, c=c, reduction=reduction, scale=scale, mask=mask, linear=linear)
 
-    theta = _flatten(W_Q, W_K, W_V, W_O)
-
-    return torch.func.hessian(loss)(theta)
+    return torch.func.hessian(loss)(_flatten(W_Q, W_K, W_V, W_O))
 
 
 def autograd_attention_ggn(
@@ -914,15 +921,12 @@ def autograd_attention_ggn(
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
     warn_if_not_float64(X, "autograd_attention_ggn")
-    X3, _, mask = _validate(X, W_Q, W_K, W_V, Y, mask, causal, W_O)
-    if mask is not None and X.ndim == 2:
-        mask = mask[0]
-    d, k = W_Q.shape
-    o = None if W_O is None else W_O.shape[1]
+    split, mask = _twin_setup(X, W_Q, W_K, W_V, Y, W_O, mask, causal)
 
     def out(t: Tensor) -> Tensor:
-        Q, K, V, O = _split(t, d, k, o)
+        Q, K, V, O = split(t)
         return attention_output(X, Q, K, V, W_O=O, scale=scale, mask=mask, linear=linear).reshape(-1)
 
     J = torch.func.jacrev(out)(_flatten(W_Q, W_K, W_V, W_O))
-    return 2.0 * loss_constant(X, c, reduction, d if o is None else o) * J.T @ J
+    d_out = W_V.shape[1] if W_O is None else W_O.shape[1]
+    return 2.0 * loss_constant(X, c, reduction, d_out) * J.T @ J

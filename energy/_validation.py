@@ -25,6 +25,7 @@ __all__ = [
     "check_symmetric",
     "check_psd",
     "check_step_size",
+    "default_tolerance",
     "strict_mode",
     "is_strict",
 ]
@@ -140,15 +141,17 @@ def check_same_float_dtype(**tensors: Tensor) -> torch.dtype:
     return next(iter(dtypes.values()))
 
 
-def _default_tol(W: Tensor) -> float:
-    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, float(W.detach().abs().max()))
+def default_tolerance(W: Tensor) -> float:
+    """Tolerance of the constraint checks: ``1e3 · eps(dtype) · max(1, max|W|)`` (relative to the entries' size)."""
+    scale = float(W.detach().abs().max()) if W.numel() else 1.0
+    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, scale)
 
 
 def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tensor:
     """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric."""
     if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
         raise EnergyInputError(f"`{name}` must be square in its last two dimensions, got {tuple(W.shape)}.")
-    tol = _default_tol(W) if atol is None else atol
+    tol = default_tolerance(W) if atol is None else atol
     Wd = W.detach()  # a check, not part of any graph
     asym = float((Wd - Wd.transpose(-1, -2)).abs().max()) if W.numel() else 0.0
     if asym > tol:
@@ -163,7 +166,7 @@ def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tenso
 def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | None = None) -> Tensor:
     """Raise :class:`ConstraintError` unless ``W`` is symmetric positive semi-definite (definite if asked)."""
     check_symmetric(W, name, atol=atol)
-    tol = _default_tol(W) if atol is None else atol
+    tol = default_tolerance(W) if atol is None else atol
     lam_min = float(torch.linalg.eigvalsh(W.detach()).min())
     if strict_pd and lam_min <= tol:
         raise ConstraintError(

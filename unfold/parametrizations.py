@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from energy._validation import ConstraintError, EnergyInputError, check_psd, check_symmetric
+from energy._validation import ConstraintError, EnergyInputError, check_psd, check_symmetric, default_tolerance
 from energy.attention import metric
 
 __all__ = [
@@ -33,11 +33,6 @@ __all__ = [
     "constraints_of",
     "check_constraints",
 ]
-
-
-def _tol(W: Tensor) -> float:
-    """Tolerance relative to the entries' size, in the precision of ``W``."""
-    return 1e3 * torch.finfo(W.dtype).eps * max(1.0, float(W.detach().abs().max()) if W.numel() else 1.0)
 
 
 def _sym(A: Tensor) -> Tensor:
@@ -97,11 +92,11 @@ class PSDMetric(Constraint):
     def check(self, W: Tensor, name: str = "W") -> Tensor:
         """``W`` must be symmetric PSD with rank ``≤ k``."""
         try:
-            check_psd(W, name, atol=_tol(W))
+            check_psd(W, name, atol=default_tolerance(W))
         except ConstraintError as exc:
             raise ConstraintError(f"{self.describe()} violated: {exc}") from None
         lam = torch.linalg.eigvalsh(W.detach())
-        rank = int((lam > _tol(W)).sum(-1).max()) if lam.numel() else 0
+        rank = int((lam > default_tolerance(W)).sum(-1).max()) if lam.numel() else 0
         if rank > self.k:
             raise ConstraintError(
                 f"{self.describe()} violated: `{name}` has rank {rank} > k = {self.k}, so it is not κ·M Mᵀ with "
@@ -140,7 +135,7 @@ class Symmetric(Constraint):
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
         try:
-            return check_symmetric(W, name, atol=_tol(W))
+            return check_symmetric(W, name, atol=default_tolerance(W))
         except ConstraintError as exc:
             raise ConstraintError(f"{self.describe()} violated: {exc}") from None
 
@@ -212,11 +207,11 @@ class SpectrumClip(Constraint):
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
         try:
-            check_symmetric(W, name, atol=_tol(W))
+            check_symmetric(W, name, atol=default_tolerance(W))
         except ConstraintError as exc:
             raise ConstraintError(f"{self.describe()} violated: {exc}") from None
         lam = torch.linalg.eigvalsh(W.detach())
-        tol = _tol(W)
+        tol = default_tolerance(W)
         lmin, lmax = float(lam.min()), float(lam.max())
         if lmin < self.lo - tol or lmax > self.hi + tol:
             raise ConstraintError(
@@ -309,7 +304,7 @@ class OrthogonalHeads(Constraint):
         Qb = Q[:, : self.heads * self.k].reshape(self.d, self.heads, self.k).permute(1, 0, 2)
         R = Qb.transpose(-1, -2) @ M
         err = float((Qb @ R - M).abs().max())
-        if err > _tol(M) * 10:
+        if err > default_tolerance(M) * 10:
             raise ConstraintError(
                 f"{self.describe()}: could not factor `M` as Q_h R_h (reconstruction error {err:.3e}); a head "
                 "factor is rank-deficient in a way that mixes subspaces. Use full-rank head factors."

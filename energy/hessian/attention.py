@@ -753,6 +753,13 @@ def hessian_blocks(
     return out
 
 
+def _copy_transposed(dst: Tensor, src: Tensor, tile: int = 128) -> None:
+    """``dst ← srcᵀ`` in column tiles of ``dst`` (a cache-friendly transpose: at width 48 the plain strided copy of
+    the value rows took ~3× longer than this, measured)."""
+    for i in range(0, dst.shape[1], tile):
+        dst[:, i : i + tile] = src[i : i + tile].T
+
+
 def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
@@ -779,7 +786,7 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
         _write_rows(f, a, mom.params, H[span[a]])
     for a in mom.params[2:]:  # V (and O)
         for b in ("Q", "K"):
-            H[span[a], span[b]] = H[span[b], span[a]].T
+            _copy_transposed(H[span[a], span[b]], H[span[b], span[a]])
         for b in mom.params[2:]:
             _value_block(f, a, b, H[span[a], span[b]])
     return H

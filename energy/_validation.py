@@ -20,6 +20,8 @@ __all__ = [
     "StepSizeError",
     "DenseSizeError",
     "StepSizeWarning",
+    "VerificationPrecisionWarning",
+    "warn_if_not_float64",
     "check_tensor",
     "check_same_float_dtype",
     "check_symmetric",
@@ -45,6 +47,22 @@ class DenseSizeError(EnergyInputError, MemoryError):
 
 class StepSizeError(EnergyInputError):
     """A step size lies outside the range in which descent is guaranteed (strict mode only)."""
+
+
+class VerificationPrecisionWarning(UserWarning):
+    """A verification routine (an autograd twin) was called with a dtype other than float64."""
+
+
+def warn_if_not_float64(dtype: torch.dtype, routine: str) -> None:
+    """Warn that comparisons at the 1e-10 level need float64 (the closed forms themselves accept any float)."""
+    if dtype != torch.float64:
+        warnings.warn(
+            f"{routine} is a verification routine; with {dtype} its agreement with the closed form is limited to "
+            "that precision (about 1e-6 for float32). Cast to float64 (`.double()`, `model.double()`) to verify "
+            "at 1e-10.",
+            VerificationPrecisionWarning,
+            stacklevel=3,
+        )
 
 
 class StepSizeWarning(UserWarning):

@@ -58,7 +58,6 @@ Not covered: multiple heads, residual connections and LayerNorm. Use the matrix-
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -67,7 +66,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from energy._validation import DenseSizeError, EnergyInputError, check_same_float_dtype, check_tensor
+from energy._validation import (
+    DenseSizeError,
+    EnergyInputError,
+    VerificationPrecisionWarning,
+    check_same_float_dtype,
+    check_tensor,
+    warn_if_not_float64,
+)
 from energy.reference import single_head_attention
 
 __all__ = [
@@ -848,21 +854,6 @@ def qk_chain_matrix(W_Q: Tensor, W_K: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class VerificationPrecisionWarning(UserWarning):
-    """A verification routine (autograd twin) was called with a dtype other than float64."""
-
-
-def warn_if_not_float64(t: Tensor, routine: str) -> None:
-    """Warn that comparisons at the 1e-10 level need float64 (the closed forms themselves accept any float)."""
-    if t.dtype != torch.float64:
-        warnings.warn(
-            f"{routine} is a verification routine; with {t.dtype} its agreement with the closed form is limited "
-            "to that precision (about 1e-6 for float32). Cast the inputs with `.double()` to verify at 1e-10.",
-            VerificationPrecisionWarning,
-            stacklevel=3,
-        )
-
-
 def _flatten(W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None) -> Tensor:
     return torch.cat([W.reshape(-1) for W in (W_Q, W_K, W_V, W_O) if W is not None])
 
@@ -901,7 +892,7 @@ def autograd_attention_hessian(
     linear: bool = False,
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`attention_loss` in the flattened ``(Q, K, V[, O])`` vector."""
-    warn_if_not_float64(X, "autograd_attention_hessian")
+    warn_if_not_float64(X.dtype, "autograd_attention_hessian")
     split, mask = _twin_setup(X, W_Q, W_K, W_V, Y, W_O, mask, causal)
 
     def loss(t: Tensor) -> Tensor:
@@ -927,7 +918,7 @@ def autograd_attention_ggn(
     linear: bool = False,
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
-    warn_if_not_float64(X, "autograd_attention_ggn")
+    warn_if_not_float64(X.dtype, "autograd_attention_ggn")
     split, mask = _twin_setup(X, W_Q, W_K, W_V, Y, W_O, mask, causal)
 
     def out(t: Tensor) -> Tensor:

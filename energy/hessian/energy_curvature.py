@@ -142,7 +142,7 @@ def ffn_energy_hessian(energy: FFNEnergy, n: int) -> Tensor:
 def autograd_energy_hessian(energy: torch.nn.Module, Y: Tensor) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of ``energy.energy`` at one sequence ``Y (n, d)``, ``(n d, n d)``."""
     Y = _check_single(check_tensor(Y, "Y"))
-    warn_if_not_float64(Y, "autograd_energy_hessian")
+    warn_if_not_float64(Y.dtype, "autograd_energy_hessian")
     n, d = Y.shape
     return torch.func.hessian(lambda y: energy.energy(y.reshape(n, d)))(Y.reshape(-1))
 

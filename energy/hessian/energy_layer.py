@@ -238,7 +238,7 @@ def autograd_energy_layer_hessian(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`energy_layer_loss` in ``vec_r(M)``."""
-    warn_if_not_float64(X, "autograd_energy_layer_hessian")
+    warn_if_not_float64(X.dtype, "autograd_energy_layer_hessian")
     _validate(X, M, Y, alpha)
     d, k = M.shape
 
@@ -253,7 +253,7 @@ def autograd_energy_layer_ggn(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
-    warn_if_not_float64(X, "autograd_energy_layer_ggn")
+    warn_if_not_float64(X.dtype, "autograd_energy_layer_ggn")
     _validate(X, M, Y, alpha)
     d, k = M.shape
     J = torch.func.jacrev(

@@ -73,7 +73,7 @@ from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
 
-from energy._validation import DenseSizeError, EnergyInputError, check_tensor
+from energy._validation import DenseSizeError, EnergyInputError, check_tensor, warn_if_not_float64
 
 __all__ = [
     "LinearOperator",
@@ -883,16 +883,6 @@ class TokenHessianOperator(LinearOperator):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _warn_not_float64(dtype: torch.dtype, where: str) -> None:
-    if dtype != torch.float64:
-        warnings.warn(
-            f"{where} verifies curvature in {dtype}; round-off will dominate the comparison. Use float64 "
-            "(`model.double()`, inputs `.double()`) for verification.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
 def _flat_functional(model: nn.Module, space: ParameterSpace):
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in space.names}
     fixed.update(dict(model.named_buffers()))
@@ -919,7 +909,7 @@ def dense_hessian_reference(
     Straightforward and slow; for tests on small models. Warns if not float64.
     """
     op = HessianOperator(model, loss_fn, params, data, reduction=reduction, batch_size_fn=batch_size_fn)
-    _warn_not_float64(op.dtype, "dense_hessian_reference")
+    warn_if_not_float64(op.dtype, "dense_hessian_reference")
     theta, out = _flat_functional(model, op.space)
 
     def total(flat: Tensor) -> Tensor:
@@ -940,7 +930,7 @@ def dense_ggn_reference(
     r"""Dense :math:`G = \sum_b w_b J_b^\top \nabla^2_o\ell_b J_b` from full Jacobians (``jacrev``) and the dense
     output-space loss Hessian (``torch.func.hessian``). Autograd twin for tests; warns if not float64."""
     op = GGNOperator(model, loss_fn, params, data, reduction=reduction, batch_size_fn=batch_size_fn)
-    _warn_not_float64(op.dtype, "dense_ggn_reference")
+    warn_if_not_float64(op.dtype, "dense_ggn_reference")
     theta, out = _flat_functional(model, op.space)
     G = torch.zeros(op.shape, dtype=op.dtype, device=op.device)
     for X, y, w in op._batches():

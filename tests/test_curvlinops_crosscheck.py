@@ -17,14 +17,6 @@ pytestmark = pytest.mark.curvlinops
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class SequenceCE(nn.Module):
     """Cross-entropy over the scored positions of (B, P, C) logits; ``reduction`` as curvlinops expects it."""
 

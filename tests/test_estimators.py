@@ -24,14 +24,6 @@ from energy.hessian.operators import HessianOperator
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _sym(n: int, gen: torch.Generator, *, decay: float = 0.0) -> torch.Tensor:
     """Symmetric test matrix with a few outlying eigenvalues (both signs) and a bulk; ``decay`` > 0 makes it
     low-rank-dominated (for Hutch++)."""

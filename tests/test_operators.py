@@ -26,15 +26,6 @@ from energy.hessian.operators import (
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (severe on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyAttention(nn.Module):
     """Single-head causal attention + tanh read-out; named W_Q, W_K, W_V like the paper's blocks (MATH §3.1)."""
 

@@ -18,15 +18,6 @@ from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, standard_encod
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and much faster than two when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(gen: torch.Generator, **kw) -> GPT2Decoder:
     cfg = GPT2Config(**{"d_model": 8, "n_layers": 2, "d_mlp": 12, **kw})
     model = GPT2Decoder(cfg, generator=gen).to(DT)

@@ -29,15 +29,6 @@ from unfold.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is fastest, and much faster than two when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _task():
     return synthetic_sequence_classification(256, 256, n_tokens=6, d=8, n_classes=4, seed=0)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["benchmark", "compare", "median_time", "REGISTRY"]
+__all__ = ["benchmark", "compare", "interleaved_medians", "median_time", "REGISTRY"]
 
 REGISTRY: dict[str, Callable[[bool], dict[str, Any]]] = {}
 MODULES = ("bench_energy", "bench_unfold", "bench_hessian", "bench_hessian_closed", "bench_figures")
@@ -47,6 +47,26 @@ def median_time(fn: Callable[[], Any], *, repeat: int = 7, warmup: int = 2) -> f
     return statistics.median(times)
 
 
+def interleaved_medians(
+    candidate: Callable[[], Any], baseline: Callable[[], Any], *, repeat: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[float, float]:
+    """Median ``clock`` time of ``candidate`` and of ``baseline``, run alternately ``repeat`` times (no warm-up).
+
+    ``clock=time.process_time`` measures process CPU time, insensitive to time spent descheduled.
+    """
+    tc, tb = [], []
+    for _ in range(repeat):
+        t0 = clock()
+        candidate()
+        t1 = clock()
+        baseline()
+        t2 = clock()
+        tc.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(tc), statistics.median(tb)
+
+
 def compare(
     candidate: Callable[[], Any],
     baseline: Callable[[], Any],
@@ -66,16 +86,7 @@ def compare(
         for _ in range(warmup):
             candidate()
             baseline()
-        tc, tb = [], []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            candidate()
-            t1 = time.perf_counter()
-            baseline()
-            t2 = time.perf_counter()
-            tc.append(t1 - t0)
-            tb.append(t2 - t1)
-    mc, mb = statistics.median(tc), statistics.median(tb)
+        mc, mb = interleaved_medians(candidate, baseline, repeat=repeat)
     out: dict[str, Any] = {
         "candidate_median_s": mc,
         "baseline_median_s": mb,

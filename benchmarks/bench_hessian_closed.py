@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import statistics
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from benchmarks import benchmark, compare
+from benchmarks import benchmark, compare, interleaved_medians
 from energy.hessian.attention import (
     attention_hessian,
     attention_loss,
@@ -74,24 +73,10 @@ def bench_closed_vs_autograd(quick: bool) -> dict[str, Any]:
     err = float((closed() - autograd()).abs().max())
     res = _compare_one_and_all_threads(closed, autograd, repeat=3, target=10.0)
     with _threads(1):
-        cpu_c, cpu_b = _cpu_medians(closed, autograd, repeat=2)
+        cpu_c, cpu_b = interleaved_medians(closed, autograd, repeat=2, clock=time.process_time)
     res.update(L=L, d=d, params=3 * d * d, max_abs_error=err, cpu_candidate_s=cpu_c, cpu_baseline_s=cpu_b,
                cpu_speedup=cpu_b / cpu_c)
     return res
-
-
-def _cpu_medians(candidate, baseline, *, repeat: int) -> tuple[float, float]:
-    """Median process CPU time (user + system) of each, interleaved: insensitive to time spent descheduled."""
-    tc, tb = [], []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        candidate()
-        t1 = time.process_time()
-        baseline()
-        t2 = time.process_time()
-        tc.append(t1 - t0)
-        tb.append(t2 - t1)
-    return statistics.median(tc), statistics.median(tb)
 
 
 def _compare_one_and_all_threads(candidate, baseline, *, repeat: int, target: float | None = None) -> dict[str, Any]:

@@ -97,6 +97,12 @@ def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Ten
     return X3, None if Y is None else (Y if Y.ndim == 3 else Y.unsqueeze(0))
 
 
+def _softmax_beta(P: Tensor, s: float) -> Tensor:
+    r""":math:`\mathrm{softmax}_\beta(X W X^\top)` from the keys ``P = X M`` (``W = s M Mᵀ``,
+    ``β_j = −½ s ‖p_j‖²``), transform-safe (no input checks); equals :func:`energy.attention.softmax_beta`."""
+    return attention_weights(P, P, scale=s, key_bias=-0.5 * s * (P * P).sum(-1))
+
+
 def energy_layer_output(
     X: Tensor, M: Tensor, *, alpha: float = 1.0, tied: bool = False, scale: float | None = None
 ) -> Tensor:
@@ -107,9 +113,7 @@ def energy_layer_output(
     :func:`energy.attention.softmax_beta` (tested).
     """
     s = _scale(M, scale)
-    P = X @ M
-    beta = -0.5 * s * (P * P).sum(-1)
-    A = attention_weights(P, P, scale=s, key_bias=beta)
+    A = _softmax_beta(X @ M, s)
     if not tied:
         return (1.0 - alpha) * X + alpha * (A @ X)
     W = s * M @ M.T
@@ -132,8 +136,7 @@ class _Terms:
         self.X, self.M, self.s, self.alpha, self.tied = X3, M, s, alpha, tied
         d, k = M.shape
         P = X3 @ M  # p_j = Mᵀ x_j
-        beta = -0.5 * s * (P * P).sum(-1)
-        self.A = attention_weights(P, P, scale=s, key_bias=beta)
+        self.A = _softmax_beta(P, s)
         self.mu = self.A @ X3
         # 𝒯[b, i, j, (a, c)] = s (x_i[a] p_j[c] + x_j[a] (p_i − p_j)[c])
         D = P.unsqueeze(-2) - P.unsqueeze(-3)  # p_i − p_j, (B, i, j, k)

@@ -12,12 +12,10 @@ Large arrays (e.g. the boolean masks of region plots) are stored in the JSON as 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import math
 import os
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from energy._io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "atomic_write_bytes",
@@ -36,36 +36,6 @@ __all__ = [
     "encode_array",
     "decode_array",
 ]
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, then :func:`os.replace`).
-
-    The parent directory is created if needed. On any error the temporary file is removed and ``path`` is untouched.
-
-    Returns:
-        The destination as a :class:`~pathlib.Path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -154,8 +124,3 @@ def decode_array(record: Mapping[str, Any]) -> np.ndarray:
     return a.reshape(shape).copy()
 
 
-def _default_file_mode() -> int:
-    """``0o666`` minus the process umask: the mode :func:`open` would give a new file (mkstemp uses ``0o600``)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask

@@ -36,8 +36,9 @@ verify: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks --json benchmarks/results.json
 
+# ruff (style + Google docstrings) and mypy (files and options in pyproject.toml); both run, either failing fails.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff check . ; r=$$? ; $(VENV)/bin/mypy ; m=$$? ; test $$r -eq 0 -a $$m -eq 0
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

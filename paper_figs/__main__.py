@@ -55,6 +55,7 @@ DATA_OPTIONS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser of ``python -m paper_figs`` (one option per data path in :data:`DATA_OPTIONS`)."""
     p = argparse.ArgumentParser(
         prog="python -m paper_figs",
         description="Reproduce the papers' figures: data (JSON), pictures (PNG, PDF), summary.json and report.md.",
@@ -144,7 +145,7 @@ def run_figure(
         _draw(spec, payload["data"], cfg)
         return "redrawn"
     t0 = time.perf_counter()
-    data = spec.compute(cfg)
+    data = spec(cfg)
     seconds = time.perf_counter() - t0
     if not isinstance(data, Mapping):
         raise TypeError(f"compute of {spec.name!r} must return a dict, got {type(data).__name__}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,44 @@ from torch import Tensor
 
 from paper_figs.io import decode_array, encode_array
 from paper_figs.registry import FigureConfig, figure, measured, progress
+from paper_figs.yang2022_alternating import (
+    ALT_LR,
+    REF_LR,
+    AlternatingProblem,
+    alternating_descent,
+    alternating_fixed_point,
+    e1,
+    e2,
+    exact_minimiser,
+    grad_e1,
+    grad_e2,
+    gradient_descent_on_sum,
+    make_alternating_problem,
+    pca2,
+    total_energy,
+)
+from paper_figs.yang2022_regions import (
+    APOLLONIUS_BOX,
+    APOLLONIUS_C,
+    DIVERGENCE_ALPHA,
+    DIVERGENCE_BOX,
+    DIVERGENCE_KAPPAS,
+    apollonius_circle,
+    apollonius_region,
+    divergence,
+    divergence_step,
+    grid_axis,
+    mesh,
+    pixel_extent,
+)
 
+# The formulas live in paper_figs.yang2022_regions (figs 1, 4) and paper_figs.yang2022_alternating (figs 2-3); they are
+# re-exported here beside the figures that use them.
 __all__ = [
+    "compute_apollonius",
+    "compute_alternating_trace",
+    "compute_alternating_energy",
+    "compute_divergence",
     "grid_axis",
     "apollonius_region",
     "apollonius_circle",
@@ -57,55 +92,44 @@ DTYPE = torch.float64
 # Fig 1: Apollonius regions
 # ----------------------------------------------------------------------------------------------------------------------
 
-APOLLONIUS_C = (0.7, 1.5)
-APOLLONIUS_BOX = (-3.5, 3.5)
+
+@dataclasses.dataclass(frozen=True)
+class _RegionGrid:
+    """The raster of Figs 1 and 4: the square box, its grid step and points, and the figure's seeded generator."""
+
+    box: tuple[float, float]
+    step: float
+    axis: Tensor
+    X: Tensor
+    generator: torch.Generator
+
+    @classmethod
+    def make(cls, cfg: FigureConfig, box: tuple[float, float], *, tiny_step: float) -> _RegionGrid:
+        step = cfg.pick(tiny=tiny_step, quick=0.02, paper=0.02, key="step")
+        axis, X = mesh(box[0], box[1], step)
+        return cls(box, step, axis, X, torch.Generator().manual_seed(cfg.seed))
+
+    def record(self) -> dict[str, Any]:
+        """What the JSON stores about the grid (the plot redraws the masks from it)."""
+        return {"box": list(self.box), "step": self.step, "n_grid": len(self.axis)}
 
 
-def grid_axis(lo: float, hi: float, step: float) -> Tensor:
-    """The points ``lo, lo + step, …`` below ``hi`` (the half-open interval ``[lo, hi)``), float64.
-
-    Built as ``lo + step·k`` with an integer count, so rounding never adds or drops an end point.
-    """
-    count = round((hi - lo) / step)
-    return lo + step * torch.arange(count, dtype=DTYPE)
+def _mask_record(mask: Tensor) -> dict[str, Any]:
+    """A rasterised region as stored: the packed boolean mask and the share of the box it covers."""
+    return {"mask": encode_array(mask.numpy()), "fraction": float(mask.double().mean())}
 
 
-def apollonius_region(X: Tensor, y_f: Tensor, y_h: Tensor, C: float) -> Tensor:
-    """Boolean mask of the points ``x`` (rows of ``X``, shape ``(..., 2)``) with ``‖x − y_f‖ / ‖x − y_h‖ ≤ C``.
-
-    .. math:: \\mathcal{A}_C = \\{x : \\|x - y_f^*\\|^2 \\le C^2 \\|x - y_h^*\\|^2\\}
-
-    (squared form: no division; the point ``y_h*`` itself, where the ratio is infinite, is outside). MATH §1.8.
-    """
-    return ((X - y_f) ** 2).sum(-1) <= C**2 * ((X - y_h) ** 2).sum(-1)
-
-
-def apollonius_circle(y_f: Tensor, y_h: Tensor, C: float) -> tuple[Tensor, float]:
-    """Centre and radius of the circle bounding :func:`apollonius_region` (``C ≠ 1``).
-
-    Expanding ``‖x − a‖² = C²‖x − b‖²`` (``a = y_f*``, ``b = y_h*``) gives ``‖x − c‖² = r²`` with
-
-    .. math:: c = \\frac{a - C^2 b}{1 - C^2}, \\qquad r = \\frac{C \\|a - b\\|}{|1 - C^2|}.
-
-    For ``C < 1`` the region is the disc (it contains ``y_f*``); for ``C > 1`` it is the outside of the disc (which
-    then contains ``y_h*``).
-    """
-    if C <= 0 or C == 1:
-        raise ValueError(f"C must be positive and != 1 for the region to be bounded by a circle, got C={C}")
-    c = (y_f - C**2 * y_h) / (1 - C**2)
-    r = C * float(torch.linalg.vector_norm(y_f - y_h)) / abs(1 - C**2)
-    return c, r
-
-
-def _pixel_extent(lo: float, hi: float, step: float) -> tuple[float, float, float, float]:
-    """imshow extent that centres pixel k on the grid point ``lo + k·step``."""
-    return (lo - step / 2, hi - step / 2, lo - step / 2, hi - step / 2)
-
-
-def _mesh(lo: float, hi: float, step: float) -> tuple[Tensor, Tensor]:
-    axis = grid_axis(lo, hi, step)
-    x1, x2 = torch.meshgrid(axis, axis, indexing="xy")  # x1 varies along columns, x2 along rows (image layout)
-    return axis, torch.stack([x1, x2], dim=-1)
+def _draw_region(ax: Any, panel: dict, data: dict, cmap: str, title: str) -> None:
+    """Draw one stored region mask of Fig 1 or 4 on the square plotting box (pixel k centred on grid point k)."""
+    lo, hi = data["box"]
+    extent = pixel_extent(lo, hi, data["step"])
+    ax.imshow(decode_array(panel["mask"]), origin="lower", extent=extent, cmap=cmap, vmin=0, vmax=1.6,
+              interpolation="nearest")
+    ax.set_xlim(*extent[:2])
+    ax.set_ylim(*extent[:2])
+    ax.set_aspect("equal")
+    ax.set_title(title)
+    ax.set_xlabel(r"$x_1$")
 
 
 @figure(
@@ -127,47 +151,28 @@ def _mesh(lo: float, hi: float, step: float) -> tuple[Tensor, Tensor]:
 )
 def compute_apollonius(cfg: FigureConfig) -> dict[str, Any]:
     """Draw ``y_f*, y_h* ~ N(0, I_2)`` and rasterise the region for each ``C`` (MATH §1.8, Fig 1)."""
-    step = cfg.pick(tiny=0.1, quick=0.02, paper=0.02, key="step")
-    g = torch.Generator().manual_seed(cfg.seed)
-    y_f = torch.randn(2, generator=g, dtype=DTYPE)
-    y_h = torch.randn(2, generator=g, dtype=DTYPE)
-    lo, hi = APOLLONIUS_BOX
-    axis, X = _mesh(lo, hi, step)
+    grid = _RegionGrid.make(cfg, APOLLONIUS_BOX, tiny_step=0.1)
+    y_f = torch.randn(2, generator=grid.generator, dtype=DTYPE)
+    y_h = torch.randn(2, generator=grid.generator, dtype=DTYPE)
     panels = []
     for C in APOLLONIUS_C:
-        mask = apollonius_region(X, y_f, y_h, C)
         centre, radius = apollonius_circle(y_f, y_h, C)
-        panels.append(
-            {
-                "C": C,
-                "mask": encode_array(mask.numpy()),
-                "fraction": float(mask.double().mean()),
-                "circle_centre": centre,
-                "circle_radius": radius,
-            }
-        )
-    return {"y_f": y_f, "y_h": y_h, "box": [lo, hi], "step": step, "n_grid": len(axis), "panels": panels}
+        panels.append({"C": C, **_mask_record(apollonius_region(grid.X, y_f, y_h, C)),
+                       "circle_centre": centre, "circle_radius": radius})
+    return {"y_f": y_f, "y_h": y_h, **grid.record(), "panels": panels}
 
 
 @compute_apollonius.plot
 def plot_apollonius(data: dict, cfg: FigureConfig) -> Figure:
-    lo, hi = data["box"]
-    step = data["step"]
     fig = Figure(figsize=(9, 4.4), layout="constrained")
     axes = fig.subplots(1, len(data["panels"]))
     for ax, panel in zip(axes, data["panels"]):
-        mask = decode_array(panel["mask"])
-        ax.imshow(mask, origin="lower", extent=_pixel_extent(lo, hi, step), cmap="Blues", vmin=0, vmax=1.6,
-                  interpolation="nearest")
+        _draw_region(ax, panel, data, "Blues",
+                     rf"$\|x-y_f^*\| \,/\, \|x-y_h^*\| \leq {panel['C']}$  (area {panel['fraction']:.1%})")
         ax.add_patch(Circle(panel["circle_centre"], panel["circle_radius"], fill=False, ls="--", lw=1.2,
                             color="k", label="Apollonius circle"))
         ax.plot(*data["y_f"], "r*", ms=13, label=r"$y_f^*$")
         ax.plot(*data["y_h"], "o", color="darkorange", ms=8, label=r"$y_h^*$")
-        ax.set_xlim(*_pixel_extent(lo, hi, step)[:2])
-        ax.set_ylim(*_pixel_extent(lo, hi, step)[:2])
-        ax.set_aspect("equal")
-        ax.set_title(rf"$\|x-y_f^*\| \,/\, \|x-y_h^*\| \leq {panel['C']}$  (area {panel['fraction']:.1%})")
-        ax.set_xlabel(r"$x_1$")
         ax.set_ylabel(r"$x_2$")
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle("Yang et al. 2022, Fig 1 (protocol): Apollonius regions — an illustration")
@@ -201,156 +206,6 @@ def summarize_apollonius(data: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Figs 2-3: alternating gradient descent on two quadratic energies
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-ALT_LR = 0.05  # step size of the alternating steps (MATH §1.8)
-REF_LR = 0.01  # step size of the reference gradient descent on the sum
-
-
-@dataclasses.dataclass(frozen=True)
-class AlternatingProblem:
-    """The two energies of MATH §1.8, Figs 2-3: ``e1`` acts on features (right), ``e2`` mixes tokens (left)."""
-
-    W1: Tensor  # (d, d)
-    W2: Tensor  # (n, n)
-    B1: Tensor  # (n, d)
-    B2: Tensor  # (n, d)
-    Y0: Tensor  # (n, d)
-
-
-def make_alternating_problem(n: int, d: int, generator: torch.Generator) -> AlternatingProblem:
-    """``W1 = 0.1·randn(d, d)``, ``W2 = 0.1·randn(n, n)``, ``B1, B2 ~ U(0,1)^{n×d}``, ``Y⁰ = 2·U(0,1)^{n×d}``.
-
-    Drawn in this order from ``generator``, float64 (MATH §1.8).
-    """
-    W1 = 0.1 * torch.randn(d, d, generator=generator, dtype=DTYPE)
-    W2 = 0.1 * torch.randn(n, n, generator=generator, dtype=DTYPE)
-    B1 = torch.rand(n, d, generator=generator, dtype=DTYPE)
-    B2 = torch.rand(n, d, generator=generator, dtype=DTYPE)
-    Y0 = 2 * torch.rand(n, d, generator=generator, dtype=DTYPE)
-    return AlternatingProblem(W1=W1, W2=W2, B1=B1, B2=B2, Y0=Y0)
-
-
-def e1(Y: Tensor, W1: Tensor, B1: Tensor) -> Tensor:
-    """.. math:: e_1(Y) = \\|Y W_1\\|_F^2 + \\|Y - B_1\\|_F^2  (MATH §1.8)"""
-    return (Y @ W1).square().sum() + (Y - B1).square().sum()
-
-
-def grad_e1(Y: Tensor, W1: Tensor, B1: Tensor) -> Tensor:
-    """.. math:: \\nabla e_1(Y) = 2\\, Y W_1 W_1^\\top + 2 (Y - B_1)"""
-    return 2 * (Y @ W1) @ W1.T + 2 * (Y - B1)
-
-
-def e2(Y: Tensor, W2: Tensor, B2: Tensor) -> Tensor:
-    """.. math:: e_2(Y) = \\|W_2 Y\\|_F^2 + \\|Y - B_2\\|_F^2  (MATH §1.8; ``W_2`` mixes tokens)"""
-    return (W2 @ Y).square().sum() + (Y - B2).square().sum()
-
-
-def grad_e2(Y: Tensor, W2: Tensor, B2: Tensor) -> Tensor:
-    """.. math:: \\nabla e_2(Y) = 2\\, W_2^\\top W_2 Y + 2 (Y - B_2)"""
-    return 2 * W2.T @ (W2 @ Y) + 2 * (Y - B2)
-
-
-def total_energy(Y: Tensor, p: AlternatingProblem) -> Tensor:
-    """.. math:: E(Y) = e_1(Y) + e_2(Y)"""
-    return e1(Y, p.W1, p.B1) + e2(Y, p.W2, p.B2)
-
-
-def exact_minimiser(p: AlternatingProblem) -> Tensor:
-    """The minimiser ``Y*`` of ``E = e1 + e2`` in closed form (not part of the paper's protocol; a check of it).
-
-    ``∇E = 0`` is the Sylvester equation ``(P + I) Y + Y (Q + I) = B_1 + B_2`` with ``P = W_2ᵀW_2``,
-    ``Q = W_1 W_1ᵀ``. With ``P = U diag(λ) Uᵀ`` and ``Q = V diag(μ) Vᵀ``:
-
-    .. math:: Y^* = U \\left[ \\frac{(U^\\top (B_1 + B_2) V)_{ij}}{\\lambda_i + \\mu_j + 2} \\right] V^\\top
-    """
-    lam, U = torch.linalg.eigh(p.W2.T @ p.W2)
-    mu, V = torch.linalg.eigh(p.W1 @ p.W1.T)
-    rhs = U.T @ (p.B1 + p.B2) @ V
-    return U @ (rhs / (lam[:, None] + mu[None, :] + 2)) @ V.T
-
-
-def alternating_descent(
-    p: AlternatingProblem, steps: int, lr: float, progress: Callable[..., Iterable[int]] | None = None
-) -> dict[str, Tensor]:
-    """Plain gradient steps, even steps on ``e1``, odd steps on ``e2``; record every iterate and energy.
-
-    .. math:: Y^{t+1} = Y^t - \\eta\\, \\nabla e_{1 + (t \\bmod 2)}(Y^t)
-
-    Args:
-        progress: optional wrapper ``progress(iterable, desc)`` for a progress bar (e.g. :func:`registry.progress`).
-
-    Returns:
-        ``iterates`` (steps, n, d) = ``Y¹ … Y^steps``; ``E``, ``e1``, ``e2`` (steps,) after every step.
-    """
-    Y = p.Y0.clone()
-    iterates = torch.empty((steps, *Y.shape), dtype=Y.dtype)
-    E1, E2 = torch.empty(steps, dtype=Y.dtype), torch.empty(steps, dtype=Y.dtype)
-    loop = range(steps) if progress is None else progress(range(steps), "alternating descent")
-    for t in loop:
-        Y = Y - lr * (grad_e1(Y, p.W1, p.B1) if t % 2 == 0 else grad_e2(Y, p.W2, p.B2))
-        iterates[t] = Y
-        E1[t], E2[t] = e1(Y, p.W1, p.B1), e2(Y, p.W2, p.B2)
-    return {"iterates": iterates, "E": E1 + E2, "e1": E1, "e2": E2}
-
-
-def gradient_descent_on_sum(p: AlternatingProblem, steps: int, lr: float) -> Tensor:
-    """The paper's reference ``Y_h*``: ``steps`` gradient steps on ``E = e1 + e2`` from ``Y⁰``."""
-    Y = p.Y0.clone()
-    for _ in range(steps):
-        Y = Y - lr * (grad_e1(Y, p.W1, p.B1) + grad_e2(Y, p.W2, p.B2))
-    return Y
-
-
-def alternating_fixed_point(p: AlternatingProblem, lr: float) -> dict[str, Any]:
-    """Where alternating descent with a fixed step goes: the fixed point of one ``e1``-then-``e2`` pair of steps.
-
-    The steps are affine: ``T_1(Y) = Y R_1 + 2ηB_1`` with ``R_1 = (1-2η)I - 2ηQ`` and
-    ``T_2(Z) = L_2 Z + 2ηB_2`` with ``L_2 = (1-2η)I - 2ηP`` (``Q = W_1W_1ᵀ``, ``P = W_2ᵀW_2``). The pair map
-    ``Φ = T_2∘T_1`` has the fixed point
-
-    .. math:: Y_\\Phi - L_2 Y_\\Phi R_1 = 2\\eta (L_2 B_1 + B_2), \\quad
-              (Y_\\Phi)~ = \\frac{(\\cdot)~_{ij}}{1 - l_i r_j} \\text{ in the eigenbases of } P, Q,
-
-    and iterates approach it at the linear rate ``ρ = max_ij |l_i r_j|`` per pair (if ``ρ < 1``); after odd steps
-    the trajectory tends to ``Y_Φ``, after even steps to ``T_1(Y_Φ)``. (Analysis added by this project.)
-
-    Returns:
-        ``rho``, ``Y_odd`` (= Y_Φ), ``Y_even`` (= T_1(Y_Φ)), and the step-size ratios ``lr·L_k`` (``L_k`` the
-        Lipschitz constant of ``∇e_k``; a single step on ``e_k`` is a guaranteed descent step iff ``lr·L_k < 2``).
-    """
-    lam, U = torch.linalg.eigh(p.W2.T @ p.W2)
-    mu, V = torch.linalg.eigh(p.W1 @ p.W1.T)
-    l = 1 - 2 * lr - 2 * lr * lam
-    r = 1 - 2 * lr - 2 * lr * mu
-    L2 = U @ torch.diag(l) @ U.T
-    rhs = U.T @ (2 * lr * (L2 @ p.B1 + p.B2)) @ V
-    denom = 1 - l[:, None] * r[None, :]
-    Y_odd = U @ (rhs / denom) @ V.T
-    Y_even = Y_odd - lr * grad_e1(Y_odd, p.W1, p.B1)
-    return {
-        "rho": float((l[:, None] * r[None, :]).abs().max()),
-        "Y_odd": Y_odd,
-        "Y_even": Y_even,
-        "lr_L1": float(lr * 2 * (mu.max() + 1)),
-        "lr_L2": float(lr * 2 * (lam.max() + 1)),
-    }
-
-
-def pca2(X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Principal components of the rows of ``X`` (T, D): ``(mean, components (2, D), explained variance ratio)``.
-
-    Computed from the T×T Gram matrix of the centred rows (T ≪ D here): with ``X_c X_cᵀ = U Λ Uᵀ`` the
-    components are ``X_cᵀ u_k / sqrt(λ_k)``. Signs are fixed so that each component's largest-magnitude entry is
-    positive (eigenvector signs are arbitrary).
-    """
-    mean = X.mean(0)
-    Xc = X - mean
-    lam, U = torch.linalg.eigh(Xc @ Xc.T)  # ascending
-    top = lam.flip(0)[:2]
-    comps = (Xc.T @ U.flip(1)[:, :2] / top.clamp_min(torch.finfo(X.dtype).tiny).sqrt()).T
-    sign = torch.sign(comps.gather(1, comps.abs().argmax(1, keepdim=True)))
-    return mean, comps * sign, top / lam.clamp_min(0).sum()
 
 
 @functools.lru_cache(maxsize=1)
@@ -423,6 +278,7 @@ _ALT_PROTOCOL = (
     paper_seed=233,
 )
 def compute_alternating_trace(cfg: FigureConfig) -> dict[str, Any]:
+    """The PCA(2) projection of the shared alternating-descent run (Fig 2)."""
     run = _alternating(cfg)
     keys = ("n", "d", "steps", "lr", "ref_steps", "ref_lr", "pca_traj", "pca_Y0", "pca_ref", "pca_cycle", "pca_evr",
             "dist_final_to_ref", "dist_Y0_to_ref", "dist_ref_to_star", "rho")
@@ -495,6 +351,7 @@ def summarize_alternating_trace(data: dict) -> dict[str, Any]:
     paper_seed=233,
 )
 def compute_alternating_energy(cfg: FigureConfig) -> dict[str, Any]:
+    """The energies along the shared alternating-descent run and at its predicted 2-cycle (Fig 3)."""
     run = _alternating(cfg)
     keys = ("n", "d", "steps", "lr", "ref_steps", "ref_lr", "E", "e1", "e2", "E0", "e1_0", "e2_0", "E_ref", "E_star",
             "E_cycle_even", "E_cycle_odd", "rho", "lr_L1", "lr_L2")
@@ -569,28 +426,6 @@ def summarize_alternating_energy(data: dict) -> dict[str, Any]:
 # Fig 4: "divergence" regions
 # ----------------------------------------------------------------------------------------------------------------------
 
-DIVERGENCE_KAPPAS = (0.2, 0.4, 0.6, 0.8)
-DIVERGENCE_ALPHA = 0.25
-DIVERGENCE_BOX = (-5.0, 5.0)
-
-
-def divergence_step(X: Tensor, W: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """The step vector ``s(x) = α(xW + x − b) = α∇h(x)`` of ``h(x) = ½xᵀWx + ½‖x − b‖²`` (rows of ``X``)."""
-    return alpha * (X @ W + X - b)
-
-
-def divergence(X: Tensor, W: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """The criterion of Fig 4 (MATH §1.8), NaN where ``s(x) = 0``:
-
-    .. math:: \\operatorname{div}(x) = \\frac{\\sum_k \\min(0,\\, x_k^2 - s_k(x)^2)}{\\|s(x)\\|^2} \\in [-1, 0].
-
-    The bound ``≥ −1`` holds because ``min(0, x_k² − s_k²) ≥ −s_k²``.
-    """
-    s = divergence_step(X, W, b, alpha)
-    num = torch.clamp(X**2 - s**2, max=0).sum(-1)
-    den = s.square().sum(-1)
-    return torch.where(den > 0, num / den, torch.full_like(den, float("nan")))
-
 
 @figure(
     "yang2022-divergence",
@@ -609,45 +444,33 @@ def divergence(X: Tensor, W: Tensor, b: Tensor, alpha: float) -> Tensor:
     paper_seed=23333,
 )
 def compute_divergence(cfg: FigureConfig) -> dict[str, Any]:
-    step = cfg.pick(tiny=0.25, quick=0.02, paper=0.02, key="step")
-    g = torch.Generator().manual_seed(cfg.seed)
-    A = torch.randn(2, 2, generator=g, dtype=DTYPE)
-    b = torch.randn(1, 2, generator=g, dtype=DTYPE)
+    """Draw ``W = AAᵀ``, ``b`` and rasterise ``div(x) ≥ −κ`` for each ``κ`` (MATH §1.8, Fig 4)."""
+    grid = _RegionGrid.make(cfg, DIVERGENCE_BOX, tiny_step=0.25)
+    A = torch.randn(2, 2, generator=grid.generator, dtype=DTYPE)
+    b = torch.randn(1, 2, generator=grid.generator, dtype=DTYPE)
     W = A @ A.T
     alpha = DIVERGENCE_ALPHA
-    lo, hi = DIVERGENCE_BOX
-    axis, X = _mesh(lo, hi, step)
-    div = divergence(X, W, b, alpha)
+    div = divergence(grid.X, W, b, alpha)
     x_star = torch.linalg.solve((W + torch.eye(2, dtype=DTYPE)).T, b.reshape(2))  # x (W + I) = b
     valid = ~torch.isnan(div)
-    panels = []
-    for kappa in DIVERGENCE_KAPPAS:
-        mask = (div >= -kappa) & valid
-        panels.append({"kappa": kappa, "mask": encode_array(mask.numpy()), "fraction": float(mask.double().mean())})
+    panels = [{"kappa": kappa, **_mask_record((div >= -kappa) & valid)} for kappa in DIVERGENCE_KAPPAS]
     return {
-        "A": A, "b": b.reshape(2), "W": W, "alpha": alpha, "box": [lo, hi], "step": step, "n_grid": len(axis),
-        "x_star": x_star, "div_min": float(div[valid].min()), "div_max": float(div[valid].max()),
+        "A": A, "b": b.reshape(2), "W": W, "alpha": alpha, **grid.record(), "x_star": x_star,
+        "div_min": float(div[valid].min()), "div_max": float(div[valid].max()),
         "n_undefined": int((~valid).sum()), "panels": panels,
     }
 
 
 @compute_divergence.plot
 def plot_divergence(data: dict, cfg: FigureConfig) -> Figure:
-    lo, hi = data["box"]
-    step = data["step"]
     fig = Figure(figsize=(13, 3.7), layout="constrained")
     axes = fig.subplots(1, len(data["panels"]))
     for ax, panel in zip(axes, data["panels"]):
-        ax.imshow(decode_array(panel["mask"]), origin="lower", extent=_pixel_extent(lo, hi, step), cmap="Greens",
-                  vmin=0, vmax=1.6, interpolation="nearest")
+        _draw_region(ax, panel, data, "Greens",
+                     rf"$\mathrm{{div}}(x) \geq -{panel['kappa']}$  (area {panel['fraction']:.1%})")
         ax.axhline(0, color="0.5", lw=0.6)
         ax.axvline(0, color="0.5", lw=0.6)
         ax.plot(*data["x_star"], "r*", ms=12, label=r"minimiser of $h$ ($s=0$)")
-        ax.set_xlim(*_pixel_extent(lo, hi, step)[:2])
-        ax.set_ylim(*_pixel_extent(lo, hi, step)[:2])
-        ax.set_aspect("equal")
-        ax.set_title(rf"$\mathrm{{div}}(x) \geq -{panel['kappa']}$  (area {panel['fraction']:.1%})")
-        ax.set_xlabel(r"$x_1$")
     axes[0].set_ylabel(r"$x_2$")
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(rf"Yang et al. 2022, Fig 4 (protocol): $s(x) = \alpha(xW + x - b)$, $\alpha = {data['alpha']}$")

@@ -44,46 +44,51 @@ Defects of the authors' code that are not reproduced (MATH §1.8): different met
 training loss that flattens all token logits of a batch into one softmax; the FFN weight normaliser squaring the
 matrix on every call (here: a spectrum-clip parametrisation, :class:`unfold.parametrizations.SpectrumClip`).
 """
-
-from __future__ import annotations
-
-import contextlib
-import dataclasses
-import importlib.resources
-import re
-import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+import functools
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from energy._validation import EnergyInputError
-from paper_figs.registry import FigureConfig, figure, measured
-from unfold.data import (
-    ShuffledBatches,
-    build_vocabulary,
-    embed_sentences,
-    load_digits_sequences,
-    load_glove,
-    load_imdb,
-    load_sst2,
-    seeded_embedding_table,
-    tokenize,
+from paper_figs.registry import FigureConfig, figure, measured, single_thread
+from paper_figs.yang2022_text_data import (
+    BUNDLED_TEXT_PACKAGE,
+    TextSet,
+    bundled_text_sentences,
+    labels_of,
+    text_sets,
+    training_sets,
 )
-from unfold.presets import UnrolledClassifier, init_signal_preserving_, yang2022
-from unfold.train import train
-from unfold.unroller import Unrolled
+from paper_figs.yang2022_text_model import (
+    DEPTH,
+    GRAD_GROUPS,
+    INIT_CHOICES,
+    LR,
+    MeanPoolLinear,
+    classification_accuracy,
+    gradient_norms,
+    layer_energies,
+    layer_spreads,
+    layer_summary,
+    make_model,
+    pooled_features,
+    representation_spread,
+    train_classifier,
+)
+from unfold.presets import UnrolledClassifier
 
+# The data and model helpers live in paper_figs.yang2022_text_data / _model; they are re-exported here, where the
+# figures that use them are registered.
 __all__ = [
+    "BUNDLED_TEXT_PACKAGE",
     "DEPTH",
+    "LR",
     "TextSet",
     "bundled_text_sentences",
     "text_sets",
+    "training_sets",
     "layer_energies",
     "make_model",
     "train_classifier",
@@ -97,372 +102,14 @@ __all__ = [
     "INIT_CHOICES",
     "layer_summary",
     "single_thread",
+    "compute_energy_untrained",
+    "compute_energy_trained",
 ]
 
-DEPTH = 12  # layers of the paper's model
-LR = 1e-2  # SGD learning rate of the paper's training run (batch 1)
-BUNDLED_TEXT_PACKAGE = "sklearn.datasets.descr"
-_MIN_TOKENS = 5
 
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run the block with one torch intra-op thread, then restore the previous setting.
-
-    These figures are thousands of small operations (batch-1 training steps, per-length buckets, 300×300
-    matrices); a second intra-op thread only adds synchronisation. Measured on the 2-core machine under load
-    (load average ≈ 10): the five figures of this module and :mod:`paper_figs.bridge` at ``--quick`` took 474 s
-    wall (186 s CPU) with torch's default 2 threads and 60 s (23 s CPU) with one.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# data
-# ----------------------------------------------------------------------------------------------------------------------
-
-_RST_MARKUP = re.compile(r"^(\.\.|:|\||\*|-|=|\+|#|`)")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-
-
-def bundled_text_sentences(min_tokens: int = _MIN_TOKENS) -> tuple[list[str], str]:
-    """English sentences from the dataset descriptions bundled with scikit-learn (available offline).
-
-    The files ``sklearn/datasets/descr/*.rst`` (in sorted order) are split into paragraphs at blank lines and at
-    reStructuredText markup lines (directives, field lists, tables, bullet items, section underlines, lines with
-    column gaps of two spaces); each paragraph is split into sentences after ``.``, ``!`` or ``?`` followed by a
-    capital letter. Sentences with fewer than ``min_tokens`` :func:`unfold.data.tokenize` tokens are dropped. The
-    result is real but technical English text (some "sentences" are fragments of references).
-
-    Returns:
-        ``(sentences, description)``; the description names the scikit-learn version (the text depends on it).
-    """
-    import sklearn
-
-    files = sorted(
-        (p for p in importlib.resources.files(BUNDLED_TEXT_PACKAGE).iterdir() if p.name.endswith(".rst")),
-        key=lambda p: p.name,
-    )
-    sentences: list[str] = []
-    for f in files:
-        paragraph: list[str] = []
-        paragraphs: list[str] = []
-        for line in f.read_text(encoding="utf-8").splitlines() + [""]:
-            s = line.strip()
-            if not s or _RST_MARKUP.match(s) or set(s) <= set("=-~^*+#| ") or "  " in s:
-                if paragraph:
-                    paragraphs.append(" ".join(paragraph))
-                paragraph = []
-            else:
-                paragraph.append(s)
-        for p in paragraphs:
-            sentences.extend(s for s in _SENTENCE_END.split(p) if len(tokenize(s)) >= min_tokens)
-    description = (
-        f"{len(sentences)} sentences (>= {min_tokens} tokens) of the English dataset descriptions bundled with "
-        f"scikit-learn {sklearn.__version__} (sklearn/datasets/descr/*.rst, {len(files)} files)"
-    )
-    return sentences, description
-
-
-@dataclasses.dataclass
-class TextSet:
-    """Sequences of one data source, ready for the model.
-
-    Attributes:
-        name: ``"imdb"``, ``"sst2"``, ``"bundled-text"`` or ``"digits"``.
-        sequences: one ``(n_i, d_in)`` tensor per sequence (no padding), float64.
-        labels: class labels ``(N,)`` (``None`` for the untrained figure's bundled text).
-        description: what the data is, for the caption.
-    """
-
-    name: str
-    sequences: list[Tensor]
-    labels: Tensor | None
-    description: str
-
-
-def _sample(n_total: int, n: int, generator: torch.Generator) -> list[int]:
-    return torch.randperm(n_total, generator=generator)[: min(n, n_total)].sort().values.tolist()
-
-
-def _embed(sentences: Sequence[str], labels: Tensor | None, table: Any, max_len: int,
-           name: str, description: str) -> TextSet:
-    """Embed each sentence (first ``max_len`` tokens that have a vector); sentences with < 2 such tokens are dropped."""
-    Y, lengths = embed_sentences(list(sentences), table, max_len)
-    keep = [i for i, L in enumerate(lengths.tolist()) if L >= 2]
-    seqs = [Y[i, : int(lengths[i])].to(torch.float64) for i in keep]
-    lab = None if labels is None else labels[keep]
-    return TextSet(name, seqs, lab, f"{description}; {len(seqs)} sequences: the first <= {max_len} tokens that have "
-                                    "a vector (sentences with fewer than 2 dropped)")
-
-
-def _check_text_options(cfg: FigureConfig) -> tuple[Path | None, Path | None, Path | None]:
-    imdb, sst2, glove = (cfg.options.get(k) for k in ("imdb", "sst2", "glove"))
-    if (imdb is not None or sst2 is not None) and glove is None:
-        raise EnergyInputError(
-            "--imdb/--sst2 need --glove PATH/glove.840B.300d.txt as well (the sentences are embedded with GloVe "
-            "vectors); give --glove, or omit --imdb/--sst2 to run on the bundled data."
-        )
-    if glove is not None and imdb is None and sst2 is None:
-        raise EnergyInputError("--glove was given without --imdb or --sst2; give at least one of them.")
-    return imdb, sst2, glove
-
-
-_RawText = tuple[str, list[str], Tensor, str]  # (name, texts, labels, description)
-
-
-def _raw_text(imdb: Path | None, sst2: Path | None, *, split: str, n: int, seed: int) -> list[_RawText]:
-    """``n`` seeded random IMDB reviews and SST-2 sentences of ``split`` (``"train"``, or ``"eval"`` = IMDB test /
-    SST-2 dev), each data set from its own files."""
-    g = torch.Generator().manual_seed(seed)
-    raw: list[_RawText] = []
-    if imdb is not None:
-        texts, labels = load_imdb(imdb, "test" if split == "eval" else "train")
-        idx = _sample(len(texts), n, g)
-        raw.append(("imdb", [texts[i] for i in idx], labels[idx],
-                    f"IMDB {'test' if split == 'eval' else 'train'} reviews ({imdb})"))
-    if sst2 is not None:
-        texts, labels = load_sst2(sst2, "dev" if split == "eval" else "train")
-        idx = _sample(len(texts), n, g)
-        raw.append(("sst2", [texts[i] for i in idx], labels[idx],
-                    f"SST-2 {'dev' if split == 'eval' else 'train'} sentences ({sst2})"))
-    return raw
-
-
-def _glove_embed(groups: list[list[_RawText]], glove: Path, max_len: int) -> list[list[TextSet]]:
-    """Embed every group of texts with GloVe vectors, reading the (large) GloVe file once for all of them."""
-    vectors = load_glove(glove, vocab=build_vocabulary(s for raw in groups for _, texts, _, _ in raw for s in texts))
-    return [
-        [_embed(texts, labels, vectors, max_len, name, f"{desc}, GloVe vectors {Path(glove).name} (d={vectors.dim})")
-         for name, texts, labels, desc in raw]
-        for raw in groups
-    ]
-
-
-def text_sets(cfg: FigureConfig, *, d: int, n: int, max_len: int) -> list[TextSet]:
-    """The evaluation sequences of ``yang2022-energy-untrained`` (paths given: IMDB / SST-2 with GloVe)."""
-    imdb, sst2, glove = _check_text_options(cfg)
-    if glove is not None:
-        return _glove_embed([_raw_text(imdb, sst2, split="eval", n=n, seed=cfg.seed)], glove, max_len)[0]
-    sentences, description = bundled_text_sentences()
-    idx = _sample(len(sentences), n, torch.Generator().manual_seed(cfg.seed))
-    chosen = [sentences[i] for i in idx]
-    vocab = sorted(build_vocabulary(chosen))
-    table = seeded_embedding_table(vocab, d, cfg.seed, dtype=torch.float64)
-    return [_embed(chosen, None, table, max_len, "bundled-text",
-                   f"{description}; {len(idx)} drawn; vectors: seeded N(0, 1/d) table ({len(vocab)} words, "
-                   f"d={d}, seed={cfg.seed})")]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# model, energies, training
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-INIT_CHOICES = ("preset", "signal")
-
-
-def make_model(d: int, *, relu: bool, seed: int, d_in: int | None = None, n_classes: int | None = None,
-               init: str = "preset") -> UnrolledClassifier:
-    """:func:`unfold.presets.yang2022` (12 tied layers, ``α = 1``) initialised from ``seed``.
-
-    ``init="preset"`` keeps the preset's initialisation; ``init="signal"`` then applies
-    :func:`unfold.presets.init_signal_preserving_` with its defaults (``W_f`` spectrum uniform in ``[0.85, 0.95]``,
-    ``b = 1``, input map entries ``N(0, 1)``). The same seed gives the same weights with and without ReLU (the
-    projection has no parameters).
-    """
-    if init not in INIT_CHOICES:
-        raise EnergyInputError(f"`init` must be one of {INIT_CHOICES}, got {init!r}.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = yang2022(d, DEPTH, relu=relu, d_in=d_in, n_classes=n_classes)
-        if init == "signal":
-            init_signal_preserving_(model)
-    return model
-
-
-@torch.no_grad()
-def layer_energies(model: UnrolledClassifier, sequences: Sequence[Tensor]) -> dict[str, np.ndarray]:
-    """Every energy term at the layer boundaries ``t = 0 … depth`` of every sequence, ``(N, depth + 1)`` each.
-
-    ``Y⁰`` is the body's input (``model.embed`` of the sequence). Sequences of equal length run as one batch
-    (no padding). The energies come from the unroller's trace (MATH §1.6: ``E = E_att + E_ffn``, the same
-    constrained weights as the steps); state ``t·S`` (``S`` steps per layer) is the state after layer ``t``.
-    """
-    body: Unrolled = model.body
-    S = len(body.step_kinds)
-    out: dict[str, np.ndarray] = {}
-    dtype = next(model.parameters()).dtype
-    for idx in _length_buckets(sequences):
-        X = torch.stack([sequences[i] for i in idx]).to(dtype)
-        _, info = body(model.embed(X), trace=True)
-        for name, E in info["energies"].items():
-            arr = out.setdefault(name, np.full((len(sequences), body.depth + 1), np.nan))
-            arr[idx] = E[::S].T.to(torch.float64).numpy()
-    return out
-
-
-def layer_summary(E: np.ndarray) -> dict[str, Any]:
-    """Statistics of ``E (N, T+1)`` against depth: the mean curve, ``E − E_min`` quartiles, monotonicity."""
-    gap = E - E.min(axis=1, keepdims=True)
-    mean = E.mean(axis=0)
-    dmean = np.diff(mean)
-    return {
-        "mean_E": mean,
-        "mean_gap": gap.mean(axis=0),
-        "gap": gap,
-        "n_layers_mean_decreases": int((dmean < 0).sum()),
-        "n_layers": int(len(dmean)),
-        "mean_monotone": bool((dmean <= 0).all()),
-        "frac_sequences_monotone": float((np.diff(E, axis=1) <= 0).all(axis=1).mean()),
-        "frac_sequences_final_below_initial": float((E[:, -1] < E[:, 0]).mean()),
-        "frac_steps_increasing": float((np.diff(E, axis=1) > 0).mean()),
-    }
-
-
-def train_classifier(
-    model: torch.nn.Module, sequences: Sequence[Tensor], labels: Tensor, *, steps: int, seed: int,
-    progress: bool | None = None,
-) -> list[float]:
-    """``steps`` SGD steps (lr 1e-2, batch 1) of the per-sequence cross-entropy of the class logits.
-
-    The loss of one sequence is ``−log softmax(logits)[label]`` over its ``C`` classes (``F.cross_entropy`` of the
-    ``(1, C)`` logits) — not the authors' flattening of all token logits into one softmax. Sequences are visited in
-    seeded random order (epochs of fresh permutations), one per step. Returns the loss history.
-    """
-    progress = sys.stderr.isatty() if progress is None else progress
-    order = ShuffledBatches(torch.arange(len(sequences)), labels, 1, seed=seed)
-    dtype = next(model.parameters()).dtype
-    batches = ((sequences[int(i)].unsqueeze(0).to(dtype), y) for i, y in order)
-    result = train(model, F.cross_entropy, batches, steps=steps, lr=LR, optimizer="sgd", seed=seed,
-                   progress=progress, desc="train yang2022 model")
-    return result.history
-
-
-def _length_buckets(sequences: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of the sequences grouped by length (each group runs as one batch, without padding)."""
-    by_length: dict[int, list[int]] = {}
-    for i, seq in enumerate(sequences):
-        by_length.setdefault(seq.shape[0], []).append(i)
-    return list(by_length.values())
-
-
-@torch.no_grad()
-def pooled_features(model: UnrolledClassifier, sequences: Sequence[Tensor]) -> Tensor:
-    """The head's input for every sequence: the mean over tokens of the body's output, ``(N, d)``."""
-    dtype = next(model.parameters()).dtype
-    out = torch.empty(len(sequences), model.body.d, dtype=dtype)
-    for idx in _length_buckets(sequences):
-        out[idx] = model.body(model.embed(torch.stack([sequences[i] for i in idx]).to(dtype))).mean(dim=-2)
-    return out
-
-
-@torch.no_grad()
-def classification_accuracy(model: torch.nn.Module, sequences: Sequence[Tensor], labels: Tensor) -> float:
-    """Fraction of sequences whose arg-max class ``model(X)`` is the label (buckets of equal length, no padding)."""
-    dtype = next(model.parameters()).dtype
-    correct = 0
-    for idx in _length_buckets(sequences):
-        logits = model(torch.stack([sequences[i] for i in idx]).to(dtype))
-        correct += int((logits.argmax(-1) == labels[idx]).sum())
-    return correct / len(sequences)
-
-
-@torch.no_grad()
-def layer_spreads(model: UnrolledClassifier, sequences: Sequence[Tensor]) -> dict[str, np.ndarray]:
-    r"""How much the states differ, at the layer boundaries ``t = 0 … depth``.
-
-    - ``"tokens"``: mean over sequences of :math:`\|Y^t - 1\bar y^{t\top}\|_F / \|Y^t\|_F` (0: the tokens of a
-      sequence have merged into one point);
-    - ``"pooled"``: :math:`\|P^t - 1\bar p^{t\top}\|_F / \sqrt N` of the mean-pooled states ``P^t (N, d)``
-      across sequences (absolute: the input-dependent part of what a head on layer ``t`` would see).
-    """
-    body: Unrolled = model.body
-    dtype = next(model.parameters()).dtype
-    tokens = np.zeros((len(sequences), body.depth + 1))
-    pooled = torch.zeros(body.depth + 1, len(sequences), body.d, dtype=torch.float64)
-    for idx in _length_buckets(sequences):
-        X = torch.stack([sequences[i] for i in idx]).to(dtype)
-        _, info = body(model.embed(X), trace="layer", energies=False)
-        for t, Y in enumerate(info["states"]):
-            Y = Y.to(torch.float64)
-            dev = torch.linalg.norm(Y - Y.mean(-2, keepdim=True), dim=(-2, -1))
-            tokens[idx, t] = (dev / torch.linalg.norm(Y, dim=(-2, -1)).clamp_min(1e-300)).numpy()
-            pooled[t, idx] = Y.mean(-2)
-    spread = torch.linalg.norm(pooled - pooled.mean(1, keepdim=True), dim=(-2, -1)) / len(sequences) ** 0.5
-    return {"tokens": tokens.mean(axis=0), "pooled": spread.numpy()}
-
-
-GRAD_GROUPS = ("M", "W_f", "b", "input map", "head")
-
-
-def _grad_group(name: str) -> str | None:
-    """The parameter group of :func:`gradient_norms` a parameter name belongs to."""
-    if name.startswith("input_proj."):
-        return "input map"
-    if name.startswith("head."):
-        return "head"
-    if ".M" in name:  # "….M" or "….parametrizations.M.original"
-        return "M"
-    if ".W_f" in name:
-        return "W_f"
-    return "b" if name.endswith(".b") else None
-
-
-def gradient_norms(model: UnrolledClassifier, sequences: Sequence[Tensor], labels: Tensor) -> dict[str, float]:
-    """Mean over the given sequences of the per-sequence cross-entropy gradient norm of each parameter group.
-
-    Groups (:data:`GRAD_GROUPS`): the attention factor ``M``, the unconstrained original of ``W_f``, the FFN bias
-    ``b``, the input map and the head (batch 1, the loss of :func:`train_classifier`). Gradients are cleared after.
-    """
-    dtype = next(model.parameters()).dtype
-    totals = dict.fromkeys(GRAD_GROUPS, 0.0)
-    for X, y in zip(sequences, labels):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(X.unsqueeze(0).to(dtype)), y.reshape(1)).backward()
-        sq = dict.fromkeys(GRAD_GROUPS, 0.0)
-        for name, p in model.named_parameters():
-            group = _grad_group(name)
-            if group is not None and p.grad is not None:
-                sq[group] += float(p.grad.to(torch.float64).pow(2).sum())
-        for group in GRAD_GROUPS:
-            totals[group] += sq[group] ** 0.5 / len(sequences)
-    model.zero_grad(set_to_none=True)
-    return totals
-
-
-class MeanPoolLinear(torch.nn.Module):
-    """The model without its body: ``head(mean_tokens(X W_in))`` (the reference the protocol's budget is judged by).
-
-    The input map (omitted when ``d_in == d``, as in :class:`~unfold.presets.UnrolledClassifier`) is initialised as
-    with ``init="signal"`` (entries ``N(0, 1)``); the head is ``nn.Linear``'s default.
-    """
-
-    def __init__(self, d_in: int, d: int, n_classes: int) -> None:
-        super().__init__()
-        self.input_proj: torch.nn.Module = torch.nn.Identity()
-        if d_in != d:
-            self.input_proj = torch.nn.Linear(d_in, d, bias=False)
-            torch.nn.init.normal_(self.input_proj.weight)
-        self.head = torch.nn.Linear(d, n_classes)
-
-    def forward(self, X: Tensor) -> Tensor:
-        return self.head(self.input_proj(X).mean(dim=-2))
-
-
-def representation_spread(P: Tensor) -> float:
-    r"""How much the pooled features differ between inputs: :math:`\|P - 1\bar p^\top\|_F / (\sqrt N \|\bar p\|)`.
-
-    0 means every input is mapped to the same feature vector (the head cannot tell the classes apart).
-    """
-    mean = P.mean(dim=0)
-    return float(torch.linalg.norm(P - mean) / (P.shape[0] ** 0.5 * torch.linalg.norm(mean).clamp_min(1e-300)))
+#: What the two text figures register alike: the paper's seed, the data options (the paper's setting when given) and
+#: one torch thread (thousands of small operations; see :func:`paper_figs.registry.single_thread`).
+_text_figure = functools.partial(figure, paper_seed=2333, options=("imdb", "sst2", "glove"), single_thread=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -517,7 +164,7 @@ def _caption_untrained(data: dict) -> str:
     )
 
 
-@figure(
+@_text_figure(
     "yang2022-energy-untrained",
     description="Yang et al. 2022 Fig 5/6: energy E_att + E_ffn vs layer, fresh weight-tied model, w/o and w/ ReLU.",
     claim=(
@@ -525,16 +172,10 @@ def _caption_untrained(data: dict) -> str:
         "on average (MATH §1.6, §1.8); each step descends its own term only, so the sum need not be monotone."
     ),
     caption=_caption_untrained,
-    paper_seed=2333,
-    options=("imdb", "sst2", "glove"),
     version=4,
 )
 def compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
-    with single_thread():
-        return _compute_energy_untrained(cfg)
-
-
-def _compute_energy_untrained(cfg: FigureConfig) -> dict[str, Any]:
+    """Energies against depth of fresh models, without and with ReLU, on every evaluation set."""
     # --quick runs the full protocol too (about 10 s of CPU time)
     d = cfg.pick(tiny=16, quick=300, paper=300, key="d")
     n = cfg.pick(tiny=6, quick=200, paper=200, key="n_sequences")
@@ -612,23 +253,6 @@ def summarize_energy_untrained(data: dict) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _training_sets(cfg: FigureConfig, *, steps: int, n_eval: int, max_len: int) -> list[tuple[TextSet, TextSet]]:
-    """``(train, eval)`` pairs: IMDB / SST-2 with GloVe when given, else sklearn's digits."""
-    imdb, sst2, glove = _check_text_options(cfg)
-    if glove is not None:
-        train_raw = _raw_text(imdb, sst2, split="train", n=steps, seed=cfg.seed)
-        eval_raw = _raw_text(imdb, sst2, split="eval", n=n_eval, seed=cfg.seed + 1)
-        train_sets, eval_sets = _glove_embed([train_raw, eval_raw], glove, max_len)
-        return list(zip(train_sets, eval_sets))
-    digits = load_digits_sequences(tokens="rows", seed=cfg.seed, dtype=torch.float64)
-    g = torch.Generator().manual_seed(cfg.seed)
-    idx = _sample(len(digits.y_test), n_eval, g)
-    return [(
-        TextSet("digits", list(digits.X_train), digits.y_train, f"{digits.description} (train, {len(digits.y_train)})"),
-        TextSet("digits", [digits.X_test[i] for i in idx], digits.y_test[idx],
-                f"{digits.description} (test, {len(idx)} drawn)"),
-    )]
-
 
 def _caption_trained(data: dict) -> str:
     def run_text(r: dict) -> str:
@@ -673,23 +297,6 @@ def _caption_trained(data: dict) -> str:
     )
 
 
-@figure(
-    "yang2022-energy-trained",
-    description="Yang et al. 2022 Fig 5/6: energy vs layer of the weight-tied ReLU model after training.",
-    claim=(
-        "After training (the layers stay descent steps of their energy terms; the weights only move within the "
-        "constraints), the energy still decreases with depth on average (MATH §1.8)."
-    ),
-    caption=_caption_trained,
-    paper_seed=2333,
-    options=("imdb", "sst2", "glove"),
-    version=5,
-)
-def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
-    with single_thread():
-        return _compute_energy_trained(cfg)
-
-
 def _init_diagnosis(model: UnrolledClassifier, eval_set: TextSet, probe: tuple[list[Tensor], Tensor]) -> dict:
     """Per-layer spreads, the signal gain over the body and the gradient norms of ``model`` (in float64)."""
     spreads = layer_spreads(model, eval_set.sequences)
@@ -698,7 +305,18 @@ def _init_diagnosis(model: UnrolledClassifier, eval_set: TextSet, probe: tuple[l
             "grad_norms": gradient_norms(model, *probe)}
 
 
-def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
+@_text_figure(
+    "yang2022-energy-trained",
+    description="Yang et al. 2022 Fig 5/6: energy vs layer of the weight-tied ReLU model after training.",
+    claim=(
+        "After training (the layers stay descent steps of their energy terms; the weights only move within the "
+        "constraints), the energy still decreases with depth on average (MATH §1.8)."
+    ),
+    caption=_caption_trained,
+    version=5,
+)
+def compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
+    """Train the ReLU model (preset and signal-preserving initialisations) and record energies before and after."""
     # --quick: the paper's 2000 steps at a smaller width; two models trained (about 50 s on the 2-core machine)
     d = cfg.pick(tiny=8, quick=32, paper=300, key="d")
     steps = cfg.pick(tiny=20, quick=2000, paper=2000, key="steps")
@@ -706,31 +324,32 @@ def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
     n_probe = cfg.pick(tiny=4, quick=50, paper=50, key="n_probe")
     max_len = cfg.pick(tiny=10, quick=40, paper=64, key="max_len")
     runs = []
-    for train_set, eval_set in _training_sets(cfg, steps=steps, n_eval=n_eval, max_len=max_len):
+    for train_set, eval_set in training_sets(cfg, steps=steps, n_eval=n_eval, max_len=max_len):
+        train_labels, eval_labels = labels_of(train_set), labels_of(eval_set)
         d_in = train_set.sequences[0].shape[1]
         if cfg.options.get("glove") is not None:
             d = d_in  # the paper feeds the GloVe vectors directly
-        n_classes = int(torch.cat([train_set.labels, eval_set.labels]).max()) + 1
-        probe = ([s.to(torch.float64) for s in train_set.sequences[:n_probe]], train_set.labels[:n_probe])
+        n_classes = int(torch.cat([train_labels, eval_labels]).max()) + 1
+        probe = ([s.to(torch.float64) for s in train_set.sequences[:n_probe]], train_labels[:n_probe])
         preset = make_model(d, relu=True, seed=cfg.seed, d_in=d_in, n_classes=n_classes, init="preset").double()
         preset_init = _init_diagnosis(preset, eval_set, probe)
         train_float = [s.float() for s in train_set.sequences]
         preset = preset.float()
-        preset_history = train_classifier(preset, train_float, train_set.labels, steps=steps, seed=cfg.seed)
+        preset_history = train_classifier(preset, train_float, train_labels, steps=steps, seed=cfg.seed)
         preset = preset.double()
-        preset_init["acc_after"] = classification_accuracy(preset, eval_set.sequences, eval_set.labels)
+        preset_init["acc_after"] = classification_accuracy(preset, eval_set.sequences, eval_labels)
         preset_init["pooled_spread_after"] = representation_spread(pooled_features(preset, eval_set.sequences))
         preset_init["loss_last_tenth"] = float(np.mean(preset_history[-max(1, steps // 10):]))
         model = make_model(d, relu=True, seed=cfg.seed, d_in=d_in, n_classes=n_classes, init="signal").double()
         signal_init = _init_diagnosis(model, eval_set, probe)
         E0 = layer_energies(model, eval_set.sequences)
-        acc_before = classification_accuracy(model, eval_set.sequences, eval_set.labels)
+        acc_before = classification_accuracy(model, eval_set.sequences, eval_labels)
         spread_init = representation_spread(pooled_features(model, eval_set.sequences))
         model = model.float()
-        history = train_classifier(model, train_float, train_set.labels, steps=steps, seed=cfg.seed)
+        history = train_classifier(model, train_float, train_labels, steps=steps, seed=cfg.seed)
         model = model.double()
         E = layer_energies(model, eval_set.sequences)
-        acc_after = classification_accuracy(model, eval_set.sequences, eval_set.labels)
+        acc_after = classification_accuracy(model, eval_set.sequences, eval_labels)
         spread = representation_spread(pooled_features(model, eval_set.sequences))
         after = layer_spreads(model, eval_set.sequences)
         with torch.no_grad():
@@ -739,8 +358,8 @@ def _compute_energy_trained(cfg: FigureConfig) -> dict[str, Any]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             reference = MeanPoolLinear(d_in, d, n_classes)
-        train_classifier(reference, train_float, train_set.labels, steps=steps, seed=cfg.seed)
-        acc_reference = classification_accuracy(reference.double(), eval_set.sequences, eval_set.labels)
+        train_classifier(reference, train_float, train_labels, steps=steps, seed=cfg.seed)
+        acc_reference = classification_accuracy(reference.double(), eval_set.sequences, eval_labels)
         rec = _stats_record(E["total"], {k: v for k, v in E.items() if k != "total"})
         init = layer_summary(E0["total"])
         k = max(1, len(history) // 10)

@@ -15,9 +15,9 @@ import torch
 from energy.hessian.attention import attention_loss
 from energy.hessian.energy_curvature import majoriser_step_bound
 from energy.hessian.energy_layer import energy_layer_loss
-from paper_figs import bridge
+from paper_figs import bridge, bridge_curvature
 from paper_figs.registry import FigureConfig
-from paper_figs.yang2022_text import DEPTH, make_model
+from paper_figs.yang2022_text_model import DEPTH, make_model
 
 DT = torch.float64
 
@@ -76,7 +76,7 @@ def test_curvature_along_model_is_consistent(gen):
     model = make_model(d, relu=True, seed=int(gen.initial_seed())).double()
     seqs = [torch.randn(n, d, generator=gen, dtype=DT) for n in (3, 5)]
     alphas = (0.5, 1.0, 3.0, 8.0)
-    res = bridge.curvature_along_model(model, seqs, alphas)
+    res = bridge_curvature.curvature_along_model(model, seqs, alphas)
     assert res["bound_a"].shape == (DEPTH, 2) and res["up_a"].shape == (DEPTH, 2, len(alphas))
     # Gaussian kernel: Γ ⪰ 0, so λ_max(N) ≤ 1 and step (a) is guaranteed up to α = 2 at least
     assert (res["bound_a"] >= 2 - 1e-9).all()
@@ -127,7 +127,7 @@ def test_hessian_comparison_figure_tiny():
 
 
 def test_energy_curvature_figure_tiny():
-    spec = bridge.compute_energy_curvature
+    spec = bridge_curvature.compute_energy_curvature
     data = spec(_cfg(2333))
     n = data["n_sequences"]
     assert [m["relu"] for m in data["models"]] == [True, False] and n >= 2

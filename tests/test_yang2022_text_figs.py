@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from energy._validation import EnergyInputError
 from paper_figs import yang2022_text as yt
 from paper_figs.registry import FigureConfig
-from unfold.data import ShuffledBatches
+from unfold.data import ShuffledBatches, tokenize
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def test_bundled_text_is_real_english_from_sklearn():
 
     sentences, description = yt.bundled_text_sentences()
     assert len(sentences) >= 200  # enough for the paper's 200 sentences
-    assert all(len(yt.tokenize(s)) >= 5 for s in sentences)
+    assert all(len(tokenize(s)) >= 5 for s in sentences)
     assert sklearn.__version__ in description and "sklearn/datasets/descr" in description
     text = " ".join(sentences).lower()
     assert "digits" in text and "iris" in text  # descriptions of bundled datasets

@@ -8,15 +8,19 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
 
 from benchmarks import MODULES, REGISTRY
+from energy._io import atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks, print one line per result and write the JSON report; return the exit status.
+
+    Exit status 2 (with one line on stderr) when ``--only`` matches no registered benchmark.
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--json", metavar="OUT", help="write the report to this JSON file (atomically)")
     parser.add_argument("--only", metavar="SUBSTRING", help="run only benchmarks whose name contains this")
@@ -29,11 +33,15 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as exc:
             if exc.name != f"benchmarks.{mod}":
                 raise
+    selected = [name for name in REGISTRY if not args.only or args.only in name]
+    if not selected:
+        print(f"python -m benchmarks: --only {args.only!r} matches no benchmark; registered: {', '.join(REGISTRY)}",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(os.cpu_count() or 1)
     results = {}
-    for name, fn in REGISTRY.items():
-        if args.only and args.only not in name:
-            continue
+    for name in selected:
+        fn = REGISTRY[name]
         t0 = time.perf_counter()
         print(f"[bench] {name} ...", flush=True)
         res = fn(args.quick)
@@ -48,12 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     if args.json:
-        d = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
         print(f"[bench] wrote {args.json}")
     return 0
 

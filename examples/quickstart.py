@@ -45,5 +45,8 @@ if path:
     ax.set_xlabel("layer")
     ax.set_ylabel("mean E_att + E_ffn")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from paper_figs.io import save_figure  # atomic: an interrupted run never leaves a truncated picture
+
+    path = path if os.path.splitext(path)[1] else f"{path}.png"  # the suffix chooses the format
+    save_figure(fig, path, dpi=100)
     print("wrote", path)

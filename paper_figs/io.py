@@ -1,7 +1,8 @@
 """Atomic file output and JSON conversion for the figure pipeline.
 
-Every file the pipeline writes goes through :func:`atomic_write_bytes`: the content is written to a temporary file in
-the destination directory and moved into place with :func:`os.replace`, which is atomic on POSIX and Windows. An
+Every file the pipeline writes goes through the library's one atomic writer (:mod:`energy._io`, re-exported here as
+:func:`atomic_write_bytes` / :func:`atomic_write_text`): the content is written to a temporary file in the destination
+directory, fsync-ed and moved into place with :func:`os.replace`, which is atomic on POSIX and Windows. An
 interrupted run therefore leaves either the old file or the new one, never a truncated one — which is what makes
 "skip figures whose JSON exists" a safe resume rule.
 

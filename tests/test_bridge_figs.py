@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _helpers import DT, randn
 
 from energy.hessian.attention import attention_loss
 from energy.hessian.energy_curvature import majoriser_step_bound
@@ -18,8 +19,6 @@ from energy.hessian.energy_layer import energy_layer_loss
 from paper_figs import bridge, bridge_curvature
 from paper_figs.registry import FigureConfig
 from paper_figs.yang2022_text_model import DEPTH, make_model
-
-DT = torch.float64
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +50,9 @@ def test_equivalence_errors_float64_exact_and_beta_matters(gen, n, d):
 
 def test_hessian_norms_match_autograd(gen):
     B, L, d = 2, 3, 3
-    X = 0.7 * torch.randn(B, L, d, generator=gen, dtype=DT)
-    Y = torch.randn(B, L, d, generator=gen, dtype=DT)
-    W_Q, W_K, W_V = (torch.randn(d, d, generator=gen, dtype=DT) / math.sqrt(d) for _ in range(3))
+    X = 0.7 * randn(B, L, d, gen=gen)
+    Y = randn(B, L, d, gen=gen)
+    W_Q, W_K, W_V = (randn(d, d, gen=gen) / math.sqrt(d) for _ in range(3))
     norms = bridge.hessian_norms_at(X, W_Q, W_K, W_V, Y)
     assert set(norms) == set(bridge.HESSIAN_SERIES)
     weights = {"Q": W_Q, "K": W_K, "V": W_V}
@@ -74,7 +73,7 @@ def test_hessian_norms_match_autograd(gen):
 def test_curvature_along_model_is_consistent(gen):
     d = 4
     model = make_model(d, relu=True, seed=int(gen.initial_seed())).double()
-    seqs = [torch.randn(n, d, generator=gen, dtype=DT) for n in (3, 5)]
+    seqs = [randn(n, d, gen=gen) for n in (3, 5)]
     alphas = (0.5, 1.0, 3.0, 8.0)
     res = bridge_curvature.curvature_along_model(model, seqs, alphas)
     assert res["bound_a"].shape == (DEPTH, 2) and res["up_a"].shape == (DEPTH, 2, len(alphas))

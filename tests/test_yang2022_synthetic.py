@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import randn
 
 from paper_figs import yang2022_synthetic as ys
 from paper_figs.io import decode_array
@@ -33,7 +34,7 @@ def _autograd(f, Y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("n,d", [(7, 5), (4, 9), (1, 3)])
 def test_gradients_closed_form_match_autograd(gen, n, d):
     p = _problem(gen, n, d)
-    Y = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    Y = randn(n, d, gen=gen)
     g1 = _autograd(lambda Z: ys.e1(Z, p.W1, p.B1), Y)
     g2 = _autograd(lambda Z: ys.e2(Z, p.W2, p.B2), Y)
     torch.testing.assert_close(ys.grad_e1(Y, p.W1, p.B1), g1, rtol=0, atol=TOL)
@@ -46,7 +47,7 @@ def test_gradients_closed_form_match_autograd(gen, n, d):
 
 def test_energies_match_their_definitions(gen):
     p = _problem(gen)
-    Y = torch.randn(7, 5, generator=gen, dtype=torch.float64)
+    Y = randn(7, 5, gen=gen)
     e1 = torch.linalg.matrix_norm(Y @ p.W1) ** 2 + torch.linalg.matrix_norm(Y - p.B1) ** 2
     e2 = torch.linalg.matrix_norm(p.W2 @ Y) ** 2 + torch.linalg.matrix_norm(Y - p.B2) ** 2
     torch.testing.assert_close(ys.e1(Y, p.W1, p.B1), e1, rtol=1e-13, atol=0)
@@ -70,7 +71,7 @@ def test_exact_minimiser_is_stationary_and_reached_by_gradient_descent(gen):
     torch.testing.assert_close(Y_gd, Y_star, rtol=0, atol=1e-9)
     E_star = ys.total_energy(Y_star, p)
     for _ in range(5):  # a strict minimum: random perturbations increase E
-        assert ys.total_energy(Y_star + 1e-3 * torch.randn(9, 4, generator=gen, dtype=torch.float64), p) > E_star
+        assert ys.total_energy(Y_star + 1e-3 * randn(9, 4, gen=gen), p) > E_star
 
 
 def test_alternating_descent_parity_and_recorded_energies(gen):
@@ -107,7 +108,7 @@ def test_alternating_fixed_point_is_the_limit_2_cycle(gen):
 
 
 def test_pca2_matches_svd(gen):
-    X = torch.randn(12, 40, generator=gen, dtype=torch.float64) @ torch.diag(torch.linspace(3, 0.1, 40,
+    X = randn(12, 40, gen=gen) @ torch.diag(torch.linspace(3, 0.1, 40,
                                                                                              dtype=torch.float64))
     mean, comps, evr = ys.pca2(X)
     _, S, Vh = torch.linalg.svd(X - X.mean(0), full_matrices=False)
@@ -153,9 +154,9 @@ def test_grid_axis_half_open():
 
 
 def test_apollonius_region_and_circle(gen):
-    y_f = torch.randn(2, generator=gen, dtype=torch.float64)
-    y_h = torch.randn(2, generator=gen, dtype=torch.float64)
-    X = 4 * torch.randn(2000, 2, generator=gen, dtype=torch.float64)
+    y_f = randn(2, gen=gen)
+    y_h = randn(2, gen=gen)
+    X = 4 * randn(2000, 2, gen=gen)
     ratio = torch.linalg.vector_norm(X - y_f, dim=-1) / torch.linalg.vector_norm(X - y_h, dim=-1)
     prev = torch.zeros(2000, dtype=torch.bool)
     for C in (0.3, 0.7, 1.5, 3.0):
@@ -203,8 +204,8 @@ def test_apollonius_mask_orientation():
 
 
 def test_divergence_formula_and_bounds(gen):
-    A = torch.randn(2, 2, generator=gen, dtype=torch.float64)
-    W, b, alpha = A @ A.T, torch.randn(1, 2, generator=gen, dtype=torch.float64), 0.25
+    A = randn(2, 2, gen=gen)
+    W, b, alpha = A @ A.T, randn(1, 2, gen=gen), 0.25
     x = torch.tensor([0.3, -1.2], dtype=torch.float64)
     s = alpha * (x @ W + x - b[0])
     expected = sum(min(0.0, float(x[k] ** 2 - s[k] ** 2)) for k in range(2)) / float(s @ s)
@@ -214,7 +215,7 @@ def test_divergence_formula_and_bounds(gen):
     h = 0.5 * xg @ W @ xg + 0.5 * ((xg - b[0]) ** 2).sum()
     (gh,) = torch.autograd.grad(h, xg)
     torch.testing.assert_close(ys.divergence_step(x, W, b, alpha)[0], alpha * gh, rtol=0, atol=TOL)
-    X = 5 * torch.randn(5000, 2, generator=gen, dtype=torch.float64)
+    X = 5 * randn(5000, 2, gen=gen)
     div = ys.divergence(X, W, b, alpha)
     assert float(div.min()) >= -1 and float(div.max()) <= 0
     # undefined (NaN) exactly where the step vanishes: with W = 0 that is x = b

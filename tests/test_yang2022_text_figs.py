@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randn
 
 from energy._validation import EnergyInputError
 from paper_figs import yang2022_text as yt
@@ -142,7 +143,7 @@ def test_make_model_inits():
 
 def test_layer_spreads_match_a_step_by_step_run(gen):
     model = yt.make_model(6, relu=True, seed=1, d_in=3, n_classes=2, init="signal").double()
-    seqs = [torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in (4, 5, 4)]
+    seqs = [randn(n, 3, gen=gen) for n in (4, 5, 4)]
     out = yt.layer_spreads(model, seqs)
     assert out["tokens"].shape == out["pooled"].shape == (yt.DEPTH + 1,)
     with torch.no_grad():
@@ -161,7 +162,7 @@ def test_layer_spreads_match_a_step_by_step_run(gen):
 
 def test_gradient_norms_by_group(gen):
     model = yt.make_model(6, relu=True, seed=2, d_in=3, n_classes=4, init="signal").double()
-    seqs = [torch.randn(5, 3, generator=gen, dtype=torch.float64) for _ in range(3)]
+    seqs = [randn(5, 3, gen=gen) for _ in range(3)]
     labels = torch.tensor([0, 3, 1])
     got = yt.gradient_norms(model, seqs, labels)
     assert set(got) == set(yt.GRAD_GROUPS)
@@ -206,7 +207,7 @@ def _energies_by_hand(model, Y: torch.Tensor) -> list[float]:
 @pytest.mark.parametrize("relu", [False, True])
 def test_layer_energies_match_step_by_step_evaluation(gen, relu):
     model = yt.make_model(6, relu=relu, seed=int(gen.initial_seed())).double()
-    seqs = [torch.randn(n, 6, generator=gen, dtype=torch.float64) for n in (3, 5, 3, 4)]
+    seqs = [randn(n, 6, gen=gen) for n in (3, 5, 3, 4)]
     E = yt.layer_energies(model, seqs)
     assert set(E) == {"E_att", "E_ffn", "total"} and E["total"].shape == (4, yt.DEPTH + 1)
     np.testing.assert_allclose(E["total"], E["E_att"] + E["E_ffn"], rtol=1e-13, atol=1e-12)

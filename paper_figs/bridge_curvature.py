@@ -9,7 +9,6 @@ figures that connect the energy view with the Hessian view are in :mod:`paper_fi
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from energy._validation import StepSizeWarning
+from energy.attention import AttentionEnergy
+from energy.core import Preconditioner
+from energy.core.attention import head_step, value_output_maps
 from energy.hessian.energy_curvature import majoriser_step_bound, preconditioned_curvature
 from paper_figs.registry import FigureConfig, figure, measured
 from paper_figs.yang2022_text_data import bundled_text_sentences
@@ -30,6 +31,17 @@ DTYPE = torch.float64
 
 #: step sizes of the sweep in ``unfold-energy-curvature`` (the model itself uses α = 1)
 SWEEP_ALPHAS: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0)
+
+
+def _sweep_step(energy: AttentionEnergy, Y: Tensor, alpha: float, preconditioner: Preconditioner) -> Tensor:
+    """Step (a) or (b) of ``energy`` with any step size, through the pure core (MATH §1.1).
+
+    Step sizes beyond the guaranteed range are the point of the sweep, so it calls the core formula directly
+    (which never warns) instead of :meth:`AttentionEnergy.step` (which warns outside its ``step_range``).
+    """
+    M3 = energy.M.unsqueeze(0)
+    values, out = value_output_maps(M3, energy.scale, preconditioner, single=True)
+    return head_step(Y, M3, energy.scale, energy.kernel, energy.ridge, None, values, out, alpha)
 
 
 @torch.no_grad()
@@ -83,12 +95,10 @@ def curvature_along_model(
             out["lam_true"][ell, b], out["lam_true_min"][ell, b] = curv["true"], curv["true_min"]
             out["lam_maj"][ell, b] = curv["majoriser"]
             E0 = energy.energy(Y)
-            with warnings.catch_warnings():  # steps beyond the guaranteed range are the point of the sweep
-                warnings.simplefilter("ignore", StepSizeWarning)
-                for m, a in enumerate(alphas):
-                    for prec, key in (("metric", "up_a"), ("token", "up_b")):
-                        E1 = energy.energy(energy.step(Y, a, preconditioner=prec))
-                        out[key][ell, b, m] = bool(E1 - E0 > 1e-12 * abs(float(E0)))
+            for m, a in enumerate(alphas):
+                for prec, key in ((Preconditioner.METRIC, "up_a"), (Preconditioner.TOKEN, "up_b")):
+                    E1 = energy.energy(_sweep_step(energy, Y, a, prec))
+                    out[key][ell, b, m] = bool(E1 - E0 > 1e-12 * abs(float(E0)))
             for j, kind in enumerate(kinds):
                 t = ell * S + j
                 out[f"dE_total_{kind}"][ell, b] = E["total"][t + 1] - E["total"][t]

@@ -31,6 +31,7 @@ measures them.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -335,3 +336,21 @@ def summarize_hessian_comparison(data: dict) -> dict[str, Any]:
         worst, target=0.0, tolerance=1e-6, note="Π(σX) = Π(X): every block is constant in σ"
     )
     return out
+
+
+#: Names of the ``unfold-energy-curvature`` figure, moved to :mod:`paper_figs.bridge_curvature` (alias for one release).
+_MOVED_TO_CURVATURE = frozenset({
+    "SWEEP_ALPHAS", "ROUNDOFF", "curvature_along_model", "compute_energy_curvature", "plot_energy_curvature",
+    "summarize_energy_curvature",
+})
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated access to the names that moved to :mod:`paper_figs.bridge_curvature`."""
+    if name in _MOVED_TO_CURVATURE:
+        warnings.warn(f"paper_figs.bridge.{name} moved to paper_figs.bridge_curvature.{name}; import it from there "
+                      "(the alias goes in the next release)", DeprecationWarning, stacklevel=2)
+        from paper_figs import bridge_curvature
+
+        return getattr(bridge_curvature, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -140,3 +140,10 @@ def test_energy_curvature_figure_tiny():
         assert summary[f"{tag}: E_att_increases_by_attention_step"]["value"] == 0
     assert "relu: total_increases_by_relu" in summary and "norelu: total_increases_by_relu" not in summary
     assert len(spec.plot_fn(data, _cfg()).axes) >= 8
+
+
+def test_moved_curvature_names_keep_a_deprecated_alias():
+    with pytest.warns(DeprecationWarning, match="moved to paper_figs.bridge_curvature.curvature_along_model"):
+        assert bridge.curvature_along_model is bridge_curvature.curvature_along_model
+    with pytest.raises(AttributeError):
+        bridge.no_such_name

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from energy._io import atomic_write_text
 from energy._validation import EnergyInputError
 from unfold.data import (
     AdditionDataset,
@@ -286,15 +285,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unfold.constraint_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="OUT", help="write the report to this JSON file (atomically)")
@@ -323,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print(f"[constraint_cost] total {report['wall_s']:.1f} s")
     if args.json:
-        _write_json(report, args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"[constraint_cost] wrote {args.json}")
     return 0
 

@@ -6,8 +6,9 @@
 history and the state of torch's random number generator; a later call with the same arguments resumes from it and
 reproduces the uninterrupted run exactly (same parameters and loss history, bit for bit).
 
-Checkpoints are written atomically (temporary file in the same folder, then ``os.replace``), so an interrupted save
-never leaves a half-written checkpoint. Loading validates the *whole* checkpoint against the model and optimiser
+Checkpoints are model files of :mod:`unfold.modelfile` (one format for models and checkpoints) with the training
+state, written atomically by :func:`energy._io.atomic_write`, so an interrupted save never leaves a half-written
+checkpoint. Loading validates the *whole* checkpoint against the model and optimiser
 (format, keys, shapes, dtypes, optimiser kind and state) before anything is copied, and rolls back if the copy fails:
 a corrupt or mismatched checkpoint raises :class:`CheckpointError` and leaves the model untouched.
 
@@ -18,9 +19,7 @@ step ``k`` the first ``k`` batches are skipped.
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,15 @@ from tqdm.auto import tqdm
 
 from energy._validation import EnergyInputError
 from unfold.data import IGNORE_INDEX
+from unfold.modelfile import (
+    FORMAT,
+    CheckpointError,
+    builder_of,
+    check_state_dict,
+    read_model_file,
+    safe_load_state_dict,
+    write_model_file,
+)
 
 __all__ = [
     "CheckpointError",
@@ -46,12 +54,9 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "unfold.train.checkpoint/1"
-"""Value of the ``"format"`` entry of every checkpoint written by this module."""
-
-
-class CheckpointError(EnergyInputError):
-    """A checkpoint cannot be used: unreadable, not ours, or not matching the model / optimiser. Nothing was loaded."""
+CHECKPOINT_FORMAT = FORMAT
+"""Value of the ``"format"`` entry of every checkpoint written by this module: the one model-file format of
+:mod:`unfold.modelfile` (``"unfold.train.checkpoint/1"`` before its version 2; such files are still read)."""
 
 
 @dataclass
@@ -94,49 +99,10 @@ def make_optimizer(model: nn.Module, name: Literal["sgd", "adam"], lr: float) ->
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
-def _names(keys: Iterable[str], limit: int = 6) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def validate_state_dict(model: nn.Module, state: object, *, source: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` unless ``state`` can be loaded into ``model`` exactly as it is.
-
-    Checks: a mapping; the same keys as ``model.state_dict()`` (missing and unexpected keys are listed); every entry
-    a tensor with the model's shape and dtype; floating-point entries finite. Nothing is loaded.
-    """
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{source}: the model state must be a dict of tensors, got {type(state).__name__}.")
-    expected = model.state_dict()
-    missing = expected.keys() - state.keys()
-    unexpected = state.keys() - expected.keys()
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_names(unexpected)}")
-        raise CheckpointError(
-            f"{source} does not match the model ({'; '.join(parts)}); it was saved from a different architecture. "
-            "Build the model with the configuration the checkpoint was trained with, or start afresh (resume=False)."
-        )
-    for key, ref in expected.items():
-        value = state[key]
-        if not isinstance(value, Tensor):
-            raise CheckpointError(f"{source}: entry {key!r} is a {type(value).__name__}, expected a tensor.")
-        if value.shape != ref.shape:
-            raise CheckpointError(
-                f"{source}: {key!r} has shape {tuple(value.shape)} but the model's has shape {tuple(ref.shape)}; "
-                "the checkpoint was saved from a model of another size."
-            )
-        if value.dtype != ref.dtype:
-            raise CheckpointError(
-                f"{source}: {key!r} has dtype {value.dtype} but the model's is {ref.dtype}; convert the model with "
-                f"`model.to({value.dtype})` before loading, so no value is silently cast."
-            )
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{source}: {key!r} contains NaN or inf; the checkpoint is corrupt or diverged.")
+    """Raise :class:`CheckpointError` unless ``state`` can be loaded into ``model`` exactly as it is
+    (:func:`unfold.modelfile.check_state_dict`: keys, tensors, dtypes, shapes, finite values). Nothing is loaded."""
+    check_state_dict(model, state, source=source, hint=", or start afresh (resume=False)")
 
 
 def _validate_optimizer_state(optimizer: torch.optim.Optimizer, state: object, source: str) -> None:
@@ -160,32 +126,6 @@ def _validate_optimizer_state(optimizer: torch.optim.Optimizer, state: object, s
                 )
 
 
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any failure to unpickle means the file is unusable; say so, keep the cause
-        raise CheckpointError(
-            f"cannot read the checkpoint {path} ({type(err).__name__}: {str(err)[:200]}); the file is corrupt or "
-            "not a checkpoint of unfold.train. Delete it (or pass resume=False) to start afresh."
-        ) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a checkpoint of unfold.train (expected format {CHECKPOINT_FORMAT!r}, got "
-            f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r})."
-        )
-    required = {"step", "model", "optimizer", "rng_state", "history", "meta"}
-    if not required <= ckpt.keys():
-        raise CheckpointError(f"{path}: the checkpoint lacks the entries {_names(required - ckpt.keys())}.")
-    step, history = ckpt["step"], ckpt["history"]
-    if not isinstance(step, int) or step < 0 or not isinstance(history, list) or len(history) != step:
-        raise CheckpointError(f"{path}: inconsistent step ({step!r}) and loss history (length {len(history)}).")
-    if not isinstance(ckpt["rng_state"], Tensor) or ckpt["rng_state"].dtype != torch.uint8:
-        raise CheckpointError(f"{path}: the saved random number generator state is invalid.")
-    return ckpt
-
-
 def load_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -196,21 +136,22 @@ def load_checkpoint(
     """Validate a checkpoint completely, then load it into ``model`` (and ``optimizer``); all or nothing.
 
     Args:
-        path: the checkpoint file written by :func:`save_checkpoint` / :func:`train`.
+        path: the checkpoint file written by :func:`save_checkpoint` / :func:`train` (any version
+            :func:`unfold.modelfile.read_model_file` reads).
         model: receives the model state.
         optimizer: receives the optimiser state (``None``: weights only).
         expect_meta: entries the checkpoint's ``meta`` must have (e.g. the optimiser kind, lr and seed of the run).
 
     Returns:
-        The checkpoint dict (``step``, ``history``, ``rng_state``, ``meta``, …). The RNG state is returned, not
-        applied.
+        The training state (``step``, ``history``, ``rng_state``, ``meta``, ``optimizer``) plus ``model`` (the
+        state dict). The RNG state is returned, not applied.
 
     Raises:
         CheckpointError: unreadable, foreign, or mismatched checkpoint; the model and optimiser are then unchanged.
     """
-    path = Path(path)
-    ckpt = _read(path)
-    source = f"checkpoint {path}"
+    payload = read_model_file(path, training=True)
+    ckpt = {**payload["training"], "model": payload["state_dict"]}
+    source = f"checkpoint {Path(path)}"
     for key, value in (expect_meta or {}).items():
         if ckpt["meta"].get(key) != value:
             raise CheckpointError(
@@ -222,15 +163,12 @@ def load_checkpoint(
     if optimizer is not None:
         _validate_optimizer_state(optimizer, ckpt["optimizer"], source)
     model_backup = {k: v.clone() for k, v in model.state_dict().items()}
-    optim_backup = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        safe_load_state_dict(model, ckpt["model"], source=source)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
     except Exception as err:  # e.g. a parametrisation refusing a value: roll back, so nothing is half-loaded
-        model.load_state_dict(model_backup)
-        if optimizer is not None:
-            optimizer.load_state_dict(optim_backup)
+        nn.Module.load_state_dict(model, model_backup)
         raise CheckpointError(
             f"{source} could not be loaded ({type(err).__name__}: {err}); nothing was changed."
         ) from err
@@ -246,29 +184,13 @@ def save_checkpoint(
     history: list[float],
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write model, optimiser, step, loss history, meta data and torch's RNG state atomically to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "step": int(step),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng_state": torch.get_rng_state(),
-        "history": [float(h) for h in history],
-        "meta": dict(meta or {}),
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(ckpt, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write model, optimiser, step, loss history, meta data and torch's RNG state to ``path`` as one model file
+    (:mod:`unfold.modelfile`; atomic, fsync-ed; with builder and config when the model has a registered builder, so
+    :func:`unfold.load_model` opens it too)."""
+    builder, config = builder_of(model)
+    training = {"optimizer": optimizer.state_dict(), "step": int(step), "rng_state": torch.get_rng_state(),
+                "history": [float(h) for h in history], "meta": dict(meta or {})}
+    return write_model_file(path, model.state_dict(), builder=builder, config=config, training=training)
 
 
 # ------------------------------------------------------------------------------------------------------- training

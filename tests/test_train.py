@@ -19,7 +19,7 @@ from unfold.data import (
     synthetic_sequence_classification,
 )
 from unfold.standard import GPT2Config, GPT2Decoder, standard_encoder
-from unfold.train import (
+from unfold.training import (
     CheckpointError,
     accuracy,
     evaluate,
@@ -265,3 +265,20 @@ def test_resume_of_a_parametrized_unfolded_model(tmp_path):
     res = train(resumed, F.cross_entropy, batches, checkpoint=ckpt, **kw)
     assert res.resumed_from == 3 and res.history == ref.history
     assert _same(_state(resumed), _state(reference))
+
+
+def test_module_is_reachable_although_unfold_train_is_the_function():
+    """``unfold.train`` is the training function; the module is ``unfold.training``, and the former module path
+    ``unfold.train`` re-exports the same objects (code written before the rename keeps working)."""
+    import importlib
+    import sys
+
+    import unfold
+    import unfold.training as training
+
+    assert callable(unfold.train) and unfold.train is training.train
+    assert training.__name__ == "unfold.training"
+    legacy = importlib.import_module("unfold.train")
+    assert sys.modules["unfold.train"] is legacy
+    for name in legacy.__all__:
+        assert getattr(legacy, name) is getattr(training, name)

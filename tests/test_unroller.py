@@ -259,6 +259,10 @@ def test_bad_schedules_depth_widths():
         unroll(["ffn"], depth=1, d=4, ffn={"heads": 2})
     with pytest.raises(EnergyInputError, match="tied=True"):
         Unrolled([FFNStep(4)], depth=2, d=4, tied=False)
+    with pytest.raises(EnergyInputError, match=r"`alphas` must give each step a finite real step size, got nan"):
+        unroll(["attention", "ffn"], depth=1, d=4, alphas={"ffn": float("nan")})
+    with pytest.raises(EnergyInputError, match="finite real step size, got '1'"):
+        unroll(["attention"], depth=1, d=4, alphas="1")
     model = unroll(["attention"], depth=1, d=4)
     with pytest.raises(EnergyInputError, match=r"`Y` must end with shape \(\*, 4\)"):
         model(torch.randn(2, 3, 5))

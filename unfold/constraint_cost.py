@@ -56,6 +56,7 @@ from unfold.data import (
 from unfold.presets import parameter_count, yang2022
 from unfold.standard import standard_encoder
 from unfold.training import accuracy, evaluate, train
+from unfold.unroller import Unrolled
 
 __all__ = ["Task", "make_task", "TASKS", "build_model", "energy_trace_summary", "run", "main"]
 
@@ -166,7 +167,7 @@ def build_model(kind: str, task: Task, *, d: int, depth: int, heads: int = 1) ->
     or ``"standard"`` (nn.TransformerEncoderLayer stack), all with the task's input width and output head."""
     if kind == "standard":
         return standard_encoder(d, depth, heads, task.n_outputs, d_in=task.d_in)
-    variants = {"unfolded": {}, "unfolded_norelu": {"relu": False},
+    variants: dict[str, dict[str, Any]] = {"unfolded": {}, "unfolded_norelu": {"relu": False},
                 "unfolded_ln": {"normalization": "layernorm", "norm_eps": 1e-5}}
     if kind not in variants:
         raise EnergyInputError(f"unknown model kind {kind!r}; valid: standard, {', '.join(variants)}.")
@@ -182,9 +183,13 @@ def energy_trace_summary(model: nn.Module, X: Tensor) -> dict[str, Any]:
     the last layer is below the initial one, and, per step kind, the fraction of (step, example) pairs where the
     step decreased its own term (attention → ``E_att``, FFN → ``E_ffn``) and the total.
     """
+    body = getattr(model, "body", None)
+    if not isinstance(body, Unrolled):
+        raise EnergyInputError(f"`model` must be an unfolded classifier (an Unrolled `body`, e.g. unfold.yang2022), "
+                               f"got a {type(model).__name__}.")
     _, info = model(X, trace=True)
     E = info["energies"]
-    S = len(model.body.schedule)
+    S = len(body.schedule)
     total = E["total"]
     boundaries = total[::S]  # states at the start of every layer and the output
     layer_dec = (boundaries[1:] < boundaries[:-1]).double()
@@ -207,7 +212,7 @@ def energy_trace_summary(model: nn.Module, X: Tensor) -> dict[str, Any]:
     }
 
 
-def _mean_std(xs: list[float]) -> dict[str, float]:
+def _mean_std(xs: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 

@@ -39,8 +39,9 @@ needs ``depth + 1``, of which ``depth`` come free. The plain forward never evalu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -56,7 +57,7 @@ from unfold.modelfile import (
     safe_load_state_dict,
     save_model,
 )
-from unfold.steps import STEP_TYPES, Step
+from unfold.steps import STEP_TYPES, Prepared, Step
 
 __all__ = [
     "Unrolled",
@@ -145,6 +146,9 @@ class Unrolled(nn.Module):
             for name, a in per_name.items():
                 if name not in STEP_TYPES:
                     raise EnergyInputError(f"`alphas` names unknown step {name!r}; valid names: {_valid_names()}.")
+                if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+                    raise EnergyInputError(f"`alphas` must give each step a finite real step size, got {a!r} for "
+                                           f"{name!r}; e.g. alphas=1.0 or alphas={{'attention': 1.0, 'ffn': 0.5}}.")
                 if getattr(STEP_TYPES[name], "term", None) is not None:
                     defaults.setdefault(name, {})["alpha"] = float(a)
         if not tied and any(isinstance(e, Step) for e in schedule):
@@ -156,13 +160,21 @@ class Unrolled(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(_make_step(e, d, defaults, j) for j, e in enumerate(schedule)) for _ in range(n_layers)
         )
-        self.step_kinds = [s.kind for s in self.layers[0]]
+        self.step_kinds = [s.kind for s in self._steps(0)]
         self.term_names = self._term_names()
 
     # -- structure -------------------------------------------------------------------------------------------------
+    def _steps(self, li: int) -> list[Step]:
+        """The step modules of layer module ``li`` (``self.layers[li]``; one module list for a tied model)."""
+        return [cast(Step, s) for s in cast(nn.ModuleList, self.layers[li])]
+
+    def _prepare(self) -> list[list[Prepared]]:
+        """Every layer module's steps prepared for one pass (each parametrisation evaluated once)."""
+        return [[s.prepare() for s in self._steps(li)] for li in range(len(self.layers))]
+
     def _term_names(self) -> list[str | None]:
         names: list[str | None] = []
-        for step in self.layers[0]:
+        for step in self._steps(0):
             if step.term is None:
                 names.append(None)
                 continue
@@ -180,12 +192,12 @@ class Unrolled(nn.Module):
         """The step modules of layer ``index`` (the shared ones for a tied model)."""
         if not 0 <= index < self.depth:
             raise EnergyInputError(f"`index` must lie in [0, {self.depth}), got {index}.")
-        return self.layers[0 if self.tied else index]
+        return cast(nn.ModuleList, self.layers[0 if self.tied else index])
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable arguments that rebuild this model (:meth:`from_config`)."""
         return {
-            "schedule": [[s.kind, s.config()] for s in self.layers[0]],
+            "schedule": [[s.kind, s.config()] for s in self._steps(0)],
             "depth": self.depth, "d": self.d, "tied": self.tied,
         }
 
@@ -199,12 +211,12 @@ class Unrolled(nn.Module):
 
     def energies(self) -> list[list[Any]]:
         """The energy objects of every distinct layer (``None`` for projections), built from the current weights."""
-        return [[s.build() for s in layer] for layer in self.layers]
+        return [[s.build() for s in self._steps(li)] for li in range(len(self.layers))]
 
     def composite_energy(self, layer: int = 0) -> CompositeEnergy | None:
         """The model energy of layer ``layer``: ``CompositeEnergy({"E_att": …, "E_ffn": …})`` built from the current
         weights (MATH §1.6); ``None`` if the schedule has only projections."""
-        return self._composite([s.build() for s in self.layer(layer)])
+        return self._composite([cast(Step, s).build() for s in self.layer(layer)])
 
     def _composite(self, built: list[Any]) -> CompositeEnergy | None:
         terms = {name: e for name, e in zip(self.term_names, built) if name is not None}
@@ -230,11 +242,11 @@ class Unrolled(nn.Module):
         # metadata only (type, rank, width): a forward reads no tensor value, so it runs under torch.func transforms
         check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
         granularity = _trace_granularity(trace)
-        prepared = [[s.prepare() for s in layer] for layer in self.layers]  # parametrisations evaluated once
+        prepared = self._prepare()
         if granularity is None:
             for ell in range(self.depth):
                 li = 0 if self.tied else ell
-                for step, prep in zip(self.layers[li], prepared[li]):
+                for step, prep in zip(self._steps(li), prepared[li]):
                     Y = step.forward_prepared(prep, Y)
             return Y
         S = len(self.step_kinds)
@@ -243,7 +255,7 @@ class Unrolled(nn.Module):
         t = 0
         for ell in range(self.depth):
             li = 0 if self.tied else ell
-            for j, (step, prep) in enumerate(zip(self.layers[li], prepared[li])):
+            for j, (step, prep) in enumerate(zip(self._steps(li), prepared[li])):
                 name = self.term_names[j]
                 on_record = energies and ts[-1] == t  # the step acts on the last recorded state
                 if on_record and name is not None:  # its own term at that state, in passing
@@ -287,13 +299,13 @@ class Unrolled(nn.Module):
                 f"got {len(states)}."
             )
         states = [check_tensor(Y, f"states[{i}]", min_ndim=2, trailing=(None, self.d)) for i, Y in enumerate(states)]
-        prepared = [[s.prepare() for s in layer] for layer in self.layers]
+        prepared = self._prepare()
         values: dict[tuple[str, int], Tensor] = {}
         for i, ell in enumerate(self._layer_of_state(ts)):
             self._evaluate_missing(states, 0 if self.tied else ell, prepared, values, i)
         return self._collect(values, len(states))
 
-    def _evaluate_missing(self, states: list[Tensor], li: int, prepared: list[list[Any]],
+    def _evaluate_missing(self, states: list[Tensor], li: int, prepared: list[list[Prepared]],
                           values: dict[tuple[str, int], Tensor], i: int) -> None:
         """Evaluate every term of layer module ``li`` at recorded state ``i`` that ``values`` does not hold yet
         (:meth:`unfold.steps.Step.energy_at` with the pass's prepared energies).
@@ -301,7 +313,7 @@ class Unrolled(nn.Module):
         One state at a time: a state is small enough to stay in cache, a stack of all states is not (stacking them
         into one batched call was several times slower at the benchmark sizes).
         """
-        for name, step, prep in zip(self.term_names, self.layers[li], prepared[li]):
+        for name, step, prep in zip(self.term_names, self._steps(li), prepared[li]):
             if name is not None and (name, i) not in values:
                 values[(name, i)] = step.energy_at(prep, states[i])
 

@@ -13,16 +13,10 @@ from hypothesis import strategies as st
 from energy._validation import ConstraintError, EnergyInputError, StepSizeWarning
 from energy.attention import AttentionEnergy, softmax_beta
 from energy.ffn import FFNEnergy
+from unfold.modelfile import CheckpointError, constrained_state_dict, load_model, save_model
 from unfold.parametrizations import SpectrumClip
 from unfold.steps import AttentionStep, FFNStep
-from unfold.unroller import (
-    CheckpointError,
-    Unrolled,
-    constrained_state_dict,
-    load_model,
-    save_model,
-    unroll,
-)
+from unfold.unroller import Unrolled, unroll
 
 DT = torch.float64
 TOL = dict(rtol=0, atol=1e-11)

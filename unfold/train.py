@@ -6,28 +6,8 @@ which :mod:`unfold` re-exports, so the module could not be reached as ``unfold.t
 
 from __future__ import annotations
 
-from unfold.training import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    TrainResult,
-    accuracy,
-    evaluate,
-    load_checkpoint,
-    make_optimizer,
-    save_checkpoint,
-    train,
-    validate_state_dict,
-)
+from unfold import training
+from unfold.training import *  # noqa: F403  (every public name of unfold.training)
 
-__all__ = [
-    "CheckpointError",
-    "TrainResult",
-    "train",
-    "evaluate",
-    "accuracy",
-    "make_optimizer",
-    "save_checkpoint",
-    "load_checkpoint",
-    "validate_state_dict",
-    "CHECKPOINT_FORMAT",
-]
+__all__: list[str] = []
+__all__ += training.__all__

@@ -25,74 +25,14 @@ Contents (one submodule per concern; every name is re-exported here, so ``from u
 
 from __future__ import annotations
 
-from unfold.data.addition import (
-    ADDITION_VOCAB,
-    EQUALS,
-    IGNORE_INDEX,
-    PLUS,
-    AdditionDataset,
-    addition_batch,
-    addition_length,
-    addition_loss,
-    addition_mse_loss,
-    addition_operands,
-    answer_accuracy,
-    answer_positions,
-    decode_addition,
-    encode_addition,
-)
-from unfold.data.offline_text import (
-    FIXED_VOCABULARY,
-    seeded_embedding_table,
-    zipf_sentences,
-)
-from unfold.data.sequences import (
-    SequenceClassificationData,
-    ShuffledBatches,
-    iterate_batches,
-    load_digits_sequences,
-    synthetic_sequence_classification,
-)
-from unfold.data.text import (
-    DataNotFoundError,
-    WordVectors,
-    build_vocabulary,
-    embed_sentences,
-    load_glove,
-    load_imdb,
-    load_sst2,
-    tokenize,
-)
+from unfold.data import addition, offline_text, sequences, text
+from unfold.data.addition import *  # noqa: F403  (the public names of every submodule, listed in its __all__)
+from unfold.data.offline_text import *  # noqa: F403
+from unfold.data.sequences import *  # noqa: F403
+from unfold.data.text import *  # noqa: F403
 
-__all__ = [
-    "DataNotFoundError",
-    "PLUS",
-    "EQUALS",
-    "ADDITION_VOCAB",
-    "IGNORE_INDEX",
-    "addition_length",
-    "answer_positions",
-    "addition_batch",
-    "AdditionDataset",
-    "encode_addition",
-    "decode_addition",
-    "addition_operands",
-    "addition_loss",
-    "addition_mse_loss",
-    "answer_accuracy",
-    "SequenceClassificationData",
-    "load_digits_sequences",
-    "synthetic_sequence_classification",
-    "ShuffledBatches",
-    "iterate_batches",
-    "tokenize",
-    "build_vocabulary",
-    "WordVectors",
-    "load_imdb",
-    "load_sst2",
-    "load_glove",
-    "embed_sentences",
-    "seeded_embedding_table",
-    "FIXED_VOCABULARY",
-    "zipf_sentences",
-]
+__all__: list[str] = []
+__all__ += addition.__all__
+__all__ += sequences.__all__
+__all__ += text.__all__
+__all__ += offline_text.__all__

@@ -125,3 +125,11 @@ def test_training_checkpoint_of_a_registered_model_opens_with_load_model(tmp_pat
     with pytest.raises(CheckpointError, match="inconsistent step"):
         save_checkpoint(path, model, opt, step=2, history=[1.0])
         load_checkpoint(path, model)
+
+
+def test_deprecated_read_checkpoint_warns_and_reads(tmp_path):
+    from unfold.unroller import read_checkpoint
+
+    path = save_model(_model(), tmp_path / "m.pt")
+    with pytest.warns(DeprecationWarning, match="read_model_file"):
+        assert read_checkpoint(path)["builder"] == "UnrolledClassifier"

@@ -22,6 +22,7 @@ the module path ``unfold.train`` re-exports this module's names for the code wri
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -166,12 +167,15 @@ def load_checkpoint(
     if optimizer is not None:
         _validate_optimizer_state(optimizer, ckpt["optimizer"], source)
     model_backup = {k: v.clone() for k, v in model.state_dict().items()}
+    optim_backup = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
     try:
         safe_load_state_dict(model, ckpt["model"], source=source)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
     except Exception as err:  # e.g. a parametrisation refusing a value: roll back, so nothing is half-loaded
         nn.Module.load_state_dict(model, model_backup)
+        if optimizer is not None and optim_backup is not None:
+            optimizer.load_state_dict(optim_backup)
         raise CheckpointError(
             f"{source} could not be loaded ({type(err).__name__}: {err}); nothing was changed."
         ) from err

@@ -40,6 +40,8 @@ needs ``depth + 1``, of which ``depth`` come free. The plain forward never evalu
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -368,5 +370,10 @@ def unroll(
 
 
 register_builder("Unrolled", Unrolled.from_config)
-read_checkpoint = read_model_file
-"""Deprecated name of :func:`unfold.modelfile.read_model_file` (kept one release)."""
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Deprecated (one release): :func:`unfold.modelfile.read_model_file`, which reads every model-file version."""
+    warnings.warn("unfold.unroller.read_checkpoint is deprecated; use unfold.modelfile.read_model_file (same "
+                  "validation, and it migrates older versions).", DeprecationWarning, stacklevel=2)
+    return read_model_file(path)

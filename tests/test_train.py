@@ -19,7 +19,7 @@ from unfold.data import (
     synthetic_sequence_classification,
 )
 from unfold.standard import GPT2Config, GPT2Decoder, standard_encoder
-from unfold.train import (
+from unfold.training import (
     CheckpointError,
     accuracy,
     evaluate,
@@ -140,8 +140,8 @@ def test_corrupt_checkpoint_raises_and_loads_nothing(tmp_path):
     # a NaN weight inside an otherwise valid checkpoint
     ckpt.write_bytes(good)
     payload = torch.load(ckpt, weights_only=True)
-    key = next(k for k, v in payload["model"].items() if v.is_floating_point())
-    payload["model"][key] = payload["model"][key].clone().fill_(float("nan"))
+    key = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][key] = payload["state_dict"][key].clone().fill_(float("nan"))
     torch.save(payload, ckpt)
     with pytest.raises(CheckpointError, match="NaN"):
         load_checkpoint(ckpt, model)
@@ -164,7 +164,7 @@ def test_mismatched_checkpoint_raises_and_loads_nothing(tmp_path):
     # other depth: unexpected keys are named
     deep = standard_encoder(8, 2, 2, n_classes=4, d_ff=16)
     before = _state(deep)
-    with pytest.raises(CheckpointError, match=r"missing keys: layers\.1\."):
+    with pytest.raises(CheckpointError, match=r"missing keys \['layers\.1\."):
         train(deep, F.cross_entropy, batches, steps=4, lr=1e-2, checkpoint=ckpt, progress=False)
     assert _same(_state(deep), before)
 
@@ -265,3 +265,20 @@ def test_resume_of_a_parametrized_unfolded_model(tmp_path):
     res = train(resumed, F.cross_entropy, batches, checkpoint=ckpt, **kw)
     assert res.resumed_from == 3 and res.history == ref.history
     assert _same(_state(resumed), _state(reference))
+
+
+def test_module_is_reachable_although_unfold_train_is_the_function():
+    """``unfold.train`` is the training function; the module is ``unfold.training``, and the former module path
+    ``unfold.train`` re-exports the same objects (code written before the rename keeps working)."""
+    import importlib
+    import sys
+
+    import unfold
+    import unfold.training as training
+
+    assert callable(unfold.train) and unfold.train is training.train
+    assert training.__name__ == "unfold.training"
+    legacy = importlib.import_module("unfold.train")
+    assert sys.modules["unfold.train"] is legacy
+    for name in legacy.__all__:
+        assert getattr(legacy, name) is getattr(training, name)

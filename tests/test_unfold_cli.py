@@ -50,6 +50,21 @@ def test_bad_arguments(tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert main(["trace", "--model", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main(["trace", "--model", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "empty.pt" in err and "empty (0 bytes)" in err and "Traceback" not in err
+
+
+def test_trace_opens_a_training_checkpoint(tmp_path, capsys):
+    """A training checkpoint is a model file too (same format, with the training state): ``trace`` opens it."""
+    ckpt = tmp_path / "run.ckpt"
+    assert main(["train", "--task", "synthetic", "--d", "8", "--depth", "2", "--steps", "2", "--batch-size", "16",
+                 "--checkpoint", str(ckpt), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["trace", "--model", str(ckpt), "--task", "synthetic", "--n", "4"]) == 0
+    assert "total energy decreased" in capsys.readouterr().out
 
 
 def test_mismatched_training_checkpoint_is_refused(tmp_path, capsys):

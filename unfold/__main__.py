@@ -6,7 +6,7 @@ Examples::
     python -m unfold trace --model runs/m.pt --task digits --plot runs/trace.png
     python -m unfold trace --preset yang2022 --d 16 --depth 6 --task synthetic --json trace.json
 
-``train`` uses :func:`unfold.train.train` (seeded; with ``--checkpoint`` it saves every ``--checkpoint-every`` steps
+``train`` uses :func:`unfold.training.train` (seeded; with ``--checkpoint`` it saves every ``--checkpoint-every`` steps
 and resumes from an existing checkpoint of the same run) and writes the trained model with
 :func:`unfold.unroller.save_model` (``--save``). ``trace`` loads such a model (or builds a fresh preset), runs the
 forward pass with ``trace=True`` on test inputs of the task and prints the mean of every energy term at every state
@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
+from energy._io import atomic_write, atomic_write_text
 from energy._validation import EnergyInputError
 from unfold.constraint_cost import TASKS, make_task
+from unfold.modelfile import CheckpointError, load_model, save_model
 from unfold.presets import UnrolledClassifier, energy_transformer_block, yang2022
-from unfold.train import CheckpointError, evaluate, train
-from unfold.unroller import load_model, save_model
+from unfold.training import evaluate, train
 
 PRESETS = ("yang2022", "energy_transformer")
 
@@ -125,8 +126,7 @@ def cmd_trace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.json:
         out = {"schedule": model.body.schedule, "depth": model.body.depth, "step_names": info["step_names"],
                "mean_energies": energies, "layer_decrease_fraction": frac}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        atomic_write_text(args.json, json.dumps(out, indent=2))
         print(f"[unfold] wrote {args.json}")
     if args.plot:
         plot_layer_energy(info["energies"]["total"][::S], args.plot, title=f"{args.task}: E = E_att + E_ffn per layer")
@@ -134,7 +134,7 @@ def cmd_trace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def plot_layer_energy(E_layers: torch.Tensor, path: str | os.PathLike, *, title: str = "") -> None:
+def plot_layer_energy(E_layers: torch.Tensor, path: str | os.PathLike[str], *, title: str = "") -> None:
     """Mean line plus box plots (no fliers) of ``E(Y^ℓ) − min`` over inputs, per layer ``ℓ`` (as MATH §1.8)."""
     import matplotlib
 
@@ -151,12 +151,11 @@ def plot_layer_energy(E_layers: torch.Tensor, path: str | os.PathLike, *, title:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

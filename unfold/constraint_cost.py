@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from energy._io import atomic_write_text
 from energy._validation import EnergyInputError
 from unfold.data import (
     AdditionDataset,
@@ -56,7 +55,8 @@ from unfold.data import (
 )
 from unfold.presets import parameter_count, yang2022
 from unfold.standard import standard_encoder
-from unfold.train import accuracy, evaluate, train
+from unfold.training import accuracy, evaluate, train
+from unfold.unroller import Unrolled
 
 __all__ = ["Task", "make_task", "TASKS", "build_model", "energy_trace_summary", "run", "main"]
 
@@ -167,7 +167,7 @@ def build_model(kind: str, task: Task, *, d: int, depth: int, heads: int = 1) ->
     or ``"standard"`` (nn.TransformerEncoderLayer stack), all with the task's input width and output head."""
     if kind == "standard":
         return standard_encoder(d, depth, heads, task.n_outputs, d_in=task.d_in)
-    variants = {"unfolded": {}, "unfolded_norelu": {"relu": False},
+    variants: dict[str, dict[str, Any]] = {"unfolded": {}, "unfolded_norelu": {"relu": False},
                 "unfolded_ln": {"normalization": "layernorm", "norm_eps": 1e-5}}
     if kind not in variants:
         raise EnergyInputError(f"unknown model kind {kind!r}; valid: standard, {', '.join(variants)}.")
@@ -183,9 +183,13 @@ def energy_trace_summary(model: nn.Module, X: Tensor) -> dict[str, Any]:
     the last layer is below the initial one, and, per step kind, the fraction of (step, example) pairs where the
     step decreased its own term (attention → ``E_att``, FFN → ``E_ffn``) and the total.
     """
+    body = getattr(model, "body", None)
+    if not isinstance(body, Unrolled):
+        raise EnergyInputError(f"`model` must be an unfolded classifier (an Unrolled `body`, e.g. unfold.yang2022), "
+                               f"got a {type(model).__name__}.")
     _, info = model(X, trace=True)
     E = info["energies"]
-    S = len(model.body.schedule)
+    S = len(body.schedule)
     total = E["total"]
     boundaries = total[::S]  # states at the start of every layer and the output
     layer_dec = (boundaries[1:] < boundaries[:-1]).double()
@@ -208,7 +212,7 @@ def energy_trace_summary(model: nn.Module, X: Tensor) -> dict[str, Any]:
     }
 
 
-def _mean_std(xs: list[float]) -> dict[str, float]:
+def _mean_std(xs: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 
@@ -286,15 +290,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unfold.constraint_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="OUT", help="write the report to this JSON file (atomically)")
@@ -323,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print(f"[constraint_cost] total {report['wall_s']:.1f} s")
     if args.json:
-        _write_json(report, args.json)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"[constraint_cost] wrote {args.json}")
     return 0
 

@@ -27,34 +27,39 @@ states the paper's figures plot). With ``T = depth · S``:
 
 Cost of the energies. Each energy is built once per forward pass from the constrained weights (one evaluation of each
 parametrisation, the same object that makes the step, hence the same metric in the energy and the step). A step that
-acts on a recorded state returns its own term at that state in passing (:meth:`unfold.steps.Step.apply_and_energy`):
-the attention step gets ``E_att(Y)`` from the pairwise quantities it computes anyway (without autograd, on the fused
-path, from the attention kernel's row log-normalisers: no pairwise work at all). Every other (term, state) value is
-evaluated after the pass, in one batched call per term (and layer, if untied). For the Yang et al. schedule
-``[attention, ffn, relu]`` the step trace needs ``E_att`` at ``3·depth + 1`` states, of which ``depth`` come free,
-so ``2·depth + 1`` explicit evaluations remain (each a key product, a Gram product and an exponential per pair, about
-the pairwise work of one attention step); the layer trace needs ``depth + 1``, of which ``depth`` come free. The
-plain forward never evaluates an energy.
+acts on a recorded state returns its own term at that state in passing
+(:meth:`unfold.steps.Step.forward_prepared_and_energy`): the attention step gets ``E_att(Y)`` from the pairwise
+quantities it computes anyway (without autograd, on the fused path, from the attention kernel's row log-normalisers:
+no pairwise work at all). Every other (term, state) value is evaluated after the pass, in one batched call per term
+(and layer, if untied). For the Yang et al. schedule ``[attention, ffn, relu]`` the step trace needs ``E_att`` at
+``3·depth + 1`` states, of which ``depth`` come free, so ``2·depth + 1`` explicit evaluations remain (each a key
+product, a Gram product and an exponential per pair, about the pairwise work of one attention step); the layer trace
+needs ``depth + 1``, of which ``depth`` come free. The plain forward never evaluates an energy.
 """
 
 from __future__ import annotations
 
-import copy
-import io
+import math
 import os
-import tempfile
-from collections.abc import Sequence
-from typing import Any
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
-from energy._validation import ConstraintError, EnergyInputError, check_tensor
+from energy._validation import EnergyInputError, check_tensor
 from energy.composite import CompositeEnergy
-from unfold.parametrizations import check_constraints, constraints_of
-from unfold.steps import STEP_TYPES, Step
-from unfold.train import CheckpointError  # one error class for every checkpoint problem of the package
+from unfold.modelfile import (
+    CheckpointError,
+    constrained_state_dict,
+    load_model,
+    read_model_file,
+    register_builder,
+    safe_load_state_dict,
+    save_model,
+)
+from unfold.steps import STEP_TYPES, Prepared, Step
 
 __all__ = [
     "Unrolled",
@@ -143,6 +148,9 @@ class Unrolled(nn.Module):
             for name, a in per_name.items():
                 if name not in STEP_TYPES:
                     raise EnergyInputError(f"`alphas` names unknown step {name!r}; valid names: {_valid_names()}.")
+                if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
+                    raise EnergyInputError(f"`alphas` must give each step a finite real step size, got {a!r} for "
+                                           f"{name!r}; e.g. alphas=1.0 or alphas={{'attention': 1.0, 'ffn': 0.5}}.")
                 if getattr(STEP_TYPES[name], "term", None) is not None:
                     defaults.setdefault(name, {})["alpha"] = float(a)
         if not tied and any(isinstance(e, Step) for e in schedule):
@@ -154,13 +162,21 @@ class Unrolled(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(_make_step(e, d, defaults, j) for j, e in enumerate(schedule)) for _ in range(n_layers)
         )
-        self.step_kinds = [s.kind for s in self.layers[0]]
+        self.step_kinds = [s.kind for s in self._steps(0)]
         self.term_names = self._term_names()
 
     # -- structure -------------------------------------------------------------------------------------------------
+    def _steps(self, li: int) -> list[Step]:
+        """The step modules of layer module ``li`` (``self.layers[li]``; one module list for a tied model)."""
+        return [cast(Step, s) for s in cast(nn.ModuleList, self.layers[li])]
+
+    def _prepare(self) -> list[list[Prepared]]:
+        """Every layer module's steps prepared for one pass (each parametrisation evaluated once)."""
+        return [[s.prepare() for s in self._steps(li)] for li in range(len(self.layers))]
+
     def _term_names(self) -> list[str | None]:
         names: list[str | None] = []
-        for step in self.layers[0]:
+        for step in self._steps(0):
             if step.term is None:
                 names.append(None)
                 continue
@@ -178,12 +194,12 @@ class Unrolled(nn.Module):
         """The step modules of layer ``index`` (the shared ones for a tied model)."""
         if not 0 <= index < self.depth:
             raise EnergyInputError(f"`index` must lie in [0, {self.depth}), got {index}.")
-        return self.layers[0 if self.tied else index]
+        return cast(nn.ModuleList, self.layers[0 if self.tied else index])
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable arguments that rebuild this model (:meth:`from_config`)."""
         return {
-            "schedule": [[s.kind, s.config()] for s in self.layers[0]],
+            "schedule": [[s.kind, s.config()] for s in self._steps(0)],
             "depth": self.depth, "d": self.d, "tied": self.tied,
         }
 
@@ -197,12 +213,12 @@ class Unrolled(nn.Module):
 
     def energies(self) -> list[list[Any]]:
         """The energy objects of every distinct layer (``None`` for projections), built from the current weights."""
-        return [[s.build() for s in layer] for layer in self.layers]
+        return [[s.build() for s in self._steps(li)] for li in range(len(self.layers))]
 
     def composite_energy(self, layer: int = 0) -> CompositeEnergy | None:
         """The model energy of layer ``layer``: ``CompositeEnergy({"E_att": …, "E_ffn": …})`` built from the current
         weights (MATH §1.6); ``None`` if the schedule has only projections."""
-        return self._composite([s.build() for s in self.layer(layer)])
+        return self._composite([cast(Step, s).build() for s in self.layer(layer)])
 
     def _composite(self, built: list[Any]) -> CompositeEnergy | None:
         terms = {name: e for name, e in zip(self.term_names, built) if name is not None}
@@ -225,14 +241,15 @@ class Unrolled(nn.Module):
             energies: ``False`` records the states only (``info["energies"]`` is empty); evaluate them later with
                 :meth:`trace_energies` (same numbers, with the weights of the time of that call).
         """
-        check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d))
+        # metadata only (type, rank, width): a forward reads no tensor value, so it runs under torch.func transforms
+        check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
         granularity = _trace_granularity(trace)
-        prepared = [[s.prepare() for s in layer] for layer in self.layers]  # parametrisations evaluated once
+        prepared = self._prepare()
         if granularity is None:
             for ell in range(self.depth):
                 li = 0 if self.tied else ell
-                for step, prep in zip(self.layers[li], prepared[li]):
-                    Y = step.apply(prep, Y)
+                for step, prep in zip(self._steps(li), prepared[li]):
+                    Y = step.forward_prepared(prep, Y)
             return Y
         S = len(self.step_kinds)
         states, ts = [Y], [0]
@@ -240,15 +257,15 @@ class Unrolled(nn.Module):
         t = 0
         for ell in range(self.depth):
             li = 0 if self.tied else ell
-            for j, (step, prep) in enumerate(zip(self.layers[li], prepared[li])):
+            for j, (step, prep) in enumerate(zip(self._steps(li), prepared[li])):
                 name = self.term_names[j]
                 on_record = energies and ts[-1] == t  # the step acts on the last recorded state
                 if on_record and name is not None:  # its own term at that state, in passing
-                    Y, E = step.apply_and_energy(prep, Y)
+                    Y, E = step.forward_prepared_and_energy(prep, Y)
                     if E is not None:
                         values[(name, len(states) - 1)] = E
                 else:
-                    Y = step.apply(prep, Y)
+                    Y = step.forward_prepared(prep, Y)
                 if on_record:  # the remaining terms there, while that state is still in cache
                     self._evaluate_missing(states, li, prepared, values, len(states) - 1)
                 t += 1
@@ -284,13 +301,13 @@ class Unrolled(nn.Module):
                 f"got {len(states)}."
             )
         states = [check_tensor(Y, f"states[{i}]", min_ndim=2, trailing=(None, self.d)) for i, Y in enumerate(states)]
-        prepared = [[s.prepare() for s in layer] for layer in self.layers]
+        prepared = self._prepare()
         values: dict[tuple[str, int], Tensor] = {}
         for i, ell in enumerate(self._layer_of_state(ts)):
             self._evaluate_missing(states, 0 if self.tied else ell, prepared, values, i)
         return self._collect(values, len(states))
 
-    def _evaluate_missing(self, states: list[Tensor], li: int, prepared: list[list[Any]],
+    def _evaluate_missing(self, states: list[Tensor], li: int, prepared: list[list[Prepared]],
                           values: dict[tuple[str, int], Tensor], i: int) -> None:
         """Evaluate every term of layer module ``li`` at recorded state ``i`` that ``values`` does not hold yet
         (:meth:`unfold.steps.Step.energy_at` with the pass's prepared energies).
@@ -298,7 +315,7 @@ class Unrolled(nn.Module):
         One state at a time: a state is small enough to stay in cache, a stack of all states is not (stacking them
         into one batched call was several times slower at the benchmark sizes).
         """
-        for name, step, prep in zip(self.term_names, self.layers[li], prepared[li]):
+        for name, step, prep in zip(self.term_names, self._steps(li), prepared[li]):
             if name is not None and (name, i) not in values:
                 values[(name, i)] = step.energy_at(prep, states[i])
 
@@ -310,8 +327,8 @@ class Unrolled(nn.Module):
         return _with_total({name: torch.stack([values[(name, i)] for i in range(n_states)]) for name in names})
 
     # -- checkpoints -----------------------------------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
-        """Validated, all-or-nothing load (see :func:`safe_load_state_dict`)."""
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Validated, all-or-nothing load (see :func:`unfold.modelfile.safe_load_state_dict`)."""
         if not strict:
             return super().load_state_dict(state_dict, strict=False, assign=assign)
         return safe_load_state_dict(self, state_dict, _inner=super().load_state_dict)
@@ -352,186 +369,11 @@ def unroll(
     return Unrolled(list(schedule), depth, d, tied=tied, alphas=alphas, step_kwargs=step_kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------- state dicts
+register_builder("Unrolled", Unrolled.from_config)
 
 
-def _parametrized_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    """``{"prefix.tensor": (owner, tensor)}`` for every parametrised tensor of ``module`` (not counting tensors
-    internal to a parametrisation, e.g. the orthogonal basis inside :class:`~unfold.parametrizations.OrthogonalHeads`,
-    which its owner's ``right_inverse`` sets)."""
-    out = {}
-    for prefix, mod in module.named_modules():
-        if "parametrizations." in prefix or prefix.startswith("parametrizations"):
-            continue
-        if parametrize.is_parametrized(mod):
-            for tname in mod.parametrizations:
-                out[f"{prefix}.{tname}" if prefix else tname] = (mod, tname)
-    return out
-
-
-def constrained_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """State dict with every parametrised tensor given by its *constrained value* (``"ffn.W_f"``) instead of its
-    unconstrained original (``"ffn.parametrizations.W_f.original"``): a format independent of the
-    parametrisation's internals, which :func:`safe_load_state_dict` checks against the constraints when loading."""
-    sd = module.state_dict()
-    ptensors = _parametrized_tensors(module)
-    out = {}
-    for key, value in sd.items():
-        if any(key.startswith(_orig_prefix(q)) for q in ptensors):
-            continue
-        out[key] = value
-    for q, (owner, tname) in ptensors.items():
-        out[q] = getattr(owner, tname).detach().clone()
-    return out
-
-
-def _orig_prefix(qualified: str) -> str:
-    owner, _, tname = qualified.rpartition(".")
-    return (f"{owner}." if owner else "") + f"parametrizations.{tname}."
-
-
-def safe_load_state_dict(module: nn.Module, state_dict: dict[str, Tensor], *, _inner=None):
-    """Load ``state_dict`` into ``module`` all-or-nothing, with clear errors.
-
-    Accepts the module's own state dict or a :func:`constrained_state_dict`. Checks, before anything is changed:
-    the key sets (missing / unexpected keys are listed), shapes, finiteness, and — for constrained values — each
-    named constraint (:class:`~energy.ConstraintError` naming it). The load happens on a copy first; the module is
-    only touched once everything has passed.
-
-    Raises:
-        CheckpointError: keys, shapes or values do not match the model.
-        ConstraintError: a constrained weight violates its constraint.
-    """
-    if not isinstance(state_dict, dict):
-        raise CheckpointError(f"a state dict must be a dict of tensors, got {type(state_dict).__name__}.")
-    own = module.state_dict()
-    ptensors = _parametrized_tensors(module)
-    plain = {q: state_dict[q] for q in ptensors if q in state_dict}
-    rest = {k: v for k, v in state_dict.items() if k not in plain}
-    expected = {k for k in own if not any(q in plain and k.startswith(_orig_prefix(q)) for q in ptensors)}
-    missing = sorted(expected - set(rest))
-    unexpected = sorted(set(rest) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            "the state dict does not match the model: "
-            + (f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}; " if missing else "")
-            + (f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}; " if unexpected else "")
-            + "was it saved from a model with the same schedule, depth, tied flag and options? Nothing was loaded."
-        )
-    for k, v in state_dict.items():
-        if not isinstance(v, Tensor):
-            raise CheckpointError(f"entry {k!r} is a {type(v).__name__}, not a tensor (corrupt checkpoint).")
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise CheckpointError(f"entry {k!r} contains NaN or inf (corrupt checkpoint); nothing was loaded.")
-    wrong_dtype = [(k, v.dtype, own[k].dtype) for k, v in rest.items() if v.dtype != own[k].dtype]
-    for q, v in plain.items():
-        owner, tname = ptensors[q]
-        if v.dtype != getattr(owner, tname).dtype:
-            wrong_dtype.append((q, v.dtype, getattr(owner, tname).dtype))
-    if wrong_dtype:
-        k, a, b = wrong_dtype[0]
-        raise CheckpointError(f"{k!r} has dtype {a} but the model's is {b}; convert the model with `model.to({a})` "
-                              "before loading, so no value is silently cast. Nothing was loaded.")
-    bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in rest.items() if v.shape != own[k].shape]
-    for q, v in plain.items():
-        owner, tname = ptensors[q]
-        want = tuple(getattr(owner, tname).shape)
-        if tuple(v.shape) != want:
-            bad.append((q, tuple(v.shape), want))
-    if bad:
-        lines = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in bad[:8])
-        raise CheckpointError(f"shape mismatch ({lines}); the checkpoint was saved from a different model size. "
-                              "Nothing was loaded.")
-    candidate = copy.deepcopy(module)
-    cand_p = _parametrized_tensors(candidate)
-    for q, v in plain.items():
-        owner, tname = cand_p[q]
-        cons = constraints_of(owner).get(tname, [])
-        if cons:
-            cons[-1].check(v, q)
-        with torch.no_grad():
-            setattr(owner, tname, v)  # right_inverse checks the constraint chain
-    cand_sd = candidate.state_dict()
-    cand_sd.update(rest)
-    nn.Module.load_state_dict(candidate, cand_sd, strict=True)
-    check_constraints(candidate)
-    inner = _inner if _inner is not None else module.load_state_dict
-    return inner(candidate.state_dict(), strict=True)
-
-
-# ------------------------------------------------------------------------------------------------- model files
-
-_BUILDERS: dict[str, Any] = {"Unrolled": Unrolled.from_config}
-_FORMAT = "unfold-model"
-_VERSION = 1
-
-
-def register_builder(name: str, from_config) -> None:
-    """Register ``from_config(config) -> nn.Module`` so :func:`load_model` can rebuild models of that kind."""
-    _BUILDERS[name] = from_config
-
-
-def save_model(model: nn.Module, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> None:
-    """Write ``{format, version, builder, config, state_dict, extra}`` atomically (temp file + rename).
-
-    ``model`` must have ``config()`` and its class name registered with :func:`register_builder`.
-    """
-    kind = type(model).__name__
-    if kind not in _BUILDERS or not hasattr(model, "config"):
-        raise EnergyInputError(f"cannot save a {kind}: no builder registered (known: {sorted(_BUILDERS)}).")
-    payload = {"format": _FORMAT, "version": _VERSION, "builder": kind, "config": model.config(),
-               "state_dict": model.state_dict(), "extra": extra or {}}
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate a model file written by :func:`save_model` (clear errors for corrupt files)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint {path!r} does not exist.")
-    try:
-        with open(path, "rb") as f:
-            payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated / not a torch file / unpickling refused
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or not a torch file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}).") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise CheckpointError(f"{path!r} is not an unfold model file (expected format {_FORMAT!r}).")
-    if payload.get("version") != _VERSION:
-        raise CheckpointError(f"{path!r} has version {payload.get('version')!r}; this library reads {_VERSION}.")
-    for key in ("builder", "config", "state_dict"):
-        if key not in payload:
-            raise CheckpointError(f"{path!r} lacks the entry {key!r} (corrupt checkpoint).")
-    return payload
-
-
-def load_model(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a model saved with :func:`save_model` and load its weights (validated, all-or-nothing)."""
-    payload = read_checkpoint(path)
-    builder = _BUILDERS.get(payload["builder"])
-    if builder is None:
-        raise CheckpointError(
-            f"{os.fspath(path)!r} holds a {payload['builder']!r}; known builders: {sorted(_BUILDERS)}."
-        )
-    model = builder(payload["config"])
-    dtypes = {v.dtype for v in payload["state_dict"].values() if isinstance(v, Tensor) and v.is_floating_point()}
-    if len(dtypes) == 1:  # rebuild in the precision the model was saved in
-        model = model.to(dtypes.pop())
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except ConstraintError:
-        raise
-    except CheckpointError as exc:
-        raise CheckpointError(f"{os.fspath(path)!r}: {exc}") from None
-    return model
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Deprecated (one release): :func:`unfold.modelfile.read_model_file`, which reads every model-file version."""
+    warnings.warn("unfold.unroller.read_checkpoint is deprecated; use unfold.modelfile.read_model_file (same "
+                  "validation, and it migrates older versions).", DeprecationWarning, stacklevel=2)
+    return read_model_file(path)

@@ -18,21 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_tensor
-from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, StandardEncoderClassifier, standard_encoder
+from unfold.standard import (  # noqa: F401 - re-exported for compatibility
+    GPT2Config,
+    GPT2Decoder,
+    MLPBaseline,
+    StandardEncoderClassifier,
+    standard_encoder,
+)
 from unfold.unroller import CheckpointError, Unrolled, register_builder, safe_load_state_dict
 
-__all__ = [
-    "UnrolledClassifier",
-    "yang2022",
-    "init_signal_preserving_",
-    "energy_transformer_block",
-    "GPT2Config",
-    "GPT2Decoder",
-    "MLPBaseline",
-    "StandardEncoderClassifier",
-    "standard_encoder",
-    "parameter_count",
-]
+# the standard models are importable from here as before; their public list is unfold.standard.__all__
+__all__ = ["UnrolledClassifier", "yang2022", "init_signal_preserving_", "energy_transformer_block", "parameter_count"]
 
 
 class UnrolledClassifier(nn.Module):

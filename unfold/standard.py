@@ -3,9 +3,10 @@
 
 The decoder follows MATH §3.7 (Ormaniec et al. 2024): one head by default, ReLU MLP, causal attention with scale
 ``1/√d_head``, GPT-2 initialisation (normal, std ``0.8/√d_model``), no LayerNorm unless asked, optional linear
-attention and a scaled (or removed) attention residual. Its attention and MLP are computed by the plain einsum
-functions of :mod:`energy.reference`, so every ``torch.func`` transform — including forward-mode AD, which the Hessian
-tools use (``jvp`` over ``grad``) — works through the whole model.
+attention and a scaled (or removed) attention residual. Its attention, MLP and LayerNorm are the pure functions
+of :mod:`energy.core` (no validation, no value read inside the forward: the token ids are checked by metadata), so
+every ``torch.func`` transform — ``grad``, ``vjp``, ``jvp``, ``linearize``, ``vmap``, ``hessian``, and forward-mode
+AD over ``grad`` as the Hessian tools use it — works through the whole model.
 
 Parameter names are those a reader expects (weights act on the right, MATH §0):
 
@@ -33,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_tensor
-from energy.reference import feed_forward, layer_norm, linear_attention, multi_head_attention
+from energy.core.ffn import feed_forward
+from energy.core.norm import layer_norm
+from energy.core.standard import multi_head_attention
 
 __all__ = [
     "GPT2Config",
@@ -190,7 +193,7 @@ class _TokenModel(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    r"""Multi-head self-attention with right-acting weights (no biases), via :mod:`energy.reference`.
+    r"""Multi-head self-attention with right-acting weights (no biases), via :mod:`energy.core.standard`.
 
     Softmax: :math:`\mathrm{Attn}(X) = [\mathrm{softmax}(\kappa Q_h K_h^\top + m) V_h]_h W_O`; linear:
     :math:`[(\kappa Q_h K_h^\top) \odot m\; V_h]_h W_O`, with :math:`\kappa = 1/\sqrt{d_\text{head}}` and ``m`` the
@@ -209,8 +212,8 @@ class SelfAttention(nn.Module):
         self.W_O = nn.Parameter(torch.empty(hd, d))
 
     def forward(self, X: Tensor) -> Tensor:
-        attend = multi_head_attention if self.kind == "softmax" else linear_attention
-        return attend(X, X, self.W_Q, self.W_K, self.W_V, self.W_O, num_heads=self.n_heads, causal=self.causal)
+        return multi_head_attention(X, X, self.W_Q, self.W_K, self.W_V, self.W_O, num_heads=self.n_heads,
+                                    causal=self.causal, linear=self.kind == "linear")
 
 
 class MLP(nn.Module):

@@ -49,8 +49,9 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import ConstraintError, EnergyInputError, check_tensor
-from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, head_bases, key_bias, metric
+from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.core import Preconditioner
+from energy.core.attention import key_bias, metric, value_output_maps
 from unfold.layer_weights import AttentionWeights, from_mha, to_mha
 from unfold.steps import AttentionStep
 
@@ -109,20 +110,19 @@ def _preconditioner(preconditioner: Preconditioner | str | None, value: str | No
 
 
 def _value_output_factors(M: Tensor, scale: float, preconditioner: Preconditioner) -> tuple[Tensor, Tensor]:
-    r"""Value and output maps ``(V_h (h, d, r), O_h (h, r, d))`` of the step on head factors ``M (h, d, k)``.
+    r"""Value and output maps ``(V_h (h, d, r), O_h (h, r, d))`` of the step on head factors ``M (h, d, k)``: the
+    core's rule (:func:`energy.core.attention.value_output_maps`) with the identity made explicit for one head.
 
     .. math:: \text{(a)}\ V_h O_h = I\ (h = 1),\quad U_h U_h^\top = P_h\ (h > 1);\qquad
         \text{(b)}\ V_h O_h = M_h\,\kappa M_h^\top = W_h
 
     (MATH §1.1, §1.2); the skip map is then :math:`R = I - \alpha \sum_h V_h O_h` (MATH §1.5).
     """
-    if preconditioner is Preconditioner.TOKEN:
-        return M, scale * M.transpose(-1, -2)
-    if M.shape[0] == 1:  # one head: identity values whatever the rank (AttentionEnergy.step, MATH §1.1(a))
+    values, out = value_output_maps(M, scale, preconditioner, single=M.shape[0] == 1)
+    if values is None or out is None:  # step (a), one head: identity values, no output map
         eye = torch.eye(M.shape[1], dtype=M.dtype, device=M.device).unsqueeze(0)
         return eye, eye
-    U = head_bases(M)
-    return U, U.transpose(-1, -2)
+    return values, out
 
 
 # ------------------------------------------------------------------------------------------------ constraint check

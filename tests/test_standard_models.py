@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from energy._validation import EnergyInputError
+from tests._transforms import check_transforms
 from unfold.data import addition_batch, addition_loss, addition_mse_loss
 from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, standard_encoder
 
@@ -322,36 +323,13 @@ def _flat_fns(model, tokens, targets):
 @pytest.mark.parametrize("name", PURE_MODELS)
 def test_every_transform_through_the_model(name):
     """grad, vjp, jvp, linearize, vmap and hessian pass through the model and agree with autograd (float64)."""
-    from torch.func import hessian, linearize
-    from torch.func import vjp as func_vjp
-
     model, tokens, targets = _pure_model(name)
     theta, logits, loss = _flat_fns(model, tokens, targets)
     gen = torch.Generator().manual_seed(5)
     v = torch.randn(theta.shape, generator=gen, dtype=DT)
     u = torch.randn(logits(theta).shape, generator=gen, dtype=DT)
-
-    # autograd references: one graph, reverse mode (double backward for the forward-mode quantities)
-    t_req = theta.clone().requires_grad_(True)
-    out = logits(t_req)
-    g_ref = torch.autograd.grad(loss(t_req), t_req, create_graph=True)[0]
-    vjp_ref = torch.autograd.grad(out, t_req, u, retain_graph=True)[0]
-    w = torch.zeros_like(out, requires_grad=True)  # J v = d/dw ⟨Jᵀ w, v⟩
-    jvp_ref = torch.autograd.grad(torch.autograd.grad(out, t_req, w, create_graph=True)[0] @ v, w)[0]
-    H_ref = torch.stack([torch.autograd.grad(g_ref[i], t_req, retain_graph=True)[0] for i in range(theta.numel())])
-
-    torch.testing.assert_close(grad(loss)(theta), g_ref.detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(func_vjp(logits, theta)[1](u)[0], vjp_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(jvp(logits, (theta,), (v,))[1], jvp_ref, rtol=1e-10, atol=1e-12)
-    primal, lin = linearize(logits, theta)
-    torch.testing.assert_close(primal, out.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(lin(v), jvp_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lin(2.0 * v), 2.0 * jvp_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(hessian(loss)(theta), H_ref, rtol=1e-9, atol=1e-11)
-    # vmap over directions (HVPs, forward over reverse) and over the examples of the batch
-    V = torch.stack([v, -v, torch.zeros_like(v)])
-    hvps = vmap(lambda d: jvp(grad(loss), (theta,), (d,))[1])(V)
-    torch.testing.assert_close(hvps, V @ H_ref, rtol=1e-9, atol=1e-11)
+    check_transforms(logits, loss, theta, u, v)
+    # vmap over the examples of the batch
     per_example = vmap(lambda t: model(t[None])[0])(tokens)
     torch.testing.assert_close(per_example, model(tokens), rtol=1e-12, atol=1e-12)
 

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from energy._validation import ConstraintError, EnergyInputError, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.core import Preconditioner
-from energy.core.attention import key_bias, metric, value_output_maps
+from energy.core.attention import kappa, key_bias, metric, value_output_maps
 from unfold.layer_weights import AttentionWeights, from_mha, to_mha
 from unfold.steps import AttentionStep
 
@@ -220,7 +220,7 @@ def check_layer(layer: Any, *, preconditioner: Preconditioner | str | None = Non
     # value maps, against the PSD part of the query–key product (the layer's metric if constrained)
     _, F = _psd_factor(S, w.d_head)
     V = w.vo_products()
-    values, outputs = _value_output_factors(F, 1.0 / math.sqrt(w.d_head), prec)
+    values, outputs = _value_output_factors(F, float(kappa(None, w.d_head)), prec)
     target = values @ outputs  # (h, d, d): I / P_h (step (a)) or W_h (step (b))
     alpha = 1.0
     if prec is Preconditioner.TOKEN:  # W_V^h W_O^h = α W_h: the least-squares α per head, one α for the layer
@@ -267,7 +267,7 @@ class EnergyStep:
 
 def _energy_from_factors(M: Tensor, d_head: int) -> AttentionEnergyLike:
     """The energy with ``W_h = M_h M_hᵀ/√d_head`` of head factors ``M (h, d, k)`` (one head: AttentionEnergy)."""
-    scale = 1.0 / math.sqrt(d_head)
+    scale = float(kappa(None, d_head))  # the softmax(Q Kᵀ/√d_head) convention of nn.MultiheadAttention
     return AttentionEnergy(M[0], scale=scale) if M.shape[0] == 1 else MultiHeadAttentionEnergy(M, scale=scale)
 
 

@@ -28,8 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from energy._validation import ConstraintError, EnergyInputError, check_psd, check_symmetric, default_tolerance
-from energy.core.attention import metric
+from energy._validation import (
+    ConstraintError,
+    EnergyInputError,
+    check_psd,
+    check_scale,
+    check_symmetric,
+    default_tolerance,
+)
+from energy.core.attention import kappa, metric
 
 __all__ = [
     "Constraint",
@@ -94,9 +101,7 @@ class PSDMetric(Constraint):
         if not isinstance(k, int) or k <= 0:
             raise EnergyInputError(f"`k` (factor width) must be a positive int, got {k!r}.")
         self.k = k
-        self.scale = 1.0 / math.sqrt(k) if scale is None else float(scale)
-        if not self.scale > 0:
-            raise EnergyInputError(f"`scale` must be > 0, got {scale!r}.")
+        self.scale = float(kappa(check_scale(scale), k))
 
     def describe(self) -> str:
         return f"PSDMetric(W = {self.scale:.4g}·M Mᵀ, rank ≤ {self.k})"

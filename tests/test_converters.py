@@ -61,8 +61,7 @@ def test_energy_step_equals_torch_mha_with_key_bias_mask(gen, h, d, k, prec):
 def test_roundtrip_layer_to_energy(gen, h, d, k, prec):
     E = _energy(gen, h, d, k, orthogonal=(h > 1 and prec == "metric"))
     mha = to_standard(E, preconditioner=prec)
-    value = "identity" if prec == "metric" else "metric"
-    E2, step = to_energy(mha, value=value)
+    E2, step = to_energy(mha, preconditioner=prec)
     assert step.preconditioner == prec and math.isclose(step.alpha, 1.0, rel_tol=1e-12)
     torch.testing.assert_close(E2.W, E.W, rtol=0, atol=1e-12)  # same metric, W_h = κ M_h M_hᵀ
     Y = torch.randn(2, 5, d, generator=gen, dtype=DT)
@@ -214,3 +213,50 @@ def test_reference_weights_dict_and_reference_attention(gen):
     beta = key_bias_mask(Y, E)[:, :1, :]  # (B, 1, n): β_j for every query row
     ref = multi_head_attention(Y, Y, w.W_Q, w.W_K, w.W_V, w.W_O, num_heads=1, mask=beta)
     torch.testing.assert_close(ref, E.step(Y, 1.0), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------- one step vocabulary (issue #8)
+
+
+@pytest.mark.parametrize("prec", ["metric", "token"])
+def test_preconditioner_vocabulary_and_deprecated_value(gen, prec):
+    """Converters name the step as the energies do (Preconditioner METRIC = (a), TOKEN = (b)); the former
+    ``value="identity"|"metric"`` still works for one release, with a DeprecationWarning, mapped identity->metric and
+    metric->token."""
+    from energy.core import Preconditioner
+
+    E = _energy(gen, 2, 6, 3, orthogonal=True)
+    member = Preconditioner(prec)
+    mha = to_standard(E, preconditioner=member)
+    report = check_layer(mha, preconditioner=member)
+    assert report.satisfied and report.preconditioner is member
+    assert check_layer(mha, preconditioner=prec).preconditioner is member  # plain strings accepted
+    _, step = to_energy(mha, preconditioner=member)
+    assert step.preconditioner is member and f"preconditioner={prec!r}" in repr(step)
+    old = "identity" if prec == "metric" else "metric"
+    with pytest.warns(DeprecationWarning, match=f"preconditioner='{prec}'"):
+        _, old_step = to_energy(mha, value=old)
+    assert old_step.preconditioner is member and old_step.alpha == step.alpha
+    with pytest.warns(DeprecationWarning):
+        assert check_layer(mha, value=old).preconditioner is member
+    with pytest.warns(DeprecationWarning):
+        _, info = nearest_constrained(mha, value=old)
+    assert max(info["value_distance"]) < 1e-12
+    with pytest.warns(DeprecationWarning, match="ConstraintReport.preconditioner"):
+        assert report.value == old
+    other = "token" if prec == "metric" else "metric"
+    with pytest.warns(DeprecationWarning), pytest.raises(EnergyInputError, match="contradicts"):
+        check_layer(mha, value=old, preconditioner=other)
+    with pytest.raises(EnergyInputError, match="'metric' .*step \\(a\\).*'token'"):
+        to_energy(mha, preconditioner="identity")
+
+
+@pytest.mark.parametrize("h,prec", [(1, "metric"), (2, "metric"), (2, "token")])
+def test_skip_map_is_identity_minus_alpha_value_maps(gen, h, prec):
+    """R = I − α Σ_h V_h O_h with the value/output maps of the converted layer (MATH §1.5)."""
+    from unfold.converters import skip_map
+
+    E = _energy(gen, h, 6, 3, orthogonal=True)
+    w = from_mha(to_standard(E, preconditioner=prec))
+    VO = (w.heads("W_V") @ w.heads("W_O")).sum(0)
+    torch.testing.assert_close(skip_map(E, 0.3, prec), torch.eye(6, dtype=DT) - 0.3 * VO, rtol=0, atol=1e-13)

@@ -11,6 +11,7 @@ from torch.nn.utils import parametrize
 
 from energy._validation import ConstraintError, EnergyInputError
 from energy.attention import metric
+from tests._transforms import check_transforms
 from unfold.parametrizations import (
     OrthogonalHeads,
     PSDMetric,
@@ -201,3 +202,32 @@ def test_check_constraints_flags_nan():
         m.parametrizations.W.original.fill_(float("nan"))
     with pytest.raises(ConstraintError, match="NaN"):
         check_constraints(m)
+
+
+# --------------------------------------------------------------- purity: every torch.func transform, float64
+
+
+def _constraint_cases(gen):
+    return {
+        "psd": (PSDMetric(2).double(), torch.randn(2, 4, 2, generator=gen, dtype=DT)),
+        "symmetric": (Symmetric(), torch.randn(4, 4, generator=gen, dtype=DT)),
+        "clip": (SpectrumClip(-0.5, 0.5), torch.randn(4, 4, generator=gen, dtype=DT)),
+        "orthogonal": (OrthogonalHeads(2, 5, 2).double(), torch.randn(2, 2, 2, generator=gen, dtype=DT)),
+    }
+
+
+@pytest.mark.parametrize("name", ["psd", "symmetric", "clip", "orthogonal"])
+def test_parametrization_forward_under_every_transform(gen, name):
+    """A parametrisation's forward reads no value: grad, vjp, jvp, linearize, vmap and hessian pass through it and
+    agree with autograd; the first derivative also with central differences (SpectrumClip's is custom)."""
+    c, x = _constraint_cases(gen)[name]
+    U = torch.randn(c(x).shape, generator=gen, dtype=DT)
+    v = torch.randn(x.shape, generator=gen, dtype=DT)
+    eps = 1e-6
+    with torch.no_grad():
+        jvp_fd = (c(x + eps * v) - c(x - eps * v)) / (2 * eps)
+    torch.testing.assert_close(torch.func.jvp(c, (x,), (v,))[1], jvp_fd, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.func.vmap(c)(torch.stack([x, 2 * x])), torch.stack([c(x), c(2 * x)]),
+                               rtol=1e-12, atol=1e-12)
+    # SpectrumClip's second derivative holds the eigendecomposition fixed (documented): first order only
+    check_transforms(c, lambda z: (c(z) * U).sum() + (c(z) ** 2).sum(), x, U, v, second_order=name != "clip")

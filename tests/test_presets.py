@@ -169,3 +169,39 @@ def test_init_signal_preserving_bad_arguments():
         init_signal_preserving_(torch.nn.Linear(2, 2))
     with pytest.raises(EnergyInputError, match="FFN"):
         init_signal_preserving_(energy_transformer_block(d=8, depth=1, heads=2))
+
+
+# ---------------------------------------------------------------------------- purity of the classifier wrapper
+
+
+@pytest.mark.filterwarnings("ignore::energy._validation.StepSizeWarning")  # ET: no uniform guaranteed step size
+@pytest.mark.parametrize("preset", ["yang2022", "energy_transformer_block"])
+def test_preset_classifier_under_transforms(preset):
+    """The classifier's own parts (input map metadata check, pooling, head) read no value: grad over the parameters
+    (through the parametrised weights), jvp and vmap over the inputs agree with autograd / the batched call.
+    (``linearize`` through the attention step waits on the steps' pure forwards.)"""
+    from torch.func import functional_call, grad, jvp, vmap
+
+    torch.manual_seed(0)
+    if preset == "yang2022":
+        model = yang2022(d=4, depth=2, d_in=3, n_classes=2, fused=False)
+    else:
+        model = energy_transformer_block(d=4, depth=2, heads=2, d_in=3, n_classes=2, alpha=0.01)
+    model = model.double().eval()
+    X = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return functional_call(model, p, (X,)).square().sum()
+
+    p_req = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    ref = dict(zip(p_req, torch.autograd.grad(loss(p_req), list(p_req.values()))))
+    for k, g in grad(loss)(params).items():
+        torch.testing.assert_close(g, ref[k], rtol=1e-10, atol=1e-12)
+    V = torch.randn(X.shape, generator=torch.Generator().manual_seed(2), dtype=DT)
+    X_req = X.clone().requires_grad_(True)
+    out = model(X_req)
+    w = torch.zeros_like(out, requires_grad=True)
+    jvp_ref = torch.autograd.grad((torch.autograd.grad(out, X_req, w, create_graph=True)[0] * V).sum(), w)[0]
+    torch.testing.assert_close(jvp(model, (X,), (V,))[1], jvp_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(vmap(lambda x: model(x[None])[0])(X), model(X), rtol=1e-12, atol=1e-12)

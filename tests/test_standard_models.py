@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from energy._validation import EnergyInputError
+from tests._transforms import check_transforms
 from unfold.data import addition_batch, addition_loss, addition_mse_loss
 from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, standard_encoder
 
@@ -278,3 +279,102 @@ def test_bad_input():
         GPT2Config(d_model=4, n_layers=0)
     with pytest.raises(EnergyInputError, match="activation"):
         MLPBaseline(4, 2, activation="tanh")
+
+
+# ------------------------------------------------------------------ purity: every torch.func transform, float64
+
+
+def _pure_model(name: str, n_layers: int = 2) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A small float64 model, a batch of token ids and targets (the issue-#8 sizes: d_model = 3, n = 5)."""
+    gen = torch.Generator().manual_seed(11)
+    if name.startswith("gpt2"):
+        kw = {"plain": {}, "preln-heads": {"layernorm": "pre", "n_heads": 3, "d_head": 2},
+              "linear": {"attention": "linear"}}[name.split("-", 1)[1]]
+        model: torch.nn.Module = _model(gen, d_model=3, n_layers=n_layers, d_mlp=4, seq_len=5, **kw)
+    else:
+        model = MLPBaseline(3, 3, d_hidden=4, activation="relu" if name.endswith("relu") else None, seq_len=5,
+                            generator=gen).to(DT)
+    tokens = torch.randint(0, 12, (2, 5), generator=gen)
+    return model.eval(), tokens, torch.randint(0, 12, (2, 5), generator=gen)
+
+
+PURE_MODELS = ["gpt2-plain", "gpt2-preln-heads", "gpt2-linear", "mlp-linear", "mlp-relu"]
+
+
+def _ce(o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))
+
+
+def _flat_fns(model, tokens, targets):
+    """Logits and loss as functions of one flat parameter vector (so hessian/linearize give plain matrices)."""
+    names = [k for k, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+
+    def unflat(t):
+        return dict(zip(names, (c.reshape(s) for c, s in zip(t.split([s.numel() for s in shapes]), shapes))))
+
+    def logits(t):
+        return functional_call(model, unflat(t), (tokens,))
+
+    return theta, logits, lambda t: _ce(logits(t), targets)
+
+
+@pytest.mark.parametrize("name", PURE_MODELS)
+def test_every_transform_through_the_model(name):
+    """grad, vjp, jvp, linearize, vmap and hessian pass through the model and agree with autograd (float64)."""
+    model, tokens, targets = _pure_model(name)
+    theta, logits, loss = _flat_fns(model, tokens, targets)
+    gen = torch.Generator().manual_seed(5)
+    v = torch.randn(theta.shape, generator=gen, dtype=DT)
+    u = torch.randn(logits(theta).shape, generator=gen, dtype=DT)
+    check_transforms(logits, loss, theta, u, v)
+    # vmap over the examples of the batch
+    per_example = vmap(lambda t: model(t[None])[0])(tokens)
+    torch.testing.assert_close(per_example, model(tokens), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_curvature_operators_through_gpt2(cache):
+    """Issue #8: ``FunctionalOperator(GPT2Decoder, ..., cache=True)`` crashed in ``linearize``; every part, cached or
+    not, equals the dense autograd Hessian / GGN of the same loss."""
+    from energy.hessian import FunctionalOperator, GGNOperator, HessianOperator
+
+    model, tokens, targets = _pure_model("gpt2-preln-heads", n_layers=1)
+    theta, logits, loss = _flat_fns(model, tokens, targets)
+    t_req = theta.clone().requires_grad_(True)
+    g = torch.autograd.grad(loss(t_req), t_req, create_graph=True)[0]
+    H = torch.stack([torch.autograd.grad(g[i], t_req, retain_graph=True)[0] for i in range(theta.numel())])
+    J = torch.autograd.functional.jacobian(logits, theta).reshape(-1, theta.numel())
+    o = logits(theta).detach()
+    H_o = torch.autograd.functional.hessian(lambda z: _ce(z.reshape(o.shape), targets), o.reshape(-1))
+    G = J.T @ H_o @ J
+    data = [(tokens, targets)]
+    V = torch.randn(theta.numel(), 2, generator=torch.Generator().manual_seed(2), dtype=DT)
+    ops = {kind: cls(model, _ce, None, data, reduction="mean", cache=cache)
+           for kind, cls in (("H", HessianOperator), ("G", GGNOperator), ("F", FunctionalOperator))}
+    for _ in range(2):  # the second product reuses the cache
+        torch.testing.assert_close(ops["H"] @ V, H @ V, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ops["G"] @ V, G @ V, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(ops["F"] @ V, (H - G) @ V, rtol=1e-9, atol=1e-11)
+        HV, GV = ops["H"].hessian_and_ggn(V)
+        torch.testing.assert_close(HV, H @ V, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(GV, G @ V, rtol=1e-9, atol=1e-11)
+
+
+def test_standard_encoder_transforms():
+    """The encoder baseline (torch's own layers, eval mode, no padding) is transform-safe too: grad and vmap."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    model = standard_encoder(4, 1, 2, n_classes=3, d_ff=6).to(DT).eval()
+    X = torch.randn(2, 5, 4, generator=gen, dtype=DT)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return functional_call(model, p, (X,)).square().sum()
+
+    p_req = {k: t.clone().requires_grad_(True) for k, t in params.items()}
+    ref = torch.autograd.grad(loss(p_req), list(p_req.values()))
+    for k, r in zip(params, grad(loss)(params).values()):
+        torch.testing.assert_close(r, ref[list(params).index(k)], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(vmap(lambda x: model(x[None])[0])(X), model(X), rtol=1e-12, atol=1e-12)

@@ -4,82 +4,32 @@
   orthogonal heads) as ``torch.nn.utils.parametrize`` parametrisations;
 * :mod:`unfold.steps` – one ``nn.Module`` per descent step;
 * :mod:`unfold.unroller` – :func:`unroll` a schedule of steps into a model whose forward can return its trace;
-* :mod:`unfold.presets` – Yang et al.'s weight-tied model, an Energy-Transformer block (and the standard models);
+* :mod:`unfold.presets` – Yang et al.'s weight-tied model, an Energy-Transformer block;
 * :mod:`unfold.converters` – constrained standard attention layer ↔ energy step, with the error between them;
 * :mod:`unfold.standard` – the GPT-2-style decoder and MLP baseline of the Hessian experiments;
 * :mod:`unfold.data`, :mod:`unfold.train` – tasks/data loaders and a small training loop with checkpoints.
 
+The package exports the public names (``__all__``) of these modules, and :class:`~energy.core.Preconditioner` (the
+step (a)/(b) enum). ``unfold.train`` is the training *module*; its loop is ``unfold.train.train(...)`` (or
+``from unfold.train import train``), so that ``import unfold.train`` and ``unfold.train`` name the same thing.
+
 Command line: ``python -m unfold train ...`` and ``python -m unfold trace ...``.
 """
 
-from unfold.converters import check_layer, nearest_constrained, to_energy, to_standard, verify_equivalence
-from unfold.parametrizations import (
-    Constraint,
-    OrthogonalHeads,
-    PSDMetric,
-    SpectrumClip,
-    Symmetric,
-    check_constraints,
-    constraints_of,
-)
-from unfold.presets import UnrolledClassifier, energy_transformer_block, init_signal_preserving_, yang2022
-from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, standard_encoder
-from unfold.steps import (
-    AttentionStep,
-    EnergyTransformerStep,
-    FFNStep,
-    HopfieldStep,
-    LayerNormProjection,
-    ReLUProjection,
-    RMSNormProjection,
-    Step,
-    TiedReLUFFNStep,
-)
-from unfold.train import TrainResult, evaluate, train
-from unfold.unroller import STEP_TYPES, CheckpointError, Unrolled, load_model, save_model, unroll
+from energy.core import Preconditioner
+from unfold import converters, parametrizations, presets, standard, steps, unroller
+from unfold.converters import *  # noqa: F403
+from unfold.parametrizations import *  # noqa: F403
+from unfold.presets import *  # noqa: F403
+from unfold.standard import *  # noqa: F403
+from unfold.steps import *  # noqa: F403
+from unfold.train import TrainResult, evaluate
+from unfold.unroller import *  # noqa: F403
 
-__all__ = [
-    # building models
-    "unroll",
-    "Unrolled",
-    "STEP_TYPES",
-    "Step",
-    "AttentionStep",
-    "FFNStep",
-    "TiedReLUFFNStep",
-    "ReLUProjection",
-    "LayerNormProjection",
-    "RMSNormProjection",
-    "HopfieldStep",
-    "EnergyTransformerStep",
-    # constraints
-    "Constraint",
-    "PSDMetric",
-    "Symmetric",
-    "SpectrumClip",
-    "OrthogonalHeads",
-    "constraints_of",
-    "check_constraints",
-    # presets and standard models
-    "yang2022",
-    "init_signal_preserving_",
-    "energy_transformer_block",
-    "UnrolledClassifier",
-    "GPT2Config",
-    "GPT2Decoder",
-    "MLPBaseline",
-    "standard_encoder",
-    # converters
-    "to_energy",
-    "to_standard",
-    "verify_equivalence",
-    "check_layer",
-    "nearest_constrained",
-    # training and checkpoints
-    "train",
-    "evaluate",
-    "TrainResult",
-    "save_model",
-    "load_model",
-    "CheckpointError",
-]
+__all__ = ["Preconditioner", "TrainResult", "evaluate"]
+__all__ += steps.__all__
+__all__ += unroller.__all__
+__all__ += parametrizations.__all__
+__all__ += presets.__all__
+__all__ += standard.__all__
+__all__ += converters.__all__

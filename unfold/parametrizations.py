@@ -11,18 +11,32 @@ Each constraint here is an ``nn.Module`` usable with :func:`torch.nn.utils.param
 * ``check(value, name)`` raises a :class:`~energy.ConstraintError` that names the constraint and how to satisfy it.
 
 No constraint is ever applied silently: a model declares its parametrisations, and :func:`constraints_of` lists them.
+
+Every ``forward`` is a pure tensor map (no validation, no value read), so every ``torch.func`` transform (``grad``,
+``vjp``, ``jvp``, ``linearize``, ``vmap``, ``hessian``) passes through a parametrised model; the constraint checks
+run where the values are concrete: at assignment/loading (``right_inverse``), in ``check`` and in
+:func:`check_constraints`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from energy._validation import ConstraintError, EnergyInputError, check_psd, check_symmetric, default_tolerance
-from energy.attention import metric
+from energy._validation import (
+    ConstraintError,
+    EnergyInputError,
+    check_psd,
+    check_scale,
+    check_symmetric,
+    default_tolerance,
+)
+from energy.core.attention import kappa, metric
 
 __all__ = [
     "Constraint",
@@ -47,6 +61,14 @@ class Constraint(nn.Module):
 
     def check(self, value: Tensor, name: str = "weight") -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _check_named(self, check: Callable[..., Tensor], W: Tensor, name: str) -> Tensor:
+        """Run an :mod:`energy._validation` check on ``W`` with the default tolerance; a violation names this
+        constraint."""
+        try:
+            return check(W, name, atol=default_tolerance(W))
+        except ConstraintError as exc:
+            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
 
     def describe(self) -> str:
         """One line: what the constraint is (used in reports and error messages)."""
@@ -79,9 +101,7 @@ class PSDMetric(Constraint):
         if not isinstance(k, int) or k <= 0:
             raise EnergyInputError(f"`k` (factor width) must be a positive int, got {k!r}.")
         self.k = k
-        self.scale = 1.0 / math.sqrt(k) if scale is None else float(scale)
-        if not self.scale > 0:
-            raise EnergyInputError(f"`scale` must be > 0, got {scale!r}.")
+        self.scale = float(kappa(check_scale(scale), k))
 
     def describe(self) -> str:
         return f"PSDMetric(W = {self.scale:.4g}·M Mᵀ, rank ≤ {self.k})"
@@ -91,10 +111,7 @@ class PSDMetric(Constraint):
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
         """``W`` must be symmetric PSD with rank ``≤ k``."""
-        try:
-            check_psd(W, name, atol=default_tolerance(W))
-        except ConstraintError as exc:
-            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
+        self._check_named(check_psd, W, name)
         lam = torch.linalg.eigvalsh(W.detach())
         rank = int((lam > default_tolerance(W)).sum(-1).max()) if lam.numel() else 0
         if rank > self.k:
@@ -134,13 +151,24 @@ class Symmetric(Constraint):
         return _sym(A)
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
-        try:
-            return check_symmetric(W, name, atol=default_tolerance(W))
-        except ConstraintError as exc:
-            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
+        return self._check_named(check_symmetric, W, name)
 
     def right_inverse(self, W: Tensor) -> Tensor:
         return self.check(W)
+
+
+def _daleckii_krein(lam: Tensor, V: Tensor, f: Tensor, lo: float, hi: float, G: Tensor) -> Tensor:
+    r""":math:`V\,(\Phi \circ (V^\top \mathrm{sym}(G)\, V))\,V^\top`: the derivative of the spectral clip in
+    direction ``G`` (self-adjoint, so it is also the vector–Jacobian product); tensor operations only."""
+    dlam = lam.unsqueeze(-1) - lam.unsqueeze(-2)
+    df = f.unsqueeze(-1) - f.unsqueeze(-2)
+    inside = ((lam >= lo) & (lam <= hi)).to(lam.dtype)  # one-sided at the bounds: they can move back
+    tie = dlam.abs() <= 1e3 * torch.finfo(lam.dtype).eps * lam.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1.0)
+    # ties: the derivative f' (1 inside the band, 0 outside; equal eigenvalues share one side)
+    deriv = 0.5 * (inside.unsqueeze(-1) + inside.unsqueeze(-2))
+    Phi = torch.where(tie, deriv, df / torch.where(tie, torch.ones_like(dlam), dlam))
+    Gs = 0.5 * (G + G.transpose(-1, -2))
+    return V @ (Phi * (V.transpose(-1, -2) @ Gs @ V)) @ V.transpose(-1, -2)
 
 
 class _ClipSpectrum(torch.autograd.Function):
@@ -151,30 +179,39 @@ class _ClipSpectrum(torch.autograd.Function):
         \Phi_{ii} = f'(\lambda_i),
 
     ``f = clip(·, lo, hi)``. Autograd through ``eigh`` would form ``1/(λ_i − λ_j)`` for the eigenvectors, which is
-    infinite for repeated eigenvalues (and clipping creates them); the divided differences are bounded by 1.
+    infinite for repeated eigenvalues (and clipping creates them); the divided differences are bounded by 1. The
+    same formula serves ``backward`` and ``jvp``; ``setup_context`` and the generated vmap rule make the function
+    usable under every ``torch.func`` transform. First derivatives are exact; a second derivative (``hessian``,
+    double backward) differentiates the formula with ``V``, ``Λ`` held fixed, i.e. it omits the curvature of the
+    eigendecomposition (whose derivative has the unbounded ``1/(λ_i − λ_j)``).
     """
 
-    @staticmethod
-    def forward(ctx, S: Tensor, lo: float, hi: float) -> Tensor:
-        lam, V = torch.linalg.eigh(S)
-        f = lam.clamp(lo, hi)
-        ctx.save_for_backward(lam, V, f)
-        ctx.lo, ctx.hi = lo, hi
-        return (V * f.unsqueeze(-2)) @ V.transpose(-1, -2)
+    generate_vmap_rule = True
 
     @staticmethod
-    def backward(ctx, G: Tensor):
+    def forward(S: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lam, V = torch.linalg.eigh(S)
+        f = lam.clamp(lo, hi)
+        return (V * f.unsqueeze(-2)) @ V.transpose(-1, -2), lam, V, f
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        _, lo, hi = inputs
+        _, lam, V, f = output
+        ctx.mark_non_differentiable(lam, V, f)
+        ctx.save_for_backward(lam, V, f)
+        ctx.save_for_forward(lam, V, f)
+        ctx.lo, ctx.hi = lo, hi
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor, *_: Any) -> tuple[Tensor, None, None]:
         lam, V, f = ctx.saved_tensors
-        dlam = lam.unsqueeze(-1) - lam.unsqueeze(-2)
-        df = f.unsqueeze(-1) - f.unsqueeze(-2)
-        inside = ((lam >= ctx.lo) & (lam <= ctx.hi)).to(lam.dtype)  # one-sided at the bounds: they can move back
-        tie = dlam.abs() <= 1e3 * torch.finfo(lam.dtype).eps * lam.abs().max().clamp_min(1.0)
-        # ties: the derivative f' (1 inside the band, 0 outside; equal eigenvalues share one side)
-        deriv = 0.5 * (inside.unsqueeze(-1) + inside.unsqueeze(-2))
-        Phi = torch.where(tie, deriv, df / torch.where(tie, torch.ones_like(dlam), dlam))
-        Gs = 0.5 * (G + G.transpose(-1, -2))
-        grad = V @ (Phi * (V.transpose(-1, -2) @ Gs @ V)) @ V.transpose(-1, -2)
-        return grad, None, None
+        return _daleckii_krein(lam, V, f, ctx.lo, ctx.hi, G), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dS: Tensor, *_: Any) -> tuple[Tensor, None, None, None]:
+        lam, V, f = ctx.saved_tensors
+        return _daleckii_krein(lam, V, f, ctx.lo, ctx.hi, dS), None, None, None
 
 
 class SpectrumClip(Constraint):
@@ -203,13 +240,10 @@ class SpectrumClip(Constraint):
         return f"SpectrumClip(symmetric, eigenvalues in [{self.lo:g}, {self.hi:g}])"
 
     def forward(self, A: Tensor) -> Tensor:
-        return _ClipSpectrum.apply(_sym(A), self.lo, self.hi)
+        return _ClipSpectrum.apply(_sym(A), self.lo, self.hi)[0]
 
     def check(self, W: Tensor, name: str = "W") -> Tensor:
-        try:
-            check_symmetric(W, name, atol=default_tolerance(W))
-        except ConstraintError as exc:
-            raise ConstraintError(f"{self.describe()} violated: {exc}") from None
+        self._check_named(check_symmetric, W, name)
         lam = torch.linalg.eigvalsh(W.detach())
         tol = default_tolerance(W)
         lmin, lmax = float(lam.min()), float(lam.max())

@@ -12,27 +12,25 @@ models of :mod:`unfold.standard` (re-exported).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_tensor
-from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, StandardEncoderClassifier, standard_encoder
+from unfold.standard import (  # noqa: F401 - re-exported for compatibility
+    GPT2Config,
+    GPT2Decoder,
+    MLPBaseline,
+    StandardEncoderClassifier,
+    standard_encoder,
+)
+from unfold.steps import FFNStep
 from unfold.unroller import CheckpointError, Unrolled, register_builder, safe_load_state_dict
 
-__all__ = [
-    "UnrolledClassifier",
-    "yang2022",
-    "init_signal_preserving_",
-    "energy_transformer_block",
-    "GPT2Config",
-    "GPT2Decoder",
-    "MLPBaseline",
-    "StandardEncoderClassifier",
-    "standard_encoder",
-    "parameter_count",
-]
+# the standard models are importable from here as before; their public list is unfold.standard.__all__
+__all__ = ["UnrolledClassifier", "yang2022", "init_signal_preserving_", "energy_transformer_block", "parameter_count"]
 
 
 class UnrolledClassifier(nn.Module):
@@ -76,22 +74,28 @@ class UnrolledClassifier(nn.Module):
             raise CheckpointError(f"invalid UnrolledClassifier config: {exc}") from None
 
     def embed(self, X: Tensor) -> Tensor:
-        """The body's input ``Y⁰ = X W_in`` (``X`` itself without an input map)."""
-        check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in))
+        """The body's input ``Y⁰ = X W_in`` (``X`` itself without an input map); metadata checks only (type, rank,
+        width), so the forward reads no value and every ``torch.func`` transform passes through it."""
+        check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in), finite=False)
         return self.input_proj(X)
+
+    def _pool_and_classify(self, Y: Tensor) -> Tensor:
+        return Y if self.head is None else self.head(Y.mean(dim=-2))
 
     def forward(self, X: Tensor, *, trace: bool = False,
                 energies: bool = True) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        out = self.body(self.embed(X), trace=trace, energies=energies)
-        Y, info = out if trace else (out, None)
-        result = Y if self.head is None else self.head(Y.mean(dim=-2))
-        return (result, info) if trace else result
+        if trace:
+            Y, info = self.body(self.embed(X), trace=True, energies=energies)
+            return self._pool_and_classify(Y), info
+        return self._pool_and_classify(self.body(self.embed(X), trace=False, energies=energies))
 
-    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
-        """Validated, all-or-nothing load (:func:`unfold.unroller.safe_load_state_dict`)."""
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Validated, all-or-nothing load (:func:`unfold.unroller.safe_load_state_dict`); ``strict=False`` is torch's
+        own load."""
         if not strict:
             return super().load_state_dict(state_dict, strict=False, assign=assign)
-        return safe_load_state_dict(self, state_dict, _inner=super().load_state_dict)
+        # safe_load_state_dict checks the type itself (CheckpointError for anything but a dict of tensors)
+        return safe_load_state_dict(self, cast(dict[str, Tensor], state_dict), _inner=super().load_state_dict)
 
 
 register_builder("UnrolledClassifier", UnrolledClassifier.from_config)
@@ -204,7 +208,7 @@ def init_signal_preserving_(
         raise EnergyInputError(f"`ffn_band` must be finite (low, high) with low < high, got {ffn_band!r}.")
     if input_std is not None and not (math.isfinite(input_std) and input_std > 0):
         raise EnergyInputError(f"`input_std` must be a positive number or None, got {input_std!r}.")
-    ffn_steps = [step for layer in model.body.layers for step in layer if step.kind == "ffn"]
+    ffn_steps = [step for step in model.body.modules() if isinstance(step, FFNStep)]  # tied: each step once
     if not ffn_steps:
         raise EnergyInputError("`model` has no FFN step; init_signal_preserving_ expects a yang2022() model.")
     for step in ffn_steps:
@@ -213,7 +217,7 @@ def init_signal_preserving_(
                 f"`ffn_band` = {ffn_band!r} must lie inside the FFN spectrum bounds {step.spectrum}; choose a band "
                 "within them."
             )
-        original = step.parametrizations.W_f.original
+        original = step.get_parameter("parametrizations.W_f.original")  # the unconstrained original of W_f
         d = original.shape[-1]
         G = torch.randn(d, d, generator=generator, dtype=torch.float64)
         Q, R = torch.linalg.qr(G)

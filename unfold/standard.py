@@ -3,9 +3,10 @@
 
 The decoder follows MATH §3.7 (Ormaniec et al. 2024): one head by default, ReLU MLP, causal attention with scale
 ``1/√d_head``, GPT-2 initialisation (normal, std ``0.8/√d_model``), no LayerNorm unless asked, optional linear
-attention and a scaled (or removed) attention residual. Its attention and MLP are computed by the plain einsum
-functions of :mod:`energy.reference`, so every ``torch.func`` transform — including forward-mode AD, which the Hessian
-tools use (``jvp`` over ``grad``) — works through the whole model.
+attention and a scaled (or removed) attention residual. Its attention, MLP and LayerNorm are the pure functions
+of :mod:`energy.core` (no validation, no value read inside the forward: the token ids are checked by metadata), so
+every ``torch.func`` transform — ``grad``, ``vjp``, ``jvp``, ``linearize``, ``vmap``, ``hessian``, and forward-mode
+AD over ``grad`` as the Hessian tools use it — works through the whole model.
 
 Parameter names are those a reader expects (weights act on the right, MATH §0):
 
@@ -27,13 +28,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_tensor
-from energy.reference import feed_forward, layer_norm, linear_attention, multi_head_attention
+from energy.core.ffn import feed_forward
+from energy.core.norm import layer_norm
+from energy.core.standard import multi_head_attention
 
 __all__ = [
     "GPT2Config",
@@ -46,6 +49,8 @@ __all__ = [
     "standard_encoder",
 ]
 
+_T = TypeVar("_T")
+
 
 def _positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -53,12 +58,11 @@ def _positive_int(value: object, name: str) -> int:
     return value
 
 
-def _is_traced(x: Tensor) -> bool:
-    """True inside a ``torch.func`` transform, where data-dependent checks are not allowed."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+def _check_token_ids(tokens: object, seq_len: int) -> Tensor:
+    """Metadata checks of token ids (type, dtype, rank, length): transform-safe, no value is read.
 
-
-def _check_token_ids(tokens: object, vocab: int, seq_len: int) -> Tensor:
+    The id range is checked by the embedding lookup itself (see :meth:`_TokenModel.embed`).
+    """
     if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.ndim < 1:
         got = f"dtype {tokens.dtype}, shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens)
         raise EnergyInputError(f"`tokens` must be a LongTensor of token ids with shape (..., n); got {got}.")
@@ -67,10 +71,14 @@ def _check_token_ids(tokens: object, vocab: int, seq_len: int) -> Tensor:
             f"`tokens` has {tokens.shape[-1]} positions but the model has seq_len={seq_len} position embeddings; "
             "build the model with a larger seq_len."
         )
-    if tokens.numel() and not _is_traced(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise EnergyInputError(f"`tokens` must hold ids in [0, vocab={vocab}), got range "
-                               f"[{int(tokens.min())}, {int(tokens.max())}].")
     return tokens
+
+
+def _resolved(value: _T | None, name: str) -> _T:
+    """A :class:`GPT2Config` field that ``__post_init__`` has resolved (never ``None`` after construction)."""
+    if value is None:  # only reachable if a field is reset to None after construction
+        raise EnergyInputError(f"GPT2Config.{name} is None; build a new GPT2Config instead of resetting it.")
+    return value
 
 
 @dataclass
@@ -139,16 +147,53 @@ def _normal_(t: Tensor, std: float, generator: torch.Generator | None) -> None:
         t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype) * std)
 
 
-def _redraw_embeddings(model: nn.Module, sigma: float, generator: torch.Generator | None) -> None:
-    """Token and position embeddings of ``model`` ← i.i.d. ``N(0, σ²)`` (the σ sweep of MATH §3.7)."""
-    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise EnergyInputError(f"`sigma` must be a finite number ≥ 0, got {sigma!r}.")
-    _normal_(model.token_embedding.weight, float(sigma), generator)
-    _normal_(model.position_embedding.weight, float(sigma), generator)
+class _TokenModel(nn.Module):
+    r"""Token front end shared by :class:`GPT2Decoder` and :class:`MLPBaseline` (MATH §3.7).
+
+    .. math:: X = E[\text{tokens}] + P_{[:n]},\qquad \text{forward}(\text{tokens}) = f(X)
+
+    with ``f`` = :meth:`forward_embeddings` of the subclass. The forward reads no tensor value: the token ids are
+    checked by metadata (dtype, rank, length), and an id outside ``[0, vocab)`` is reported by the embedding lookup
+    itself (on CPU; a CUDA lookup fails with a device-side assert, so check data on the host first).
+    """
+
+    def __init__(self, vocab: int, seq_len: int, d_model: int) -> None:
+        super().__init__()
+        self.vocab, self.seq_len = vocab, seq_len
+        self.token_embedding = nn.Embedding(vocab, d_model)
+        self.position_embedding = nn.Embedding(seq_len, d_model)
+
+    def set_embedding_scale(self, sigma: float, generator: torch.Generator | None = None) -> None:
+        r"""Redraw the token and position embeddings i.i.d. :math:`N(0, \sigma^2)` (the σ sweep of MATH §3.7).
+
+        All other weights are left as they are. The token table is drawn first, then the position table.
+        """
+        if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+            raise EnergyInputError(f"`sigma` must be a finite number ≥ 0, got {sigma!r}.")
+        _normal_(self.token_embedding.weight, float(sigma), generator)
+        _normal_(self.position_embedding.weight, float(sigma), generator)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """``X = E[tokens] + P[:n]``, shape ``(..., n, d_model)``."""
+        _check_token_ids(tokens, self.seq_len)
+        try:
+            X = self.token_embedding(tokens)
+        except IndexError:  # torch's bounds check of the lookup: no extra read of the ids
+            raise EnergyInputError(
+                f"`tokens` must hold ids in [0, vocab={self.vocab}); the embedding lookup found an id outside it."
+            ) from None
+        return X + self.position_embedding.weight[: tokens.shape[-1]]
+
+    def forward_embeddings(self, X: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Logits ``(..., n, vocab)`` of the token ids ``(..., n)``."""
+        return self.forward_embeddings(self.embed(tokens))
 
 
 class SelfAttention(nn.Module):
-    r"""Multi-head self-attention with right-acting weights (no biases), via :mod:`energy.reference`.
+    r"""Multi-head self-attention with right-acting weights (no biases), via :mod:`energy.core.standard`.
 
     Softmax: :math:`\mathrm{Attn}(X) = [\mathrm{softmax}(\kappa Q_h K_h^\top + m) V_h]_h W_O`; linear:
     :math:`[(\kappa Q_h K_h^\top) \odot m\; V_h]_h W_O`, with :math:`\kappa = 1/\sqrt{d_\text{head}}` and ``m`` the
@@ -157,7 +202,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        d, hd = config.d_model, config.n_heads * config.d_head
+        d, hd = config.d_model, config.n_heads * _resolved(config.d_head, "d_head")
         self.n_heads = config.n_heads
         self.causal = config.causal
         self.kind = config.attention
@@ -167,8 +212,8 @@ class SelfAttention(nn.Module):
         self.W_O = nn.Parameter(torch.empty(hd, d))
 
     def forward(self, X: Tensor) -> Tensor:
-        attend = multi_head_attention if self.kind == "softmax" else linear_attention
-        return attend(X, X, self.W_Q, self.W_K, self.W_V, self.W_O, num_heads=self.n_heads, causal=self.causal)
+        return multi_head_attention(X, X, self.W_Q, self.W_K, self.W_V, self.W_O, num_heads=self.n_heads,
+                                    causal=self.causal, linear=self.kind == "linear")
 
 
 class MLP(nn.Module):
@@ -176,9 +221,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
-        self.W_1 = nn.Parameter(torch.empty(config.d_model, config.d_mlp))
-        self.b_1 = nn.Parameter(torch.zeros(config.d_mlp))
-        self.W_2 = nn.Parameter(torch.empty(config.d_mlp, config.d_model))
+        d_mlp = _resolved(config.d_mlp, "d_mlp")
+        self.W_1 = nn.Parameter(torch.empty(config.d_model, d_mlp))
+        self.b_1 = nn.Parameter(torch.zeros(d_mlp))
+        self.W_2 = nn.Parameter(torch.empty(d_mlp, config.d_model))
         self.b_2 = nn.Parameter(torch.zeros(config.d_model))
 
     def forward(self, X: Tensor) -> Tensor:
@@ -219,7 +265,7 @@ class DecoderBlock(nn.Module):
         return X
 
 
-class GPT2Decoder(nn.Module):
+class GPT2Decoder(_TokenModel):
     """GPT-2-style decoder of the Hessian experiments (MATH §3.7); see the module docstring for parameter names.
 
     Args:
@@ -232,12 +278,10 @@ class GPT2Decoder(nn.Module):
     """
 
     def __init__(self, config: GPT2Config, *, generator: torch.Generator | None = None) -> None:
-        super().__init__()
         if not isinstance(config, GPT2Config):
             raise EnergyInputError(f"`config` must be a GPT2Config, got {type(config).__name__}.")
+        super().__init__(config.vocab, config.seq_len, config.d_model)
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab, config.d_model)
-        self.position_embedding = nn.Embedding(config.seq_len, config.d_model)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(config.d_model) if config.layernorm == "pre" else None
         self.W_U = nn.Parameter(torch.empty(config.d_model, config.vocab))
@@ -246,26 +290,14 @@ class GPT2Decoder(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """GPT-2 initialisation: every weight matrix and embedding ``~ N(0, init_std²)``, biases 0, LayerNorm (1, 0)."""
+        std = _resolved(self.config.init_std, "init_std")
         for name, p in self.named_parameters():
             if name.endswith(("b_1", "b_2", "b_U")):
                 nn.init.zeros_(p)
             elif ".ln_" in name or name.startswith("ln_f"):
                 nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
             else:
-                _normal_(p, self.config.init_std, generator)
-
-    def set_embedding_scale(self, sigma: float, generator: torch.Generator | None = None) -> None:
-        r"""Redraw the token and position embeddings i.i.d. :math:`N(0, \sigma^2)` (the σ sweep of MATH §3.7).
-
-        All other weights are left as they are. The token table is drawn first, then the position table.
-        """
-        _redraw_embeddings(self, sigma, generator)
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        """``X = E[tokens] + P[:n]``, shape ``(..., n, d_model)``."""
-        _check_token_ids(tokens, self.config.vocab, self.config.seq_len)
-        n = tokens.shape[-1]
-        return self.token_embedding(tokens) + self.position_embedding.weight[:n]
+                _normal_(p, std, generator)
 
     def forward_embeddings(self, X: Tensor) -> Tensor:
         """Logits ``(..., n, vocab)`` from an embedded sequence ``X (..., n, d_model)``: blocks, ``LN_f``, then
@@ -274,12 +306,8 @@ class GPT2Decoder(nn.Module):
             X = block(X)
         return _ln(self.ln_f, X) @ self.W_U + self.b_U
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits ``(..., n, vocab)`` of the token ids ``(..., n)``."""
-        return self.forward_embeddings(self.embed(tokens))
 
-
-class MLPBaseline(nn.Module):
+class MLPBaseline(_TokenModel):
     r"""Deep MLP baseline of MATH §3.6/§3.7, applied to every position separately.
 
     .. math:: X_0 = E[\text{tokens}] + P,\qquad X_k = \phi(X_{k-1} W_k^\top),\qquad \text{logits} = X_L
@@ -311,30 +339,18 @@ class MLPBaseline(nn.Module):
         init_std: float | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
         for name, v in (("d_model", d_model), ("n_layers", n_layers), ("vocab", vocab), ("seq_len", seq_len)):
             _positive_int(v, name)
         d_hidden = d_model if d_hidden is None else _positive_int(d_hidden, "d_hidden")
         if activation not in (None, "relu"):
             raise EnergyInputError(f"`activation` must be None (linear) or 'relu', got {activation!r}.")
+        super().__init__(vocab, seq_len, d_model)
         self.activation = activation
-        self.vocab, self.seq_len = vocab, seq_len
         self.init_std = 0.8 / math.sqrt(d_model) if init_std is None else float(init_std)
-        self.token_embedding = nn.Embedding(vocab, d_model)
-        self.position_embedding = nn.Embedding(seq_len, d_model)
         widths = [d_model] + [d_hidden] * (n_layers - 1) + [vocab]
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths[:-1], widths[1:]))
         for p in self.parameters():
             _normal_(p, self.init_std, generator)
-
-    def set_embedding_scale(self, sigma: float, generator: torch.Generator | None = None) -> None:
-        """Redraw token and position embeddings i.i.d. ``N(0, σ²)`` (as :meth:`GPT2Decoder.set_embedding_scale`)."""
-        _redraw_embeddings(self, sigma, generator)
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        """``X = E[tokens] + P[:n]``."""
-        _check_token_ids(tokens, self.vocab, self.seq_len)
-        return self.token_embedding(tokens) + self.position_embedding.weight[: tokens.shape[-1]]
 
     def forward_embeddings(self, X: Tensor) -> Tensor:
         """Outputs ``(..., n, vocab)`` of real-valued inputs ``X (..., n, d_model)``."""
@@ -344,9 +360,6 @@ class MLPBaseline(nn.Module):
             if self.activation == "relu" and i < last:
                 X = torch.relu(X)
         return X
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.forward_embeddings(self.embed(tokens))
 
 
 class StandardEncoderClassifier(nn.Module):
@@ -392,7 +405,7 @@ class StandardEncoderClassifier(nn.Module):
 
     def forward(self, X: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Class logits ``(B, n_classes)`` of sequences ``X (B, n, d_in)``; ``lengths (B,)`` marks padding."""
-        check_tensor(X, "X", ndim=3, trailing=(None, self.d_in), finite=not _is_traced(X))
+        check_tensor(X, "X", ndim=3, trailing=(None, self.d_in), finite=False)  # metadata only: transform-safe
         n = X.shape[1]
         H = self.input_proj(X)
         if self.position_embedding is not None:
@@ -413,7 +426,7 @@ class StandardEncoderClassifier(nn.Module):
 
 
 def standard_encoder(
-    d: int, n_layers: int, n_heads: int, n_classes: int = 2, **kwargs: object
+    d: int, n_layers: int, n_heads: int, n_classes: int = 2, **kwargs: Any
 ) -> StandardEncoderClassifier:
     """A stack of ``torch.nn.TransformerEncoderLayer`` with a mean-pooling classification head.
 
@@ -421,5 +434,5 @@ def standard_encoder(
     Keyword arguments go to :class:`StandardEncoderClassifier` (``d_in``, ``d_ff``, ``n_positions``,
     ``norm_first``, ``dropout``).
     """
-    return StandardEncoderClassifier(d, n_layers, n_heads, n_classes, **kwargs)  # type: ignore[arg-type]
+    return StandardEncoderClassifier(d, n_layers, n_heads, n_classes, **kwargs)
 

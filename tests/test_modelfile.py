@@ -22,7 +22,7 @@ from unfold.modelfile import (
 )
 from unfold.presets import yang2022
 from unfold.standard import standard_encoder
-from unfold.training import load_checkpoint, save_checkpoint, train
+from unfold.train import load_checkpoint, save_checkpoint, train
 
 DT = torch.float64
 

@@ -19,7 +19,7 @@ from unfold.data import (
     synthetic_sequence_classification,
 )
 from unfold.standard import GPT2Config, GPT2Decoder, standard_encoder
-from unfold.training import (
+from unfold.train import (
     CheckpointError,
     accuracy,
     evaluate,
@@ -267,18 +267,12 @@ def test_resume_of_a_parametrized_unfolded_model(tmp_path):
     assert _same(_state(resumed), _state(reference))
 
 
-def test_module_is_reachable_although_unfold_train_is_the_function():
-    """``unfold.train`` is the training function; the module is ``unfold.training``, and the former module path
-    ``unfold.train`` re-exports the same objects (code written before the rename keeps working)."""
+def test_unfold_train_is_the_module_and_train_its_loop():
+    """``import unfold.train`` and the attribute ``unfold.train`` name the same module (no function shadows it)."""
     import importlib
-    import sys
 
     import unfold
-    import unfold.training as training
 
-    assert callable(unfold.train) and unfold.train is training.train
-    assert training.__name__ == "unfold.training"
-    legacy = importlib.import_module("unfold.train")
-    assert sys.modules["unfold.train"] is legacy
-    for name in legacy.__all__:
-        assert getattr(legacy, name) is getattr(training, name)
+    module = importlib.import_module("unfold.train")
+    assert unfold.train is module and module.__name__ == "unfold.train"
+    assert callable(module.train) and "train" in module.__all__

@@ -6,7 +6,7 @@ Examples::
     python -m unfold trace --model runs/m.pt --task digits --plot runs/trace.png
     python -m unfold trace --preset yang2022 --d 16 --depth 6 --task synthetic --json trace.json
 
-``train`` uses :func:`unfold.training.train` (seeded; with ``--checkpoint`` it saves every ``--checkpoint-every`` steps
+``train`` uses :func:`unfold.train.train` (seeded; with ``--checkpoint`` it saves every ``--checkpoint-every`` steps
 and resumes from an existing checkpoint of the same run) and writes the trained model with
 :func:`unfold.unroller.save_model` (``--save``). ``trace`` loads such a model (or builds a fresh preset), runs the
 forward pass with ``trace=True`` on test inputs of the task and prints the mean of every energy term at every state
@@ -29,7 +29,7 @@ from energy._validation import EnergyInputError
 from unfold.constraint_cost import TASKS, make_task
 from unfold.modelfile import CheckpointError, load_model, save_model
 from unfold.presets import UnrolledClassifier, energy_transformer_block, yang2022
-from unfold.training import evaluate, train
+from unfold.train import evaluate, train
 
 PRESETS = ("yang2022", "energy_transformer")
 

@@ -55,7 +55,7 @@ from unfold.data import (
 )
 from unfold.presets import parameter_count, yang2022
 from unfold.standard import standard_encoder
-from unfold.training import accuracy, evaluate, train
+from unfold.train import accuracy, evaluate, train
 from unfold.unroller import Unrolled
 
 __all__ = ["Task", "make_task", "TASKS", "build_model", "energy_trace_summary", "run", "main"]

@@ -9,7 +9,7 @@ A model file is a ``torch.save`` dict (read back with ``weights_only=True``)::
      "training": None | {"optimizer": {...}, "step": int, "rng_state": uint8 tensor, "history": [float], "meta": {}},
      "extra": {...}}                                         # free-form (task, seed, accuracy, …)
 
-:func:`save_model` writes a model (``training = None``); :func:`unfold.training.save_checkpoint` writes the same format
+:func:`save_model` writes a model (``training = None``); :func:`unfold.train.save_checkpoint` writes the same format
 with the training state (and, when the model has a registered builder, its builder and config, so
 :func:`load_model` opens a training checkpoint as well). Every write goes through :func:`energy._io.atomic_write`
 (fsync, normal file mode, atomic rename).
@@ -17,7 +17,7 @@ with the training state (and, when the model has a registered builder, its build
 Version history (:data:`VERSION`):
 
 * ``"unfold-model"`` version 1 — ``builder, config, state_dict, extra`` (models of :func:`save_model` only);
-* ``"unfold.train.checkpoint/1"`` — the training checkpoints of :mod:`unfold.training` (then ``unfold.train``)
+* ``"unfold.train.checkpoint/1"`` — the training checkpoints of :mod:`unfold.train` (then ``unfold.train``)
   before version 2: ``step, model, optimizer, rng_state, history, meta``;
 * ``"unfold-model"`` version 2 — one format for both: the fields above, ``builder`` / ``config`` optional,
   ``training`` optional.
@@ -279,7 +279,7 @@ def read_model_file(path: str | os.PathLike[str], *, training: bool = False) -> 
     """Read, validate and migrate a model file to a version-2 dict (see the module docstring).
 
     Args:
-        path: a file written by :func:`save_model`, :func:`unfold.training.save_checkpoint`, or an older version.
+        path: a file written by :func:`save_model`, :func:`unfold.train.save_checkpoint`, or an older version.
         training: require the training state (a checkpoint to resume from).
 
     Raises:
@@ -324,7 +324,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, extra: dict[st
     builder, config = builder_of(model)
     if builder is None:
         raise EnergyInputError(f"cannot save a {type(model).__name__}: no builder registered (known: "
-                               f"{sorted(_BUILDERS)}); save it with unfold.training.save_checkpoint instead.")
+                               f"{sorted(_BUILDERS)}); save it with unfold.train.save_checkpoint instead.")
     return write_model_file(path, model.state_dict(), builder=builder, config=config, extra=extra)
 
 
@@ -336,7 +336,7 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     name = payload["builder"]
     if name is None:
         raise CheckpointError(f"{where} records no builder (a training checkpoint of a model unfold cannot rebuild); "
-                              "build the model yourself and load it with unfold.training.load_checkpoint(path, model).")
+                              "build the model yourself and load it with unfold.train.load_checkpoint(path, model).")
     builder = _BUILDERS.get(name)
     if builder is None:
         raise CheckpointError(f"{where} holds a {name!r}; known builders: {sorted(_BUILDERS)}.")

@@ -158,7 +158,7 @@ class AdditionDataset:
     Each batch is carry-rich (see :func:`addition_batch`) with probability ``carry_rich_fraction``, decided by the same
     generator. MATH §3.7 says only that *some* batches are carry-rich; the default of one half is this project's
     choice. Every call of ``iter()`` restarts the stream from ``seed``, so two iterations yield identical batches
-    (the training loop relies on this to resume a run exactly, see :func:`unfold.training.train`).
+    (the training loop relies on this to resume a run exactly, see :func:`unfold.train.train`).
 
     >>> ds = AdditionDataset(4, seed=0)
     >>> a, b = next(iter(ds)), next(iter(ds))

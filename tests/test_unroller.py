@@ -182,6 +182,61 @@ def test_step_modules_and_alphas_in_schedule(gen):
     assert [float(getattr(s, "alpha", torch.tensor(-1.0))) for s in model2.layer(0)][:2] == [0.25, 0.25]
 
 
+
+def test_nn_module_apply_initialises_every_unfolded_model(gen):
+    """``nn.Module.apply(fn)`` (the standard weight-initialisation idiom) works on an unfolded model: the steps' own
+    method is ``forward_prepared``, not ``apply``; the re-initialised model's trace still ends at the plain forward."""
+    import unfold
+
+    model = unfold.yang2022(d=8, depth=2).double()
+    seen: list[torch.nn.Module] = []
+
+    def init_fn(module: torch.nn.Module) -> None:
+        seen.append(module)
+        if isinstance(module, AttentionStep):
+            with torch.no_grad():
+                module.M.copy_(0.3 * torch.randn(module.M.shape, generator=gen, dtype=DT))
+
+    assert model.apply(init_fn) is model
+    assert any(isinstance(m, AttentionStep) for m in seen) and any(isinstance(m, FFNStep) for m in seen)
+    Y = _Y(gen, 2, 5, 8)
+    out, info = model(Y, trace=True)
+    torch.testing.assert_close(out, model(Y), rtol=0, atol=0)
+    torch.testing.assert_close(info["states"][-1], out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trace", ["step", "layer"])
+@pytest.mark.parametrize("schedule", [["hopfield"], ["energy_transformer"], ["attention", "layernorm"]])
+def test_trace_under_torch_func_transforms_equals_eager(schedule, trace, gen):
+    """The traced forward reads no tensor value back to Python: ``torch.func.grad`` of the traced total energy equals
+    the eager autograd gradient, and ``jvp`` of the states and energies equals central differences (the other
+    schedules and ``vmap`` join once every step is pure, issue #8)."""
+    torch.manual_seed(12)
+    model = unroll(schedule, depth=2, d=6, tied=False).double()
+    Y, V = _Y(gen, 2, 4, 6), _Y(gen, 2, 4, 6)
+
+    def run(Yb):
+        out, info = model(Yb, trace=trace)
+        return out, torch.stack(info["states"]), info["energies"]["total"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", StepSizeWarning)  # the ET has no guaranteed step size
+        out, states, total = run(Y)
+        torch.testing.assert_close(out, model(Y), rtol=0, atol=0)
+        g = torch.func.grad(lambda y: run(y)[2].sum())(Y)
+        Yr = Y.clone().requires_grad_(True)
+        (g_eager,) = torch.autograd.grad(run(Yr)[2].sum(), Yr)
+        torch.testing.assert_close(g, g_eager, **TOL)
+        if schedule[0] == "attention":  # the fused attention step writes the key bias in place (not jvp-safe yet)
+            return
+        primal, tangent = torch.func.jvp(run, (Y,), (V,))
+        for a, b in zip(primal, (out, states, total)):
+            torch.testing.assert_close(a, b, **TOL)
+        eps = 1e-6
+        plus, minus = run(Y + eps * V), run(Y - eps * V)
+        for t, p, m in zip(tangent, plus, minus):
+            torch.testing.assert_close(t, (p - m) / (2 * eps), rtol=1e-5, atol=1e-6)
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 

@@ -27,7 +27,7 @@ states the paper's figures plot). With ``T = depth · S``:
 
 Cost of the energies. Each energy is built once per forward pass from the constrained weights (one evaluation of each
 parametrisation, the same object that makes the step, hence the same metric in the energy and the step). A step that
-acts on a recorded state returns its own term at that state in passing (:meth:`unfold.steps.Step.apply_and_energy`):
+acts on a recorded state returns its own term at that state in passing (:meth:`unfold.steps.Step.forward_prepared_and_energy`):
 the attention step gets ``E_att(Y)`` from the pairwise quantities it computes anyway (without autograd, on the fused
 path, from the attention kernel's row log-normalisers: no pairwise work at all). Every other (term, state) value is
 evaluated after the pass, in one batched call per term (and layer, if untied). For the Yang et al. schedule
@@ -225,14 +225,15 @@ class Unrolled(nn.Module):
             energies: ``False`` records the states only (``info["energies"]`` is empty); evaluate them later with
                 :meth:`trace_energies` (same numbers, with the weights of the time of that call).
         """
-        check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d))
+        # metadata only (type, rank, width): a forward reads no tensor value, so it runs under torch.func transforms
+        check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
         granularity = _trace_granularity(trace)
         prepared = [[s.prepare() for s in layer] for layer in self.layers]  # parametrisations evaluated once
         if granularity is None:
             for ell in range(self.depth):
                 li = 0 if self.tied else ell
                 for step, prep in zip(self.layers[li], prepared[li]):
-                    Y = step.apply(prep, Y)
+                    Y = step.forward_prepared(prep, Y)
             return Y
         S = len(self.step_kinds)
         states, ts = [Y], [0]
@@ -244,11 +245,11 @@ class Unrolled(nn.Module):
                 name = self.term_names[j]
                 on_record = energies and ts[-1] == t  # the step acts on the last recorded state
                 if on_record and name is not None:  # its own term at that state, in passing
-                    Y, E = step.apply_and_energy(prep, Y)
+                    Y, E = step.forward_prepared_and_energy(prep, Y)
                     if E is not None:
                         values[(name, len(states) - 1)] = E
                 else:
-                    Y = step.apply(prep, Y)
+                    Y = step.forward_prepared(prep, Y)
                 if on_record:  # the remaining terms there, while that state is still in cache
                     self._evaluate_missing(states, li, prepared, values, len(states) - 1)
                 t += 1

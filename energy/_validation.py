@@ -253,9 +253,12 @@ def default_tolerance(W: Tensor) -> float:
 
 
 def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tensor:
-    """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric."""
+    """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric (a value
+    check: skipped where a tracing transform makes the values unreadable, see :func:`value_holds`)."""
     if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
         raise EnergyInputError(f"`{name}` must be square in its last two dimensions, got {tuple(W.shape)}.")
+    if not is_readable(W):  # a value check: skipped, by design, where a tracing transform hides the values
+        return W
     tol = default_tolerance(W) if atol is None else atol
     Wd = W.detach()  # a check, not part of any graph
     asym = float((Wd - Wd.transpose(-1, -2)).abs().max()) if W.numel() else 0.0
@@ -271,6 +274,8 @@ def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tenso
 def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | None = None) -> Tensor:
     """Raise :class:`ConstraintError` unless ``W`` is symmetric positive semi-definite (definite if asked)."""
     check_symmetric(W, name, atol=atol)
+    if not is_readable(W):
+        return W
     tol = default_tolerance(W) if atol is None else atol
     lam_min = float(torch.linalg.eigvalsh(W.detach()).min())
     if strict_pd and lam_min <= tol:

@@ -87,6 +87,7 @@ from energy._validation import (
     check_psd,
     check_scale,
     check_tensor,
+    is_readable,
 )
 from energy.base import Energy, StepRange
 from energy.core import attention as core
@@ -277,7 +278,9 @@ class _PairwiseAttention(Energy):
                    token_mask: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
         """Validate once (inputs, preconditioner, step size) and resolve the step's value/output maps."""
         Y, token_mask = self._inputs(Y, token_mask)
-        self.step_range(preconditioner).check(alpha)
+        preconditioner = check_preconditioner(preconditioner)
+        if is_readable(self.M):  # the range needs the weights' values (unreadable under tracing transforms)
+            self.step_range(preconditioner).check(alpha)
         M3 = self._M3()
         values, out = core.value_output_maps(M3, self.scale, preconditioner, single=self.single)
         return Y, token_mask, M3, values, out

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -28,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from energy._validation import StepSizeWarning
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, key_bias
+from energy.core import attention as core
+from energy.core import related as core_related
+from energy.core.fused import fused_step
 from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
@@ -129,6 +130,15 @@ def _beta_mask(Y: Tensor, W: Tensor, heads: int = 1) -> Tensor:
     return beta.unsqueeze(-2).expand(B, heads, n, n).reshape(B * heads, n, n)
 
 
+def _attention_trial(E: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor, alpha: float,
+                     reference_err: Callable[[Tensor], float], preconditioner: str = "metric") -> _Trial:
+    """The step ``Y⁺`` against the autograd twin ``Y − α P⁻¹∇E`` and against a reference (``reference_err(Y⁺)``),
+    and whether ``E`` increased."""
+    Yp = E.step(Y, alpha, preconditioner=preconditioner)
+    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y), preconditioner=preconditioner)
+    return _Trial(_err(Yp, via_autograd), reference_err(Yp), _increased(E.energy(Yp), E.energy(Y)))
+
+
 # ---------------------------------------------------------------------------------------------------- cases
 
 
@@ -139,16 +149,14 @@ def _attention_a(g: torch.Generator) -> _Trial:
     k = d + _randint(g, 0, 2)  # k ≥ d: W ≻ 0, so the metric preconditioner (D ⊗ W)⁻¹ exists
     M, Y = _randn(g, d, k), _randn(g, B, n, d)
     E, alpha = AttentionEnergy(M), _uniform(g, 0.05, 1.95)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     Q = Y @ M
     sdpa = F.scaled_dot_product_attention(Q, Q, Y, attn_mask=_beta_mask(Y, E.W), scale=1 / math.sqrt(k))
     # nn.MultiheadAttention with one head of width d scales by 1/√d: tie W_Q = W_K = C with C Cᵀ = √d · W.
     C = torch.linalg.cholesky(math.sqrt(d) * E.W)
     eye = torch.eye(d, dtype=DTYPE)
     mha = _mha(d, 1, C, C, eye, eye)(Y, Y, Y, attn_mask=_beta_mask(Y, E.W), need_weights=False)[0]
-    ref_err = max(_err(Yp, (1 - alpha) * Y + alpha * sdpa), _err(Yp, (1 - alpha) * Y + alpha * mha))
-    return _Trial(_err(Yp, via_autograd), ref_err, _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: max(_err(Yp, (1 - alpha) * Y + alpha * sdpa),
+                                                        _err(Yp, (1 - alpha) * Y + alpha * mha)))
 
 
 @_case("attention-step-b", "Y(I − αW) + α·softmax_β(Y W Yᵀ) Y W  (Gaussian ρ, token preconditioner)",
@@ -159,12 +167,10 @@ def _attention_b(g: torch.Generator) -> _Trial:
     M, Y = _randn(g, d, k), _randn(g, B, n, d)
     E = AttentionEnergy(M)
     alpha = _uniform(g, 0.05, 1.95) / E.lambda_max_W()
-    Yp = E.step(Y, alpha, preconditioner="token")
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y), preconditioner="token")
     Q = Y @ M
     sdpa = F.scaled_dot_product_attention(Q, Q, Y @ E.W, attn_mask=_beta_mask(Y, E.W), scale=1 / math.sqrt(k))
     ref = Y @ (torch.eye(d, dtype=DTYPE) - alpha * E.W) + alpha * sdpa
-    return _Trial(_err(Yp, via_autograd), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: _err(Yp, ref), preconditioner="token")
 
 
 @_case("attention-ridge", "(1−α)Y + α·Σ_j γ_ij y_j / (λ + Σ_k γ_ik)  (ridge λ, null slot)",
@@ -175,8 +181,6 @@ def _attention_ridge(g: torch.Generator) -> _Trial:
     M, Y = _randn(g, d, k), _randn(g, B, n, d)
     lam = _uniform(g, 0.1, 3.0)
     E, alpha = AttentionEnergy(M, ridge=lam), _uniform(g, 0.05, 1.95)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     # γ_ij = exp(−½‖y_i‖²_W) · exp(y_iᵀ W y_j + β_j): the null slot's logit is log λ + ½‖y_i‖²_W, its value 0.
     Q = Y @ M
     half_norm = 0.5 * torch.einsum("bid,de,bie->bi", Y, E.W, Y)
@@ -185,7 +189,7 @@ def _attention_ridge(g: torch.Generator) -> _Trial:
     V = torch.cat([Y, torch.zeros(B, 1, d, dtype=DTYPE)], dim=1)
     null_slot = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=1 / math.sqrt(k))
     ref = (1 - alpha) * Y + alpha * null_slot
-    return _Trial(_err(Yp, via_autograd), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: _err(Yp, ref))
 
 
 @_case("attention-step-a-other-kernels", "(1−α)Y + α·D⁻¹ΓY with Cauchy / power (IRLS) weights γ_ij = ρ'(z_ij)",
@@ -197,12 +201,10 @@ def _attention_other_kernels(g: torch.Generator) -> _Trial:
     kernel = CauchyKernel() if _randint(g, 0, 1) else PowerKernel(_uniform(g, 0.5, 2.0), eps=_uniform(g, 0.1, 1.0))
     E = AttentionEnergy(M, kernel=kernel)
     alpha = _uniform(g, 0.05, 0.975) * E.step_range().high  # both kernels have Γ ⪰ 0: range (0, 2)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     diff = Y.unsqueeze(-2) - Y.unsqueeze(-3)  # (B, n, n, d): fine for a reference at these sizes
     Gamma = kernel.drho(0.5 * torch.einsum("bijd,de,bije->bij", diff, E.W, diff))
     ref = (1 - alpha) * Y + alpha * (Gamma / Gamma.sum(-1, keepdim=True)) @ Y
-    return _Trial(_err(Yp, via_autograd), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: _err(Yp, ref))
 
 
 def _orthogonal_heads(g: torch.Generator, d: int, h: int) -> Tensor:
@@ -222,15 +224,12 @@ def _multihead_orthogonal(g: torch.Generator) -> _Trial:
     d = h * k
     M, Y = _orthogonal_heads(g, d, h), _randn(g, B, n, d)
     E, alpha = MultiHeadAttentionEnergy(M), _uniform(g, 0.05, 1.95)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     U = torch.linalg.qr(M)[0]  # orthonormal bases U_h of range(M_h): P_h = U_h U_hᵀ
     stack = lambda T: torch.cat(list(T), dim=1)  # (h, d, k) → (d, h·k)
     mha = _mha(d, h, stack(M), stack(M), stack(U), stack(U).T)
     out = mha(Y, Y, Y, attn_mask=_beta_mask(Y, E.W, h), need_weights=False)[0]
     fused = attention_step_fused(Y, M, alpha)
-    ref_err = max(_err(Yp, (1 - alpha) * Y + alpha * out), _err(Yp, fused))
-    return _Trial(_err(Yp, via_autograd), ref_err, _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: max(_err(Yp, (1 - alpha) * Y + alpha * out), _err(Yp, fused)))
 
 
 @_case("attention-multihead-general", "Σ_h per-head steps, general (non-orthogonal) heads",
@@ -240,10 +239,12 @@ def _multihead_general(g: torch.Generator) -> _Trial:
     h, k = _randint(g, 2, 3), _randint(g, 1, d)
     M, Y = _randn(g, h, d, k), _randn(g, B, n, d)
     E, alpha = MultiHeadAttentionEnergy(M), _uniform(g, 0.05, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StepSizeWarning)  # no guaranteed range exists: that is the point
-        Yp = E.step(Y, alpha)
-        fused = attention_step_fused(Y, M, alpha)
+    # No guaranteed range exists (that is the point): the public step would warn, so the pure core is compared,
+    # the einsum step against the fused one, with the value/output maps of MultiHeadAttentionEnergy.step.
+    kappa = core.kappa(None, k)
+    values, out = core.value_output_maps(M, kappa, "metric", single=False)
+    Yp = core.head_step(Y, M, kappa, E.kernel, 0.0, None, values, out, alpha)
+    fused = fused_step(Y, M, alpha, kappa, values, out)
     return _Trial(None, _err(Yp, fused), _increased(E.energy(Yp), E.energy(Y)))
 
 
@@ -339,9 +340,9 @@ def _energy_transformer(g: torch.Generator) -> _Trial:
     E = EnergyTransformerEnergy(0.5 * _randn(g, h, d, k), 0.5 * _randn(g, h, d, k), 0.5 * _randn(g, m, d),
                                 ln_bias=0.1 * _randn(g, d))
     x, alpha = _randn(g, B, n, d), 1e-3
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StepSizeWarning)
-        xp = E.step(x, alpha)
+    # No uniform range is known (MATH §2.2), so the public step would warn: the update is taken from the pure core.
+    G0 = core_related.et_normalize(x, E.ln_gamma, E.ln_bias, E.eps)
+    xp = x - alpha * core_related.et_grad_g(G0, E.W_Q, E.W_K, E.xi, E.beta, E.exclude_diagonal)
     G = E.normalize(x).detach().requires_grad_(True)
     (dG,) = torch.autograd.grad(E.energy_g(G).sum(), G)
     return _Trial(_err(xp, x - alpha * dG), None, _increased(E.energy(xp), E.energy(x)))

@@ -50,12 +50,13 @@ def augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tensor
     bias = torch.zeros(h, 3, w, dtype=M3.dtype, device=M3.device)
     bias[:, 0] = onehot  # the query's constant 1
     X = torch.addmm(bias.reshape(-1), Y.reshape(-1, d), factor.reshape(d, -1)).view(B, n, h, 3, w)
-    q, kt, v = X.unbind(3)
-    beta = torch.linalg.vector_norm(kt[..., :k], dim=-1).square().mul(-0.5)  # -½‖k_j‖² = β_j/κ
-    if torch.is_grad_enabled() and X.requires_grad:
-        kt = kt + beta.unsqueeze(-1) * onehot
-    else:  # no graph: write β into the zero column of the buffer (no copy of the keys)
-        kt[..., k] = beta
+    beta = torch.linalg.vector_norm(X[..., 1, :k], dim=-1).square().mul(-0.5)  # -½‖k_j‖² = β_j/κ
+    if torch.is_grad_enabled() and X.requires_grad:  # the norm saved a view of X: add β out of place
+        kt = X[..., 1, :] + beta.unsqueeze(-1) * onehot
+    else:  # no graph: write β into the keys' zero column of the buffer (no copy of the keys)
+        X[..., 1, k] = beta
+        kt = X[..., 1, :]
+    q, v = X[..., 0, :], X[..., 2, :]
     return q.transpose(1, 2), kt.transpose(1, 2), v.transpose(1, 2)
 
 

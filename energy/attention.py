@@ -197,7 +197,7 @@ class _PairwiseAttention(Energy):
 
     M: Tensor
 
-    def __init__(self, M: Tensor, *, ndim: int, kernel: Kernel | None, scale: float | None, ridge: float) -> None:
+    def __init__(self, M: Tensor, *, ndim: int, kernel: Kernel | None, scale: float | Tensor | None, ridge: float) -> None:
         super().__init__()
         M = check_M(M, ndim)
         self.kernel = check_kernel(kernel)
@@ -359,7 +359,7 @@ class AttentionEnergy(_PairwiseAttention):
     True
     """
 
-    def __init__(self, M: Tensor, *, kernel: Kernel | None = None, scale: float | None = None,
+    def __init__(self, M: Tensor, *, kernel: Kernel | None = None, scale: float | Tensor | None = None,
                  ridge: float = 0.0) -> None:
         super().__init__(M, ndim=2, kernel=kernel, scale=scale, ridge=ridge)
 
@@ -401,7 +401,7 @@ class MultiHeadAttentionEnergy(_PairwiseAttention):
         kernel, scale, ridge: as for :class:`AttentionEnergy` (``scale`` defaults to :math:`1/\sqrt{k}`).
     """
 
-    def __init__(self, M: Tensor, *, kernel: Kernel | None = None, scale: float | None = None,
+    def __init__(self, M: Tensor, *, kernel: Kernel | None = None, scale: float | Tensor | None = None,
                  ridge: float = 0.0) -> None:
         super().__init__(M, ndim=3, kernel=kernel, scale=scale, ridge=ridge)
 

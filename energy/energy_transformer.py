@@ -102,6 +102,11 @@ class EnergyTransformerEnergy(Energy):
         "threshold (continuous-time guarantee). Measure descent, e.g. with descent_rate",
     )
 
+    W_Q: Tensor
+    W_K: Tensor
+    xi: Tensor
+    ln_bias: Tensor | None
+
     def __init__(
         self,
         W_Q: Tensor,

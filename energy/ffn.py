@@ -101,6 +101,9 @@ class FFNEnergy(_GradientStepEnergy):
         allow_unbounded: accept ``W_f`` with ``λ_min(I + W_f) ≤ 0``.
     """
 
+    W_f: Tensor
+    b: Tensor
+
     def __init__(self, W_f: Tensor, b: Tensor, *, allow_unbounded: bool = False) -> None:
         super().__init__()
         check_tensor(W_f, "W_f", ndim=2)
@@ -183,6 +186,9 @@ class TiedReLUEnergy(_GradientStepEnergy):
         W_1: ``(d, m)`` (no symmetry needed: the tie is ``W_2 = α W_1ᵀ``).
         b: ``(m,)`` or ``None``.
     """
+
+    W_1: Tensor
+    b: Tensor | None
 
     def __init__(self, W_1: Tensor, b: Tensor | None = None) -> None:
         super().__init__()

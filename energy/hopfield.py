@@ -65,6 +65,8 @@ class HopfieldEnergy(Energy):
         0.0, 2.0, "MATH §2.1: CCCP majoriser ½‖ξ' − ξ⁺‖² + c; α = 1 is the Hopfield update, α ∈ (0, 2) descends"
     )
 
+    X: Tensor
+
     def __init__(self, X: Tensor, beta: float) -> None:
         super().__init__()
         check_tensor(X, "X", min_ndim=2)
@@ -80,7 +82,7 @@ class HopfieldEnergy(Energy):
 
     def _states(self, xi: object) -> Tensor:
         """States as ``(..., n_q, d)`` (a single state ``(d,)`` becomes ``(1, d)``)."""
-        check_tensor(xi, "xi", min_ndim=1, trailing=(self.d,))
+        xi = check_tensor(xi, "xi", min_ndim=1, trailing=(self.d,))
         if xi.dtype != self.X.dtype:
             raise EnergyInputError(
                 f"`xi` has dtype {xi.dtype} but the stored patterns `X` are {self.X.dtype}; cast one of them."

@@ -308,11 +308,12 @@ def _tied_relu(g: torch.Generator) -> _Trial:
     E, alpha = TiedReLUEnergy(W_1, b), _uniform(g, 0.05, 3.0)
     Y = _randn(g, B, n, d)
     Yp = E.step(Y, alpha)
-    net = nn.Sequential(nn.Linear(d, m, dtype=DTYPE), nn.ReLU(), nn.Linear(m, d, bias=False, dtype=DTYPE))
+    first, second = nn.Linear(d, m, dtype=DTYPE), nn.Linear(m, d, bias=False, dtype=DTYPE)
+    net = nn.Sequential(first, nn.ReLU(), second)
     with torch.no_grad():
-        net[0].weight.copy_(W_1.T)
-        net[0].bias.copy_(b)
-        net[2].weight.copy_(alpha * W_1)
+        first.weight.copy_(W_1.T)
+        first.bias.copy_(b)
+        second.weight.copy_(alpha * W_1)
     ref = (Y + net(Y)).detach()
     return _Trial(_err(Yp, Y - alpha * E.autograd_grad(Y)), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad, hessian, jvp, linearize, vjp, vmap
 

@@ -304,7 +304,7 @@ class AttentionStep(Step):
         """Whether the fused SDPA path computes this step (Gaussian kernel, no ridge)."""
         return self.fused and self.kernel.name == "gaussian"
 
-    def build(self) -> Energy:
+    def build(self) -> AttentionEnergy | MultiHeadAttentionEnergy:
         M = self.M
         if self.heads == 1:
             return AttentionEnergy(M[0], kernel=self.kernel, scale=self.scale)
@@ -394,6 +394,7 @@ class FFNStep(Step):
         std = 1.0 / math.sqrt(d) if init_std is None else float(init_std)
         A = torch.randn(d, d) * std
         A = 0.5 * (A + A.T)
+        constraint: nn.Module
         if self.spectrum is not None:
             constraint = SpectrumClip(*self.spectrum)
             A = constraint(A)  # a valid starting value (right_inverse checks it)
@@ -410,7 +411,7 @@ class FFNStep(Step):
         return {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
                 "bias": self.bias, "init_std": self.init_std}
 
-    def build(self) -> Energy:
+    def build(self) -> FFNEnergy:
         return FFNEnergy(self.W_f, self.b)
 
     def guaranteed_range(self) -> StepRange | None:
@@ -461,7 +462,7 @@ class TiedReLUFFNStep(Step):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hidden": self.hidden, "bias": self.has_bias}
 
-    def build(self) -> Energy:
+    def build(self) -> TiedReLUEnergy:
         return TiedReLUEnergy(self.W_1, self.b)
 
     def guaranteed_range(self) -> StepRange:
@@ -578,7 +579,7 @@ class HopfieldStep(Step):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "patterns": self.patterns, "beta": self.beta}
 
-    def build(self) -> Energy:
+    def build(self) -> HopfieldEnergy:
         return HopfieldEnergy(self.X, self.beta)
 
     def guaranteed_range(self) -> StepRange:
@@ -628,7 +629,7 @@ class EnergyTransformerStep(Step):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "heads": self.heads, "k": self.k, "memories": self.memories, "beta": self.beta}
 
-    def build(self) -> Energy:
+    def build(self) -> EnergyTransformerEnergy:
         return EnergyTransformerEnergy(self.W_Q, self.W_K, self.xi, beta=self.beta)
 
     def guaranteed_range(self) -> StepRange:

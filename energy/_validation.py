@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ __all__ = [
     "check_scale",
     "check_same_float_dtype",
     "check_tokens",
+    "check_options",
     "check_real",
     "check_symmetric",
     "check_psd",
@@ -222,6 +223,14 @@ def check_real(value: object, name: str, *, positive: bool = False, what: str = 
         bound = "> 0" if positive else "≥ 0"
         raise EnergyInputError(f"`{name}` {what + ' ' if what else ''}must be a finite number {bound}, got {value!r}.")
     return float(value)  # type: ignore[arg-type]
+
+
+def check_options(options: Mapping[str, object], allowed: Iterable[str], function: str) -> None:
+    """Raise ``TypeError`` (as Python does for an unknown keyword) if ``options`` has a key outside ``allowed``."""
+    allowed = list(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword argument(s) {unknown}; its options are {allowed}.")
 
 
 def check_tokens(Y: object, d: int, dtype: torch.dtype, name: str = "Y") -> Tensor:

@@ -197,7 +197,8 @@ class _PairwiseAttention(Energy):
 
     M: Tensor
 
-    def __init__(self, M: Tensor, *, ndim: int, kernel: Kernel | None, scale: float | Tensor | None, ridge: float) -> None:
+    def __init__(self, M: Tensor, *, ndim: int, kernel: Kernel | None, scale: float | Tensor | None,
+                 ridge: float) -> None:
         super().__init__()
         M = check_M(M, ndim)
         self.kernel = check_kernel(kernel)

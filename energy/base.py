@@ -16,7 +16,7 @@ subclass narrows to the options it has.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -72,9 +72,14 @@ class Energy(torch.nn.Module):
         """The preconditioned descent step ``Y − α P⁻¹∇E(Y)``."""
         raise NotImplementedError
 
-    def step_range(self, *args: Any, **options: Any) -> StepRange:  # pragma: no cover - abstract
-        """The step sizes for which :meth:`step` is guaranteed to descend."""
-        raise NotImplementedError
+    #: the guaranteed range of energies whose range is a constant (``step_range()`` returns it)
+    RANGE: ClassVar[StepRange | None] = None
+
+    def step_range(self, *args: Any, **options: Any) -> StepRange:
+        """The step sizes for which :meth:`step` is guaranteed to descend (default: the constant ``RANGE``)."""
+        if self.RANGE is None:  # pragma: no cover - abstract
+            raise NotImplementedError
+        return self.RANGE
 
     def forward(self, Y: Tensor, *args: Any, **options: Any) -> Tensor:
         return self.energy(Y, *args, **options)

@@ -258,10 +258,6 @@ class EnergyTransformerEnergy(Energy):
         D = self._grad_g(self._normalize(x))
         return (D * core_norm.layernorm_jacobian_vp(x, D, self.ln_gamma, self.eps)).sum(dim=(-2, -1))
 
-    def step_range(self) -> StepRange:
-        """Empty: only the continuous dynamics (α → 0) provably descend; finite steps are measured (MATH §2.2)."""
-        return self.RANGE
-
     def step(self, x: Tensor, alpha: float | Tensor = 0.1) -> Tensor:
         r"""``x − α ∂E/∂g`` evaluated at ``g = LN(x)`` (the Energy Transformer update; warns, see step_range)."""
         alpha = self.step_range().check(alpha)

@@ -15,6 +15,8 @@ Tokens are rows, ``Y ∈ R^{... × n × d}``; energies are returned per batch el
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -36,36 +38,30 @@ __all__ = ["FFNEnergy", "TiedReLUEnergy", "tied_relu_energy", "tied_relu_grad"]
 class _GradientStepEnergy(Energy):
     """An energy of tokens ``(..., n, d)`` whose step is the plain gradient step ``Y − α∇E(Y)`` (MATH §1.5).
 
-    Subclasses give the pure formulas (:meth:`_energy`, :meth:`_grad` from :mod:`energy.core.ffn`), the weight that
-    fixes ``d`` and the dtype (:meth:`_weight`) and :meth:`step_range`; the checks are made here, once per call.
+    Subclasses name their pure formulas (``FORMULAS = (energy, gradient)`` of :mod:`energy.core.ffn`, both called
+    as ``f(Y, W, b)``) and give :meth:`_weights` ``(W, b)`` (``W`` fixes ``d`` and the dtype) and their range; the
+    checks are made here, once per call.
     """
 
-    def _weight(self) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    FORMULAS: ClassVar[tuple[Callable[..., Tensor], Callable[..., Tensor]]]
 
-    def _energy(self, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _grad(self, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def step_range(self) -> StepRange:  # pragma: no cover - abstract
+    def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @property
     def d(self) -> int:
-        return self._weight().shape[0]
+        return self._weights()[0].shape[0]
 
     def _tokens(self, Y: Tensor) -> Tensor:
-        return check_tokens(Y, self.d, self._weight().dtype)
+        return check_tokens(Y, self.d, self._weights()[0].dtype)
 
     def energy(self, Y: Tensor) -> Tensor:
         """``E(Y)`` per batch element."""
-        return self._energy(self._tokens(Y))
+        return self.FORMULAS[0](self._tokens(Y), *self._weights())
 
     def grad(self, Y: Tensor) -> Tensor:
         """The closed-form gradient ``∇E(Y)``."""
-        return self._grad(self._tokens(Y))
+        return self.FORMULAS[1](self._tokens(Y), *self._weights())
 
     def step(self, Y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
         """``Y − α∇E(Y)``; warns (raises in strict mode) if ``α`` is outside :meth:`step_range`."""
@@ -101,6 +97,7 @@ class FFNEnergy(_GradientStepEnergy):
         allow_unbounded: accept ``W_f`` with ``λ_min(I + W_f) ≤ 0``.
     """
 
+    FORMULAS = (core.ffn_energy, core.ffn_grad)
     W_f: Tensor
     b: Tensor
 
@@ -122,14 +119,8 @@ class FFNEnergy(_GradientStepEnergy):
         self.register_buffer("W_f", W_f)
         self.register_buffer("b", b)
 
-    def _weight(self) -> Tensor:
-        return self.W_f
-
-    def _energy(self, Y: Tensor) -> Tensor:
-        return core.ffn_energy(Y, self.W_f, self.b)
-
-    def _grad(self, Y: Tensor) -> Tensor:
-        return core.ffn_grad(Y, self.W_f, self.b)
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_f, self.b
 
     def step_range(self) -> StepRange:
         """``(0, 2/λ_max(I + W_f))`` (``(0, ∞)`` if ``λ_max ≤ 0``): exact for a quadratic."""
@@ -187,6 +178,8 @@ class TiedReLUEnergy(_GradientStepEnergy):
         b: ``(m,)`` or ``None``.
     """
 
+    FORMULAS = (core.tied_relu_energy, core.tied_relu_grad)
+    RANGE = StepRange(0.0, math.inf, "MATH §1.3: concave C¹ energy, E(Y⁺) ≤ E(Y) − α‖∇E‖² for every α > 0")
     W_1: Tensor
     b: Tensor | None
 
@@ -199,14 +192,5 @@ class TiedReLUEnergy(_GradientStepEnergy):
         self.register_buffer("W_1", W_1)
         self.register_buffer("b", b)
 
-    def _weight(self) -> Tensor:
-        return self.W_1
-
-    def _energy(self, Y: Tensor) -> Tensor:
-        return core.tied_relu_energy(Y, self.W_1, self.b)
-
-    def _grad(self, Y: Tensor) -> Tensor:
-        return core.tied_relu_grad(Y, self.W_1, self.b)
-
-    def step_range(self) -> StepRange:
-        return StepRange(0.0, math.inf, "MATH §1.3: concave C¹ energy, E(Y⁺) ≤ E(Y) − α‖∇E‖² for every α > 0")
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_1, self.b

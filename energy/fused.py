@@ -9,31 +9,50 @@ pure core, which step modules and models call directly.
 from __future__ import annotations
 
 import warnings
+from typing import TypedDict
 
 from torch import Tensor
+from typing_extensions import Unpack
 
 from energy._attention_args import check_preconditioner, check_token_mask, check_Y, heads_orthogonal, lambda_max
-from energy._validation import EnergyInputError, check_same_float_dtype, check_scale, check_tensor, is_readable
+from energy._validation import (
+    EnergyInputError,
+    check_options,
+    check_same_float_dtype,
+    check_scale,
+    check_tensor,
+    is_readable,
+)
 from energy.core import attention as core
 from energy.core.fused import fused_step, fused_step_and_energy
 from energy.core.preconditioner import Preconditioner
 from energy.kernels import GaussianKernel
 from energy.step_range import attention_step_range
 
-__all__ = ["attention_step_fused", "attention_step_fused_and_energy"]
+__all__ = ["attention_step_fused", "attention_step_fused_and_energy", "FusedStepOptions"]
 
 _Args = tuple[Tensor, Tensor, "float | Tensor", "float | Tensor", "Tensor | None", "Tensor | None", "Tensor | None"]
 
 
-def _prepare(Y: object, M: object, alpha: float | Tensor, scale: float | Tensor | None,
-             preconditioner: Preconditioner | str, token_mask: object, value_basis: object) -> _Args:
+class FusedStepOptions(TypedDict, total=False):
+    """The keyword options of :func:`attention_step_fused` and :func:`attention_step_fused_and_energy`."""
+
+    scale: float | Tensor | None
+    preconditioner: Preconditioner | str
+    token_mask: Tensor | None
+    value_basis: Tensor | None
+
+
+def _prepare(Y: object, M: object, alpha: float | Tensor, options: FusedStepOptions) -> _Args:
     """Validate once; returns the core's arguments ``(Y, M3, alpha, κ, values, out, token_mask)``."""
+    check_options(options, FusedStepOptions.__annotations__, "attention_step_fused")
+    scale, token_mask, value_basis = options.get("scale"), options.get("token_mask"), options.get("value_basis")
     M = check_tensor(M, "M")
     if M.ndim not in (2, 3):
         raise EnergyInputError(f"`M` must be (d, k) or (h, d, k), got shape {tuple(M.shape)}.")
     Y = check_Y(Y, M)
     mask = check_token_mask(token_mask, Y)
-    preconditioner = check_preconditioner(preconditioner)
+    preconditioner = check_preconditioner(options.get("preconditioner", "metric"))
     single = M.ndim == 2
     M3 = M.unsqueeze(0) if single else M
     h, d, k = M3.shape
@@ -55,11 +74,8 @@ def attention_step_fused(
     M: Tensor,
     alpha: float | Tensor = 1.0,
     *,
-    scale: float | Tensor | None = None,
-    preconditioner: Preconditioner | str = "metric",
-    token_mask: Tensor | None = None,
-    value_basis: Tensor | None = None,
     return_energy: bool = False,
+    **options: Unpack[FusedStepOptions],
 ) -> Tensor:
     r"""Gaussian-kernel attention step (λ = 0) through ``F.scaled_dot_product_attention`` (MATH §1.1, fused β).
 
@@ -93,23 +109,15 @@ def attention_step_fused(
         warnings.warn("attention_step_fused(..., return_energy=True) is deprecated; call "
                       "attention_step_fused_and_energy(...), which returns (Y⁺, E(Y)).", DeprecationWarning,
                       stacklevel=2)
-        return attention_step_fused_and_energy(  # type: ignore[return-value]
-            Y, M, alpha, scale=scale, preconditioner=preconditioner, token_mask=token_mask, value_basis=value_basis)
-    return fused_step(*_prepare(Y, M, alpha, scale, preconditioner, token_mask, value_basis))
+        return attention_step_fused_and_energy(Y, M, alpha, **options)  # type: ignore[return-value]
+    return fused_step(*_prepare(Y, M, alpha, options))
 
 
 def attention_step_fused_and_energy(
-    Y: Tensor,
-    M: Tensor,
-    alpha: float | Tensor = 1.0,
-    *,
-    scale: float | Tensor | None = None,
-    preconditioner: Preconditioner | str = "metric",
-    token_mask: Tensor | None = None,
-    value_basis: Tensor | None = None,
+    Y: Tensor, M: Tensor, alpha: float | Tensor = 1.0, **options: Unpack[FusedStepOptions]
 ) -> tuple[Tensor, Tensor]:
     r"""``(Y⁺, E(Y))``: :func:`attention_step_fused` and the energy at its input, :math:`E(Y) = \sum_h E_h(Y)`
     (shape ``Y.shape[:-2]``; MATH §1.1). Without autograd the energy comes from the attention kernel's row
     log-normalisers, :math:`D_{ii} = e^{\beta_i + \ell_i}`, at no pairwise cost; when autograd records it is
     evaluated explicitly (differentiable). Arguments as for :func:`attention_step_fused`."""
-    return fused_step_and_energy(*_prepare(Y, M, alpha, scale, preconditioner, token_mask, value_basis))
+    return fused_step_and_energy(*_prepare(Y, M, alpha, options))

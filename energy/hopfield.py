@@ -122,10 +122,6 @@ class HopfieldEnergy(Energy):
         r"""``∇E(ξ) = ξ − Xᵀ softmax(βXξ)``, for every state."""
         return xi - self.update(xi)
 
-    def step_range(self) -> StepRange:
-        """``(0, 2)``: the CCCP majoriser is an isotropic quadratic around ξ⁺ (MATH §2.1)."""
-        return self.RANGE
-
     def step(self, xi: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
         r"""``ξ − α∇E(ξ) = (1 − α)ξ + α Xᵀ softmax(βXξ)``; ``α = 1`` (default) is the CCCP/Hopfield update."""
         alpha = self.step_range().check(alpha)

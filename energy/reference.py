@@ -19,12 +19,20 @@ values unreadable; shape and dtype checks always run.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_scale, check_tensor, value_holds
+from energy._validation import (
+    EnergyInputError,
+    check_options,
+    check_same_float_dtype,
+    check_scale,
+    check_tensor,
+    value_holds,
+)
 from energy.core import ffn as core_ffn
 from energy.core import norm as core_norm
 from energy.core import standard as core
@@ -73,6 +81,18 @@ def _check_mask(mask: object, name: str, target: tuple[int, ...]) -> Tensor:
         raise EnergyInputError(f"`{name}` contains +inf or NaN; an additive mask may only contain finite values "
                                "and -inf (blocked).")
     return mask
+
+
+class AttentionOptions(TypedDict, total=False):
+    """The keyword options of :func:`multi_head_attention` and :func:`linear_attention` (all optional)."""
+
+    b_Q: Tensor | None
+    b_K: Tensor | None
+    b_V: Tensor | None
+    b_O: Tensor | None
+    scale: float | Tensor | None
+    mask: Tensor | None
+    causal: bool
 
 
 # ------------------------------------------------------------------------------------------------------- attention
@@ -198,13 +218,7 @@ def multi_head_attention(
     W_O: Tensor | None = None,
     *,
     num_heads: int,
-    b_Q: Tensor | None = None,
-    b_K: Tensor | None = None,
-    b_V: Tensor | None = None,
-    b_O: Tensor | None = None,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    causal: bool = False,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Multi-head (cross- or self-) attention, einsum form.
 
@@ -236,10 +250,7 @@ def multi_head_attention(
     Returns:
         ``(..., n_q, d_out)`` (or ``(..., n_q, H·d_v)`` without ``W_O``).
     """
-    _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
-    _check_scores_mask(mask, causal, x_q, x_kv)
-    return core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
-                                     b_O=b_O, scale=check_scale(scale), mask=mask, causal=causal)
+    return _attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, options, linear=False)
 
 
 def linear_attention(
@@ -251,13 +262,7 @@ def linear_attention(
     W_O: Tensor | None = None,
     *,
     num_heads: int = 1,
-    b_Q: Tensor | None = None,
-    b_K: Tensor | None = None,
-    b_V: Tensor | None = None,
-    b_O: Tensor | None = None,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    causal: bool = False,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Linear attention (no softmax), the variant of MATH §3.6, same arguments as :func:`multi_head_attention`.
 
@@ -266,10 +271,20 @@ def linear_attention(
     ``mask`` must be boolean here (``True`` = keep, blocked scores are set to 0): an additive ``-inf`` mask has no
     meaning without the exponential.
     """
+    return _attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, options, linear=True)
+
+
+def _attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None, num_heads: int,
+               options: AttentionOptions, *, linear: bool) -> Tensor:
+    """Validate once (shapes, dtypes, masks, κ), then the core's multi-head attention (softmax or linear)."""
+    check_options(options, AttentionOptions.__annotations__, "linear_attention" if linear else "multi_head_attention")
+    b_Q, b_K, b_V, b_O = options.get("b_Q"), options.get("b_K"), options.get("b_V"), options.get("b_O")
+    mask, causal = options.get("mask"), options.get("causal", False)
     _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
-    _check_scores_mask(mask, causal, x_q, x_kv, linear=True)
+    _check_scores_mask(mask, causal, x_q, x_kv, linear=linear)
     return core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
-                                     b_O=b_O, scale=check_scale(scale), mask=mask, causal=causal, linear=True)
+                                     b_O=b_O, scale=check_scale(options.get("scale")), mask=mask, causal=causal,
+                                     linear=linear)
 
 
 # ------------------------------------------------------------------------------------------- feed-forward and norms

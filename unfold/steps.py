@@ -358,7 +358,29 @@ class AttentionStep(Step):
 # ------------------------------------------------------------------------------------------------------------- FFN
 
 
-class FFNStep(Step):
+class _GradientStep(Step):
+    """A plain gradient step ``Y − α∇E(Y)`` (MATH §1.5) on an energy of :mod:`energy.ffn`, whose pure formulas are
+    the energy class's ``FORMULAS`` (called as ``f(Y, W, b)``); subclasses give ``ENERGY`` and :meth:`_weights`."""
+
+    ENERGY: ClassVar[type[FFNEnergy] | type[TiedReLUEnergy]]
+
+    def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self) -> Energy:
+        return self.ENERGY(*self._weights())  # type: ignore[arg-type]  # FFNEnergy's b is a tensor (a buffer)
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"weights": self._weights()}
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_ffn.descent_step(Y, self.ENERGY.FORMULAS[1](Y, *t["weights"]), self._alpha())
+
+    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return self.ENERGY.FORMULAS[0](Y, *t["weights"])
+
+
+class FFNStep(_GradientStep):
     r"""Gradient step on the feed-forward energy (MATH §1.3).
 
     .. math:: Y^+ = Y - \alpha\big(Y (I + W_f) - 1 b^\top\big) = (1-\alpha) Y - \alpha Y W_f + \alpha 1 b^\top
@@ -376,6 +398,7 @@ class FFNStep(Step):
 
     kind = "ffn"
     term = "E_ffn"
+    ENERGY = FFNEnergy
 
     def __init__(
         self,
@@ -411,8 +434,8 @@ class FFNStep(Step):
         return {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
                 "bias": self.bias, "init_std": self.init_std}
 
-    def build(self) -> FFNEnergy:
-        return FFNEnergy(self.W_f, self.b)
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_f, self.b
 
     def guaranteed_range(self) -> StepRange | None:
         """With ``spectrum=(lo, hi)``: :math:`\\lambda_{\\max}(I + W_f) \\le 1 + hi`, so ``(0, 2/(1 + hi))``
@@ -425,17 +448,9 @@ class FFNStep(Step):
         return StepRange(0.0, 2.0 / L, f"MATH §1.3: α < 2/λ_max(I + W_f), λ_max ≤ 1 + {self.spectrum[1]:g} by the "
                                        "spectrum constraint")
 
-    def _tensors(self) -> dict[str, Any]:
-        return {"W_f": self.W_f, "b": self.b}
-
-    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
-        return core_ffn.descent_step(Y, core_ffn.ffn_grad(Y, t["W_f"], t["b"]), self._alpha())
-
-    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
-        return core_ffn.ffn_energy(Y, t["W_f"], t["b"])
 
 
-class TiedReLUFFNStep(Step):
+class TiedReLUFFNStep(_GradientStep):
     r"""Residual two-matrix ReLU FFN with tied weights ``W_2 = α W_1ᵀ`` (MATH §1.3; Energy Transformer's ``E_hn``).
 
     .. math:: Y^+ = Y + \alpha\,\mathrm{ReLU}(Y W_1 + 1 b^\top)\, W_1^\top
@@ -450,6 +465,7 @@ class TiedReLUFFNStep(Step):
 
     kind = "tied_ffn"
     term = "E_hn"
+    ENERGY = TiedReLUEnergy
 
     def __init__(self, d: int, *, hidden: int | None = None, bias: bool = True, alpha: float = 1.0,
                  learn_alpha: bool = False) -> None:
@@ -462,20 +478,11 @@ class TiedReLUFFNStep(Step):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hidden": self.hidden, "bias": self.has_bias}
 
-    def build(self) -> TiedReLUEnergy:
-        return TiedReLUEnergy(self.W_1, self.b)
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_1, self.b
 
-    def guaranteed_range(self) -> StepRange:
-        return StepRange(0.0, math.inf, "MATH §1.3: concave C¹ energy, every α > 0 descends")
-
-    def _tensors(self) -> dict[str, Any]:
-        return {"W_1": self.W_1, "b": self.b}
-
-    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
-        return core_ffn.descent_step(Y, core_ffn.tied_relu_grad(Y, t["W_1"], t["b"]), self._alpha())
-
-    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
-        return core_ffn.tied_relu_energy(Y, t["W_1"], t["b"])
+    def guaranteed_range(self) -> StepRange | None:
+        return TiedReLUEnergy.RANGE
 
 
 # ------------------------------------------------------------------------------------------------------ projections
@@ -582,7 +589,7 @@ class HopfieldStep(Step):
     def build(self) -> HopfieldEnergy:
         return HopfieldEnergy(self.X, self.beta)
 
-    def guaranteed_range(self) -> StepRange:
+    def guaranteed_range(self) -> StepRange | None:
         return HopfieldEnergy.RANGE
 
     def _tensors(self) -> dict[str, Any]:
@@ -632,7 +639,7 @@ class EnergyTransformerStep(Step):
     def build(self) -> EnergyTransformerEnergy:
         return EnergyTransformerEnergy(self.W_Q, self.W_K, self.xi, beta=self.beta)
 
-    def guaranteed_range(self) -> StepRange:
+    def guaranteed_range(self) -> StepRange | None:
         return EnergyTransformerEnergy.RANGE
 
     def _tensors(self) -> dict[str, Any]:

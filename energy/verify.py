@@ -139,15 +139,20 @@ def _attention_trial(E: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor, a
     return _Trial(_err(Yp, via_autograd), reference_err(Yp), _increased(E.energy(Yp), E.energy(Y)))
 
 
+def _factor_problem(g: torch.Generator, width: Callable[[int], int]) -> tuple[int, int, int, int, Tensor, Tensor]:
+    """Shapes ``B, n, d`` (:func:`_shapes`), a factor ``M`` ``(d, k)`` with ``k = width(d)`` and tokens ``Y``."""
+    B, n, d = _shapes(g)
+    k = width(d)
+    return B, n, d, k, _randn(g, d, k), _randn(g, B, n, d)
+
+
 # ---------------------------------------------------------------------------------------------------- cases
 
 
 @_case("attention-step-a", "(1−α)Y + α·softmax_β(Y W Yᵀ) Y  (Gaussian ρ, metric preconditioner)",
        "SDPA and nn.MultiheadAttention (W_Q=W_K=M, W_V=W_O=I, β as attn_mask)")
 def _attention_a(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = d + _randint(g, 0, 2)  # k ≥ d: W ≻ 0, so the metric preconditioner (D ⊗ W)⁻¹ exists
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: d + _randint(g, 0, 2))  # k ≥ d: W ≻ 0, (D ⊗ W)⁻¹ exists
     E, alpha = AttentionEnergy(M), _uniform(g, 0.05, 1.95)
     Q = Y @ M
     sdpa = F.scaled_dot_product_attention(Q, Q, Y, attn_mask=_beta_mask(Y, E.W), scale=1 / math.sqrt(k))
@@ -162,9 +167,7 @@ def _attention_a(g: torch.Generator) -> _Trial:
 @_case("attention-step-b", "Y(I − αW) + α·softmax_β(Y W Yᵀ) Y W  (Gaussian ρ, token preconditioner)",
        "SDPA with values Y·W and skip path Y(I − αW)")
 def _attention_b(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = _randint(g, 1, d + 1)  # any rank: this step needs no W⁻¹
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: _randint(g, 1, d + 1))  # any rank: no W⁻¹ needed
     E = AttentionEnergy(M)
     alpha = _uniform(g, 0.05, 1.95) / E.lambda_max_W()
     Q = Y @ M
@@ -176,9 +179,7 @@ def _attention_b(g: torch.Generator) -> _Trial:
 @_case("attention-ridge", "(1−α)Y + α·Σ_j γ_ij y_j / (λ + Σ_k γ_ik)  (ridge λ, null slot)",
        "SDPA with an extra zero-value key (the null slot)")
 def _attention_ridge(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = d + 1
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: d + 1)
     lam = _uniform(g, 0.1, 3.0)
     E, alpha = AttentionEnergy(M, ridge=lam), _uniform(g, 0.05, 1.95)
     # γ_ij = exp(−½‖y_i‖²_W) · exp(y_iᵀ W y_j + β_j): the null slot's logit is log λ + ½‖y_i‖²_W, its value 0.
@@ -195,9 +196,7 @@ def _attention_ridge(g: torch.Generator) -> _Trial:
 @_case("attention-step-a-other-kernels", "(1−α)Y + α·D⁻¹ΓY with Cauchy / power (IRLS) weights γ_ij = ρ'(z_ij)",
        "brute-force pair loop over ‖y_i − y_j‖²_W (no Gram matrix)")
 def _attention_other_kernels(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = d + 1
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: d + 1)
     kernel = CauchyKernel() if _randint(g, 0, 1) else PowerKernel(_uniform(g, 0.5, 2.0), eps=_uniform(g, 0.1, 1.0))
     E = AttentionEnergy(M, kernel=kernel)
     alpha = _uniform(g, 0.05, 0.975) * E.step_range().high  # both kernels have Γ ⪰ 0: range (0, 2)

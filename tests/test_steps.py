@@ -62,9 +62,10 @@ def test_attention_step_fused_and_plain_equal_energy_step(gen, heads, k, prec, o
     (1, 4, "metric", False, "cauchy"), (2, 3, "token", True, "power"),
 ])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
-def test_attention_forward_prepared_and_energy_equals_step_and_energy_separately(gen, heads, k, prec, orth, kernel, grad):
+def test_attention_forward_prepared_and_energy_equals_step_and_energy(gen, heads, k, prec, orth, kernel, grad):
     """``forward_prepared_and_energy`` (fused: the kernel's log-normalisers; otherwise ``head_step_and_energy``)
-    equals ``(forward_prepared(Y), energy(Y))`` in float64; gradients flow through both outputs when autograd records."""
+    equals ``(forward_prepared(Y), energy(Y))`` in float64; gradients flow through both outputs when autograd
+    records."""
     torch.manual_seed(int(gen.initial_seed()))
     d = 7
     alpha = 0.05 if prec == "token" else 0.6

@@ -28,17 +28,14 @@ Each step class has a schedule name (``kind``) and, if it descends an energy, th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from energy import kernels
 from energy._attention_args import check_preconditioner
-from energy._validation import EnergyInputError, check_real, check_scale, check_tensor
+from energy._validation import EnergyInputError, check_real, check_scale
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.base import Energy, StepRange
 from energy.core import attention as core_att
@@ -52,6 +49,7 @@ from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.step_range import attention_step_range
 from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, Symmetric
+from unfold.step_base import Prepared, Step, make_kernel, positive_int
 
 __all__ = [
     "Prepared",
@@ -66,142 +64,6 @@ __all__ = [
     "EnergyTransformerStep",
     "make_kernel",
 ]
-
-
-def _positive_int(v: object, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise EnergyInputError(f"`{name}` must be a positive integer, got {v!r}.")
-    return v
-
-
-def make_kernel(kernel: str | kernels.Kernel, **kwargs: Any) -> kernels.Kernel:
-    """Kernel from a name (``"gaussian"``, ``"power"``, ``"cauchy"``); an :class:`energy.kernels.Kernel` passes."""
-    if not isinstance(kernel, str):
-        if not isinstance(kernel, kernels.Kernel):
-            raise EnergyInputError(f"`kernel` must be a name or an energy.kernels.Kernel, got {type(kernel).__name__}.")
-        return kernel
-    table: dict[str, Callable[..., kernels.Kernel]] = {
-        "gaussian": kernels.GaussianKernel, "power": kernels.PowerKernel, "cauchy": kernels.CauchyKernel}
-    if kernel not in table:
-        raise EnergyInputError(f"unknown kernel {kernel!r}; valid names: {sorted(table)}.")
-    return table[kernel](**kwargs)
-
-
-@dataclass
-class Prepared:
-    """What one forward pass needs from a step's weights: the tensors the pure core takes (the constrained weights
-    evaluated once, and any per-pass cache such as the heads' value bases), and how to build the energy object."""
-
-    tensors: dict[str, Any] = field(default_factory=dict)
-    builder: Callable[[], Energy | None] | None = None
-
-    @property
-    def energy(self) -> Energy | None:
-        """The validated energy object of the step's current weights (built on demand; for users and tests)."""
-        return None if self.builder is None else self.builder()
-
-
-class Step(nn.Module):
-    """Base class of the step modules (see the module docstring).
-
-    Subclasses implement :meth:`_tensors` (the weights the core needs), :meth:`_step` (the pure step) and, if they
-    descend an energy, :meth:`build` and :meth:`_energy_term`.
-    """
-
-    #: schedule name of the step (``"attention"``, ``"ffn"``, ...)
-    kind: ClassVar[str] = "step"
-    #: name of the energy term this step descends (``None`` for projections)
-    term: ClassVar[str | None] = None
-
-    alpha: Tensor
-    alpha_value: float
-
-    def __init__(self, d: int, *, alpha: float = 1.0, learn_alpha: bool = False) -> None:
-        super().__init__()
-        self.d = _positive_int(d, "d")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
-        self.alpha_value = float(alpha)  # the fixed step size as a Python number (forwards read no tensor)
-        if learn_alpha:
-            self.alpha = nn.Parameter(torch.tensor(float(alpha)))
-        else:  # part of the configuration (saved in config(), not in the state dict); float64 keeps it exact
-            self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float64), persistent=False)
-        self.learn_alpha = learn_alpha
-
-    # -- interface -------------------------------------------------------------------------------------------------
-    def build(self) -> Energy | None:
-        """The validated energy object made from the current (constrained) weights; ``None`` for projections."""
-        return None
-
-    def guaranteed_range(self) -> StepRange | None:
-        """The step sizes the step's *constraints* guarantee to descend, known without reading weight values
-        (``None``: the range depends on the weights' values; see :meth:`check_alpha`)."""
-        return None
-
-    def check_alpha(self) -> None:
-        """Check the current ``α`` against the built energy's exact ``step_range()`` (reads the weights; a public
-        call, never made inside a forward). Warns, or raises in ``strict_mode``."""
-        energy = self.build()
-        if energy is not None:
-            self._range_of(energy).check(self.alpha.detach() if self.learn_alpha else self.alpha_value,
-                                         f"{self.kind}.alpha")
-
-    def prepare(self) -> Prepared:
-        """Evaluate the parametrisations once for one forward pass; check a fixed ``α`` against
-        :meth:`guaranteed_range` (a Python comparison, no tensor read)."""
-        r = self.guaranteed_range()
-        if r is not None and not self.learn_alpha:
-            r.check(self.alpha_value, f"{self.kind}.alpha")
-        return Prepared(self._tensors(), self.build)
-
-    def forward_prepared(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        """The descent step at ``Y`` with the prepared weights (pure core; ``Y``'s metadata checked)."""
-        return self._step(prepared.tensors, self._check_Y(Y))
-
-    def forward_prepared_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The step and, if the step computes it in passing, its energy term at the input ``Y`` (else ``None``).
-
-        The unroller's traces call this at recorded states; steps that can return ``E(Y)`` almost for free (the
-        attention step: the same ``z`` / log-normalisers) override it.
-        """
-        return self.forward_prepared(prepared, Y), None
-
-    def energy_at(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        """This step's energy term at ``Y`` (a state the model produced itself: the pure core, no checks)."""
-        return self._energy_term(prepared.tensors, Y)
-
-    def forward(self, Y: Tensor) -> Tensor:
-        return self.forward_prepared(self.prepare(), Y)
-
-    @property
-    def energy(self) -> Energy | None:
-        """The energy this step descends, built from its current parameters (``None`` for a projection)."""
-        return self.build()
-
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this step (JSON-serialisable), without ``d``."""
-        alpha = float(self.alpha.detach()) if self.learn_alpha else self.alpha_value
-        return {"alpha": alpha, "learn_alpha": self.learn_alpha}
-
-    # -- for subclasses ---------------------------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, Any]:
-        return {}
-
-    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError(f"{type(self).__name__} has no energy term")
-
-    def _range_of(self, energy: Energy) -> StepRange:
-        return energy.step_range()
-
-    def _alpha(self) -> float | Tensor:
-        """``α`` as the core takes it: the learnable tensor, or the fixed Python float."""
-        return self.alpha if self.learn_alpha else self.alpha_value
-
-    def _check_Y(self, Y: Tensor) -> Tensor:
-        return check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
 
 
 # ------------------------------------------------------------------------------------------------------- attention
@@ -256,12 +118,12 @@ class AttentionStep(Step):
         init_std: float | None = None,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.heads = _positive_int(heads, "heads")
+        self.heads = positive_int(heads, "heads")
         if k is None:
             if d % heads:
                 raise EnergyInputError(f"`heads` = {heads} does not divide d = {d}; pass the per-head width `k`.")
             k = d // heads
-        self.k = _positive_int(k, "k")
+        self.k = positive_int(k, "k")
         self.preconditioner = check_preconditioner(preconditioner).value
         self.kernel_name = kernel if isinstance(kernel, str) else None
         self.kernel_kwargs = dict(kernel_kwargs or {})
@@ -470,7 +332,7 @@ class TiedReLUFFNStep(_GradientStep):
     def __init__(self, d: int, *, hidden: int | None = None, bias: bool = True, alpha: float = 1.0,
                  learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.hidden = _positive_int(hidden if hidden is not None else 2 * d, "hidden")
+        self.hidden = positive_int(hidden if hidden is not None else 2 * d, "hidden")
         self.W_1 = nn.Parameter(torch.randn(d, self.hidden) / math.sqrt(d * self.hidden))
         self.b = nn.Parameter(torch.zeros(self.hidden)) if bias else None
         self.has_bias = bool(bias)
@@ -493,7 +355,7 @@ class _Projection(Step):
 
     def __init__(self, d: int) -> None:
         nn.Module.__init__(self)
-        self.d = _positive_int(d, "d")
+        self.d = positive_int(d, "d")
         self.learn_alpha = False
 
     def config(self) -> dict[str, Any]:
@@ -579,7 +441,7 @@ class HopfieldStep(Step):
     def __init__(self, d: int, *, patterns: int = 16, beta: float = 1.0, alpha: float = 1.0,
                  learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.patterns = _positive_int(patterns, "patterns")
+        self.patterns = positive_int(patterns, "patterns")
         self.beta = float(beta)
         self.X = nn.Parameter(torch.randn(self.patterns, d) / math.sqrt(d))
 
@@ -624,9 +486,9 @@ class EnergyTransformerStep(Step):
     def __init__(self, d: int, *, heads: int = 1, k: int | None = None, memories: int | None = None,
                  beta: float | None = None, alpha: float = 0.1, learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.heads = _positive_int(heads, "heads")
-        self.k = _positive_int(k if k is not None else max(1, d // heads), "k")
-        self.memories = _positive_int(memories if memories is not None else 2 * d, "memories")
+        self.heads = positive_int(heads, "heads")
+        self.k = positive_int(k if k is not None else max(1, d // heads), "k")
+        self.memories = positive_int(memories if memories is not None else 2 * d, "memories")
         self.beta = 1.0 / math.sqrt(self.k) if beta is None else float(beta)
         std = 1.0 / math.sqrt(d)
         self.W_Q = nn.Parameter(torch.randn(self.heads, d, self.k) * std)

@@ -160,7 +160,7 @@ def _step_modules() -> dict[str, torch.nn.Module]:
 def _model_cases() -> dict[str, tuple[Callable[[Tensor], Tensor], Tensor]]:
     yang = _seeded(lambda: unfold.yang2022(d=D, depth=2, fused=False)).double()
     yang_ln = _seeded(lambda: unfold.yang2022(d=D, depth=2, heads=2, orthogonal_heads=True, fused=False,
-                                              normalization="layernorm", n_classes=3)).double()
+                                              normalization="layernorm", norm_eps=1e-5, n_classes=3)).double()
     unrolled = _seeded(lambda: unfold.unroll(["attention", "ffn", "relu"], depth=2, d=D, tied=False,
                                              attention={"heads": 2, "fused": False})).double()
     alpha_model = _seeded(lambda: unfold.unroll(["attention", "tied_ffn"], depth=2, d=D,

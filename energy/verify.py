@@ -139,6 +139,13 @@ def _attention_trial(E: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor, a
     return _Trial(_err(Yp, via_autograd), reference_err(Yp), _increased(E.energy(Yp), E.energy(Y)))
 
 
+def _head_shapes(g: torch.Generator) -> tuple[int, int, int, int, int]:
+    """Batch, tokens, heads ``h``, head width ``k`` and ``d = h·k`` of a multi-head case."""
+    B, n = _randint(g, 2, 3), _randint(g, 3, 9)
+    h, k = _randint(g, 2, 3), _randint(g, 1, 3)
+    return B, n, h, k, h * k
+
+
 def _factor_problem(g: torch.Generator, width: Callable[[int], int]) -> tuple[int, int, int, int, Tensor, Tensor]:
     """Shapes ``B, n, d`` (:func:`_shapes`), a factor ``M`` ``(d, k)`` with ``k = width(d)`` and tokens ``Y``."""
     B, n, d = _shapes(g)
@@ -218,9 +225,7 @@ def _orthogonal_heads(g: torch.Generator, d: int, h: int) -> Tensor:
 @_case("attention-multihead-orthogonal", "Y − α Σ_h (Y − A_h Y) P_h  (orthogonal heads, metric preconditioner)",
        "nn.MultiheadAttention (W_Q,h = W_K,h = M_h, values/outputs U_h, β_h as attn_mask)")
 def _multihead_orthogonal(g: torch.Generator) -> _Trial:
-    B, n = _randint(g, 2, 3), _randint(g, 3, 9)
-    h, k = _randint(g, 2, 3), _randint(g, 1, 3)
-    d = h * k
+    B, n, h, k, d = _head_shapes(g)
     M, Y = _orthogonal_heads(g, d, h), _randn(g, B, n, d)
     E, alpha = MultiHeadAttentionEnergy(M), _uniform(g, 0.05, 1.95)
     U = torch.linalg.qr(M)[0]  # orthonormal bases U_h of range(M_h): P_h = U_h U_hᵀ
@@ -360,9 +365,7 @@ def _layernorm(g: torch.Generator) -> _Trial:
 @_case("reference-mha", "energy.reference.multi_head_attention (unconstrained weights, biases, causal)",
        "nn.MultiheadAttention and SDPA")
 def _reference_mha(g: torch.Generator) -> _Trial:
-    B, n = _randint(g, 2, 3), _randint(g, 3, 9)
-    h, dh = _randint(g, 2, 3), _randint(g, 1, 3)
-    d = h * dh
+    B, n, h, dh, d = _head_shapes(g)
     mha = nn.MultiheadAttention(d, h, batch_first=True, dtype=DTYPE).eval()
     with torch.no_grad():
         for p in mha.parameters():

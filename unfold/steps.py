@@ -91,9 +91,11 @@ class AttentionStep(Step):
         scale: ``κ`` of the metric (default ``1/√k``, the ``softmax(QKᵀ/√d_k)`` convention).
         orthogonal_heads: constrain the heads to mutually orthogonal subspaces (:class:`OrthogonalHeads`); each head
             then keeps its own descent guarantee.
-        fused: use :func:`energy.attention.attention_step_fused` (scaled-dot-product attention with the β
-            augmentation) for the Gaussian kernel, in inference and in training (its backward is autograd's);
-            the result is the same map, tested against the energy's ``step`` (values and gradients).
+        fused: use the fused core step :func:`energy.core.fused.fused_step` (scaled-dot-product attention with
+            the β augmentation) for the Gaussian kernel, in inference and in training (its backward is autograd's);
+            the result is the same map, tested against the energy's ``step`` (values and gradients). It passes
+            ``grad``, ``vjp`` and ``vmap``; torch has no forward-mode derivative of its CPU flash-attention kernel,
+            so for ``jvp``, ``linearize`` or ``hessian`` build the step with ``fused=False`` (the einsum core).
         init_std: standard deviation of the initial factor entries (default ``(k·d)^{-1/4}``, so that
             ``E[W] = I/√d``).
     """

@@ -73,6 +73,7 @@ from energy.base import Energy, StepRange
 from energy.core import ffn as core_ffn
 from energy.core import norm as core_norm
 from energy.core import related as core
+from energy.core.attention import kappa
 from energy.core.norm import et_lagrangian
 
 __all__ = ["EnergyTransformerEnergy", "et_lagrangian"]
@@ -127,8 +128,9 @@ class EnergyTransformerEnergy(Energy):
         if ln_bias is not None:
             check_tensor(ln_bias, "ln_bias", ndim=1, trailing=(d,))
         check_same_float_dtype(W_Q=W_Q, W_K=W_K, xi=xi, ln_bias=ln_bias)
-        beta = 1.0 / math.sqrt(k) if beta is None else beta
-        self.beta = check_real(float(beta) if isinstance(beta, Tensor) else beta, "beta", positive=True)
+        temperature = kappa(beta, k)  # the attention inverse temperature: 1/√k by default, like κ
+        self.beta = check_real(float(temperature) if isinstance(temperature, Tensor) else temperature, "beta",
+                               positive=True)
         if isinstance(ln_gamma, Tensor):
             if ln_gamma.numel() != 1:
                 raise EnergyInputError(

@@ -491,7 +491,7 @@ class EnergyTransformerStep(Step):
         self.heads = positive_int(heads, "heads")
         self.k = positive_int(k if k is not None else max(1, d // heads), "k")
         self.memories = positive_int(memories if memories is not None else 2 * d, "memories")
-        self.beta = 1.0 / math.sqrt(self.k) if beta is None else float(beta)
+        self.beta = float(core_att.kappa(beta, self.k))
         std = 1.0 / math.sqrt(d)
         self.W_Q = nn.Parameter(torch.randn(self.heads, d, self.k) * std)
         self.W_K = nn.Parameter(torch.randn(self.heads, d, self.k) * std)

@@ -269,34 +269,34 @@ def _spd_spectrum(g: torch.Generator, d: int, lo: float, hi: float) -> Tensor:
     return Qo @ torch.diag(lam) @ Qo.T
 
 
-@_case("ffn-step", "(1−α)Y − α Y W_f + α 1bᵀ  (gradient step of E_ffn)", "nn.Linear")
-def _ffn(g: torch.Generator) -> _Trial:
+def _ffn_problem(g: torch.Generator) -> tuple[int, int, int, FFNEnergy, float, nn.Linear]:
+    """An FFN energy (``W_f`` spectrum in [0, 0.95]), a step size inside its range, and the ``nn.Linear`` its step
+    is: weight ``(1 − α)I − αW_f``, bias ``αb``."""
     B, n, d = _shapes(g)
     W_f, b = _spd_spectrum(g, d, 0.0, 0.95), _randn(g, d)
     E = FFNEnergy(W_f, b)
     alpha = _uniform(g, 0.05, 1.95) * E.step_range().high / 2
-    Y = _randn(g, B, n, d)
-    Yp = E.step(Y, alpha)
     lin = nn.Linear(d, d, dtype=DTYPE)
     with torch.no_grad():
         lin.weight.copy_(((1 - alpha) * torch.eye(d, dtype=DTYPE) - alpha * W_f).T)
         lin.bias.copy_(alpha * b)
+    return B, n, d, E, alpha, lin
+
+
+@_case("ffn-step", "(1−α)Y − α Y W_f + α 1bᵀ  (gradient step of E_ffn)", "nn.Linear")
+def _ffn(g: torch.Generator) -> _Trial:
+    B, n, d, E, alpha, lin = _ffn_problem(g)
+    Y = _randn(g, B, n, d)
+    Yp = E.step(Y, alpha)
     ref = lin(Y).detach()
     return _Trial(_err(Yp, Y - alpha * E.autograd_grad(Y)), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
 
 
 @_case("ffn-relu-projected", "ReLU(Y − α∇E_ffn)  (projected gradient on E_ffn + ι_{≥0})", "ReLU ∘ nn.Linear")
 def _ffn_relu(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    W_f, b = _spd_spectrum(g, d, 0.0, 0.95), _randn(g, d)
-    E = FFNEnergy(W_f, b)
-    alpha = _uniform(g, 0.05, 1.95) * E.step_range().high / 2
+    B, n, d, E, alpha, lin = _ffn_problem(g)
     Y = torch.rand(B, n, d, generator=g, dtype=DTYPE)  # feasible start
     Yp = E.projected_step(Y, alpha)
-    lin = nn.Linear(d, d, dtype=DTYPE)
-    with torch.no_grad():
-        lin.weight.copy_(((1 - alpha) * torch.eye(d, dtype=DTYPE) - alpha * W_f).T)
-        lin.bias.copy_(alpha * b)
     ref = torch.relu(lin(Y)).detach()
     via_autograd = torch.relu(Y - alpha * E.autograd_grad(Y))
     return _Trial(_err(Yp, via_autograd), _err(Yp, ref),

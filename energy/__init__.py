@@ -24,6 +24,7 @@ from energy.attention import (
     AttentionEnergy,
     MultiHeadAttentionEnergy,
     attention_step_fused,
+    attention_step_fused_and_energy,
     attention_step_range,
     head_bases,
     key_bias,
@@ -33,6 +34,7 @@ from energy.attention import (
 )
 from energy.base import Energy, StepRange
 from energy.composite import CompositeEnergy
+from energy.core import Preconditioner
 from energy.energy_transformer import EnergyTransformerEnergy, et_lagrangian
 from energy.ffn import FFNEnergy, TiedReLUEnergy, tied_relu_energy, tied_relu_grad
 from energy.hopfield import HopfieldEnergy
@@ -68,7 +70,9 @@ __all__ = [
     "AttentionEnergy",
     "MultiHeadAttentionEnergy",
     "attention_step_fused",
+    "attention_step_fused_and_energy",
     "attention_step_range",
+    "Preconditioner",
     "head_bases",
     "key_bias",
     "metric",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -24,9 +24,13 @@ __all__ = [
     "warn_if_not_float64",
     "check_tensor",
     "value_holds",
+    "is_readable",
     "check_finite",
     "check_scale",
     "check_same_float_dtype",
+    "check_tokens",
+    "check_options",
+    "check_real",
     "check_symmetric",
     "check_psd",
     "check_step_size",
@@ -113,10 +117,22 @@ def value_holds(condition: Tensor) -> bool:
     >>> value_holds(torch.tensor(True)), value_holds(torch.tensor(False))
     (True, False)
     """
+    value = _read(condition)
+    return True if value is None else bool(value)
+
+
+def _read(x: Tensor) -> float | None:
+    """``x.item()``, or ``None`` when a tracing transform makes the value unreadable (see :func:`value_holds`)."""
     try:
-        return bool(condition)
+        return x.item()
     except RuntimeError:  # a tracing tensor (vmap, make_fx/linearize, fake or meta tensors): unreadable by design
-        return True
+        return None
+
+
+def is_readable(x: Tensor) -> bool:
+    """Whether ``x``'s values can be read back to Python (``False`` under tracing transforms, see
+    :func:`value_holds`); decides whether a per-call check that needs values (e.g. a spectral norm) runs."""
+    return x.numel() == 0 or _read(x.detach().reshape(-1)[0]) is not None
 
 
 def check_finite(x: Tensor, name: str) -> Tensor:
@@ -199,7 +215,36 @@ def check_tensor(
     return x
 
 
-def check_same_float_dtype(**tensors: Tensor) -> torch.dtype:
+def check_real(value: object, name: str, *, positive: bool = False, what: str = "") -> float:
+    """A finite Python real number ``≥ 0`` (``> 0`` if ``positive``), returned as ``float``; ``what`` explains it."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > 0 if positive else value >= 0))
+    if not ok:
+        bound = "> 0" if positive else "≥ 0"
+        raise EnergyInputError(f"`{name}` {what + ' ' if what else ''}must be a finite number {bound}, got {value!r}.")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_options(options: Mapping[str, object], allowed: Iterable[str], function: str) -> None:
+    """Raise ``TypeError`` (as Python does for an unknown keyword) if ``options`` has a key outside ``allowed``."""
+    allowed = list(allowed)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword argument(s) {unknown}; its options are {allowed}.")
+
+
+def check_tokens(Y: object, d: int, dtype: torch.dtype, name: str = "Y") -> Tensor:
+    """Tokens ``(..., n, d)`` (finite) of the energy's weights' dtype ``dtype``."""
+    Y = check_tensor(Y, name, min_ndim=2, trailing=(None, d))
+    if Y.dtype != dtype:
+        raise EnergyInputError(
+            f"`{name}` has dtype {Y.dtype} but the energy's weights are {dtype}; cast one of them, e.g. "
+            f"`{name}.to({dtype})` or `energy_module.to({Y.dtype})`."
+        )
+    return Y
+
+
+def check_same_float_dtype(**tensors: Tensor | None) -> torch.dtype:
     """Check that all named tensors share one floating dtype (mixed precision is rejected, not cast)."""
     dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
@@ -217,9 +262,12 @@ def default_tolerance(W: Tensor) -> float:
 
 
 def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tensor:
-    """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric."""
+    """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric (a value
+    check: skipped where a tracing transform makes the values unreadable, see :func:`value_holds`)."""
     if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
         raise EnergyInputError(f"`{name}` must be square in its last two dimensions, got {tuple(W.shape)}.")
+    if not is_readable(W):  # a value check: skipped, by design, where a tracing transform hides the values
+        return W
     tol = default_tolerance(W) if atol is None else atol
     Wd = W.detach()  # a check, not part of any graph
     asym = float((Wd - Wd.transpose(-1, -2)).abs().max()) if W.numel() else 0.0
@@ -235,6 +283,8 @@ def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tenso
 def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | None = None) -> Tensor:
     """Raise :class:`ConstraintError` unless ``W`` is symmetric positive semi-definite (definite if asked)."""
     check_symmetric(W, name, atol=atol)
+    if not is_readable(W):
+        return W
     tol = default_tolerance(W) if atol is None else atol
     lam_min = float(torch.linalg.eigvalsh(W.detach()).min())
     if strict_pd and lam_min <= tol:
@@ -250,15 +300,20 @@ def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | No
     return W
 
 
-def check_step_size(alpha: float, name: str, *, low: float, high: float, reason: str,
-                    high_inclusive: bool = False) -> float:
+def check_step_size(alpha: float | Tensor, name: str, *, low: float, high: float, reason: str,
+                    high_inclusive: bool = False) -> float | Tensor:
     """Warn (or raise in :func:`strict_mode`) if ``alpha`` lies outside the guaranteed descent range.
 
     The guaranteed range is ``(low, high)`` (``(low, high]`` if ``high_inclusive``). ``reason`` names the
-    guarantee, e.g. ``"MATH §1.1(a): Gaussian kernel, α ∈ (0, 2)"``.
+    guarantee, e.g. ``"MATH §1.1(a): Gaussian kernel, α ∈ (0, 2)"``. Returns ``alpha``: a Python number as a
+    float, a (learnable) tensor unchanged (it is checked by value when it can be read, see :func:`value_holds`).
     """
+    given = alpha
     if isinstance(alpha, Tensor):
-        alpha = float(alpha.detach())  # a (possibly learnable) step size is checked by value
+        value = _read(alpha.detach()) if alpha.numel() == 1 else None
+        if value is None:
+            return alpha
+        alpha = value
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise EnergyInputError(f"`{name}` must be a finite real number, got {alpha!r}.")
     inside = low < alpha and (alpha <= high if high_inclusive else alpha < high)
@@ -271,4 +326,4 @@ def check_step_size(alpha: float, name: str, *, low: float, high: float, reason:
         if _STRICT:
             raise StepSizeError(msg + " Choose a step size inside the range, or leave strict_mode.")
         warnings.warn(msg, StepSizeWarning, stacklevel=3)
-    return float(alpha)
+    return given if isinstance(given, Tensor) else float(alpha)

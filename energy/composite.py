@@ -12,6 +12,7 @@ energy trace instead of pretending to have a guaranteed step of its own.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -59,6 +60,9 @@ class CompositeEnergy(Energy):
                 )
         self.components = torch.nn.ModuleDict(dict(terms))
 
+    def _terms(self) -> list[tuple[str, Energy]]:
+        return [(name, cast(Energy, term)) for name, term in self.components.items()]
+
     @property
     def names(self) -> list[str]:
         """The term names, in insertion order."""
@@ -67,11 +71,11 @@ class CompositeEnergy(Energy):
     def __getitem__(self, name: str) -> Energy:
         if name not in self.components:
             raise KeyError(f"no term {name!r}; terms are {self.names}")
-        return self.components[name]
+        return cast(Energy, self.components[name])
 
     def terms(self, Y: Tensor) -> dict[str, Tensor]:
         r"""Each term's value :math:`E_t(Y)` (per batch element), keyed by name."""
-        return {name: term.energy(Y) for name, term in self.components.items()}
+        return {name: term.energy(Y) for name, term in self._terms()}
 
     def energy(self, Y: Tensor) -> Tensor:
         r""":math:`E(Y) = \sum_t E_t(Y)`, per batch element."""
@@ -83,16 +87,16 @@ class CompositeEnergy(Energy):
 
     def grad(self, Y: Tensor) -> Tensor:
         r""":math:`\nabla E = \sum_t \nabla E_t` (each term's closed form)."""
-        grads = [term.grad(Y) for term in self.components.values()]
+        grads = [term.grad(Y) for _, term in self._terms()]
         total = grads[0]
         for g in grads[1:]:
             total = total + g
         return total
 
-    def step(self, Y: Tensor, alpha: float = 1.0) -> Tensor:
+    def step(self, Y: Tensor, alpha: float = 1.0, *args: Any, **options: Any) -> Tensor:
         """Not defined for a composite; raises :class:`NotImplementedError` explaining why (MATH §1.6)."""
         raise NotImplementedError(_NO_STEP)
 
-    def step_range(self, **kwargs) -> StepRange:
+    def step_range(self, *args: Any, **options: Any) -> StepRange:
         """Not defined for a composite; raises :class:`NotImplementedError` explaining why (MATH §1.6)."""
         raise NotImplementedError(_NO_STEP)

@@ -57,33 +57,26 @@ so :meth:`~EnergyTransformerEnergy.step_range` is empty and every step warns (an
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from energy._validation import (
     ConstraintError,
     EnergyInputError,
+    check_real,
     check_same_float_dtype,
-    check_step_size,
     check_tensor,
+    check_tokens,
 )
 from energy.base import Energy, StepRange
-from energy.ffn import _check_Y, tied_relu_energy, tied_relu_grad
-from energy.reference import layer_norm
+from energy.core import ffn as core_ffn
+from energy.core import norm as core_norm
+from energy.core import related as core
+from energy.core.attention import kappa
+from energy.core.norm import et_lagrangian
 
 __all__ = ["EnergyTransformerEnergy", "et_lagrangian"]
-
-
-def et_lagrangian(x: Tensor, gamma: float, bias: Tensor | None, eps: float) -> Tensor:
-    r"""The LayerNorm Lagrangian ``L(x) = dγ sqrt(var(x) + ε) + δᵀx`` per token (shape ``x.shape[:-1]``).
-
-    Its gradient is the LayerNorm ``g`` of :class:`EnergyTransformerEnergy` (tests check ``∇L = g`` by autograd).
-    """
-    d = x.shape[-1]
-    xc = x - x.mean(dim=-1, keepdim=True)
-    L = d * gamma * torch.sqrt(xc.square().mean(dim=-1) + eps)
-    return L if bias is None else L + x @ bias
 
 
 class EnergyTransformerEnergy(Energy):
@@ -100,6 +93,21 @@ class EnergyTransformerEnergy(Energy):
         exclude_diagonal: exclude ``B = C`` from the attention sum (the paper's equation; needs ``n ≥ 2``).
     """
 
+    #: the default LayerNorm ε
+    EPS: ClassVar[float] = 1e-5
+    #: the (empty) guaranteed range of the finite step
+    RANGE: ClassVar[StepRange] = StepRange(
+        0.0,
+        0.0,
+        "MATH §2.2: no uniform step size is known; x − α∂E/∂g descends only for α below an instance-dependent "
+        "threshold (continuous-time guarantee). Measure descent, e.g. with descent_rate",
+    )
+
+    W_Q: Tensor
+    W_K: Tensor
+    xi: Tensor
+    ln_bias: Tensor | None
+
     def __init__(
         self,
         W_Q: Tensor,
@@ -109,7 +117,7 @@ class EnergyTransformerEnergy(Energy):
         beta: float | None = None,
         ln_gamma: float = 1.0,
         ln_bias: Tensor | None = None,
-        eps: float = 1e-5,
+        eps: float = EPS,
         exclude_diagonal: bool = True,
     ) -> None:
         super().__init__()
@@ -120,8 +128,9 @@ class EnergyTransformerEnergy(Energy):
         if ln_bias is not None:
             check_tensor(ln_bias, "ln_bias", ndim=1, trailing=(d,))
         check_same_float_dtype(W_Q=W_Q, W_K=W_K, xi=xi, ln_bias=ln_bias)
-        beta = 1.0 / math.sqrt(k) if beta is None else beta
-        self.beta = self._positive_scalar(beta, "beta")
+        temperature = kappa(beta, k)  # the attention inverse temperature: 1/√k by default, like κ
+        self.beta = check_real(float(temperature) if isinstance(temperature, Tensor) else temperature, "beta",
+                               positive=True)
         if isinstance(ln_gamma, Tensor):
             if ln_gamma.numel() != 1:
                 raise EnergyInputError(
@@ -137,22 +146,12 @@ class EnergyTransformerEnergy(Energy):
                 "so the dynamics descend the energy only for γ > 0."
             )
         self.ln_gamma = float(ln_gamma)
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise EnergyInputError(f"`eps` must be a finite number ≥ 0, got {eps!r}.")
-        self.eps = float(eps)
+        self.eps = check_real(eps, "eps")
         self.exclude_diagonal = bool(exclude_diagonal)
         self.register_buffer("W_Q", W_Q)
         self.register_buffer("W_K", W_K)
         self.register_buffer("xi", xi)
         self.register_buffer("ln_bias", ln_bias)
-
-    @staticmethod
-    def _positive_scalar(v: object, name: str) -> float:
-        if isinstance(v, Tensor):
-            v = float(v)
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise EnergyInputError(f"`{name}` must be a finite number > 0, got {v!r}.")
-        return float(v)
 
     @property
     def d(self) -> int:
@@ -160,10 +159,7 @@ class EnergyTransformerEnergy(Energy):
 
     def _check_tokens(self, Y: Tensor, name: str = "x", *, pairs: bool = True) -> Tensor:
         """Tokens ``(..., n, d)`` of the weights' dtype; ``pairs``: the attention term needs ``n ≥ 2`` if B ≠ C."""
-        try:
-            _check_Y(Y, self.d, self.W_Q.dtype)
-        except EnergyInputError as err:
-            raise EnergyInputError(str(err).replace("`Y`", f"`{name}`")) from None
+        check_tokens(Y, self.d, self.W_Q.dtype, name)
         if pairs and self.exclude_diagonal and Y.shape[-2] < 2:
             raise EnergyInputError(
                 f"`{name}` has {Y.shape[-2]} token(s); with exclude_diagonal=True the attention sum over B ≠ C is "
@@ -176,50 +172,53 @@ class EnergyTransformerEnergy(Energy):
     def lagrangian(self, x: Tensor) -> Tensor:
         """``L(x)`` per token (shape ``x.shape[:-1]``)."""
         self._check_tokens(x, pairs=False)
-        return et_lagrangian(x, self.ln_gamma, self.ln_bias, self.eps)
+        return core_norm.et_lagrangian(x, self.ln_gamma, self.ln_bias, self.eps)
 
     def normalize(self, x: Tensor) -> Tensor:
         """``g = ∂L/∂x = LayerNorm(x)`` with weight ``γ·1``, bias ``δ``, ``eps``."""
         self._check_tokens(x, pairs=False)
-        weight = torch.full((self.d,), self.ln_gamma, dtype=x.dtype, device=x.device)
-        return layer_norm(x, weight, self.ln_bias, eps=self.eps)
+        return self._normalize(x)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        return core.et_normalize(x, self.ln_gamma, self.ln_bias, self.eps)
 
     def lagrangian_hvp(self, x: Tensor, V: Tensor) -> Tensor:
         r"""``(∂g/∂x) v`` for every token: ``γ/σ̃ · (v − v̄1 − x̂ (x̂ᵀv)/d)``, ``x̂ = x_c/σ̃`` (symmetric PSD)."""
         self._check_tokens(x, pairs=False)
         self._check_tokens(V, "V", pairs=False)
-        xc = x - x.mean(dim=-1, keepdim=True)
-        sigma = torch.sqrt(xc.square().mean(dim=-1, keepdim=True) + self.eps)
-        xh = xc / sigma
-        Vc = V - V.mean(dim=-1, keepdim=True)
-        return self.ln_gamma / sigma * (Vc - xh * (xh * V).sum(dim=-1, keepdim=True) / self.d)
+        return core_norm.layernorm_jacobian_vp(x, V, self.ln_gamma, self.eps)
 
     # ------------------------------------------------------------------------------------ energy of the normalised G
 
-    def _scores(self, G: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``Q, K`` of shape ``(..., h, n, k)`` and the scaled, diagonal-masked logits ``β Q Kᵀ``."""
-        Q = torch.einsum("...nd,hdk->...hnk", G, self.W_Q)
-        K = torch.einsum("...nd,hdk->...hnk", G, self.W_K)
-        S = self.beta * torch.einsum("...hck,...hbk->...hcb", Q, K)
-        if self.exclude_diagonal:
-            n = G.shape[-2]
-            S = S.masked_fill(torch.eye(n, dtype=torch.bool, device=G.device), float("-inf"))
-        return Q, K, S
+    # pure evaluations (energy.core.related; no checks): the public methods below check once, then call these
+    def _attention_energy_g(self, G: Tensor) -> Tensor:
+        return core.et_attention_energy(G, self.W_Q, self.W_K, self.beta, self.exclude_diagonal)
+
+    def _hopfield_energy_g(self, G: Tensor) -> Tensor:
+        return core_ffn.tied_relu_energy(G, self.xi.T)
+
+    def _attention_grad_terms(self, G: Tensor) -> tuple[Tensor, Tensor]:
+        return core.et_attention_grad_terms(G, self.W_Q, self.W_K, self.beta, self.exclude_diagonal)
+
+    def _grad_g(self, G: Tensor) -> Tensor:
+        return core.et_grad_g(G, self.W_Q, self.W_K, self.xi, self.beta, self.exclude_diagonal)
+
+    def _x(self, x: Tensor) -> Tensor:
+        """Checked tokens ``x`` for the methods that also evaluate the attention term (``n ≥ 2`` if B ≠ C)."""
+        return self._check_tokens(x)
 
     def attention_energy_g(self, G: Tensor) -> Tensor:
         """``E_att(G)`` per batch element."""
-        self._check_tokens(G, "G")
-        _, _, S = self._scores(G)
-        return -torch.logsumexp(S, dim=-1).sum(dim=(-2, -1)) / self.beta
+        return self._attention_energy_g(self._check_tokens(G, "G"))
 
     def hopfield_energy_g(self, G: Tensor) -> Tensor:
         """``E_hn(G) = −½ Σ_{μ,B} ReLU(ξ_μᵀ g_B)²`` per batch element."""
-        self._check_tokens(G, "G")
-        return tied_relu_energy(G, self.xi.T)
+        return self._hopfield_energy_g(self._check_tokens(G, "G"))
 
     def energy_g(self, G: Tensor) -> Tensor:
         """``E_att(G) + E_hn(G)``: the energy as a function of the normalised tokens."""
-        return self.attention_energy_g(G) + self.hopfield_energy_g(G)
+        G = self._check_tokens(G, "G")
+        return self._attention_energy_g(G) + self._hopfield_energy_g(G)
 
     def attention_grad_terms(self, G: Tensor) -> tuple[Tensor, Tensor]:
         r"""The two terms of ``∂E_att/∂G``: ``(query side, key side)``.
@@ -232,49 +231,37 @@ class EnergyTransformerEnergy(Energy):
         :func:`energy.reference.multi_head_attention`. The key side uses ``A_hᵀ`` (columns of the softmax), which
         is not row-stochastic: no standard attention layer computes it.
         """
-        self._check_tokens(G, "G")
-        Q, K, S = self._scores(G)
-        A = torch.softmax(S, dim=-1)  # (..., h, C, B)
-        query_side = -torch.einsum("...hcb,...hbk,hdk->...cd", A, K, self.W_Q)
-        key_side = -torch.einsum("...hcb,...hck,hdk->...bd", A, Q, self.W_K)
-        return query_side, key_side
+        return self._attention_grad_terms(self._check_tokens(G, "G"))
 
     def grad_g(self, G: Tensor) -> Tensor:
         r"""``∂E/∂G`` in closed form: query-side + key-side attention terms + Hopfield term ``−ReLU(Gξᵀ)ξ``."""
-        query_side, key_side = self.attention_grad_terms(G)
-        return query_side + key_side + tied_relu_grad(G, self.xi.T)
+        return self._grad_g(self._check_tokens(G, "G"))
 
     # ------------------------------------------------------------------------------------- the Energy interface (x)
 
     def energy(self, x: Tensor) -> Tensor:
         """``E(x) = E_att(g(x)) + E_hn(g(x))`` per batch element."""
-        return self.energy_g(self.normalize(x))
+        G = self._normalize(self._x(x))
+        return self._attention_energy_g(G) + self._hopfield_energy_g(G)
 
     def terms(self, x: Tensor) -> dict[str, Tensor]:
         """The two terms separately: ``{"attention": E_att, "hopfield": E_hn}``."""
-        G = self.normalize(x)
-        return {"attention": self.attention_energy_g(G), "hopfield": self.hopfield_energy_g(G)}
+        G = self._normalize(self._x(x))
+        return {"attention": self._attention_energy_g(G), "hopfield": self._hopfield_energy_g(G)}
 
     def grad(self, x: Tensor) -> Tensor:
         r"""``∇_x E = (∂g/∂x)(∂E/∂g)`` token-wise (closed form; tests compare with :meth:`autograd_grad`)."""
-        return self.lagrangian_hvp(x, self.grad_g(self.normalize(x)))
+        x = self._x(x)
+        return core_norm.layernorm_jacobian_vp(x, self._grad_g(self._normalize(x)), self.ln_gamma, self.eps)
 
     def descent_rate(self, x: Tensor) -> Tensor:
         r"""``−dE/dα`` at ``α = 0`` along the step: ``Σ_B (∂E/∂g_B)ᵀ (∂g/∂x_B) (∂E/∂g_B) ≥ 0`` per batch element."""
-        D = self.grad_g(self.normalize(x))
-        return (D * self.lagrangian_hvp(x, D)).sum(dim=(-2, -1))
+        x = self._x(x)
+        D = self._grad_g(self._normalize(x))
+        return (D * core_norm.layernorm_jacobian_vp(x, D, self.ln_gamma, self.eps)).sum(dim=(-2, -1))
 
-    def step_range(self) -> StepRange:
-        """Empty: only the continuous dynamics (α → 0) provably descend; finite steps are measured (MATH §2.2)."""
-        return StepRange(
-            0.0,
-            0.0,
-            "MATH §2.2: no uniform step size is known; x − α∂E/∂g descends only for α below an instance-dependent "
-            "threshold (continuous-time guarantee). Measure descent, e.g. with descent_rate",
-        )
-
-    def step(self, x: Tensor, alpha: float = 0.1) -> Tensor:
+    def step(self, x: Tensor, alpha: float | Tensor = 0.1) -> Tensor:
         r"""``x − α ∂E/∂g`` evaluated at ``g = LN(x)`` (the Energy Transformer update; warns, see step_range)."""
-        r = self.step_range()
-        alpha = check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason)
-        return x - alpha * self.grad_g(self.normalize(x))
+        alpha = self.step_range().check(alpha)
+        x = self._x(x)
+        return core_ffn.descent_step(x, self._grad_g(self._normalize(x)), alpha)

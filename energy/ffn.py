@@ -15,38 +15,64 @@ Tokens are rows, ``Y ∈ R^{... × n × d}``; energies are returned per batch el
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from energy._validation import (
     ConstraintError,
-    EnergyInputError,
     check_same_float_dtype,
-    check_step_size,
     check_symmetric,
     check_tensor,
+    check_tokens,
 )
 from energy.base import Energy, StepRange
+from energy.core import ffn as core
+from energy.core.ffn import tied_relu_energy, tied_relu_grad
 
 __all__ = ["FFNEnergy", "TiedReLUEnergy", "tied_relu_energy", "tied_relu_grad"]
 
 
-def _check_Y(Y: object, d: int, dtype: torch.dtype) -> Tensor:
-    """Tokens ``(..., n, d)`` of the weights' dtype (shared by the energies of this package's extra modules)."""
-    check_tensor(Y, "Y", min_ndim=2, trailing=(None, d))
-    if Y.dtype != dtype:
-        raise EnergyInputError(
-            f"`Y` has dtype {Y.dtype} but the energy's weights are {dtype}; cast one of them, e.g. "
-            f"`Y.to({dtype})` or `energy_module.to({Y.dtype})`."
-        )
-    return Y
+class _GradientStepEnergy(Energy):
+    """An energy of tokens ``(..., n, d)`` whose step is the plain gradient step ``Y − α∇E(Y)`` (MATH §1.5).
+
+    Subclasses name their pure formulas (``FORMULAS = (energy, gradient)`` of :mod:`energy.core.ffn`, both called
+    as ``f(Y, W, b)``) and give :meth:`_weights` ``(W, b)`` (``W`` fixes ``d`` and the dtype) and their range; the
+    checks are made here, once per call.
+    """
+
+    FORMULAS: ClassVar[tuple[Callable[..., Tensor], Callable[..., Tensor]]]
+
+    def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def d(self) -> int:
+        return self._weights()[0].shape[0]
+
+    def _tokens(self, Y: Tensor) -> Tensor:
+        return check_tokens(Y, self.d, self._weights()[0].dtype)
+
+    def energy(self, Y: Tensor) -> Tensor:
+        """``E(Y)`` per batch element."""
+        return self.FORMULAS[0](self._tokens(Y), *self._weights())
+
+    def grad(self, Y: Tensor) -> Tensor:
+        """The closed-form gradient ``∇E(Y)``."""
+        return self.FORMULAS[1](self._tokens(Y), *self._weights())
+
+    def step(self, Y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+        """``Y − α∇E(Y)``; warns (raises in strict mode) if ``α`` is outside :meth:`step_range`."""
+        alpha = self.step_range().check(alpha)
+        return core.descent_step(Y, self.grad(Y), alpha)
 
 
 # ----------------------------------------------------------------------------------------------------- FFN energy
 
 
-class FFNEnergy(Energy):
+class FFNEnergy(_GradientStepEnergy):
     r"""Quadratic feed-forward energy (MATH §1.3).
 
     .. math::
@@ -71,6 +97,10 @@ class FFNEnergy(Energy):
         allow_unbounded: accept ``W_f`` with ``λ_min(I + W_f) ≤ 0``.
     """
 
+    FORMULAS = (core.ffn_energy, core.ffn_grad)
+    W_f: Tensor
+    b: Tensor
+
     def __init__(self, W_f: Tensor, b: Tensor, *, allow_unbounded: bool = False) -> None:
         super().__init__()
         check_tensor(W_f, "W_f", ndim=2)
@@ -89,30 +119,14 @@ class FFNEnergy(Energy):
         self.register_buffer("W_f", W_f)
         self.register_buffer("b", b)
 
-    @property
-    def d(self) -> int:
-        return self.W_f.shape[0]
-
-    def energy(self, Y: Tensor) -> Tensor:
-        _check_Y(Y, self.d, self.W_f.dtype)
-        quad = ((Y @ self.W_f) * Y).sum(dim=(-2, -1))  # tr(Y W_f Yᵀ): one GEMM (faster than the 3-operand einsum)
-        return 0.5 * quad + 0.5 * (Y - self.b).square().sum(dim=(-2, -1))
-
-    def grad(self, Y: Tensor) -> Tensor:
-        _check_Y(Y, self.d, self.W_f.dtype)
-        return Y + Y @ self.W_f - self.b
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_f, self.b
 
     def step_range(self) -> StepRange:
         """``(0, 2/λ_max(I + W_f))`` (``(0, ∞)`` if ``λ_max ≤ 0``): exact for a quadratic."""
         if self.lambda_max <= 0:
             return StepRange(0.0, math.inf, "MATH §1.3: λ_max(I + W_f) ≤ 0, the energy is concave")
         return StepRange(0.0, 2.0 / self.lambda_max, f"MATH §1.3: α < 2/λ_max(I + W_f), λ_max = {self.lambda_max:.4g}")
-
-    def step(self, Y: Tensor, alpha: float = 1.0) -> Tensor:
-        """``Y − α∇E(Y)``; warns (raises in strict mode) if ``α`` is outside :meth:`step_range`."""
-        r = self.step_range()
-        alpha = check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason)
-        return Y - alpha * self.grad(Y)
 
     def projected_step(self, Y: Tensor, alpha: float = 1.0) -> Tensor:
         r"""Projected-gradient step ``ReLU(Y − α∇E(Y))`` on ``E + ι_{Y ≥ 0}`` (MATH §1.3).
@@ -139,23 +153,7 @@ class FFNEnergy(Energy):
 # ------------------------------------------------------------------------------------------------ tied ReLU energy
 
 
-def tied_relu_energy(Y: Tensor, W_1: Tensor, b: Tensor | None = None) -> Tensor:
-    r"""``E(Y) = −½ Σ_i ‖ReLU(y_i W_1 + b)‖²`` per batch element (MATH §1.3; the Energy Transformer's ``E_hn``)."""
-    H = torch.einsum("...nd,dm->...nm", Y, W_1)
-    if b is not None:
-        H = H + b
-    return -0.5 * torch.relu(H).square().sum(dim=(-2, -1))
-
-
-def tied_relu_grad(Y: Tensor, W_1: Tensor, b: Tensor | None = None) -> Tensor:
-    r"""``∇E(Y) = −ReLU(Y W_1 + 1bᵀ) W_1ᵀ`` (exact everywhere: ``½ ReLU(u)²`` is ``C¹`` with derivative ``ReLU``)."""
-    H = torch.einsum("...nd,dm->...nm", Y, W_1)
-    if b is not None:
-        H = H + b
-    return -torch.einsum("...nm,dm->...nd", torch.relu(H), W_1)
-
-
-class TiedReLUEnergy(Energy):
+class TiedReLUEnergy(_GradientStepEnergy):
     r"""Tied two-matrix ReLU energy (MATH §1.3, the Hopfield-network term of the Energy Transformer, §2.2).
 
     .. math::
@@ -180,6 +178,11 @@ class TiedReLUEnergy(Energy):
         b: ``(m,)`` or ``None``.
     """
 
+    FORMULAS = (core.tied_relu_energy, core.tied_relu_grad)
+    RANGE = StepRange(0.0, math.inf, "MATH §1.3: concave C¹ energy, E(Y⁺) ≤ E(Y) − α‖∇E‖² for every α > 0")
+    W_1: Tensor
+    b: Tensor | None
+
     def __init__(self, W_1: Tensor, b: Tensor | None = None) -> None:
         super().__init__()
         check_tensor(W_1, "W_1", ndim=2)
@@ -189,23 +192,5 @@ class TiedReLUEnergy(Energy):
         self.register_buffer("W_1", W_1)
         self.register_buffer("b", b)
 
-    @property
-    def d(self) -> int:
-        return self.W_1.shape[0]
-
-    def energy(self, Y: Tensor) -> Tensor:
-        _check_Y(Y, self.d, self.W_1.dtype)
-        return tied_relu_energy(Y, self.W_1, self.b)
-
-    def grad(self, Y: Tensor) -> Tensor:
-        _check_Y(Y, self.d, self.W_1.dtype)
-        return tied_relu_grad(Y, self.W_1, self.b)
-
-    def step_range(self) -> StepRange:
-        return StepRange(0.0, math.inf, "MATH §1.3: concave C¹ energy, E(Y⁺) ≤ E(Y) − α‖∇E‖² for every α > 0")
-
-    def step(self, Y: Tensor, alpha: float = 1.0) -> Tensor:
-        """``Y + α ReLU(Y W_1 + 1bᵀ) W_1ᵀ``."""
-        r = self.step_range()
-        alpha = check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason)
-        return Y - alpha * self.grad(Y)
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_1, self.b

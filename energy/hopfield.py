@@ -39,14 +39,15 @@ states should be passed as ``(B, 1, d)`` to keep per-batch energies.
 
 from __future__ import annotations
 
-import math
+from typing import ClassVar
 
-import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_step_size, check_tensor
+from energy._validation import EnergyInputError, check_real, check_tensor
 from energy.base import Energy, StepRange
-from energy.reference import attention_weights
+from energy.core import related as core
+from energy.core.ffn import relaxed_step
+from energy.core.standard import attention_weights
 
 __all__ = ["HopfieldEnergy"]
 
@@ -59,17 +60,21 @@ class HopfieldEnergy(Energy):
         beta: inverse temperature ``β > 0`` (the attention scale of the equivalent cross-attention).
     """
 
+    #: the guaranteed range of the (relaxed) CCCP step
+    RANGE: ClassVar[StepRange] = StepRange(
+        0.0, 2.0, "MATH §2.1: CCCP majoriser ½‖ξ' − ξ⁺‖² + c; α = 1 is the Hopfield update, α ∈ (0, 2) descends"
+    )
+
+    X: Tensor
+
     def __init__(self, X: Tensor, beta: float) -> None:
         super().__init__()
         check_tensor(X, "X", min_ndim=2)
         if X.shape[-2] < 1:
             raise EnergyInputError("`X` must store at least one pattern (N ≥ 1 rows).")
-        if isinstance(beta, Tensor):
-            beta = float(beta)
-        if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise EnergyInputError(f"`beta` (inverse temperature) must be a finite number > 0, got {beta!r}.")
+        self.beta = check_real(float(beta) if isinstance(beta, Tensor) else beta, "beta", positive=True,
+                               what="(inverse temperature)")
         self.register_buffer("X", X)
-        self.beta = float(beta)
 
     @property
     def d(self) -> int:
@@ -77,50 +82,50 @@ class HopfieldEnergy(Energy):
 
     def _states(self, xi: object) -> Tensor:
         """States as ``(..., n_q, d)`` (a single state ``(d,)`` becomes ``(1, d)``)."""
-        check_tensor(xi, "xi", min_ndim=1, trailing=(self.d,))
+        xi = check_tensor(xi, "xi", min_ndim=1, trailing=(self.d,))
         if xi.dtype != self.X.dtype:
             raise EnergyInputError(
                 f"`xi` has dtype {xi.dtype} but the stored patterns `X` are {self.X.dtype}; cast one of them."
             )
         return xi.unsqueeze(0) if xi.ndim == 1 else xi
 
+    # pure evaluations on checked states S (..., n_q, d) (energy.core.related)
+    def _update(self, S: Tensor) -> Tensor:
+        return core.hopfield_update(S, self.X, self.beta)
+
+    def _energy_per_query(self, S: Tensor) -> Tensor:
+        return core.hopfield_energy_per_query(S, self.X, self.beta)
+
+    @staticmethod
+    def _unbatch(out: Tensor, xi: Tensor) -> Tensor:
+        return out[..., 0, :] if xi.ndim == 1 else out
+
     def weights(self, xi: Tensor) -> Tensor:
         r"""``softmax(β ξ Xᵀ)`` row-wise: ``(..., n_q, N)`` (``(N,)`` for a single state)."""
-        A = attention_weights(self._states(xi), self.X, scale=self.beta)
-        return A[..., 0, :] if xi.ndim == 1 else A
+        return self._unbatch(attention_weights(self._states(xi), self.X, self.beta), xi)
 
     def update(self, xi: Tensor) -> Tensor:
         r"""The CCCP update ``ξ⁺ = Xᵀ softmax(βXξ)`` (row form ``softmax(β ξ Xᵀ) X``)."""
-        out = attention_weights(self._states(xi), self.X, scale=self.beta) @ self.X
-        return out[..., 0, :] if xi.ndim == 1 else out
+        return self._unbatch(self._update(self._states(xi)), xi)
 
     def energy_per_query(self, xi: Tensor) -> Tensor:
         """``E(ξ)`` for every state: shape ``xi.shape[:-1]``."""
-        S = self._states(xi)
-        logits = self.beta * torch.einsum("...qd,...nd->...qn", S, self.X)
-        N = self.X.shape[-2]
-        M2 = self.X.square().sum(-1).max(dim=-1).values  # M² = max_i ‖x_i‖², shape X.shape[:-2]
-        E = (-torch.logsumexp(logits, dim=-1) + math.log(N)) / self.beta + 0.5 * S.square().sum(-1)
-        E = E + 0.5 * M2.unsqueeze(-1)
+        E = self._energy_per_query(self._states(xi))
         return E[..., 0] if xi.ndim == 1 else E
 
     def energy(self, xi: Tensor) -> Tensor:
         """Sum of :meth:`energy_per_query` over the states of each batch element (a scalar for ``ξ`` of shape (d,))."""
-        E = self.energy_per_query(xi)
-        return E if xi.ndim == 1 else E.sum(-1)
+        E = self._energy_per_query(self._states(xi))
+        return E[..., 0] if xi.ndim == 1 else E.sum(-1)
 
     def grad(self, xi: Tensor) -> Tensor:
         r"""``∇E(ξ) = ξ − Xᵀ softmax(βXξ)``, for every state."""
         return xi - self.update(xi)
 
-    def step_range(self) -> StepRange:
-        return StepRange(
-            0.0, 2.0, "MATH §2.1: CCCP majoriser ½‖ξ' − ξ⁺‖² + c; α = 1 is the Hopfield update, α ∈ (0, 2) descends"
-        )
-
-    def step(self, xi: Tensor, alpha: float = 1.0) -> Tensor:
+    def step(self, xi: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
         r"""``ξ − α∇E(ξ) = (1 − α)ξ + α Xᵀ softmax(βXξ)``; ``α = 1`` (default) is the CCCP/Hopfield update."""
-        r = self.step_range()
-        alpha = check_step_size(alpha, "alpha", low=r.low, high=r.high, reason=r.reason)
+        alpha = self.step_range().check(alpha)
         xi_plus = self.update(xi)
-        return xi_plus if alpha == 1.0 else (1.0 - alpha) * xi + alpha * xi_plus
+        if not isinstance(alpha, Tensor) and alpha == 1.0:  # a Python number: the update itself, exactly
+            return xi_plus
+        return relaxed_step(xi, xi_plus, alpha)

@@ -46,7 +46,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
+from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, value_holds
+from energy.core import norm as core
 
 __all__ = [
     "layernorm_projection",
@@ -58,19 +59,17 @@ __all__ = [
 
 
 def _check_Y(Y: object) -> Tensor:
-    traced = isinstance(Y, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(Y)
-    return check_tensor(Y, "Y", min_ndim=1, finite=not traced)
+    return check_tensor(Y, "Y", min_ndim=1)
 
 
-def _radial(Z: Tensor, name: str) -> Tensor:
-    """``√d · Z / ‖Z‖`` row-wise; raises if a row is exactly 0 (the projection is not unique there)."""
-    norms = torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
-    if not torch._C._functorch.is_functorch_wrapped_tensor(norms) and bool((norms == 0).any()):
+def _check_nonzero(Z: Tensor, name: str) -> None:
+    """Raise if a row of ``Z`` is exactly 0 (the projection is not unique there); a value check at the public call,
+    skipped where a tracing transform makes the values unreadable (:func:`energy._validation.value_holds`)."""
+    if not value_holds((torch.linalg.vector_norm(Z, dim=-1) != 0).all()):
         raise EnergyInputError(
             f"`Y` has a token whose {name} is exactly 0: every point of the sphere is equally close, so the "
             "projection is not unique. Use energy.reference.layer_norm / rms_norm with eps > 0 for such inputs."
         )
-    return math.sqrt(Z.shape[-1]) * Z / norms
 
 
 def layernorm_projection(Y: Tensor) -> Tensor:
@@ -84,8 +83,8 @@ def layernorm_projection(Y: Tensor) -> Tensor:
     Raises:
         EnergyInputError: if a token is constant (centred norm 0; the projection is not unique).
     """
-    _check_Y(Y)
-    return _radial(Y - Y.mean(dim=-1, keepdim=True), "centred norm")
+    _check_nonzero(core.centre(_check_Y(Y)), "centred norm")
+    return core.layernorm_projection(Y)
 
 
 def rmsnorm_projection(Y: Tensor) -> Tensor:
@@ -93,8 +92,8 @@ def rmsnorm_projection(Y: Tensor) -> Tensor:
 
     .. math:: \Pi_S(y) = \sqrt d\, \frac{y}{\|y\|} = \mathrm{RMSNorm}_{\varepsilon=0}(y)
     """
-    _check_Y(Y)
-    return _radial(Y, "norm")
+    _check_nonzero(_check_Y(Y), "norm")
+    return core.rmsnorm_projection(Y)
 
 
 def absorb_layernorm_affine(W: Tensor, gamma: Tensor) -> Tensor:
@@ -115,11 +114,16 @@ def absorb_layernorm_affine(W: Tensor, gamma: Tensor) -> Tensor:
         raise EnergyInputError(f"`W` must be square in its last two dimensions, got shape {tuple(W.shape)}.")
     check_tensor(gamma, "gamma", ndim=1, trailing=(W.shape[-1],))
     check_same_float_dtype(W=W, gamma=gamma)
-    return gamma[:, None] * W * gamma[None, :]
+    return core.absorb_layernorm_affine(W, gamma)
 
 
 class _SphereProjection(nn.Module):
-    """Shared shell: a projection with its set's indicator (``ι = 0`` on the set, ``+inf`` off it)."""
+    """Shared shell: a projection with its set's indicator (``ι = 0`` on the set, ``+inf`` off it).
+
+    Subclasses set ``centred`` (the set lies in ``1^⊥``) and :meth:`project`.
+    """
+
+    centred: bool = False
 
     def project(self, Y: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -127,8 +131,13 @@ class _SphereProjection(nn.Module):
     def forward(self, Y: Tensor) -> Tensor:
         return self.project(Y)
 
-    def contains(self, Y: Tensor, atol: float = 1e-9) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def contains(self, Y: Tensor, atol: float = 1e-9) -> Tensor:
+        """Per token: on the sphere (``|‖y‖ − √d| ≤ atol·√d``) and, for the centred sphere, centred
+        (``|1ᵀy| ≤ atol·√d``)."""
+        _check_Y(Y)
+        r = math.sqrt(Y.shape[-1])
+        inside = (torch.linalg.vector_norm(Y, dim=-1) - r).abs() <= atol * r
+        return inside & (Y.sum(dim=-1).abs() <= atol * r) if self.centred else inside
 
     def indicator(self, Y: Tensor, atol: float = 1e-9) -> Tensor:
         """``ι(Y)`` per batch element of tokens ``(..., n, d)``: 0 if every token lies on the set, else ``+inf``."""
@@ -139,15 +148,10 @@ class _SphereProjection(nn.Module):
 class LayerNormProjection(_SphereProjection):
     """Module form of :func:`layernorm_projection` (projection onto ``{1ᵀz = 0, ‖z‖ = √d}``)."""
 
+    centred = True
+
     def project(self, Y: Tensor) -> Tensor:
         return layernorm_projection(Y)
-
-    def contains(self, Y: Tensor, atol: float = 1e-9) -> Tensor:
-        """Per token: centred (``|1ᵀy| ≤ atol·√d``) and on the sphere (``|‖y‖ − √d| ≤ atol·√d``)."""
-        _check_Y(Y)
-        r = math.sqrt(Y.shape[-1])
-        centred = Y.sum(dim=-1).abs() <= atol * r
-        return centred & ((torch.linalg.vector_norm(Y, dim=-1) - r).abs() <= atol * r)
 
 
 class RMSNormProjection(_SphereProjection):
@@ -155,9 +159,3 @@ class RMSNormProjection(_SphereProjection):
 
     def project(self, Y: Tensor) -> Tensor:
         return rmsnorm_projection(Y)
-
-    def contains(self, Y: Tensor, atol: float = 1e-9) -> Tensor:
-        """Per token: ``|‖y‖ − √d| ≤ atol·√d``."""
-        _check_Y(Y)
-        r = math.sqrt(Y.shape[-1])
-        return (torch.linalg.vector_norm(Y, dim=-1) - r).abs() <= atol * r

@@ -9,20 +9,35 @@ Conventions (MATH §0): tokens are rows, ``X ∈ R^{... × n × d}``; weights ac
 Multi-head weights are stored head-major along their output axis, like ``nn.MultiheadAttention``: columns
 ``[h·d_k, (h+1)·d_k)`` of ``W_Q`` belong to head ``h``.
 
-Input checks: every public function validates shapes and dtypes and rejects NaN/inf. Inside a ``torch.func``
-transform (``vmap``, ``jvp``, ``grad``, ...) the value check is skipped, because ``vmap`` forbids data-dependent
-control flow; shape and dtype checks still run.
+Every function validates its arguments once (shapes, dtypes, NaN/inf) and then evaluates the pure core
+(:mod:`energy.core.standard`, :mod:`energy.core.ffn`, :mod:`energy.core.norm`), where each formula is written once.
+The NaN/inf check reads values through :func:`energy._validation.value_holds`, so it runs under ``grad``, ``vjp``,
+``jvp`` and ``hessian`` and is skipped, by design, where a tracing transform (``vmap``, ``linearize``) makes the
+values unreadable; shape and dtype checks always run.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
+from energy._validation import (
+    EnergyInputError,
+    check_options,
+    check_same_float_dtype,
+    check_scale,
+    check_tensor,
+    value_holds,
+)
+from energy.core import ffn as core_ffn
+from energy.core import norm as core_norm
+from energy.core import standard as core
+from energy.core.attention import kappa as resolve_kappa
+from energy.core.standard import causal_mask
 
 __all__ = [
     "attention_weights",
@@ -39,15 +54,8 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- validation helpers
 
 
-def _check(x: object, name: str, **kwargs) -> Tensor:
-    """``check_tensor`` that skips the (data-dependent) NaN/inf check inside ``torch.func`` transforms."""
-    if isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
-        kwargs["finite"] = False
-    return check_tensor(x, name, **kwargs)
-
-
-def _check_optional(x: object | None, name: str, **kwargs) -> Tensor | None:
-    return None if x is None else _check(x, name, **kwargs)
+def _check_optional(x: object | None, name: str, **kwargs: Any) -> Tensor | None:
+    return None if x is None else check_tensor(x, name, **kwargs)
 
 
 def _check_mask(mask: object, name: str, target: tuple[int, ...]) -> Tensor:
@@ -69,33 +77,22 @@ def _check_mask(mask: object, name: str, target: tuple[int, ...]) -> Tensor:
             f"`{name}` of shape {tuple(mask.shape)} does not broadcast to the attention scores of shape {target} "
             "(..., n_q, n_k); a key-padding mask of shape (B, n_k) must be passed as `mask=~padding[:, None, :]`."
         )
-    traced = torch._C._functorch.is_functorch_wrapped_tensor(mask)
-    if mask.is_floating_point() and not traced and bool((mask == float("inf")).any() | mask.isnan().any()):
+    if mask.is_floating_point() and not value_holds(~((mask == float("inf")).any() | mask.isnan().any())):
         raise EnergyInputError(f"`{name}` contains +inf or NaN; an additive mask may only contain finite values "
                                "and -inf (blocked).")
     return mask
 
 
-def _resolve_scale(scale: object, d_k: int) -> float | Tensor:
-    """``κ``: the given scale (a finite real number, or a 0-dim tensor under ``torch.func``) or ``1/√d_k``."""
-    if scale is None:
-        return 1.0 / math.sqrt(d_k)
-    if isinstance(scale, Tensor):
-        if scale.ndim != 0:
-            raise EnergyInputError(f"`scale` must be a scalar, got a tensor of shape {tuple(scale.shape)}.")
-        return scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise EnergyInputError(f"`scale` must be a finite real number or None (= 1/√d_k), got {scale!r}.")
-    return float(scale)
+class AttentionOptions(TypedDict, total=False):
+    """The keyword options of :func:`multi_head_attention` and :func:`linear_attention` (all optional)."""
 
-
-def causal_mask(n_q: int, n_k: int | None = None, *, device: torch.device | None = None) -> Tensor:
-    r"""Boolean causal mask (``True`` = attend), aligned top-left like ``scaled_dot_product_attention(is_causal=True)``.
-
-    .. math:: m_{ij} = [\, j \le i \,],\qquad i < n_q,\; j < n_k
-    """
-    n_k = n_q if n_k is None else n_k
-    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
+    b_Q: Tensor | None
+    b_K: Tensor | None
+    b_V: Tensor | None
+    b_O: Tensor | None
+    scale: float | Tensor | None
+    mask: Tensor | None
+    causal: bool
 
 
 # ------------------------------------------------------------------------------------------------------- attention
@@ -124,21 +121,15 @@ def attention_weights(
             entry blocked has no softmax and gives NaN (as in torch).
         key_bias: ``β`` of shape ``(..., n_k)``, added to every row (MATH §1.1).
     """
-    _check(Q, "Q", min_ndim=2)
-    _check(K, "K", min_ndim=2, trailing=(None, Q.shape[-1]))
+    check_tensor(Q, "Q", min_ndim=2)
+    check_tensor(K, "K", min_ndim=2, trailing=(None, Q.shape[-1]))
     _check_optional(key_bias, "key_bias", min_ndim=1, trailing=(K.shape[-2],))
     check_same_float_dtype(Q=Q, K=K, key_bias=key_bias)
-    kappa = _resolve_scale(scale, Q.shape[-1])
-    S = kappa * torch.einsum("...ik,...jk->...ij", Q, K)
-    if key_bias is not None:
-        S = S + key_bias.unsqueeze(-2)
+    kappa = resolve_kappa(check_scale(scale), Q.shape[-1])
     if mask is not None:
-        _check_mask(mask, "mask", tuple(S.shape))
-        if mask.dtype == torch.bool:
-            S = S.masked_fill(~mask, float("-inf"))
-        else:
-            S = S + mask
-    return torch.softmax(S, dim=-1)
+        batch = torch.broadcast_shapes(Q.shape[:-2], K.shape[:-2])
+        _check_mask(mask, "mask", (*batch, Q.shape[-2], K.shape[-2]))
+    return core.attention_weights(Q, K, kappa, mask=mask, key_bias=key_bias)
 
 
 def single_head_attention(
@@ -148,30 +139,14 @@ def single_head_attention(
 
     .. math:: F = \mathrm{softmax}(\kappa\, X W_Q W_K^\top X^\top)\, X W_V,\qquad \kappa = 1/\sqrt{d_K}
     """
-    _check(X, "X", min_ndim=2)
+    check_tensor(X, "X", min_ndim=2)
     d = X.shape[-1]
-    _check(W_Q, "W_Q", ndim=2, trailing=(d, None))
-    _check(W_K, "W_K", ndim=2, trailing=(d, W_Q.shape[-1]))
-    _check(W_V, "W_V", ndim=2, trailing=(d, None))
+    check_tensor(W_Q, "W_Q", ndim=2, trailing=(d, None))
+    check_tensor(W_K, "W_K", ndim=2, trailing=(d, W_Q.shape[-1]))
+    check_tensor(W_V, "W_V", ndim=2, trailing=(d, None))
     check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V)
     A = attention_weights(X @ W_Q, X @ W_K, scale=scale, mask=mask)
     return A @ (X @ W_V)
-
-
-def _split_heads(Z: Tensor, num_heads: int) -> Tensor:
-    """``(..., n, h·e) -> (..., h, n, e)`` (head-major columns, the ``nn.MultiheadAttention`` layout)."""
-    return Z.unflatten(-1, (num_heads, Z.shape[-1] // num_heads)).transpose(-2, -3)
-
-
-def _merge_heads(Z: Tensor) -> Tensor:
-    """``(..., h, n, e) -> (..., n, h·e)``, the inverse of :func:`_split_heads`."""
-    return Z.transpose(-2, -3).flatten(-2)
-
-
-def _affine(X: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-    """``X W + 1 bᵀ`` in einsum form (weights act on the right)."""
-    Z = torch.einsum("...nd,de->...ne", X, W)
-    return Z if b is None else Z + b
 
 
 def _check_projections(
@@ -190,8 +165,8 @@ def _check_projections(
     """Shape/dtype checks shared by :func:`multi_head_attention` and :func:`linear_attention`."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise EnergyInputError(f"`num_heads` must be a positive int, got {num_heads!r}.")
-    _check(x_q, "x_q", min_ndim=2)
-    _check(x_kv, "x_kv", min_ndim=2)
+    check_tensor(x_q, "x_q", min_ndim=2)
+    check_tensor(x_kv, "x_kv", min_ndim=2)
     try:
         torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
     except RuntimeError:
@@ -199,9 +174,9 @@ def _check_projections(
             f"the batch dimensions of `x_q` {tuple(x_q.shape[:-2])} and `x_kv` {tuple(x_kv.shape[:-2])} "
             "do not broadcast."
         ) from None
-    _check(W_Q, "W_Q", ndim=2, trailing=(x_q.shape[-1], None))
-    _check(W_K, "W_K", ndim=2, trailing=(x_kv.shape[-1], W_Q.shape[1]))
-    _check(W_V, "W_V", ndim=2, trailing=(x_kv.shape[-1], None))
+    check_tensor(W_Q, "W_Q", ndim=2, trailing=(x_q.shape[-1], None))
+    check_tensor(W_K, "W_K", ndim=2, trailing=(x_kv.shape[-1], W_Q.shape[1]))
+    check_tensor(W_V, "W_V", ndim=2, trailing=(x_kv.shape[-1], None))
     for name, W in (("W_Q", W_Q), ("W_V", W_V)):
         if W.shape[1] % num_heads:
             raise EnergyInputError(
@@ -215,28 +190,23 @@ def _check_projections(
     if b_O is not None:
         if W_O is None:
             raise EnergyInputError("`b_O` was given without `W_O`; pass an output projection or drop the bias.")
-        _check(b_O, "b_O", ndim=1, trailing=(W_O.shape[1],))
+        check_tensor(b_O, "b_O", ndim=1, trailing=(W_O.shape[1],))
     check_same_float_dtype(x_q=x_q, x_kv=x_kv, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, b_Q=b_Q, b_K=b_K, b_V=b_V,
                            b_O=b_O)
 
 
-def _scores_mask(
-    mask: Tensor | None, causal: bool, batch: tuple[int, ...], n_q: int, n_k: int, device: torch.device
-) -> Tensor | None:
-    """Combine a user mask (shared by all heads) with the causal mask; returns a mask for ``(..., h, n_q, n_k)``."""
+def _check_scores_mask(mask: object, causal: object, x_q: Tensor, x_kv: Tensor, *, linear: bool = False) -> None:
+    """Check a user mask (shared by all heads) against the scores ``(..., n_q, n_k)`` and the ``causal`` flag."""
     if not isinstance(causal, bool):
         raise EnergyInputError(f"`causal` must be a bool, got {causal!r}.")
+    if linear and isinstance(mask, Tensor) and mask.dtype != torch.bool:
+        raise EnergyInputError(
+            f"`mask` must be boolean (True = keep) for linear attention, got dtype {mask.dtype}; an additive "
+            "mask only makes sense inside a softmax."
+        )
     if mask is not None:
-        _check_mask(mask, "mask", (*batch, n_q, n_k))
-    if causal:
-        c = causal_mask(n_q, n_k, device=device)
-        if mask is None:
-            mask = c
-        elif mask.dtype == torch.bool:
-            mask = mask & c
-        else:
-            mask = torch.where(c, mask, float("-inf"))
-    return None if mask is None else mask.unsqueeze(-3)
+        batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
+        _check_mask(mask, "mask", (*batch, x_q.shape[-2], x_kv.shape[-2]))
 
 
 def multi_head_attention(
@@ -248,13 +218,7 @@ def multi_head_attention(
     W_O: Tensor | None = None,
     *,
     num_heads: int,
-    b_Q: Tensor | None = None,
-    b_K: Tensor | None = None,
-    b_V: Tensor | None = None,
-    b_O: Tensor | None = None,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    causal: bool = False,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Multi-head (cross- or self-) attention, einsum form.
 
@@ -286,15 +250,7 @@ def multi_head_attention(
     Returns:
         ``(..., n_q, d_out)`` (or ``(..., n_q, H·d_v)`` without ``W_O``).
     """
-    _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
-    Q = _split_heads(_affine(x_q, W_Q, b_Q), num_heads)  # (..., H, n_q, d_k)
-    K = _split_heads(_affine(x_kv, W_K, b_K), num_heads)  # (..., H, n_k, d_k)
-    V = _split_heads(_affine(x_kv, W_V, b_V), num_heads)  # (..., H, n_k, d_v)
-    batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
-    m = _scores_mask(mask, causal, batch, x_q.shape[-2], x_kv.shape[-2], x_q.device)
-    A = attention_weights(Q, K, scale=scale, mask=m)  # (..., H, n_q, n_k)
-    heads = _merge_heads(torch.einsum("...ij,...jv->...iv", A, V))  # (..., n_q, H·d_v)
-    return heads if W_O is None else _affine(heads, W_O, b_O)
+    return _attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, options, linear=False)
 
 
 def linear_attention(
@@ -306,13 +262,7 @@ def linear_attention(
     W_O: Tensor | None = None,
     *,
     num_heads: int = 1,
-    b_Q: Tensor | None = None,
-    b_K: Tensor | None = None,
-    b_V: Tensor | None = None,
-    b_O: Tensor | None = None,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    causal: bool = False,
+    **options: Unpack[AttentionOptions],
 ) -> Tensor:
     r"""Linear attention (no softmax), the variant of MATH §3.6, same arguments as :func:`multi_head_attention`.
 
@@ -321,29 +271,23 @@ def linear_attention(
     ``mask`` must be boolean here (``True`` = keep, blocked scores are set to 0): an additive ``-inf`` mask has no
     meaning without the exponential.
     """
+    return _attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, options, linear=True)
+
+
+def _attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None, num_heads: int,
+               options: AttentionOptions, *, linear: bool) -> Tensor:
+    """Validate once (shapes, dtypes, masks, κ), then the core's multi-head attention (softmax or linear)."""
+    check_options(options, AttentionOptions.__annotations__, "linear_attention" if linear else "multi_head_attention")
+    b_Q, b_K, b_V, b_O = options.get("b_Q"), options.get("b_K"), options.get("b_V"), options.get("b_O")
+    mask, causal = options.get("mask"), options.get("causal", False)
     _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
-    if mask is not None and isinstance(mask, Tensor) and mask.dtype != torch.bool:
-        raise EnergyInputError(
-            f"`mask` must be boolean (True = keep) for linear attention, got dtype {mask.dtype}; an additive "
-            "mask only makes sense inside a softmax."
-        )
-    Q = _split_heads(_affine(x_q, W_Q, b_Q), num_heads)
-    K = _split_heads(_affine(x_kv, W_K, b_K), num_heads)
-    V = _split_heads(_affine(x_kv, W_V, b_V), num_heads)
-    kappa = _resolve_scale(scale, Q.shape[-1])
-    A = kappa * torch.einsum("...ik,...jk->...ij", Q, K)
-    batch = torch.broadcast_shapes(x_q.shape[:-2], x_kv.shape[:-2])
-    m = _scores_mask(mask, causal, batch, x_q.shape[-2], x_kv.shape[-2], x_q.device)
-    if m is not None:
-        A = torch.where(m, A, 0.0)
-    heads = _merge_heads(torch.einsum("...ij,...jv->...iv", A, V))
-    return heads if W_O is None else _affine(heads, W_O, b_O)
+    _check_scores_mask(mask, causal, x_q, x_kv, linear=linear)
+    return core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
+                                     b_O=b_O, scale=check_scale(options.get("scale")), mask=mask, causal=causal,
+                                     linear=linear)
 
 
 # ------------------------------------------------------------------------------------------- feed-forward and norms
-
-_ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, None: lambda Z: Z}
-
 
 def feed_forward(
     X: Tensor,
@@ -363,19 +307,19 @@ def feed_forward(
         W_2: ``(m, d_out)``; ``b_2``: ``(d_out,)`` or ``None``.
         activation: ``"relu"``, ``"gelu"`` (exact, erf form, as ``nn.GELU()``) or ``None`` (linear).
     """
-    if activation not in _ACTIVATIONS:
+    if activation not in core_ffn.ACTIVATIONS:
         raise EnergyInputError(f"`activation` must be 'relu', 'gelu' or None, got {activation!r}.")
-    _check(X, "X", min_ndim=2)
-    _check(W_1, "W_1", ndim=2, trailing=(X.shape[-1], None))
+    check_tensor(X, "X", min_ndim=2)
+    check_tensor(W_1, "W_1", ndim=2, trailing=(X.shape[-1], None))
     _check_optional(b_1, "b_1", ndim=1, trailing=(W_1.shape[1],))
-    _check(W_2, "W_2", ndim=2, trailing=(W_1.shape[1], None))
+    check_tensor(W_2, "W_2", ndim=2, trailing=(W_1.shape[1], None))
     _check_optional(b_2, "b_2", ndim=1, trailing=(W_2.shape[1],))
     check_same_float_dtype(X=X, W_1=W_1, b_1=b_1, W_2=W_2, b_2=b_2)
-    return _affine(_ACTIVATIONS[activation](_affine(X, W_1, b_1)), W_2, b_2)
+    return core_ffn.feed_forward(X, W_1, b_1, W_2, b_2, activation)
 
 
 def _check_norm_args(X: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float | None) -> None:
-    _check(X, "X", min_ndim=1)
+    check_tensor(X, "X", min_ndim=1)
     _check_optional(weight, "weight", ndim=1, trailing=(X.shape[-1],))
     _check_optional(bias, "bias", ndim=1, trailing=(X.shape[-1],))
     check_same_float_dtype(X=X, weight=weight, bias=bias)
@@ -392,11 +336,7 @@ def layer_norm(X: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     (:func:`energy.normalization.layernorm_projection`, MATH §1.4).
     """
     _check_norm_args(X, weight, bias, eps)
-    Xc = X - X.mean(dim=-1, keepdim=True)
-    Z = Xc / torch.sqrt((Xc * Xc).mean(dim=-1, keepdim=True) + eps)
-    if weight is not None:
-        Z = Z * weight
-    return Z if bias is None else Z + bias
+    return core_norm.layer_norm(X, weight, bias, eps)
 
 
 def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
@@ -408,6 +348,4 @@ def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) 
     this is the projection onto the sphere of radius ``√d`` (MATH §1.4).
     """
     _check_norm_args(X, weight, None, eps)
-    e = torch.finfo(X.dtype).eps if eps is None else eps
-    Z = X / torch.sqrt((X * X).mean(dim=-1, keepdim=True) + e)
-    return Z if weight is None else Z * weight
+    return core_norm.rms_norm(X, weight, eps)

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -28,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from energy._validation import StepSizeWarning
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, key_bias
+from energy.core import attention as core
+from energy.core import related as core_related
+from energy.core.fused import fused_step
 from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
@@ -129,54 +130,65 @@ def _beta_mask(Y: Tensor, W: Tensor, heads: int = 1) -> Tensor:
     return beta.unsqueeze(-2).expand(B, heads, n, n).reshape(B * heads, n, n)
 
 
+def _attention_trial(E: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor, alpha: float,
+                     reference_err: Callable[[Tensor], float], preconditioner: str = "metric") -> _Trial:
+    """The step ``Y⁺`` against the autograd twin ``Y − α P⁻¹∇E`` and against a reference (``reference_err(Y⁺)``),
+    and whether ``E`` increased."""
+    Yp = E.step(Y, alpha, preconditioner=preconditioner)
+    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y), preconditioner=preconditioner)
+    return _Trial(_err(Yp, via_autograd), reference_err(Yp), _increased(E.energy(Yp), E.energy(Y)))
+
+
+def _head_shapes(g: torch.Generator) -> tuple[int, int, int, int, int]:
+    """Batch, tokens, heads ``h``, head width ``k`` and ``d = h·k`` of a multi-head case."""
+    B, n = _randint(g, 2, 3), _randint(g, 3, 9)
+    h, k = _randint(g, 2, 3), _randint(g, 1, 3)
+    return B, n, h, k, h * k
+
+
+def _factor_problem(g: torch.Generator, width: Callable[[int], int]) -> tuple[int, int, int, int, Tensor, Tensor]:
+    """Shapes ``B, n, d`` (:func:`_shapes`), a factor ``M`` ``(d, k)`` with ``k = width(d)`` and tokens ``Y``."""
+    B, n, d = _shapes(g)
+    k = width(d)
+    return B, n, d, k, _randn(g, d, k), _randn(g, B, n, d)
+
+
 # ---------------------------------------------------------------------------------------------------- cases
 
 
 @_case("attention-step-a", "(1−α)Y + α·softmax_β(Y W Yᵀ) Y  (Gaussian ρ, metric preconditioner)",
        "SDPA and nn.MultiheadAttention (W_Q=W_K=M, W_V=W_O=I, β as attn_mask)")
 def _attention_a(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = d + _randint(g, 0, 2)  # k ≥ d: W ≻ 0, so the metric preconditioner (D ⊗ W)⁻¹ exists
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: d + _randint(g, 0, 2))  # k ≥ d: W ≻ 0, (D ⊗ W)⁻¹ exists
     E, alpha = AttentionEnergy(M), _uniform(g, 0.05, 1.95)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     Q = Y @ M
     sdpa = F.scaled_dot_product_attention(Q, Q, Y, attn_mask=_beta_mask(Y, E.W), scale=1 / math.sqrt(k))
     # nn.MultiheadAttention with one head of width d scales by 1/√d: tie W_Q = W_K = C with C Cᵀ = √d · W.
     C = torch.linalg.cholesky(math.sqrt(d) * E.W)
     eye = torch.eye(d, dtype=DTYPE)
     mha = _mha(d, 1, C, C, eye, eye)(Y, Y, Y, attn_mask=_beta_mask(Y, E.W), need_weights=False)[0]
-    ref_err = max(_err(Yp, (1 - alpha) * Y + alpha * sdpa), _err(Yp, (1 - alpha) * Y + alpha * mha))
-    return _Trial(_err(Yp, via_autograd), ref_err, _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: max(_err(Yp, (1 - alpha) * Y + alpha * sdpa),
+                                                        _err(Yp, (1 - alpha) * Y + alpha * mha)))
 
 
 @_case("attention-step-b", "Y(I − αW) + α·softmax_β(Y W Yᵀ) Y W  (Gaussian ρ, token preconditioner)",
        "SDPA with values Y·W and skip path Y(I − αW)")
 def _attention_b(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = _randint(g, 1, d + 1)  # any rank: this step needs no W⁻¹
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: _randint(g, 1, d + 1))  # any rank: no W⁻¹ needed
     E = AttentionEnergy(M)
     alpha = _uniform(g, 0.05, 1.95) / E.lambda_max_W()
-    Yp = E.step(Y, alpha, preconditioner="token")
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y), preconditioner="token")
     Q = Y @ M
     sdpa = F.scaled_dot_product_attention(Q, Q, Y @ E.W, attn_mask=_beta_mask(Y, E.W), scale=1 / math.sqrt(k))
     ref = Y @ (torch.eye(d, dtype=DTYPE) - alpha * E.W) + alpha * sdpa
-    return _Trial(_err(Yp, via_autograd), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: _err(Yp, ref), preconditioner="token")
 
 
 @_case("attention-ridge", "(1−α)Y + α·Σ_j γ_ij y_j / (λ + Σ_k γ_ik)  (ridge λ, null slot)",
        "SDPA with an extra zero-value key (the null slot)")
 def _attention_ridge(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = d + 1
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: d + 1)
     lam = _uniform(g, 0.1, 3.0)
     E, alpha = AttentionEnergy(M, ridge=lam), _uniform(g, 0.05, 1.95)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     # γ_ij = exp(−½‖y_i‖²_W) · exp(y_iᵀ W y_j + β_j): the null slot's logit is log λ + ½‖y_i‖²_W, its value 0.
     Q = Y @ M
     half_norm = 0.5 * torch.einsum("bid,de,bie->bi", Y, E.W, Y)
@@ -185,24 +197,20 @@ def _attention_ridge(g: torch.Generator) -> _Trial:
     V = torch.cat([Y, torch.zeros(B, 1, d, dtype=DTYPE)], dim=1)
     null_slot = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, scale=1 / math.sqrt(k))
     ref = (1 - alpha) * Y + alpha * null_slot
-    return _Trial(_err(Yp, via_autograd), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: _err(Yp, ref))
 
 
 @_case("attention-step-a-other-kernels", "(1−α)Y + α·D⁻¹ΓY with Cauchy / power (IRLS) weights γ_ij = ρ'(z_ij)",
        "brute-force pair loop over ‖y_i − y_j‖²_W (no Gram matrix)")
 def _attention_other_kernels(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    k = d + 1
-    M, Y = _randn(g, d, k), _randn(g, B, n, d)
+    B, n, d, k, M, Y = _factor_problem(g, lambda d: d + 1)
     kernel = CauchyKernel() if _randint(g, 0, 1) else PowerKernel(_uniform(g, 0.5, 2.0), eps=_uniform(g, 0.1, 1.0))
     E = AttentionEnergy(M, kernel=kernel)
     alpha = _uniform(g, 0.05, 0.975) * E.step_range().high  # both kernels have Γ ⪰ 0: range (0, 2)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     diff = Y.unsqueeze(-2) - Y.unsqueeze(-3)  # (B, n, n, d): fine for a reference at these sizes
     Gamma = kernel.drho(0.5 * torch.einsum("bijd,de,bije->bij", diff, E.W, diff))
     ref = (1 - alpha) * Y + alpha * (Gamma / Gamma.sum(-1, keepdim=True)) @ Y
-    return _Trial(_err(Yp, via_autograd), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: _err(Yp, ref))
 
 
 def _orthogonal_heads(g: torch.Generator, d: int, h: int) -> Tensor:
@@ -217,20 +225,15 @@ def _orthogonal_heads(g: torch.Generator, d: int, h: int) -> Tensor:
 @_case("attention-multihead-orthogonal", "Y − α Σ_h (Y − A_h Y) P_h  (orthogonal heads, metric preconditioner)",
        "nn.MultiheadAttention (W_Q,h = W_K,h = M_h, values/outputs U_h, β_h as attn_mask)")
 def _multihead_orthogonal(g: torch.Generator) -> _Trial:
-    B, n = _randint(g, 2, 3), _randint(g, 3, 9)
-    h, k = _randint(g, 2, 3), _randint(g, 1, 3)
-    d = h * k
+    B, n, h, k, d = _head_shapes(g)
     M, Y = _orthogonal_heads(g, d, h), _randn(g, B, n, d)
     E, alpha = MultiHeadAttentionEnergy(M), _uniform(g, 0.05, 1.95)
-    Yp = E.step(Y, alpha)
-    via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y))
     U = torch.linalg.qr(M)[0]  # orthonormal bases U_h of range(M_h): P_h = U_h U_hᵀ
     stack = lambda T: torch.cat(list(T), dim=1)  # (h, d, k) → (d, h·k)
     mha = _mha(d, h, stack(M), stack(M), stack(U), stack(U).T)
     out = mha(Y, Y, Y, attn_mask=_beta_mask(Y, E.W, h), need_weights=False)[0]
     fused = attention_step_fused(Y, M, alpha)
-    ref_err = max(_err(Yp, (1 - alpha) * Y + alpha * out), _err(Yp, fused))
-    return _Trial(_err(Yp, via_autograd), ref_err, _increased(E.energy(Yp), E.energy(Y)))
+    return _attention_trial(E, Y, alpha, lambda Yp: max(_err(Yp, (1 - alpha) * Y + alpha * out), _err(Yp, fused)))
 
 
 @_case("attention-multihead-general", "Σ_h per-head steps, general (non-orthogonal) heads",
@@ -240,10 +243,12 @@ def _multihead_general(g: torch.Generator) -> _Trial:
     h, k = _randint(g, 2, 3), _randint(g, 1, d)
     M, Y = _randn(g, h, d, k), _randn(g, B, n, d)
     E, alpha = MultiHeadAttentionEnergy(M), _uniform(g, 0.05, 1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StepSizeWarning)  # no guaranteed range exists: that is the point
-        Yp = E.step(Y, alpha)
-        fused = attention_step_fused(Y, M, alpha)
+    # No guaranteed range exists (that is the point): the public step would warn, so the pure core is compared,
+    # the einsum step against the fused one, with the value/output maps of MultiHeadAttentionEnergy.step.
+    kappa = core.kappa(None, k)
+    values, out = core.value_output_maps(M, kappa, "metric", single=False)
+    Yp = core.head_step(Y, M, kappa, E.kernel, 0.0, None, values, out, alpha)
+    fused = fused_step(Y, M, alpha, kappa, values, out)
     return _Trial(None, _err(Yp, fused), _increased(E.energy(Yp), E.energy(Y)))
 
 
@@ -264,34 +269,34 @@ def _spd_spectrum(g: torch.Generator, d: int, lo: float, hi: float) -> Tensor:
     return Qo @ torch.diag(lam) @ Qo.T
 
 
-@_case("ffn-step", "(1−α)Y − α Y W_f + α 1bᵀ  (gradient step of E_ffn)", "nn.Linear")
-def _ffn(g: torch.Generator) -> _Trial:
+def _ffn_problem(g: torch.Generator) -> tuple[int, int, int, FFNEnergy, float, nn.Linear]:
+    """An FFN energy (``W_f`` spectrum in [0, 0.95]), a step size inside its range, and the ``nn.Linear`` its step
+    is: weight ``(1 − α)I − αW_f``, bias ``αb``."""
     B, n, d = _shapes(g)
     W_f, b = _spd_spectrum(g, d, 0.0, 0.95), _randn(g, d)
     E = FFNEnergy(W_f, b)
     alpha = _uniform(g, 0.05, 1.95) * E.step_range().high / 2
-    Y = _randn(g, B, n, d)
-    Yp = E.step(Y, alpha)
     lin = nn.Linear(d, d, dtype=DTYPE)
     with torch.no_grad():
         lin.weight.copy_(((1 - alpha) * torch.eye(d, dtype=DTYPE) - alpha * W_f).T)
         lin.bias.copy_(alpha * b)
+    return B, n, d, E, alpha, lin
+
+
+@_case("ffn-step", "(1−α)Y − α Y W_f + α 1bᵀ  (gradient step of E_ffn)", "nn.Linear")
+def _ffn(g: torch.Generator) -> _Trial:
+    B, n, d, E, alpha, lin = _ffn_problem(g)
+    Y = _randn(g, B, n, d)
+    Yp = E.step(Y, alpha)
     ref = lin(Y).detach()
     return _Trial(_err(Yp, Y - alpha * E.autograd_grad(Y)), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
 
 
 @_case("ffn-relu-projected", "ReLU(Y − α∇E_ffn)  (projected gradient on E_ffn + ι_{≥0})", "ReLU ∘ nn.Linear")
 def _ffn_relu(g: torch.Generator) -> _Trial:
-    B, n, d = _shapes(g)
-    W_f, b = _spd_spectrum(g, d, 0.0, 0.95), _randn(g, d)
-    E = FFNEnergy(W_f, b)
-    alpha = _uniform(g, 0.05, 1.95) * E.step_range().high / 2
+    B, n, d, E, alpha, lin = _ffn_problem(g)
     Y = torch.rand(B, n, d, generator=g, dtype=DTYPE)  # feasible start
     Yp = E.projected_step(Y, alpha)
-    lin = nn.Linear(d, d, dtype=DTYPE)
-    with torch.no_grad():
-        lin.weight.copy_(((1 - alpha) * torch.eye(d, dtype=DTYPE) - alpha * W_f).T)
-        lin.bias.copy_(alpha * b)
     ref = torch.relu(lin(Y)).detach()
     via_autograd = torch.relu(Y - alpha * E.autograd_grad(Y))
     return _Trial(_err(Yp, via_autograd), _err(Yp, ref),
@@ -307,11 +312,12 @@ def _tied_relu(g: torch.Generator) -> _Trial:
     E, alpha = TiedReLUEnergy(W_1, b), _uniform(g, 0.05, 3.0)
     Y = _randn(g, B, n, d)
     Yp = E.step(Y, alpha)
-    net = nn.Sequential(nn.Linear(d, m, dtype=DTYPE), nn.ReLU(), nn.Linear(m, d, bias=False, dtype=DTYPE))
+    first, second = nn.Linear(d, m, dtype=DTYPE), nn.Linear(m, d, bias=False, dtype=DTYPE)
+    net = nn.Sequential(first, nn.ReLU(), second)
     with torch.no_grad():
-        net[0].weight.copy_(W_1.T)
-        net[0].bias.copy_(b)
-        net[2].weight.copy_(alpha * W_1)
+        first.weight.copy_(W_1.T)
+        first.bias.copy_(b)
+        second.weight.copy_(alpha * W_1)
     ref = (Y + net(Y)).detach()
     return _Trial(_err(Yp, Y - alpha * E.autograd_grad(Y)), _err(Yp, ref), _increased(E.energy(Yp), E.energy(Y)))
 
@@ -339,9 +345,9 @@ def _energy_transformer(g: torch.Generator) -> _Trial:
     E = EnergyTransformerEnergy(0.5 * _randn(g, h, d, k), 0.5 * _randn(g, h, d, k), 0.5 * _randn(g, m, d),
                                 ln_bias=0.1 * _randn(g, d))
     x, alpha = _randn(g, B, n, d), 1e-3
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", StepSizeWarning)
-        xp = E.step(x, alpha)
+    # No uniform range is known (MATH §2.2), so the public step would warn: the update is taken from the pure core.
+    G0 = core_related.et_normalize(x, E.ln_gamma, E.ln_bias, E.eps)
+    xp = x - alpha * core_related.et_grad_g(G0, E.W_Q, E.W_K, E.xi, E.beta, E.exclude_diagonal)
     G = E.normalize(x).detach().requires_grad_(True)
     (dG,) = torch.autograd.grad(E.energy_g(G).sum(), G)
     return _Trial(_err(xp, x - alpha * dG), None, _increased(E.energy(xp), E.energy(x)))
@@ -359,9 +365,7 @@ def _layernorm(g: torch.Generator) -> _Trial:
 @_case("reference-mha", "energy.reference.multi_head_attention (unconstrained weights, biases, causal)",
        "nn.MultiheadAttention and SDPA")
 def _reference_mha(g: torch.Generator) -> _Trial:
-    B, n = _randint(g, 2, 3), _randint(g, 3, 9)
-    h, dh = _randint(g, 2, 3), _randint(g, 1, 3)
-    d = h * dh
+    B, n, h, dh, d = _head_shapes(g)
     mha = nn.MultiheadAttention(d, h, batch_first=True, dtype=DTYPE).eval()
     with torch.no_grad():
         for p in mha.parameters():

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import energy.attention as energy_attention
+import energy.core.fused as core_fused
 from energy._validation import ConstraintError, EnergyInputError, StepSizeError, StepSizeWarning, strict_mode
 from energy.attention import (
     AttentionEnergy,
     attention_step_fused,
+    attention_step_fused_and_energy,
     key_bias,
     metric,
     pairwise_sq_dist,
@@ -279,11 +280,11 @@ def _pair_sum_energy(Y: torch.Tensor, E: AttentionEnergy, mask: torch.Tensor | N
 @pytest.mark.parametrize("preconditioner", ["metric", "token"])
 def test_fused_step_returns_the_energy_at_its_input(preconditioner: str, flash: bool, gen: torch.Generator,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """``attention_step_fused(..., return_energy=True)``: E(Y) from the kernel's row log-normalisers, MATH §1.1
+    """``attention_step_fused_and_energy``: E(Y) from the kernel's row log-normalisers, MATH §1.1
     (``D_ii = exp(β_i + lse_i)``), equals ``energy(Y)``; both the flash op and the explicit-logit fallback; under
     autograd the energy is the explicit, differentiable one."""
     if not flash:
-        monkeypatch.setattr(energy_attention, "_flash_lse_op", lambda: None)
+        monkeypatch.setattr(core_fused, "_flash_lse_op", lambda: None)
     Y, M = _problem(gen, (2, 3), 7, 4, 5)
     mask = torch.rand(2, 3, 7, generator=gen) > 0.4
     mask[..., 0] = True
@@ -292,13 +293,13 @@ def test_fused_step_returns_the_energy_at_its_input(preconditioner: str, flash: 
         alpha = _alpha(E, preconditioner)
         for mk in (None, mask):
             with torch.no_grad():
-                Yp, e = attention_step_fused(Y, M, alpha, scale=scale, preconditioner=preconditioner, token_mask=mk,
-                                             return_energy=True)
+                Yp, e = attention_step_fused_and_energy(Y, M, alpha, scale=scale, preconditioner=preconditioner,
+                                                        token_mask=mk)
             _close(Yp, E.step(Y, alpha, preconditioner=preconditioner, token_mask=mk))
             _close(e, E.energy(Y, mk), 1e-12)
     Yg = Y.clone().requires_grad_(True)
-    _, e = attention_step_fused(Yg, M, _alpha(AttentionEnergy(M), preconditioner), preconditioner=preconditioner,
-                                return_energy=True)
+    _, e = attention_step_fused_and_energy(Yg, M, _alpha(AttentionEnergy(M), preconditioner),
+                                           preconditioner=preconditioner)
     (g,) = torch.autograd.grad(e.sum(), Yg)
     _close(g, AttentionEnergy(M).grad(Y))
 
@@ -540,14 +541,14 @@ def test_bad_input_is_rejected_with_clear_error(call, exc, match) -> None:
 @pytest.mark.parametrize("preconditioner", ["metric", "token"])
 def test_batch_chunking_does_not_change_results(preconditioner: str, gen: torch.Generator,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import energy.attention as attention_module
+    import energy.core.attention as attention_module
 
     Y, M = _problem(gen, (2, 3), 6, 4, 5)
     mask = torch.rand(2, 3, 6, generator=gen) > 0.3
     E = AttentionEnergy(M, kernel=CauchyKernel(), ridge=0.2)
     alpha = _alpha(E, preconditioner)
     whole = (E.energy(Y, mask), E.grad(Y, mask), E.step(Y, alpha, preconditioner=preconditioner, token_mask=mask))
-    monkeypatch.setattr(attention_module, "_CHUNK_ENTRIES", 40)  # one batch element per chunk
+    monkeypatch.setattr(attention_module, "CHUNK_ENTRIES", 40)  # one batch element per chunk
     chunked = (E.energy(Y, mask), E.grad(Y, mask), E.step(Y, alpha, preconditioner=preconditioner, token_mask=mask))
     for a, b in zip(whole, chunked):
         _close(a, b, 1e-13)

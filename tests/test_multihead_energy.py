@@ -12,7 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from energy._validation import ConstraintError, EnergyInputError, StepSizeWarning
-from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, head_bases
+from energy.attention import (
+    AttentionEnergy,
+    MultiHeadAttentionEnergy,
+    attention_step_fused,
+    attention_step_fused_and_energy,
+    head_bases,
+)
 from energy.kernels import CauchyKernel, GaussianKernel, Kernel, PowerKernel
 
 DT = torch.float64
@@ -244,8 +250,8 @@ def test_step_and_energy_equals_step_and_energy_separately(kernel: Kernel, preco
         if type(kernel) is GaussianKernel and ridge == 0.0:  # the fused path's energy (from the log-normalisers)
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore", StepSizeWarning)
-                Yf, ef = attention_step_fused(Y, M, 0.3, preconditioner=preconditioner, token_mask=mask,
-                                              return_energy=True)
+                Yf, ef = attention_step_fused_and_energy(Y, M, 0.3, preconditioner=preconditioner,
+                                                         token_mask=mask)
             _close(Yf, Yp)
             _close(ef, e, 1e-12)
 

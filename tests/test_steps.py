@@ -13,6 +13,7 @@ from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, metric, 
 from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
+from energy.normalization import layernorm_projection
 from energy.reference import attention_weights
 from unfold.steps import (
     AttentionStep,
@@ -61,9 +62,10 @@ def test_attention_step_fused_and_plain_equal_energy_step(gen, heads, k, prec, o
     (1, 4, "metric", False, "cauchy"), (2, 3, "token", True, "power"),
 ])
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
-def test_attention_apply_and_energy_equals_apply_and_energy_separately(gen, heads, k, prec, orth, kernel, grad):
-    """``apply_and_energy`` (fused: the kernel's log-normalisers; otherwise the energy's ``step_and_energy``) equals
-    ``(apply(Y), energy(Y))`` in float64; gradients flow through both outputs when autograd records."""
+def test_attention_forward_prepared_and_energy_equals_step_and_energy(gen, heads, k, prec, orth, kernel, grad):
+    """``forward_prepared_and_energy`` (fused: the kernel's log-normalisers; otherwise ``head_step_and_energy``)
+    equals ``(forward_prepared(Y), energy(Y))`` in float64; gradients flow through both outputs when autograd
+    records."""
     torch.manual_seed(int(gen.initial_seed()))
     d = 7
     alpha = 0.05 if prec == "token" else 0.6
@@ -73,8 +75,8 @@ def test_attention_apply_and_energy_equals_apply_and_energy_separately(gen, head
     with torch.set_grad_enabled(grad), warnings.catch_warnings():
         warnings.simplefilter("ignore", StepSizeWarning)  # general heads: no guaranteed range
         prep = step.prepare()
-        Yp, E = step.apply_and_energy(prep, Y)
-        torch.testing.assert_close(Yp, step.apply(prep, Y), **TOL)
+        Yp, E = step.forward_prepared_and_energy(prep, Y)
+        torch.testing.assert_close(Yp, step.forward_prepared(prep, Y), **TOL)
     torch.testing.assert_close(E, prep.energy.energy(Y), **TOL)
     assert E.requires_grad == grad
     assert step.uses_fused == (kernel == "gaussian")
@@ -96,9 +98,9 @@ def test_non_attention_steps_return_no_energy_in_passing(gen):
     step = FFNStep(4).double()
     prep = step.prepare()
     Y = _Y(gen, 2, 3, 4)
-    Yp, E = step.apply_and_energy(prep, Y)
+    Yp, E = step.forward_prepared_and_energy(prep, Y)
     assert E is None
-    torch.testing.assert_close(Yp, step.apply(prep, Y), rtol=0, atol=0)
+    torch.testing.assert_close(Yp, step.forward_prepared(prep, Y), rtol=0, atol=0)
 
 
 def test_attention_step_a_is_softmax_beta_attention(gen):
@@ -195,8 +197,11 @@ def test_projections_against_torch(gen):
     torch.testing.assert_close(RMSNormProjection(6, eps=1e-5)(Y), rms_eps(Y), **TOL)
     Z = Y.clone()
     Z[0, 1] = 0.0  # a token the ReLU zeroed: the exact projection is not unique, the eps map sends it to 0
-    with pytest.raises(EnergyInputError, match="not unique"):
-        LayerNormProjection(6)(Z)
+    with pytest.raises(EnergyInputError, match="not unique"):  # the public function checks the values
+        layernorm_projection(Z)
+    # the step's forward reads no values (pure core): the non-unique projection shows as a non-finite token
+    out = LayerNormProjection(6)(Z)
+    assert not torch.isfinite(out[0, 1]).any() and torch.isfinite(out[1]).all()
     assert LayerNormProjection(6, eps=1e-5)(Z)[0, 1].abs().max() == 0
     with pytest.raises(EnergyInputError, match="eps"):
         LayerNormProjection(6, eps=-1.0)

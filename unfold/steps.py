@@ -2,20 +2,24 @@ r"""One ``nn.Module`` per descent step: the layers an unrolled Transformer is bu
 
 Every step module carries its weights through named parametrisations (:mod:`unfold.parametrizations`) and answers
 
-* ``build()`` / ``.energy`` — the :mod:`energy` object made from the *current* (constrained) weights, or ``None``
-  for a projection (ReLU, LayerNorm, RMSNorm: indicator functions, zero on their set);
-* ``prepare()`` — a :class:`Prepared` (the built energy plus a per-pass cache; the step size is checked here, once);
-* ``apply(prepared, Y)`` — the descent step (so a weight-tied model evaluates its parametrisations once per forward
-  pass, however deep it is);
-* ``apply_and_energy(prepared, Y)`` — ``(Y⁺, E_term(Y))`` if the step computes its energy term at ``Y`` in passing
-  (the attention step), else ``(Y⁺, None)`` (used by the unroller's traces);
-* ``forward(Y)`` = ``apply(prepare(), Y)``.
+* ``build()`` / ``.energy`` — the validated :mod:`energy` object made from the *current* (constrained) weights, or
+  ``None`` for a projection (ReLU, LayerNorm, RMSNorm: indicator functions, zero on their set) — for users;
+* ``prepare()`` — a :class:`Prepared`: the constrained weights (and e.g. the heads' value bases) evaluated once per
+  forward pass, so a weight-tied model evaluates its parametrisations once however deep it is;
+* ``forward_prepared(prepared, Y)`` — the descent step, straight through the pure core (:mod:`energy.core`);
+* ``forward_prepared_and_energy(prepared, Y)`` — ``(Y⁺, E_term(Y))`` if the step computes its energy term at ``Y``
+  in passing (the attention step), else ``(Y⁺, None)`` (used by the unroller's traces);
+* ``forward(Y)`` = ``forward_prepared(prepare(), Y)``.
 
-Step sizes. ``alpha`` is a non-persistent float64 buffer (fixed; part of ``config()``) or, with
-``learn_alpha=True``, a parameter. A gradient step is affine in ``α`` (MATH §1.5: ``Y − α P⁻¹∇E = Y + α (T(Y) − Y)``
-with ``T`` the ``α = 1`` step), which is how a learnable ``α`` keeps the graph where the energy's ``step`` takes a
-float; the attention energies accept a tensor ``α`` directly.
-``α`` is checked against the energy's ``step_range`` (warning, or error in ``strict_mode``).
+Forwards are pure: they check only ``Y``'s metadata (type, rank, width) and never read a tensor value back to
+Python, so every ``torch.func`` transform passes through a step and a model made of steps.
+
+Step sizes. A fixed ``alpha`` is a Python float (also kept as a non-persistent float64 buffer ``alpha`` and in
+``config()``); with ``learn_alpha=True`` it is a parameter. Every step is affine in ``α`` (MATH §1.5), and the core
+takes a tensor ``α`` directly. A fixed ``α`` is checked in :meth:`Step.prepare` against the range the step's
+*constraints* guarantee (:meth:`Step.guaranteed_range`: no weight values needed; a warning, or an error in
+``strict_mode``); :meth:`Step.check_alpha` checks the current ``α`` against the built energy's exact
+``step_range()`` (it reads the weights: a public call, outside forwards).
 
 Each step class has a schedule name (``kind``) and, if it descends an energy, the name of its energy term
 (``term``) used in the unroller's traces.
@@ -24,24 +28,28 @@ Each step class has a schedule name (``kind``) and, if it descends an energy, th
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from energy import kernels
-from energy._validation import EnergyInputError, StepSizeWarning, check_step_size, check_tensor
-from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, attention_step_fused, head_bases
-from energy.base import Energy
+from energy._attention_args import check_preconditioner
+from energy._validation import EnergyInputError, check_real, check_scale
+from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
+from energy.base import Energy, StepRange
+from energy.core import attention as core_att
+from energy.core import ffn as core_ffn
+from energy.core import norm as core_norm
+from energy.core import related as core_rel
+from energy.core.fused import fused_step, fused_step_and_energy
+from energy.core.preconditioner import Preconditioner
 from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
-from energy.normalization import layernorm_projection, rmsnorm_projection
-from energy.reference import layer_norm, rms_norm
+from energy.step_range import attention_step_range
 from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, Symmetric
+from unfold.step_base import Prepared, Step, make_kernel, positive_int
 
 __all__ = [
     "Prepared",
@@ -56,108 +64,6 @@ __all__ = [
     "EnergyTransformerStep",
     "make_kernel",
 ]
-
-
-def _positive_int(v: object, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise EnergyInputError(f"`{name}` must be a positive integer, got {v!r}.")
-    return v
-
-
-def make_kernel(kernel: str | Any, **kwargs: Any) -> Any:
-    """Kernel from a name (``"gaussian"``, ``"power"``, ``"cauchy"``); an :class:`energy.kernels.Kernel` passes."""
-    if not isinstance(kernel, str):
-        if not isinstance(kernel, kernels.Kernel):
-            raise EnergyInputError(f"`kernel` must be a name or an energy.kernels.Kernel, got {type(kernel).__name__}.")
-        return kernel
-    table = {"gaussian": kernels.GaussianKernel, "power": kernels.PowerKernel, "cauchy": kernels.CauchyKernel}
-    if kernel not in table:
-        raise EnergyInputError(f"unknown kernel {kernel!r}; valid names: {sorted(table)}.")
-    return table[kernel](**kwargs)
-
-
-@dataclass
-class Prepared:
-    """What one forward pass needs from a step's weights: the energy object and any per-pass cache."""
-
-    energy: Energy | None
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
-class Step(nn.Module):
-    """Base class of the step modules (see the module docstring)."""
-
-    #: schedule name of the step (``"attention"``, ``"ffn"``, ...)
-    kind: ClassVar[str] = "step"
-    #: name of the energy term this step descends (``None`` for projections)
-    term: ClassVar[str | None] = None
-
-    def __init__(self, d: int, *, alpha: float = 1.0, learn_alpha: bool = False) -> None:
-        super().__init__()
-        self.d = _positive_int(d, "d")
-        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
-        if learn_alpha:
-            self.alpha = nn.Parameter(torch.tensor(float(alpha)))
-        else:  # part of the configuration (saved in config(), not in the state dict); float64 keeps it exact
-            self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float64), persistent=False)
-        self.learn_alpha = learn_alpha
-
-    # -- interface -------------------------------------------------------------------------------------------------
-    def build(self) -> Energy | None:
-        """The energy object made from the current (constrained) weights; ``None`` for projections."""
-        return None
-
-    def prepare(self) -> Prepared:
-        """Evaluate the parametrisations once (and check the step size once) for one forward pass."""
-        return Prepared(self.build())
-
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        """The descent step ``energy.step(Y, α)`` of the prepared energy (projections and the attention step
-        override this); a learnable ``α`` goes through :meth:`_affine_in_alpha`."""
-        self._check_Y(Y)
-        energy = prepared.energy
-        if self.learn_alpha:
-            return self._affine_in_alpha(Y, lambda Z: energy.step(Z, 1.0), energy.step_range)
-        return energy.step(Y, float(self.alpha))
-
-    def apply_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The step and, if the step computes it in passing, its energy term at the input ``Y`` (else ``None``).
-
-        The unroller's traces call this at recorded states; steps that can return ``E(Y)`` almost for free (the
-        attention step: the same ``z`` / log-normalisers) override it.
-        """
-        return self.apply(prepared, Y), None
-
-    def energy_at(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        """This step's energy term at ``Y`` from the prepared energy object (the unroller's traces)."""
-        return prepared.energy.energy(Y)
-
-    def forward(self, Y: Tensor) -> Tensor:
-        return self.apply(self.prepare(), Y)
-
-    @property
-    def energy(self) -> Energy | None:
-        """The energy this step descends, built from its current parameters (``None`` for a projection)."""
-        return self.build()
-
-    def config(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this step (JSON-serialisable), without ``d``."""
-        return {"alpha": float(self.alpha.detach()), "learn_alpha": self.learn_alpha}
-
-    # -- helpers ---------------------------------------------------------------------------------------------------
-    def _check_Y(self, Y: Tensor) -> Tensor:
-        return check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
-
-    def _affine_in_alpha(self, Y: Tensor, unit_step, step_range) -> Tensor:
-        """``Y + α (T(Y) − Y)`` with ``T`` the ``α = 1`` step (MATH §1.5), for a learnable ``α`` tensor."""
-        r = step_range()
-        check_step_size(float(self.alpha.detach()), f"{self.kind}.alpha", low=r.low, high=r.high, reason=r.reason,
-                        high_inclusive=r.high_inclusive)
-        with warnings.catch_warnings():  # the α = 1 evaluation is an algebraic device, not the step taken
-            warnings.simplefilter("ignore", StepSizeWarning)
-            T = unit_step(Y)
-        return Y + self.alpha.to(Y.dtype) * (T - Y)
 
 
 # ------------------------------------------------------------------------------------------------------- attention
@@ -185,9 +91,11 @@ class AttentionStep(Step):
         scale: ``κ`` of the metric (default ``1/√k``, the ``softmax(QKᵀ/√d_k)`` convention).
         orthogonal_heads: constrain the heads to mutually orthogonal subspaces (:class:`OrthogonalHeads`); each head
             then keeps its own descent guarantee.
-        fused: use :func:`energy.attention.attention_step_fused` (scaled-dot-product attention with the β
-            augmentation) for the Gaussian kernel, in inference and in training (its backward is autograd's);
-            the result is the same map, tested against the energy's ``step`` (values and gradients).
+        fused: use the fused core step :func:`energy.core.fused.fused_step` (scaled-dot-product attention with
+            the β augmentation) for the Gaussian kernel, in inference and in training (its backward is autograd's);
+            the result is the same map, tested against the energy's ``step`` (values and gradients). It passes
+            ``grad``, ``vjp`` and ``vmap``; torch has no forward-mode derivative of its CPU flash-attention kernel,
+            so for ``jvp``, ``linearize`` or ``hessian`` build the step with ``fused=False`` (the einsum core).
         init_std: standard deviation of the initial factor entries (default ``(k·d)^{-1/4}``, so that
             ``E[W] = I/√d``).
     """
@@ -203,7 +111,7 @@ class AttentionStep(Step):
         k: int | None = None,
         kernel: str | Any = "gaussian",
         kernel_kwargs: dict[str, Any] | None = None,
-        preconditioner: str = "metric",
+        preconditioner: Preconditioner | str = "metric",
         alpha: float = 1.0,
         learn_alpha: bool = False,
         scale: float | None = None,
@@ -212,21 +120,17 @@ class AttentionStep(Step):
         init_std: float | None = None,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.heads = _positive_int(heads, "heads")
+        self.heads = positive_int(heads, "heads")
         if k is None:
             if d % heads:
                 raise EnergyInputError(f"`heads` = {heads} does not divide d = {d}; pass the per-head width `k`.")
             k = d // heads
-        self.k = _positive_int(k, "k")
-        if preconditioner not in ("metric", "token"):
-            raise EnergyInputError(
-                f"`preconditioner` must be 'metric' (step (a)) or 'token' (step (b)), got {preconditioner!r}."
-            )
-        self.preconditioner = preconditioner
+        self.k = positive_int(k, "k")
+        self.preconditioner = check_preconditioner(preconditioner).value
         self.kernel_name = kernel if isinstance(kernel, str) else None
         self.kernel_kwargs = dict(kernel_kwargs or {})
         self.kernel = make_kernel(kernel, **self.kernel_kwargs)
-        self.scale = scale
+        self.scale = check_scale(scale)
         self.orthogonal_heads = bool(orthogonal_heads)
         self.fused = bool(fused)
         std = (self.k * d) ** -0.25 if init_std is None else float(init_std)
@@ -264,57 +168,83 @@ class AttentionStep(Step):
         """Whether the fused SDPA path computes this step (Gaussian kernel, no ridge)."""
         return self.fused and self.kernel.name == "gaussian"
 
-    def build(self) -> Energy:
+    def build(self) -> AttentionEnergy | MultiHeadAttentionEnergy:
         M = self.M
         if self.heads == 1:
             return AttentionEnergy(M[0], kernel=self.kernel, scale=self.scale)
         return MultiHeadAttentionEnergy(M, kernel=self.kernel, scale=self.scale)
 
-    def prepare(self) -> Prepared:
-        """Build the energy, check ``α`` against its guaranteed range once, cache the heads' value bases."""
-        energy = self.build()
-        r = energy.step_range(preconditioner=self.preconditioner)
-        check_step_size(float(self.alpha.detach()), f"{self.kind}.alpha", low=r.low, high=r.high, reason=r.reason,
-                        high_inclusive=r.high_inclusive)
-        cache: dict[str, Any] = {}
-        if self.uses_fused and self.heads > 1 and self.preconditioner == "metric":
-            cache["value_basis"] = head_bases(energy.M)
-        return Prepared(energy, cache)
+    def _range_of(self, energy: Energy) -> StepRange:
+        return energy.step_range(preconditioner=self.preconditioner)
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        """Step (a) or (b) at ``Y``; ``α`` may be a learnable tensor (the steps are affine in ``α``)."""
-        return self._step(prepared, Y, with_energy=False)
+    def guaranteed_range(self) -> StepRange | None:
+        """Step (a) of one head or of orthogonal heads: the kernel's range; general heads: the empty range
+        (MATH §1.2); step (b): ``None`` (the range depends on :math:`\\lambda_{\\max}(W)`)."""
+        if self.preconditioner == Preconditioner.TOKEN:
+            return None
+        orthogonal = self.heads == 1 or self.orthogonal_heads
+        return attention_step_range(self.kernel, Preconditioner.METRIC, lambda_max_W=0.0, orthogonal_heads=orthogonal)
 
-    def apply_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor]:
+    def _tensors(self) -> dict[str, Any]:
+        M = self.M
+        kappa = core_att.kappa(self.scale, self.k)
+        values, out = core_att.value_output_maps(M, kappa, self.preconditioner, single=self.heads == 1)
+        return {"M": M, "kappa": kappa, "values": values, "out": out}
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        alpha = self._alpha()
+        if self.uses_fused:  # autograd- and torch.func-safe; the same map as the energy's step
+            return fused_step(Y, t["M"], alpha, t["kappa"], t["values"], t["out"])
+        return core_att.batch_chunks(
+            lambda Yc, mc: core_att.head_step(Yc, t["M"], t["kappa"], self.kernel, 0.0, mc, t["values"], t["out"],
+                                              alpha),
+            Y, None, self.heads)
+
+    def forward_prepared_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
         r"""``(Y⁺, E_att(Y))``: the step and the attention energy at its input from the same pairwise quantities
-        (:meth:`energy.attention.AttentionEnergy.step_and_energy`; on the fused path, the attention kernel's row
-        log-normalisers, ``return_energy`` of :func:`energy.attention.attention_step_fused`). ``Y⁺`` is the same
-        map as :meth:`apply`."""
-        return self._step(prepared, Y, with_energy=True)
+        (:func:`energy.core.attention.head_step_and_energy`; on the fused path the attention kernel's row
+        log-normalisers, :func:`energy.core.fused.fused_step_and_energy`). ``Y⁺`` is the same map as
+        :meth:`forward_prepared`."""
+        t, Y, alpha = prepared.tensors, self._check_Y(Y), self._alpha()
+        if self.uses_fused:
+            return fused_step_and_energy(Y, t["M"], alpha, t["kappa"], t["values"], t["out"])
+        return core_att.batch_chunks(
+            lambda Yc, mc: core_att.head_step_and_energy(Yc, t["M"], t["kappa"], self.kernel, 0.0, mc, t["values"],
+                                                         t["out"], alpha),
+            Y, None, self.heads)
 
-    def energy_at(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        """``E_att(Y)`` without re-validating ``Y`` (a state the model produced itself; one pass over it saved)."""
-        return prepared.energy.energy(Y, check=False)
-
-    def _step(self, prepared: Prepared, Y: Tensor, with_energy: bool) -> Tensor | tuple[Tensor, Tensor]:
-        self._check_Y(Y)
-        energy = prepared.energy
-        alpha = self.alpha if self.learn_alpha else float(self.alpha)
-        if self.uses_fused:  # autograd-safe (training included); same map as the energy's step
-            return attention_step_fused(Y, energy.M, alpha, scale=energy.scale, preconditioner=self.preconditioner,
-                                        value_basis=prepared.cache.get("value_basis"), check=False,
-                                        return_energy=with_energy)
-        with warnings.catch_warnings():  # α was checked once in prepare()
-            warnings.simplefilter("ignore", StepSizeWarning)
-            if with_energy:
-                return energy.step_and_energy(Y, alpha, preconditioner=self.preconditioner)
-            return energy.step(Y, alpha, preconditioner=self.preconditioner)
+    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_att.batch_chunks(
+            lambda Yc, mc: core_att.head_energy(Yc, t["M"], t["kappa"], self.kernel, 0.0, mc).sum(-1),
+            Y, None, self.heads)
 
 
 # ------------------------------------------------------------------------------------------------------------- FFN
 
 
-class FFNStep(Step):
+class _GradientStep(Step):
+    """A plain gradient step ``Y − α∇E(Y)`` (MATH §1.5) on an energy of :mod:`energy.ffn`, whose pure formulas are
+    the energy class's ``FORMULAS`` (called as ``f(Y, W, b)``); subclasses give ``ENERGY`` and :meth:`_weights`."""
+
+    ENERGY: ClassVar[type[FFNEnergy] | type[TiedReLUEnergy]]
+
+    def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self) -> Energy:
+        return self.ENERGY(*self._weights())  # type: ignore[arg-type]  # FFNEnergy's b is a tensor (a buffer)
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"weights": self._weights()}
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_ffn.descent_step(Y, self.ENERGY.FORMULAS[1](Y, *t["weights"]), self._alpha())
+
+    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return self.ENERGY.FORMULAS[0](Y, *t["weights"])
+
+
+class FFNStep(_GradientStep):
     r"""Gradient step on the feed-forward energy (MATH §1.3).
 
     .. math:: Y^+ = Y - \alpha\big(Y (I + W_f) - 1 b^\top\big) = (1-\alpha) Y - \alpha Y W_f + \alpha 1 b^\top
@@ -332,6 +262,7 @@ class FFNStep(Step):
 
     kind = "ffn"
     term = "E_ffn"
+    ENERGY = FFNEnergy
 
     def __init__(
         self,
@@ -350,6 +281,7 @@ class FFNStep(Step):
         std = 1.0 / math.sqrt(d) if init_std is None else float(init_std)
         A = torch.randn(d, d) * std
         A = 0.5 * (A + A.T)
+        constraint: nn.Module
         if self.spectrum is not None:
             constraint = SpectrumClip(*self.spectrum)
             A = constraint(A)  # a valid starting value (right_inverse checks it)
@@ -366,11 +298,23 @@ class FFNStep(Step):
         return {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
                 "bias": self.bias, "init_std": self.init_std}
 
-    def build(self) -> Energy:
-        return FFNEnergy(self.W_f, self.b)
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_f, self.b
+
+    def guaranteed_range(self) -> StepRange | None:
+        """With ``spectrum=(lo, hi)``: :math:`\\lambda_{\\max}(I + W_f) \\le 1 + hi`, so ``(0, 2/(1 + hi))``
+        descends (MATH §1.3); without it ``None``."""
+        if self.spectrum is None:
+            return None
+        L = 1.0 + self.spectrum[1]
+        if L <= 0:
+            return StepRange(0.0, math.inf, "MATH §1.3: λ_max(I + W_f) ≤ 0 by the spectrum constraint")
+        return StepRange(0.0, 2.0 / L, f"MATH §1.3: α < 2/λ_max(I + W_f), λ_max ≤ 1 + {self.spectrum[1]:g} by the "
+                                       "spectrum constraint")
 
 
-class TiedReLUFFNStep(Step):
+
+class TiedReLUFFNStep(_GradientStep):
     r"""Residual two-matrix ReLU FFN with tied weights ``W_2 = α W_1ᵀ`` (MATH §1.3; Energy Transformer's ``E_hn``).
 
     .. math:: Y^+ = Y + \alpha\,\mathrm{ReLU}(Y W_1 + 1 b^\top)\, W_1^\top
@@ -385,11 +329,12 @@ class TiedReLUFFNStep(Step):
 
     kind = "tied_ffn"
     term = "E_hn"
+    ENERGY = TiedReLUEnergy
 
     def __init__(self, d: int, *, hidden: int | None = None, bias: bool = True, alpha: float = 1.0,
                  learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.hidden = _positive_int(hidden if hidden is not None else 2 * d, "hidden")
+        self.hidden = positive_int(hidden if hidden is not None else 2 * d, "hidden")
         self.W_1 = nn.Parameter(torch.randn(d, self.hidden) / math.sqrt(d * self.hidden))
         self.b = nn.Parameter(torch.zeros(self.hidden)) if bias else None
         self.has_bias = bool(bias)
@@ -397,8 +342,11 @@ class TiedReLUFFNStep(Step):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hidden": self.hidden, "bias": self.has_bias}
 
-    def build(self) -> Energy:
-        return TiedReLUEnergy(self.W_1, self.b)
+    def _weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.W_1, self.b
+
+    def guaranteed_range(self) -> StepRange | None:
+        return TiedReLUEnergy.RANGE
 
 
 # ------------------------------------------------------------------------------------------------------ projections
@@ -409,7 +357,7 @@ class _Projection(Step):
 
     def __init__(self, d: int) -> None:
         nn.Module.__init__(self)
-        self.d = _positive_int(d, "d")
+        self.d = positive_int(d, "d")
         self.learn_alpha = False
 
     def config(self) -> dict[str, Any]:
@@ -424,19 +372,17 @@ class ReLUProjection(_Projection):
 
     kind = "relu"
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
         return torch.relu(Y)
 
 
 class _SphereProjection(_Projection):
-    """Shared ``eps`` handling of the normalisation projections."""
+    """Shared ``eps`` handling of the normalisation projections: ``eps = 0`` the exact projection, ``eps > 0`` the
+    normalisation layer's map (both from :mod:`energy.core.norm`)."""
 
     def __init__(self, d: int, *, eps: float = 0.0) -> None:
         super().__init__(d)
-        if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise EnergyInputError(f"`eps` must be a finite number ≥ 0, got {eps!r}.")
-        self.eps = float(eps)
+        self.eps = check_real(eps, "eps")
 
     def config(self) -> dict[str, Any]:
         return {"eps": self.eps}
@@ -456,9 +402,8 @@ class LayerNormProjection(_SphereProjection):
 
     kind = "layernorm"
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
-        return layernorm_projection(Y) if self.eps == 0.0 else layer_norm(Y, eps=self.eps)
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_norm.layernorm_projection(Y) if self.eps == 0.0 else core_norm.layer_norm(Y, eps=self.eps)
 
 
 class RMSNormProjection(_SphereProjection):
@@ -470,9 +415,8 @@ class RMSNormProjection(_SphereProjection):
 
     kind = "rmsnorm"
 
-    def apply(self, prepared: Prepared, Y: Tensor) -> Tensor:
-        self._check_Y(Y)
-        return rmsnorm_projection(Y) if self.eps == 0.0 else rms_norm(Y, eps=self.eps)
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_norm.rmsnorm_projection(Y) if self.eps == 0.0 else core_norm.rms_norm(Y, eps=self.eps)
 
 
 # ------------------------------------------------------------------------------------------------ related energies
@@ -499,15 +443,27 @@ class HopfieldStep(Step):
     def __init__(self, d: int, *, patterns: int = 16, beta: float = 1.0, alpha: float = 1.0,
                  learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.patterns = _positive_int(patterns, "patterns")
+        self.patterns = positive_int(patterns, "patterns")
         self.beta = float(beta)
         self.X = nn.Parameter(torch.randn(self.patterns, d) / math.sqrt(d))
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "patterns": self.patterns, "beta": self.beta}
 
-    def build(self) -> Energy:
+    def build(self) -> HopfieldEnergy:
         return HopfieldEnergy(self.X, self.beta)
+
+    def guaranteed_range(self) -> StepRange | None:
+        return HopfieldEnergy.RANGE
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"X": self.X}
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_ffn.relaxed_step(Y, core_rel.hopfield_update(Y, t["X"], self.beta), self._alpha())
+
+    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return core_rel.hopfield_energy_per_query(Y, t["X"], self.beta).sum(-1)
 
 
 class EnergyTransformerStep(Step):
@@ -532,10 +488,10 @@ class EnergyTransformerStep(Step):
     def __init__(self, d: int, *, heads: int = 1, k: int | None = None, memories: int | None = None,
                  beta: float | None = None, alpha: float = 0.1, learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.heads = _positive_int(heads, "heads")
-        self.k = _positive_int(k if k is not None else max(1, d // heads), "k")
-        self.memories = _positive_int(memories if memories is not None else 2 * d, "memories")
-        self.beta = 1.0 / math.sqrt(self.k) if beta is None else float(beta)
+        self.heads = positive_int(heads, "heads")
+        self.k = positive_int(k if k is not None else max(1, d // heads), "k")
+        self.memories = positive_int(memories if memories is not None else 2 * d, "memories")
+        self.beta = float(core_att.kappa(beta, self.k))
         std = 1.0 / math.sqrt(d)
         self.W_Q = nn.Parameter(torch.randn(self.heads, d, self.k) * std)
         self.W_K = nn.Parameter(torch.randn(self.heads, d, self.k) * std)
@@ -544,8 +500,24 @@ class EnergyTransformerStep(Step):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "heads": self.heads, "k": self.k, "memories": self.memories, "beta": self.beta}
 
-    def build(self) -> Energy:
+    def build(self) -> EnergyTransformerEnergy:
         return EnergyTransformerEnergy(self.W_Q, self.W_K, self.xi, beta=self.beta)
+
+    def guaranteed_range(self) -> StepRange | None:
+        return EnergyTransformerEnergy.RANGE
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"W_Q": self.W_Q, "W_K": self.W_K, "xi": self.xi}
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        G = core_rel.et_normalize(Y, 1.0, None, EnergyTransformerEnergy.EPS)
+        D = core_rel.et_grad_g(G, t["W_Q"], t["W_K"], t["xi"], self.beta, True)
+        return core_ffn.descent_step(Y, D, self._alpha())
+
+    def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        G = core_rel.et_normalize(Y, 1.0, None, EnergyTransformerEnergy.EPS)
+        return (core_rel.et_attention_energy(G, t["W_Q"], t["W_K"], self.beta, True)
+                + core_ffn.tied_relu_energy(G, t["xi"].T))
 
 
 #: schedule name → step class (the unroller's vocabulary)

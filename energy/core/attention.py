@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 Scale = float | Tensor
-_T = TypeVar("_T", Tensor, tuple[Tensor, ...])
+_T = TypeVar("_T")
 
 
 def kappa(scale: Scale | None, k: int) -> Scale:
@@ -295,11 +295,13 @@ def batch_chunks(fn: Callable[[Tensor, Tensor | None], _T], Y: Tensor, token_mas
     Yf = Y.reshape(-1, n, d)
     mf = None if token_mask is None else token_mask.expand(*lead, n).reshape(-1, n)
     size = max(1, CHUNK_ENTRIES // (h * n * n))
+    out: Any
     if Yf.shape[0] <= size:
         out = fn(Yf, mf)
     else:
-        parts = [fn(Yf[i:i + size], None if mf is None else mf[i:i + size]) for i in range(0, Yf.shape[0], size)]
-        out = tuple(map(torch.cat, zip(*parts))) if isinstance(parts[0], tuple) else torch.cat(parts)  # type: ignore[assignment]
-    if isinstance(out, tuple):
-        return tuple(o.reshape(tuple(lead) + tuple(o.shape[1:])) for o in out)  # type: ignore[return-value]
-    return out.reshape(tuple(lead) + tuple(out.shape[1:]))
+        parts: list[Any] = [fn(Yf[i:i + size], None if mf is None else mf[i:i + size])
+                            for i in range(0, Yf.shape[0], size)]
+        out = tuple(map(torch.cat, zip(*parts))) if isinstance(parts[0], tuple) else torch.cat(parts)
+    if isinstance(out, tuple):  # several results per batch element (step and energy)
+        return cast(_T, tuple(o.reshape(tuple(lead) + tuple(o.shape[1:])) for o in out))
+    return cast(_T, out.reshape(tuple(lead) + tuple(out.shape[1:])))

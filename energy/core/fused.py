@@ -43,19 +43,21 @@ def augmented_qkv(Y: Tensor, M3: Tensor, values: Tensor) -> tuple[Tensor, Tensor
     h, _, k = M3.shape
     r = values.shape[-1]
     w = max(k + 1, r)
-    Mp = F.pad(M3, (0, w - k))
-    factor = torch.stack([Mp, Mp, F.pad(values, (0, w - r))], dim=2).permute(1, 0, 2, 3)  # (d, h, 3, w)
-    onehot = torch.zeros(w, dtype=M3.dtype, device=M3.device)
-    onehot[k] = 1.0
-    bias = torch.zeros(h, 3, w, dtype=M3.dtype, device=M3.device)
-    bias[:, 0] = onehot  # the query's constant 1
+    factor = M3.new_zeros(d, h, 3, w)  # new_zeros: at the weights' transform level, so writing them in is safe
+    factor[:, :, 0, :k] = M3.permute(1, 0, 2)
+    factor[:, :, 1, :k] = M3.permute(1, 0, 2)
+    factor[:, :, 2, :r] = values.permute(1, 0, 2)
+    bias = M3.new_zeros(h, 3, w)
+    bias[:, 0, k] = 1.0  # the query's constant 1
+    onehot = bias[0, 0]
     X = torch.addmm(bias.reshape(-1), Y.reshape(-1, d), factor.reshape(d, -1)).view(B, n, h, 3, w)
-    q, kt, v = X.unbind(3)
-    beta = torch.linalg.vector_norm(kt[..., :k], dim=-1).square().mul(-0.5)  # -½‖k_j‖² = β_j/κ
-    if torch.is_grad_enabled() and X.requires_grad:
-        kt = kt + beta.unsqueeze(-1) * onehot
-    else:  # no graph: write β into the zero column of the buffer (no copy of the keys)
-        kt[..., k] = beta
+    beta = torch.linalg.vector_norm(X[..., 1, :k], dim=-1).square().mul(-0.5)  # -½‖k_j‖² = β_j/κ
+    if torch.is_grad_enabled() and X.requires_grad:  # the norm saved a view of X: add β out of place
+        kt = X[..., 1, :] + beta.unsqueeze(-1) * onehot
+    else:  # no graph: write β into the keys' zero column of the buffer (no copy of the keys)
+        X[..., 1, k] = beta
+        kt = X[..., 1, :]
+    q, v = X[..., 0, :], X[..., 2, :]
     return q.transpose(1, 2), kt.transpose(1, 2), v.transpose(1, 2)
 
 

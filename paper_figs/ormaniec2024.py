@@ -78,8 +78,8 @@ DTYPE = torch.float64
 HEATMAP_EPS = 1e-6
 #: The small-σ fit window: σ ≤ this value.
 SMALL_SIGMA_MAX = 0.1
-#: Kinds of the curvature operators (``G`` = GGN = ``H_o``, ``F`` = ``H − GGN`` = ``H_f``) and their plot labels.
-PARTS: tuple[tuple[str, str], ...] = (("G", "H_o"), ("F", "H_f"), ("H", "H"))
+#: The curvature parts of the operators (``H_o`` = GGN, ``H_f`` = ``H − GGN``) and their plot labels.
+PARTS: tuple[tuple[str, str], ...] = (("H_o", "H_o"), ("H_f", "H_f"), ("H", "H"))
 #: Small-σ exponents of MATH §3.6 for the single self-attention layer: ``{block: {part: p}}`` (``None`` = the part
 #: vanishes identically). ``H`` has the smaller exponent of its two parts.
 THEORY_RATES: dict[str, dict[str, int | None]] = {

@@ -25,11 +25,19 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, linearize, v
 
 import unfold
 from energy.hessian import (
+    AttentionLayer,
     FunctionalOperator,
     GGNOperator,
     HessianOperator,
     JacobianOperator,
     TokenHessianOperator,
+    attention_hessian,
+    attention_moments,
+    autograd_attention_ggn,
+    autograd_attention_hessian,
+    block_diagonals,
+    block_norms,
+    hessian_blocks,
 )
 from energy.hessian.operators import ParameterSpace
 from unfold.standard import GPT2Config, GPT2Decoder
@@ -279,3 +287,79 @@ def check_transforms(fn: Callable[[Tensor], Tensor], x: Tensor, transforms=_TRAN
             Hv = (Hs @ v.reshape(-1)).reshape(x.shape)
             ref = _fd_directional(grad(scalar), x, v)
             torch.testing.assert_close(Hv, ref, rtol=1e-5, atol=1e-5)
+
+
+def _layer_case(seed: int = 0, *, W_O: bool = False, linear: bool = False, causal: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    B, L, d, k, o = 2, 3, 3, 2, 2
+    r = lambda *s: torch.randn(*s, generator=g, dtype=DT) / 2  # noqa: E731
+    W = dict(W_Q=r(d, k), W_K=r(d, k), W_V=r(d, d), W_O=r(d, o) if W_O else None)
+    X, Y = r(B, L, d), r(B, L, o if W_O else d)
+    return AttentionLayer(**W, linear=linear, causal=causal), X, Y
+
+
+_LAYERS = {
+    "softmax": {},
+    "causal+W_O": {"W_O": True, "causal": True},
+    "linear": {"linear": True},
+}
+
+
+@pytest.mark.parametrize("layer_kind", sorted(_LAYERS))
+@pytest.mark.parametrize("part", ["H", "H_o", "H_f"])
+def test_attention_hessian_under_transforms(layer_kind, part):
+    """``attention_hessian`` as a function of the inputs ``X``: vmap (per-batch Hessians), jvp, linearize, grad,
+    vjp (third derivatives of the loss, against finite differences of the closed form)."""
+    layer, X, Y = _layer_case(1, **_LAYERS[layer_kind])
+    fn = lambda Z: attention_hessian(attention_moments(layer, Z, Y), part)  # noqa: E731
+    check_transforms(fn, X, ("vmap", "jvp", "linearize", "grad", "vjp"))
+
+
+@pytest.mark.parametrize("layer_kind", sorted(_LAYERS))
+def test_hessian_blocks_and_moments_under_transforms_of_the_weights(layer_kind):
+    """The blocks as functions of ``W_Q`` (vmap over a stack of weights, jvp, linearize, grad, vjp)."""
+    layer, X, Y = _layer_case(2, **_LAYERS[layer_kind])
+
+    def fn(W_Q: Tensor) -> Tensor:
+        blocks = hessian_blocks(attention_moments(layer.with_weights(W_Q, *layer.weights[1:]), X, Y))
+        return torch.cat([blocks[ab].reshape(-1) for ab in sorted(blocks)])
+
+    check_transforms(fn, layer.W_Q, ("vmap", "jvp", "linearize", "grad", "vjp"))
+
+
+def test_attention_hessian_hessian_transform():
+    """``torch.func.hessian`` of a read-out of the closed-form Hessian (fourth derivatives of the loss) in ``Y``:
+    the closed form is affine in ``Y``, so the Hessian of any read-out is exactly 0 — checked against FD too."""
+    layer, X, Y = _layer_case(3)
+    fn = lambda Z: attention_hessian(attention_moments(layer, X, Z))  # noqa: E731
+    check_transforms(fn, Y, ("hessian",))
+
+
+def test_block_diagonals_under_transforms():
+    """The structured (never dense) diagonals are tensors: they pass every transform too."""
+    layer, X, Y = _layer_case(4)
+    fn = lambda Z: torch.cat([d.reshape(-1) for d in block_diagonals(attention_moments(layer, Z, Y)).values()])  # noqa: E731
+    check_transforms(fn, X, ("vmap", "jvp", "linearize", "grad", "vjp"))
+
+
+def test_block_norms_are_exact_outside_transforms():
+    """``block_norms`` returns Python floats (exact norms for reports), so it is not differentiable by design; its
+    values match the dense closed form, and it accepts the layer object and the legacy keywords alike."""
+    layer, X, Y = _layer_case(5, W_O=True)
+    norms = block_norms(layer, X, Y)
+    legacy = block_norms(X, layer.W_Q, layer.W_K, layer.W_V, Y, W_O=layer.W_O)
+    dense = hessian_blocks(attention_moments(layer, X, Y), "H")
+    assert norms == legacy
+    for (a, b), H_ab in dense.items():
+        key = (a + b, "H") if (a + b, "H") in norms else (b + a, "H")
+        assert norms[key] == pytest.approx(float(torch.linalg.norm(H_ab)), rel=1e-10)
+
+
+def test_autograd_twins_accept_the_layer_and_agree_with_the_closed_form():
+    layer, X, Y = _layer_case(6, W_O=True, causal=True)
+    H = autograd_attention_hessian(layer, X, Y)
+    torch.testing.assert_close(attention_hessian(attention_moments(layer, X, Y)), H, rtol=1e-10, atol=1e-12)
+    legacy = autograd_attention_ggn(X, layer.W_Q, layer.W_K, layer.W_V, Y, W_O=layer.W_O, causal=True)
+    torch.testing.assert_close(autograd_attention_ggn(layer, X, Y), legacy, rtol=0, atol=0)
+    torch.testing.assert_close(attention_hessian(attention_moments(layer, X, Y), "H_o"), legacy, rtol=1e-10,
+                               atol=1e-12)

@@ -17,6 +17,7 @@ from energy._validation import DenseSizeError
 from energy.hessian.attention import (
     BLOCKS,
     PARAMS,
+    AttentionLayer,
     AttentionMoments,
     attention_hessian,
     attention_jacobians,
@@ -70,6 +71,7 @@ __all__ = [
     # MATH §3 closed forms
     "PARAMS",
     "BLOCKS",
+    "AttentionLayer",
     "AttentionMoments",
     "attention_moments",
     "attention_jacobians",

@@ -53,15 +53,9 @@ import math
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
-from energy.hessian.attention import (
-    Part,
-    Reduction,
-    _check_part,
-    check_dense_budget,
-    loss_constant,
-    warn_if_not_float64,
-)
+from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
+from energy.hessian.attention_layer import Reduction, check_dense_budget, loss_constant
+from energy.hessian.blocks import Part, _check_part
 from energy.reference import attention_weights
 
 __all__ = [

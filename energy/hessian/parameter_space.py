@@ -158,8 +158,8 @@ def _check_finite_leaves(obj: Any, where: str) -> None:
     if isinstance(obj, Tensor):
         if obj.is_floating_point() and not bool(torch.isfinite(obj).all()):
             raise EnergyInputError(
-                f"`data` {where} contains NaN or inf entries (it must be finite: every curvature product would be NaN). Remove or "
-                "impute those samples before building the operator."
+                f"`data` {where} contains NaN or inf entries (it must be finite: every curvature product would be "
+                "NaN). Remove or impute those samples before building the operator."
             )
     elif isinstance(obj, (tuple, list)):
         for i, item in enumerate(obj):

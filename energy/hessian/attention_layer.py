@@ -88,6 +88,11 @@ def _check_finite_if_readable(x: Tensor, name: str) -> None:
         raise EnergyInputError(f"`{name}` contains NaN or inf entries; clean the input before calling.")
 
 
+def _present(**tensors: Tensor | None) -> dict[str, Tensor]:
+    """The given tensors without the ``None`` ones (optional arguments), for :func:`check_same_float_dtype`."""
+    return {k: t for k, t in tensors.items() if t is not None}
+
+
 def _check_array(x: object, name: str, ndim: int | None = None) -> Tensor:
     t = check_tensor(x, name, ndim=ndim, finite=False)
     _check_finite_if_readable(t, name)
@@ -184,7 +189,7 @@ class AttentionLayer:
             W_O = _check_array(self.W_O, "W_O", ndim=2)
             if W_O.shape[0] != d_V:
                 raise EnergyInputError(f"`W_O` must have shape (d_V, d_O) = ({d_V}, d_O), got {tuple(W_O.shape)}.")
-        check_same_float_dtype(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=self.W_O)
+        check_same_float_dtype(**_present(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=self.W_O))
         if self.reduction not in ("sum", "mean"):
             raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {self.reduction!r}.")
         if self.c is not None and not (math.isfinite(float(self.c)) and float(self.c) > 0):
@@ -259,7 +264,7 @@ class AttentionLayer:
             if Yt.shape != (*X.shape[:-1], self.d_out):
                 raise EnergyInputError(f"`Y` (the target of F) must have shape {(*X.shape[:-1], self.d_out)} (X's "
                                        f"with the output width), got {tuple(Yt.shape)}.")
-        check_same_float_dtype(X=X, W_Q=self.W_Q, Y=Yt)
+        check_same_float_dtype(**_present(X=X, W_Q=self.W_Q, Y=Yt))
         X3 = X if X.ndim == 3 else X.unsqueeze(0)
         Y3 = None if Yt is None else (Yt if Yt.ndim == 3 else Yt.unsqueeze(0))
         mask = self.mask

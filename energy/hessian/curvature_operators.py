@@ -185,10 +185,14 @@ class CurvatureOperator(LinearOperator):
         f, ell = state["f"], state["ell"]
         if kinds == {"H"}:
             if "hvp_fn" not in state:
-                state["hvp_fn"] = vjp(grad(lambda p: ell(f(p))), free)[1]
+
+                def batch_loss(p: dict[str, Tensor]) -> Tensor:
+                    return ell(f(p))
+
+                state["hvp_fn"] = vjp(grad(batch_loss), free)[1]
             return
         if "vjp_fn" not in state:
-            state["o"], state["vjp_fn"] = vjp(f, free)
+            state["o"], state["vjp_fn"] = vjp(f, free)[:2]
             state["g_o"] = grad(ell)(state["o"])
         if self.cache and "lin" not in state and kinds != {"H_o"}:
             state["lin"] = linearize(self._functional_and_output(f, state["g_o"]), free)[1]
@@ -198,7 +202,7 @@ class CurvatureOperator(LinearOperator):
         """θ ↦ (Jᵀ g_o, f(θ)) with g_o held fixed; its tangent along v is (H_f v, J v)."""
 
         def h(p: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
-            o, back = vjp(f, p)
+            o, back = vjp(f, p)[:2]
             return back(g_o)[0], o
 
         return h
@@ -209,7 +213,7 @@ class CurvatureOperator(LinearOperator):
         Reverse-over-reverse (``vjp`` of ``∇_o ℓ``, valid as the Hessian is symmetric): unlike forward-over-reverse
         it works for every torch loss (``jvp`` of ``grad`` of ``F.mse_loss`` fails in torch 2.x on ZeroTensors).
         """
-        _, back = vjp(grad(ell), o)
+        back = vjp(grad(ell), o)[1]
         return vmap(back)(U)[0]
 
     def _batch_products(self, state: dict[str, Any], free: dict, Vd: dict, kinds: frozenset[str]) -> dict:
@@ -426,16 +430,16 @@ class JacobianOperator(LinearOperator):
 
     def _rmatmat(self, U: Tensor) -> Tensor:
         free, fixed = self._fixed()
-        total = None
+        total = torch.zeros(self.shape[1], U.shape[1], dtype=self.dtype, device=self.device)
         i = 0
         with torch.no_grad():
             for X, shp, n in zip(self._inputs_iter(), self.output_shapes, self._out_sizes):
                 f = lambda p, X=X: functional_call(self.model, (p, fixed), (X,))
-                _, vjp_fn = vjp(f, free)
+                vjp_fn = vjp(f, free)[1]
                 Ub = U[i : i + n].T.reshape(U.shape[1], *shp)
                 i += n
                 flat = self.space.join(vmap(vjp_fn)(Ub)[0])
-                total = flat if total is None else total.add_(flat)
+                total.add_(flat)
         return total
 
     @property
@@ -480,7 +484,7 @@ def dense_hessian_reference(
     theta, out = _flat_functional(model, op.space)
 
     def total(flat: Tensor) -> Tensor:
-        return sum(w * loss_fn(out(flat, X), y) for X, y, w in op._batches())
+        return torch.stack([w * loss_fn(out(flat, X), y) for X, y, w in op._batches()]).sum()
 
     return torch.func.hessian(total)(theta)
 

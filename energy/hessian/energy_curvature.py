@@ -33,7 +33,8 @@ Not covered: token (padding) masks.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -134,7 +135,7 @@ def ffn_energy_hessian(energy: FFNEnergy, n: int) -> Tensor:
         raise EnergyInputError(f"`energy` must be an FFNEnergy, got {type(energy).__name__}.")
     if not isinstance(n, int) or n < 1:
         raise EnergyInputError(f"`n` (number of tokens) must be a positive int, got {n!r}.")
-    W_f = energy.W_f
+    W_f = cast(Tensor, energy.W_f)
     eye_d = torch.eye(W_f.shape[0], dtype=W_f.dtype, device=W_f.device)
     return torch.kron(torch.eye(n, dtype=W_f.dtype, device=W_f.device), eye_d + W_f)
 
@@ -144,7 +145,8 @@ def autograd_energy_hessian(energy: torch.nn.Module, Y: Tensor) -> Tensor:
     Y = _check_single(check_tensor(Y, "Y"))
     warn_if_not_float64(Y.dtype, "autograd_energy_hessian")
     n, d = Y.shape
-    return torch.func.hessian(lambda y: energy.energy(y.reshape(n, d)))(Y.reshape(-1))
+    energy_fn = cast(Callable[[Tensor], Tensor], energy.energy)
+    return torch.func.hessian(lambda y: energy_fn(y.reshape(n, d)))(Y.reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
-from energy.hessian.attention_layer import Reduction, check_dense_budget, loss_constant
+from energy.hessian.attention_layer import Reduction, _present, check_dense_budget, loss_constant
 from energy.hessian.blocks import Part, _check_part
 from energy.reference import attention_weights
 
@@ -84,7 +84,7 @@ def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Ten
         check_tensor(Y, "Y")
         if Y.shape != X.shape:
             raise EnergyInputError(f"`Y` must have the shape of `X` {tuple(X.shape)}, got {tuple(Y.shape)}.")
-    check_same_float_dtype(X=X, M=M, Y=Y)
+    check_same_float_dtype(**_present(X=X, M=M, Y=Y))
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
     X3 = X if X.ndim == 3 else X.unsqueeze(0)
@@ -219,15 +219,19 @@ def energy_layer_hessian(
     check_dense_budget(X3.shape[0] * X3.shape[1] ** 2, d * k, M.dtype, max_gib, "the logit Jacobian 𝒯")
     c_eff = loss_constant(X, c, reduction)
     terms = _Terms(X3, M, _scale(M, scale), alpha, tied)
-    H = None
-    if part in ("H", "H_o"):
+
+    def outer() -> Tensor:
         J = terms.jacobian().reshape(-1, d * k)
-        H = 2.0 * c_eff * J.T @ J
-    if part in ("H", "H_f"):
+        return 2.0 * c_eff * J.T @ J
+
+    def functional() -> Tensor:
+        assert Y3 is not None  # Y is required (checked by _validate)
         F = energy_layer_output(X3, M, alpha=alpha, tied=tied, scale=scale)
-        H_f = terms.functional(2.0 * c_eff * (F - Y3))
-        H = H_f if H is None else H + H_f
-    return H
+        return terms.functional(2.0 * c_eff * (F - Y3))
+
+    if part == "H":
+        return outer() + functional()
+    return outer() if part == "H_o" else functional()
 
 
 def autograd_energy_layer_hessian(

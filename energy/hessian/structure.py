@@ -186,6 +186,7 @@ def block_inner_products(mom: AttentionMoments, block: str, *, _cores: _TokenCor
         if block == "OO":
             return {"oo": mom.d_O * float((fo.S_O**2).sum()), "of": 0.0, "ff": 0.0}
         P, Q = fo.P_VO, ff.Q_VO
+        assert mom.W_O is not None  # the block names were checked against the layer's weights
         return {
             "oo": float((P**2).sum()) * float((mom.W_O**2).sum()),
             "of": float(((P @ mom.W_O) * Q).sum()),

@@ -178,30 +178,26 @@ def _row_factor(f: _Factors, a: str, b: str) -> Tensor:
     return out4.reshape(*out4.shape[:2], -1)
 
 
-def _rows(f: _Factors, a: str, bs: tuple[str, ...]) -> Tensor:
-    """The blocks ``(a, b)``, ``b ∈ bs``, of a query or key row strip, ``(d_V d_K, Σ_b size_b)``.
-
-    The whole strip is one GEMM with inner dimension ``N`` (the stacked query rows): ``Xᵀ F`` for query rows and a
-    batched ``q``-GEMM over ``a'`` for key rows (:func:`_row_factor`). The bilinear term ``G_QK ⊗ I`` (``H_f``)
-    is then added to the partner block. Pure (no in-place writes), so every ``torch.func`` transform applies.
-    """
+def _block_gemm(f: _Factors, a: str, b: str) -> Tensor:
+    """The block ``(a, b)``, ``a ∈ {Q, K}``, without the bilinear term: one GEMM with inner dimension ``N`` (the
+    stacked query rows), ``Xᵀ F`` for query rows and a batched ``q``-GEMM over ``a'`` for key rows
+    (:func:`_row_factor`)."""
     mom = f.mom
     N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
-    F = torch.cat([_row_factor(f, a, b) for b in bs], dim=-1)
-    width = F.shape[-1]
+    F = _row_factor(f, a, b)
     if a == "Q":
-        strip = (mom.x.T @ F.reshape(N, k * width)).reshape(d * k, width)
-    else:
-        strip = torch.bmm(mom.q.T.expand(d, k, N), F).reshape(d * k, width)
-    partner = "K" if a == "Q" else "Q"
-    if not (f.use_f and partner in bs):
-        return strip
-    # entries [(c, j), (a', j)] += G_QK[c, a'] (transposed for key rows)
+        return (mom.x.T @ F.reshape(N, -1)).reshape(d * k, -1)
+    return torch.bmm(mom.q.T.expand(d, k, N), F).reshape(d * k, -1)
+
+
+def _bilinear(f: _Factors, a: str, b: str) -> Tensor | None:
+    """The bilinear term ``G_QK ⊗ I`` (``H_f``) of block ``(Q, K)`` (transposed for ``(K, Q)``), else ``None``:
+    entries ``[(c, j), (a', j)] = G_QK[c, a']``."""
+    if not f.use_f or {a, b} != {"Q", "K"}:
+        return None
+    d, k = f.mom.d_V, f.mom.d_K
     G = f.G if a == "Q" else f.G.T
-    start = sum(mom.sizes[b] for b in bs[: bs.index(partner)])
-    stop = start + mom.sizes[partner]
-    bil = (G[:, None, :, None] * f.eye_k[None, :, None, :]).reshape(d * k, d * k)
-    return torch.cat([strip[:, :start], strip[:, start:stop] + bil, strip[:, stop:]], dim=1)
+    return (G[:, None, :, None] * f.eye_k[None, :, None, :]).reshape(d * k, d * k)
 
 
 def _value_block(f: _Factors, a: str, b: str) -> Tensor:
@@ -232,7 +228,10 @@ def bilinear_term(mom: AttentionMoments) -> Tensor:
 def _block(f: _Factors, a: str, b: str) -> Tensor:
     if a in "VO" and b in "QK":  # value-side rows: transpose of the query/key row block
         return _block(f, b, a).T
-    return _rows(f, a, (b,)) if a in "QK" else _value_block(f, a, b)
+    if a in "VO":
+        return _value_block(f, a, b)
+    out, bil = _block_gemm(f, a, b), _bilinear(f, a, b)
+    return out if bil is None else out + bil
 
 
 def hessian_block(
@@ -279,18 +278,13 @@ def hessian_blocks(
     return out
 
 
-def _tiled_transpose(src: Tensor, tile: int = 128) -> list[Tensor]:
-    """``srcᵀ`` as column tiles (to be concatenated): a cache-friendly transpose (at width 48 the plain strided
-    copy of the value rows took ~10× longer than this, measured)."""
-    return [src[i : i + tile].T for i in range(0, src.shape[0], tile)]
-
-
 def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    The query and key row strips are one GEMM each (:func:`_rows`); the value-side rows are the transposes of
-    their query/key columns plus the small value–value blocks. Memory: the ``p × p`` result, one strip factor of
-    ``N d_K p`` numbers and ``O(N d_V³)`` value-side factors. Pure: every ``torch.func`` transform applies.
+    Every query/key block is one GEMM (:func:`_block_gemm`); the value-side rows are the transposes of their
+    query/key columns plus the small value–value blocks. Memory: the ``p × p`` result, one block factor of
+    ``N d_K size_b`` numbers and ``O(N d_V³)`` value-side factors. Pure (no value reads; slice writes into a
+    buffer batched like the inputs): every ``torch.func`` transform applies.
 
     Args:
         mom: from :func:`attention_moments`.
@@ -303,16 +297,31 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
     p = sum(sizes.values())
     check_dense_budget(p, p, mom.x.dtype, max_gib, f"the dense {part} of the attention layer")
     f = _Factors(mom, part)
-    qk = [_rows(f, a, mom.params) for a in ("Q", "K")]
-    d_qk = sizes["Q"]
-    value_rows = []
-    col = 2 * d_qk
+    span, start = {}, 0
+    for name in mom.params:
+        span[name], start = slice(start, start + sizes[name]), start + sizes[name]
+    # The result buffer is allocated from the moments (``G`` depends on X, the weights and Y), so that under
+    # ``vmap`` it is batched like every block written into it; slice writes are tracked by every transform.
+    H = mom.G.new_zeros(p, p)
+    for a in ("Q", "K"):
+        for b in mom.params:
+            H[span[a], span[b]] = _block_gemm(f, a, b)
+            bil = _bilinear(f, a, b)
+            if bil is not None:
+                H[span[a], span[b]] += bil
     for a in mom.params[2:]:  # V (and O): transposed query/key columns, then the value-side blocks
-        cols = slice(col, col + sizes[a])
-        col += sizes[a]
-        value_rows.append(torch.cat([*_tiled_transpose(qk[0][:, cols]), *_tiled_transpose(qk[1][:, cols]),
-                                     *(_value_block(f, a, b) for b in mom.params[2:])], dim=1))
-    return torch.cat([*qk, *value_rows], dim=0)
+        for b in ("Q", "K"):
+            _copy_transposed(H[span[a], span[b]], H[span[b], span[a]])
+        for b in mom.params[2:]:
+            H[span[a], span[b]] = _value_block(f, a, b)
+    return H
+
+
+def _copy_transposed(dst: Tensor, src: Tensor, tile: int = 128) -> None:
+    """``dst ← srcᵀ`` in column tiles of ``dst`` (a cache-friendly transpose: at width 48 the plain strided copy of
+    the value rows took ~3× longer than this, measured)."""
+    for i in range(0, dst.shape[1], tile):
+        dst[:, i : i + tile] = src[i : i + tile].T
 
 
 # ----------------------------------------------------------------------------------------------------------------

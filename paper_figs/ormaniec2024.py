@@ -41,7 +41,9 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from energy.hessian.estimators import draw_probes
 from energy.hessian.operators import HessianOperator
+from energy.hessian.sweep import THEORY_EXPONENTS, sigma_sweep
 from energy.reference import layer_norm, linear_attention, multi_head_attention
 from paper_figs.io import decode_array, encode_array
 from paper_figs.registry import FigureConfig, figure, measured
@@ -80,16 +82,8 @@ HEATMAP_EPS = 1e-6
 SMALL_SIGMA_MAX = 0.1
 #: The curvature parts of the operators (``H_o`` = GGN, ``H_f`` = ``H − GGN``) and their plot labels.
 PARTS: tuple[tuple[str, str], ...] = (("H_o", "H_o"), ("H_f", "H_f"), ("H", "H"))
-#: Small-σ exponents of MATH §3.6 for the single self-attention layer: ``{block: {part: p}}`` (``None`` = the part
-#: vanishes identically). ``H`` has the smaller exponent of its two parts.
-THEORY_RATES: dict[str, dict[str, int | None]] = {
-    "VV": {"H_o": 2, "H_f": None, "H": 2},
-    "VQ": {"H_o": 4, "H_f": 3, "H": 3},
-    "VK": {"H_o": 4, "H_f": 3, "H": 3},
-    "QQ": {"H_o": 6, "H_f": 5, "H": 5},
-    "KK": {"H_o": 6, "H_f": 5, "H": 5},
-    "QK": {"H_o": 6, "H_f": 3, "H": 3},
-}
+#: Small-σ exponents of MATH §3.6 for the single self-attention layer (the one table, :mod:`energy.hessian.sweep`).
+THEORY_RATES = THEORY_EXPONENTS
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -503,7 +497,8 @@ class GrowthSweep:
 
 
 def _rademacher(n: int, k: int, generator: torch.Generator) -> Tensor:
-    return (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(DTYPE)
+    """Rademacher probes from :func:`energy.hessian.estimators.draw_probes` (the one place probes are drawn)."""
+    return draw_probes(n, k, generator=generator, dtype=DTYPE)
 
 
 def growth_sweep(
@@ -542,21 +537,28 @@ def growth_sweep(
         progress: ``progress(iterable, desc, total)`` wrapper (e.g. ``cfg.progress``).
     """
     data = [addition_data(batch, seed + DATA_SEED)]
-    norms = {b: {part: np.full((n_inits, len(sigmas)), np.nan) for _, part in PARTS} for b in blocks}
-    kinds = tuple(k for k, _ in PARTS)
-    steps = [(i, j) for i in range(n_inits) for j in range(len(sigmas))]
-    model, ops, probes = None, {}, {}
-    for i, j in progress(steps, desc, total=len(steps)):
-        if j == 0:
-            model = make_model(seed + i)
-            probe_gen = torch.Generator().manual_seed(seed + i + PROBE_SEED)
+    parts = tuple(part for part, _ in PARTS)
+    per_init: dict[int, tuple[Any, dict[str, HessianOperator], dict[str, Tensor]]] = {}
+
+    def norms_at(sigma: float, init: int) -> dict[str, float]:
+        if init not in per_init:  # one model, its operators and its probes per initialisation (seed-major sweep)
+            per_init.clear()
+            model = make_model(init)
+            probe_gen = torch.Generator().manual_seed(init + PROBE_SEED)
             ops = {b: HessianOperator(model, loss_fn, [name], data, reduction="mean") for b, name in blocks.items()}
-            probes = {b: _rademacher(op.shape[0], n_samples, probe_gen) for b, op in ops.items()}
-        model.set_embedding_scale(float(sigmas[j]), torch.Generator().manual_seed(seed + i + EMBEDDING_SEED))
+            per_init[init] = (model, ops, {b: _rademacher(op.shape[0], n_samples, probe_gen) for b, op in ops.items()})
+        model, ops, probes = per_init[init]
+        model.set_embedding_scale(sigma, torch.Generator().manual_seed(init + EMBEDDING_SEED))
+        out = {}
         for b, op in ops.items():
-            products = op.products(probes[b], kinds)
-            for kind, part in PARTS:
-                norms[b][part][i, j] = float((products[kind] ** 2).sum(0).mean().sqrt())
+            products = op.products(probes[b], parts)
+            for part, label in PARTS:
+                out[f"{b}|{label}"] = float((products[part] ** 2).sum(0).mean().sqrt())
+        return out
+
+    res = sigma_sweep(norms_at, sigmas, n_inits, seeds=[seed + i for i in range(n_inits)], progress=progress,
+                      desc=desc)
+    norms = {b: {label: res.values[f"{b}|{label}"].T for _, label in PARTS} for b in blocks}
     return GrowthSweep(np.asarray(sigmas, dtype=float), norms)
 
 
@@ -681,7 +683,8 @@ def _gpt2_growth(cfg: FigureConfig, sizes: dict[str, int], n_layers: int, desc: 
     return sweep, meta
 
 
-_SINGLE_TARGETS = {"V": {"H_o": 2, "H": 2}, "Q": {"H_o": 6, "H_f": 5, "H": 5}}
+_SINGLE_TARGETS = {b: {p: e for p, e in THEORY_EXPONENTS[bb].items() if e is not None} for b, bb in (("V", "VV"),
+                                                                                                     ("Q", "QQ"))}
 _SOFTMAX_GUIDES = {b: _guide_exponents(b, THEORY_RATES) for b in ("V", "Q")}
 
 # -- one layer ---------------------------------------------------------------------------------------------------------

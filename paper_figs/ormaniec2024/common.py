@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from energy.hessian.operators import HessianOperator
 from energy.hessian.sweep import THEORY_EXPONENTS
 from energy.reference import layer_norm, linear_attention, multi_head_attention
 from unfold.data import addition_batch, answer_positions
-from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline
+from unfold.standard import DecoderBlock, GPT2Config, GPT2Decoder, MLPBaseline
 
 DTYPE = torch.float64
 #: ``log10(|H| + eps)`` of the heat maps (MATH §3.7).
@@ -74,8 +74,11 @@ class ScoredPositions(nn.Module):
             raise ValueError("ScoredPositions needs a causal GPT2Decoder (without the mask every position matters).")
         if not isinstance(model, (GPT2Decoder, MLPBaseline)):
             raise TypeError(f"`model` must be a GPT2Decoder or an MLPBaseline, got {type(model).__name__}.")
-        self.model = model
-        self.register_buffer("positions", answer_positions(n_digits), persistent=False)
+        self.model: GPT2Decoder | MLPBaseline = model
+        positions = answer_positions(n_digits)
+        self.positions: Tensor
+        self.register_buffer("positions", positions, persistent=False)
+        self.n_used = int(positions.max()) + 1  # read once here: the forward reads no tensor value
 
     def set_embedding_scale(self, sigma: float, generator: torch.Generator | None = None) -> None:
         """Redraw the embeddings ``N(0, σ²)`` (delegates to the wrapped model)."""
@@ -83,20 +86,20 @@ class ScoredPositions(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         pos = self.positions
-        n_used = int(pos.max()) + 1
         m = self.model
-        X = m.embed(tokens[..., :n_used])
+        X = m.embed(tokens[..., : self.n_used])
         if isinstance(m, MLPBaseline):
             scored = m.forward_embeddings(X[..., pos, :])
         else:
-            for block in m.blocks[:-1]:
+            blocks = cast(Sequence[DecoderBlock], m.blocks)
+            for block in blocks[:-1]:
                 X = block(X)
-            scored = _ln(m.ln_f, self._last_block(m.blocks[-1], X, pos)) @ m.W_U + m.b_U
+            scored = _ln(m.ln_f, self._last_block(blocks[-1], X, pos)) @ m.W_U + m.b_U
         out = scored.new_zeros(*scored.shape[:-2], tokens.shape[-1], scored.shape[-1])
         return out.index_copy(-2, pos, scored)
 
     @staticmethod
-    def _last_block(block: nn.Module, X: Tensor, pos: Tensor) -> Tensor:
+    def _last_block(block: DecoderBlock, X: Tensor, pos: Tensor) -> Tensor:
         """``DecoderBlock.forward`` (see :mod:`unfold.standard`) with queries restricted to ``pos``."""
         attn = block.attn
         attend = multi_head_attention if attn.kind == "softmax" else linear_attention
@@ -191,7 +194,7 @@ def _ratio(hists: dict[str, Any]) -> float:
     return hists["V"]["median"] / hists["Q"]["median"]
 
 
-def heterogeneity_config(d_model: int = 16, attention: str = "softmax") -> GPT2Config:
+def heterogeneity_config(d_model: int = 16, attention: Literal["softmax", "linear"] = "softmax") -> GPT2Config:
     """The model of Fig 1 (MATH §3.7): one block, ``d_model = d_head``, ``d_mlp = 4 d_model``, one head."""
     return GPT2Config(d_model=d_model, n_layers=1, d_head=d_model, d_mlp=4 * d_model, attention=attention)
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch import nn
+from torch import Tensor, nn
 
+from energy.hessian.attention_layer import AttentionLayer
+from energy.hessian.structure import block_norms
+from energy.hessian.sweep import Progress, sigma_sweep
 from paper_figs.ormaniec2024.common import (
     DATA_SEED,
     DTYPE,
@@ -205,8 +207,12 @@ def compute_growth_linear_depth(cfg: FigureConfig) -> dict[str, Any]:
     series = []
     for n in depths:
         config = linear_stack_config(sizes["width"], n)
+
+        def make_model(s: int, config: GPT2Config = config) -> nn.Module:
+            return ScoredPositions(gpt2_model(config, s))
+
         sweep = growth_sweep(
-            lambda s, config=config: ScoredPositions(gpt2_model(config, s)), _gpt2_blocks([0]), addition_mse_loss,
+            make_model, _gpt2_blocks([0]), addition_mse_loss,
             sigmas=sigmas, n_inits=sizes["n_inits"], n_samples=sizes["n_samples"], batch=sizes["batch"],
             seed=cfg.seed, progress=cfg.progress, desc=f"linear attention, {n} layer(s)",
         )
@@ -301,7 +307,7 @@ def summarize_growth_mlp(data: dict) -> dict[str, Any]:
 
 def closed_form_sweep(
     sigmas: np.ndarray, *, width: int, batch: int, n_inits: int, seed: int,
-    progress: Callable = lambda it, desc, total=None: it,
+    progress: Progress | bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
     r"""Exact block norms of the single self-attention layer of MATH §3.1 against σ (MATH §3.4–§3.6).
 
@@ -314,25 +320,27 @@ def closed_form_sweep(
     Returns:
         ``{block: {part: (n_inits, n_sigma)}}`` for the six blocks of :data:`THEORY_RATES`, parts ``H_o, H_f, H``.
     """
-    from energy.hessian.structure import block_norms
-
     tokens, _ = addition_data(batch, seed + DATA_SEED)
-    out = {b: {p: np.full((n_inits, len(sigmas)), np.nan) for p in ("H_o", "H_f", "H")} for b in THEORY_RATES}
-    steps = [(i, j) for i in range(n_inits) for j in range(len(sigmas))]
-    for i, j in progress(steps, "closed-form σ sweep", total=len(steps)):
-        if j == 0:
-            g = torch.Generator().manual_seed(seed + i)
-            E = torch.randn(tokens.max().item() + 1, width, generator=g, dtype=DTYPE)
+    per_init: dict[int, tuple[AttentionLayer, Tensor, Tensor]] = {}
+
+    def norms_at(sigma: float, init: int) -> dict[str, float]:
+        if init not in per_init:  # one draw of embeddings, target and weights per initialisation
+            per_init.clear()
+            g = torch.Generator().manual_seed(init)
+            E = torch.randn(int(tokens.max()) + 1, width, generator=g, dtype=DTYPE)
             P = torch.randn(tokens.shape[1], width, generator=g, dtype=DTYPE)
             X0 = E[tokens] + P
             Y = torch.cat([X0[:, 1:], torch.zeros_like(X0[:, :1])], dim=1)
             W_Q, W_K, W_V = (torch.randn(width, width, generator=g, dtype=DTYPE) * (0.8 / math.sqrt(width))
                              for _ in range(3))
-        norms = block_norms(float(sigmas[j]) * X0, W_Q, W_K, W_V, Y, reduction="mean")
-        for b in THEORY_RATES:
-            for p in ("H_o", "H_f", "H"):
-                out[b][p][i, j] = norms[(b, p)]
-    return out
+            per_init[init] = (AttentionLayer(W_Q, W_K, W_V, reduction="mean"), X0, Y)
+        layer, X0, Y = per_init[init]
+        norms = block_norms(layer, sigma * X0, Y)
+        return {f"{b}|{p}": norms[(b, p)] for b in THEORY_RATES for p in ("H_o", "H_f", "H")}
+
+    res = sigma_sweep(norms_at, sigmas, n_inits, seeds=[seed + i for i in range(n_inits)], progress=progress,
+                      desc="closed-form σ sweep")
+    return {b: {p: res.values[f"{b}|{p}"].T for p in ("H_o", "H_f", "H")} for b in THEORY_RATES}
 
 
 _CF_BLOCK_LABEL = {"VV": "(V,V)", "VQ": "(V,Q)", "VK": "(V,K)", "QQ": "(Q,Q)", "KK": "(K,K)", "QK": "(Q,K)"}

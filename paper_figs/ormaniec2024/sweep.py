@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from energy.hessian.estimators import draw_probes
 from energy.hessian.operators import HessianOperator
-from energy.hessian.sweep import THEORY_EXPONENTS, sigma_sweep
+from energy.hessian.sweep import THEORY_EXPONENTS, Progress, fit_loglog_slope, sigma_sweep
 from paper_figs.ormaniec2024.common import (
     DATA_SEED,
     DTYPE,
@@ -42,7 +42,8 @@ def sigma_grid(n: int, lo: float = -2.0, hi: float = 1.0) -> np.ndarray:
     return np.logspace(lo, hi, n)
 
 
-def loglog_slope(sigmas: Sequence[float], values: Sequence[float], max_sigma: float = SMALL_SIGMA_MAX
+def loglog_slope(sigmas: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray,
+                 max_sigma: float = SMALL_SIGMA_MAX
                  ) -> tuple[float, float, int]:
     r"""Least-squares slope ``p`` of ``log10 v = p log10 σ + b`` over ``σ ≤ max_sigma`` (positive finite ``v``).
 
@@ -52,16 +53,11 @@ def loglog_slope(sigmas: Sequence[float], values: Sequence[float], max_sigma: fl
     """
     s, v = np.asarray(sigmas, dtype=float), np.asarray(values, dtype=float)
     keep = (s <= max_sigma * (1 + 1e-12)) & np.isfinite(v) & (v > 0)
-    x, y = np.log10(s[keep]), np.log10(v[keep])
-    n = x.size
+    n = int(keep.sum())
     if n < 2:
         return math.nan, math.nan, n
-    xc = x - x.mean()
-    p = float((xc * (y - y.mean())).sum() / (xc**2).sum())
-    if n == 2:
-        return p, math.nan, n
-    resid = y - y.mean() - p * xc
-    return p, float(math.sqrt((resid**2).sum() / (n - 2) / (xc**2).sum())), n
+    fit = fit_loglog_slope(s[keep], v[keep])
+    return fit.slope, fit.stderr, n
 
 
 def _curve(norms: np.ndarray, sigmas: np.ndarray) -> dict[str, Any]:
@@ -107,7 +103,7 @@ def growth_sweep(
     n_samples: int,
     batch: int,
     seed: int,
-    progress: Callable = lambda it, desc, total=None: it,
+    progress: Progress | bool = False,
     desc: str = "σ sweep",
 ) -> GrowthSweep:
     r"""Hutchinson Frobenius norms of diagonal Hessian blocks against the embedding scale σ (MATH §3.7).
@@ -216,7 +212,7 @@ def _plot_grid(data: dict, title: str, *, blocks: Sequence[str] = ("V", "Q"),
     return fig
 
 
-def _growth_summary(data: dict, targets: dict[str, dict[str, float]], tol: float, note: str,
+def _growth_summary(data: dict, targets: Mapping[str, Mapping[str, float]], tol: float, note: str,
                     series: Sequence[int] | None = None, relative: bool = False) -> dict[str, Any]:
     out = {}
     chosen = range(len(data["series"])) if series is None else series

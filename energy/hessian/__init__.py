@@ -47,6 +47,7 @@ from energy.hessian.energy_layer import (
     energy_layer_output,
 )
 from energy.hessian.estimators import (
+    draw_probes,
     hutchinson_diagonal,
     hutchinson_squared_frobenius,
     hutchinson_trace,
@@ -64,7 +65,7 @@ from energy.hessian.operators import (
     TokenHessianOperator,
 )
 from energy.hessian.structure import block_diagonals, block_norms, block_traces, hessian_frobenius_norms
-from energy.hessian.sweep import fit_loglog_slope, fit_window, sigma_sweep
+from energy.hessian.sweep import THEORY_EXPONENTS, SweepResult, fit_loglog_slope, fit_window, sigma_sweep
 
 __all__ = [
     "DenseSizeError",
@@ -117,4 +118,7 @@ __all__ = [
     "fit_loglog_slope",
     "fit_window",
     "sigma_sweep",
+    "SweepResult",
+    "THEORY_EXPONENTS",
+    "draw_probes",
 ]

@@ -65,62 +65,14 @@ c=..., reduction=..., scale=..., mask=..., causal=..., linear=...)``).
 from __future__ import annotations
 
 from energy._validation import DenseSizeError, VerificationPrecisionWarning, warn_if_not_float64
-from energy.hessian.attention_layer import (
-    DEFAULT_MAX_GIB,
-    AttentionLayer,
-    LayerOptions,
-    Reduction,
-    check_dense_budget,
-    linear_attention,
-    loss_constant,
-)
-from energy.hessian.blocks import (
-    Part,
-    attention_hessian,
-    bilinear_term,
-    hessian_block,
-    hessian_blocks,
-    qk_chain_matrix,
-    qk_hessian_blocks,
-)
-from energy.hessian.moments import (
-    BLOCKS,
-    BLOCKS_O,
-    PARAMS,
-    AttentionMoments,
-    attention_jacobians,
-    attention_moments,
-    layer_moments,
-)
-from energy.hessian.twins import attention_loss, attention_output, autograd_attention_ggn, autograd_attention_hessian
+from energy.hessian import attention_layer, blocks, moments, twins
+from energy.hessian.attention_layer import *  # noqa: F403 - this module is the documented entry point
+from energy.hessian.blocks import *  # noqa: F403
+from energy.hessian.moments import *  # noqa: F403
+from energy.hessian.twins import *  # noqa: F403
 
-__all__ = [
-    "PARAMS",
-    "BLOCKS",
-    "BLOCKS_O",
-    "AttentionLayer",
-    "LayerOptions",
-    "AttentionMoments",
-    "DenseSizeError",
-    "DEFAULT_MAX_GIB",
-    "Part",
-    "Reduction",
-    "linear_attention",
-    "attention_output",
-    "attention_loss",
-    "loss_constant",
-    "attention_moments",
-    "layer_moments",
-    "attention_jacobians",
-    "hessian_block",
-    "hessian_blocks",
-    "attention_hessian",
-    "bilinear_term",
-    "qk_hessian_blocks",
-    "qk_chain_matrix",
-    "autograd_attention_hessian",
-    "autograd_attention_ggn",
-    "check_dense_budget",
-    "VerificationPrecisionWarning",
-    "warn_if_not_float64",
-]
+__all__ = ["DenseSizeError", "VerificationPrecisionWarning", "warn_if_not_float64"]
+__all__ += attention_layer.__all__
+__all__ += moments.__all__
+__all__ += blocks.__all__
+__all__ += twins.__all__

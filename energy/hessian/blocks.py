@@ -139,19 +139,12 @@ class _Factors:
     def _make_G(self) -> Tensor:
         return torch.zeros_like(self.mom.G_QK) if self.part == "H_o" else self.mom.G_QK
 
-    R = property(lambda self: self._get("R"))
-    P = property(lambda self: self._get("P"))
-    U = property(lambda self: self._get("U"))
-    E = property(lambda self: self._get("E"))
-    EW = property(lambda self: self._get("EW"))
-    S = property(lambda self: self._get("S"))
-    G = property(lambda self: self._get("G"))
-    EO = property(lambda self: self._get("EO"))
-    EOW = property(lambda self: self._get("EOW"))
-    Omega_O = property(lambda self: self._get("Omega_O"))
-    S_O = property(lambda self: self._get("S_O"))
-    P_VO = property(lambda self: self._get("P_VO"))
-    Q_VO = property(lambda self: self._get("Q_VO"))
+    def __getattr__(self, name: str) -> Tensor:
+        """The factor ``name`` (``R``, ``P``, ``U``, ``E``, ``EW``, ``S``, ``G``, ``EO``, ``EOW``, ``Omega_O``,
+        ``S_O``, ``P_VO``, ``Q_VO``), built by ``_make_<name>`` on first use and cached."""
+        if name.startswith("_") or not hasattr(type(self), "_make_" + name):
+            raise AttributeError(name)
+        return self._get(name)
 
 
 def _row_factor(f: _Factors, a: str, b: str) -> Tensor:

@@ -466,6 +466,18 @@ def _flat_functional(model: nn.Module, space: ParameterSpace) -> tuple[Tensor, C
     return theta, out
 
 
+def _reference_setup(
+    cls: type[CurvatureOperator], routine: str, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
+    params: Sequence[str] | str | None, data: Iterable, reduction: Reduction | None,
+    batch_size_fn: Callable[[Any], int] | None,
+) -> tuple[CurvatureOperator, Tensor, Callable[[Tensor, Any], Tensor]]:
+    """The operator (for its checks and weights), the flat parameters and the flat forward of a dense twin."""
+    op = cls(model, loss_fn, params, data, reduction=reduction, batch_size_fn=batch_size_fn)
+    warn_if_not_float64(op.dtype, routine)
+    theta, out = _flat_functional(model, op.space)
+    return op, theta, out
+
+
 def dense_hessian_reference(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Any], Tensor],
@@ -479,9 +491,8 @@ def dense_hessian_reference(
 
     Straightforward and slow; for tests on small models. Warns if not float64.
     """
-    op = HessianOperator(model, loss_fn, params, data, reduction=reduction, batch_size_fn=batch_size_fn)
-    warn_if_not_float64(op.dtype, "dense_hessian_reference")
-    theta, out = _flat_functional(model, op.space)
+    op, theta, out = _reference_setup(HessianOperator, "dense_hessian_reference", model, loss_fn, params, data,
+                                      reduction, batch_size_fn)
 
     def total(flat: Tensor) -> Tensor:
         return torch.stack([w * loss_fn(out(flat, X), y) for X, y, w in op._batches()]).sum()
@@ -498,11 +509,10 @@ def dense_ggn_reference(
     reduction: Reduction | None = None,
     batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
-    r"""Dense :math:`G = \sum_b w_b J_b^\top \nabla^2_o\ell_b J_b` from full Jacobians (``jacrev``) and the dense
+    r"""Dense :math:`H_o = \sum_b w_b J_b^\top \nabla^2_o\ell_b J_b` from full Jacobians (``jacrev``) and the dense
     output-space loss Hessian (``torch.func.hessian``). Autograd twin for tests; warns if not float64."""
-    op = GGNOperator(model, loss_fn, params, data, reduction=reduction, batch_size_fn=batch_size_fn)
-    warn_if_not_float64(op.dtype, "dense_ggn_reference")
-    theta, out = _flat_functional(model, op.space)
+    op, theta, out = _reference_setup(GGNOperator, "dense_ggn_reference", model, loss_fn, params, data,
+                                      reduction, batch_size_fn)
     G = torch.zeros(op.shape, dtype=op.dtype, device=op.device)
     for X, y, w in op._batches():
         o = out(theta, X)

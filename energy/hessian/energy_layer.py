@@ -234,14 +234,19 @@ def energy_layer_hessian(
     return outer() if part == "H_o" else functional()
 
 
+def _twin_setup(X: Tensor, M: Tensor, Y: Tensor, alpha: float, routine: str) -> tuple[int, int]:
+    """Checks of an autograd twin (float64 advice, shapes); returns ``M``'s shape ``(d, k)``."""
+    warn_if_not_float64(X.dtype, routine)
+    _validate(X, M, Y, alpha)
+    return M.shape[0], M.shape[1]
+
+
 def autograd_energy_layer_hessian(
     X: Tensor, M: Tensor, Y: Tensor, *, alpha: float = 1.0, tied: bool = False, scale: float | None = None,
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`energy_layer_loss` in ``vec_r(M)``."""
-    warn_if_not_float64(X.dtype, "autograd_energy_layer_hessian")
-    _validate(X, M, Y, alpha)
-    d, k = M.shape
+    d, k = _twin_setup(X, M, Y, alpha, "autograd_energy_layer_hessian")
 
     def loss(m: Tensor) -> Tensor:
         return energy_layer_loss(X, m.reshape(d, k), Y, alpha=alpha, tied=tied, scale=scale, c=c, reduction=reduction)
@@ -254,9 +259,7 @@ def autograd_energy_layer_ggn(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
-    warn_if_not_float64(X.dtype, "autograd_energy_layer_ggn")
-    _validate(X, M, Y, alpha)
-    d, k = M.shape
+    d, k = _twin_setup(X, M, Y, alpha, "autograd_energy_layer_ggn")
     J = torch.func.jacrev(
         lambda m: energy_layer_output(X, m.reshape(d, k), alpha=alpha, tied=tied, scale=scale).reshape(-1)
     )(M.reshape(-1))

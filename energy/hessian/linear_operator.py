@@ -16,7 +16,7 @@ from torch import Tensor
 
 from energy._validation import DenseSizeError, EnergyInputError, check_tensor
 
-__all__ = ["LinearOperator", "DenseSizeError"]
+__all__ = ["LinearOperator"]
 
 
 def _available_memory_bytes() -> int:

@@ -64,34 +64,14 @@ Modules: :mod:`~energy.hessian.linear_operator` (the base class), :mod:`~energy.
 """
 
 from energy._validation import DenseSizeError
-from energy.hessian.curvature_operators import (
-    CurvatureOperator,
-    FunctionalOperator,
-    GGNOperator,
-    HessianOperator,
-    JacobianOperator,
-    Part,
-    TransposedJacobianOperator,
-    dense_ggn_reference,
-    dense_hessian_reference,
-)
-from energy.hessian.linear_operator import LinearOperator
-from energy.hessian.parameter_space import ParameterSpace, Reduction
-from energy.hessian.token_operator import TokenHessianOperator
+from energy.hessian import curvature_operators, linear_operator, parameter_space, token_operator
+from energy.hessian.curvature_operators import *  # noqa: F403 - this module is the documented entry point
+from energy.hessian.linear_operator import *  # noqa: F403
+from energy.hessian.parameter_space import *  # noqa: F403
+from energy.hessian.token_operator import *  # noqa: F403
 
-__all__ = [
-    "LinearOperator",
-    "CurvatureOperator",
-    "HessianOperator",
-    "GGNOperator",
-    "FunctionalOperator",
-    "JacobianOperator",
-    "TransposedJacobianOperator",
-    "TokenHessianOperator",
-    "ParameterSpace",
-    "Part",
-    "Reduction",
-    "DenseSizeError",
-    "dense_hessian_reference",
-    "dense_ggn_reference",
-]
+__all__ = ["DenseSizeError"]
+__all__ += linear_operator.__all__
+__all__ += parameter_space.__all__
+__all__ += curvature_operators.__all__
+__all__ += token_operator.__all__

@@ -22,20 +22,10 @@ from energy.hessian.moments import as_layer
 __all__ = ["autograd_attention_hessian", "autograd_attention_ggn", "attention_loss", "attention_output"]
 
 
-def attention_output(
-    X: Tensor,
-    W_Q: Tensor,
-    W_K: Tensor,
-    W_V: Tensor,
-    *,
-    W_O: Tensor | None = None,
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    linear: bool = False,
-) -> Tensor:
+def attention_output(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, **options: Unpack[LayerOptions]) -> Tensor:
     """``F``: :func:`energy.reference.single_head_attention` (softmax) or linear attention, times ``W_O``
-    (:meth:`AttentionLayer.output`; pure, no checks beyond the layer's)."""
-    return AttentionLayer(W_Q, W_K, W_V, W_O, scale, mask, linear=linear).output(X)
+    (:meth:`AttentionLayer.output`; the options are the fields of :class:`AttentionLayer`)."""
+    return AttentionLayer.from_weights(W_Q, W_K, W_V, **options).output(X)
 
 
 def attention_loss(*args: Tensor | AttentionLayer, **options: Unpack[LayerOptions]) -> Tensor:

@@ -233,6 +233,51 @@ def _mean_se(x: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _exact_value(quantity: str, M: Tensor) -> float:
+    """``tr M`` or ``‖M‖_F²`` of a dense matrix."""
+    return float(torch.diagonal(M).sum()) if quantity == "trace" else float((M**2).sum())
+
+
+def _sample_values(quantity: str, Z: Tensor, AZ: Tensor) -> Tensor:
+    """Per-probe samples ``z_sᵀ A z_s`` (trace) or ``‖A z_s‖²`` (squared Frobenius norm), float64."""
+    Z, AZ = Z.to(torch.float64), AZ.to(torch.float64)
+    return (Z * AZ).sum(dim=0) if quantity == "trace" else (AZ**2).sum(dim=0)
+
+
+def _hutchinson(
+    quantity: str, A: Any, num_samples: int, generator: torch.Generator | None, distribution: str, dim: int | None,
+    batch_size: int | None, exact_if_cheaper: bool,
+) -> Estimate:
+    """The Hutchinson estimator of ``tr A`` or ``‖A‖_F²`` (one code path for both quantities)."""
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, f"hutchinson_{quantity}") if quantity == "trace" else shape[1]
+    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
+        return Estimate(_exact_value(quantity, _exact_matrix(mm, shape, dtype, batch_size, _device_of(A))), 0.0, n)
+    Z = _probes(n, num_samples, distribution, _gen(generator), dtype, _device_of(A))
+    mean, se = _mean_se(_sample_values(quantity, Z, _apply(mm, Z, batch_size)))
+    return Estimate(float(mean), float(se), num_samples)
+
+
+def _hutchpp(
+    quantity: str, A: Any, num_matvecs: int, generator: torch.Generator | None, distribution: str, dim: int | None,
+    exact_if_cheaper: bool,
+) -> Estimate:
+    """Hutch++ for ``tr A`` or ``‖A‖_F²``: exact on the sketched range ``Q``, Hutchinson on its complement."""
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, f"hutchpp_{quantity}")
+    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
+    if exact:
+        return Estimate(_exact_value(quantity, _exact_matrix(mm, shape, dtype, None, _device_of(A))), 0.0, n)
+    g = _gen(generator)
+    S = _probes(n, k, distribution, g, dtype, _device_of(A))
+    G = _probes(n, k, distribution, g, dtype, _device_of(A))
+    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
+    top = float(_sample_values(quantity, Q, mm(Q.to(dtype))).sum())
+    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
+    mean, se = _mean_se(_sample_values(quantity, Gp, mm(Gp.to(dtype))))
+    return Estimate(top + float(mean), float(se), 3 * k)
+
+
 def hutchinson_trace(
     A: Any,
     num_samples: int,
@@ -254,14 +299,7 @@ def hutchinson_trace(
         batch_size: probes per ``matmat`` call (memory bound); ``None`` = all at once.
         exact_if_cheaper: if ``S > n``, return the exact trace (n products).
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = _square(shape, "hutchinson_trace")
-    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
-        return Estimate(float(torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size, _device_of(A))).sum()), 0.0, n)
-    Z = _probes(n, num_samples, distribution, _gen(generator), dtype, _device_of(A))
-    samples = (Z * _apply(mm, Z, batch_size)).sum(dim=0).to(torch.float64)
-    mean, se = _mean_se(samples)
-    return Estimate(float(mean), float(se), num_samples)
+    return _hutchinson("trace", A, num_samples, generator, distribution, dim, batch_size, exact_if_cheaper)
 
 
 def hutchinson_diagonal(
@@ -303,15 +341,8 @@ def hutchinson_squared_frobenius(
 
     The protocol of MATH §3.7 takes the square root of this with 20 Rademacher probes per block.
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = shape[1]
-    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
-        M = _exact_matrix(mm, shape, dtype, batch_size, _device_of(A))
-        return Estimate(float((M**2).sum()), 0.0, n)
-    Z = _probes(n, num_samples, distribution, _gen(generator), dtype, _device_of(A))
-    samples = (_apply(mm, Z, batch_size).to(torch.float64) ** 2).sum(dim=0)
-    mean, se = _mean_se(samples)
-    return Estimate(float(mean), float(se), num_samples)
+    return _hutchinson("squared_frobenius", A, num_samples, generator, distribution, dim, batch_size,
+                       exact_if_cheaper)
 
 
 def _hutchpp_split(num_matvecs: int, n: int, name: str, exact_if_cheaper: bool) -> tuple[bool, int]:
@@ -338,20 +369,7 @@ def hutchpp_trace(
 
     with ``S, G`` of ``k`` random columns each. The standard error is that of the residual Hutchinson term.
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = _square(shape, "hutchpp_trace")
-    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
-    if exact:
-        return Estimate(float(torch.diagonal(_exact_matrix(mm, shape, dtype, None, _device_of(A))).sum()), 0.0, n)
-    g = _gen(generator)
-    S = _probes(n, k, distribution, g, dtype, _device_of(A))
-    G = _probes(n, k, distribution, g, dtype, _device_of(A))
-    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
-    top = float(torch.trace(Q.T @ mm(Q.to(dtype)).to(torch.float64)))
-    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
-    samples = (Gp * mm(Gp.to(dtype)).to(torch.float64)).sum(dim=0)
-    mean, se = _mean_se(samples)
-    return Estimate(top + float(mean), float(se), 3 * k)
+    return _hutchpp("trace", A, num_matvecs, generator, distribution, dim, exact_if_cheaper)
 
 
 def hutchpp_squared_frobenius(
@@ -372,20 +390,7 @@ def hutchpp_squared_frobenius(
     The split is exact for any ``A``; ``Q`` spans the dominant range of ``A`` when ``A`` is symmetric (the sketch
     ``A S`` lies in the column space, which for symmetric ``A`` is the row space that matters here).
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = _square(shape, "hutchpp_squared_frobenius")
-    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
-    if exact:
-        return Estimate(float((_exact_matrix(mm, shape, dtype, None, _device_of(A)) ** 2).sum()), 0.0, n)
-    g = _gen(generator)
-    S = _probes(n, k, distribution, g, dtype, _device_of(A))
-    G = _probes(n, k, distribution, g, dtype, _device_of(A))
-    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
-    top = float((mm(Q.to(dtype)).to(torch.float64) ** 2).sum())
-    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
-    samples = (mm(Gp.to(dtype)).to(torch.float64) ** 2).sum(dim=0)
-    mean, se = _mean_se(samples)
-    return Estimate(top + float(mean), float(se), 3 * k)
+    return _hutchpp("squared_frobenius", A, num_matvecs, generator, distribution, dim, exact_if_cheaper)
 
 
 # --------------------------------------------------------------------------------------------------------------

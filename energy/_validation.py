@@ -23,6 +23,9 @@ __all__ = [
     "VerificationPrecisionWarning",
     "warn_if_not_float64",
     "check_tensor",
+    "value_holds",
+    "check_finite",
+    "check_scale",
     "check_same_float_dtype",
     "check_symmetric",
     "check_psd",
@@ -97,6 +100,55 @@ def _shape_str(shape: Sequence[int | str | None]) -> str:
     return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
 
 
+def value_holds(condition: Tensor) -> bool:
+    """The one place a per-call check reads a tensor value back to Python (decision 5 of the pure core).
+
+    Returns ``bool(condition)`` when the value can be read, and ``True`` (the check is skipped, by design) when a
+    tracing transform makes it unreadable: ``vmap``, ``linearize`` / ``make_fx`` tracing, fake or meta tensors. The
+    transform is detected by attempting the read and catching the ``RuntimeError`` torch raises, never by testing
+    private functorch state. Under ``grad``, ``vjp``, ``jvp`` and ``hessian`` the values are concrete and the check
+    runs.
+
+    >>> import torch
+    >>> value_holds(torch.tensor(True)), value_holds(torch.tensor(False))
+    (True, False)
+    """
+    try:
+        return bool(condition)
+    except RuntimeError:  # a tracing tensor (vmap, make_fx/linearize, fake or meta tensors): unreadable by design
+        return True
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Raise :class:`EnergyInputError` if ``x`` has a NaN/inf entry (skipped when traced, see :func:`value_holds`)."""
+    # One reduction first: a finite sum proves every entry finite (NaN/inf propagate); only then a full pass.
+    if not value_holds(torch.isfinite(x.sum())) and not value_holds(torch.isfinite(x).all()):
+        raise EnergyInputError(f"`{name}` contains NaN or inf entries; clean the input before calling.")
+    return x
+
+
+def check_scale(scale: object, name: str = "scale") -> float | Tensor | None:
+    r"""The public check of a metric scale :math:`\kappa` (``None`` = :math:`1/\sqrt{k}`, resolved by
+    :func:`energy.core.attention.kappa`): a finite real number > 0, or a 0-dim floating tensor (checked by value
+    through :func:`value_holds`, so it may be traced)."""
+    if scale is None:
+        return None
+    if isinstance(scale, Tensor):
+        if scale.ndim != 0 or not scale.is_floating_point():
+            raise EnergyInputError(
+                f"`{name}` must be a real number or a 0-dim floating tensor, got a tensor of shape "
+                f"{tuple(scale.shape)} and dtype {scale.dtype}."
+            )
+        ok = value_holds(torch.isfinite(scale) & (scale > 0))
+    else:
+        ok = not isinstance(scale, bool) and isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+    if not ok:
+        raise EnergyInputError(
+            f"`{name}` must be a finite real number > 0 (W = {name} · M Mᵀ) or None for 1/sqrt(k), got {scale!r}."
+        )
+    return scale if isinstance(scale, Tensor) else float(scale)  # type: ignore[arg-type]
+
+
 def check_tensor(
     x: object,
     name: str,
@@ -142,9 +194,8 @@ def check_tensor(
             raise EnergyInputError(
                 f"`{name}` must end with shape {_shape_str(trailing)}, got shape {tuple(x.shape)}."
             )
-    # One reduction first: a finite sum proves every entry finite (NaN/inf propagate); only then a full pass.
-    if finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
-        raise EnergyInputError(f"`{name}` contains NaN or inf entries; clean the input before calling.")
+    if finite:
+        check_finite(x, name)
     return x
 
 

@@ -23,10 +23,13 @@ from torch import Tensor
 from energy._validation import (
     DenseSizeError,
     EnergyInputError,
+    check_finite,
     check_same_float_dtype,
     check_tensor,
+    value_holds,
 )
-from energy.reference import single_head_attention
+from energy.core import attention as core_attention
+from energy.core import standard as core_standard
 
 __all__ = [
     "AttentionLayer",
@@ -77,49 +80,44 @@ def check_dense_budget(rows: int, cols: int, dtype: torch.dtype, max_gib: float 
         )
 
 
-def _check_finite_if_readable(x: Tensor, name: str) -> None:
-    """Reject NaN/inf in ``x`` when its values can be read; skipped, by design, under a tracing transform
-    (``vmap``, ``linearize``, ...), where torch refuses the read (a RuntimeError) and no value exists yet."""
-    try:
-        finite = bool(torch.isfinite(x).all())
-    except RuntimeError:
-        return
-    if not finite:
-        raise EnergyInputError(f"`{name}` contains NaN or inf entries; clean the input before calling.")
-
-
 def _present(**tensors: Tensor | None) -> dict[str, Tensor]:
     """The given tensors without the ``None`` ones (optional arguments), for :func:`check_same_float_dtype`."""
     return {k: t for k, t in tensors.items() if t is not None}
 
 
 def _check_array(x: object, name: str, ndim: int | None = None) -> Tensor:
-    t = check_tensor(x, name, ndim=ndim, finite=False)
-    _check_finite_if_readable(t, name)
-    return t
+    """Metadata checks, then :func:`energy._validation.check_finite` (skipped, by design, when a tracing
+    transform makes the values unreadable)."""
+    return check_finite(check_tensor(x, name, ndim=ndim, finite=False), name)
 
 
 def linear_attention(
     X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, *, scale: float | None = None, mask: Tensor | None = None
 ) -> Tensor:
-    r"""Linear (softmax-free) self-attention, MATH §3.6.
+    r"""Linear (softmax-free) self-attention, MATH §3.6 (the core's weights, one head).
 
     .. math:: F = \big(\kappa\, X W_Q W_K^\top X^\top \odot m\big)\, X W_V,\qquad \kappa = 1/\sqrt{d_K}
 
     ``mask`` is boolean (``True`` = attend); ``m`` is its 0/1 version (no mask: all ones).
     """
-    return linear_attention_weights(X, W_Q, W_K, _kappa(scale, W_Q.shape[-1]), mask) @ (X @ W_V)
+    return attention_matrix(X, W_Q, W_K, _kappa(scale, W_Q.shape[-1]), mask, linear=True) @ (X @ W_V)
 
 
-def linear_attention_weights(X: Tensor, W_Q: Tensor, W_K: Tensor, kappa: float, mask: Tensor | None) -> Tensor:
-    r"""``A = κ X W_Q W_Kᵀ Xᵀ ⊙ m`` (MATH §3.6; the one place the linear-attention matrix is written)."""
-    A = kappa * (X @ W_Q) @ (X @ W_K).transpose(-1, -2)
-    return A if mask is None else A * mask.to(A.dtype)
+def attention_matrix(
+    X: Tensor, W_Q: Tensor, W_K: Tensor, kappa: float, mask: Tensor | None, *, linear: bool
+) -> Tensor:
+    r"""``A``: ``softmax(κ X W_Q W_Kᵀ Xᵀ)`` (masked) or, linear, ``κ X W_Q W_Kᵀ Xᵀ ⊙ m`` (MATH §3.1, §3.6), from
+    the pure core (:func:`energy.core.standard.attention_weights` / :func:`~energy.core.standard.
+    linear_attention_weights`)."""
+    Q, K = X @ W_Q, X @ W_K
+    if linear:
+        return core_standard.linear_attention_weights(Q, K, kappa, mask=mask)
+    return core_standard.attention_weights(Q, K, kappa, mask=mask)
 
 
 def _kappa(scale: float | None, d_k: int) -> float:
-    """``κ``: ``scale`` or ``1/√d_K`` (MATH §3.1)."""
-    return 1.0 / math.sqrt(d_k) if scale is None else float(scale)
+    """``κ``: :func:`energy.core.attention.kappa` (``scale`` or ``1/√d_K``, MATH §3.1)."""
+    return float(core_attention.kappa(scale, d_k))
 
 
 def loss_constant(X: Tensor, c: float | None, reduction: Reduction, d_out: int | None = None) -> float:
@@ -203,11 +201,7 @@ class AttentionLayer:
                 raise EnergyInputError(
                     "`mask` must be a boolean tensor (True = attend), e.g. torch.ones(L, L, dtype=torch.bool).tril()."
                 )
-            try:
-                attends = bool(self.mask.any(-1).all())
-            except RuntimeError:  # a traced mask: its values cannot be read here
-                attends = True
-            if not attends:
+            if not value_holds(self.mask.any(-1).all()):
                 raise EnergyInputError("every query row of `mask` must attend to at least one key.")
 
     # -- derived sizes -------------------------------------------------------------------------------------------
@@ -282,16 +276,13 @@ class AttentionLayer:
 
     # -- the pure maps -----------------------------------------------------------------------------------------
     def output(self, X: Tensor, mask: Tensor | None = None) -> Tensor:
-        """``F`` (MATH §3.1): :func:`energy.reference.single_head_attention` or :func:`linear_attention`, times
-        ``W_O``. ``mask`` overrides the layer's (already resolved, e.g. by :meth:`check_inputs`)."""
+        """``F = A X W_V [W_O]`` (MATH §3.1) with ``A`` of :func:`attention_matrix`. ``mask`` overrides the
+        layer's (already resolved, e.g. by :meth:`check_inputs`)."""
         if mask is None:
             mask = self.mask
             if self.causal:
                 mask = torch.ones(X.shape[-2], X.shape[-2], dtype=torch.bool, device=X.device).tril()
-        if self.linear:
-            F = linear_attention(X, self.W_Q, self.W_K, self.W_V, scale=self.kappa, mask=mask)
-        else:
-            F = single_head_attention(X, self.W_Q, self.W_K, self.W_V, scale=self.kappa, mask=mask)
+        F = attention_matrix(X, self.W_Q, self.W_K, self.kappa, mask, linear=self.linear) @ (X @ self.W_V)
         return F if self.W_O is None else F @ self.W_O
 
     def loss_constant(self, X: Tensor) -> float:

@@ -54,9 +54,9 @@ import torch
 from torch import Tensor
 
 from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
+from energy.core.attention import kappa, metric, softmax_beta
 from energy.hessian.attention_layer import Reduction, _present, check_dense_budget, loss_constant
 from energy.hessian.blocks import Part, _check_part
-from energy.reference import attention_weights
 
 __all__ = [
     "energy_layer_output",
@@ -69,7 +69,8 @@ __all__ = [
 
 
 def _scale(M: Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(M.shape[1]) if scale is None else float(scale)
+    """``s = κ`` of the core (:func:`energy.core.attention.kappa`: ``scale`` or ``1/√k``)."""
+    return float(kappa(scale, M.shape[1]))
 
 
 def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Tensor, Tensor | None]:
@@ -91,26 +92,18 @@ def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Ten
     return X3, None if Y is None else (Y if Y.ndim == 3 else Y.unsqueeze(0))
 
 
-def _softmax_beta(P: Tensor, s: float) -> Tensor:
-    r""":math:`\mathrm{softmax}_\beta(X W X^\top)` from the keys ``P = X M`` (``W = s M Mᵀ``,
-    ``β_j = −½ s ‖p_j‖²``), transform-safe (no input checks); equals :func:`energy.attention.softmax_beta`."""
-    return attention_weights(P, P, scale=s, key_bias=-0.5 * s * (P * P).sum(-1))
-
-
 def energy_layer_output(
     X: Tensor, M: Tensor, *, alpha: float = 1.0, tied: bool = False, scale: float | None = None
 ) -> Tensor:
     r"""``F_(a) = (1−α)X + α softmax_β(XWXᵀ) X`` or (``tied=True``) ``F_(b) = X(I − αW) + α softmax_β(XWXᵀ) X W``.
 
-    ``softmax_β`` is written with :func:`energy.reference.attention_weights` (queries = keys = ``X M``, scale ``s``,
-    key bias ``β_j = −½ s ‖Mᵀx_j‖²``) so that ``torch.func`` transforms run through it; it equals
-    :func:`energy.attention.softmax_beta` (tested).
+    ``softmax_β`` and ``W = s M Mᵀ`` are the pure core's :func:`energy.core.attention.softmax_beta` and
+    :func:`energy.core.attention.metric` (MATH §1.1), so every ``torch.func`` transform runs through it.
     """
-    s = _scale(M, scale)
-    A = _softmax_beta(X @ M, s)
+    W = metric(M, _scale(M, scale))
+    A = softmax_beta(X, W)
     if not tied:
         return (1.0 - alpha) * X + alpha * (A @ X)
-    W = s * M @ M.T
     return X - alpha * (X - A @ X) @ W
 
 
@@ -130,7 +123,8 @@ class _Terms:
         self.X, self.M, self.s, self.alpha, self.tied = X3, M, s, alpha, tied
         d, k = M.shape
         P = X3 @ M  # p_j = Mᵀ x_j
-        self.A = _softmax_beta(P, s)
+        self.W = metric(M, s)
+        self.A = softmax_beta(X3, self.W)
         self.mu = self.A @ X3
         # 𝒯[b, i, j, (a, c)] = s (x_i[a] p_j[c] + x_j[a] (p_i − p_j)[c])
         D = P.unsqueeze(-2) - P.unsqueeze(-3)  # p_i − p_j, (B, i, j, k)
@@ -139,7 +133,6 @@ class _Terms:
         # J_μ,i = Σ_j a_ij (x_j − μ_i) 𝒯_ijᵀ,  (B, L, d, dk)
         aT = torch.einsum("bij,bijq->biq", self.A, self.T)
         self.J_mu = torch.einsum("bij,bjm,bijq->bimq", self.A, X3, self.T) - self.mu.unsqueeze(-1) * aT.unsqueeze(-2)
-        self.W = s * M @ M.T
         self.e = X3 - self.mu
 
     def jacobian(self) -> Tensor:

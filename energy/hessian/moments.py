@@ -14,8 +14,7 @@ from typing import Unpack
 import torch
 from torch import Tensor
 
-from energy.hessian.attention_layer import AttentionLayer, LayerOptions, linear_attention_weights
-from energy.reference import attention_weights
+from energy.hessian.attention_layer import AttentionLayer, LayerOptions, attention_matrix
 
 __all__ = [
     "PARAMS",
@@ -212,10 +211,7 @@ def layer_moments(
     c_eff = layer.loss_constant(X3[0] if single else X3)
     kappa = layer.kappa
     d = X3.shape[-1]
-    if layer.linear:
-        A = linear_attention_weights(X3, W_Q, W_K, kappa, mask)
-    else:
-        A = attention_weights(X3 @ W_Q, X3 @ W_K, scale=kappa, mask=mask)
+    A = attention_matrix(X3, W_Q, W_K, kappa, mask, linear=layer.linear)
     M_1 = A @ X3  # (B, L, d)
     F = M_1 @ V_eff
     G = 2.0 * c_eff * (F - Y3)

@@ -122,9 +122,22 @@ _STEP_READS_VALUES = (
 )
 
 
-def _xfail_linearize_through_steps(request, name: str, linearizes: bool) -> None:
+#: Issue #8's bug itself: GPT2Decoder reads token ids / finiteness back to Python in its forward
+#: (energy/reference.py ``_check``, unfold/standard.py ``_check_token_ids``), which ``torch.func.linearize`` cannot
+#: trace. Fixed by the ``core`` and ``models`` branches; strict, so the marker fails (XPASS) once the fix is merged
+#: and must then be deleted.
+_GPT2_READS_VALUES = pytest.mark.xfail(
+    reason="issue #8: GPT2Decoder's forward reads values (fixed in energy/reference.py and unfold/standard.py on "
+           "the core/models branches; delete this marker after merging them)",
+    raises=RuntimeError, strict=True,
+)
+
+
+def _xfail_linearize_through_steps(request, name: str, linearizes: bool, *, tokens: bool = True) -> None:
     if name == "yang2022" and linearizes:
         request.applymarker(pytest.mark.xfail(reason=_STEP_READS_VALUES, strict=False))
+    if name == "gpt2" and linearizes and tokens:  # the embeddings path (no token ids) is already pure
+        request.applymarker(_GPT2_READS_VALUES)
 
 
 def _close(a: Tensor, b: Tensor, tol: float = 1e-9) -> None:
@@ -183,7 +196,7 @@ def test_jacobian_operator_through_library_models(case):
 @pytest.mark.parametrize("linearize_once", [False, True])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_token_hessian_operator_through_library_models(request, name, linearize_once):
-    _xfail_linearize_through_steps(request, name, linearize_once)
+    _xfail_linearize_through_steps(request, name, linearize_once, tokens=False)
     model, loss_fn, data = CASES[name]()
     X, y = data[1]
     if isinstance(model, GPT2Decoder):  # the token states: the embeddings fed to the decoder blocks
@@ -198,6 +211,7 @@ def test_token_hessian_operator_through_library_models(request, name, linearize_
     _close(op @ V, ref @ V)
 
 
+@_GPT2_READS_VALUES
 def test_issue_reproducer_linearize_through_gpt2():
     """The exact case of issue #8: ``FunctionalOperator(cache=True)`` on ``GPT2Decoder`` (``linearize``)."""
     model, loss_fn, data = _gpt2_case()
@@ -229,6 +243,7 @@ def test_operators_validate_data_at_construction():
         GGNOperator(model, loss_fn, None, bad_y, reduction="mean")
 
 
+@_GPT2_READS_VALUES
 def test_products_raise_no_library_warning_inside_transforms():
     """No warning of ours inside ``linearize`` / ``vmap`` (torch's own fx warnings are not ours to mute)."""
     model, loss_fn, data = _gpt2_case()

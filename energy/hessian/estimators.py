@@ -184,11 +184,6 @@ def draw_probes(
     return Z if device is None else Z.to(device)
 
 
-def _probes(n: int, k: int, distribution: str, generator: torch.Generator, dtype: torch.dtype,
-            device: torch.device | None = None) -> Tensor:
-    return draw_probes(n, k, generator=generator, distribution=distribution, dtype=dtype, device=device)
-
-
 def _gen(generator: torch.Generator | None) -> torch.Generator:
     if generator is None:
         return torch.Generator().manual_seed(0)
@@ -253,7 +248,8 @@ def _hutchinson(
     n = _square(shape, f"hutchinson_{quantity}") if quantity == "trace" else shape[1]
     if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
         return Estimate(_exact_value(quantity, _exact_matrix(mm, shape, dtype, batch_size, _device_of(A))), 0.0, n)
-    Z = _probes(n, num_samples, distribution, _gen(generator), dtype, _device_of(A))
+    Z = draw_probes(n, num_samples, generator=generator, distribution=distribution, dtype=dtype,
+                    device=_device_of(A))
     mean, se = _mean_se(_sample_values(quantity, Z, _apply(mm, Z, batch_size)))
     return Estimate(float(mean), float(se), num_samples)
 
@@ -269,8 +265,8 @@ def _hutchpp(
     if exact:
         return Estimate(_exact_value(quantity, _exact_matrix(mm, shape, dtype, None, _device_of(A))), 0.0, n)
     g = _gen(generator)
-    S = _probes(n, k, distribution, g, dtype, _device_of(A))
-    G = _probes(n, k, distribution, g, dtype, _device_of(A))
+    S = draw_probes(n, k, generator=g, distribution=distribution, dtype=dtype, device=_device_of(A))
+    G = draw_probes(n, k, generator=g, distribution=distribution, dtype=dtype, device=_device_of(A))
     Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
     top = float(_sample_values(quantity, Q, mm(Q.to(dtype))).sum())
     Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
@@ -321,7 +317,7 @@ def hutchinson_diagonal(
     if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
         d = torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size, _device_of(A))).clone()
         return Estimate(d, torch.zeros_like(d), n)
-    Z = _probes(n, num_samples, "rademacher", _gen(generator), dtype, _device_of(A))
+    Z = draw_probes(n, num_samples, generator=generator, dtype=dtype, device=_device_of(A))
     samples = (Z * _apply(mm, Z, batch_size)).T.to(torch.float64)  # (S, n)
     mean, se = _mean_se(samples)
     return Estimate(mean, se, num_samples)
@@ -583,7 +579,7 @@ def slq_density(
     nodes = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     weights = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     for p in range(num_probes):
-        z = _probes(n, 1, "rademacher", g, torch.float64)[:, 0]  # the Lanczos basis is kept on the CPU
+        z = draw_probes(n, 1, generator=g)[:, 0]  # float64 on the CPU, where the Lanczos basis is kept
         _, alpha, beta, _ = _lanczos_basis(mm, n, dtype, z, num_steps, g, restart_on_breakdown=False)
         theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
         m = theta.shape[0]

@@ -14,6 +14,7 @@
 """
 
 from energy._validation import DenseSizeError
+from energy.hessian import estimators
 from energy.hessian.attention import (
     BLOCKS,
     PARAMS,
@@ -46,16 +47,7 @@ from energy.hessian.energy_layer import (
     energy_layer_loss,
     energy_layer_output,
 )
-from energy.hessian.estimators import (
-    draw_probes,
-    hutchinson_diagonal,
-    hutchinson_squared_frobenius,
-    hutchinson_trace,
-    hutchpp_squared_frobenius,
-    hutchpp_trace,
-    lanczos,
-    slq_density,
-)
+from energy.hessian.estimators import *  # noqa: F403 - Hutchinson, Hutch++, Lanczos, SLQ and draw_probes
 from energy.hessian.operators import (
     FunctionalOperator,
     GGNOperator,
@@ -108,17 +100,10 @@ __all__ = [
     "FunctionalOperator",
     "JacobianOperator",
     "TokenHessianOperator",
-    "hutchinson_trace",
-    "hutchinson_diagonal",
-    "hutchinson_squared_frobenius",
-    "hutchpp_trace",
-    "hutchpp_squared_frobenius",
-    "lanczos",
-    "slq_density",
     "fit_loglog_slope",
     "fit_window",
     "sigma_sweep",
     "SweepResult",
     "THEORY_EXPONENTS",
-    "draw_probes",
 ]
+__all__ += estimators.__all__

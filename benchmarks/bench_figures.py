@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from benchmarks import benchmark, compare
+from energy.hessian.estimators import draw_probes
 from paper_figs.ormaniec2024 import DTYPE, ScoredPositions, addition_data, gpt2_model
 from unfold.data import addition_loss
 from unfold.standard import GPT2Config
@@ -61,14 +62,13 @@ def bench_growth_single_step(quick: bool) -> dict[str, Any]:
             curvlinops.GGNLinearOperator(model, _AdditionLoss(), [named[n]], data, check_deterministic=False))
         for k, n in blocks.items()
     }
-    probes = {k: (torch.randint(0, 2, (named[n].numel(), num_samples), generator=g) * 2 - 1).to(DTYPE)
-              for k, n in blocks.items()}
+    probes = {k: draw_probes(named[n].numel(), num_samples, generator=g, dtype=DTYPE) for k, n in blocks.items()}
 
     def ours() -> dict[str, dict[str, float]]:
         out = {}
         for k, op in ours_ops.items():
-            P = op.products(probes[k], ("H", "G", "F"))
-            out[k] = _norms(P["H"], P["G"], P["F"])
+            P = op.products(probes[k], ("H", "H_o", "H_f"))
+            out[k] = _norms(P["H"], P["H_o"], P["H_f"])
         return out
 
     def theirs() -> dict[str, dict[str, float]]:

@@ -126,8 +126,27 @@ def test_hessian_and_ggn_shared_equals_separate_and_cache(gen):
     V = torch.randn(H.shape[0], 3, generator=gen, dtype=DT)
     HV, GV = H.hessian_and_ggn(V)
     assert torch.allclose(HV, H @ V, atol=1e-13) and torch.allclose(GV, G @ V, atol=1e-13)
-    out = G.products(V, ("F", "G"))
-    assert torch.allclose(out["F"], F @ V, atol=1e-13) and torch.allclose(out["F"] + out["G"], HV, atol=1e-13)
+    out = G.products(V, ("H_f", "H_o"))
+    assert torch.allclose(out["H_f"], F @ V, atol=1e-13) and torch.allclose(out["H_f"] + out["H_o"], HV, atol=1e-13)
+
+
+def test_old_part_names_deprecated_but_working(gen):
+    """``"G"`` / ``"F"`` (previous release) are the ``"H_o"`` / ``"H_f"`` of today, with a DeprecationWarning."""
+    model, loss, data, _, _ = _attention_case(gen)
+    H = HessianOperator(model, loss, ["W_Q"], data, reduction="mean")
+    V = torch.randn(H.shape[0], 2, generator=gen, dtype=DT)
+    new = H.products(V, ("H_o", "H_f"))
+    with pytest.warns(DeprecationWarning, match="'H_o'"):
+        old = H.products(V, ("G", "F"))
+    assert set(old) == {"G", "F"}
+    assert torch.equal(old["G"], new["H_o"]) and torch.equal(old["F"], new["H_f"])
+    with pytest.warns(DeprecationWarning, match="parts="):
+        assert set(H.products(V, kinds=("H",))) == {"H"}
+    with pytest.warns(DeprecationWarning, match=r"\.part"):
+        assert GGNOperator(model, loss, ["W_Q"], data, reduction="mean").kind == "G"
+    assert FunctionalOperator(model, loss, ["W_Q"], data, reduction="mean").part == "H_f"
+    with pytest.raises(EnergyInputError, match="H_o"):
+        H.products(V, ("X",))
 
 
 @pytest.mark.slow  # torch.func.linearize traces the model (a few seconds)

@@ -14,9 +14,11 @@
 """
 
 from energy._validation import DenseSizeError
+from energy.hessian import estimators
 from energy.hessian.attention import (
     BLOCKS,
     PARAMS,
+    AttentionLayer,
     AttentionMoments,
     attention_hessian,
     attention_jacobians,
@@ -45,15 +47,7 @@ from energy.hessian.energy_layer import (
     energy_layer_loss,
     energy_layer_output,
 )
-from energy.hessian.estimators import (
-    hutchinson_diagonal,
-    hutchinson_squared_frobenius,
-    hutchinson_trace,
-    hutchpp_squared_frobenius,
-    hutchpp_trace,
-    lanczos,
-    slq_density,
-)
+from energy.hessian.estimators import *  # noqa: F403 - Hutchinson, Hutch++, Lanczos, SLQ and draw_probes
 from energy.hessian.operators import (
     FunctionalOperator,
     GGNOperator,
@@ -63,13 +57,14 @@ from energy.hessian.operators import (
     TokenHessianOperator,
 )
 from energy.hessian.structure import block_diagonals, block_norms, block_traces, hessian_frobenius_norms
-from energy.hessian.sweep import fit_loglog_slope, fit_window, sigma_sweep
+from energy.hessian.sweep import THEORY_EXPONENTS, SweepResult, fit_loglog_slope, fit_window, sigma_sweep
 
 __all__ = [
     "DenseSizeError",
     # MATH §3 closed forms
     "PARAMS",
     "BLOCKS",
+    "AttentionLayer",
     "AttentionMoments",
     "attention_moments",
     "attention_jacobians",
@@ -105,14 +100,10 @@ __all__ = [
     "FunctionalOperator",
     "JacobianOperator",
     "TokenHessianOperator",
-    "hutchinson_trace",
-    "hutchinson_diagonal",
-    "hutchinson_squared_frobenius",
-    "hutchpp_trace",
-    "hutchpp_squared_frobenius",
-    "lanczos",
-    "slq_density",
     "fit_loglog_slope",
     "fit_window",
     "sigma_sweep",
+    "SweepResult",
+    "THEORY_EXPONENTS",
 ]
+__all__ += estimators.__all__

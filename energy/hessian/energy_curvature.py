@@ -33,7 +33,8 @@ Not covered: token (padding) masks.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -134,7 +135,7 @@ def ffn_energy_hessian(energy: FFNEnergy, n: int) -> Tensor:
         raise EnergyInputError(f"`energy` must be an FFNEnergy, got {type(energy).__name__}.")
     if not isinstance(n, int) or n < 1:
         raise EnergyInputError(f"`n` (number of tokens) must be a positive int, got {n!r}.")
-    W_f = energy.W_f
+    W_f = cast(Tensor, energy.W_f)
     eye_d = torch.eye(W_f.shape[0], dtype=W_f.dtype, device=W_f.device)
     return torch.kron(torch.eye(n, dtype=W_f.dtype, device=W_f.device), eye_d + W_f)
 
@@ -144,7 +145,8 @@ def autograd_energy_hessian(energy: torch.nn.Module, Y: Tensor) -> Tensor:
     Y = _check_single(check_tensor(Y, "Y"))
     warn_if_not_float64(Y.dtype, "autograd_energy_hessian")
     n, d = Y.shape
-    return torch.func.hessian(lambda y: energy.energy(y.reshape(n, d)))(Y.reshape(-1))
+    energy_fn = cast(Callable[[Tensor], Tensor], energy.energy)
+    return torch.func.hessian(lambda y: energy_fn(y.reshape(n, d)))(Y.reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def _frozen(energy: AttentionEnergy, Y_t: Tensor) -> tuple[Tensor, Tensor, Tenso
     Y_t = _check_single(_check_Y(Y_t, energy.W.shape[-1], energy.W.dtype))
     Gamma = energy.weights(Y_t)
     deg = Gamma.sum(-1) + energy.ridge
-    L = torch.diag(Gamma.sum(-1)) - Gamma + energy.ridge * torch.eye(Y_t.shape[0], dtype=Y_t.dtype)
+    L = torch.diag(Gamma.sum(-1)) - Gamma + energy.ridge * torch.eye(Y_t.shape[0], dtype=Y_t.dtype, device=Y_t.device)
     return Gamma, deg, L
 
 
@@ -170,7 +172,7 @@ def majoriser_matrix(energy: AttentionEnergy, Y_t: Tensor) -> Tensor:
     r"""``N = I − D̃^{-1/2} Γ D̃^{-1/2}`` at ``Y_t`` (MATH §1.1), ``D̃ = D + λI``; symmetric PSD, ``λ(N) ⊂ [0, 2]``."""
     Gamma, deg, _ = _frozen(energy, Y_t)
     s = deg.rsqrt()
-    return torch.eye(Gamma.shape[0], dtype=Gamma.dtype) - s.unsqueeze(-1) * Gamma * s.unsqueeze(-2)
+    return torch.eye(Gamma.shape[0], dtype=Gamma.dtype, device=Gamma.device) - s.unsqueeze(-1) * Gamma * s.unsqueeze(-2)
 
 
 def majoriser_value(energy: AttentionEnergy, Y_t: Tensor, Y: Tensor) -> Tensor:
@@ -228,7 +230,7 @@ def preconditioned_curvature(
             raise EnergyInputError("the 'metric' preconditioner needs W ≻ 0 (M of full row rank, k ≥ d); use 'token'.")
         W_isqrt = (V_W * lam_W.rsqrt()) @ V_W.T
     else:
-        W_isqrt = torch.eye(W.shape[0], dtype=W.dtype)
+        W_isqrt = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
     P_isqrt = torch.kron(torch.diag(deg.rsqrt()), W_isqrt)
     H = attention_energy_hessian(energy, Y)
     H_maj = torch.kron(L, W)

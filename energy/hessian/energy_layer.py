@@ -53,16 +53,10 @@ import math
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor
-from energy.hessian.attention import (
-    Part,
-    Reduction,
-    _check_part,
-    check_dense_budget,
-    loss_constant,
-    warn_if_not_float64,
-)
-from energy.reference import attention_weights
+from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
+from energy.core.attention import kappa, metric, softmax_beta
+from energy.hessian.attention_layer import Reduction, _present, check_dense_budget, loss_constant
+from energy.hessian.blocks import Part, _check_part
 
 __all__ = [
     "energy_layer_output",
@@ -75,7 +69,8 @@ __all__ = [
 
 
 def _scale(M: Tensor, scale: float | None) -> float:
-    return 1.0 / math.sqrt(M.shape[1]) if scale is None else float(scale)
+    """``s = κ`` of the core (:func:`energy.core.attention.kappa`: ``scale`` or ``1/√k``)."""
+    return float(kappa(scale, M.shape[1]))
 
 
 def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Tensor, Tensor | None]:
@@ -90,17 +85,11 @@ def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Ten
         check_tensor(Y, "Y")
         if Y.shape != X.shape:
             raise EnergyInputError(f"`Y` must have the shape of `X` {tuple(X.shape)}, got {tuple(Y.shape)}.")
-    check_same_float_dtype(X=X, M=M, Y=Y)
+    check_same_float_dtype(**_present(X=X, M=M, Y=Y))
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
     X3 = X if X.ndim == 3 else X.unsqueeze(0)
     return X3, None if Y is None else (Y if Y.ndim == 3 else Y.unsqueeze(0))
-
-
-def _softmax_beta(P: Tensor, s: float) -> Tensor:
-    r""":math:`\mathrm{softmax}_\beta(X W X^\top)` from the keys ``P = X M`` (``W = s M Mᵀ``,
-    ``β_j = −½ s ‖p_j‖²``), transform-safe (no input checks); equals :func:`energy.attention.softmax_beta`."""
-    return attention_weights(P, P, scale=s, key_bias=-0.5 * s * (P * P).sum(-1))
 
 
 def energy_layer_output(
@@ -108,15 +97,13 @@ def energy_layer_output(
 ) -> Tensor:
     r"""``F_(a) = (1−α)X + α softmax_β(XWXᵀ) X`` or (``tied=True``) ``F_(b) = X(I − αW) + α softmax_β(XWXᵀ) X W``.
 
-    ``softmax_β`` is written with :func:`energy.reference.attention_weights` (queries = keys = ``X M``, scale ``s``,
-    key bias ``β_j = −½ s ‖Mᵀx_j‖²``) so that ``torch.func`` transforms run through it; it equals
-    :func:`energy.attention.softmax_beta` (tested).
+    ``softmax_β`` and ``W = s M Mᵀ`` are the pure core's :func:`energy.core.attention.softmax_beta` and
+    :func:`energy.core.attention.metric` (MATH §1.1), so every ``torch.func`` transform runs through it.
     """
-    s = _scale(M, scale)
-    A = _softmax_beta(X @ M, s)
+    W = metric(M, _scale(M, scale))
+    A = softmax_beta(X, W)
     if not tied:
         return (1.0 - alpha) * X + alpha * (A @ X)
-    W = s * M @ M.T
     return X - alpha * (X - A @ X) @ W
 
 
@@ -136,7 +123,8 @@ class _Terms:
         self.X, self.M, self.s, self.alpha, self.tied = X3, M, s, alpha, tied
         d, k = M.shape
         P = X3 @ M  # p_j = Mᵀ x_j
-        self.A = _softmax_beta(P, s)
+        self.W = metric(M, s)
+        self.A = softmax_beta(X3, self.W)
         self.mu = self.A @ X3
         # 𝒯[b, i, j, (a, c)] = s (x_i[a] p_j[c] + x_j[a] (p_i − p_j)[c])
         D = P.unsqueeze(-2) - P.unsqueeze(-3)  # p_i − p_j, (B, i, j, k)
@@ -145,7 +133,6 @@ class _Terms:
         # J_μ,i = Σ_j a_ij (x_j − μ_i) 𝒯_ijᵀ,  (B, L, d, dk)
         aT = torch.einsum("bij,bijq->biq", self.A, self.T)
         self.J_mu = torch.einsum("bij,bjm,bijq->bimq", self.A, X3, self.T) - self.mu.unsqueeze(-1) * aT.unsqueeze(-2)
-        self.W = s * M @ M.T
         self.e = X3 - self.mu
 
     def jacobian(self) -> Tensor:
@@ -225,15 +212,26 @@ def energy_layer_hessian(
     check_dense_budget(X3.shape[0] * X3.shape[1] ** 2, d * k, M.dtype, max_gib, "the logit Jacobian 𝒯")
     c_eff = loss_constant(X, c, reduction)
     terms = _Terms(X3, M, _scale(M, scale), alpha, tied)
-    H = None
-    if part in ("H", "H_o"):
+
+    def outer() -> Tensor:
         J = terms.jacobian().reshape(-1, d * k)
-        H = 2.0 * c_eff * J.T @ J
-    if part in ("H", "H_f"):
+        return 2.0 * c_eff * J.T @ J
+
+    def functional() -> Tensor:
+        assert Y3 is not None  # Y is required (checked by _validate)
         F = energy_layer_output(X3, M, alpha=alpha, tied=tied, scale=scale)
-        H_f = terms.functional(2.0 * c_eff * (F - Y3))
-        H = H_f if H is None else H + H_f
-    return H
+        return terms.functional(2.0 * c_eff * (F - Y3))
+
+    if part == "H":
+        return outer() + functional()
+    return outer() if part == "H_o" else functional()
+
+
+def _twin_setup(X: Tensor, M: Tensor, Y: Tensor, alpha: float, routine: str) -> tuple[int, int]:
+    """Checks of an autograd twin (float64 advice, shapes); returns ``M``'s shape ``(d, k)``."""
+    warn_if_not_float64(X.dtype, routine)
+    _validate(X, M, Y, alpha)
+    return M.shape[0], M.shape[1]
 
 
 def autograd_energy_layer_hessian(
@@ -241,9 +239,7 @@ def autograd_energy_layer_hessian(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin: ``torch.func.hessian`` of :func:`energy_layer_loss` in ``vec_r(M)``."""
-    warn_if_not_float64(X.dtype, "autograd_energy_layer_hessian")
-    _validate(X, M, Y, alpha)
-    d, k = M.shape
+    d, k = _twin_setup(X, M, Y, alpha, "autograd_energy_layer_hessian")
 
     def loss(m: Tensor) -> Tensor:
         return energy_layer_loss(X, m.reshape(d, k), Y, alpha=alpha, tied=tied, scale=scale, c=c, reduction=reduction)
@@ -256,9 +252,7 @@ def autograd_energy_layer_ggn(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r(F)``."""
-    warn_if_not_float64(X.dtype, "autograd_energy_layer_ggn")
-    _validate(X, M, Y, alpha)
-    d, k = M.shape
+    d, k = _twin_setup(X, M, Y, alpha, "autograd_energy_layer_ggn")
     J = torch.func.jacrev(
         lambda m: energy_layer_output(X, m.reshape(d, k), alpha=alpha, tied=tied, scale=scale).reshape(-1)
     )(M.reshape(-1))

@@ -46,6 +46,7 @@ __all__ = [
     "LanczosResult",
     "SpectralDensity",
     "as_matmat",
+    "draw_probes",
     "hutchinson_trace",
     "hutchinson_diagonal",
     "hutchinson_squared_frobenius",
@@ -147,18 +148,40 @@ def as_matmat(
     )
 
 
+def _device_of(A: Any) -> torch.device | None:
+    """The device of an operator or tensor (``None`` = CPU, e.g. for scipy operators and callables)."""
+    device = getattr(A, "device", None)
+    return device if isinstance(device, torch.device) else None
+
+
 def _square(shape: tuple[int, int], what: str) -> int:
     if shape[0] != shape[1]:
         raise EnergyInputError(f"{what} needs a square operator, got shape {shape}.")
     return shape[0]
 
 
-def _probes(n: int, k: int, distribution: str, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+def draw_probes(
+    n: int,
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    distribution: str = "rademacher",
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """``k`` probe vectors of length ``n`` as the columns of an ``(n, k)`` tensor: the one place probes are drawn.
+
+    Rademacher (``±1``) or standard normal entries, drawn on the CPU from ``generator`` (so a seed gives the same
+    probes on every device) and moved to ``device`` (default: the CPU).
+    """
+    gen = _gen(generator)
     if distribution == "rademacher":
-        return (torch.randint(0, 2, (n, k), generator=generator) * 2 - 1).to(dtype)
-    if distribution == "normal":
-        return torch.randn(n, k, generator=generator, dtype=torch.float64).to(dtype)
-    raise EnergyInputError(f"`distribution` must be 'rademacher' or 'normal', got {distribution!r}.")
+        Z = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(dtype)
+    elif distribution == "normal":
+        Z = torch.randn(n, k, generator=gen, dtype=torch.float64).to(dtype)
+    else:
+        raise EnergyInputError(f"`distribution` must be 'rademacher' or 'normal', got {distribution!r}.")
+    return Z if device is None else Z.to(device)
 
 
 def _gen(generator: torch.Generator | None) -> torch.Generator:
@@ -189,8 +212,9 @@ def _apply(mm: Callable[[Tensor], Tensor], V: Tensor, batch_size: int | None) ->
     return torch.cat([mm(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1)
 
 
-def _exact_matrix(mm: Callable, shape: tuple[int, int], dtype: torch.dtype, batch_size: int | None) -> Tensor:
-    return _apply(mm, torch.eye(shape[1], dtype=dtype), batch_size).to(torch.float64)
+def _exact_matrix(mm: Callable, shape: tuple[int, int], dtype: torch.dtype, batch_size: int | None,
+                  device: torch.device | None = None) -> Tensor:
+    return _apply(mm, torch.eye(shape[1], dtype=dtype, device=device), batch_size).to(torch.float64)
 
 
 def _mean_se(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,6 +226,52 @@ def _mean_se(x: Tensor) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------------------------------------------
 # Hutchinson family
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _exact_value(quantity: str, M: Tensor) -> float:
+    """``tr M`` or ``‖M‖_F²`` of a dense matrix."""
+    return float(torch.diagonal(M).sum()) if quantity == "trace" else float((M**2).sum())
+
+
+def _sample_values(quantity: str, Z: Tensor, AZ: Tensor) -> Tensor:
+    """Per-probe samples ``z_sᵀ A z_s`` (trace) or ``‖A z_s‖²`` (squared Frobenius norm), float64."""
+    Z, AZ = Z.to(torch.float64), AZ.to(torch.float64)
+    return (Z * AZ).sum(dim=0) if quantity == "trace" else (AZ**2).sum(dim=0)
+
+
+def _hutchinson(
+    quantity: str, A: Any, num_samples: int, generator: torch.Generator | None, distribution: str, dim: int | None,
+    batch_size: int | None, exact_if_cheaper: bool,
+) -> Estimate:
+    """The Hutchinson estimator of ``tr A`` or ``‖A‖_F²`` (one code path for both quantities)."""
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, f"hutchinson_{quantity}") if quantity == "trace" else shape[1]
+    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
+        return Estimate(_exact_value(quantity, _exact_matrix(mm, shape, dtype, batch_size, _device_of(A))), 0.0, n)
+    Z = draw_probes(n, num_samples, generator=generator, distribution=distribution, dtype=dtype,
+                    device=_device_of(A))
+    mean, se = _mean_se(_sample_values(quantity, Z, _apply(mm, Z, batch_size)))
+    return Estimate(float(mean), float(se), num_samples)
+
+
+def _hutchpp(
+    quantity: str, A: Any, num_matvecs: int, generator: torch.Generator | None, distribution: str, dim: int | None,
+    exact_if_cheaper: bool,
+) -> Estimate:
+    """Hutch++ for ``tr A`` or ``‖A‖_F²``: exact on the sketched range ``Q``, Hutchinson on its complement."""
+    mm, shape, dtype = as_matmat(A, dim)
+    n = _square(shape, f"hutchpp_{quantity}")
+    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
+    if exact:
+        return Estimate(_exact_value(quantity, _exact_matrix(mm, shape, dtype, None, _device_of(A))), 0.0, n)
+    g = _gen(generator)
+    S = draw_probes(n, k, generator=g, distribution=distribution, dtype=dtype, device=_device_of(A))
+    G = draw_probes(n, k, generator=g, distribution=distribution, dtype=dtype, device=_device_of(A))
+    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
+    top = float(_sample_values(quantity, Q, mm(Q.to(dtype))).sum())
+    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
+    mean, se = _mean_se(_sample_values(quantity, Gp, mm(Gp.to(dtype))))
+    return Estimate(top + float(mean), float(se), 3 * k)
 
 
 def hutchinson_trace(
@@ -225,14 +295,7 @@ def hutchinson_trace(
         batch_size: probes per ``matmat`` call (memory bound); ``None`` = all at once.
         exact_if_cheaper: if ``S > n``, return the exact trace (n products).
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = _square(shape, "hutchinson_trace")
-    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
-        return Estimate(float(torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size)).sum()), 0.0, n)
-    Z = _probes(n, num_samples, distribution, _gen(generator), dtype)
-    samples = (Z * _apply(mm, Z, batch_size)).sum(dim=0).to(torch.float64)
-    mean, se = _mean_se(samples)
-    return Estimate(float(mean), float(se), num_samples)
+    return _hutchinson("trace", A, num_samples, generator, distribution, dim, batch_size, exact_if_cheaper)
 
 
 def hutchinson_diagonal(
@@ -252,9 +315,9 @@ def hutchinson_diagonal(
     mm, shape, dtype = as_matmat(A, dim)
     n = _square(shape, "hutchinson_diagonal")
     if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
-        d = torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size)).clone()
+        d = torch.diagonal(_exact_matrix(mm, shape, dtype, batch_size, _device_of(A))).clone()
         return Estimate(d, torch.zeros_like(d), n)
-    Z = _probes(n, num_samples, "rademacher", _gen(generator), dtype)
+    Z = draw_probes(n, num_samples, generator=generator, dtype=dtype, device=_device_of(A))
     samples = (Z * _apply(mm, Z, batch_size)).T.to(torch.float64)  # (S, n)
     mean, se = _mean_se(samples)
     return Estimate(mean, se, num_samples)
@@ -274,15 +337,8 @@ def hutchinson_squared_frobenius(
 
     The protocol of MATH §3.7 takes the square root of this with 20 Rademacher probes per block.
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = shape[1]
-    if _count(num_samples, "num_samples", n, exact_if_cheaper=exact_if_cheaper):
-        M = _exact_matrix(mm, shape, dtype, batch_size)
-        return Estimate(float((M**2).sum()), 0.0, n)
-    Z = _probes(n, num_samples, distribution, _gen(generator), dtype)
-    samples = (_apply(mm, Z, batch_size).to(torch.float64) ** 2).sum(dim=0)
-    mean, se = _mean_se(samples)
-    return Estimate(float(mean), float(se), num_samples)
+    return _hutchinson("squared_frobenius", A, num_samples, generator, distribution, dim, batch_size,
+                       exact_if_cheaper)
 
 
 def _hutchpp_split(num_matvecs: int, n: int, name: str, exact_if_cheaper: bool) -> tuple[bool, int]:
@@ -309,20 +365,7 @@ def hutchpp_trace(
 
     with ``S, G`` of ``k`` random columns each. The standard error is that of the residual Hutchinson term.
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = _square(shape, "hutchpp_trace")
-    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
-    if exact:
-        return Estimate(float(torch.diagonal(_exact_matrix(mm, shape, dtype, None)).sum()), 0.0, n)
-    g = _gen(generator)
-    S = _probes(n, k, distribution, g, dtype)
-    G = _probes(n, k, distribution, g, dtype)
-    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
-    top = float(torch.trace(Q.T @ mm(Q.to(dtype)).to(torch.float64)))
-    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
-    samples = (Gp * mm(Gp.to(dtype)).to(torch.float64)).sum(dim=0)
-    mean, se = _mean_se(samples)
-    return Estimate(top + float(mean), float(se), 3 * k)
+    return _hutchpp("trace", A, num_matvecs, generator, distribution, dim, exact_if_cheaper)
 
 
 def hutchpp_squared_frobenius(
@@ -343,20 +386,7 @@ def hutchpp_squared_frobenius(
     The split is exact for any ``A``; ``Q`` spans the dominant range of ``A`` when ``A`` is symmetric (the sketch
     ``A S`` lies in the column space, which for symmetric ``A`` is the row space that matters here).
     """
-    mm, shape, dtype = as_matmat(A, dim)
-    n = _square(shape, "hutchpp_squared_frobenius")
-    exact, k = _hutchpp_split(num_matvecs, n, "num_matvecs", exact_if_cheaper)
-    if exact:
-        return Estimate(float((_exact_matrix(mm, shape, dtype, None) ** 2).sum()), 0.0, n)
-    g = _gen(generator)
-    S = _probes(n, k, distribution, g, dtype)
-    G = _probes(n, k, distribution, g, dtype)
-    Q, _ = torch.linalg.qr(mm(S).to(torch.float64))
-    top = float((mm(Q.to(dtype)).to(torch.float64) ** 2).sum())
-    Gp = G.to(torch.float64) - Q @ (Q.T @ G.to(torch.float64))
-    samples = (mm(Gp.to(dtype)).to(torch.float64) ** 2).sum(dim=0)
-    mean, se = _mean_se(samples)
-    return Estimate(top + float(mean), float(se), 3 * k)
+    return _hutchpp("squared_frobenius", A, num_matvecs, generator, distribution, dim, exact_if_cheaper)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,7 +423,7 @@ def _lanczos_basis(
     last_beta = 0.0
     for j in range(num_steps):
         Q[:, j] = q
-        w = mm(q.to(dtype)[:, None])[:, 0].to(torch.float64)
+        w = mm(q.to(dtype)[:, None])[:, 0].to("cpu", torch.float64)  # basis on the CPU, products anywhere
         alpha[j] = q @ w
         for _ in range(2):
             w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
@@ -549,7 +579,7 @@ def slq_density(
     nodes = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     weights = torch.zeros(num_probes, num_steps, dtype=torch.float64)
     for p in range(num_probes):
-        z = _probes(n, 1, "rademacher", g, torch.float64)[:, 0]
+        z = draw_probes(n, 1, generator=g)[:, 0]  # float64 on the CPU, where the Lanczos basis is kept
         _, alpha, beta, _ = _lanczos_basis(mm, n, dtype, z, num_steps, g, restart_on_breakdown=False)
         theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
         m = theta.shape[0]

@@ -44,19 +44,15 @@ six blocks take milliseconds, against ``p² ≈ 2.4·10⁹`` entries of the dens
 
 from __future__ import annotations
 
+from typing import Unpack
+
 import torch
 from torch import Tensor
 
 from energy._validation import EnergyInputError
-from energy.hessian.attention import (
-    BLOCKS,
-    BLOCKS_O,
-    AttentionMoments,
-    Part,
-    Reduction,
-    _Factors,
-    attention_moments,
-)
+from energy.hessian.attention_layer import AttentionLayer, LayerOptions
+from energy.hessian.blocks import Part, _Factors
+from energy.hessian.moments import BLOCKS, BLOCKS_O, AttentionMoments, attention_moments
 
 __all__ = [
     "BLOCK_NAMES",
@@ -190,6 +186,7 @@ def block_inner_products(mom: AttentionMoments, block: str, *, _cores: _TokenCor
         if block == "OO":
             return {"oo": mom.d_O * float((fo.S_O**2).sum()), "of": 0.0, "ff": 0.0}
         P, Q = fo.P_VO, ff.Q_VO
+        assert mom.W_O is not None  # the block names were checked against the layer's weights
         return {
             "oo": float((P**2).sum()) * float((mom.W_O**2).sum()),
             "of": float(((P @ mom.W_O) * Q).sum()),
@@ -252,31 +249,19 @@ def block_norms_from_moments(
 
 
 def block_norms(
-    X: Tensor,
-    W_Q: Tensor,
-    W_K: Tensor,
-    W_V: Tensor,
-    Y: Tensor,
-    *,
-    W_O: Tensor | None = None,
+    *args: Tensor | AttentionLayer,
     blocks: list[str] | None = None,
     squared: bool = False,
-    c: float | None = None,
-    reduction: Reduction = "sum",
-    scale: float | None = None,
-    mask: Tensor | None = None,
-    causal: bool = False,
-    linear: bool = False,
+    **options: Unpack[LayerOptions],
 ) -> dict[tuple[str, str], float]:
     """Exact block Frobenius norms of the attention-layer Hessian, without forming any block (MATH §3.4–§3.5).
 
-    Arguments as in :func:`energy.hessian.attention.attention_moments`; ``blocks`` defaults to all six
-    (:data:`BLOCK_NAMES`). Returns ``{(block, part): value}``, see :func:`block_norms_from_moments`.
+    Call as ``block_norms(layer, X, Y)`` or ``block_norms(X, W_Q, W_K, W_V, Y, **options)`` (as
+    :func:`energy.hessian.attention.attention_moments`); ``blocks`` defaults to all six (:data:`BLOCK_NAMES`).
+    Returns ``{(block, part): value}``, see :func:`block_norms_from_moments`.
     Cost ``O(N d³ + N² d²)`` with ``N = B L`` (module docstring).
     """
-    mom = attention_moments(
-        X, W_Q, W_K, W_V, Y, W_O=W_O, c=c, reduction=reduction, scale=scale, mask=mask, causal=causal, linear=linear
-    )
+    mom = attention_moments(*args, **options)
     return block_norms_from_moments(mom, blocks, squared=squared)
 
 

@@ -9,6 +9,8 @@ query/key blocks, ...). Three helpers:
 * :func:`fit_window` -- the same fit restricted to the small-σ regime, chosen from the data,
 * :func:`sigma_sweep` -- runs ``fn(sigma, seed) -> {name: value}`` over a grid of σ and initialisations, with a
   progress bar and an optional resumable JSON cache (written atomically), and aggregates mean ± standard error.
+
+:data:`THEORY_EXPONENTS` is the one copy of the §3.6 exponent table; the figures and the benchmarks read it here.
 """
 
 from __future__ import annotations
@@ -16,15 +18,30 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from energy._io import atomic_write_text
 from energy._validation import EnergyInputError
+
+#: Small-σ exponents of MATH §3.6 for a single self-attention layer, ``{block: {part: p}}`` with
+#: ``‖part(block)‖_F = Θ(σ^p)`` (``None``: the part vanishes identically). ``H`` has the smaller exponent of its two
+#: parts. The one copy of the table (figures, benchmarks and tests read it from here).
+THEORY_EXPONENTS: dict[str, dict[str, int | None]] = {
+    "VV": {"H_o": 2, "H_f": None, "H": 2},
+    "VQ": {"H_o": 4, "H_f": 3, "H": 3},
+    "VK": {"H_o": 4, "H_f": 3, "H": 3},
+    "QQ": {"H_o": 6, "H_f": 5, "H": 5},
+    "KK": {"H_o": 6, "H_f": 5, "H": 5},
+    "QK": {"H_o": 6, "H_f": 3, "H": 3},
+}
+
+#: A progress wrapper ``progress(iterable, desc, total) -> iterable`` (e.g. a figure config's ``progress``).
+Progress = Callable[[Iterable[Any], str, int], Iterable[Any]]
 
 __all__ = ["SlopeFit", "WindowFit", "SweepResult", "fit_loglog_slope", "fit_window", "sigma_sweep"]
 
@@ -197,23 +214,31 @@ class SweepResult:
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sweep-", suffix=".json.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(obj))
+
+
+def _tqdm_progress(iterable: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
+    return tqdm(iterable, desc=desc, total=total)
+
+
+def _no_progress(iterable: Iterable[Any], desc: str, total: int) -> Iterable[Any]:
+    return iterable
 
 
 def _entry_key(sigma: float, seed: int) -> str:
     return f"{float(sigma)!r}|{int(seed)}"
+
+
+def _finite_scalars(raw: object, s: float, seed: int) -> dict[str, float]:
+    if not isinstance(raw, dict) or not raw:
+        raise EnergyInputError(f"`fn` must return a non-empty dict of scalars, got {type(raw).__name__} at σ={s}.")
+    out = {}
+    for k, val in raw.items():
+        fv = float(val)
+        if not math.isfinite(fv):
+            raise EnergyInputError(f"`fn` returned a non-finite value for {k!r} at σ={s}, seed {seed}.")
+        out[str(k)] = fv
+    return out
 
 
 def sigma_sweep(
@@ -222,17 +247,20 @@ def sigma_sweep(
     n_inits: int,
     *,
     seeds: Sequence[int] | None = None,
-    progress: bool = True,
+    progress: bool | Progress = True,
     cache_path: str | os.PathLike | None = None,
     desc: str = "σ sweep",
 ) -> SweepResult:
-    """Evaluate ``fn(sigma, seed)`` for every σ and init seed and aggregate mean ± standard error per key.
+    """Evaluate ``fn(sigma, seed)`` for every init seed and σ and aggregate mean ± standard error per key.
+
+    The calls run seed-major (all σ of the first seed, then the next seed), so ``fn`` may keep one model per seed.
 
     Args:
         fn: returns a dict of finite scalars (floats or 0-d tensors), the same keys every call (e.g. block norms
             ``{"H_V": ..., "GGN_V": ...}``). The seed selects the initialisation (MATH §3.7: 20 inits).
         sigmas: the σ grid. n_inits: inits per σ (seeds ``0..n_inits-1`` unless ``seeds`` is given).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (``True``), none (``False``), or a wrapper
+            ``progress(iterable, desc, total)``.
         cache_path: JSON file; finished ``(σ, seed)`` entries are stored after every evaluation (atomic replace)
             and skipped when the sweep is run again, so an interrupted sweep resumes.
         desc: progress-bar label.
@@ -252,33 +280,23 @@ def sigma_sweep(
         cache = dict(stored.get("entries", {}))
     keys: list[str] | None = None
     results: dict[tuple[int, int], dict[str, float]] = {}
-    with tqdm(total=sig.size * n_inits, desc=desc, disable=not progress) as bar:
-        for i, s in enumerate(sig):
-            for j, seed in enumerate(seed_list):
-                key = _entry_key(s, seed)
-                if key in cache:
-                    out = cache[key]
-                else:
-                    raw = fn(float(s), int(seed))
-                    if not isinstance(raw, dict) or not raw:
-                        raise EnergyInputError(
-                            f"`fn` must return a non-empty dict of scalars, got {type(raw).__name__} at σ={s}."
-                        )
-                    out = {}
-                    for k, val in raw.items():
-                        fv = float(val)
-                        if not math.isfinite(fv):
-                            raise EnergyInputError(f"`fn` returned a non-finite value for {k!r} at σ={s}, seed {seed}.")
-                        out[str(k)] = fv
-                    if cache_path is not None:
-                        cache[key] = out
-                        _atomic_write_json(os.fspath(cache_path), {"entries": cache})
-                if keys is None:
-                    keys = sorted(out)
-                elif sorted(out) != keys:
-                    raise EnergyInputError(f"`fn` returned keys {sorted(out)} at σ={s}, seed {seed}; expected {keys}.")
-                results[(i, j)] = out
-                bar.update(1)
+    wrap: Progress = _tqdm_progress if progress is True else _no_progress if progress is False else progress
+    steps = [(i, j) for j in range(n_inits) for i in range(sig.size)]
+    for i, j in wrap(steps, desc, len(steps)):
+        s, seed = sig[i], seed_list[j]
+        key = _entry_key(s, seed)
+        if key in cache:
+            out = cache[key]
+        else:
+            out = _finite_scalars(fn(float(s), int(seed)), s, seed)
+            if cache_path is not None:
+                cache[key] = out
+                _atomic_write_json(os.fspath(cache_path), {"entries": cache})
+        if keys is None:
+            keys = sorted(out)
+        elif sorted(out) != keys:
+            raise EnergyInputError(f"`fn` returned keys {sorted(out)} at σ={s}, seed {seed}; expected {keys}.")
+        results[(i, j)] = out
     assert keys is not None
     values = {k: np.array([[results[(i, j)][k] for j in range(n_inits)] for i in range(sig.size)]) for k in keys}
     return SweepResult(sig, np.asarray(seed_list), values)

@@ -1,0 +1,76 @@
+r"""The Hessian of a scalar function of a tensor (token states), matrix-free, in ``vec_r`` order (MATH §4.1).
+
+Products are forward-over-reverse (``jvp`` of ``grad``), optionally through a tangent map traced once with
+``torch.func.linearize``. The point ``Y`` is validated once at construction; the products themselves are pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, linearize, vmap
+
+from energy._validation import EnergyInputError, check_tensor
+from energy.hessian.linear_operator import LinearOperator
+
+__all__ = ["TokenHessianOperator"]
+
+
+class TokenHessianOperator(LinearOperator):
+    r"""The Hessian :math:`\nabla^2_Y \phi(Y)` of a scalar function of a tensor (token states), in ``vec_r`` order.
+
+    For an energy ``E(Y)`` with ``Y ∈ R^{n×d}`` this is the ``nd × nd`` token-space Hessian of MATH §4.1; for
+    ``φ(Y) = ℓ(model(Y), y)`` it is the loss curvature with respect to the inputs (see :meth:`from_model`).
+
+    Args:
+        fn: ``fn(Y) -> scalar``, differentiable twice with ``torch.func``.
+        Y: the point (any shape); it is not modified.
+        max_vectors: column chunk for ``matmat`` / ``dense``.
+        linearize_once: trace the tangent map with ``torch.func.linearize`` at construction and reuse it for every
+            product (faster for many sequential products, costs one tracing pass).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        Y: Tensor,
+        *,
+        max_vectors: int | None = None,
+        linearize_once: bool = False,
+    ) -> None:
+        Y = check_tensor(Y, "Y")
+        if not callable(fn):
+            raise EnergyInputError(f"`fn` must be callable Y -> scalar, got {type(fn).__name__}.")
+        with torch.no_grad():
+            value = fn(Y.detach())
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            raise EnergyInputError(
+                f"`fn(Y)` must return a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}; "
+                "sum over batch elements (e.g. `lambda Y: energy(Y).sum()`)."
+            )
+        n = Y.numel()
+        super().__init__((n, n), Y.dtype, Y.device, symmetric=True, max_vectors=max_vectors)
+        self.fn, self.Y = fn, Y.detach()
+        self._g = grad(lambda Z: fn(Z).reshape(()))
+        self._lin = linearize(self._g, self.Y)[1] if linearize_once else None
+
+    @classmethod
+    def from_model(
+        cls, model: Callable[[Tensor], Tensor], loss_fn: Callable[[Tensor, Any], Tensor], X: Tensor, y: Any, **kw: Any
+    ) -> TokenHessianOperator:
+        r""":math:`\nabla^2_X \ell(\mathrm{model}(X), y)`: the loss Hessian with respect to the input states ``X``."""
+        return cls(lambda Z: loss_fn(model(Z), y), X, **kw)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        Vt = V.T.reshape(V.shape[1], *self.Y.shape)
+        with torch.no_grad():
+            if self._lin is not None:
+                HV = vmap(self._lin)(Vt)
+            else:
+                HV = vmap(lambda v: jvp(self._g, (self.Y,), (v,))[1])(Vt)
+        return HV.reshape(V.shape[1], -1).T
+
+

@@ -231,9 +231,6 @@ def _marks(name: str, transform: str, *, fused: bool = False) -> list[Any]:
     elif fused and transform in FORWARD_MODE:
         marks.append(pytest.mark.xfail(raises=NotImplementedError, strict=True,
                                        reason="torch: no forward-mode AD for the CPU flash-attention kernel"))
-    if name == "GPT2Decoder(W_Q)" and transform == "linearize":
-        marks.append(pytest.mark.xfail(strict=False, reason="unfold/standard.py reads token ids' values in its "
-                                                            "forward (fixed in unfold/standard.py)"))
     return marks
 
 

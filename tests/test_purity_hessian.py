@@ -116,30 +116,6 @@ def case(request):
     return request.param, model, loss_fn, data, H, G
 
 
-_STEP_READS_VALUES = (
-    "unfold.steps.*.prepare reads α and the guaranteed step range (eigenvalues) back to Python in every forward, "
-    "which torch.func.linearize cannot trace (owned by unfold; remove when the steps call the pure core)"
-)
-
-
-#: Issue #8's bug itself: GPT2Decoder reads token ids / finiteness back to Python in its forward
-#: (energy/reference.py ``_check``, unfold/standard.py ``_check_token_ids``), which ``torch.func.linearize`` cannot
-#: trace. Fixed by the ``core`` and ``models`` branches; strict, so the marker fails (XPASS) once the fix is merged
-#: and must then be deleted.
-_GPT2_READS_VALUES = pytest.mark.xfail(
-    reason="issue #8: GPT2Decoder's forward reads values (fixed in energy/reference.py and unfold/standard.py on "
-           "the core/models branches; delete this marker after merging them)",
-    raises=RuntimeError, strict=True,
-)
-
-
-def _xfail_linearize_through_steps(request, name: str, linearizes: bool, *, tokens: bool = True) -> None:
-    if name == "yang2022" and linearizes:
-        request.applymarker(pytest.mark.xfail(reason=_STEP_READS_VALUES, strict=False))
-    if name == "gpt2" and linearizes and tokens:  # the embeddings path (no token ids) is already pure
-        request.applymarker(_GPT2_READS_VALUES)
-
-
 def _close(a: Tensor, b: Tensor, tol: float = 1e-9) -> None:
     a, b = a.detach(), b.detach()
     scale = max(1.0, float(b.abs().max()))
@@ -148,9 +124,8 @@ def _close(a: Tensor, b: Tensor, tol: float = 1e-9) -> None:
 
 @pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("cls, part", [(HessianOperator, "H"), (GGNOperator, "H_o"), (FunctionalOperator, "H_f")])
-def test_operator_products_through_library_models(request, case, cls, part, cache):
+def test_operator_products_through_library_models(case, cls, part, cache):
     name, model, loss_fn, data, H, G = case
-    _xfail_linearize_through_steps(request, name, cache and part == "H_f")
     ref = {"H": H, "H_o": G, "H_f": H - G}[part]
     op = cls(model, loss_fn, None, data, reduction="mean", cache=cache)
     V = torch.randn(op.shape[1], 3, generator=torch.Generator().manual_seed(3), dtype=DT)
@@ -161,9 +136,8 @@ def test_operator_products_through_library_models(request, case, cls, part, cach
 
 @pytest.mark.parametrize("cache", [False, True])
 @pytest.mark.parametrize("parts", [("H", "H_o"), ("H", "H_f"), ("H_o", "H_f"), ("H", "H_o", "H_f"), ("H_f",)])
-def test_products_and_hessian_and_ggn_every_part(request, case, parts, cache):
+def test_products_and_hessian_and_ggn_every_part(case, parts, cache):
     name, model, loss_fn, data, H, G = case
-    _xfail_linearize_through_steps(request, name, cache)
     ref = {"H": H, "H_o": G, "H_f": H - G}
     op = HessianOperator(model, loss_fn, None, data, reduction="mean", cache=cache)
     V = torch.randn(op.shape[1], 2, generator=torch.Generator().manual_seed(4), dtype=DT)
@@ -195,8 +169,7 @@ def test_jacobian_operator_through_library_models(case):
 
 @pytest.mark.parametrize("linearize_once", [False, True])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_token_hessian_operator_through_library_models(request, name, linearize_once):
-    _xfail_linearize_through_steps(request, name, linearize_once, tokens=False)
+def test_token_hessian_operator_through_library_models(name, linearize_once):
     model, loss_fn, data = CASES[name]()
     X, y = data[1]
     if isinstance(model, GPT2Decoder):  # the token states: the embeddings fed to the decoder blocks
@@ -211,7 +184,6 @@ def test_token_hessian_operator_through_library_models(request, name, linearize_
     _close(op @ V, ref @ V)
 
 
-@_GPT2_READS_VALUES
 def test_issue_reproducer_linearize_through_gpt2():
     """The exact case of issue #8: ``FunctionalOperator(cache=True)`` on ``GPT2Decoder`` (``linearize``)."""
     model, loss_fn, data = _gpt2_case()
@@ -221,9 +193,9 @@ def test_issue_reproducer_linearize_through_gpt2():
     _close(op @ v, (H - G) @ v)
 
 
-@pytest.mark.xfail(reason="unfold.parametrizations._ClipSpectrum is an autograd.Function without setup_context, "
-                   "so torch.func cannot differentiate through the default yang2022 (owned by unfold)", strict=False)
 def test_hessian_operator_through_default_yang2022():
+    """The default model (clipped W_f spectrum) under linearize; both sides differentiate SpectrumClip's
+    Daleckii–Krein derivative with the eigendecomposition held fixed (its documented second-order limit)."""
     model, loss_fn, data = _yang_case(spectrum=(0.0, 0.95))
     H, _ = _dense_references(model, loss_fn, data)
     op = HessianOperator(model, loss_fn, None, data, reduction="mean", cache=True)
@@ -243,7 +215,6 @@ def test_operators_validate_data_at_construction():
         GGNOperator(model, loss_fn, None, bad_y, reduction="mean")
 
 
-@_GPT2_READS_VALUES
 def test_products_raise_no_library_warning_inside_transforms():
     """No warning of ours inside ``linearize`` / ``vmap`` (torch's own fx warnings are not ours to mute)."""
     model, loss_fn, data = _gpt2_case()

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energy._validation import ConstraintError, EnergyInputError, StepSizeWarning
-from energy.attention import AttentionEnergy, softmax_beta
+from energy.attention import softmax_beta
 from energy.ffn import FFNEnergy
 from unfold.modelfile import CheckpointError, constrained_state_dict, load_model, save_model
 from unfold.parametrizations import SpectrumClip
@@ -118,8 +118,8 @@ def test_plain_forward_evaluates_no_energy(gen, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("energy evaluated in a plain forward")
 
-    monkeypatch.setattr(AttentionEnergy, "energy", boom)
-    monkeypatch.setattr(FFNEnergy, "energy", boom)
+    monkeypatch.setattr(AttentionStep, "energy_at", boom)
+    monkeypatch.setattr(FFNStep, "energy_at", boom)
     model(Y)  # no trace: must not call .energy
     with pytest.raises(AssertionError, match="plain forward"):
         model(Y, trace=True)
@@ -471,7 +471,7 @@ def test_attention_energy_is_evaluated_only_where_no_step_computed_it(fused, gen
     D = 4
     model = _model(1, depth=D, attention={"fused": fused})
     calls = {"E_att": 0, "E_ffn": 0}
-    att_energy, ffn_energy = AttentionEnergy.energy, FFNEnergy.energy
+    att_energy, ffn_energy = AttentionStep.energy_at, FFNStep.energy_at
 
     def counting(name, fn):
         def wrapped(self, *a, **k):
@@ -479,8 +479,8 @@ def test_attention_energy_is_evaluated_only_where_no_step_computed_it(fused, gen
             return fn(self, *a, **k)
         return wrapped
 
-    monkeypatch.setattr(AttentionEnergy, "energy", counting("E_att", att_energy))
-    monkeypatch.setattr(FFNEnergy, "energy", counting("E_ffn", ffn_energy))
+    monkeypatch.setattr(AttentionStep, "energy_at", counting("E_att", att_energy))
+    monkeypatch.setattr(FFNStep, "energy_at", counting("E_ffn", ffn_energy))
     Y = _Y(gen, 2, 5, 6)
     with torch.no_grad():
         model(Y)

@@ -146,7 +146,8 @@ def _norms(HZ: torch.Tensor, GZ: torch.Tensor) -> dict[str, float]:
 @benchmark("hessian/lanczos_cached_linearisation")
 def bench_lanczos_cache(quick: bool) -> dict[str, Any]:
     """Top-5 eigenvalues of the ``W_Q`` block by 40 Lanczos steps (sequential single-vector products): the batch
-    linearised once and reused (``cache=True``: the kept ``vjp`` of the gradient) vs re-linearised per product."""
+    linearised once and reused (``cache=True``: the kept ``vjp`` of the gradient) vs re-linearised per product.
+    """
     width, batch = (32, 16) if quick else (128, 64)
     model, loss, data = _setup(width, batch)
     name = "blocks.0.attn.W_Q"

@@ -127,7 +127,8 @@ def check_W(W: object, Y: Tensor) -> Tensor:
 
 def heads_orthogonal(M3: Tensor, atol: float | None = None) -> bool:
     r"""Whether :math:`\max_{h\ne g}|M_h^\top M_g| \le` ``atol`` (default ``1e3·eps·max_h‖M_h‖_F²``), ``M3``
-    ``(h, d, k)`` (MATH §1.2). Reads the weights' values: for construction-time and public-call decisions only."""
+    ``(h, d, k)`` (MATH §1.2). Reads the weights' values: for construction-time and public-call decisions only.
+    """
     M = M3.detach()
     off = ~torch.eye(M.shape[0], dtype=torch.bool, device=M.device)
     err = float(torch.einsum("hdk,gdl->hgkl", M, M)[off].abs().max()) if M.shape[0] > 1 else 0.0

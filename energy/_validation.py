@@ -131,7 +131,8 @@ def _read(x: Tensor) -> float | None:
 
 def is_readable(x: Tensor) -> bool:
     """Whether ``x``'s values can be read back to Python (``False`` under tracing transforms, see
-    :func:`value_holds`); decides whether a per-call check that needs values (e.g. a spectral norm) runs."""
+    :func:`value_holds`); decides whether a per-call check that needs values (e.g. a spectral norm) runs.
+    """
     return x.numel() == 0 or _read(x.detach().reshape(-1)[0]) is not None
 
 
@@ -146,7 +147,8 @@ def check_finite(x: Tensor, name: str) -> Tensor:
 def check_scale(scale: object, name: str = "scale") -> float | Tensor | None:
     r"""The public check of a metric scale :math:`\kappa` (``None`` = :math:`1/\sqrt{k}`, resolved by
     :func:`energy.core.attention.kappa`): a finite real number > 0, or a 0-dim floating tensor (checked by value
-    through :func:`value_holds`, so it may be traced)."""
+    through :func:`value_holds`, so it may be traced).
+    """
     if scale is None:
         return None
     if isinstance(scale, Tensor):
@@ -263,7 +265,8 @@ def default_tolerance(W: Tensor) -> float:
 
 def check_symmetric(W: Tensor, name: str, *, atol: float | None = None) -> Tensor:
     """Raise :class:`ConstraintError` if the trailing square matrix/matrices of ``W`` are not symmetric (a value
-    check: skipped where a tracing transform makes the values unreadable, see :func:`value_holds`)."""
+    check: skipped where a tracing transform makes the values unreadable, see :func:`value_holds`).
+    """
     if W.ndim < 2 or W.shape[-1] != W.shape[-2]:
         raise EnergyInputError(f"`{name}` must be square in its last two dimensions, got {tuple(W.shape)}.")
     if not is_readable(W):  # a value check: skipped, by design, where a tracing transform hides the values

@@ -253,14 +253,16 @@ class _PairwiseAttention(Energy):
 
     def weights(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
         r""":math:`\Gamma = [\rho'(z_{ij})]` (per head ``(..., h, n, n)``; one head ``(..., n, n)``; pairs with a
-        padded token are 0)."""
+        padded token are 0).
+        """
         Y, token_mask = self._inputs(Y, token_mask)
         Gamma = core.head_gamma(core.head_keys(Y, self._M3()), self.scale, self.kernel, token_mask)[1]
         return Gamma.squeeze(-3) if self.single else Gamma
 
     def attention_matrix(self, Y: Tensor, token_mask: Tensor | None = None) -> Tensor:
         r""":math:`A = (D + \lambda I)^{-1}\Gamma` (per head for multi-head energies; = :math:`\mathrm{softmax}_\beta
-        (YWY^\top)` for the Gaussian kernel, λ = 0)."""
+        (YWY^\top)` for the Gaussian kernel, λ = 0).
+        """
         Y, token_mask = self._inputs(Y, token_mask)
         A = core.head_mixing(Y, self._M3(), self.scale, self.kernel, self.ridge, token_mask)
         return A.squeeze(-3) if self.single else A
@@ -270,7 +272,8 @@ class _PairwiseAttention(Energy):
 
     def step_range(self, preconditioner: Preconditioner | str = "metric") -> StepRange:
         """Guaranteed descent range of :meth:`step` (see :func:`attention_step_range`); for general
-        (non-orthogonal) heads the empty range ``(0, 0)`` (MATH §1.2)."""
+        (non-orthogonal) heads the empty range ``(0, 0)`` (MATH §1.2).
+        """
         preconditioner = check_preconditioner(preconditioner)
         lam = self.lambda_max_W() if preconditioner is Preconditioner.TOKEN else 0.0
         return attention_step_range(self.kernel, preconditioner, lambda_max_W=lam, orthogonal_heads=self._orthogonal())
@@ -319,7 +322,8 @@ class _PairwiseAttention(Energy):
     def _preconditioner_inputs(self, Y: Tensor, G: Tensor | None, preconditioner: Preconditioner | str,
                                token_mask: Tensor | None) -> tuple[Preconditioner, Tensor, Tensor]:
         r"""Validated ``(preconditioner, G, inv)`` with ``inv`` :math:`= I_m (D_h+\lambda I)^{-1}`,
-        ``(..., h, n)``."""
+        ``(..., h, n)``.
+        """
         Y, token_mask = self._inputs(Y, token_mask)
         preconditioner = check_preconditioner(preconditioner)
         G = self.grad(Y, token_mask) if G is None else check_tensor(G, "G")
@@ -425,7 +429,8 @@ class MultiHeadAttentionEnergy(_PairwiseAttention):
         r"""Orthogonal heads only: :math:`\sum_h (D_h+\lambda I)^{-1} G\, W_h^{+}` (``"metric"``) or
         :math:`\sum_h (D_h+\lambda I)^{-1} G\, P_h` (``"token"``), so that ``Y - α·preconditioned_grad(Y, ∇E)``
         equals :meth:`step`. Raises :class:`~energy.ConstraintError` for general heads, whose step is not a
-        preconditioned gradient step."""
+        preconditioned gradient step.
+        """
         if not self.heads_orthogonal():
             raise ConstraintError(
                 "the heads are not mutually orthogonal (M_hᵀ M_g ≠ 0 for some h ≠ g), so the summed per-head step "

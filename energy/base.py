@@ -47,7 +47,8 @@ class StepRange:
 
     def check(self, alpha: float | Tensor, name: str = "alpha") -> float | Tensor:
         """Warn (raise in :func:`~energy.strict_mode`) if ``alpha`` is outside the range; returns ``alpha``
-        (see :func:`energy._validation.check_step_size`; a traced tensor ``alpha`` is not read)."""
+        (see :func:`energy._validation.check_step_size`; a traced tensor ``alpha`` is not read).
+        """
         return check_step_size(alpha, name, low=self.low, high=self.high, reason=self.reason,
                                high_inclusive=self.high_inclusive)
 

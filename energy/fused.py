@@ -119,5 +119,6 @@ def attention_step_fused_and_energy(
     r"""``(Y⁺, E(Y))``: :func:`attention_step_fused` and the energy at its input, :math:`E(Y) = \sum_h E_h(Y)`
     (shape ``Y.shape[:-2]``; MATH §1.1). Without autograd the energy comes from the attention kernel's row
     log-normalisers, :math:`D_{ii} = e^{\beta_i + \ell_i}`, at no pairwise cost; when autograd records it is
-    evaluated explicitly (differentiable). Arguments as for :func:`attention_step_fused`."""
+    evaluated explicitly (differentiable). Arguments as for :func:`attention_step_fused`.
+    """
     return fused_step_and_energy(*_prepare(Y, M, alpha, options))

@@ -64,7 +64,8 @@ def _check_Y(Y: object) -> Tensor:
 
 def _check_nonzero(Z: Tensor, name: str) -> None:
     """Raise if a row of ``Z`` is exactly 0 (the projection is not unique there); a value check at the public call,
-    skipped where a tracing transform makes the values unreadable (:func:`energy._validation.value_holds`)."""
+    skipped where a tracing transform makes the values unreadable (:func:`energy._validation.value_holds`).
+    """
     if not value_holds((torch.linalg.vector_norm(Z, dim=-1) != 0).all()):
         raise EnergyInputError(
             f"`Y` has a token whose {name} is exactly 0: every point of the sphere is equally close, so the "
@@ -133,7 +134,8 @@ class _SphereProjection(nn.Module):
 
     def contains(self, Y: Tensor, atol: float = 1e-9) -> Tensor:
         """Per token: on the sphere (``|‖y‖ − √d| ≤ atol·√d``) and, for the centred sphere, centred
-        (``|1ᵀy| ≤ atol·√d``)."""
+        (``|1ᵀy| ≤ atol·√d``).
+        """
         _check_Y(Y)
         r = math.sqrt(Y.shape[-1])
         inside = (torch.linalg.vector_norm(Y, dim=-1) - r).abs() <= atol * r

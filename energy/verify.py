@@ -114,7 +114,8 @@ def _shapes(g: torch.Generator) -> tuple[int, int, int]:
 
 def _mha(d: int, heads: int, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor) -> nn.MultiheadAttention:
     """An ``nn.MultiheadAttention`` (float64, no biases) with right-acting weights ``W_Q, W_K, W_V`` (d × d)
-    and output map ``W_O`` (d × d): torch stores them transposed."""
+    and output map ``W_O`` (d × d): torch stores them transposed.
+    """
     mha = nn.MultiheadAttention(d, heads, bias=False, batch_first=True, dtype=DTYPE)
     with torch.no_grad():
         mha.in_proj_weight.copy_(torch.cat([W_Q.T, W_K.T, W_V.T], dim=0))
@@ -133,7 +134,8 @@ def _beta_mask(Y: Tensor, W: Tensor, heads: int = 1) -> Tensor:
 def _attention_trial(E: AttentionEnergy | MultiHeadAttentionEnergy, Y: Tensor, alpha: float,
                      reference_err: Callable[[Tensor], float], preconditioner: str = "metric") -> _Trial:
     """The step ``Y⁺`` against the autograd twin ``Y − α P⁻¹∇E`` and against a reference (``reference_err(Y⁺)``),
-    and whether ``E`` increased."""
+    and whether ``E`` increased.
+    """
     Yp = E.step(Y, alpha, preconditioner=preconditioner)
     via_autograd = Y - alpha * E.preconditioned_grad(Y, E.autograd_grad(Y), preconditioner=preconditioner)
     return _Trial(_err(Yp, via_autograd), reference_err(Yp), _increased(E.energy(Yp), E.energy(Y)))
@@ -215,7 +217,8 @@ def _attention_other_kernels(g: torch.Generator) -> _Trial:
 
 def _orthogonal_heads(g: torch.Generator, d: int, h: int) -> Tensor:
     """``M`` of shape ``(h, d, d/h)``: heads on disjoint column blocks of a random orthogonal matrix, each mixed by
-    a well-conditioned ``k × k`` factor (singular values in [0.5, 1.5])."""
+    a well-conditioned ``k × k`` factor (singular values in [0.5, 1.5]).
+    """
     Qo, _ = torch.linalg.qr(_randn(g, d, d))
     k = d // h
     factors = [torch.linalg.qr(_randn(g, k, k))[0] * (0.5 + torch.rand(k, generator=g, dtype=DTYPE)) for _ in range(h)]
@@ -271,7 +274,8 @@ def _spd_spectrum(g: torch.Generator, d: int, lo: float, hi: float) -> Tensor:
 
 def _ffn_problem(g: torch.Generator) -> tuple[int, int, int, FFNEnergy, float, nn.Linear]:
     """An FFN energy (``W_f`` spectrum in [0, 0.95]), a step size inside its range, and the ``nn.Linear`` its step
-    is: weight ``(1 − α)I − αW_f``, bias ``αb``."""
+    is: weight ``(1 − α)I − αW_f``, bias ``αb``.
+    """
     B, n, d = _shapes(g)
     W_f, b = _spd_spectrum(g, d, 0.0, 0.95), _randn(g, d)
     E = FFNEnergy(W_f, b)

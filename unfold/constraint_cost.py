@@ -164,7 +164,8 @@ def make_task(name: str, *, seed: int = 0, batch_size: int = 64) -> Task:
 
 def build_model(kind: str, task: Task, *, d: int, depth: int, heads: int = 1) -> nn.Module:
     """``"unfolded"`` (yang2022 with ReLU), ``"unfolded_norelu"``, ``"unfolded_ln"`` (ReLU + LayerNorm projection),
-    or ``"standard"`` (nn.TransformerEncoderLayer stack), all with the task's input width and output head."""
+    or ``"standard"`` (nn.TransformerEncoderLayer stack), all with the task's input width and output head.
+    """
     if kind == "standard":
         return standard_encoder(d, depth, heads, task.n_outputs, d_in=task.d_in)
     variants: dict[str, dict[str, Any]] = {"unfolded": {}, "unfolded_norelu": {"relu": False},

@@ -80,7 +80,8 @@ _DEPRECATED_VALUES = {"identity": Preconditioner.METRIC, "metric": Preconditione
 def _preconditioner(preconditioner: Preconditioner | str | None, value: str | None = None,
                     function: str = "") -> Preconditioner:
     """The step as a :class:`~energy.core.Preconditioner` (default METRIC), from ``preconditioner`` or the deprecated
-    ``value`` (``"identity"`` -> METRIC, step (a); ``"metric"`` -> TOKEN, step (b))."""
+    ``value`` (``"identity"`` -> METRIC, step (a); ``"metric"`` -> TOKEN, step (b)).
+    """
     if value is not None:
         if value not in _DEPRECATED_VALUES:
             raise EnergyInputError(
@@ -309,7 +310,8 @@ def to_energy(layer: Any, *, preconditioner: Preconditioner | str | None = None,
 def _energy_of(obj: Any, alpha: float | None = None,
                preconditioner: Preconditioner | str | None = None) -> tuple[AttentionEnergyLike, float, Preconditioner]:
     """``(energy, α, preconditioner)`` of an energy or a step; explicit ``alpha``/``preconditioner`` win, then the
-    step's own, then ``α = 1`` and step (a)."""
+    step's own, then ``α = 1`` and step (a).
+    """
     own_alpha: float | None = None
     own_prec: Preconditioner | str | None = None
     if isinstance(obj, EnergyStep):
@@ -379,7 +381,8 @@ def skip_map(energy_or_step: Any, alpha: float | None = None,
              preconditioner: Preconditioner | str | None = None) -> Tensor:
     r"""The residual weight of the step (MATH §1.5): :math:`R = I - \alpha \sum_h V_h O_h` with the step's
     value/output maps, i.e. ``R = (1 − α) I`` (step (a), one head), ``I − α Σ_h P_h`` (step (a), heads) or
-    ``I − α Σ_h W_h`` (step (b))."""
+    ``I − α Σ_h W_h`` (step (b)).
+    """
     energy, alpha_, prec = _energy_of(energy_or_step, alpha, preconditioner)
     M = _M3(energy)
     values, outputs = _value_output_factors(M, energy.scale, prec)
@@ -407,7 +410,8 @@ def key_bias_mask(Y: Tensor, energy_or_step: Any) -> Tensor:
 def standard_step(layer: nn.MultiheadAttention, Y: Tensor, energy_or_step: Any, *, alpha: float | None = None,
                   with_key_bias: bool = True, preconditioner: Preconditioner | str | None = None) -> Tensor:
     r""":math:`Y R + \alpha\,\mathrm{MHA}(Y)` computed by the torch layer (``batch_first``), with the key bias as
-    ``attn_mask`` (``with_key_bias=True``) or without it (the plain standard layer)."""
+    ``attn_mask`` (``with_key_bias=True``) or without it (the plain standard layer).
+    """
     energy, alpha_, prec = _energy_of(energy_or_step, alpha, preconditioner)
     Yb = Y if Y.ndim == 3 else Y.unsqueeze(0)
     mask = key_bias_mask(Yb, energy) if with_key_bias else None

@@ -74,7 +74,8 @@ Builder = Callable[[dict[str, Any]], nn.Module]
 
 class CheckpointError(EnergyInputError):
     """A model file or state dict cannot be used: unreadable, not ours, or not matching the model / optimiser.
-    Nothing was loaded."""
+    Nothing was loaded.
+    """
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
@@ -83,7 +84,8 @@ class CheckpointError(EnergyInputError):
 def _parametrized_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``{"prefix.tensor": (owner, tensor)}`` for every parametrised tensor of ``module`` (not counting tensors
     internal to a parametrisation, e.g. the orthogonal basis inside :class:`~unfold.parametrizations.OrthogonalHeads`,
-    which its owner's ``right_inverse`` sets)."""
+    which its owner's ``right_inverse`` sets).
+    """
     out: dict[str, tuple[nn.Module, str]] = {}
     for prefix, mod in module.named_modules():
         if "parametrizations." in prefix or prefix.startswith("parametrizations"):
@@ -102,7 +104,8 @@ def _orig_prefix(qualified: str) -> str:
 def constrained_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """State dict with every parametrised tensor given by its *constrained value* (``"ffn.W_f"``) instead of its
     unconstrained original (``"ffn.parametrizations.W_f.original"``): a format independent of the
-    parametrisation's internals, which :func:`safe_load_state_dict` checks against the constraints when loading."""
+    parametrisation's internals, which :func:`safe_load_state_dict` checks against the constraints when loading.
+    """
     ptensors = _parametrized_tensors(module)
     prefixes = tuple(_orig_prefix(q) for q in ptensors)
     out = {key: value for key, value in module.state_dict().items() if not key.startswith(prefixes)}
@@ -330,7 +333,8 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, extra: dict[st
 
 def load_model(path: str | os.PathLike[str]) -> nn.Module:
     """Rebuild a model from a model file (or a training checkpoint of a registered model) and load its weights
-    (validated, all-or-nothing), in the precision it was saved in."""
+    (validated, all-or-nothing), in the precision it was saved in.
+    """
     payload = read_model_file(path)
     where = f"model file {os.fspath(path)!r}"
     name = payload["builder"]

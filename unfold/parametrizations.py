@@ -64,7 +64,8 @@ class Constraint(nn.Module):
 
     def _check_named(self, check: Callable[..., Tensor], W: Tensor, name: str) -> Tensor:
         """Run an :mod:`energy._validation` check on ``W`` with the default tolerance; a violation names this
-        constraint."""
+        constraint.
+        """
         try:
             return check(W, name, atol=default_tolerance(W))
         except ConstraintError as exc:
@@ -159,7 +160,8 @@ class Symmetric(Constraint):
 
 def _daleckii_krein(lam: Tensor, V: Tensor, f: Tensor, lo: float, hi: float, G: Tensor) -> Tensor:
     r""":math:`V\,(\Phi \circ (V^\top \mathrm{sym}(G)\, V))\,V^\top`: the derivative of the spectral clip in
-    direction ``G`` (self-adjoint, so it is also the vector–Jacobian product); tensor operations only."""
+    direction ``G`` (self-adjoint, so it is also the vector–Jacobian product); tensor operations only.
+    """
     dlam = lam.unsqueeze(-1) - lam.unsqueeze(-2)
     df = f.unsqueeze(-1) - f.unsqueeze(-2)
     inside = ((lam >= lo) & (lam <= hi)).to(lam.dtype)  # one-sided at the bounds: they can move back

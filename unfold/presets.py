@@ -75,7 +75,8 @@ class UnrolledClassifier(nn.Module):
 
     def embed(self, X: Tensor) -> Tensor:
         """The body's input ``Y⁰ = X W_in`` (``X`` itself without an input map); metadata checks only (type, rank,
-        width), so the forward reads no value and every ``torch.func`` transform passes through it."""
+        width), so the forward reads no value and every ``torch.func`` transform passes through it.
+        """
         check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in), finite=False)
         return self.input_proj(X)
 
@@ -91,7 +92,8 @@ class UnrolledClassifier(nn.Module):
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Validated, all-or-nothing load (:func:`unfold.unroller.safe_load_state_dict`); ``strict=False`` is torch's
-        own load."""
+        own load.
+        """
         if not strict:
             return super().load_state_dict(state_dict, strict=False, assign=assign)
         # safe_load_state_dict checks the type itself (CheckpointError for anything but a dict of tensors)

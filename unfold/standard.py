@@ -301,7 +301,8 @@ class GPT2Decoder(_TokenModel):
 
     def forward_embeddings(self, X: Tensor) -> Tensor:
         """Logits ``(..., n, vocab)`` from an embedded sequence ``X (..., n, d_model)``: blocks, ``LN_f``, then
-        ``X W_U + 1 b_Uᵀ``."""
+        ``X W_U + 1 b_Uᵀ``.
+        """
         for block in self.blocks:
             X = block(X)
         return _ln(self.ln_f, X) @ self.W_U + self.b_U

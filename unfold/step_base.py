@@ -44,7 +44,8 @@ def make_kernel(kernel: str | kernels.Kernel, **kwargs: Any) -> kernels.Kernel:
 @dataclass
 class Prepared:
     """What one forward pass needs from a step's weights: the tensors the pure core takes (the constrained weights
-    evaluated once, and any per-pass cache such as the heads' value bases), and how to build the energy object."""
+    evaluated once, and any per-pass cache such as the heads' value bases), and how to build the energy object.
+    """
 
     tensors: dict[str, Any] = field(default_factory=dict)
     builder: Callable[[], Energy | None] | None = None
@@ -89,12 +90,14 @@ class Step(nn.Module):
 
     def guaranteed_range(self) -> StepRange | None:
         """The step sizes the step's *constraints* guarantee to descend, known without reading weight values
-        (``None``: the range depends on the weights' values; see :meth:`check_alpha`)."""
+        (``None``: the range depends on the weights' values; see :meth:`check_alpha`).
+        """
         return None
 
     def check_alpha(self) -> None:
         """Check the current ``α`` against the built energy's exact ``step_range()`` (reads the weights; a public
-        call, never made inside a forward). Warns, or raises in ``strict_mode``."""
+        call, never made inside a forward). Warns, or raises in ``strict_mode``.
+        """
         energy = self.build()
         if energy is not None:
             self._range_of(energy).check(self.alpha.detach() if self.learn_alpha else self.alpha_value,
@@ -102,7 +105,8 @@ class Step(nn.Module):
 
     def prepare(self) -> Prepared:
         """Evaluate the parametrisations once for one forward pass; check a fixed ``α`` against
-        :meth:`guaranteed_range` (a Python comparison, no tensor read)."""
+        :meth:`guaranteed_range` (a Python comparison, no tensor read).
+        """
         r = self.guaranteed_range()
         if r is not None and not self.learn_alpha:
             r.check(self.alpha_value, f"{self.kind}.alpha")

@@ -179,7 +179,8 @@ class AttentionStep(Step):
 
     def guaranteed_range(self) -> StepRange | None:
         """Step (a) of one head or of orthogonal heads: the kernel's range; general heads: the empty range
-        (MATH §1.2); step (b): ``None`` (the range depends on :math:`\\lambda_{\\max}(W)`)."""
+        (MATH §1.2); step (b): ``None`` (the range depends on :math:`\\lambda_{\\max}(W)`).
+        """
         if self.preconditioner == Preconditioner.TOKEN:
             return None
         orthogonal = self.heads == 1 or self.orthogonal_heads
@@ -204,7 +205,8 @@ class AttentionStep(Step):
         r"""``(Y⁺, E_att(Y))``: the step and the attention energy at its input from the same pairwise quantities
         (:func:`energy.core.attention.head_step_and_energy`; on the fused path the attention kernel's row
         log-normalisers, :func:`energy.core.fused.fused_step_and_energy`). ``Y⁺`` is the same map as
-        :meth:`forward_prepared`."""
+        :meth:`forward_prepared`.
+        """
         t, Y, alpha = prepared.tensors, self._check_Y(Y), self._alpha()
         if self.uses_fused:
             return fused_step_and_energy(Y, t["M"], alpha, t["kappa"], t["values"], t["out"])
@@ -224,7 +226,8 @@ class AttentionStep(Step):
 
 class _GradientStep(Step):
     """A plain gradient step ``Y − α∇E(Y)`` (MATH §1.5) on an energy of :mod:`energy.ffn`, whose pure formulas are
-    the energy class's ``FORMULAS`` (called as ``f(Y, W, b)``); subclasses give ``ENERGY`` and :meth:`_weights`."""
+    the energy class's ``FORMULAS`` (called as ``f(Y, W, b)``); subclasses give ``ENERGY`` and :meth:`_weights`.
+    """
 
     ENERGY: ClassVar[type[FFNEnergy] | type[TiedReLUEnergy]]
 
@@ -303,7 +306,8 @@ class FFNStep(_GradientStep):
 
     def guaranteed_range(self) -> StepRange | None:
         """With ``spectrum=(lo, hi)``: :math:`\\lambda_{\\max}(I + W_f) \\le 1 + hi`, so ``(0, 2/(1 + hi))``
-        descends (MATH §1.3); without it ``None``."""
+        descends (MATH §1.3); without it ``None``.
+        """
         if self.spectrum is None:
             return None
         L = 1.0 + self.spectrum[1]
@@ -378,7 +382,8 @@ class ReLUProjection(_Projection):
 
 class _SphereProjection(_Projection):
     """Shared ``eps`` handling of the normalisation projections: ``eps = 0`` the exact projection, ``eps > 0`` the
-    normalisation layer's map (both from :mod:`energy.core.norm`)."""
+    normalisation layer's map (both from :mod:`energy.core.norm`).
+    """
 
     def __init__(self, d: int, *, eps: float = 0.0) -> None:
         super().__init__(d)

@@ -105,7 +105,8 @@ def make_optimizer(model: nn.Module, name: Literal["sgd", "adam"], lr: float) ->
 
 def validate_state_dict(model: nn.Module, state: object, *, source: str = "checkpoint") -> None:
     """Raise :class:`CheckpointError` unless ``state`` can be loaded into ``model`` exactly as it is
-    (:func:`unfold.modelfile.check_state_dict`: keys, tensors, dtypes, shapes, finite values). Nothing is loaded."""
+    (:func:`unfold.modelfile.check_state_dict`: keys, tensors, dtypes, shapes, finite values). Nothing is loaded.
+    """
     check_state_dict(model, state, source=source, hint=", or start afresh (resume=False)")
 
 
@@ -193,7 +194,8 @@ def save_checkpoint(
 ) -> Path:
     """Write model, optimiser, step, loss history, meta data and torch's RNG state to ``path`` as one model file
     (:mod:`unfold.modelfile`; atomic, fsync-ed; with builder and config when the model has a registered builder, so
-    :func:`unfold.load_model` opens it too)."""
+    :func:`unfold.load_model` opens it too).
+    """
     builder, config = builder_of(model)
     training = {"optimizer": optimizer.state_dict(), "step": int(step), "rng_state": torch.get_rng_state(),
                 "history": [float(h) for h in history], "meta": dict(meta or {})}

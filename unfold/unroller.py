@@ -217,7 +217,8 @@ class Unrolled(nn.Module):
 
     def composite_energy(self, layer: int = 0) -> CompositeEnergy | None:
         """The model energy of layer ``layer``: ``CompositeEnergy({"E_att": …, "E_ffn": …})`` built from the current
-        weights (MATH §1.6); ``None`` if the schedule has only projections."""
+        weights (MATH §1.6); ``None`` if the schedule has only projections.
+        """
         return self._composite([cast(Step, s).build() for s in self.layer(layer)])
 
     def _composite(self, built: list[Any]) -> CompositeEnergy | None:
@@ -292,7 +293,8 @@ class Unrolled(nn.Module):
 
     def trace_energies(self, states: Sequence[Tensor], trace: bool | str = "step") -> dict[str, Tensor]:
         """Every energy term (and ``"total"``) on the states of a trace of granularity ``trace`` (``"step"`` or
-        ``"layer"``), ``{term: (len(states), *batch)}``, all evaluated explicitly."""
+        ``"layer"``), ``{term: (len(states), *batch)}``, all evaluated explicitly.
+        """
         granularity = _trace_granularity(trace) or "step"
         ts = self._trace_steps(granularity)
         if len(states) != len(ts):

@@ -87,7 +87,8 @@ def sq_dist_augmented(A: Tensor, B: Tensor, h: Tensor) -> Tensor:
 
 def pairwise_sq_dist(Y: Tensor, W: Tensor) -> Tensor:
     r""":math:`z_{ij} = \tfrac12\|y_i - y_j\|_W^2 = \tfrac12(G_{ii} + G_{jj}) - G_{ij}`, :math:`G = YWY^\top`
-    (MATH §1.1); ``Y`` ``(..., n, d)``, ``W`` ``(..., d, d)`` (a batched ``W`` broadcasts the tokens)."""
+    (MATH §1.1); ``Y`` ``(..., n, d)``, ``W`` ``(..., d, d)`` (a batched ``W`` broadcasts the tokens).
+    """
     YW = Y @ W
     Y = Y.expand_as(YW)
     return sq_dist_augmented(YW, Y, 0.5 * (YW * Y).sum(-1))
@@ -100,7 +101,8 @@ def key_bias(Y: Tensor, W: Tensor) -> Tensor:
 
 def softmax_beta(Y: Tensor, W: Tensor) -> Tensor:
     r""":math:`\mathrm{softmax}_\beta(YWY^\top)_{ij} \propto \exp(y_i^\top W y_j + \beta_j)` (MATH §1.1) — equal to
-    :math:`D^{-1}\Gamma` for :math:`\rho(z) = -e^{-z}`; ``(..., n, n)``, rows summing to one."""
+    :math:`D^{-1}\Gamma` for :math:`\rho(z) = -e^{-z}`; ``(..., n, n)``, rows summing to one.
+    """
     YW = Y @ W
     beta = -0.5 * (YW * Y).sum(-1)
     return torch.softmax(YW @ Y.transpose(-1, -2) + beta.unsqueeze(-2), dim=-1)
@@ -115,7 +117,8 @@ def head_keys(Y: Tensor, M3: Tensor) -> Tensor:
 
 def head_sq_dist(K: Tensor, kappa: Scale) -> Tensor:
     r""":math:`z^h_{ij} = \tfrac\kappa2\|k_i - k_j\|^2 = \tfrac12\|y_i - y_j\|^2_{W_h}` from the keys
-    :math:`K_h = Y M_h` (MATH §1.1)."""
+    :math:`K_h = Y M_h` (MATH §1.1).
+    """
     return sq_dist_augmented(kappa * K, K, (0.5 * kappa) * (K * K).sum(-1))
 
 
@@ -151,7 +154,8 @@ def mixing(Gamma: Tensor, ridge: float, token_mask: Tensor | None) -> Tensor:
 
 def gaussian_energy(offdiag_row_sums: Tensor) -> Tensor:
     r"""Gaussian kernel, :math:`\rho = -\rho'`: :math:`\sum_{i<j}\rho(z_{ij}) = -\tfrac12\sum_i\sum_{j\ne i}
-    \gamma_{ij}` (MATH §1.1) from the off-diagonal row sums ``(..., n)`` of :math:`\Gamma` (masked rows zero)."""
+    \gamma_{ij}` (MATH §1.1) from the off-diagonal row sums ``(..., n)`` of :math:`\Gamma` (masked rows zero).
+    """
     return -0.5 * offdiag_row_sums.sum(-1)
 
 
@@ -189,7 +193,8 @@ def head_energy(Y: Tensor, M3: Tensor, kappa: Scale, kernel: Kernel, ridge: floa
 def head_grad(Y: Tensor, M3: Tensor, kappa: Scale, kernel: Kernel, ridge: float,
               token_mask: Tensor | None) -> Tensor:
     r""":math:`\nabla E = \sum_h (L_h + \lambda I_m) Y W_h = \kappa\sum_h((D_h + \lambda I_m)K_h - \Gamma_h K_h)
-    M_h^\top` (MATH §1.1; ``I_m`` = diag of the token mask), ``(..., n, d)``."""
+    M_h^\top` (MATH §1.1; ``I_m`` = diag of the token mask), ``(..., n, d)``.
+    """
     K = head_keys(Y, M3)
     _, Gamma = head_gamma(K, kappa, kernel, token_mask)
     diag = Gamma.sum(-1) + ridge
@@ -269,7 +274,8 @@ def head_step(Y: Tensor, M3: Tensor, kappa: Scale, kernel: Kernel, ridge: float,
               values: Tensor | None, out: Tensor | None, alpha: Scale) -> Tensor:
     r"""The attention step :math:`Y^+` (MATH §1.1 (a)/(b), §1.2; :func:`apply_step` with
     :math:`A_h = (D_h+\lambda I)^{-1}\Gamma_h`). ``values``, ``out``: from :func:`value_output_maps`
-    (``values is M3`` reuses the keys as values)."""
+    (``values is M3`` reuses the keys as values).
+    """
     return _step_parts(Y, M3, kappa, kernel, ridge, token_mask, values, out, alpha)[0]
 
 
@@ -277,7 +283,8 @@ def head_step_and_energy(Y: Tensor, M3: Tensor, kappa: Scale, kernel: Kernel, ri
                          token_mask: Tensor | None, values: Tensor | None, out: Tensor | None,
                          alpha: Scale) -> tuple[Tensor, Tensor]:
     r"""``(Y⁺, E(Y))``: :func:`head_step` and :math:`E(Y) = \sum_h E_h(Y)` from the same keys, :math:`z` and
-    :math:`\Gamma` (MATH §1.1; for the Gaussian kernel the step's own :math:`\Gamma` is summed)."""
+    :math:`\Gamma` (MATH §1.1; for the Gaussian kernel the step's own :math:`\Gamma` is summed).
+    """
     Yp, K, z, Gamma = _step_parts(Y, M3, kappa, kernel, ridge, token_mask, values, out, alpha)
     return Yp, energy_from_z(z, Gamma, K, kappa, kernel, ridge, token_mask).sum(-1)
 

@@ -45,7 +45,8 @@ def feed_forward(X: Tensor, W_1: Tensor, b_1: Tensor | None, W_2: Tensor, b_2: T
 
 def ffn_energy(Y: Tensor, W_f: Tensor, b: Tensor) -> Tensor:
     r""":math:`E(Y) = \tfrac12\operatorname{tr}(Y W_f Y^\top) + \tfrac12\|Y - 1b^\top\|_F^2` per batch element
-    (MATH §1.3)."""
+    (MATH §1.3).
+    """
     quad = ((Y @ W_f) * Y).sum(dim=(-2, -1))  # tr(Y W_f Yᵀ): one GEMM
     return 0.5 * quad + 0.5 * (Y - b).square().sum(dim=(-2, -1))
 
@@ -61,13 +62,15 @@ def _tied_preactivation(Y: Tensor, W_1: Tensor, b: Tensor | None) -> Tensor:
 
 def tied_relu_energy(Y: Tensor, W_1: Tensor, b: Tensor | None = None) -> Tensor:
     r""":math:`E(Y) = -\tfrac12\sum_i \|\mathrm{ReLU}(y_i W_1 + b)\|^2` per batch element (MATH §1.3, §2.2
-    ``E_hn``)."""
+    ``E_hn``).
+    """
     return -0.5 * torch.relu(_tied_preactivation(Y, W_1, b)).square().sum(dim=(-2, -1))
 
 
 def tied_relu_grad(Y: Tensor, W_1: Tensor, b: Tensor | None = None) -> Tensor:
     r""":math:`\nabla E(Y) = -\mathrm{ReLU}(Y W_1 + 1 b^\top) W_1^\top` (MATH §1.3; exact everywhere, ``½ReLU(u)²``
-    is ``C¹``)."""
+    is ``C¹``).
+    """
     return -torch.einsum("...nm,dm->...nd", torch.relu(_tied_preactivation(Y, W_1, b)), W_1)
 
 
@@ -78,5 +81,6 @@ def descent_step(Y: Tensor, G: Tensor, alpha: float | Tensor) -> Tensor:
 
 def relaxed_step(Y: Tensor, T: Tensor, alpha: float | Tensor) -> Tensor:
     r""":math:`Y^+ = Y + \alpha (T - Y)`: a step affine in :math:`\alpha` from its :math:`\alpha = 1` value
-    :math:`T` (MATH §1.5: :math:`Y - \alpha P^{-1}\nabla E = Y + \alpha(T(Y) - Y)`)."""
+    :math:`T` (MATH §1.5: :math:`Y - \alpha P^{-1}\nabla E = Y + \alpha(T(Y) - Y)`).
+    """
     return Y + alpha * (T - Y)

@@ -76,7 +76,7 @@ def fused_gaussian_energy(lse: Tensor, beta_over_kappa: Tensor, kappa: Scale, to
 
 @functools.cache
 def _flash_lse_op() -> Any:
-    """torch's CPU flash-attention op, which also returns the row log-sum-exp (``None`` if this torch lacks it)."""
+    """Torch's CPU flash-attention op, which also returns the row log-sum-exp (``None`` if this torch lacks it)."""
     try:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     except (AttributeError, RuntimeError):
@@ -141,7 +141,8 @@ def fused_step(Y: Tensor, M3: Tensor, alpha: Scale, kappa: Scale, values: Tensor
                token_mask: Tensor | None = None) -> Tensor:
     r"""The Gaussian attention step (λ = 0) of MATH §1.1 (a)/(b), §1.2 through SDPA; equal to
     :func:`energy.core.attention.head_step` with the same ``values``/``out`` (:func:`~energy.core.attention.
-    value_output_maps`). ``Y`` ``(..., n, d)``, ``M3`` ``(h, d, k)``, ``token_mask`` ``(..., n)`` or ``None``."""
+    value_output_maps`). ``Y`` ``(..., n, d)``, ``M3`` ``(h, d, k)``, ``token_mask`` ``(..., n)`` or ``None``.
+    """
     return _run(Y, M3, alpha, kappa, values, out, token_mask, False)[0]
 
 
@@ -149,6 +150,7 @@ def fused_step_and_energy(Y: Tensor, M3: Tensor, alpha: Scale, kappa: Scale, val
                           out: Tensor | None, token_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""``(Y⁺, E(Y))``: :func:`fused_step` and the Gaussian energy at its input (``Y.shape[:-2]``). Without autograd
     the energy comes from the kernel's row log-normalisers (:func:`fused_gaussian_energy`), otherwise it is
-    evaluated explicitly (differentiable)."""
+    evaluated explicitly (differentiable).
+    """
     Yp, E = _run(Y, M3, alpha, kappa, values, out, token_mask, True)
     return Yp, cast(Tensor, E)

@@ -36,7 +36,8 @@ def radial(Z: Tensor) -> Tensor:
 
 def layer_norm(X: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     r""":math:`\mathrm{LN}(x) = \gamma\odot\frac{x - \bar x1}{\sqrt{\frac1d\|x - \bar x1\|^2 + \varepsilon}} + b`,
-    as ``nn.LayerNorm(d, eps)`` (MATH §1.4)."""
+    as ``nn.LayerNorm(d, eps)`` (MATH §1.4).
+    """
     Xc = centre(X)
     Z = Xc / torch.sqrt((Xc * Xc).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
@@ -46,7 +47,8 @@ def layer_norm(X: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) -> Tensor:
     r""":math:`\mathrm{RMS}(x) = \gamma\odot x/\sqrt{\frac1d\|x\|^2 + \varepsilon}`, as ``nn.RMSNorm(d, eps)``
-    (``eps=None``: ``torch.finfo(dtype).eps``, the ``nn.RMSNorm`` default; MATH §1.4)."""
+    (``eps=None``: ``torch.finfo(dtype).eps``, the ``nn.RMSNorm`` default; MATH §1.4).
+    """
     e = torch.finfo(X.dtype).eps if eps is None else eps
     Z = X / torch.sqrt((X * X).mean(dim=-1, keepdim=True) + e)
     return Z if weight is None else Z * weight
@@ -54,7 +56,8 @@ def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) 
 
 def layernorm_projection(Y: Tensor) -> Tensor:
     r"""Projection onto the centred sphere, :math:`\Pi_{S_c}(y) = \sqrt d\,y_c/\|y_c\|` (MATH §1.4;
-    ``LayerNorm`` at ``eps = 0``)."""
+    ``LayerNorm`` at ``eps = 0``).
+    """
     return radial(centre(Y))
 
 
@@ -70,14 +73,16 @@ def absorb_layernorm_affine(W: Tensor, gamma: Tensor) -> Tensor:
 
 def et_lagrangian(x: Tensor, gamma: float, bias: Tensor | None, eps: float) -> Tensor:
     r"""The LayerNorm Lagrangian :math:`L(x) = d\gamma\sqrt{\mathrm{var}(x) + \varepsilon} + \delta^\top x` per
-    token (MATH §2.2); :math:`\nabla L` is :func:`layer_norm` with weight :math:`\gamma 1`, bias :math:`\delta`."""
+    token (MATH §2.2); :math:`\nabla L` is :func:`layer_norm` with weight :math:`\gamma 1`, bias :math:`\delta`.
+    """
     L = x.shape[-1] * gamma * torch.sqrt(centre(x).square().mean(dim=-1) + eps)
     return L if bias is None else L + x @ bias
 
 
 def layernorm_jacobian_vp(x: Tensor, V: Tensor, gamma: float, eps: float) -> Tensor:
     r""":math:`(\partial g/\partial x)\,v = \frac{\gamma}{\tilde\sigma}(v - \bar v 1 - \hat x(\hat x^\top v)/d)`,
-    :math:`\hat x = x_c/\tilde\sigma` for every token (MATH §2.2; symmetric PSD for :math:`\gamma \ge 0`)."""
+    :math:`\hat x = x_c/\tilde\sigma` for every token (MATH §2.2; symmetric PSD for :math:`\gamma \ge 0`).
+    """
     xc = centre(x)
     sigma = torch.sqrt(xc.square().mean(dim=-1, keepdim=True) + eps)
     xh = xc / sigma

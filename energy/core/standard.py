@@ -44,7 +44,8 @@ def merge_heads(Z: Tensor) -> Tensor:
 
 def causal_mask(n_q: int, n_k: int | None = None, *, device: torch.device | None = None) -> Tensor:
     r"""Boolean causal mask :math:`m_{ij} = [j \le i]` (``True`` = attend), top-left aligned like
-    ``scaled_dot_product_attention(is_causal=True)``."""
+    ``scaled_dot_product_attention(is_causal=True)``.
+    """
     n_k = n_q if n_k is None else n_k
     return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril()
 
@@ -86,7 +87,8 @@ def attention_weights(Q: Tensor, K: Tensor, kappa: Scale, *, mask: Tensor | None
 
 def linear_attention_weights(Q: Tensor, K: Tensor, kappa: Scale, *, mask: Tensor | None = None) -> Tensor:
     r"""Linear attention (no softmax, MATH §3.6): :math:`A = \kappa\, Q K^\top \odot m` (bool ``mask``, ``True`` =
-    keep; blocked scores are 0)."""
+    keep; blocked scores are 0).
+    """
     A = scores(Q, K, kappa)
     return A if mask is None else torch.where(mask, A, 0.0)
 

@@ -50,7 +50,8 @@ DEFAULT_MAX_GIB = 4.0
 
 class LayerOptions(TypedDict, total=False):
     """The keyword options of the legacy function signatures (``attention_moments(X, W_Q, W_K, W_V, Y, **options)``):
-    the fields of :class:`AttentionLayer` besides the three weights."""
+    the fields of :class:`AttentionLayer` besides the three weights.
+    """
 
     W_O: Tensor | None
     c: float | None
@@ -87,7 +88,8 @@ def _present(**tensors: Tensor | None) -> dict[str, Tensor]:
 
 def _check_array(x: object, name: str, ndim: int | None = None) -> Tensor:
     """Metadata checks, then :func:`energy._validation.check_finite` (skipped, by design, when a tracing
-    transform makes the values unreadable)."""
+    transform makes the values unreadable).
+    """
     return check_finite(check_tensor(x, name, ndim=ndim, finite=False), name)
 
 
@@ -108,7 +110,8 @@ def attention_matrix(
 ) -> Tensor:
     r"""``A``: ``softmax(κ X W_Q W_Kᵀ Xᵀ)`` (masked) or, linear, ``κ X W_Q W_Kᵀ Xᵀ ⊙ m`` (MATH §3.1, §3.6), from
     the pure core (:func:`energy.core.standard.attention_weights` / :func:`~energy.core.standard.
-    linear_attention_weights`)."""
+    linear_attention_weights`).
+    """
     Q, K = X @ W_Q, X @ W_K
     if linear:
         return core_standard.linear_attention_weights(Q, K, kappa, mask=mask)
@@ -245,7 +248,8 @@ class AttentionLayer:
     # -- inputs ----------------------------------------------------------------------------------------------------
     def check_inputs(self, X: object, Y: object | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Check ``X`` (and ``Y``) against the layer: ``X`` as ``(B, L, d_V)``, ``Y`` likewise, and the mask
-        ``(B, L, L)`` (``None`` without mask)."""
+        ``(B, L, L)`` (``None`` without mask).
+        """
         X = _check_array(X, "X")
         if X.ndim not in (2, 3):
             raise EnergyInputError(f"`X` must have shape (L, d_V) or (B, L, d_V), got {tuple(X.shape)}.")
@@ -277,7 +281,8 @@ class AttentionLayer:
     # -- the pure maps -----------------------------------------------------------------------------------------
     def output(self, X: Tensor, mask: Tensor | None = None) -> Tensor:
         """``F = A X W_V [W_O]`` (MATH §3.1) with ``A`` of :func:`attention_matrix`. ``mask`` overrides the
-        layer's (already resolved, e.g. by :meth:`check_inputs`)."""
+        layer's (already resolved, e.g. by :meth:`check_inputs`).
+        """
         if mask is None:
             mask = self.mask
             if self.causal:

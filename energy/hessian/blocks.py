@@ -141,7 +141,8 @@ class _Factors:
 
     def __getattr__(self, name: str) -> Tensor:
         """The factor ``name`` (``R``, ``P``, ``U``, ``E``, ``EW``, ``S``, ``G``, ``EO``, ``EOW``, ``Omega_O``,
-        ``S_O``, ``P_VO``, ``Q_VO``), built by ``_make_<name>`` on first use and cached."""
+        ``S_O``, ``P_VO``, ``Q_VO``), built by ``_make_<name>`` on first use and cached.
+        """
         if name.startswith("_") or not hasattr(type(self), "_make_" + name):
             raise AttributeError(name)
         return self._get(name)
@@ -174,7 +175,8 @@ def _row_factor(f: _Factors, a: str, b: str) -> Tensor:
 def _block_gemm(f: _Factors, a: str, b: str) -> Tensor:
     """The block ``(a, b)``, ``a ∈ {Q, K}``, without the bilinear term: one GEMM with inner dimension ``N`` (the
     stacked query rows), ``Xᵀ F`` for query rows and a batched ``q``-GEMM over ``a'`` for key rows
-    (:func:`_row_factor`)."""
+    (:func:`_row_factor`).
+    """
     mom = f.mom
     N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
     F = _row_factor(f, a, b)
@@ -185,7 +187,8 @@ def _block_gemm(f: _Factors, a: str, b: str) -> Tensor:
 
 def _bilinear(f: _Factors, a: str, b: str) -> Tensor | None:
     """The bilinear term ``G_QK ⊗ I`` (``H_f``) of block ``(Q, K)`` (transposed for ``(K, Q)``), else ``None``:
-    entries ``[(c, j), (a', j)] = G_QK[c, a']``."""
+    entries ``[(c, j), (a', j)] = G_QK[c, a']``.
+    """
     if not f.use_f or {a, b} != {"Q", "K"}:
         return None
     d, k = f.mom.d_V, f.mom.d_K
@@ -312,7 +315,8 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
 
 def _copy_transposed(dst: Tensor, src: Tensor, tile: int = 128) -> None:
     """``dst ← srcᵀ`` in column tiles of ``dst`` (a cache-friendly transpose: at width 48 the plain strided copy of
-    the value rows took ~3× longer than this, measured)."""
+    the value rows took ~3× longer than this, measured).
+    """
     for i in range(0, dst.shape[1], tile):
         dst[:, i : i + tile] = src[i : i + tile].T
 

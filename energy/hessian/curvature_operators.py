@@ -49,7 +49,8 @@ _DEPRECATED_PARTS = {"G": "H_o", "F": "H_f"}
 
 def resolve_parts(parts: Sequence[str]) -> dict[str, str]:
     """Check the requested curvature parts: ``{as requested: canonical}``, with the deprecated ``"G"`` / ``"F"``
-    mapped to ``"H_o"`` / ``"H_f"`` (DeprecationWarning)."""
+    mapped to ``"H_o"`` / ``"H_f"`` (DeprecationWarning).
+    """
     if isinstance(parts, str) or not parts:
         raise EnergyInputError(f"`parts` must be a non-empty sequence of {list(_PART_NAMES)}, got {parts!r}.")
     out = {}
@@ -218,7 +219,8 @@ class CurvatureOperator(LinearOperator):
 
     def _batch_products(self, state: dict[str, Any], free: dict, Vd: dict, kinds: frozenset[str]) -> dict:
         """One batch: ``{kind: {name: (k, *shape)}}``. The loss is only differentiated in reverse mode, the
-        network in forward-over-reverse (``H_f``, ``J``) and reverse mode (``Jᵀ``, ``H`` alone)."""
+        network in forward-over-reverse (``H_f``, ``J``) and reverse mode (``Jᵀ``, ``H`` alone).
+        """
         if kinds == {"H"}:
             return {"H": vmap(state["hvp_fn"])(Vd)[0]}
         f, ell, o = state["f"], state["ell"], state["o"]
@@ -510,7 +512,8 @@ def dense_ggn_reference(
     batch_size_fn: Callable[[Any], int] | None = None,
 ) -> Tensor:
     r"""Dense :math:`H_o = \sum_b w_b J_b^\top \nabla^2_o\ell_b J_b` from full Jacobians (``jacrev``) and the dense
-    output-space loss Hessian (``torch.func.hessian``). Autograd twin for tests; warns if not float64."""
+    output-space loss Hessian (``torch.func.hessian``). Autograd twin for tests; warns if not float64.
+    """
     op, theta, out = _reference_setup(GGNOperator, "dense_ggn_reference", model, loss_fn, params, data,
                                       reduction, batch_size_fn)
     G = torch.zeros(op.shape, dtype=op.dtype, device=op.device)

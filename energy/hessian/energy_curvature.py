@@ -185,7 +185,8 @@ def majoriser_step(
     energy: AttentionEnergy, Y_t: Tensor, Y: Tensor, alpha: float, preconditioner: Preconditioner = "metric"
 ) -> Tensor:
     r"""The step with ``D``, ``Γ`` frozen at ``Y_t``, applied to any ``Y``: ``Y − α D̃⁻¹ (L + λI) Y`` (a) or
-    ``Y − α D̃⁻¹ (L + λI) Y W`` (b). At ``Y = Y_t`` this is :meth:`AttentionEnergy.step`."""
+    ``Y − α D̃⁻¹ (L + λI) Y W`` (b). At ``Y = Y_t`` this is :meth:`AttentionEnergy.step`.
+    """
     _check_preconditioner(preconditioner)
     _, deg, L = _frozen(energy, Y_t)
     G = (L @ Y) / deg.unsqueeze(-1)

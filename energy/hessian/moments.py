@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Unpack
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions, attention_matrix
 

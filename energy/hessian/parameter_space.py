@@ -1,5 +1,6 @@
 """Parameter space and data of the matrix-free operators: named blocks <-> one flat vector (``vec_r`` per block),
-and the checks of ``model``, ``data`` and ``reduction`` run once when an operator is built (MATH §0, §3.7)."""
+and the checks of ``model``, ``data`` and ``reduction`` run once when an operator is built (MATH §0, §3.7).
+"""
 
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ def _resolve_reduction(loss_fn: Callable, reduction: str | None) -> Reduction:
 
 def free_and_fixed(model: nn.Module, space: ParameterSpace) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The detached free parameters of ``space`` (in block order: the ``vmap`` / ``jvp`` pytree structure) and
-    everything held fixed (the other parameters and the buffers), as ``functional_call`` takes them."""
+    everything held fixed (the other parameters and the buffers), as ``functional_call`` takes them.
+    """
     named = dict(model.named_parameters())
     free = {n: named[n].detach() for n in space.names}
     fixed = {n: p.detach() for n, p in named.items() if n not in space.names}

@@ -44,10 +44,9 @@ six blocks take milliseconds, against ``p² ≈ 2.4·10⁹`` entries of the dens
 
 from __future__ import annotations
 
-from typing import Unpack
-
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from energy._validation import EnergyInputError
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions

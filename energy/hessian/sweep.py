@@ -181,7 +181,8 @@ def fit_window(
 @dataclass
 class SweepResult:
     """Raw values ``values[key][i, j]`` at ``sigmas[i]`` and init seed ``seeds[j]``, with mean and standard error
-    over inits (``std / √n_inits``, ``ddof = 1``; NaN for one init)."""
+    over inits (``std / √n_inits``, ``ddof = 1``; NaN for one init).
+    """
 
     sigmas: np.ndarray
     seeds: np.ndarray

@@ -10,10 +10,10 @@ r"""Autograd twins of the attention-layer closed forms: ``torch.func`` derivativ
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Unpack
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from energy._validation import warn_if_not_float64
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions
@@ -24,7 +24,8 @@ __all__ = ["autograd_attention_hessian", "autograd_attention_ggn", "attention_lo
 
 def attention_output(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, **options: Unpack[LayerOptions]) -> Tensor:
     """``F``: :func:`energy.reference.single_head_attention` (softmax) or linear attention, times ``W_O``
-    (:meth:`AttentionLayer.output`; the options are the fields of :class:`AttentionLayer`)."""
+    (:meth:`AttentionLayer.output`; the options are the fields of :class:`AttentionLayer`).
+    """
     return AttentionLayer.from_weights(W_Q, W_K, W_V, **options).output(X)
 
 
@@ -41,7 +42,8 @@ def _flat_twin(
     args: tuple[Tensor | AttentionLayer, ...], options: LayerOptions, routine: str
 ) -> tuple[AttentionLayer, Tensor, Tensor, Tensor | None, Tensor, Callable[[Tensor], AttentionLayer]]:
     """Checked ``(layer, X, Y, mask, θ, layer_at)`` of a twin: ``layer_at(θ)`` is the layer with the weights of the
-    flat vector ``θ`` (``vec_r`` blocks in the order ``Q, K, V[, O]``)."""
+    flat vector ``θ`` (``vec_r`` blocks in the order ``Q, K, V[, O]``).
+    """
     layer, X, Y = as_layer(args, options, routine)
     warn_if_not_float64(layer.W_Q.dtype, routine)
     _, _, mask = layer.check_inputs(X, Y)

@@ -1,5 +1,6 @@
 """Ormaniec et al. (2024) figures, shared part: constants, seeds, the models and data of the protocol, the fast
-scored-position forward, and the dense-Hessian helpers (MATH §3.7)."""
+scored-position forward, and the dense-Hessian helpers (MATH §3.7).
+"""
 
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ class ScoredPositions(nn.Module):
 
 def natural_order(model: GPT2Decoder) -> list[str]:
     """Parameter names in the order of the forward pass: embeddings, then per block ``W_Q, W_K, W_V, W_O``, LayerNorms
-    and MLP, then ``LN_f`` and the unembedding (``named_parameters`` lists the model's own ``W_U, b_U`` first)."""
+    and MLP, then ``LN_f`` and the unembedding (``named_parameters`` lists the model's own ``W_U, b_U`` first).
+    """
     names = [n for n, _ in model.named_parameters()]
     head = [n for n in names if n.startswith(("W_U", "b_U", "ln_f"))]
     return [n for n in names if n not in head] + sorted(head, key=lambda n: not n.startswith("ln_f"))
@@ -130,7 +132,8 @@ def natural_order(model: GPT2Decoder) -> list[str]:
 
 def parameter_groups(model: nn.Module, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """``[{"name", "start", "stop"}]``: where each parameter sits in the flat vector (``order``, default
-    ``named_parameters`` order)."""
+    ``named_parameters`` order).
+    """
     sizes = {n: p.numel() for n, p in model.named_parameters()}
     groups, start = [], 0
     for name in order or list(sizes):
@@ -144,7 +147,8 @@ def dense_loss_hessian(
     *, max_vectors: int = 512,
 ) -> Tensor:
     """The dense loss Hessian over ``params`` (all parameters by default), by Hessian-vector products of the
-    identity (:meth:`energy.hessian.operators.HessianOperator.dense`, column chunks of ``max_vectors``)."""
+    identity (:meth:`energy.hessian.operators.HessianOperator.dense`, column chunks of ``max_vectors``).
+    """
     op = HessianOperator(model, loss_fn, params, [(tokens, targets)], reduction="mean", max_vectors=max_vectors)
     return op.dense()
 

@@ -1,5 +1,6 @@
 """Ormaniec et al. (2024): the σ-sweep machinery of the growth figures — Hutchinson block norms on
-:func:`energy.hessian.sweep.sigma_sweep`, slope fits, curves and the shared plot/summary helpers (MATH §3.6–§3.7)."""
+:func:`energy.hessian.sweep.sigma_sweep`, slope fits, curves and the shared plot/summary helpers (MATH §3.6–§3.7).
+"""
 
 from __future__ import annotations
 

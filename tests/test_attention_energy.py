@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import DT
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from energy.attention import (
 from energy.kernels import CauchyKernel, GaussianKernel, Kernel, PowerKernel
 from energy.reference import attention_weights
 
-DT = torch.float64
 TOL = 1e-10
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.composite import CompositeEnergy
 from energy.ffn import FFNEnergy
 from energy.kernels import CauchyKernel
-
-DT = torch.float64
 
 
 def _composite(gen: torch.Generator, d: int = 4) -> CompositeEnergy:

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import DT
 from torch import nn
 
 from energy._validation import ConstraintError, EnergyInputError, StepSizeWarning
@@ -24,8 +25,6 @@ from unfold.converters import (
     verify_equivalence,
 )
 from unfold.steps import AttentionStep
-
-DT = torch.float64
 
 
 def _energy(gen, h, d, k, orthogonal=False):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _helpers import DT
 from torch import nn
 
 from energy.hessian.estimators import hutchinson_squared_frobenius
@@ -14,7 +15,6 @@ from energy.hessian.operators import GGNOperator, HessianOperator, JacobianOpera
 curvlinops = pytest.importorskip("curvlinops")
 pytestmark = pytest.mark.curvlinops
 
-DT = torch.float64
 
 
 class SequenceCE(nn.Module):

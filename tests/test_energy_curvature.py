@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
@@ -20,7 +21,6 @@ from energy.hessian.energy_curvature import (
 )
 from energy.kernels import CauchyKernel, GaussianKernel, PowerKernel
 
-DT = torch.float64
 KERNELS = [GaussianKernel(), PowerKernel(1.0, 0.1), CauchyKernel()]
 
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import DT
 from torch import nn
 
 from energy._validation import ConstraintError, EnergyInputError, StepSizeError, StepSizeWarning, strict_mode
@@ -15,12 +16,11 @@ from energy.ffn import TiedReLUEnergy
 from energy.reference import multi_head_attention
 
 TOL = 1e-10
-f64 = torch.float64
 
 
 def instance(gen, *, h=2, d=6, k=4, m=7, n=5, B=3, w=1.0, x_scale=1.0, gamma=1.3, eps=1e-5, exclude=True):
     """Random instance with weight entries N(0, w²/d) (bounded weights) and tokens N(0, x_scale²)."""
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=f64)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=DT)
     c = w / math.sqrt(d)
     E = EnergyTransformerEnergy(c * r(h, d, k), c * r(h, d, k), c * r(m, d), ln_gamma=gamma, ln_bias=0.3 * r(d),
                                 eps=eps, exclude_diagonal=exclude)
@@ -40,7 +40,7 @@ def quiet_step(E, x, alpha):
 def test_layernorm_is_gradient_of_lagrangian(gen):
     E, x = instance(gen)
     g = E.normalize(x)
-    ln = nn.LayerNorm(6, eps=E.eps, dtype=f64)
+    ln = nn.LayerNorm(6, eps=E.eps, dtype=DT)
     with torch.no_grad():
         ln.weight.fill_(E.ln_gamma)
         ln.bias.copy_(E.ln_bias)
@@ -54,7 +54,7 @@ def test_layernorm_is_gradient_of_lagrangian(gen):
 @pytest.mark.parametrize("eps", [1e-5, 0.5])
 def test_lagrangian_hessian_is_symmetric_psd_and_matches_autograd(gen, eps):
     E, x = instance(gen, eps=eps)
-    v = torch.randn(x.shape, generator=gen, dtype=f64)
+    v = torch.randn(x.shape, generator=gen, dtype=DT)
     token = x[0, 1]
     J = torch.func.jacrev(lambda t: E.normalize(t[None, None])[0, 0])(token)  # (d, d)
     assert (J - J.T).abs().max() < TOL
@@ -64,7 +64,7 @@ def test_lagrangian_hessian_is_symmetric_psd_and_matches_autograd(gen, eps):
     xc = token - token.mean()
     sig = torch.sqrt(xc.square().mean() + eps)
     assert abs(float(xc @ J @ xc / (xc @ xc)) - E.ln_gamma * eps / sig**3) < 1e-9
-    assert (J @ torch.ones(6, dtype=f64)).abs().max() < TOL
+    assert (J @ torch.ones(6, dtype=DT)).abs().max() < TOL
 
 
 # -------------------------------------------------------------------------------------------------- energy, grads
@@ -72,7 +72,7 @@ def test_lagrangian_hessian_is_symmetric_psd_and_matches_autograd(gen, eps):
 
 def _attention_energy_loops(E, G):
     """E_att written with explicit loops over heads and query tokens (independent of the vectorised code)."""
-    total = torch.zeros(G.shape[:-2], dtype=f64)
+    total = torch.zeros(G.shape[:-2], dtype=DT)
     n = G.shape[-2]
     for h in range(E.W_Q.shape[0]):
         Q, K = G @ E.W_Q[h], G @ E.W_K[h]
@@ -196,27 +196,27 @@ def test_finite_steps_can_increase_the_energy(record_property):
 
 # --------------------------------------------------------------------------------------------------------- bad input
 
-_W = torch.zeros(2, 4, 3, dtype=f64)
-_xi = torch.zeros(5, 4, dtype=f64)
+_W = torch.zeros(2, 4, 3, dtype=DT)
+_xi = torch.zeros(5, 4, dtype=DT)
 
 
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: EnergyTransformerEnergy(_W, _W, _xi, ln_gamma=torch.ones(4, dtype=f64)), EnergyInputError,
+        (lambda: EnergyTransformerEnergy(_W, _W, _xi, ln_gamma=torch.ones(4, dtype=DT)), EnergyInputError,
          "scalar"),
         (lambda: EnergyTransformerEnergy(_W, _W, _xi, ln_gamma=-1.0), ConstraintError, "> 0"),
         (lambda: EnergyTransformerEnergy(_W, _W, _xi, beta=0.0), EnergyInputError, "beta"),
         (lambda: EnergyTransformerEnergy(_W, _W, _xi, eps=-1e-3), EnergyInputError, "eps"),
-        (lambda: EnergyTransformerEnergy(_W, torch.zeros(2, 4, 2, dtype=f64), _xi), EnergyInputError, "W_K"),
+        (lambda: EnergyTransformerEnergy(_W, torch.zeros(2, 4, 2, dtype=DT), _xi), EnergyInputError, "W_K"),
         (lambda: EnergyTransformerEnergy(_W[0], _W[0], _xi), EnergyInputError, "W_Q"),
-        (lambda: EnergyTransformerEnergy(_W, _W, torch.zeros(5, 3, dtype=f64)), EnergyInputError, "xi"),
-        (lambda: EnergyTransformerEnergy(_W, _W, _xi, ln_bias=torch.zeros(3, dtype=f64)), EnergyInputError,
+        (lambda: EnergyTransformerEnergy(_W, _W, torch.zeros(5, 3, dtype=DT)), EnergyInputError, "xi"),
+        (lambda: EnergyTransformerEnergy(_W, _W, _xi, ln_bias=torch.zeros(3, dtype=DT)), EnergyInputError,
          "ln_bias"),
         (lambda: EnergyTransformerEnergy(_W, _W, _xi.float()), EnergyInputError, "mixed dtypes"),
-        (lambda: EnergyTransformerEnergy(_W, _W, _xi).energy(torch.ones(2, 1, 4, dtype=f64)), EnergyInputError,
+        (lambda: EnergyTransformerEnergy(_W, _W, _xi).energy(torch.ones(2, 1, 4, dtype=DT)), EnergyInputError,
          "exclude_diagonal"),
-        (lambda: EnergyTransformerEnergy(_W, _W, _xi).energy(torch.ones(2, 3, 5, dtype=f64)), EnergyInputError,
+        (lambda: EnergyTransformerEnergy(_W, _W, _xi).energy(torch.ones(2, 3, 5, dtype=DT)), EnergyInputError,
          "`x`"),
         (lambda: EnergyTransformerEnergy(_W, _W, _xi).grad_g(torch.ones(3, 4)), EnergyInputError, "`G`"),
     ],

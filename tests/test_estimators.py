@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import DT
 from scipy.sparse.linalg import LinearOperator as ScipyOp
 from scipy.sparse.linalg import eigsh
 from torch import nn
@@ -20,8 +21,6 @@ from energy.hessian.estimators import (
     slq_density,
 )
 from energy.hessian.operators import HessianOperator
-
-DT = torch.float64
 
 
 def _sym(n: int, gen: torch.Generator, *, decay: float = 0.0) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _helpers import DT, randn
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -14,17 +15,12 @@ from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.reference import feed_forward
 
 TOL = 1e-10
-f64 = torch.float64
-
-
-def randn(*shape, gen):
-    return torch.randn(*shape, generator=gen, dtype=f64)
 
 
 def sym_with_spectrum(d, lo, hi, gen):
     """Random symmetric matrix with eigenvalues drawn uniformly in [lo, hi]."""
     Q, _ = torch.linalg.qr(randn(d, d, gen=gen))
-    lam = lo + (hi - lo) * torch.rand(d, generator=gen, dtype=f64)
+    lam = lo + (hi - lo) * torch.rand(d, generator=gen, dtype=DT)
     return (Q * lam) @ Q.T
 
 
@@ -45,7 +41,7 @@ def test_ffn_grad_matches_autograd_and_step_is_linear_ffn(gen):
     expected = (1 - alpha) * Y - alpha * Y @ E.W_f + alpha * E.b  # MATH §1.3 closed form of the step
     assert (E.step(Y, alpha) - expected).abs().max() < TOL
     # the same step is a reference FFN with linear activation: X (I - α(I + W_f)) + α 1bᵀ
-    eye = torch.eye(5, dtype=f64)
+    eye = torch.eye(5, dtype=DT)
     ref = feed_forward(Y, eye, None, eye - alpha * (eye + E.W_f), alpha * E.b, activation=None)
     assert (E.step(Y, alpha) - ref).abs().max() < TOL
 
@@ -70,8 +66,8 @@ def test_ffn_step_descends_inside_range(seed, frac):
 
 def test_ffn_step_beyond_range_increases_energy(gen):
     E = ffn_instance(gen, d=5, lo=0.0, hi=1.5)
-    lam, V = torch.linalg.eigh(torch.eye(5, dtype=f64) + E.W_f)
-    Y_star = torch.linalg.solve(torch.eye(5, dtype=f64) + E.W_f, E.b)  # minimiser row (symmetric H)
+    lam, V = torch.linalg.eigh(torch.eye(5, dtype=DT) + E.W_f)
+    Y_star = torch.linalg.solve(torch.eye(5, dtype=DT) + E.W_f, E.b)  # minimiser row (symmetric H)
     # displacement along the top eigenvector: gradient = λ_max c v_maxᵀ, exact energy change > 0 iff α > 2/λ_max
     Y = Y_star + randn(6, 1, gen=gen) * V[:, -1]
     alpha = 1.1 * E.step_range().high
@@ -88,10 +84,10 @@ def test_ffn_step_beyond_range_increases_energy(gen):
 
 
 def test_ffn_strict_mode_raises():
-    E = FFNEnergy(torch.zeros(3, 3, dtype=f64), torch.zeros(3, dtype=f64))
+    E = FFNEnergy(torch.zeros(3, 3, dtype=DT), torch.zeros(3, dtype=DT))
     assert E.step_range().high == pytest.approx(2.0)
     with strict_mode(), pytest.raises(StepSizeError):
-        E.step(torch.zeros(2, 3, dtype=f64), 2.0)
+        E.step(torch.zeros(2, 3, dtype=DT), 2.0)
 
 
 @given(seed=st.integers(0, 2**20), frac=st.floats(0.01, 0.999))
@@ -115,10 +111,10 @@ def test_projected_step_is_relu_of_step_and_constrained_energy(gen):
 
 
 def test_ffn_unbounded_energy_rejected_or_allowed(gen):
-    W_f = -2.0 * torch.eye(3, dtype=f64)
+    W_f = -2.0 * torch.eye(3, dtype=DT)
     with pytest.raises(ConstraintError, match="unbounded below"):
-        FFNEnergy(W_f, torch.zeros(3, dtype=f64))
-    E = FFNEnergy(W_f, torch.zeros(3, dtype=f64), allow_unbounded=True)
+        FFNEnergy(W_f, torch.zeros(3, dtype=DT))
+    E = FFNEnergy(W_f, torch.zeros(3, dtype=DT), allow_unbounded=True)
     assert math.isinf(E.step_range().high)  # concave: every step descends (towards -inf)
     Y = randn(4, 3, gen=gen)
     assert E.energy(E.step(Y, 5.0)) < E.energy(Y)
@@ -159,24 +155,24 @@ def test_tied_relu_descends_for_every_alpha(seed, log_alpha):
 
 # --------------------------------------------------------------------------------------------------------- bad input
 
-_Z3 = torch.zeros(3, 3, dtype=f64)
+_Z3 = torch.zeros(3, 3, dtype=DT)
 
 
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda: FFNEnergy(torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=f64), torch.zeros(2, dtype=f64)),
+        (lambda: FFNEnergy(torch.tensor([[0.0, 1.0], [0.0, 0.0]], dtype=DT), torch.zeros(2, dtype=DT)),
          ConstraintError, "symmetric"),
-        (lambda: FFNEnergy(_Z3, torch.zeros(4, dtype=f64)), EnergyInputError, "`b`"),
+        (lambda: FFNEnergy(_Z3, torch.zeros(4, dtype=DT)), EnergyInputError, "`b`"),
         (lambda: FFNEnergy(_Z3, torch.zeros(3)), EnergyInputError, "mixed dtypes"),
         (lambda: FFNEnergy(torch.zeros(3, 3, dtype=torch.long), torch.zeros(3)), EnergyInputError, "floating"),
-        (lambda: FFNEnergy(_Z3, torch.zeros(3, dtype=f64)).energy(torch.zeros(2, 4, dtype=f64)), EnergyInputError,
+        (lambda: FFNEnergy(_Z3, torch.zeros(3, dtype=DT)).energy(torch.zeros(2, 4, dtype=DT)), EnergyInputError,
          "`Y`"),
-        (lambda: FFNEnergy(_Z3, torch.zeros(3, dtype=f64)).grad(torch.zeros(2, 3)), EnergyInputError, "dtype"),
-        (lambda: FFNEnergy(_Z3, torch.zeros(3, dtype=f64)).step(torch.zeros(2, 3, dtype=f64), float("nan")),
+        (lambda: FFNEnergy(_Z3, torch.zeros(3, dtype=DT)).grad(torch.zeros(2, 3)), EnergyInputError, "dtype"),
+        (lambda: FFNEnergy(_Z3, torch.zeros(3, dtype=DT)).step(torch.zeros(2, 3, dtype=DT), float("nan")),
          EnergyInputError, "alpha"),
-        (lambda: TiedReLUEnergy(torch.zeros(3, 4, dtype=f64), torch.zeros(3, dtype=f64)), EnergyInputError, "`b`"),
-        (lambda: TiedReLUEnergy(torch.zeros(3, 4, dtype=f64)).grad(torch.full((2, 3), math.nan, dtype=f64)),
+        (lambda: TiedReLUEnergy(torch.zeros(3, 4, dtype=DT), torch.zeros(3, dtype=DT)), EnergyInputError, "`b`"),
+        (lambda: TiedReLUEnergy(torch.zeros(3, 4, dtype=DT)).grad(torch.full((2, 3), math.nan, dtype=DT)),
          EnergyInputError, "NaN"),
     ],
 )

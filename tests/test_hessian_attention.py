@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError
 from energy.hessian.attention import (
@@ -24,7 +25,6 @@ from energy.hessian.attention import (
     qk_hessian_blocks,
 )
 
-DT = torch.float64
 TOL = 1e-10
 
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError
 from energy.attention import AttentionEnergy, metric, softmax_beta
@@ -19,7 +20,6 @@ from energy.hessian.energy_layer import (
 )
 from energy.reference import attention_weights
 
-DT = torch.float64
 SHAPES = [(None, 5, 3, 4), (2, 4, 3, 2), (3, 5, 4, 3)]
 VARIANTS = [
     {},

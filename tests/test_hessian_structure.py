@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError
 from energy.hessian.attention import (
@@ -24,7 +25,6 @@ from energy.hessian.structure import (
     hessian_frobenius_norms,
 )
 
-DT = torch.float64
 SHAPES = [(None, 5, 3, 4), (2, 4, 3, 5), (3, 5, 4, 2)]
 VARIANTS = [{}, {"reduction": "mean"}, {"causal": True}, {"linear": True}]
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _helpers import DT, randn
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -15,11 +16,6 @@ from energy.hopfield import HopfieldEnergy
 from energy.reference import multi_head_attention
 
 TOL = 1e-10
-f64 = torch.float64
-
-
-def randn(*shape, gen):
-    return torch.randn(*shape, generator=gen, dtype=f64)
 
 
 def test_energy_formula_and_grad(gen):
@@ -108,13 +104,13 @@ def test_update_equals_cross_attention(gen):
     assert (H.weights(R @ W_Q) @ (Yk @ W_V) - ref_v).abs().max() < TOL
 
     # nn.MultiheadAttention (query dim = embed dim = k): scale β via q_proj ← β√k · W_Qᵀ, v_proj = k_proj, W_O = I
-    m = nn.MultiheadAttention(k, 1, batch_first=True, kdim=d_y, vdim=d_y, dtype=f64).eval()
+    m = nn.MultiheadAttention(k, 1, batch_first=True, kdim=d_y, vdim=d_y, dtype=DT).eval()
     with torch.no_grad():
         m.q_proj_weight.copy_(beta * math.sqrt(k) * W_Q.T)
         m.k_proj_weight.copy_(W_K.T)
         m.v_proj_weight.copy_(W_K.T)
         m.in_proj_bias.zero_()
-        m.out_proj.weight.copy_(torch.eye(k, dtype=f64))
+        m.out_proj.weight.copy_(torch.eye(k, dtype=DT))
         m.out_proj.bias.zero_()
     out, _ = m(R, Yk, Yk, need_weights=False)
     assert (H.step(R @ W_Q) - out).abs().max() < TOL
@@ -123,13 +119,13 @@ def test_update_equals_cross_attention(gen):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: HopfieldEnergy(torch.zeros(3, dtype=f64), 1.0), "`X`"),
-        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=f64), 0.0), "beta"),
-        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=f64), float("inf")), "beta"),
-        (lambda: HopfieldEnergy(torch.zeros(0, 2, dtype=f64), 1.0), "at least one pattern"),
-        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=f64), 1.0).energy(torch.zeros(3, dtype=f64)), "`xi`"),
-        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=f64), 1.0).step(torch.zeros(2)), "dtype"),
-        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=f64), 1.0).step(torch.zeros(2, dtype=f64), math.nan),
+        (lambda: HopfieldEnergy(torch.zeros(3, dtype=DT), 1.0), "`X`"),
+        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=DT), 0.0), "beta"),
+        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=DT), float("inf")), "beta"),
+        (lambda: HopfieldEnergy(torch.zeros(0, 2, dtype=DT), 1.0), "at least one pattern"),
+        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=DT), 1.0).energy(torch.zeros(3, dtype=DT)), "`xi`"),
+        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=DT), 1.0).step(torch.zeros(2)), "dtype"),
+        (lambda: HopfieldEnergy(torch.zeros(3, 2, dtype=DT), 1.0).step(torch.zeros(2, dtype=DT), math.nan),
          "alpha"),
     ],
 )

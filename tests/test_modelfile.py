@@ -9,6 +9,7 @@ import stat
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import DT
 
 from energy._io import default_file_mode
 from unfold.modelfile import (
@@ -23,8 +24,6 @@ from unfold.modelfile import (
 from unfold.presets import yang2022
 from unfold.standard import standard_encoder
 from unfold.train import load_checkpoint, save_checkpoint, train
-
-DT = torch.float64
 
 
 def _model(seed: int = 0):

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import DT
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,7 +22,6 @@ from energy.attention import (
 )
 from energy.kernels import CauchyKernel, GaussianKernel, Kernel, PowerKernel
 
-DT = torch.float64
 TOL = 1e-10
 KERNELS = [GaussianKernel(), PowerKernel(1.0, 0.2), CauchyKernel()]
 KIDS = [repr(k) for k in KERNELS]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import DT, randn
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -22,11 +23,6 @@ from energy.normalization import (
 from energy.reference import attention_weights, layer_norm, rms_norm
 
 TOL = 1e-10
-f64 = torch.float64
-
-
-def randn(*shape, gen):
-    return torch.randn(*shape, generator=gen, dtype=f64)
 
 
 # ------------------------------------------------------------------------------------ equivalence with torch modules
@@ -35,7 +31,7 @@ def randn(*shape, gen):
 def test_layernorm_projection_is_nn_layernorm_at_eps0(gen):
     Y = 3 * randn(2, 5, 7, gen=gen) + 1.0
     P = layernorm_projection(Y)
-    ln = nn.LayerNorm(7, eps=0.0, elementwise_affine=False, dtype=f64)
+    ln = nn.LayerNorm(7, eps=0.0, elementwise_affine=False, dtype=DT)
     assert (P - ln(Y)).abs().max() < TOL
     assert (P.sum(-1)).abs().max() < TOL
     assert (P.norm(dim=-1) - math.sqrt(7)).abs().max() < TOL
@@ -46,7 +42,7 @@ def test_layernorm_projection_is_nn_layernorm_at_eps0(gen):
 def test_rmsnorm_projection_is_nn_rmsnorm_at_eps0(gen):
     Y = randn(3, 4, 6, gen=gen)
     P = rmsnorm_projection(Y)
-    rn = nn.RMSNorm(6, eps=0.0, elementwise_affine=False, dtype=f64)
+    rn = nn.RMSNorm(6, eps=0.0, elementwise_affine=False, dtype=DT)
     assert (P - rn(Y)).abs().max() < TOL
     assert (P.norm(dim=-1) - math.sqrt(6)).abs().max() < TOL
     assert (RMSNormProjection()(Y) - P).abs().max() < TOL
@@ -88,7 +84,7 @@ def test_layernorm_projection_is_closest_point(seed, d, shift):
     assert ((Z - y).norm(dim=-1) >= (p - y).norm() - 1e-9).all()
     assert ((near - y).norm(dim=-1) >= (p - y).norm() - 1e-9).all()
     # (ii) first-order optimality: y − p lies in the normal space span{1, p} of the centred sphere at p
-    N = torch.stack([torch.ones(d, dtype=f64), p], dim=1)
+    N = torch.stack([torch.ones(d, dtype=DT), p], dim=1)
     coef = torch.linalg.lstsq(N, y - p).solution
     assert (N @ coef - (y - p)).abs().max() < 1e-9
 
@@ -111,9 +107,9 @@ def test_projection_is_idempotent_and_rejects_constant_tokens(gen):
     P = layernorm_projection(Y)
     assert (layernorm_projection(P) - P).abs().max() < TOL
     with pytest.raises(EnergyInputError, match="not unique"):
-        layernorm_projection(torch.ones(2, 4, dtype=f64))
+        layernorm_projection(torch.ones(2, 4, dtype=DT))
     with pytest.raises(EnergyInputError, match="not unique"):
-        rmsnorm_projection(torch.zeros(2, 4, dtype=f64))
+        rmsnorm_projection(torch.zeros(2, 4, dtype=DT))
     with pytest.raises(EnergyInputError, match="floating"):
         layernorm_projection(torch.ones(2, 4, dtype=torch.int64))
     # the indicator: 0 on the set, inf off it (per batch element of (…, n, d) tokens)
@@ -127,8 +123,8 @@ def test_projected_step_is_not_monotone_in_general():
     E(y) = ½‖y − c‖² with c just inside the circle next to y: a long (but descending, α < 2) gradient step
     overshoots past the origin, and the radial projection sends it to the far side of the circle.
     """
-    c = torch.tensor([0.0, 0.1], dtype=f64)
-    y = torch.tensor([0.0, math.sqrt(2.0)], dtype=f64)  # on the circle of radius √2 (d = 2)
+    c = torch.tensor([0.0, 0.1], dtype=DT)
+    y = torch.tensor([0.0, math.sqrt(2.0)], dtype=DT)  # on the circle of radius √2 (d = 2)
     E = lambda v: 0.5 * (v - c).square().sum()
     step = y - 1.9 * (y - c)  # α = 1.9 < 2 = 2/L: the unprojected step descends
     assert E(step) < E(y)
@@ -200,7 +196,7 @@ def test_absorb_with_energy_attention_module(gen):
 def test_plain_softmax_equals_softmax_beta_after_projection(gen):
     n, d = 7, 6
     X = randn(2, n, d, gen=gen)
-    W = 0.3 * torch.eye(d, dtype=f64)
+    W = 0.3 * torch.eye(d, dtype=DT)
     for project in (layernorm_projection, rmsnorm_projection):
         Y = project(X)
         plain = attention_weights(Y @ W, Y, scale=1.0)
@@ -212,7 +208,7 @@ def test_plain_softmax_equals_softmax_beta_after_projection(gen):
 def test_energy_attention_softmax_beta_is_plain_softmax_after_projection(gen):
     attention = pytest.importorskip("energy.attention")
     X = randn(3, 5, 4, gen=gen)
-    W = attention.metric(torch.eye(4, dtype=f64))  # W ∝ I (scale 1/√k)
+    W = attention.metric(torch.eye(4, dtype=DT))  # W ∝ I (scale 1/√k)
     Y = layernorm_projection(X)
     assert (attention.softmax_beta(Y, W) - torch.softmax(Y @ W @ Y.transpose(-1, -2), dim=-1)).abs().max() < TOL
 
@@ -220,10 +216,10 @@ def test_energy_attention_softmax_beta_is_plain_softmax_after_projection(gen):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: absorb_layernorm_affine(torch.zeros(3, 4, dtype=f64), torch.ones(3, dtype=f64)), "square"),
-        (lambda: absorb_layernorm_affine(torch.zeros(3, 3, dtype=f64), torch.ones(4, dtype=f64)), "gamma"),
-        (lambda: absorb_layernorm_affine(torch.zeros(3, 3, dtype=f64), torch.ones(3)), "mixed dtypes"),
-        (lambda: rmsnorm_projection(torch.tensor([1.0, float("inf")], dtype=f64)), "NaN or inf"),
+        (lambda: absorb_layernorm_affine(torch.zeros(3, 4, dtype=DT), torch.ones(3, dtype=DT)), "square"),
+        (lambda: absorb_layernorm_affine(torch.zeros(3, 3, dtype=DT), torch.ones(4, dtype=DT)), "gamma"),
+        (lambda: absorb_layernorm_affine(torch.zeros(3, 3, dtype=DT), torch.ones(3)), "mixed dtypes"),
+        (lambda: rmsnorm_projection(torch.tensor([1.0, float("inf")], dtype=DT)), "NaN or inf"),
     ],
 )
 def test_bad_input(call, match):

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _helpers import DT
 from torch import nn
 from torch.func import functional_call
 
@@ -22,8 +23,6 @@ from energy.hessian.operators import (
     dense_ggn_reference,
     dense_hessian_reference,
 )
-
-DT = torch.float64
 
 
 class TinyAttention(nn.Module):

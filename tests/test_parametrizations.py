@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from _helpers import DT
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -20,8 +21,6 @@ from unfold.parametrizations import (
     check_constraints,
     constraints_of,
 )
-
-DT = torch.float64
 
 
 def _holder(name: str, value: torch.Tensor) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError
 from energy.attention import softmax_beta
@@ -16,8 +17,6 @@ from unfold.presets import (
     yang2022,
 )
 from unfold.unroller import load_model, save_model
-
-DT = torch.float64
 
 
 def test_yang2022_structure():

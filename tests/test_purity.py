@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from _helpers import DT
 from torch import Tensor
 from torch.func import functional_call, grad, hessian, jvp, linearize, vjp, vmap
 
@@ -59,7 +60,6 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:There is a performance drop:UserWarning",  # vmap's fallback for the flash-attention op
 )
 
-DT = torch.float64
 B, N, D = 2, 3, 4
 TRANSFORMS = ["grad", "vjp", "jvp", "linearize", "vmap", "hessian"]
 FORWARD_MODE = {"jvp", "linearize", "hessian"}

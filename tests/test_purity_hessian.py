@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import DT
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, jvp, linearize, vjp, vmap
 
@@ -42,7 +43,6 @@ from energy.hessian import (
 from energy.hessian.operators import ParameterSpace
 from unfold.standard import GPT2Config, GPT2Decoder
 
-DT = torch.float64
 VOCAB = 12
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import DT, randn
 from torch import nn
 
 from energy._validation import EnergyInputError
@@ -20,11 +21,6 @@ from energy.reference import (
 )
 
 TOL = 1e-10
-f64 = torch.float64
-
-
-def randn(*shape, gen):
-    return torch.randn(*shape, generator=gen, dtype=f64)
 
 
 def mha_weights(m: nn.MultiheadAttention) -> dict:
@@ -40,7 +36,7 @@ def mha_weights(m: nn.MultiheadAttention) -> dict:
 
 def make_mha(E, heads, gen, kdim=None):
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    m = nn.MultiheadAttention(E, heads, batch_first=True, kdim=kdim, vdim=kdim, dtype=f64).eval()
+    m = nn.MultiheadAttention(E, heads, batch_first=True, kdim=kdim, vdim=kdim, dtype=DT).eval()
     with torch.no_grad():  # non-zero biases (the module initialises them to 0)
         m.in_proj_bias.normal_()
         m.out_proj.bias.normal_()
@@ -99,7 +95,7 @@ def test_mha_float_key_padding_mask_with_causal(gen):
     X = randn(B, n, E, gen=gen)
     pad = torch.zeros(B, n, dtype=torch.bool)
     pad[1, -1] = True
-    additive = torch.zeros(B, 1, n, dtype=f64).masked_fill(pad[:, None, :], float("-inf"))
+    additive = torch.zeros(B, 1, n, dtype=DT).masked_fill(pad[:, None, :], float("-inf"))
     ref, _ = m(X, X, X, key_padding_mask=pad, attn_mask=~causal_mask(n), need_weights=False)
     out = multi_head_attention(X, X, **mha_weights(m), mask=additive, causal=True)
     assert (out - ref).abs().max() < TOL
@@ -142,7 +138,7 @@ def test_single_head_special_case_and_attention_weights_key_bias(gen):
     assert (out - single_head_attention(X, W_Q, W_K, W_V)).abs().max() < TOL
     beta = randn(2, 5, gen=gen)
     A = attention_weights(X @ W_Q, X @ W_K, key_bias=beta)
-    ref = F.scaled_dot_product_attention((X @ W_Q)[:, None], (X @ W_K)[:, None], torch.eye(5, dtype=f64),
+    ref = F.scaled_dot_product_attention((X @ W_Q)[:, None], (X @ W_K)[:, None], torch.eye(5, dtype=DT),
                                          attn_mask=beta[:, None, None, :])[:, 0]
     assert (A - ref).abs().max() < TOL
 
@@ -189,7 +185,7 @@ def test_feed_forward_matches_sequential(gen, activation):
     d, m, d_out = 5, 7, 3
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     act = {"relu": nn.ReLU(), "gelu": nn.GELU(), None: nn.Identity()}[activation]
-    net = nn.Sequential(nn.Linear(d, m, dtype=f64), act, nn.Linear(m, d_out, dtype=f64))
+    net = nn.Sequential(nn.Linear(d, m, dtype=DT), act, nn.Linear(m, d_out, dtype=DT))
     X = randn(2, 4, d, gen=gen)
     out = feed_forward(X, net[0].weight.detach().T, net[0].bias.detach(), net[2].weight.detach().T,
                        net[2].bias.detach(), activation=activation)
@@ -199,7 +195,7 @@ def test_feed_forward_matches_sequential(gen, activation):
 @pytest.mark.parametrize("eps", [1e-5, 0.3])
 def test_layer_norm_matches_nn_layernorm(gen, eps):
     d = 7
-    ln = nn.LayerNorm(d, eps=eps, dtype=f64)
+    ln = nn.LayerNorm(d, eps=eps, dtype=DT)
     with torch.no_grad():
         ln.weight.normal_(generator=gen)
         ln.bias.normal_(generator=gen)
@@ -211,7 +207,7 @@ def test_layer_norm_matches_nn_layernorm(gen, eps):
 @pytest.mark.parametrize("eps", [None, 1e-3])
 def test_rms_norm_matches_nn_rmsnorm(gen, eps):
     d = 6
-    rn = nn.RMSNorm(d, eps=eps, dtype=f64)
+    rn = nn.RMSNorm(d, eps=eps, dtype=DT)
     with torch.no_grad():
         rn.weight.normal_(generator=gen)
     X = randn(2, 5, d, gen=gen)
@@ -220,23 +216,23 @@ def test_rms_norm_matches_nn_rmsnorm(gen, eps):
 
 # --------------------------------------------------------------------------------------------------------- bad input
 
-_X = torch.zeros(2, 4, 6, dtype=f64)
-_W = torch.zeros(6, 6, dtype=f64)
+_X = torch.zeros(2, 4, 6, dtype=DT)
+_W = torch.zeros(6, 6, dtype=DT)
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=4), "not divisible by num_heads"),
-        (lambda: multi_head_attention(_X, _X, _W, _W, torch.zeros(6, 9, dtype=f64), num_heads=2), "W_V"),
-        (lambda: multi_head_attention(_X, _X, _W, torch.zeros(6, 4, dtype=f64), _W, num_heads=2), "W_K"),
-        (lambda: multi_head_attention(_X, _X, torch.zeros(5, 6, dtype=f64), _W, _W, num_heads=2), "W_Q"),
+        (lambda: multi_head_attention(_X, _X, _W, _W, torch.zeros(6, 9, dtype=DT), num_heads=2), "W_V"),
+        (lambda: multi_head_attention(_X, _X, _W, torch.zeros(6, 4, dtype=DT), _W, num_heads=2), "W_K"),
+        (lambda: multi_head_attention(_X, _X, torch.zeros(5, 6, dtype=DT), _W, _W, num_heads=2), "W_Q"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=0), "num_heads"),
-        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, b_O=torch.zeros(6, dtype=f64)), "b_O"),
-        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, b_Q=torch.zeros(5, dtype=f64)), "b_Q"),
+        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, b_O=torch.zeros(6, dtype=DT)), "b_O"),
+        (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, b_Q=torch.zeros(5, dtype=DT)), "b_Q"),
         (lambda: multi_head_attention(_X, _X, _W.float(), _W, _W, num_heads=2), "mixed dtypes"),
         (lambda: multi_head_attention(_X.long(), _X, _W, _W, _W, num_heads=2), "floating-point"),
-        (lambda: multi_head_attention(_X, torch.zeros(3, 4, 6, dtype=f64), _W, _W, _W, num_heads=2), "broadcast"),
+        (lambda: multi_head_attention(_X, torch.zeros(3, 4, 6, dtype=DT), _W, _W, _W, num_heads=2), "broadcast"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.ones(5, 5, dtype=torch.bool)),
          "does not broadcast"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.ones(3, 2, 4, 4, dtype=torch.bool)),
@@ -246,11 +242,11 @@ _W = torch.zeros(6, 6, dtype=f64)
         (lambda: multi_head_attention(_X * float("nan"), _X, _W, _W, _W, num_heads=2), "NaN"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, scale=float("inf")), "scale"),
         (lambda: multi_head_attention(_X, _X, _W, _W, _W, num_heads=2, causal="yes"), "causal"),
-        (lambda: linear_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.zeros(4, 4, dtype=f64)), "boolean"),
+        (lambda: linear_attention(_X, _X, _W, _W, _W, num_heads=2, mask=torch.zeros(4, 4, dtype=DT)), "boolean"),
         (lambda: feed_forward(_X, _W, None, _W, None, activation="tanh"), "activation"),
-        (lambda: feed_forward(_X, torch.zeros(5, 3, dtype=f64), None, _W, None), "W_1"),
-        (lambda: feed_forward(_X, _W, torch.zeros(5, dtype=f64), _W, None), "b_1"),
-        (lambda: layer_norm(_X, torch.zeros(5, dtype=f64)), "weight"),
+        (lambda: feed_forward(_X, torch.zeros(5, 3, dtype=DT), None, _W, None), "W_1"),
+        (lambda: feed_forward(_X, _W, torch.zeros(5, dtype=DT), _W, None), "b_1"),
+        (lambda: layer_norm(_X, torch.zeros(5, dtype=DT)), "weight"),
         (lambda: layer_norm(_X, eps=-1.0), "eps"),
         (lambda: rms_norm(_X, eps=float("nan")), "eps"),
     ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import DT
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -15,8 +16,6 @@ from energy._validation import EnergyInputError
 from tests._transforms import check_transforms
 from unfold.data import addition_batch, addition_loss, addition_mse_loss
 from unfold.standard import GPT2Config, GPT2Decoder, MLPBaseline, standard_encoder
-
-DT = torch.float64
 
 
 def _model(gen: torch.Generator, **kw) -> GPT2Decoder:

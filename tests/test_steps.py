@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import DT
 
 from energy._validation import EnergyInputError, StepSizeWarning
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, metric, softmax_beta
@@ -26,7 +27,6 @@ from unfold.steps import (
     TiedReLUFFNStep,
 )
 
-DT = torch.float64
 TOL = dict(rtol=0, atol=1e-12)
 
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import DT
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from unfold.parametrizations import SpectrumClip
 from unfold.steps import AttentionStep, FFNStep
 from unfold.unroller import Unrolled, unroll
 
-DT = torch.float64
 TOL = dict(rtol=0, atol=1e-11)
 
 

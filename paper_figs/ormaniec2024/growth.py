@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from paper_figs.ormaniec2024.common import (
 from paper_figs.ormaniec2024.sweep import (
     _SINGLE_TARGETS,
     _SOFTMAX_GUIDES,
+    _add_free_slope,
     _curve,
     _gpt2_blocks,
     _gpt2_growth,
@@ -39,6 +41,14 @@ from paper_figs.ormaniec2024.sweep import (
 from paper_figs.registry import FigureConfig, figure, measured
 from unfold.data import addition_mse_loss
 from unfold.standard import GPT2Config, MLPBaseline
+
+
+def _one_layer_growth(cfg: FigureConfig, sizes: dict[str, int], desc: str, label: str, key: str,
+                      guides: Mapping[str, Mapping[str, float | None]], **config_kw: Any) -> dict[str, Any]:
+    """σ-sweep of a one-layer GPT-2 (``config_kw`` to :class:`GPT2Config`): the sweep's metadata and one series."""
+    sweep, meta = _gpt2_growth(cfg, sizes, 1, desc, **config_kw)
+    series = [{"label": label, "key": key, "curves": _split_layers(sweep, [0])[0]["curves"], "guides": guides}]
+    return {**meta, "series": series}
 
 
 @figure(
@@ -59,10 +69,7 @@ from unfold.standard import GPT2Config, MLPBaseline
 def compute_growth_single(cfg: FigureConfig) -> dict[str, Any]:
     sizes = _sizes(cfg, width=(8, 128, 128), batch=(4, 64, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 10, 20))
-    sweep, meta = _gpt2_growth(cfg, sizes, 1, "growth-single")
-    series = [{"label": "layer 1", "key": "L1", "curves": _split_layers(sweep, [0])[0]["curves"],
-               "guides": _SOFTMAX_GUIDES}]
-    return {**meta, "series": series}
+    return _one_layer_growth(cfg, sizes, "growth-single", "layer 1", "L1", _SOFTMAX_GUIDES)
 
 
 @compute_growth_single.plot
@@ -114,12 +121,8 @@ def summarize_growth_depth(data: dict) -> dict[str, Any]:
     out = _growth_summary(data, _SINGLE_TARGETS, 0.15,
                           "small-σ slope of this layer vs the single-layer rate of MATH §3.6")
     for s in data["series"]:
-        cur = s["curves"]["V"]["H_f"]
-        if math.isfinite(cur["slope"]):
-            out[f"slope_V_H_f_{s['key']}"] = measured(
-                cur["slope"], uncertainty=cur["slope_se"],
-                note="H_f(V,V) of a lower layer (its W_V reaches the later softmaxes); 0 in the single-layer table",
-            )
+        _add_free_slope(out, f"slope_V_H_f_{s['key']}", s["curves"]["V"]["H_f"],
+                        "H_f(V,V) of a lower layer (its W_V reaches the later softmaxes); 0 in the single-layer table")
     return out
 
 
@@ -141,10 +144,8 @@ def summarize_growth_depth(data: dict) -> dict[str, Any]:
 def compute_growth_preln(cfg: FigureConfig) -> dict[str, Any]:
     sizes = _sizes(cfg, width=(8, 64, 128), batch=(4, 32, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 10, 20))
-    sweep, meta = _gpt2_growth(cfg, sizes, 1, "growth-preln", layernorm="pre")
     flat = {b: {"H_o": 0, "H_f": 0, "H": 0} for b in ("V", "Q")}
-    series = [{"label": "Pre-LN", "key": "preLN", "curves": _split_layers(sweep, [0])[0]["curves"], "guides": flat}]
-    return {**meta, "series": series}
+    return _one_layer_growth(cfg, sizes, "growth-preln", "Pre-LN", "preLN", flat, layernorm="pre")
 
 
 @compute_growth_preln.plot
@@ -236,13 +237,9 @@ def summarize_growth_linear_depth(data: dict) -> dict[str, Any]:
         p = 2 * 3 ** s["depth"]
         out.update(_growth_summary(data, {"V": {"H_o": p}, "Q": {"H_o": p}}, 0.05,
                                    f"H_o slope, {s['depth']} layer(s): theory 2·3ⁿ (±5%)", series=[k], relative=True))
-        for block in ("V", "Q"):
-            cur = s["curves"][block]["H_f"]
-            if math.isfinite(cur["slope"]):  # n = 1: the diagonal blocks are block-hollow (H_f ≡ 0, MATH §3.6)
-                out[f"slope_{block}_H_f_n{s['depth']}"] = measured(
-                    cur["slope"], uncertainty=cur["slope_se"],
-                    note="H_f = Σ δ·∇²z with δ → −(one-hot) = O(1) and z of degree 3ⁿ in X: expected 3ⁿ",
-                )
+        for block in ("V", "Q"):  # n = 1: the diagonal blocks are block-hollow (H_f ≡ 0, MATH §3.6), no slope
+            _add_free_slope(out, f"slope_{block}_H_f_n{s['depth']}", s["curves"][block]["H_f"],
+                            "H_f = Σ δ·∇²z with δ → −(one-hot) = O(1) and z of degree 3ⁿ in X: expected 3ⁿ")
     return out
 
 

@@ -213,6 +213,15 @@ def _plot_grid(data: dict, title: str, *, blocks: Sequence[str] = ("V", "Q"),
     return fig
 
 
+def _add_free_slope(out: dict[str, Any], key: str, cur: Mapping[str, Any], note: str) -> None:
+    """Record a curve's fitted small-σ slope (± its SE, no target) as ``out[key]``, when the fit is finite.
+
+    A non-finite slope means the curve is identically 0 (e.g. a block-hollow ``H_f``): there is nothing to report.
+    """
+    if math.isfinite(cur["slope"]):
+        out[key] = measured(cur["slope"], uncertainty=cur["slope_se"], note=note)
+
+
 def _growth_summary(data: dict, targets: Mapping[str, Mapping[str, float]], tol: float, note: str,
                     series: Sequence[int] | None = None, relative: bool = False) -> dict[str, Any]:
     out = {}

@@ -172,17 +172,24 @@ def _row_factor(f: _Factors, a: str, b: str) -> Tensor:
     return out4.reshape(*out4.shape[:2], -1)
 
 
-def _block_gemm(f: _Factors, a: str, b: str) -> Tensor:
+def _block_gemm(f: _Factors, a: str, b: str, *, transposed: bool = False) -> Tensor:
     """The block ``(a, b)``, ``a ∈ {Q, K}``, without the bilinear term: one GEMM with inner dimension ``N`` (the
     stacked query rows), ``Xᵀ F`` for query rows and a batched ``q``-GEMM over ``a'`` for key rows
-    (:func:`_row_factor`).
+    (:func:`_row_factor`). With ``transposed`` the block ``(b, a)`` is returned, computed by a batched GEMM over
+    the columns of ``b`` whose output is already laid out row by row (no strided transpose of a large block).
     """
     mom = f.mom
     N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
     F = _row_factor(f, a, b)
-    if a == "Q":
-        return (mom.x.T @ F.reshape(N, -1)).reshape(d * k, -1)
-    return torch.bmm(mom.q.T.expand(d, k, N), F).reshape(d * k, -1)
+    if not transposed:
+        if a == "Q":
+            return (mom.x.T @ F.reshape(N, -1)).reshape(d * k, -1)
+        return torch.bmm(mom.q.T.expand(d, k, N), F).reshape(d * k, -1)
+    if a == "Q":  # (b-col, c, a') = Σ_i F[i, a', col] x[i, c]
+        out = torch.matmul(mom.x.T, F.permute(2, 0, 1))
+    else:  # (b-col, a', b') = Σ_i F[a', i, col] q[i, b']
+        out = torch.matmul(F.permute(2, 0, 1), mom.q)
+    return out.reshape(out.shape[0], d * k)
 
 
 def _bilinear(f: _Factors, a: str, b: str) -> Tensor | None:
@@ -298,7 +305,7 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
         span[name], start = slice(start, start + sizes[name]), start + sizes[name]
     # The result buffer is allocated from the moments (``G`` depends on X, the weights and Y), so that under
     # ``vmap`` it is batched like every block written into it; slice writes are tracked by every transform.
-    H = mom.G.new_zeros(p, p)
+    H = mom.G.new_empty(p, p)  # every entry is written below
     for a in ("Q", "K"):
         for b in mom.params:
             H[span[a], span[b]] = _block_gemm(f, a, b)
@@ -307,18 +314,10 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
                 H[span[a], span[b]] += bil
     for a in mom.params[2:]:  # V (and O): transposed query/key columns, then the value-side blocks
         for b in ("Q", "K"):
-            _copy_transposed(H[span[a], span[b]], H[span[b], span[a]])
+            H[span[a], span[b]] = _block_gemm(f, b, a, transposed=True)
         for b in mom.params[2:]:
             H[span[a], span[b]] = _value_block(f, a, b)
     return H
-
-
-def _copy_transposed(dst: Tensor, src: Tensor, tile: int = 128) -> None:
-    """``dst ← srcᵀ`` in column tiles of ``dst`` (a cache-friendly transpose: at width 48 the plain strided copy of
-    the value rows took ~3× longer than this, measured).
-    """
-    for i in range(0, dst.shape[1], tile):
-        dst[:, i : i + tile] = src[i : i + tile].T
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -303,8 +303,10 @@ def feed_forward(
 
     Args:
         X: ``(..., n, d)``.
-        W_1: ``(d, m)``; ``b_1``: ``(m,)`` or ``None``.
-        W_2: ``(m, d_out)``; ``b_2``: ``(d_out,)`` or ``None``.
+        W_1: ``(d, m)``.
+        b_1: ``(m,)`` or ``None`` (no bias).
+        W_2: ``(m, d_out)``.
+        b_2: ``(d_out,)`` or ``None`` (no bias).
         activation: ``"relu"``, ``"gelu"`` (exact, erf form, as ``nn.GELU()``) or ``None`` (linear).
     """
     if activation not in core_ffn.ACTIVATIONS:

@@ -64,6 +64,7 @@ def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, n
 
 
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``train``: build the preset, train it on the task (checkpoint / resume), print the test accuracy, save it."""
     _check_positive(parser, args, ("d", "depth", "heads", "steps", "lr", "batch_size", "checkpoint_every"))
     task = make_task(args.task, seed=args.seed, batch_size=args.batch_size)
     torch.manual_seed(args.seed)
@@ -99,6 +100,10 @@ def _trace_table(info: dict[str, Any], S: int) -> tuple[list[str], dict[str, lis
 
 
 def cmd_trace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``trace``: the per-state energy table of a saved (``--model``) or fresh model on probe inputs of the task.
+
+    Optionally writes the mean energies as JSON (``--json``) and a per-layer plot of the total energy (``--plot``).
+    """
     _check_positive(parser, args, ("d", "depth", "heads", "n"))
     task = make_task(args.task, seed=args.seed)
     if args.model:
@@ -159,6 +164,7 @@ def plot_layer_energy(E_layers: torch.Tensor, path: str | os.PathLike[str], *, t
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line ``python -m unfold {train,trace}``: parse ``argv`` and run the sub-command; its exit status."""
     parser = argparse.ArgumentParser(prog="python -m unfold", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train a preset on a task (checkpoint / resume)")

@@ -292,6 +292,10 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line ``python -m unfold.constraint_cost``: train every model on every task and seed, print the table.
+
+    With ``--json OUT`` the full report of :func:`run` is also written (atomically). Returns the exit status (0).
+    """
     parser = argparse.ArgumentParser(prog="python -m unfold.constraint_cost", description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="OUT", help="write the report to this JSON file (atomically)")
     parser.add_argument("--tasks", default="digits,addition", help="comma-separated: digits, addition, synthetic")

@@ -136,7 +136,8 @@ def yang2022(
         heads: attention heads (1 in the paper).
         d_in: input feature width (default ``d``: no input map).
         n_classes: classes of the head (default: no head).
-        alpha_att, alpha_ffn: step sizes (1 in the paper).
+        alpha_att: step size ``α`` of the attention step (1 in the paper).
+        alpha_ffn: step size ``α`` of the FFN step (1 in the paper).
         spectrum: eigenvalue bounds of ``W_f`` (``None``: only symmetric).
         orthogonal_heads: constrain the heads to orthogonal subspaces.
         normalization: ``None``, ``"layernorm"`` or ``"rmsnorm"`` projection at the end of each layer (not in the

@@ -236,7 +236,9 @@ def _ln(module: nn.LayerNorm | None, X: Tensor) -> Tensor:
 
 
 class DecoderBlock(nn.Module):
-    r"""One decoder block (Pre-LN when configured; ``s`` = ``attn_residual_scale``):
+    r"""One decoder block, Pre-LN when configured.
+
+    With ``s`` = ``attn_residual_scale``:
 
     .. math::
         X \leftarrow s\,X + \mathrm{Attn}(\mathrm{LN}_1(X)),\qquad X \leftarrow X + \mathrm{MLP}(\mathrm{LN}_2(X))

@@ -23,6 +23,7 @@ __all__ = ["Prepared", "Step", "make_kernel", "positive_int"]
 
 
 def positive_int(v: object, name: str) -> int:
+    """``v`` itself when it is a positive ``int`` (not a ``bool``), else an :class:`EnergyInputError` on ``name``."""
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise EnergyInputError(f"`{name}` must be a positive integer, got {v!r}.")
     return v

@@ -178,8 +178,8 @@ class AttentionStep(Step):
         return energy.step_range(preconditioner=self.preconditioner)
 
     def guaranteed_range(self) -> StepRange | None:
-        """Step (a) of one head or of orthogonal heads: the kernel's range; general heads: the empty range
-        (MATH §1.2); step (b): ``None`` (the range depends on :math:`\\lambda_{\\max}(W)`).
+        r"""Step (a) of one head or of orthogonal heads: the kernel's range; general heads: the empty range
+        (MATH §1.2); step (b): ``None`` (the range depends on :math:`\lambda_{\max}(W)`).
         """
         if self.preconditioner == Preconditioner.TOKEN:
             return None
@@ -305,7 +305,7 @@ class FFNStep(_GradientStep):
         return self.W_f, self.b
 
     def guaranteed_range(self) -> StepRange | None:
-        """With ``spectrum=(lo, hi)``: :math:`\\lambda_{\\max}(I + W_f) \\le 1 + hi`, so ``(0, 2/(1 + hi))``
+        r"""With ``spectrum=(lo, hi)``: :math:`\lambda_{\max}(I + W_f) \le 1 + hi`, so ``(0, 2/(1 + hi))``
         descends (MATH §1.3); without it ``None``.
         """
         if self.spectrum is None:

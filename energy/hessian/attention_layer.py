@@ -66,7 +66,8 @@ def check_dense_budget(rows: int, cols: int, dtype: torch.dtype, max_gib: float 
     """Raise :class:`DenseSizeError` if a dense ``rows × cols`` matrix would exceed ``max_gib`` GiB.
 
     Args:
-        rows, cols: size of the requested matrix.
+        rows: number of rows of the requested matrix.
+        cols: number of columns of the requested matrix.
         dtype: its dtype.
         max_gib: budget in GiB (``None`` = :data:`DEFAULT_MAX_GIB`; ``float('inf')`` disables the guard).
         what: name of the requested object for the message.

@@ -200,9 +200,15 @@ def energy_layer_hessian(
     r"""Closed-form ``part`` (``"H"``, ``"H_o"`` = ``2c JᵀJ``, ``"H_f"``) of ``∇²_M ℓ``, ``(dk, dk)`` (MATH §4.2).
 
     Args:
-        X: ``(L, d)`` or ``(B, L, d)``; M: ``(d, k)``; Y: target of ``F``, shape of ``X``.
-        alpha: step size ``α``; tied: layer ``(b)`` (values tied to ``W``) instead of ``(a)``.
-        scale: ``s`` (default ``1/√k``); c, reduction: loss constant (default ``1/(L d)``) and ``"sum"``/``"mean"``.
+        X: tokens, ``(L, d)`` or ``(B, L, d)``.
+        M: the layer's weight ``(d, k)`` (the variable of the Hessian).
+        Y: target of ``F``, same shape as ``X``.
+        alpha: step size ``α``.
+        tied: layer ``(b)`` (values tied to ``W``) instead of ``(a)``.
+        scale: ``s`` (default ``1/√k``).
+        c: loss constant of ``ℓ = c ‖F − Y‖²`` (default ``1/(L d)``).
+        reduction: ``"sum"`` over the sequences, or ``"mean"`` (divides ``c`` by their number).
+        part: ``"H"`` (the full Hessian), ``"H_o"`` (outer-product part ``2c JᵀJ``) or ``"H_f"`` (functional part).
         max_gib: budget for the ``(dk)²`` result and the ``B L² dk`` logit Jacobian (default 4 GiB).
     """
     _check_part(part)

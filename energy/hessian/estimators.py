@@ -357,7 +357,9 @@ def hutchpp_trace(
     dim: int | None = None,
     exact_if_cheaper: bool = False,
 ) -> Estimate:
-    r"""Hutch++ trace estimate with ``num_matvecs`` products (Meyer et al. 2021), ``k = num_matvecs // 3``:
+    r"""Hutch++ trace estimate with ``num_matvecs`` products (Meyer et al. 2021).
+
+    With ``k = num_matvecs // 3``:
 
     .. math::
         Q = \operatorname{orth}(A S),\quad P_\perp = I - QQ^\top,\quad
@@ -377,7 +379,9 @@ def hutchpp_squared_frobenius(
     dim: int | None = None,
     exact_if_cheaper: bool = False,
 ) -> Estimate:
-    r"""Hutch++ for :math:`\|A\|_F^2` of a symmetric ``A`` (curvature blocks): ``k = num_matvecs // 3``,
+    r"""Hutch++ for :math:`\|A\|_F^2` of a symmetric ``A`` (curvature blocks).
+
+    With ``k = num_matvecs // 3``,
 
     .. math::
         Q = \operatorname{orth}(A S),\qquad
@@ -561,9 +565,14 @@ def slq_density(
     missing nodes are padded with weight 0.
 
     Args:
-        A: symmetric operator. num_probes: ``P``. num_steps: ``m ≤ n``.
+        A: symmetric operator (see module docstring).
+        num_probes: ``P``, the number of random probes.
+        num_steps: ``m ≤ n``, Lanczos steps per probe.
+        generator: source of the probes.
         grid: evaluation points of the density (default ``num_grid`` points over the node range ± 3 s).
+        num_grid: number of points of the default ``grid`` (ignored when ``grid`` is given).
         kernel_width: Gaussian width ``s`` (default 1% of the node range, at least 1e-12).
+        dim: dimension if ``A`` is a callable.
     """
     mm, shape, dtype = as_matmat(A, dim)
     n = _square(shape, "slq_density")

@@ -91,7 +91,9 @@ def fit_loglog_slope(
     ``absolute_sigma=False``), so the error reflects both the stated uncertainties and the scatter.
 
     Args:
-        sigma: σ values (> 0). values: measured ``v(σ)`` (> 0). stderr: optional standard errors of ``values``.
+        sigma: σ values (> 0).
+        values: measured ``v(σ)`` (> 0), one per σ.
+        stderr: optional standard errors of ``values`` (then the fit is weighted, see above).
 
     Returns:
         :class:`SlopeFit` ``(slope, stderr, intercept)``.
@@ -259,7 +261,9 @@ def sigma_sweep(
     Args:
         fn: returns a dict of finite scalars (floats or 0-d tensors), the same keys every call (e.g. block norms
             ``{"H_V": ..., "GGN_V": ...}``). The seed selects the initialisation (MATH §3.7: 20 inits).
-        sigmas: the σ grid. n_inits: inits per σ (seeds ``0..n_inits-1`` unless ``seeds`` is given).
+        sigmas: the σ grid.
+        n_inits: inits per σ (seeds ``0..n_inits-1`` unless ``seeds`` is given).
+        seeds: the ``n_inits`` init seeds passed to ``fn``, when not ``0..n_inits-1``.
         progress: show a tqdm progress bar (``True``), none (``False``), or a wrapper
             ``progress(iterable, desc, total)``.
         cache_path: JSON file; finished ``(σ, seed)`` entries are stored after every evaluation (atomic replace)

@@ -125,9 +125,14 @@ def growth_sweep(
             ``loss_fn``.
         blocks: ``{label: parameter name}``.
         loss_fn: ``loss_fn(outputs, targets)``, a mean over the batch.
-        sigmas, n_inits, n_samples, batch, seed: protocol sizes and seed (streams: :data:`DATA_SEED` etc.); the
-            data is one addition batch.
+        sigmas: the σ grid (the embedding scales).
+        n_inits: number of initialisations, ``make_model(seed + i)`` for ``i < n_inits``.
+        n_samples: Rademacher probes ``S`` per block (drawn once per initialisation, the same for every σ).
+        batch: number of additions in the one data batch (drawn with seed ``seed + DATA_SEED``).
+        seed: base seed of the initialisations; the data, probe and embedding streams are offset from it by
+            :data:`DATA_SEED`, :data:`PROBE_SEED` and :data:`EMBEDDING_SEED`.
         progress: ``progress(iterable, desc, total)`` wrapper (e.g. ``cfg.progress``).
+        desc: progress-bar label.
     """
     data = [addition_data(batch, seed + DATA_SEED)]
     parts = tuple(part for part, _ in PARTS)

@@ -67,6 +67,7 @@ def _one_layer_growth(cfg: FigureConfig, sizes: dict[str, int], desc: str, label
     paper_seed=0,
 )
 def compute_growth_single(cfg: FigureConfig) -> dict[str, Any]:
+    """Hutchinson norms of the (V,V) and (Q,Q) blocks of a one-layer GPT-2 against σ (paper: width 128, 20 inits)."""
     sizes = _sizes(cfg, width=(8, 128, 128), batch=(4, 64, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 10, 20))
     return _one_layer_growth(cfg, sizes, "growth-single", "layer 1", "L1", _SOFTMAX_GUIDES)
@@ -74,11 +75,13 @@ def compute_growth_single(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_growth_single.plot
 def plot_growth_single(data: dict, cfg: FigureConfig) -> Figure:
+    """Rows V, Q; columns H_o, H_f, H: block norm vs σ (mean ± SE), dashed the single-layer rates σ^p."""
     return _plot_grid(data, f"Ormaniec et al. 2024: one GPT-2 layer (width {data['width']}), block norms vs σ")
 
 
 @compute_growth_single.summary
 def summarize_growth_single(data: dict) -> dict[str, Any]:
+    """Small-σ slope of every block and part against the single-layer rate of MATH §3.6 (±0.15)."""
     return _growth_summary(data, _SINGLE_TARGETS, 0.15, "small-σ log–log slope (MATH §3.6 single-layer table)")
 
 
@@ -101,6 +104,7 @@ def summarize_growth_single(data: dict) -> dict[str, Any]:
     paper_seed=0,
 )
 def compute_growth_depth(cfg: FigureConfig) -> dict[str, Any]:
+    """Hutchinson norms of every layer's (V,V) and (Q,Q) blocks of a deep GPT-2 against σ (5 layers, width 128)."""
     sizes = _sizes(cfg, width=(8, 32, 128), batch=(4, 16, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 8, 20))
     n_layers = cfg.pick(tiny=2, quick=5, paper=5, key="n_layers")
@@ -112,12 +116,14 @@ def compute_growth_depth(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_growth_depth.plot
 def plot_growth_depth(data: dict, cfg: FigureConfig) -> Figure:
+    """The grid of :func:`plot_growth_single`, one line per layer."""
     return _plot_grid(data, f"Ormaniec et al. 2024: {data['n_layers']}-layer GPT-2 (width {data['width']}), "
                       "one line per layer")
 
 
 @compute_growth_depth.summary
 def summarize_growth_depth(data: dict) -> dict[str, Any]:
+    """Per-layer small-σ slopes against the single-layer rates, and the slope of H_f(V,V) where it is not 0."""
     out = _growth_summary(data, _SINGLE_TARGETS, 0.15,
                           "small-σ slope of this layer vs the single-layer rate of MATH §3.6")
     for s in data["series"]:
@@ -142,6 +148,7 @@ def summarize_growth_depth(data: dict) -> dict[str, Any]:
     paper_seed=0,
 )
 def compute_growth_preln(cfg: FigureConfig) -> dict[str, Any]:
+    """Hutchinson norms of the (V,V) and (Q,Q) blocks of a one-layer Pre-LN GPT-2 against σ (dashed guides: σ⁰)."""
     sizes = _sizes(cfg, width=(8, 64, 128), batch=(4, 32, 64), n_sigma=(5, 10, 20), n_inits=(2, 3, 20),
                    n_samples=(4, 10, 20))
     flat = {b: {"H_o": 0, "H_f": 0, "H": 0} for b in ("V", "Q")}
@@ -150,11 +157,13 @@ def compute_growth_preln(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_growth_preln.plot
 def plot_growth_preln(data: dict, cfg: FigureConfig) -> Figure:
+    """The grid of :func:`plot_growth_single` for the Pre-LN model."""
     return _plot_grid(data, f"Ormaniec et al. 2024: one Pre-LN GPT-2 layer (width {data['width']}), block norms vs σ")
 
 
 @compute_growth_preln.summary
 def summarize_growth_preln(data: dict) -> dict[str, Any]:
+    """Small-σ slope of every block and part with Pre-LN, beside the rate without LayerNorm (no target)."""
     cur = data["series"][0]["curves"]
     out = {}
     for block in ("V", "Q"):
@@ -199,6 +208,7 @@ def linear_stack_config(width: int, n_layers: int) -> GPT2Config:
     paper_seed=0,
 )
 def compute_growth_linear_depth(cfg: FigureConfig) -> dict[str, Any]:
+    """First-layer block norms against σ of linear-attention stacks of 1, 2, 3 layers (σ^(2·3ⁿ) guides for H_o)."""
     sizes = _sizes(cfg, width=(8, 32, 128), batch=(4, 16, 64), n_sigma=(5, 10, 20), n_inits=(2, 2, 20),
                    n_samples=(4, 8, 20))
     depths = cfg.pick(tiny=(1, 2), quick=(1, 2, 3), paper=(1, 2, 3), key="depths")
@@ -227,11 +237,13 @@ def compute_growth_linear_depth(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_growth_linear_depth.plot
 def plot_growth_linear_depth(data: dict, cfg: FigureConfig) -> Figure:
+    """The grid of :func:`plot_growth_single`, one line per stack depth n."""
     return _plot_grid(data, "Ormaniec et al. 2024: linear attention without residual, first-layer blocks vs σ")
 
 
 @compute_growth_linear_depth.summary
 def summarize_growth_linear_depth(data: dict) -> dict[str, Any]:
+    """H_o slopes against 2·3ⁿ (±5%) per depth, and the H_f slopes where H_f is not identically 0."""
     out = {}
     for k, s in enumerate(data["series"]):
         p = 2 * 3 ** s["depth"]
@@ -262,6 +274,7 @@ def summarize_growth_linear_depth(data: dict) -> dict[str, Any]:
     paper_seed=0,
 )
 def compute_growth_mlp(cfg: FigureConfig) -> dict[str, Any]:
+    """Norms of every layer's diagonal block of a deep linear MLP against σ, and the largest ‖H_f‖/‖H‖ seen."""
     sizes = _sizes(cfg, width=(8, 64, 128), batch=(4, 16, 64), n_sigma=(5, 10, 20), n_inits=(2, 2, 20),
                    n_samples=(4, 8, 20))
     n_layers = cfg.pick(tiny=2, quick=4, paper=4, key="n_layers")
@@ -287,12 +300,14 @@ def compute_growth_mlp(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_growth_mlp.plot
 def plot_growth_mlp(data: dict, cfg: FigureConfig) -> Figure:
+    """One row (the layer's block), columns H_o and H; one line per layer, dashed σ²."""
     return _plot_grid(data, f"Ormaniec et al. 2024: deep linear MLP ({data['n_layers']} layers), block norms vs σ",
                       blocks=("W",), parts=("H_o", "H"), block_titles={"W": r"$(W_k,W_k)$ of layer $k$"})
 
 
 @compute_growth_mlp.summary
 def summarize_growth_mlp(data: dict) -> dict[str, Any]:
+    """Small-σ slopes against σ² (±0.1), and the largest ‖H_f‖/‖H‖ against 0."""
     out = _growth_summary(data, {"W": {"H_o": 2, "H": 2}}, 0.1, "small-σ slope of the layer's block (MATH §3.6: σ²)")
     out["max_relative_H_f"] = measured(data["max_relative_H_f"], target=0.0, tolerance=1e-12,
                                        note="max over layers and σ of ||H_f||/||H|| (diagonal blocks: exactly 0)")
@@ -361,6 +376,7 @@ _CF_BLOCK_LABEL = {"VV": "(V,V)", "VQ": "(V,Q)", "VK": "(V,K)", "QQ": "(Q,Q)", "
     paper_seed=0,
 )
 def compute_growth_closed_form(cfg: FigureConfig) -> dict[str, Any]:
+    """Exact block Frobenius norms (Kronecker structure) of one attention layer against σ, every block and part."""
     width = cfg.pick(tiny=6, quick=128, paper=128, key="width")
     batch = cfg.pick(tiny=2, quick=4, paper=8, key="batch")
     n_sigma = cfg.pick(tiny=5, quick=10, paper=20, key="n_sigma")
@@ -375,6 +391,7 @@ def compute_growth_closed_form(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_growth_closed_form.plot
 def plot_growth_closed_form(data: dict, cfg: FigureConfig) -> Figure:
+    """One panel per part: the norm of each of the six blocks against σ, dashed the MATH §3.6 rates."""
     series = [{"label": _CF_BLOCK_LABEL[b], "key": b, "curves": {"A": data["curves"][b]},
                "guides": {"A": data["theory"][b]}} for b in THEORY_RATES]
     return _plot_grid({**data, "series": series}, f"Single attention layer (MATH §3.1, width {data['width']}): "
@@ -383,6 +400,7 @@ def plot_growth_closed_form(data: dict, cfg: FigureConfig) -> Figure:
 
 @compute_growth_closed_form.summary
 def summarize_growth_closed_form(data: dict) -> dict[str, Any]:
+    """Small-σ slope of every block with a theoretical rate (±0.15), and the largest ‖H_f(V,V)‖ against 0."""
     out = {}
     for b, parts in data["theory"].items():
         for p, target in parts.items():

@@ -49,6 +49,7 @@ from unfold.data import addition_loss
     paper_seed=0,
 )
 def compute_heterogeneity(cfg: FigureConfig) -> dict[str, Any]:
+    """Dense loss Hessian of a one-block GPT-2 (width 16): max-pooled log heat maps, exact (Q,Q), (V,V) block data."""
     batch = cfg.pick(tiny=2, quick=16, paper=64, key="batch")
     d = cfg.pick(tiny=16, quick=16, paper=16, key="d_model")
     model = gpt2_model(heterogeneity_config(d), cfg.seed)
@@ -121,6 +122,7 @@ def _draw_histograms(ax, hists: dict[str, Any], title: str) -> None:
 
 @compute_heterogeneity.plot
 def plot_heterogeneity(data: dict, cfg: FigureConfig) -> Figure:
+    """Heat maps of the whole Hessian and of its attention part, and the histograms of the two exact blocks."""
     fig = Figure(figsize=(16, 4.8), layout="constrained")
     axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.1])
     _draw_heatmap(axes[0], decode_array(data["log_full"]), data["groups"], 0, data["pool_full"], fig,
@@ -135,6 +137,7 @@ def plot_heterogeneity(data: dict, cfg: FigureConfig) -> Figure:
 
 @compute_heterogeneity.summary
 def summarize_heterogeneity(data: dict) -> dict[str, Any]:
+    """Median-entry and Frobenius ratios of the value over the query block (≥ 10), and the parameter count."""
     ratio = _ratio(data["histograms"])
     fro = data["frobenius"]["V"] / data["frobenius"]["Q"]
     return {
@@ -173,6 +176,7 @@ def summarize_heterogeneity(data: dict) -> dict[str, Any]:
     paper_seed=0,
 )
 def compute_linear_attention(cfg: FigureConfig) -> dict[str, Any]:
+    """Histograms of the exact (Q,Q) and (V,V) blocks for softmax and for linear attention (same weights, data)."""
     batch = cfg.pick(tiny=2, quick=32, paper=64, key="batch")
     d = cfg.pick(tiny=16, quick=16, paper=16, key="d_model")
     tokens, targets = addition_data(batch, cfg.seed + DATA_SEED)
@@ -187,6 +191,7 @@ def compute_linear_attention(cfg: FigureConfig) -> dict[str, Any]:
 
 @compute_linear_attention.plot
 def plot_linear_attention(data: dict, cfg: FigureConfig) -> Figure:
+    """Side by side, the block histograms of softmax and of linear attention with their median ratio V/Q."""
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2)
     for ax, kind in zip(axes, ("softmax", "linear")):
@@ -197,6 +202,7 @@ def plot_linear_attention(data: dict, cfg: FigureConfig) -> Figure:
 
 @compute_linear_attention.summary
 def summarize_linear_attention(data: dict) -> dict[str, Any]:
+    """The median ratio V/Q: ≥ 10 for softmax, within 10× of 1 for linear attention."""
     r_soft, r_lin = _ratio(data["softmax"]), _ratio(data["linear"])
     return {
         "median_ratio_softmax": measured(r_soft, target="≥ 10", matches=r_soft >= 10,

@@ -209,17 +209,8 @@ def _check_scores_mask(mask: object, causal: object, x_q: Tensor, x_kv: Tensor, 
         _check_mask(mask, "mask", (*batch, x_q.shape[-2], x_kv.shape[-2]))
 
 
-def multi_head_attention(
-    x_q: Tensor,
-    x_kv: Tensor,
-    W_Q: Tensor,
-    W_K: Tensor,
-    W_V: Tensor,
-    W_O: Tensor | None = None,
-    *,
-    num_heads: int,
-    **options: Unpack[AttentionOptions],
-) -> Tensor:
+def multi_head_attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None = None,
+                         *, num_heads: int, **options: Unpack[AttentionOptions]) -> Tensor:
     r"""Multi-head (cross- or self-) attention, einsum form.
 
     With ``Q = x_q W_Q + 1 b_Qᵀ``, ``K = x_kv W_K + 1 b_Kᵀ``, ``V = x_kv W_V + 1 b_Vᵀ`` split head-major into
@@ -253,17 +244,8 @@ def multi_head_attention(
     return _attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, options, linear=False)
 
 
-def linear_attention(
-    x_q: Tensor,
-    x_kv: Tensor,
-    W_Q: Tensor,
-    W_K: Tensor,
-    W_V: Tensor,
-    W_O: Tensor | None = None,
-    *,
-    num_heads: int = 1,
-    **options: Unpack[AttentionOptions],
-) -> Tensor:
+def linear_attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None = None, *,
+                     num_heads: int = 1, **options: Unpack[AttentionOptions]) -> Tensor:
     r"""Linear attention (no softmax), the variant of MATH §3.6, same arguments as :func:`multi_head_attention`.
 
     .. math:: A_h = \kappa\, Q_h K_h^\top \odot m ,\qquad F = [A_1 V_1 | \dots | A_H V_H]\, W_O + 1 b_O^\top

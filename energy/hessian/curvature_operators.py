@@ -480,15 +480,9 @@ def _reference_setup(
     return op, theta, out
 
 
-def dense_hessian_reference(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Any], Tensor],
-    params: Sequence[str] | str | None,
-    data: Iterable,
-    *,
-    reduction: Reduction | None = None,
-    batch_size_fn: Callable[[Any], int] | None = None,
-) -> Tensor:
+def dense_hessian_reference(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
+                            params: Sequence[str] | str | None, data: Iterable, *, reduction: Reduction | None = None,
+                            batch_size_fn: Callable[[Any], int] | None = None) -> Tensor:
     r"""Dense :math:`\nabla^2_\theta \mathcal L` by ``torch.func.hessian`` of the flattened objective (autograd twin).
 
     Straightforward and slow; for tests on small models. Warns if not float64.
@@ -502,15 +496,9 @@ def dense_hessian_reference(
     return torch.func.hessian(total)(theta)
 
 
-def dense_ggn_reference(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Any], Tensor],
-    params: Sequence[str] | str | None,
-    data: Iterable,
-    *,
-    reduction: Reduction | None = None,
-    batch_size_fn: Callable[[Any], int] | None = None,
-) -> Tensor:
+def dense_ggn_reference(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor],
+                        params: Sequence[str] | str | None, data: Iterable, *, reduction: Reduction | None = None,
+                        batch_size_fn: Callable[[Any], int] | None = None) -> Tensor:
     r"""Dense :math:`H_o = \sum_b w_b J_b^\top \nabla^2_o\ell_b J_b` from full Jacobians (``jacrev``) and the dense
     output-space loss Hessian (``torch.func.hessian``). Autograd twin for tests; warns if not float64.
     """

@@ -274,16 +274,9 @@ def _hutchpp(
     return Estimate(top + float(mean), float(se), 3 * k)
 
 
-def hutchinson_trace(
-    A: Any,
-    num_samples: int,
-    *,
-    generator: torch.Generator | None = None,
-    distribution: Distribution = "rademacher",
-    dim: int | None = None,
-    batch_size: int | None = None,
-    exact_if_cheaper: bool = False,
-) -> Estimate:
+def hutchinson_trace(A: Any, num_samples: int, *, generator: torch.Generator | None = None,
+                     distribution: Distribution = "rademacher", dim: int | None = None,
+                     batch_size: int | None = None, exact_if_cheaper: bool = False) -> Estimate:
     r"""Hutchinson: :math:`\operatorname{tr} A \approx \frac1S \sum_s z_s^\top A z_s`, with its standard error.
 
     Args:
@@ -298,15 +291,8 @@ def hutchinson_trace(
     return _hutchinson("trace", A, num_samples, generator, distribution, dim, batch_size, exact_if_cheaper)
 
 
-def hutchinson_diagonal(
-    A: Any,
-    num_samples: int,
-    *,
-    generator: torch.Generator | None = None,
-    dim: int | None = None,
-    batch_size: int | None = None,
-    exact_if_cheaper: bool = False,
-) -> Estimate:
+def hutchinson_diagonal(A: Any, num_samples: int, *, generator: torch.Generator | None = None, dim: int | None = None,
+                        batch_size: int | None = None, exact_if_cheaper: bool = False) -> Estimate:
     r"""Diagonal estimate :math:`\operatorname{diag} A \approx \frac1S \sum_s z_s \odot A z_s` (Rademacher ``z``).
 
     Entry ``i`` has variance :math:`\sum_{j\ne i} A_{ij}^2 / S`; the returned ``stderr`` is the per-entry sample
@@ -323,16 +309,9 @@ def hutchinson_diagonal(
     return Estimate(mean, se, num_samples)
 
 
-def hutchinson_squared_frobenius(
-    A: Any,
-    num_samples: int,
-    *,
-    generator: torch.Generator | None = None,
-    distribution: Distribution = "rademacher",
-    dim: int | None = None,
-    batch_size: int | None = None,
-    exact_if_cheaper: bool = False,
-) -> Estimate:
+def hutchinson_squared_frobenius(A: Any, num_samples: int, *, generator: torch.Generator | None = None,
+                                 distribution: Distribution = "rademacher", dim: int | None = None,
+                                 batch_size: int | None = None, exact_if_cheaper: bool = False) -> Estimate:
     r""":math:`\|A\|_F^2 = \operatorname{tr}(A^\top A) \approx \frac1S \sum_s \|A z_s\|^2` (any ``m × n`` operator).
 
     The protocol of MATH §3.7 takes the square root of this with 20 Rademacher probes per block.
@@ -348,15 +327,9 @@ def _hutchpp_split(num_matvecs: int, n: int, name: str, exact_if_cheaper: bool) 
     return exact, num_matvecs // 3
 
 
-def hutchpp_trace(
-    A: Any,
-    num_matvecs: int,
-    *,
-    generator: torch.Generator | None = None,
-    distribution: Distribution = "rademacher",
-    dim: int | None = None,
-    exact_if_cheaper: bool = False,
-) -> Estimate:
+def hutchpp_trace(A: Any, num_matvecs: int, *, generator: torch.Generator | None = None,
+                  distribution: Distribution = "rademacher", dim: int | None = None,
+                  exact_if_cheaper: bool = False) -> Estimate:
     r"""Hutch++ trace estimate with ``num_matvecs`` products (Meyer et al. 2021).
 
     With ``k = num_matvecs // 3``:
@@ -370,15 +343,9 @@ def hutchpp_trace(
     return _hutchpp("trace", A, num_matvecs, generator, distribution, dim, exact_if_cheaper)
 
 
-def hutchpp_squared_frobenius(
-    A: Any,
-    num_matvecs: int,
-    *,
-    generator: torch.Generator | None = None,
-    distribution: Distribution = "rademacher",
-    dim: int | None = None,
-    exact_if_cheaper: bool = False,
-) -> Estimate:
+def hutchpp_squared_frobenius(A: Any, num_matvecs: int, *, generator: torch.Generator | None = None,
+                              distribution: Distribution = "rademacher", dim: int | None = None,
+                              exact_if_cheaper: bool = False) -> Estimate:
     r"""Hutch++ for :math:`\|A\|_F^2` of a symmetric ``A`` (curvature blocks).
 
     With ``k = num_matvecs // 3``,

@@ -164,10 +164,6 @@ def _guide_exponents(block: str, rates: dict[str, dict[str, int | None]]) -> dic
     return rates["VV" if block == "V" else "QQ"]
 
 
-def _sweep_record(sweep: GrowthSweep, **meta: Any) -> dict[str, Any]:
-    return {"curves": sweep.curves(), **meta}
-
-
 def _plot_grid(data: dict, title: str, *, blocks: Sequence[str] = ("V", "Q"),
                parts: Sequence[str] = ("H_o", "H_f", "H"), block_titles: dict[str, str] | None = None) -> Figure:
     """Rows = blocks, columns = parts; one line per series (mean, shaded ± SE over inits), dashed guides ``σ^p``."""

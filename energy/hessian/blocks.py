@@ -1,9 +1,13 @@
 r"""Dense blocks and the assembled dense Hessian of one attention layer from shared per-row factors (MATH §3.4–§3.5).
 
-The factors (``R_i``, ``P_i``, ``U_i``, ``E_i``, ...) and the row-strip GEMMs are described in
-:mod:`energy.hessian.attention`. Everything here is pure (no validation beyond the part name and the memory
-budget, no reads of tensor values): results are written into buffers allocated from the moments' own tensors, so
-``torch.func`` transforms (``vmap`` included) pass through.
+The factors (``R_i``, ``P_i``, ``U_i``, ``E_i``, ...) are described in :mod:`energy.hessian.attention`. Each block,
+viewed as a 4-tensor over the two weights' indices, is a sum of one or two GEMMs ``Σ_i L_i ⊗ R_i`` of small per-row
+factors (inner dimension ``N``, the stacked rows), computed in row chunks that stay in cache and copied permuted
+into the result, so no temporary of the block's size exists (:func:`_terms`, :func:`_write_block`).
+
+Everything here is pure (no validation beyond the part name and the memory budget, no reads of tensor values):
+results are written into buffers allocated from the moments' own tensors, so ``torch.func`` transforms (``vmap``
+included) pass through.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ class _Factors:
 
     * ``R_i = κ² (2c B_iᵀ B_i + Ŝ_i)`` (``H_o``: first term, ``H_f``: second), ``(N, d, d)``;
     * ``P_i = W_Kᵀ R_i W_K`` ``(N, k, k)`` and ``U_i = W_Kᵀ R_i`` ``(N, k, d)``;
-    * per value-side weight ``w ∈ {V, O}``: ``E^w_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``
-      (module docstring) and ``E^w_i W_K``, stored as ``(a, i, n, m)`` and ``(i, b, n, m)`` (see :meth:`_E`);
+    * per value-side weight ``w ∈ {V, O}``: the four row factors ``(α_i, B̃_i, S̃_i, γ_i)`` of
+      ``E^w_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]`` (:meth:`value_side`; ``E`` is never formed);
     * ``S = 2c M_1ᵀ M_1`` (``0`` for ``H_f``), ``Ω_O = W_O W_Oᵀ`` and the bilinear ``G_QK`` (``0`` for ``H_o``);
     * with ``W_O``: ``S_O = 2c W_VᵀM_1ᵀM_1W_V``, ``P_VO = 2c M_1ᵀ M_1 W_V`` (``H_o``), ``Q_VO = M_1ᵀ G`` (``H_f``).
     """
@@ -90,35 +94,6 @@ class _Factors:
             return mom.M_1, mom.W_O @ mom.B_V, mom.Sigma, mom.G @ mom.W_O.T
         return mom.M_1 @ mom.W_V, mom.B_V, mom.W_V.T @ mom.Sigma, mom.G
 
-    def _E(self, w: str, right: Tensor | None = None) -> Tensor:
-        """``E^w`` laid out ``(a, i, n, m)``, or with ``right`` ``E^w · right`` laid out ``(i, b, n, m)``.
-
-        ``E_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]``, written directly in the layout the row-strip
-        GEMMs of :func:`_write_rows` read, with one pass per half.
-        """
-        mom = self.mom
-        alpha, Bt, St, gamma = self.value_side(w)
-        if right is None:  # (a, i, n, m)
-            o1, o2 = alpha[None, :, :, None], Bt.permute(2, 0, 1)[:, :, None, :]
-            f1, f2 = St.permute(2, 0, 1)[:, :, :, None], gamma[None, :, None, :]
-        else:  # (i, b, n, m) with B̃_i right, S̃_i right
-            Bt, St = Bt @ right, St @ right
-            o1, o2 = alpha[:, None, :, None], Bt.permute(0, 2, 1)[:, :, None, :]
-            f1, f2 = St.permute(0, 2, 1)[:, :, :, None], gamma[:, None, None, :]
-        return self._combine(lambda: (o1 * o2) * (2.0 * mom.c * mom.kappa), lambda: mom.kappa * (f1 * f2))
-
-    def _make_E(self) -> Tensor:
-        return self._E("V")
-
-    def _make_EW(self) -> Tensor:
-        return self._E("V", self.mom.W_K)
-
-    def _make_EO(self) -> Tensor:
-        return self._E("O")
-
-    def _make_EOW(self) -> Tensor:
-        return self._E("O", self.mom.W_K)
-
     def _make_S(self) -> Tensor:
         scale = 2.0 * self.mom.c if self.use_o else 0.0
         return scale * self.mom.M_1.T @ self.mom.M_1
@@ -140,84 +115,127 @@ class _Factors:
         return torch.zeros_like(self.mom.G_QK) if self.part == "H_o" else self.mom.G_QK
 
     def __getattr__(self, name: str) -> Tensor:
-        """The factor ``name`` (``R``, ``P``, ``U``, ``E``, ``EW``, ``S``, ``G``, ``EO``, ``EOW``, ``Omega_O``,
-        ``S_O``, ``P_VO``, ``Q_VO``), built by ``_make_<name>`` on first use and cached.
+        """The factor ``name`` (``R``, ``P``, ``U``, ``S``, ``G``, ``Omega_O``, ``S_O``, ``P_VO``, ``Q_VO``), built
+        by ``_make_<name>`` on first use and cached.
         """
         if name.startswith("_") or not hasattr(type(self), "_make_" + name):
             raise AttributeError(name)
         return self._get(name)
 
 
-def _row_factor(f: _Factors, a: str, b: str) -> Tensor:
-    """The row factor of block ``(a, b)``, ``a ∈ {Q, K}``.
+#: One GEMM term ``(L, R, perm)`` of a block: ``L (n, l1, l2)``, ``R (n, r1, r2)``; the block viewed as a 4-tensor
+#: (row weight's two indices, column weight's two indices) is ``(Σ_j L_j ⊗ R_j)[l1, l2, r1, r2]`` permuted by ``perm``.
+_Term = tuple[Tensor, Tensor, tuple[int, int, int, int]]
+#: A diagonal term ``(dim1, dim2, v)``: ``v`` is added to ``block4.diagonal(dim1, dim2)``.
+_Diag = tuple[int, int, Tensor]
 
-    Query rows: ``H(Q, b)[(a', b'), col] = Σ_i x_i[a'] F_i[b', col]``, the factor is ``F`` ``(N, d_K, size_b)``.
-    Key rows: ``H(K, b)[(a', b'), col] = Σ_i q_i[b'] G_i[a', col]``, the factor is ``G`` ``(d_V, N, size_b)``.
-    The factors are those of :func:`hessian_block` (``P_i``, ``U_i``, ``R_i``, ``E_i``, ``E_i W_K``).
+
+def _outer(u: Tensor, v: Tensor, scale: float = 1.0) -> Tensor:
+    """Row-wise outer products ``scale · u_i v_iᵀ``, ``(n, size_u, size_v)``."""
+    return (scale * u)[:, :, None] * v[:, None, :]
+
+
+def _value_terms(f: _Factors, a: str, b: str) -> list[_Term]:
+    """Terms of a query/key–value block: ``a ∈ {Q, K}`` and ``b ∈ {V, O}`` or the reverse.
+
+    With ``E_i[n,m,a] = 2cκ α_i[n] B̃_i[m,a] + κ S̃_i[n,a] γ_i[m]`` (first half ``H_o``, second ``H_f``):
+    ``H(K,w)[(r,s),(n,m)] = Σ_i q_i[s] E_i[n,m,r]``, ``H(Q,w)[(r,s),(n,m)] = Σ_i x_i[r] (E_i W_K)[n,m,s]`` and
+    their transposes. Each half is one GEMM of two small row factors, grouped so that the output's last index is
+    the block's last index (the permuted write is then contiguous along it).
+    """
+    mom = f.mom
+    w, qk = (b, a) if a in "QK" else (a, b)
+    alpha, Bt, St, gamma = f.value_side(w)
+    x, q, o, k = mom.x, mom.q, 2.0 * mom.c * mom.kappa, mom.kappa
+    if qk == "Q":
+        Bt, St = Bt @ mom.W_K, St @ mom.W_K  # (E W_K): B̃W (N, m, s), S̃W (N, n, s)
+    half_o: _Term
+    half_f: _Term
+    if (a, b) == ("Q", w):  # [r,s,n,m]
+        half_o = (_outer(x, alpha, o), Bt.transpose(1, 2).contiguous(), (0, 2, 1, 3))
+        half_f = (St, _outer(x, gamma, k), (2, 1, 0, 3))
+    elif (a, b) == ("K", w):  # [r,s,n,m]
+        half_o = (_outer(q, alpha, o), Bt.transpose(1, 2).contiguous(), (2, 0, 1, 3))
+        half_f = (St.transpose(1, 2).contiguous(), _outer(q, gamma, k), (0, 2, 1, 3))
+    elif b == "Q":  # [n,m,r,s]
+        half_o = (_outer(alpha, x, o), Bt, (0, 2, 1, 3))
+        half_f = (_outer(gamma, x, k), St, (2, 0, 1, 3))
+    else:  # (w, K) [n,m,r,s]
+        half_o = (Bt, _outer(alpha, q, o), (2, 0, 1, 3))
+        half_f = (St, _outer(gamma, q, k), (0, 2, 1, 3))
+    return ([half_o] if f.use_o else []) + ([half_f] if f.use_f else [])
+
+
+def _terms(f: _Factors, a: str, b: str) -> tuple[list[_Term], list[_Diag]]:
+    """The GEMM terms and diagonal terms of block ``(a, b)`` (:data:`_Term`, :data:`_Diag`), MATH §3.4–§3.5.
+
+    ``H(Q,Q) = Σ_i x_i x_iᵀ ⊗ P_i``, ``H(K,K) = Σ_i R_i ⊗ q_i q_iᵀ``, ``H(Q,K)[(r,s),(r',s')] =
+    Σ_i x_i[r] U_i[s,r'] q_i[s'] + G_QK[r,r'] δ_ss'`` (its transpose for ``(K, Q)``), value blocks
+    (:func:`_value_terms`) and the value–value blocks ``S ⊗ Ω_O``, ``S_O ⊗ I`` and
+    ``H(V,O)[(n,m),(p,o)] = P_VO[n,p] W_O[m,o] + Q_VO[n,o] δ_mp``.
     """
     mom = f.mom
     x, q = mom.x, mom.q
-    if (a, b) == ("Q", "Q"):  # x_ic P_i[b', d']
-        out4 = x[:, None, :, None] * f.P[:, :, None, :]
-    elif (a, b) == ("Q", "K"):  # U_i[b', c] q_id'  (the bilinear term is added by the caller)
-        out4 = f.U[:, :, :, None] * q[:, None, None, :]
-    elif (a, b) == ("K", "Q"):  # x_ic U_i[d', a']
-        out4 = x[None, :, :, None] * f.U.permute(2, 0, 1)[:, :, None, :]
-    elif (a, b) == ("K", "K"):  # R_i[a', c] q_id'
-        out4 = f.R.permute(1, 0, 2)[..., None] * q[None, :, None, :]
-    elif a == "Q":  # (E_i W_K)[n, m, b'] (value side V or O)
-        out4 = f.EW if b == "V" else f.EOW
-    else:  # E_i[n, m, a']
-        out4 = f.E if b == "V" else f.EO
-    return out4.reshape(*out4.shape[:2], -1)
-
-
-def _block_gemm(f: _Factors, a: str, b: str, *, transposed: bool = False) -> Tensor:
-    """The block ``(a, b)``, ``a ∈ {Q, K}``, without the bilinear term: one GEMM with inner dimension ``N`` (the
-    stacked query rows), ``Xᵀ F`` for query rows and a batched ``q``-GEMM over ``a'`` for key rows
-    (:func:`_row_factor`). With ``transposed`` the block ``(b, a)`` is returned, computed by a batched GEMM over
-    the columns of ``b`` whose output is already laid out row by row (no strided transpose of a large block).
-    """
-    mom = f.mom
-    N, d, k = mom.x.shape[0], mom.d_V, mom.d_K
-    F = _row_factor(f, a, b)
-    if not transposed:
-        if a == "Q":
-            return (mom.x.T @ F.reshape(N, -1)).reshape(d * k, -1)
-        return torch.bmm(mom.q.T.expand(d, k, N), F).reshape(d * k, -1)
-    if a == "Q":  # (b-col, c, a') = Σ_i F[i, a', col] x[i, c]
-        out = torch.matmul(mom.x.T, F.permute(2, 0, 1))
-    else:  # (b-col, a', b') = Σ_i F[a', i, col] q[i, b']
-        out = torch.matmul(F.permute(2, 0, 1), mom.q)
-    return out.reshape(out.shape[0], d * k)
-
-
-def _bilinear(f: _Factors, a: str, b: str) -> Tensor | None:
-    """The bilinear term ``G_QK ⊗ I`` (``H_f``) of block ``(Q, K)`` (transposed for ``(K, Q)``), else ``None``:
-    entries ``[(c, j), (a', j)] = G_QK[c, a']``.
-    """
-    if not f.use_f or {a, b} != {"Q", "K"}:
-        return None
-    d, k = f.mom.d_V, f.mom.d_K
-    G = f.G if a == "Q" else f.G.T
-    return (G[:, None, :, None] * f.eye_k[None, :, None, :]).reshape(d * k, d * k)
-
-
-def _value_block(f: _Factors, a: str, b: str) -> Tensor:
-    """A block between value-side weights (``V``, ``O``), dense ``(size_a, size_b)``."""
-    mom = f.mom
-    sizes = mom.sizes
-    if (a, b) == ("V", "V"):  # S ⊗ Ω_O
-        out = f.S[:, None, :, None] * f.Omega_O[None, :, None, :]
-    elif (a, b) == ("O", "O"):  # S_O ⊗ I
-        out = f.S_O[:, None, :, None] * f.eye_o[None, :, None, :]
-    elif (a, b) == ("V", "O"):  # 2c (M_1ᵀM_1W_V)[n,p] W_O[m,o] + (M_1ᵀG)[n,o] δ_mp
+    if a in "VO" and b in "VO":
+        if (a, b) == ("V", "V"):
+            return [(f.S[None], f.Omega_O[None], (0, 2, 1, 3))], []
+        if (a, b) == ("O", "O"):
+            return [(f.S_O[None], f.eye_o[None], (0, 2, 1, 3))], []
         assert mom.W_O is not None
-        delta = f.Q_VO[:, None, None, :] * f.eye_d[None, :, :, None]
-        out = f.P_VO[:, None, :, None] * mom.W_O[None, :, None, :] + delta
-    else:  # ("O", "V")
-        return _value_block(f, "V", "O").T
-    return out.reshape(sizes[a], sizes[b])
+        assert (a, b) == ("V", "O"), "(O, V) is written as the transpose of (V, O)"  # [n,m,p,o]
+        return [(f.P_VO[None], mom.W_O[None], (0, 2, 1, 3))], [(1, 2, f.Q_VO[:, :, None])]
+    if a in "VO" or b in "VO":
+        return _value_terms(f, a, b), []
+    bil = [(1, 3, (f.G if a == "Q" else f.G.T)[:, :, None])] if f.use_f and a != b else []
+    if (a, b) == ("Q", "Q"):
+        return [(_outer(x, x), f.P, (0, 2, 1, 3))], []
+    if (a, b) == ("K", "K"):
+        return [(f.R, _outer(q, q), (0, 2, 1, 3))], []
+    if (a, b) == ("Q", "K"):
+        return [(f.U, _outer(x, q), (2, 0, 1, 3))], bil
+    return [(_outer(q, x), f.U.transpose(1, 2).contiguous(), (2, 0, 1, 3))], bil
+
+
+#: Target size (numbers) of one GEMM output chunk: small enough to stay in cache and be reused by the allocator.
+_CHUNK = 1 << 18
+
+
+def _write_block(f: _Factors, a: str, b: str, dest: Tensor, mirror: Tensor | None = None) -> None:
+    """Write block ``(a, b)`` into ``dest`` (a view of shape ``(size_a, size_b)``), chunk by chunk of its rows,
+    and with ``mirror`` (a view of shape ``(size_b, size_a)``) its transpose ``(b, a)`` as well.
+
+    Per chunk of the first index of ``a``, each term is one GEMM into a small temporary, copied (then added)
+    permuted into ``dest``; the finished chunk (still in cache) is copied transposed into ``mirror``. No temporary
+    larger than :data:`_CHUNK` numbers is created and every entry of ``dest`` (and ``mirror``) is written. Pure:
+    only slice writes into ``dest`` and ``mirror``.
+    """
+    mom = f.mom
+    shape = {"Q": (mom.d_V, mom.d_K), "K": (mom.d_V, mom.d_K), "V": (mom.d_V, mom.d_V), "O": (mom.d_V, mom.d_O)}
+    dest4 = dest.view(*shape[a], *shape[b])
+    mirror4 = None if mirror is None else mirror.view(*shape[b], *shape[a])
+    terms, diags = _terms(f, a, b)
+    rows = shape[a][0]
+    step = max(1, _CHUNK // (shape[a][1] * shape[b][0] * shape[b][1]))
+    # the chunked index is the outer index of one factor (perm[0] ∈ {0, 2}): a column slice of its matrix
+    mats = [(L.reshape(L.shape[0], -1), R.reshape(R.shape[0], -1), tuple(L.shape[1:]), tuple(R.shape[1:]), perm)
+            for L, R, perm in terms]
+    for t0 in range(0, rows, step):
+        n = min(step, rows - t0)
+        view = dest4.narrow(0, t0, n)
+        for j, (L, R, ls, rs, perm) in enumerate(mats):
+            if perm[0] == 0:
+                L, ls = L[:, t0 * ls[1]:(t0 + n) * ls[1]], (n, ls[1])
+            else:
+                R, rs = R[:, t0 * rs[1]:(t0 + n) * rs[1]], (n, rs[1])
+            out = (L.T @ R).view(*ls, *rs).permute(perm)
+            if j == 0:
+                view.copy_(out)
+            else:
+                view.add_(out)
+        for d1, d2, v in diags:  # d1, d2 > 0
+            view.diagonal(dim1=d1, dim2=d2).add_(v.narrow(0, t0, n))
+        if mirror4 is not None:
+            mirror4.narrow(2, t0, n).copy_(view.permute(2, 3, 0, 1))
 
 
 def bilinear_term(mom: AttentionMoments) -> Tensor:
@@ -229,12 +247,10 @@ def bilinear_term(mom: AttentionMoments) -> Tensor:
 
 
 def _block(f: _Factors, a: str, b: str) -> Tensor:
-    if a in "VO" and b in "QK":  # value-side rows: transpose of the query/key row block
-        return _block(f, b, a).T
-    if a in "VO":
-        return _value_block(f, a, b)
-    out, bil = _block_gemm(f, a, b), _bilinear(f, a, b)
-    return out if bil is None else out + bil
+    """The dense block ``(a, b)`` in a fresh buffer allocated from the moments (batched like them under ``vmap``)."""
+    out = f.mom.G.new_empty(f.mom.sizes[a], f.mom.sizes[b])
+    _write_block(f, a, b, out)
+    return out
 
 
 def hessian_block(
@@ -261,7 +277,8 @@ def hessian_block(
     if a not in mom.params or b not in mom.params:
         raise EnergyInputError(f"block names must be among {mom.params}, got ({a!r}, {b!r}).")
     check_dense_budget(mom.sizes[a], mom.sizes[b], mom.x.dtype, max_gib, f"the dense block {part}({a}, {b})")
-    return _block(_Factors(mom, part), a, b)
+    f = _Factors(mom, part)
+    return _block(f, a, b) if (a, b) in mom.blocks else _block(f, b, a).T
 
 
 def hessian_blocks(
@@ -284,10 +301,10 @@ def hessian_blocks(
 def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    Every query/key block is one GEMM (:func:`_block_gemm`); the value-side rows are the transposes of their
-    query/key columns plus the small value–value blocks. Memory: the ``p × p`` result, one block factor of
-    ``N d_K size_b`` numbers and ``O(N d_V³)`` value-side factors. Pure (no value reads; slice writes into a
-    buffer batched like the inputs): every ``torch.func`` transform applies.
+    Every block, lower ones included, is written straight into the result in row chunks by GEMMs of small
+    per-row factors (:func:`_write_block`; no strided transposes, no factor of the block's size). Memory: the
+    ``p × p`` result, chunk temporaries of at most :data:`_CHUNK` numbers and ``O(N d_V²)`` factors. Pure (no
+    value reads; slice writes into a buffer batched like the inputs): every ``torch.func`` transform applies.
 
     Args:
         mom: from :func:`attention_moments`.
@@ -306,17 +323,9 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
     # The result buffer is allocated from the moments (``G`` depends on X, the weights and Y), so that under
     # ``vmap`` it is batched like every block written into it; slice writes are tracked by every transform.
     H = mom.G.new_empty(p, p)  # every entry is written below
-    for a in ("Q", "K"):
-        for b in mom.params:
-            H[span[a], span[b]] = _block_gemm(f, a, b)
-            bil = _bilinear(f, a, b)
-            if bil is not None:
-                H[span[a], span[b]] += bil
-    for a in mom.params[2:]:  # V (and O): transposed query/key columns, then the value-side blocks
-        for b in ("Q", "K"):
-            H[span[a], span[b]] = _block_gemm(f, b, a, transposed=True)
-        for b in mom.params[2:]:
-            H[span[a], span[b]] = _value_block(f, a, b)
+    for i, a in enumerate(mom.params):  # upper blocks, each with its transpose
+        for b in mom.params[i:]:
+            _write_block(f, a, b, H[span[a], span[b]], None if a == b else H[span[b], span[a]])
     return H
 
 

@@ -301,8 +301,9 @@ def hessian_blocks(
 def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float | None = None) -> Tensor:
     """The assembled dense ``part`` of the loss Hessian, parameters ordered ``(Q, K, V[, O])`` (MATH §3).
 
-    Every block, lower ones included, is written straight into the result in row chunks by GEMMs of small
-    per-row factors (:func:`_write_block`; no strided transposes, no factor of the block's size). Memory: the
+    Every upper block is written straight into the result in row chunks by GEMMs of small per-row factors, and
+    each finished chunk, still in cache, is copied transposed into the lower block (:func:`_write_block`; no
+    factor or temporary of the block's size). Memory: the
     ``p × p`` result, chunk temporaries of at most :data:`_CHUNK` numbers and ``O(N d_V²)`` factors. Pure (no
     value reads; slice writes into a buffer batched like the inputs): every ``torch.func`` transform applies.
 

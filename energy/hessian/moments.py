@@ -178,8 +178,11 @@ def attention_moments(*args: Tensor | AttentionLayer, **options: Unpack[LayerOpt
     causal=..., linear=...)`` (the fields of the layer).
 
     Args:
-        X: ``(L, d_V)`` or ``(B, L, d_V)``.
-        Y: regression target of ``F``, shape of ``X`` with the output width.
+        *args: ``(layer, X, Y)`` with an :class:`~energy.hessian.attention_layer.AttentionLayer`, or the legacy
+            ``(X, W_Q, W_K, W_V, Y)``; ``X`` is ``(L, d_V)`` or ``(B, L, d_V)`` and ``Y``, the regression target of
+            ``F``, has the shape of ``X`` with the output width.
+        **options: the layer's fields in the legacy style (``W_O``, ``c``, ``reduction``, ``scale``, ``mask``,
+            ``causal``, ``linear``).
 
     The formulas are those of :func:`layer_moments`.
     """
@@ -203,7 +206,9 @@ def layer_moments(
 
     Args:
         layer: the attention layer.
-        X3, Y3: ``(B, L, d_V)`` inputs and ``(B, L, d_out)`` targets; mask: ``(B, L, L)`` boolean or ``None``.
+        X3: ``(B, L, d_V)`` inputs.
+        Y3: ``(B, L, d_out)`` targets.
+        mask: ``(B, L, L)`` boolean or ``None``.
         single: the inputs were one sequence (``F`` is then returned as ``(L, d_out)``).
     """
     W_Q, W_K, W_V, W_O = layer.W_Q, layer.W_K, layer.W_V, layer.W_O

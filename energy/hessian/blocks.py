@@ -196,8 +196,9 @@ def _terms(f: _Factors, a: str, b: str) -> tuple[list[_Term], list[_Diag]]:
     return [(_outer(q, x), f.U.transpose(1, 2).contiguous(), (2, 0, 1, 3))], bil
 
 
-#: Target size (numbers) of one GEMM output chunk: small enough to stay in cache and be reused by the allocator.
-_CHUNK = 1 << 18
+#: Target size (numbers) of one GEMM output chunk (8 MB in float64): below glibc's 32 MB mmap threshold, so the
+#: allocator reuses it without page faults, and few chunks (few multithreaded ops) per block.
+_CHUNK = 1 << 20
 
 
 def _write_block(f: _Factors, a: str, b: str, dest: Tensor, mirror: Tensor | None = None) -> None:

@@ -104,7 +104,7 @@ class Energy(torch.nn.Module):
                 setattr(cls, name, _result_checked(fn, name))
         init = cls.__dict__.get("__init__")
         if callable(init) and not getattr(init, "_precision_checked", False):
-            setattr(cls, "__init__", _precision_checked(init))
+            cls.__init__ = _precision_checked(init)
 
     def energy(self, Y: Tensor, *args: Any, **options: Any) -> Tensor:  # pragma: no cover - abstract
         """``E(Y)`` per batch element, shape ``Y.shape[:-2]``."""

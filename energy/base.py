@@ -25,9 +25,9 @@ Precision policy
   step with α in :meth:`Energy.step_range`.
 * **float32**: the guarantees hold within rounding: measured 39/1,200 rises, each ≤ 9e-8 (relative to energies of
   order 1); compare ``E(step(Y)) ≤ E(Y) + 1e-6 · max(1, |E(Y)|)``, or use float64 for exact checks.
-* **float16 / bfloat16**: accepted, with a one-time :class:`~energy._validation.LowPrecisionWarning` per dtype and process
-  (at the construction of an energy or a step module) quoting the measured violations: float16 94/1,200 rises
-  (≤ 7e-4), bfloat16 56/1,200 rises (≤ 8e-3). No guarantee is claimed there.
+* **float16 / bfloat16**: accepted, with a one-time :class:`~energy._validation.LowPrecisionWarning` per dtype
+  and process (at the construction of an energy or a step module) quoting the measured violations: float16
+  94/1,200 rises (≤ 7e-4), bfloat16 56/1,200 rises (≤ 8e-3). No guarantee is claimed there.
 """
 
 from __future__ import annotations

@@ -192,8 +192,9 @@ def attention_moments(*args: Tensor | AttentionLayer, **options: Unpack[LayerOpt
     causal=..., linear=...)`` (the fields of the layer).
 
     Args:
-        X: ``(L, d_V)`` or ``(B, L, d_V)``.
-        Y: regression target of ``F``, shape of ``X`` with the output width.
+        *args: ``(layer, X, Y)`` or ``(X, W_Q, W_K, W_V, Y)``; ``X`` is ``(L, d_V)`` or ``(B, L, d_V)`` with
+            ``L ≥ 1``, ``Y`` the regression target of ``F`` (shape of ``X`` with the output width).
+        **options: the legacy style's layer fields (``W_O``, ``c``, ``reduction``, ``scale``, ``mask``, ...).
 
     The formulas are those of :func:`layer_moments`.
     """
@@ -217,7 +218,9 @@ def layer_moments(
 
     Args:
         layer: the attention layer.
-        X3, Y3: ``(B, L, d_V)`` inputs and ``(B, L, d_out)`` targets; mask: ``(B, L, L)`` boolean or ``None``.
+        X3: ``(B, L, d_V)`` inputs.
+        Y3: ``(B, L, d_out)`` targets.
+        mask: ``(B, L, L)`` boolean or ``None``.
         single: the inputs were one sequence (``F`` is then returned as ``(L, d_out)``).
     """
     W_Q, W_K, W_V, W_O = layer.W_Q, layer.W_K, layer.W_V, layer.W_O

@@ -38,6 +38,7 @@ __all__ = [
     "check_symmetric",
     "check_psd",
     "check_step_size",
+    "check_alpha_shape",
     "default_tolerance",
     "strict_mode",
     "is_strict",
@@ -377,15 +378,8 @@ def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | No
     return W
 
 
-def check_step_size(alpha: float | Tensor, name: str, *, low: float, high: float, reason: str,
-                    high_inclusive: bool = False) -> float | Tensor:
-    """Warn (or raise in :func:`strict_mode`) if ``alpha`` lies outside the guaranteed descent range.
-
-    The guaranteed range is ``(low, high)`` (``(low, high]`` if ``high_inclusive``). ``reason`` names the
-    guarantee, e.g. ``"MATH §1.1(a): Gaussian kernel, α ∈ (0, 2)"``. Returns ``alpha``: a Python number as a
-    float, a (learnable) tensor unchanged (it is checked by value when it can be read, see :func:`value_holds`).
-    """
-    given = alpha
+def check_alpha_shape(alpha: object, name: str = "alpha") -> object:
+    """A metadata check of a step size: a tensor ``alpha`` must be floating with one element (returns ``alpha``)."""
     if isinstance(alpha, Tensor):
         if alpha.numel() != 1:
             raise EnergyInputError(
@@ -394,6 +388,19 @@ def check_step_size(alpha: float | Tensor, name: str, *, low: float, high: float
             )
         if not alpha.is_floating_point():
             raise EnergyInputError(f"`{name}` must be a floating-point tensor, got dtype {alpha.dtype}.")
+    return alpha
+
+
+def check_step_size(alpha: float | Tensor, name: str, *, low: float, high: float, reason: str,
+                    high_inclusive: bool = False) -> float | Tensor:
+    """Warn (or raise in :func:`strict_mode`) if ``alpha`` lies outside the guaranteed descent range.
+
+    The guaranteed range is ``(low, high)`` (``(low, high]`` if ``high_inclusive``). ``reason`` names the
+    guarantee, e.g. ``"MATH §1.1(a): Gaussian kernel, α ∈ (0, 2)"``. Returns ``alpha``: a Python number as a
+    float, a (learnable) tensor unchanged (it is checked by value when it can be read, see :func:`value_holds`).
+    """
+    given = check_alpha_shape(alpha, name)
+    if isinstance(alpha, Tensor):
         value = _read(alpha.detach())
         if value is None:
             return alpha

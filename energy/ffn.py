@@ -23,6 +23,7 @@ from torch import Tensor
 
 from energy._validation import (
     ConstraintError,
+    check_readable,
     check_same_float_dtype,
     check_symmetric,
     check_tensor,
@@ -104,6 +105,7 @@ class FFNEnergy(_GradientStepEnergy):
     def __init__(self, W_f: Tensor, b: Tensor, *, allow_unbounded: bool = False) -> None:
         super().__init__()
         check_tensor(W_f, "W_f", ndim=2)
+        check_readable(W_f, "W_f", "FFNEnergy (its step range needs the eigenvalues of I + W_f)")
         check_symmetric(W_f.detach(), "W_f")
         check_tensor(b, "b", ndim=1, trailing=(W_f.shape[0],))
         check_same_float_dtype(W_f=W_f, b=b)

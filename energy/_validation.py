@@ -39,6 +39,7 @@ __all__ = [
     "check_psd",
     "check_step_size",
     "check_alpha_shape",
+    "check_float_dtype",
     "default_tolerance",
     "strict_mode",
     "is_strict",
@@ -376,6 +377,16 @@ def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | No
             "parametrise it as W = M Mᵀ."
         )
     return W
+
+
+def check_float_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
+    """A floating ``torch.dtype`` (data loaders' ``dtype=``); integer or other dtypes are rejected, not ignored."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise EnergyInputError(
+            f"`{name}` must be a real floating torch dtype (torch.float32, torch.float64, ...), got {dtype!r}; the "
+            "features are real numbers (labels are always torch.long)."
+        )
+    return dtype
 
 
 def check_alpha_shape(alpha: object, name: str = "alpha") -> object:

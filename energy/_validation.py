@@ -193,10 +193,11 @@ def check_finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
-def check_result(out: Tensor | tuple[Tensor, ...], what: str, **inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+def check_result(out: Tensor | tuple[Tensor, ...], what: str, *, hint: str = "",
+                 **inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
     """Raise :class:`EnergyInputError` if a public result ``out`` has NaN/inf entries although its (checked,
     finite) ``inputs`` do not: the computation overflowed. The message names the inputs and their scale
-    (``max |·|``) and the dtype's range. A value check through :func:`value_holds` (skipped under transforms).
+    (``max |·|``) and the dtype's range (``hint``: a further possible cause). A value check through :func:`value_holds` (skipped under transforms).
     Returns ``out``.
     """
     outs = out if isinstance(out, tuple) else (out,)
@@ -217,6 +218,7 @@ def check_result(out: Tensor | tuple[Tensor, ...], what: str, **inputs: Tensor) 
         f"{what} is not finite (NaN/inf) although {names} is finite ({scale}): the computation overflowed {dtype} "
         f"(largest finite value {torch.finfo(dtype).max:.3g}). Rescale {names} (e.g. normalise the tokens)"
         + (" or use a wider dtype (`.to(torch.float64)`)." if dtype != torch.float64 else ".")
+        + (f" {hint}" if hint else "")
     )
 
 

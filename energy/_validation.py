@@ -149,6 +149,13 @@ def strict_mode(enabled: bool = True) -> Iterator[None]:
         _STRICT = previous
 
 
+def for_linalg(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is float16 / bfloat16 (torch's CPU eigen/SVD routines do not take half precision);
+    for construction-time decisions (spectra, norms) only, never for a result.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _shape_str(shape: Sequence[int | str | None]) -> str:
     return "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
 
@@ -197,8 +204,8 @@ def check_result(out: Tensor | tuple[Tensor, ...], what: str, *, hint: str = "",
                  **inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
     """Raise :class:`EnergyInputError` if a public result ``out`` has NaN/inf entries although its (checked,
     finite) ``inputs`` do not: the computation overflowed. The message names the inputs and their scale
-    (``max |·|``) and the dtype's range (``hint``: a further possible cause). A value check through :func:`value_holds` (skipped under transforms).
-    Returns ``out``.
+    (``max |·|``) and the dtype's range (``hint``: a further possible cause). A value check through
+    :func:`value_holds` (skipped under transforms). Returns ``out``.
     """
     outs = out if isinstance(out, tuple) else (out,)
     bad = [o for o in outs if isinstance(o, Tensor) and o.is_floating_point() and o.numel()
@@ -367,7 +374,7 @@ def check_psd(W: Tensor, name: str, *, strict_pd: bool = False, atol: float | No
     if not is_readable(W):
         return W
     tol = default_tolerance(W) if atol is None else atol
-    lam_min = float(torch.linalg.eigvalsh(W.detach()).min())
+    lam_min = float(torch.linalg.eigvalsh(for_linalg(W.detach())).min())
     if strict_pd and lam_min <= tol:
         raise ConstraintError(
             f"`{name}` must be positive definite (smallest eigenvalue {lam_min:.3e}); this step applies W⁻¹. "

@@ -28,6 +28,7 @@ from energy._validation import (
     check_symmetric,
     check_tensor,
     check_tokens,
+    for_linalg,
 )
 from energy.base import Energy, StepRange
 from energy.core import ffn as core
@@ -110,7 +111,7 @@ class FFNEnergy(_GradientStepEnergy):
         check_tensor(b, "b", ndim=1, trailing=(W_f.shape[0],))
         check_same_float_dtype(W_f=W_f, b=b)
         eye = torch.eye(W_f.shape[0], dtype=W_f.dtype, device=W_f.device)
-        lam = torch.linalg.eigvalsh(eye + W_f.detach())  # the step range is a constant, not differentiated
+        lam = torch.linalg.eigvalsh(for_linalg(eye + W_f.detach()))  # the step range is a constant, not differentiated
         self.lambda_min, self.lambda_max = float(lam[0]), float(lam[-1])
         if self.lambda_min <= 0 and not allow_unbounded:
             raise ConstraintError(

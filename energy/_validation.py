@@ -200,8 +200,8 @@ def check_finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
-def check_result(out: Tensor | tuple[Tensor, ...], what: str, *, hint: str = "",
-                 **inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+def check_result(out: Tensor | tuple[Tensor, ...], what: str, inputs: Mapping[str, Tensor], *,
+                 hint: str = "") -> Tensor | tuple[Tensor, ...]:
     """Raise :class:`EnergyInputError` if a public result ``out`` has NaN/inf entries although its (checked,
     finite) ``inputs`` do not: the computation overflowed. The message names the inputs and their scale
     (``max |·|``) and the dtype's range (``hint``: a further possible cause). A value check through

@@ -104,7 +104,7 @@ class Energy(torch.nn.Module):
                 setattr(cls, name, _result_checked(fn, name))
         init = cls.__dict__.get("__init__")
         if callable(init) and not getattr(init, "_precision_checked", False):
-            cls.__init__ = _precision_checked(init)
+            cls.__init__ = _precision_checked(init)  # type: ignore[method-assign]
 
     def energy(self, Y: Tensor, *args: Any, **options: Any) -> Tensor:  # pragma: no cover - abstract
         """``E(Y)`` per batch element, shape ``Y.shape[:-2]``."""
@@ -167,7 +167,7 @@ def _result_checked(method: Callable[..., Any], what: str) -> Callable[..., Any]
         out = method(self, *args, **kwargs)
         x = args[0] if args else kwargs.get(arg)
         inputs = {arg: x} if isinstance(x, Tensor) else {}
-        return check_result(out, f"`{type(self).__name__}.{what}({arg}, …)`", **inputs)
+        return check_result(out, f"`{type(self).__name__}.{what}({arg}, …)`", inputs)
 
     wrapped._result_checked = True  # type: ignore[attr-defined]
     return wrapped

@@ -94,7 +94,7 @@ class Step(nn.Module):
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
         if callable(init) and not getattr(init, "_precision_checked", False):
-            cls.__init__ = _precision_checked(init)
+            cls.__init__ = _precision_checked(init)  # type: ignore[method-assign]
 
     def __init__(self, d: int, *, alpha: float = 1.0, learn_alpha: bool = False) -> None:
         super().__init__()

@@ -94,14 +94,14 @@ class LinearOperator:
     def matmat(self, V: Tensor) -> Tensor:
         """Return ``A @ V`` for ``V`` of shape ``(n, k)`` (all ``k`` columns in one vmapped pass, or chunks)."""
         V, is_vec = self._check_input(V, "V", self.shape[1])
-        out = check_result(self._chunked(self._matmat, V), f"`{type(self).__name__} @ V`", hint=_NAN_HINT, V=V)
+        out = check_result(self._chunked(self._matmat, V), f"`{type(self).__name__} @ V`", {"V": V}, hint=_NAN_HINT)
         assert isinstance(out, Tensor)
         return out[:, 0] if is_vec else out
 
     def rmatmat(self, U: Tensor) -> Tensor:
         """Return ``Aᵀ @ U`` for ``U`` of shape ``(m, k)``."""
         U, is_vec = self._check_input(U, "U", self.shape[0])
-        out = check_result(self._chunked(self._rmatmat, U), f"`{type(self).__name__}.T @ U`", hint=_NAN_HINT, U=U)
+        out = check_result(self._chunked(self._rmatmat, U), f"`{type(self).__name__}.T @ U`", {"U": U}, hint=_NAN_HINT)
         assert isinstance(out, Tensor)
         return out[:, 0] if is_vec else out
 

@@ -90,8 +90,8 @@ class Energy(torch.nn.Module):
 
     #: the public methods whose results are checked for NaN/inf (see the module docstring)
     RESULT_METHODS: ClassVar[tuple[str, ...]] = (
-        "energy", "grad", "step", "step_and_energy", "preconditioned_grad", "projected_step", "constrained_energy",
-    )
+        "energy", "grad", "step", "step_and_energy", "preconditioned_grad", "projected_step",
+    )  # not ``constrained_energy``: its +inf outside the feasible set is a value, not an overflow
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Wrap each subclass's result methods with the NaN/inf check, and ``__init__`` with the one-time

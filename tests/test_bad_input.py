@@ -215,6 +215,8 @@ CASES_ISSUE9 = [
      r"`A` contains NaN or inf"),
     ("lanczos-nan-callable", lambda: lanczos(_nan_fn, 2, dim=5), energy.EnergyInputError,
      r"products of `A` are not finite"),
+    ("hutchinson-nan-callable", lambda: energy.hessian.hutchinson_trace(_nan_fn, 4, dim=5), energy.EnergyInputError,
+     r"`A @ V` of the estimator is not finite.*check the operator `A`"),
     ("lanczos-int-dense", lambda: lanczos(sym5.long(), 2), energy.EnergyInputError, r"`A` must be a floating"),
     # moments
     ("hessian-structure-tensor-not-moments", lambda: block_diagonals(X_att), energy.EnergyInputError,

@@ -39,7 +39,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from energy._validation import ConstraintError, EnergyInputError, check_readable, check_tensor, default_tolerance
+from energy._validation import (
+    ConstraintError,
+    EnergyInputError,
+    check_readable,
+    check_result,
+    check_tensor,
+    default_tolerance,
+)
 from energy.hessian.curvature_operators import CurvatureOperator
 from energy.hessian.token_operator import TokenHessianOperator
 
@@ -252,9 +259,14 @@ def _count(num: int, name: str, n: int, *, exact_if_cheaper: bool, minimum: int 
 
 
 def _apply(mm: Callable[[Tensor], Tensor], V: Tensor, batch_size: int | None) -> Tensor:
+    """``A V`` in column chunks; a NaN/inf product raises (an estimate from it would be NaN without a word)."""
     if batch_size is None or V.shape[1] <= batch_size:
-        return mm(V)
-    return torch.cat([mm(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1)
+        out = mm(V)
+    else:
+        out = torch.cat([mm(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1)
+    check_result(out, "the product `A @ V` of the estimator", {"V": V},
+                 hint="If the scale is moderate, check the operator `A` for NaN/inf entries.")
+    return out
 
 
 def _exact_matrix(mm: Callable, shape: tuple[int, int], dtype: torch.dtype, batch_size: int | None,

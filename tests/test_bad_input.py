@@ -246,6 +246,10 @@ CASES_ISSUE9 = [
      r"`fn` fails on `Y`"),
     ("token-operator-overflow", lambda: TokenHessianOperator(lambda Z: (Z ** 4).sum(), X_lin * 1e100),
      energy.EnergyInputError, r"`fn\(Y\)` is not finite.*max \|Y\|"),
+    ("reference-mha-overflow", lambda: multi_head_attention(Y * 1e200, Y * 1e200, M[:, :4], M[:, :4], M[:, :4],
+     num_heads=2), energy.EnergyInputError, r"`multi_head_attention\(…\)` is not finite.*max \|x_q\|"),
+    ("reference-ffn-overflow", lambda: energy.reference.feed_forward(Y * 1e200, W4, None, W4 * 1e200, None),
+     energy.EnergyInputError, r"`feed_forward\(…\)` is not finite.*max \|X\|"),
     # presets and data
     ("yang2022-n-classes-0", lambda: unfold.yang2022(d=8, depth=1, n_classes=0), energy.EnergyInputError,
      r"`n_classes` must be a positive integer"),

@@ -19,15 +19,15 @@ scale ``max |Y|`` (always, not only in :func:`~energy.strict_mode`: a NaN result
 goes through :func:`energy._validation.value_holds`, so it is skipped under tracing transforms (``vmap``,
 ``linearize``) and for meta tensors; step modules and unrolled models call the pure core and are not checked.
 
-Precision policy
-----------------
+**Precision policy.**
+
 * **float64**: the guarantees hold as stated — over 1,200 random instances at α = 1 the energy never rose after a
   step with α in :meth:`Energy.step_range`.
-* **float32**: the guarantees hold within rounding: measured 39/1,200 rises, each ≤ 9e-8 (relative to energies of
-  order 1); compare ``E(step(Y)) ≤ E(Y) + 1e-6 · max(1, |E(Y)|)``, or use float64 for exact checks.
+* **float32**: the guarantees hold within rounding: measured 39/1,200 rises, each ≤ 9e-8 (rounding); compare ``E(step(Y)) ≤ E(Y) + 1e-6 · max(1, |E(Y)|)``, or use float64 for exact checks.
 * **float16 / bfloat16**: accepted, with a one-time :class:`~energy._validation.LowPrecisionWarning` per dtype
-  and process (at the construction of an energy or a step module) quoting the measured violations: float16
-  94/1,200 rises (≤ 7e-4), bfloat16 56/1,200 rises (≤ 8e-3). No guarantee is claimed there.
+  and process (at the construction of an energy or a step module, or its conversion by ``.to()`` / ``.half()``)
+  quoting the measured violations: float16 94/1,200 rises (≤ 7e-4), bfloat16 56/1,200 rises (≤ 8e-3). No
+  guarantee is claimed there.
 """
 
 from __future__ import annotations
@@ -105,6 +105,14 @@ class Energy(torch.nn.Module):
         init = cls.__dict__.get("__init__")
         if callable(init) and not getattr(init, "_precision_checked", False):
             cls.__init__ = _precision_checked(init)  # type: ignore[method-assign]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``.to()`` / ``.half()`` / ``.bfloat16()`` also give the one-time low-precision warning."""
+        out = super()._apply(fn, recurse)
+        dtype = _weights_dtype(self)
+        if dtype is not None:
+            warn_low_precision(dtype, type(self).__name__)
+        return out
 
     def energy(self, Y: Tensor, *args: Any, **options: Any) -> Tensor:  # pragma: no cover - abstract
         """``E(Y)`` per batch element, shape ``Y.shape[:-2]``."""

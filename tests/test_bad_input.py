@@ -109,7 +109,6 @@ from torch import nn  # noqa: E402
 import unfold  # noqa: E402
 from energy._validation import _WARNED_DTYPES, LowPrecisionWarning, check_float_dtype  # noqa: E402
 from energy.base import StepRange  # noqa: E402
-from energy.ffn import FFNEnergy as _FFN  # noqa: E402
 from energy.hessian import (  # noqa: E402
     GGNOperator,
     HessianOperator,
@@ -329,7 +328,7 @@ def test_half_precision_warns_once_per_dtype_with_measured_rates(dtype, rate):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LowPrecisionWarning)
         AttentionEnergy(M.to(dtype))  # once per dtype and process
-        _FFN(W_sym.to(dtype), b.to(dtype))
+        FFNEnergy(W_sym.to(dtype), b.to(dtype))
         E.energy(Y)  # float64: silent
     _WARNED_DTYPES.discard(dtype)
     with pytest.warns(LowPrecisionWarning, match="AttentionStep"):
@@ -343,6 +342,16 @@ def _half_step(dtype):
         return unfold.steps.AttentionStep(4)
     finally:
         torch.set_default_dtype(torch_default)
+
+
+def test_half_conversion_of_a_model_warns_once():
+    for dtype in (torch.float16, torch.bfloat16):
+        _WARNED_DTYPES.discard(dtype)
+    with pytest.warns(LowPrecisionWarning, match=r"torch.float16.*94/1,200") as rec:
+        unfold.yang2022(d=8, depth=2, fused=False).half()
+    assert len([w for w in rec if issubclass(w.category, LowPrecisionWarning)]) == 1
+    with pytest.warns(LowPrecisionWarning, match=r"torch.bfloat16.*56/1,200"):
+        AttentionEnergy(M).to(torch.bfloat16)
 
 
 def test_float32_and_float64_construct_silently():

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from energy import kernels
-from energy._validation import EnergyInputError, check_tensor
-from energy.base import Energy, StepRange, _precision_checked
+from energy._validation import EnergyInputError, check_tensor, warn_low_precision
+from energy.base import Energy, StepRange, _precision_checked, _weights_dtype
 
 __all__ = ["Prepared", "Step", "make_kernel", "positive_int", "check_input_dtype"]
 
@@ -95,6 +95,16 @@ class Step(nn.Module):
         init = cls.__dict__.get("__init__")
         if callable(init) and not getattr(init, "_precision_checked", False):
             cls.__init__ = _precision_checked(init)  # type: ignore[method-assign]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``.to()`` / ``.half()`` / ``.bfloat16()`` (e.g. of a whole model) also give the one-time low-precision
+        warning.
+        """
+        out = super()._apply(fn, recurse)
+        dtype = _weights_dtype(self)
+        if dtype is not None:
+            warn_low_precision(dtype, type(self).__name__)
+        return out
 
     def __init__(self, d: int, *, alpha: float = 1.0, learn_alpha: bool = False) -> None:
         super().__init__()

@@ -23,7 +23,8 @@ goes through :func:`energy._validation.value_holds`, so it is skipped under trac
 
 * **float64**: the guarantees hold as stated — over 1,200 random instances at α = 1 the energy never rose after a
   step with α in :meth:`Energy.step_range`.
-* **float32**: the guarantees hold within rounding: measured 39/1,200 rises, each ≤ 9e-8 (rounding); compare ``E(step(Y)) ≤ E(Y) + 1e-6 · max(1, |E(Y)|)``, or use float64 for exact checks.
+* **float32**: the guarantees hold within rounding: measured 39/1,200 rises, each ≤ 9e-8; check descent as
+  ``E(step(Y)) ≤ E(Y) + 1e-6 · max(1, |E(Y)|)``, or use float64 for exact checks.
 * **float16 / bfloat16**: accepted, with a one-time :class:`~energy._validation.LowPrecisionWarning` per dtype
   and process (at the construction of an energy or a step module, or its conversion by ``.to()`` / ``.half()``)
   quoting the measured violations: float16 94/1,200 rises (≤ 7e-4), bfloat16 56/1,200 rises (≤ 8e-3). No

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_psd, check_same_float_dtype, check_tensor
+from energy._validation import EnergyInputError, check_psd, check_same_float_dtype, check_tensor, for_linalg
 from energy.core.preconditioner import Preconditioner
 from energy.kernels import GaussianKernel, Kernel
 
@@ -139,4 +139,4 @@ def heads_orthogonal(M3: Tensor, atol: float | None = None) -> bool:
 
 def lambda_max(M: Tensor, kappa: float) -> float:
     r""":math:`\lambda_{\max}(W) = \kappa\,\sigma_{\max}(M)^2` (for heads: :math:`\max_h`); reads the weights."""
-    return kappa * float(torch.linalg.matrix_norm(M.detach(), ord=2).max()) ** 2
+    return kappa * float(torch.linalg.matrix_norm(for_linalg(M.detach()), ord=2).max()) ** 2

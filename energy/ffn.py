@@ -23,10 +23,12 @@ from torch import Tensor
 
 from energy._validation import (
     ConstraintError,
+    check_readable,
     check_same_float_dtype,
     check_symmetric,
     check_tensor,
     check_tokens,
+    for_linalg,
 )
 from energy.base import Energy, StepRange
 from energy.core import ffn as core
@@ -104,11 +106,12 @@ class FFNEnergy(_GradientStepEnergy):
     def __init__(self, W_f: Tensor, b: Tensor, *, allow_unbounded: bool = False) -> None:
         super().__init__()
         check_tensor(W_f, "W_f", ndim=2)
+        check_readable(W_f, "W_f", "FFNEnergy (its step range needs the eigenvalues of I + W_f)")
         check_symmetric(W_f.detach(), "W_f")
         check_tensor(b, "b", ndim=1, trailing=(W_f.shape[0],))
         check_same_float_dtype(W_f=W_f, b=b)
         eye = torch.eye(W_f.shape[0], dtype=W_f.dtype, device=W_f.device)
-        lam = torch.linalg.eigvalsh(eye + W_f.detach())  # the step range is a constant, not differentiated
+        lam = torch.linalg.eigvalsh(for_linalg(eye + W_f.detach()))  # the step range is a constant, not differentiated
         self.lambda_min, self.lambda_max = float(lam[0]), float(lam[-1])
         if self.lambda_min <= 0 and not allow_unbounded:
             raise ConstraintError(

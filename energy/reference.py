@@ -28,6 +28,7 @@ from typing_extensions import Unpack
 from energy._validation import (
     EnergyInputError,
     check_options,
+    check_result,
     check_same_float_dtype,
     check_scale,
     check_tensor,
@@ -52,6 +53,13 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- validation helpers
+
+
+def _finite(out: Tensor, function: str, **inputs: Tensor) -> Tensor:
+    """The result check of the public reference functions (:func:`energy._validation.check_result`)."""
+    check_result(out, f"`{function}(…)`", inputs,
+                 hint="A query whose keys are all masked also gives NaN: keep at least one key per query.")
+    return out
 
 
 def _check_optional(x: object | None, name: str, **kwargs: Any) -> Tensor | None:
@@ -146,7 +154,7 @@ def single_head_attention(
     check_tensor(W_V, "W_V", ndim=2, trailing=(d, None))
     check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V)
     A = attention_weights(X @ W_Q, X @ W_K, scale=scale, mask=mask)
-    return A @ (X @ W_V)
+    return _finite(A @ (X @ W_V), "single_head_attention", X=X)
 
 
 def _check_projections(
@@ -264,9 +272,10 @@ def _attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor,
     mask, causal = options.get("mask"), options.get("causal", False)
     _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
     _check_scores_mask(mask, causal, x_q, x_kv, linear=linear)
-    return core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
-                                     b_O=b_O, scale=check_scale(options.get("scale")), mask=mask, causal=causal,
-                                     linear=linear)
+    out = core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
+                                    b_O=b_O, scale=check_scale(options.get("scale")), mask=mask, causal=causal,
+                                    linear=linear)
+    return _finite(out, "linear_attention" if linear else "multi_head_attention", x_q=x_q, x_kv=x_kv)
 
 
 # ------------------------------------------------------------------------------------------- feed-forward and norms
@@ -299,7 +308,7 @@ def feed_forward(
     check_tensor(W_2, "W_2", ndim=2, trailing=(W_1.shape[1], None))
     _check_optional(b_2, "b_2", ndim=1, trailing=(W_2.shape[1],))
     check_same_float_dtype(X=X, W_1=W_1, b_1=b_1, W_2=W_2, b_2=b_2)
-    return core_ffn.feed_forward(X, W_1, b_1, W_2, b_2, activation)
+    return _finite(core_ffn.feed_forward(X, W_1, b_1, W_2, b_2, activation), "feed_forward", X=X)
 
 
 def _check_norm_args(X: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float | None) -> None:

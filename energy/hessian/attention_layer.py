@@ -255,6 +255,10 @@ class AttentionLayer:
         if X.ndim not in (2, 3):
             raise EnergyInputError(f"`X` must have shape (L, d_V) or (B, L, d_V), got {tuple(X.shape)}.")
         L, d_V = X.shape[-2], X.shape[-1]
+        if X.numel() == 0:
+            raise EnergyInputError(
+                f"`X` must contain at least one sequence of at least one token, got shape {tuple(X.shape)}."
+            )
         if d_V != self.d_V:
             raise EnergyInputError(f"`W_Q` must have shape (d_V, d_K) = ({d_V}, d_K), got {tuple(self.W_Q.shape)}.")
         Yt = None

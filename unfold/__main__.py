@@ -302,7 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (CheckpointError, EnergyInputError) as exc:  # bad flags or files: a usage error, in CLI words
             if getattr(args, "debug", False):
                 raise
-            raise UsageError(_cli_message(exc, args.command)) from None
+            text = _cli_message(exc, args.command)
+            if isinstance(exc, CheckpointError) and args.command == "train" and "--no-resume" not in text:
+                text += (f" Fix: give the flags of the run that wrote --checkpoint {args.checkpoint}, or pass "
+                         "--no-resume to start afresh (overwrites it).")
+            raise UsageError(text) from None
 
     return run_command(prog, body, argv)
 

@@ -75,7 +75,8 @@ class Parser(argparse.ArgumentParser):
     """:class:`argparse.ArgumentParser` with the project's conventions.
 
     ``--help`` shows every default (:class:`argparse.ArgumentDefaultsHelpFormatter`); ``--debug`` is added; a usage
-    error prints ONE line ``PROG: error: MESSAGE (see PROG --help)`` and exits 2 (argparse prints the usage too).
+    error prints ONE line ``PROG: error: MESSAGE (see PROG --help for the usage)`` and exits 2 (plain argparse prints
+    the whole usage too).
     Sub-parsers made with ``add_subparsers().add_parser`` are of this class as well.
     """
 
@@ -92,7 +93,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         """Print one line on stderr and exit with status 2."""
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help for the usage)\n")
 
 
 def _debug_requested(argv: Sequence[str] | None) -> bool:

@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make figures` (main job) and `make test`.
+# `make figures` writes only to paper_figs/out/ (ignored by git), so the tracked tree stays untouched;
+# `make gallery` refreshes the README's pictures in docs/img/figures/ from it (an explicit, reviewed change).
 # Both create .venv on first use. The CPU build of torch is installed first, so that
 # the loose torch range in pyproject.toml never pulls a multi-GB CUDA build.
 PYTHON ?= python3
@@ -7,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test figures figures-paper bench lint verify clean
+.PHONY: venv test figures figures-paper gallery bench lint verify clean
 
 venv: $(STAMP)
 
@@ -26,6 +28,11 @@ test: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) -m paper_figs --quick --out paper_figs/out
+
+# Copy the pictures, summary and report of `make figures` into the README gallery (tracked files change).
+gallery: figures
+	mkdir -p docs/img/figures
+	cp paper_figs/out/*.png paper_figs/out/summary.json paper_figs/out/report.md docs/img/figures/
 
 figures-paper: $(STAMP)
 	$(PY) -m paper_figs --paper --out paper_figs/out-paper

@@ -120,7 +120,17 @@ def _matches(text: str, patterns: Sequence[str]) -> list[str]:
 
 
 def classify(case: Case) -> tuple[str, str]:
-    """``(status, detail)`` of one case; never raises."""
+    """``(status, detail)`` of one case; never raises. The global torch RNG is left as it was (cases seed it)."""
+    import torch
+
+    from ._files import tmp
+
+    with torch.random.fork_rng():
+        status, detail = _classify(case)
+    return status, detail.replace(str(tmp()), "<tmp>")
+
+
+def _classify(case: Case) -> tuple[str, str]:
     reason = case.skip() if case.skip is not None else None
     if reason:
         return "skipped", reason

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 
 @functools.cache
 def tmp() -> Path:
-    return Path(tempfile.mkdtemp(prefix="bad_inputs_"))
+    """The process's scratch directory, removed at exit."""
+    path = Path(tempfile.mkdtemp(prefix="bad_inputs_"))
+    atexit.register(_remove, path)
+    return path
+
+
+def _remove(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_dir():
+            os.chmod(p, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def missing() -> Path:

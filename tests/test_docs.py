@@ -49,7 +49,7 @@ def test_readme_markers_resolve_and_name_real_sections():
 
 
 def test_gallery_images_exist():
-    images = [name for _, name in hooks.gallery_images()]
+    images = hooks.gallery_images()
     assert len(images) >= 17
     for name in images:
         assert (hooks.FIGURES / name).is_file() or (hooks.FIGURES_FALLBACK / name).is_file(), name

@@ -17,6 +17,7 @@ Double backticks are already a Markdown code span and are left alone.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from griffe import Attribute, Docstring, Extension, Object
@@ -110,9 +111,9 @@ def _inline(line: str) -> str:
 
 def _comment_above(obj: Object) -> str:
     """The ``#:`` comment lines right above an attribute's definition, joined (empty if none)."""
-    if obj.lineno is None or not obj.lines_collection or obj.filepath not in obj.lines_collection:
+    if obj.lineno is None or not isinstance(obj.filepath, Path) or obj.filepath not in obj.lines_collection:
         return ""
-    lines = obj.lines_collection[obj.filepath]  # type: ignore[index]
+    lines = obj.lines_collection[obj.filepath]
     found: list[str] = []
     i = obj.lineno - 2
     while i >= 0 and lines[i].strip().startswith("#:"):

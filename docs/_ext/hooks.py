@@ -53,14 +53,15 @@ def verify_table() -> str:
 
 def gallery_images() -> list[str]:
     """Names of the gallery pictures the README's Figures section shows."""
-    return _IMAGE.findall(readme_section("Figures").replace("](img/figures/", "](docs/img/figures/"))
+    section = readme_section("Figures").replace("](img/figures/", "](docs/img/figures/")
+    return [name for _, name in _IMAGE.findall(section)]
 
 
 def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
     """Add the gallery pictures not yet under ``docs/img/figures/`` from ``paper_figs/out/``."""
     from mkdocs.structure.files import File
 
-    for _, name in gallery_images():
+    for name in gallery_images():
         uri = f"img/figures/{name}"
         if files.get_file_from_path(uri) is None and (FIGURES_FALLBACK / name).is_file():
             files.append(File.generated(config, uri, abs_src_path=str(FIGURES_FALLBACK / name)))

@@ -47,5 +47,17 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . ; r=$$? ; $(VENV)/bin/mypy ; m=$$? ; test $$r -eq 0 -a $$m -eq 0
 
+# The documentation site (mkdocs.yml, pages in docs/): the `docs` extra into .venv once, then a strict build (every
+# warning an error) into the ignored site/. Serve while editing: .venv/bin/python -m mkdocs serve
+.PHONY: docs
+DOCS_STAMP := $(VENV)/.installed-docs
+
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

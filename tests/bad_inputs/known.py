@@ -5,24 +5,14 @@ run, and its line here must be removed. ``python -m tests.bad_inputs.census`` co
 """
 
 NOT_YET: dict[str, str] = {
-    'AttentionEnergy.step:alpha=two-element-tensor':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'The size of tensor a (2) must match the siz",
     'AttentionEnergy.energy:token_mask-all-false':
-        'silent: returned without an error',
-    'AttentionEnergy.step:Y-overflow-1e200':
-        'silent: returned without an error',
-    'AttentionEnergy.energy:Y-float32-overflow-1e20':
         'silent: returned without an error',
     'attention_step_fused:Y-meta':
         "unclear: RuntimeError (expected ValueError/TypeError): 'Tensor on device cpu is not on the expected",
-    'attention_step_fused:alpha=two-element-tensor':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'The size of tensor a (2) must match the siz",
     'attention_step_range:lambda_max_W-nan':
         'silent: returned without an error',
     'attention_step_range:kernel-str':
         'unclear: AttributeError (expected ValueError/TypeError): "\'str\' object has no attribute \'psd_gram\'"',
-    'FFNEnergy:W_f-meta':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'Tensor.item() cannot be called on meta tens",
     'FFNEnergy:allow_unbounded-str':
         'silent: returned without an error',
     'tied_relu_energy:Y-list':
@@ -59,39 +49,15 @@ NOT_YET: dict[str, str] = {
         'unclear: AttributeError (expected ValueError/TypeError): "\'Tensor\' object has no attribute \'sizes\'"',
     'hessian_blocks:tensor-not-moments':
         'unclear: AttributeError (expected ValueError/TypeError): "\'Tensor\' object has no attribute \'blocks\'',
-    'hessian_frobenius_norms:tensor':
-        'unclear: AttributeError (expected ValueError/TypeError): "\'Tensor\' object has no attribute \'blocks\'',
-    'HessianOperator:data-float32':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'mat1 and mat2 must have the same dtype, but",
-    'HessianOperator:data-width':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'mat1 and mat2 shapes cannot be multiplied (",
-    'HessianOperator:target-shape':
-        'silent: returned without an error (warnings: UserWarning: Using a target size (torch.Size([4, 1]))',
-    'JacobianOperator:data-int':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'mat1 and mat2 must have the same dtype, but",
     'LinearOperator:shape-neg':
         'silent: returned without an error',
     'LinearOperator:dtype-int':
         'silent: returned without an error',
-    'lanczos:A-nan':
-        "unclear: _LinAlgError (expected ValueError/TypeError): 'linalg.eigh: The algorithm failed to conver",
-    'lanczos:A-inf':
-        "unclear: _LinAlgError (expected ValueError/TypeError): 'linalg.eigh: The algorithm failed to conver",
-    'lanczos:A-complex':
-        'silent: returned without an error (warnings: UserWarning: Casting complex values to real discards ',
-    'lanczos:A-not-symmetric':
-        'silent: returned without an error',
     'lanczos:tol-neg':
         'silent: returned without an error (warnings: RuntimeWarning: lanczos: 2 Ritz pairs not converged a',
-    'hutchinson_trace:A-nan':
-        'silent: returned without an error',
     'hutchinson_trace:batch_size-zero':
         "unclear: ValueError: 'range() arg 3 must not be zero' does not match ['`batch_size`|\\\\bbatch_size\\\\",
-    'hutchpp_trace:A-nan':
-        'silent: returned without an error',
     'hutchinson_squared_frobenius:dim-mismatch':
-        'silent: returned without an error',
-    'slq_density:A-not-symmetric':
         'silent: returned without an error',
     'lanczos:k=bool':
         'unclear: TypeError: "zeros(): argument \'size\' (position 1) must be tuple of ints, not bool" does no',
@@ -131,10 +97,6 @@ NOT_YET: dict[str, str] = {
         'silent: returned without an error',
     'Unrolled.forward:Y-meta':
         "unclear: RuntimeError (expected ValueError/TypeError): 'Tensor on device cpu is not on the expected",
-    'Unrolled.forward:Y-zero':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'cannot reshape tensor of 0 elements into sh",
-    'Unrolled.forward:Y-float64-into-float32-model':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'mat1 and mat2 must have the same dtype, but",
     'Unrolled.forward:Y-overflow':
         'silent: returned without an error',
     'FFNStep:spectrum-reversed':
@@ -149,14 +111,8 @@ NOT_YET: dict[str, str] = {
         'silent: returned without an error',
     'check_constraints:not-a-module':
         'unclear: AttributeError (expected ValueError/TypeError): "\'str\' object has no attribute \'named_modu',
-    'yang2022:n_classes=0':
-        'silent: returned without an error (warnings: UserWarning: Initializing zero-element tensors is a n',
-    'yang2022:d_in=0':
-        'silent: returned without an error (warnings: UserWarning: Initializing zero-element tensors is a n',
     'yang2022:alpha_att-nan':
         "unclear: EnergyInputError: '`alpha` must be a finite real number, got nan.' does not match ['`alpha",
-    'energy_transformer_block:n_classes=-1':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'Trying to create tensor with negative dimen",
     'parameter_count:not-a-module':
         'unclear: AttributeError (expected ValueError/TypeError): "\'list\' object has no attribute \'parameter',
     'check_layer:TransformerEncoderLayer':
@@ -165,16 +121,6 @@ NOT_YET: dict[str, str] = {
         'silent: returned without an error',
     'to_energy:alpha-nan':
         'silent: returned without an error',
-    'load_digits_sequences:dtype-long':
-        'silent: returned without an error',
-    'load_glove:nan-entry':
-        'silent: returned without an error',
-    'load_glove:dtype-long':
-        'silent: returned without an error',
-    'train:targets-out-of-range':
-        "unclear: IndexError (expected ValueError/TypeError): 'Target 5 is out of bounds.'",
-    'train:inputs-float64':
-        "unclear: RuntimeError (expected ValueError/TypeError): 'expected m1 and m2 to have the same dtype, ",
     'train:loss_fn-not-callable':
         'unclear: TypeError: "\'str\' object is not callable" does not match [\'`loss_fn`|\\\\bloss_fn\\\\b\']',
     'load_model:path-int':
@@ -187,38 +133,8 @@ NOT_YET: dict[str, str] = {
         'unclear: JSONDecodeError: "Expecting \',\' delimiter: line 1 column 12 (char 11)" does not match [\'co',
     'save_figure:not-a-figure':
         'unclear: AttributeError (expected ValueError/TypeError): "\'str\' object has no attribute \'savefig\'"',
-    'unfold train:--checkpoint=<0-byte>':
-        'unclear: exit 2: "error: cannot read the model file \'<tmp>/empty.pt\': it is empty (0 bytes), so it ',
-    'unfold train:--checkpoint=<corrupt>':
-        'unclear: exit 2: "error: cannot read the model file \'<tmp>/corrupt.pt\': it is corrupt or not a torc',
-    'unfold train:--save=<file>/m.pt':
-        'traceback: FileExistsError escaped main(): "[Errno 17] File exists: \'<tmp>/plain_file\'"',
-    'unfold train:--save=<directory>':
-        'traceback: IsADirectoryError escaped main(): "[Errno 21] Is a directory: \'<tmp>/.a_directory.m22aofvg',
-    'unfold trace:--model + contradicting --d':
-        'silent: exit 0',
-    'unfold trace:--model + contradicting --depth':
-        'silent: exit 0',
-    'unfold trace:--model + other --task (10 vs 4 classes)':
-        'silent: exit 0',
-    'unfold trace:--plot=<file>/x.png':
-        'traceback: FileExistsError escaped main(): "[Errno 17] File exists: \'<tmp>/plain_file\'"',
-    'unfold trace:--plot=x.pdff':
-        'traceback: ValueError escaped main(): "Format \'pdff\' is not supported (supported formats: avif, eps, ',
-    'unfold trace:--json=<file>/x.json':
-        'traceback: FileExistsError escaped main(): "[Errno 17] File exists: \'<tmp>/plain_file\'"',
-    'paper_figs:--out=<file>/sub':
-        'traceback: NotADirectoryError escaped main(): "[Errno 20] Not a directory: \'<tmp>/plain_file/sub\'"',
-    'constraint_cost:--tasks=<empty>':
-        'silent: exit 0',
-    'constraint_cost:--heads=0':
-        "traceback: EnergyInputError escaped main(): '`heads` must be a positive integer, got 0.'",
-    'constraint_cost:--lr=nan':
-        "traceback: EnergyInputError escaped main(): '`lr` must be a positive finite number, got nan.'",
-    'constraint_cost:--batch-size=0':
-        "traceback: EnergyInputError escaped main(): '`batch_size` must be an integer in [1, 512] (the number ",
-    'constraint_cost:--threads=0':
-        'silent: exit 0',
-    'constraint_cost:--json=<file>/x.json':
-        'traceback: FileExistsError escaped main(): "[Errno 17] File exists: \'<tmp>/plain_file\'"',
+    'energy:no-command':
+        "unclear: exit 2: 'python -m energy: error: the following arguments are required: COMMAND (see pytho",
+    'unfold:no-command':
+        "unclear: exit 2: 'python -m unfold: error: the following arguments are required: COMMAND (see pytho",
 }

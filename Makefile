@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test figures figures-paper gallery bench lint verify clean
+.PHONY: venv test figures figures-paper gallery bench bad-inputs lint verify clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks --json benchmarks/results.json
 
 # ruff (style + Google docstrings) and mypy (files and options in pyproject.toml); both run, either failing fails.
+bad-inputs: $(STAMP)
+	$(PY) -m tests.bad_inputs.census
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . ; r=$$? ; $(VENV)/bin/mypy ; m=$$? ; test $$r -eq 0 -a $$m -eq 0
 

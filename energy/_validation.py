@@ -32,6 +32,7 @@ __all__ = [
     "check_finite",
     "check_scale",
     "check_same_float_dtype",
+    "check_same_device",
     "check_tokens",
     "check_options",
     "check_real",
@@ -329,6 +330,18 @@ def check_tokens(Y: object, d: int, dtype: torch.dtype, name: str = "Y") -> Tens
             f"`{name}.to({dtype})` or `energy_module.to({Y.dtype})`."
         )
     return Y
+
+
+def check_same_device(**tensors: Tensor | None) -> torch.device | None:
+    """Check that all named tensors live on one device (a metadata check: tensors are never moved)."""
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"`{n}`: {d}" for n, d in devices.items())
+        raise EnergyInputError(
+            f"the arguments are on different devices ({listing}); move them to one device first, e.g. "
+            f"`.to('cpu')` (a meta tensor has no values: pass a CPU/GPU tensor)."
+        )
+    return next(iter(devices.values()), None)
 
 
 def check_same_float_dtype(**tensors: Tensor | None) -> torch.dtype:

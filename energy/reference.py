@@ -38,7 +38,6 @@ from energy.core import ffn as core_ffn
 from energy.core import norm as core_norm
 from energy.core import standard as core
 from energy.core.attention import kappa as resolve_kappa
-from energy.core.standard import causal_mask
 
 __all__ = [
     "attention_weights",
@@ -182,6 +181,13 @@ def _check_projections(
             f"the batch dimensions of `x_q` {tuple(x_q.shape[:-2])} and `x_kv` {tuple(x_kv.shape[:-2])} "
             "do not broadcast."
         ) from None
+    for x_name, x, w_name, W in (("x_q", x_q, "W_Q", W_Q), ("x_kv", x_kv, "W_K", W_K), ("x_kv", x_kv, "W_V", W_V)):
+        if isinstance(W, Tensor) and W.ndim == 2 and W.shape[0] != x.shape[-1]:
+            raise EnergyInputError(
+                f"`{x_name}` has width {x.shape[-1]} (last dimension, shape {tuple(x.shape)}) but `{w_name}` has "
+                f"{W.shape[0]} rows; `{x_name}` must be (..., n, {W.shape[0]}) to match `{w_name}` (weights act on "
+                "the right)."
+            )
     check_tensor(W_Q, "W_Q", ndim=2, trailing=(x_q.shape[-1], None))
     check_tensor(W_K, "W_K", ndim=2, trailing=(x_kv.shape[-1], W_Q.shape[1]))
     check_tensor(W_V, "W_V", ndim=2, trailing=(x_kv.shape[-1], None))
@@ -342,3 +348,15 @@ def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) 
     """
     _check_norm_args(X, weight, None, eps)
     return core_norm.rms_norm(X, weight, eps)
+
+
+def causal_mask(n_q: int, n_k: int | None = None, *, device: torch.device | None = None) -> Tensor:
+    r"""Boolean causal mask :math:`m_{ij} = [j \le i]` (``True`` = attend) of shape ``(n_q, n_k)``, top-left aligned
+    like ``scaled_dot_product_attention(is_causal=True)``; ``n_k`` defaults to ``n_q``.
+    """
+    for name, value in (("n_q", n_q), ("n_k", n_k)):
+        if value is None and name == "n_k":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EnergyInputError(f"`{name}` must be an int ≥ 0 (a number of tokens), got {value!r}.")
+    return core.causal_mask(n_q, n_k, device=device)

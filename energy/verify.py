@@ -400,6 +400,10 @@ def _reference_mha(g: torch.Generator) -> _Trial:
 
 def run(*, seed: int = 0, trials: int = 20, cases: list[str] | None = None) -> list[CaseResult]:
     """Run the suite (float64); one :class:`CaseResult` per case."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}; pass e.g. seed=0.")
+    if isinstance(trials, bool) or not isinstance(trials, int):
+        raise TypeError(f"`trials` must be an int ≥ 1, got {type(trials).__name__} {trials!r}.")
     if trials < 1:
         raise ValueError(f"`trials` must be ≥ 1, got {trials}.")
     names = [c.name for c in CASES]

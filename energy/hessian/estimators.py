@@ -113,6 +113,23 @@ class SpectralDensity(NamedTuple):
 def as_matmat(
     A: Any, dim: int | None = None, *, dtype: torch.dtype = torch.float64
 ) -> tuple[Callable[[Tensor], Tensor], tuple[int, int], torch.dtype]:
+    """Normalise ``A`` to ``(matmat, shape, dtype)`` (see :func:`_as_matmat`); a ``dim`` given with an operator or a
+    tensor must agree with its shape (it is not silently ignored).
+    """
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise EnergyInputError(f"`dim` must be a positive int or None, got {dim!r}.")
+    mm, shape, op_dtype = _as_matmat(A, dim, dtype=dtype)
+    if dim is not None and shape[1] != dim:
+        raise EnergyInputError(
+            f"`dim`={dim} does not match the shape {shape} of `A` (n = {shape[1]}); omit `dim` (it is only needed "
+            "for a matvec callable) or pass dim={shape[1]}."
+        )
+    return mm, shape, op_dtype
+
+
+def _as_matmat(
+    A: Any, dim: int | None = None, *, dtype: torch.dtype = torch.float64
+) -> tuple[Callable[[Tensor], Tensor], tuple[int, int], torch.dtype]:
     """Normalise ``A`` to ``(matmat, shape, dtype)`` with ``matmat: (n, k) -> (m, k)`` tensors in ``dtype``.
 
     Args:
@@ -226,6 +243,9 @@ def draw_probes(
     Rademacher (``±1``) or standard normal entries, drawn on the CPU from ``generator`` (so a seed gives the same
     probes on every device) and moved to ``device`` (default: the CPU).
     """
+    for name, value in (("n", n), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EnergyInputError(f"`{name}` must be an int ≥ 0 (probes are (n, k)), got {value!r}.")
     gen = _gen(generator)
     if distribution == "rademacher":
         Z = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(dtype)
@@ -246,7 +266,7 @@ def _gen(generator: torch.Generator | None) -> torch.Generator:
 
 def _count(num: int, name: str, n: int, *, exact_if_cheaper: bool, minimum: int = 1) -> bool:
     """Validate a sample count; return True when the exact evaluation should be used instead."""
-    if not isinstance(num, int) or num < minimum:
+    if isinstance(num, bool) or not isinstance(num, int) or num < minimum:
         raise EnergyInputError(f"`{name}` must be an int ≥ {minimum}, got {num!r}.")
     if num > n:
         if exact_if_cheaper:
@@ -260,6 +280,11 @@ def _count(num: int, name: str, n: int, *, exact_if_cheaper: bool, minimum: int 
 
 def _apply(mm: Callable[[Tensor], Tensor], V: Tensor, batch_size: int | None) -> Tensor:
     """``A V`` in column chunks; a NaN/inf product raises (an estimate from it would be NaN without a word)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise EnergyInputError(
+            f"`batch_size` must be a positive int (probes per operator product) or None (all at once), got "
+            f"{batch_size!r}."
+        )
     if batch_size is None or V.shape[1] <= batch_size:
         out = mm(V)
     else:
@@ -521,8 +546,10 @@ def lanczos(
     mm, shape, dtype = as_matmat(A, dim)
     n = _square(shape, "lanczos")
     check_symmetric_operator(A, mm, n, dtype, "lanczos")
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise EnergyInputError(f"`k` must be a positive int, got {k!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise EnergyInputError(f"`tol` must be a finite number > 0 (the relative residual tolerance), got {tol!r}.")
     if k > n:
         raise EnergyInputError(f"`k`={k} eigenpairs requested from an operator of dimension n={n}; use k ≤ n.")
     if which not in ("LA", "SA", "LM"):

@@ -52,6 +52,16 @@ class LinearOperator:
         symmetric: bool = False,
         max_vectors: int | None = None,
     ) -> None:
+        if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
+                or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in shape)):
+            raise EnergyInputError(
+                f"`shape` must be a pair (m, n) of ints ≥ 0 (the operator maps R^n to R^m), got {shape!r}."
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise EnergyInputError(
+                f"`dtype` must be a real floating torch dtype (e.g. torch.float64) for the operator's inputs and "
+                f"outputs, got {dtype!r}."
+            )
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self.device = torch.device(device)

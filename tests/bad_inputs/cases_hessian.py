@@ -209,8 +209,11 @@ add([
     Case("energy_layer_loss:Y-shape", lambda: H.energy_layer_loss(X, M, Y[:2]), (arg("Y"), r"shape")),
     Case("energy_layer_hessian:reduction", lambda: H.energy_layer_hessian(X, M, Y, reduction="avg"),
          (arg("reduction"), r"'mean'|'sum'")),
-    Case("energy_layer_jacobian:tied-M-not-square", lambda: H.energy_layer_jacobian(X, M[:, :2], tied=True),
-         (arg("M"), r"(?i)square|shape|tied")),
+    # A non-square M (d, k) is valid for the tied layer too (W = s M Mᵀ is (d, d) for every k; the closed-form
+    # Jacobian matches autograd), so the bad input is an M whose rows do not match X's width.
+    Case("energy_layer_jacobian:tied-M-rows", lambda: H.energy_layer_jacobian(X, M[:2], tied=True),
+         (arg("M"), r"(?i)shape")),
+    Case("energy_layer_jacobian:tied-str", lambda: H.energy_layer_jacobian(X, M, tied="yes"), (arg("tied"), r"bool")),
     Case("attention_energy_hessian:energy-not-attention", lambda: H.attention_energy_hessian(
         energy.FFNEnergy(0.5 * torch.eye(d, dtype=f64), torch.zeros(d, dtype=f64)), Y),
          (arg("energy"), r"AttentionEnergy")),

@@ -47,7 +47,7 @@ from energy.normalization import (
     rmsnorm_projection,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     # errors and modes

@@ -15,6 +15,7 @@ from energy._validation import (
     ConstraintError,
     DenseSizeError,
     EnergyInputError,
+    LowPrecisionWarning,
     StepSizeError,
     StepSizeWarning,
     is_strict,
@@ -56,6 +57,7 @@ __all__ = [
     "EnergyInputError",
     "StepSizeError",
     "StepSizeWarning",
+    "LowPrecisionWarning",
     "is_strict",
     "strict_mode",
     # interface

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -13,20 +12,31 @@ import time
 import torch
 
 from benchmarks import MODULES, REGISTRY
+from energy._cli import Parser, UsageError, check_writable_file, run_command
 from energy._io import atomic_write_text
+
+PROG = "python -m benchmarks"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks, print one line per result and write the JSON report; return the exit status.
 
-    Exit status 2 (with one line on stderr) when ``--only`` matches no registered benchmark.
+    Exit status 2 (with one line on stderr) for a usage error: ``--only`` matches no registered benchmark, or the
+    ``--json`` path cannot be written (checked before any benchmark runs); 1 for a failure; ``--debug`` shows the
+    traceback.
     """
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    return run_command(PROG, lambda: _main(argv), argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = Parser(prog=PROG, description=__doc__)
     parser.add_argument("--json", metavar="OUT", help="write the report to this JSON file (atomically)")
     parser.add_argument("--only", metavar="SUBSTRING", help="run only benchmarks whose name contains this")
     parser.add_argument("--quick", action="store_true", help="smaller sizes / fewer repeats (smoke run)")
     args = parser.parse_args(argv)
 
+    if args.json:
+        check_writable_file(args.json, "--json")
     for mod in MODULES:
         try:
             importlib.import_module(f"benchmarks.{mod}")
@@ -35,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
     selected = [name for name in REGISTRY if not args.only or args.only in name]
     if not selected:
-        print(f"python -m benchmarks: --only {args.only!r} matches no benchmark; registered: {', '.join(REGISTRY)}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--only {args.only!r} matches no benchmark; give part of one of: {', '.join(REGISTRY)}")
     torch.set_num_threads(os.cpu_count() or 1)
     results = {}
     for name in selected:

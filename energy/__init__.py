@@ -15,6 +15,7 @@ from energy._validation import (
     ConstraintError,
     DenseSizeError,
     EnergyInputError,
+    LowPrecisionWarning,
     StepSizeError,
     StepSizeWarning,
     is_strict,
@@ -47,7 +48,7 @@ from energy.normalization import (
     rmsnorm_projection,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     # errors and modes
@@ -56,6 +57,7 @@ __all__ = [
     "EnergyInputError",
     "StepSizeError",
     "StepSizeWarning",
+    "LowPrecisionWarning",
     "is_strict",
     "strict_mode",
     # interface

@@ -13,7 +13,15 @@ import math
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_psd, check_same_float_dtype, check_tensor
+from energy._validation import (
+    EnergyInputError,
+    check_psd,
+    check_same_device,
+    check_same_float_dtype,
+    check_tensor,
+    for_linalg,
+    value_holds,
+)
 from energy.core.preconditioner import Preconditioner
 from energy.kernels import GaussianKernel, Kernel
 
@@ -85,6 +93,7 @@ def check_Y(Y: object, M: Tensor) -> Tensor:
     if Y.shape[-2] == 0:
         raise EnergyInputError(f"`Y` must contain at least one token, got shape {tuple(Y.shape)}.")
     check_same_float_dtype(Y=Y, M=M)
+    check_same_device(Y=Y, M=M)
     return Y
 
 
@@ -110,6 +119,11 @@ def check_token_mask(token_mask: object, Y: Tensor) -> Tensor | None:
     if token_mask.shape[-1] != Y.shape[-2]:
         raise EnergyInputError(
             f"`token_mask` must have n = {Y.shape[-2]} entries in its last dimension, got {tuple(token_mask.shape)}."
+        )
+    if not value_holds(token_mask.any(dim=-1).all()):
+        raise EnergyInputError(
+            "`token_mask` has a sequence with no real token (a row of all False): its attention is undefined; "
+            "mark at least one token True in every sequence, or drop the empty sequences from the batch."
         )
     return token_mask
 
@@ -139,4 +153,4 @@ def heads_orthogonal(M3: Tensor, atol: float | None = None) -> bool:
 
 def lambda_max(M: Tensor, kappa: float) -> float:
     r""":math:`\lambda_{\max}(W) = \kappa\,\sigma_{\max}(M)^2` (for heads: :math:`\max_h`); reads the weights."""
-    return kappa * float(torch.linalg.matrix_norm(M.detach(), ord=2).max()) ** 2
+    return kappa * float(torch.linalg.matrix_norm(for_linalg(M.detach()), ord=2).max()) ** 2

@@ -84,7 +84,9 @@ from energy._attention_args import (
 from energy._validation import (
     ConstraintError,
     EnergyInputError,
+    check_alpha_shape,
     check_psd,
+    check_readable,
     check_scale,
     check_tensor,
     is_readable,
@@ -272,9 +274,10 @@ class _PairwiseAttention(Energy):
 
     def step_range(self, preconditioner: Preconditioner | str = "metric") -> StepRange:
         """Guaranteed descent range of :meth:`step` (see :func:`attention_step_range`); for general
-        (non-orthogonal) heads the empty range ``(0, 0)`` (MATH §1.2).
+        (non-orthogonal) heads the empty range (``StepRange.empty``, printed "none", MATH §1.2).
         """
         preconditioner = check_preconditioner(preconditioner)
+        check_readable(self.M, "M", "step_range() (it reads λ_max(W) and the heads' orthogonality)")
         lam = self.lambda_max_W() if preconditioner is Preconditioner.TOKEN else 0.0
         return attention_step_range(self.kernel, preconditioner, lambda_max_W=lam, orthogonal_heads=self._orthogonal())
 
@@ -283,6 +286,7 @@ class _PairwiseAttention(Energy):
         """Validate once (inputs, preconditioner, step size) and resolve the step's value/output maps."""
         Y, token_mask = self._inputs(Y, token_mask)
         preconditioner = check_preconditioner(preconditioner)
+        check_alpha_shape(alpha)
         if is_readable(self.M):  # the range needs the weights' values (unreadable under tracing transforms)
             self.step_range(preconditioner).check(alpha)
         M3 = self._M3()

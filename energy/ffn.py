@@ -23,14 +23,17 @@ from torch import Tensor
 
 from energy._validation import (
     ConstraintError,
+    EnergyInputError,
+    check_readable,
+    check_same_device,
     check_same_float_dtype,
     check_symmetric,
     check_tensor,
     check_tokens,
+    for_linalg,
 )
 from energy.base import Energy, StepRange
 from energy.core import ffn as core
-from energy.core.ffn import tied_relu_energy, tied_relu_grad
 
 __all__ = ["FFNEnergy", "TiedReLUEnergy", "tied_relu_energy", "tied_relu_grad"]
 
@@ -103,12 +106,17 @@ class FFNEnergy(_GradientStepEnergy):
 
     def __init__(self, W_f: Tensor, b: Tensor, *, allow_unbounded: bool = False) -> None:
         super().__init__()
+        if not isinstance(allow_unbounded, bool):
+            raise EnergyInputError(
+                f"`allow_unbounded` must be a bool (True or False), got {allow_unbounded!r}."
+            )
         check_tensor(W_f, "W_f", ndim=2)
+        check_readable(W_f, "W_f", "FFNEnergy (its step range needs the eigenvalues of I + W_f)")
         check_symmetric(W_f.detach(), "W_f")
         check_tensor(b, "b", ndim=1, trailing=(W_f.shape[0],))
         check_same_float_dtype(W_f=W_f, b=b)
         eye = torch.eye(W_f.shape[0], dtype=W_f.dtype, device=W_f.device)
-        lam = torch.linalg.eigvalsh(eye + W_f.detach())  # the step range is a constant, not differentiated
+        lam = torch.linalg.eigvalsh(for_linalg(eye + W_f.detach()))  # the step range is a constant, not differentiated
         self.lambda_min, self.lambda_max = float(lam[0]), float(lam[-1])
         if self.lambda_min <= 0 and not allow_unbounded:
             raise ConstraintError(
@@ -194,3 +202,28 @@ class TiedReLUEnergy(_GradientStepEnergy):
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
         return self.W_1, self.b
+
+
+def _tied_args(Y: object, W_1: object, b: object) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The public checks of :func:`tied_relu_energy` / :func:`tied_relu_grad` (metadata + finiteness of ``Y``)."""
+    W_1 = check_tensor(W_1, "W_1", ndim=2)
+    if b is not None:
+        b = check_tensor(b, "b", ndim=1, trailing=(W_1.shape[1],))
+    Y = check_tokens(Y, W_1.shape[0], W_1.dtype)
+    check_same_float_dtype(Y=Y, W_1=W_1, b=b)  # type: ignore[arg-type]
+    check_same_device(Y=Y, W_1=W_1, b=b)  # type: ignore[arg-type]
+    return Y, W_1, b  # type: ignore[return-value]
+
+
+def tied_relu_energy(Y: Tensor, W_1: Tensor, b: Tensor | None = None) -> Tensor:
+    r""":math:`E(Y) = -\tfrac12\sum_i \|\mathrm{ReLU}(y_i W_1 + b)\|^2` per batch element (MATH §1.3, §2.2
+    ``E_hn``); the validated entry of :func:`energy.core.ffn.tied_relu_energy`.
+    """
+    return core.tied_relu_energy(*_tied_args(Y, W_1, b))
+
+
+def tied_relu_grad(Y: Tensor, W_1: Tensor, b: Tensor | None = None) -> Tensor:
+    r""":math:`\nabla E(Y) = -\mathrm{ReLU}(Y W_1 + 1 b^\top) W_1^\top` (MATH §1.3); the validated entry of
+    :func:`energy.core.ffn.tied_relu_grad`.
+    """
+    return core.tied_relu_grad(*_tied_args(Y, W_1, b))

@@ -17,6 +17,7 @@ from typing_extensions import Unpack
 from energy._attention_args import check_preconditioner, check_token_mask, check_Y, heads_orthogonal, lambda_max
 from energy._validation import (
     EnergyInputError,
+    check_alpha_shape,
     check_options,
     check_same_float_dtype,
     check_scale,
@@ -60,6 +61,7 @@ def _prepare(Y: object, M: object, alpha: float | Tensor, options: FusedStepOpti
     if value_basis is not None:
         value_basis = check_tensor(value_basis, "value_basis", ndim=3, trailing=(h, d, None), finite=False)
         check_same_float_dtype(M=M, value_basis=value_basis)
+    check_alpha_shape(alpha)
     if is_readable(M3) and not isinstance(kappa, Tensor):  # the range needs the weights' values
         orthogonal = single or heads_orthogonal(M3)
         lam = lambda_max(M3, kappa) if preconditioner is Preconditioner.TOKEN else 0.0

@@ -28,6 +28,7 @@ from typing_extensions import Unpack
 from energy._validation import (
     EnergyInputError,
     check_options,
+    check_result,
     check_same_float_dtype,
     check_scale,
     check_tensor,
@@ -37,7 +38,6 @@ from energy.core import ffn as core_ffn
 from energy.core import norm as core_norm
 from energy.core import standard as core
 from energy.core.attention import kappa as resolve_kappa
-from energy.core.standard import causal_mask
 
 __all__ = [
     "attention_weights",
@@ -52,6 +52,13 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- validation helpers
+
+
+def _finite(out: Tensor, function: str, **inputs: Tensor) -> Tensor:
+    """The result check of the public reference functions (:func:`energy._validation.check_result`)."""
+    check_result(out, f"`{function}(…)`", inputs,
+                 hint="A query whose keys are all masked also gives NaN: keep at least one key per query.")
+    return out
 
 
 def _check_optional(x: object | None, name: str, **kwargs: Any) -> Tensor | None:
@@ -146,7 +153,7 @@ def single_head_attention(
     check_tensor(W_V, "W_V", ndim=2, trailing=(d, None))
     check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V)
     A = attention_weights(X @ W_Q, X @ W_K, scale=scale, mask=mask)
-    return A @ (X @ W_V)
+    return _finite(A @ (X @ W_V), "single_head_attention", X=X)
 
 
 def _check_projections(
@@ -174,6 +181,13 @@ def _check_projections(
             f"the batch dimensions of `x_q` {tuple(x_q.shape[:-2])} and `x_kv` {tuple(x_kv.shape[:-2])} "
             "do not broadcast."
         ) from None
+    for x_name, x, w_name, W in (("x_q", x_q, "W_Q", W_Q), ("x_kv", x_kv, "W_K", W_K), ("x_kv", x_kv, "W_V", W_V)):
+        if isinstance(W, Tensor) and W.ndim == 2 and W.shape[0] != x.shape[-1]:
+            raise EnergyInputError(
+                f"`{x_name}` has width {x.shape[-1]} (last dimension, shape {tuple(x.shape)}) but `{w_name}` has "
+                f"{W.shape[0]} rows; `{x_name}` must be (..., n, {W.shape[0]}) to match `{w_name}` (weights act on "
+                "the right)."
+            )
     check_tensor(W_Q, "W_Q", ndim=2, trailing=(x_q.shape[-1], None))
     check_tensor(W_K, "W_K", ndim=2, trailing=(x_kv.shape[-1], W_Q.shape[1]))
     check_tensor(W_V, "W_V", ndim=2, trailing=(x_kv.shape[-1], None))
@@ -264,9 +278,10 @@ def _attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor,
     mask, causal = options.get("mask"), options.get("causal", False)
     _check_projections(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads, b_Q, b_K, b_V, b_O)
     _check_scores_mask(mask, causal, x_q, x_kv, linear=linear)
-    return core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
-                                     b_O=b_O, scale=check_scale(options.get("scale")), mask=mask, causal=causal,
-                                     linear=linear)
+    out = core.multi_head_attention(x_q, x_kv, W_Q, W_K, W_V, W_O, num_heads=num_heads, b_Q=b_Q, b_K=b_K, b_V=b_V,
+                                    b_O=b_O, scale=check_scale(options.get("scale")), mask=mask, causal=causal,
+                                    linear=linear)
+    return _finite(out, "linear_attention" if linear else "multi_head_attention", x_q=x_q, x_kv=x_kv)
 
 
 # ------------------------------------------------------------------------------------------- feed-forward and norms
@@ -299,7 +314,7 @@ def feed_forward(
     check_tensor(W_2, "W_2", ndim=2, trailing=(W_1.shape[1], None))
     _check_optional(b_2, "b_2", ndim=1, trailing=(W_2.shape[1],))
     check_same_float_dtype(X=X, W_1=W_1, b_1=b_1, W_2=W_2, b_2=b_2)
-    return core_ffn.feed_forward(X, W_1, b_1, W_2, b_2, activation)
+    return _finite(core_ffn.feed_forward(X, W_1, b_1, W_2, b_2, activation), "feed_forward", X=X)
 
 
 def _check_norm_args(X: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float | None) -> None:
@@ -333,3 +348,15 @@ def rms_norm(X: Tensor, weight: Tensor | None = None, eps: float | None = None) 
     """
     _check_norm_args(X, weight, None, eps)
     return core_norm.rms_norm(X, weight, eps)
+
+
+def causal_mask(n_q: int, n_k: int | None = None, *, device: torch.device | None = None) -> Tensor:
+    r"""Boolean causal mask :math:`m_{ij} = [j \le i]` (``True`` = attend) of shape ``(n_q, n_k)``, top-left aligned
+    like ``scaled_dot_product_attention(is_causal=True)``; ``n_k`` defaults to ``n_q``.
+    """
+    for name, value in (("n_q", n_q), ("n_k", n_k)):
+        if value is None and name == "n_k":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EnergyInputError(f"`{name}` must be an int ≥ 0 (a number of tokens), got {value!r}.")
+    return core.causal_mask(n_q, n_k, device=device)

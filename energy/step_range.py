@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+from torch import Tensor
+
 from energy._attention_args import check_preconditioner
+from energy._validation import EnergyInputError, check_real
 from energy.base import StepRange
 from energy.core.preconditioner import Preconditioner
 from energy.kernels import Kernel
@@ -41,6 +44,16 @@ def attention_step_range(
         orthogonal_heads: ``False`` for multi-head energies whose heads are not mutually orthogonal.
     """
     preconditioner = check_preconditioner(preconditioner)
+    if not isinstance(kernel, Kernel):
+        raise EnergyInputError(
+            f"`kernel` must be an energy.kernels.Kernel (e.g. GaussianKernel(), PowerKernel(p, eps), CauchyKernel()), "
+            f"got {type(kernel).__name__}; pass the kernel object, not its name."
+        )
+    if isinstance(lambda_max_W, Tensor) and lambda_max_W.ndim == 0 and lambda_max_W.is_floating_point():
+        lambda_max_W = float(lambda_max_W)
+    lambda_max_W = check_real(lambda_max_W, "lambda_max_W", what="(the largest eigenvalue of the PSD metric W)")
+    if not isinstance(orthogonal_heads, bool):
+        raise EnergyInputError(f"`orthogonal_heads` must be a bool, got {type(orthogonal_heads).__name__}.")
     if not orthogonal_heads:
         return StepRange(
             0.0, 0.0,

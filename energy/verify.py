@@ -16,7 +16,6 @@ For every case, on ``--trials`` random float64 instances (odd shapes, batch > 1,
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -401,6 +400,10 @@ def _reference_mha(g: torch.Generator) -> _Trial:
 
 def run(*, seed: int = 0, trials: int = 20, cases: list[str] | None = None) -> list[CaseResult]:
     """Run the suite (float64); one :class:`CaseResult` per case."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}; pass e.g. seed=0.")
+    if isinstance(trials, bool) or not isinstance(trials, int):
+        raise TypeError(f"`trials` must be an int ≥ 1, got {type(trials).__name__} {trials!r}.")
     if trials < 1:
         raise ValueError(f"`trials` must be ≥ 1, got {trials}.")
     names = [c.name for c in CASES]
@@ -444,34 +447,45 @@ def format_table(results: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Command line ``python -m energy verify [--json] [--seed S] [--trials N] [--case NAME ...]``.
 
     Prints the table (or a JSON list) of :func:`run`; returns the exit status: 0 when every target is met
-    (``max_abs_err ≤ 1e-10``, no descent violation where guaranteed), 1 otherwise.
+    (``max_abs_err ≤ 1e-10``, no descent violation where guaranteed), 1 otherwise, 2 for a usage error (one line on
+    stderr; ``--debug`` shows the traceback of any error).
     """
-    parser = argparse.ArgumentParser(prog="python -m energy verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random instances (default 0)")
-    parser.add_argument("--trials", type=int, default=20, help="random instances per case (default 20)")
-    parser.add_argument("--case", action="append", dest="cases", help="run only this case (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        results = run(seed=args.seed, trials=args.trials, cases=args.cases)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.json:
-        print(json.dumps([asdict(r) for r in results], indent=2))
-    else:
-        print(format_table(results))
-    ok = all(r.max_abs_err is None or r.max_abs_err <= 1e-10 for r in results) and all(
-        r.descent_violations == 0 for r in results if r.guaranteed
-    )
-    if not args.json:
-        print("\nall targets met (max_abs_err ≤ 1e-10, 0 violations where guaranteed)" if ok
-              else "\nTARGETS MISSED: see the rows above")
-    return 0 if ok else 1
+    from energy._cli import Parser, UsageError, prog_name, run_command
 
+    prog = prog or prog_name("python -m energy verify", "energy-verify")
+
+    def body() -> int:
+        parser = Parser(prog=prog, description=__doc__.split("\n\n")[0])
+        parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the random instances")
+        parser.add_argument("--trials", type=int, default=20, help="random instances per case (at least 1)")
+        parser.add_argument("--case", action="append", dest="cases", metavar="NAME",
+                            help=f"run only this case (repeatable; one of {', '.join(c.name for c in CASES)})")
+        args = parser.parse_args(argv)
+        if args.trials < 1:
+            raise UsageError(f"--trials must be at least 1, got {args.trials}; e.g. --trials 20")
+        unknown = sorted(set(args.cases or []) - {c.name for c in CASES})
+        if unknown:
+            raise UsageError(f"--case {', '.join(unknown)}: unknown case; valid cases: "
+                             f"{', '.join(c.name for c in CASES)}")
+        results = run(seed=args.seed, trials=args.trials, cases=args.cases)
+        if args.json:
+            print(json.dumps([asdict(r) for r in results], indent=2))
+        else:
+            print(format_table(results))
+        ok = all(r.max_abs_err is None or r.max_abs_err <= 1e-10 for r in results) and all(
+            r.descent_violations == 0 for r in results if r.guaranteed
+        )
+        if not args.json:
+            print("\nall targets met (max_abs_err ≤ 1e-10, 0 violations where guaranteed)" if ok
+                  else "\nTARGETS MISSED: see the rows above")
+        return 0 if ok else 1
+
+    return run_command(prog, body, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

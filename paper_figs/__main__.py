@@ -12,7 +12,13 @@ and ``DIR/NAME.pdf``, then rebuilds ``DIR/summary.json`` and ``DIR/report.md``. 
 
 Resume rule: a figure whose JSON exists with the same fidelity, seed, options and version is not recomputed (pass
 ``--force`` to recompute); if its picture is missing it is redrawn from the JSON. A failing figure is reported and
-the others still run; the exit code is then 1 (2 for usage errors such as an unknown figure name).
+the others still run; the exit code is then 1 (2 for usage errors such as an unknown figure name or an output
+directory that cannot be written, checked before anything is computed). Errors are one line on stderr; ``--debug``
+shows the traceback. Ctrl-C stops the run: the summary and report of the figures finished so far are written, the
+command says which figures finished and exits 130; rerunning the same command resumes (finished figures are skipped).
+
+Installed as the console script ``paper-figs``. The default ``--out`` (``paper_figs/out``) is ignored by git; the
+README gallery (``docs/img/figures``) is refreshed only by ``make gallery``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import argparse
 import datetime as _dt
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,7 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from energy._cli import Interrupted, Parser, UsageError, check_writable_dir, prog_name, run_command  # noqa: E402
 from paper_figs.io import read_json, save_figure, to_jsonable, write_json  # noqa: E402
 from paper_figs.registry import (  # noqa: E402
     REGISTRY,
@@ -54,28 +60,32 @@ DATA_OPTIONS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The default output directory (ignored by git; ``make gallery`` copies the pictures to ``docs/img/figures``).
+DEFAULT_OUT = Path("paper_figs/out")
+
+
+def build_parser(prog: str = "python -m paper_figs") -> argparse.ArgumentParser:
     """The command-line parser of ``python -m paper_figs`` (one option per data path in :data:`DATA_OPTIONS`)."""
-    p = argparse.ArgumentParser(
-        prog="python -m paper_figs",
+    p = Parser(
+        prog=prog,
         description="Reproduce the papers' figures: data (JSON), pictures (PNG, PDF), summary.json and report.md.",
     )
     p.add_argument("names", nargs="*", metavar="NAME", help="figures to run (default: all; see --list)")
     p.add_argument("--list", action="store_true", help="print the figure names with one-line descriptions")
     fid = p.add_mutually_exclusive_group()
     fid.add_argument("--quick", dest="fidelity", action="store_const", const="quick",
-                     help="reduced protocol, minutes for all figures (default)")
+                     help="reduced protocol, minutes for all figures (the default fidelity)")
     fid.add_argument("--paper", dest="fidelity", action="store_const", const="paper",
                      help="the papers' full protocols")
     fid.add_argument("--tiny", dest="fidelity", action="store_const", const="tiny",
                      help="smoke-test sizes (seconds); the numbers are not results")
     p.set_defaults(fidelity="quick")
-    p.add_argument("--out", type=Path, default=Path("paper_figs/out"), help="output directory (default %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (created; must be writable)")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed for every figure (default: each figure's seed from the paper)")
+                   help="seed for every figure (None: each figure's seed from the paper)")
     p.add_argument("--force", action="store_true", help="recompute figures even if their JSON is up to date")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice; 1 can be faster on a busy machine)")
+                   help="torch CPU threads (None: torch's choice; 1 can be faster on a busy machine)")
     for opt, text in DATA_OPTIONS.items():
         p.add_argument(f"--{opt}", type=Path, default=None, metavar="PATH", help=text)
     return p
@@ -163,14 +173,19 @@ def _check_data_options(args: argparse.Namespace) -> dict[str, Path | None]:
     for opt in DATA_OPTIONS:
         path = getattr(args, opt)
         if path is not None and not path.exists():
-            raise FileNotFoundError(f"--{opt} {path}: no such file or directory; give an existing path or omit --{opt}")
+            raise UsageError(f"--{opt} {path}: no such file or directory; give an existing path or omit --{opt}")
         options[opt] = path
     return options
 
 
 def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 a figure failed, 2 usage error)."""
-    args = build_parser().parse_args(argv)
+    """Run the CLI; returns the exit code (0 ok, 1 a figure failed, 2 usage error, 130 interrupted)."""
+    prog = prog_name("python -m paper_figs", "paper-figs")
+    return run_command(prog, lambda: _main(argv, registry, prog), argv)
+
+
+def _main(argv: Sequence[str] | None, registry: Registry | None, prog: str) -> int:
+    args = build_parser(prog).parse_args(argv)
     if registry is None:
         missing = load_figure_modules()
         registry = REGISTRY
@@ -185,18 +200,17 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
         return 0
     try:
         specs = registry.select(args.names)
-        options = _check_data_options(args)
-    except (UnknownFigureError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UnknownFigureError as exc:
+        raise UsageError(f"NAME: {exc}") from None
+    options = _check_data_options(args)
     if args.threads is not None:
         if args.threads < 1:
-            print(f"error: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--threads must be a positive integer, got {args.threads}; e.g. --threads 1")
         torch.set_num_threads(args.threads)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out: Path = check_writable_dir(args.out, "--out")  # before anything is computed
+    debug = getattr(args, "debug", False)
     failures: dict[str, str] = {}
+    finished: list[str] = []
     t_all = time.perf_counter()
     for i, spec in enumerate(specs, 1):
         tag = f"[{i}/{len(specs)}] {spec.name}"
@@ -205,11 +219,23 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
         try:
             status = run_figure(spec, fidelity=args.fidelity, out=out, seed=args.seed, options=options,
                                 force=args.force)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            write_summary_and_report(list(registry), out, failures)
+            done = ", ".join(finished) if finished else "none"
+            raise Interrupted(
+                f"stopped during {spec.name} after {time.perf_counter() - t_all:.1f} s; finished {len(finished)}/"
+                f"{len(specs)} ({done}); wrote {out / SUMMARY_NAME} and {out / REPORT_NAME}; rerun the same command "
+                "to resume (finished figures are skipped)") from None
         except Exception as exc:
+            if debug:
+                raise
             failures[spec.name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-            print(f"{tag}: FAILED after {time.perf_counter() - t0:.1f} s: {failures[spec.name]}", flush=True)
+            print(f"{tag}: FAILED after {time.perf_counter() - t0:.1f} s: {failures[spec.name]} "
+                  f"(rerun with --debug for the traceback)", flush=True)
             continue
+        finished.append(spec.name)
         note = {"up to date": " (JSON up to date, skipped; --force recomputes)",
                 "redrawn": " (redrawn from JSON without recomputing)"}.get(status, "")
         print(f"{tag}: {status} in {time.perf_counter() - t0:.1f} s{note}", flush=True)
@@ -218,7 +244,8 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
     print(f"{n_ok}/{len(specs)} figures ok in {time.perf_counter() - t_all:.1f} s; "
           f"wrote {out / SUMMARY_NAME} and {out / REPORT_NAME}", flush=True)
     if failures:
-        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        print(f"{prog}: error: {len(failures)} figure(s) failed: {', '.join(failures)} (see the FAILED lines above)",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -13,20 +13,22 @@ The package exports the public names (``__all__``) of these modules, and :class:
 step (a)/(b) enum). ``unfold.train`` is the training *module*; its loop is ``unfold.train.train(...)`` (or
 ``from unfold.train import train``), so that ``import unfold.train`` and ``unfold.train`` name the same thing.
 
-Command line: ``python -m unfold train ...`` and ``python -m unfold trace ...``.
+:func:`plot_trace` (:mod:`unfold.plotting`) draws the per-layer energy of a trace. Command line: ``python -m unfold
+train ...`` and ``python -m unfold trace ...`` (installed as ``unfold``).
 """
 
 from energy.core import Preconditioner
 from unfold import converters, parametrizations, presets, standard, steps, unroller
 from unfold.converters import *  # noqa: F403
 from unfold.parametrizations import *  # noqa: F403
+from unfold.plotting import plot_trace
 from unfold.presets import *  # noqa: F403
 from unfold.standard import *  # noqa: F403
 from unfold.steps import *  # noqa: F403
 from unfold.train import TrainResult, evaluate
 from unfold.unroller import *  # noqa: F403
 
-__all__ = ["Preconditioner", "TrainResult", "evaluate"]
+__all__ = ["Preconditioner", "TrainResult", "evaluate", "plot_trace"]
 __all__ += steps.__all__
 __all__ += unroller.__all__
 __all__ += parametrizations.__all__

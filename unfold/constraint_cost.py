@@ -31,7 +31,6 @@ mean energy per layer. Whatever it shows is the result.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -294,29 +293,46 @@ def format_table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Command line ``python -m unfold.constraint_cost``: train every model on every task and seed, print the table.
 
-    With ``--json OUT`` the full report of :func:`run` is also written (atomically). Returns the exit status (0).
+    With ``--json OUT`` the full report of :func:`run` is also written (atomically; the path is checked writable
+    before training). Returns the exit status: 0 ok, 2 a usage error, 1 a failure (one line on stderr; ``--debug``
+    shows the traceback), 130 interrupted.
     """
-    parser = argparse.ArgumentParser(prog="python -m unfold.constraint_cost", description=__doc__.split("\n")[0])
+    from energy._cli import run_command
+
+    return run_command("python -m unfold.constraint_cost", lambda: _main(argv), argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from energy._cli import Parser, UsageError, check_writable_file
+
+    parser = Parser(prog="python -m unfold.constraint_cost", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--json", metavar="OUT", help="write the report to this JSON file (atomically)")
-    parser.add_argument("--tasks", default="digits,addition", help="comma-separated: digits, addition, synthetic")
+    parser.add_argument("--tasks", default="digits,addition", help=f"comma-separated, of: {', '.join(TASKS)}")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 … N-1), at least 1")
-    parser.add_argument("--d", type=int, default=32)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--d", type=int, default=32, help="token width")
+    parser.add_argument("--depth", type=int, default=4, help="number of layers")
+    parser.add_argument("--heads", type=int, default=1, help="attention heads")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per model")
+    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--no-trace-variants", action="store_true", help="skip the extra no-ReLU trace model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
     args = parser.parse_args(argv)
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if not tasks:
+        raise UsageError(f"--tasks {args.tasks!r}: names no task; give a comma-separated list of: {', '.join(TASKS)}")
     for t in tasks:
         if t not in TASKS:
-            parser.error(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
-    if args.seeds < 1 or args.steps < 1 or args.d < 1 or args.depth < 1:
-        parser.error("--seeds, --steps, --d and --depth must be positive")
-    torch.set_num_threads(max(1, args.threads))
+            raise UsageError(f"--tasks: unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
+    for name in ("seeds", "steps", "d", "depth", "heads", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}; e.g. --lr 3e-3")
+    if args.json:
+        check_writable_file(args.json, "--json")
+    torch.set_num_threads(args.threads)
     report = run(tasks=tasks, seeds=tuple(range(args.seeds)), d=args.d, depth=args.depth, heads=args.heads,
                  steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                  trace_variants=not args.no_trace_variants, progress=args.progress)
@@ -326,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.json, json.dumps(report, indent=2))
         print(f"[constraint_cost] wrote {args.json}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

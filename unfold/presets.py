@@ -26,6 +26,7 @@ from unfold.standard import (  # noqa: F401 - re-exported for compatibility
     StandardEncoderClassifier,
     standard_encoder,
 )
+from unfold.step_base import check_input_dtype, positive_int
 from unfold.steps import FFNStep
 from unfold.unroller import CheckpointError, Unrolled, register_builder, safe_load_state_dict
 
@@ -55,6 +56,10 @@ class UnrolledClassifier(nn.Module):
         if not isinstance(body, Unrolled):
             raise EnergyInputError(f"`body` must be an unfold.Unrolled, got {type(body).__name__}.")
         self.body = body
+        if d_in is not None:
+            d_in = positive_int(d_in, "d_in")
+        if n_classes is not None:
+            n_classes = positive_int(n_classes, "n_classes")
         self.d_in = body.d if d_in is None else int(d_in)
         self.n_classes = n_classes
         self.input_bias = input_bias
@@ -77,7 +82,9 @@ class UnrolledClassifier(nn.Module):
         """The body's input ``Y⁰ = X W_in`` (``X`` itself without an input map); metadata checks only (type, rank,
         width), so the forward reads no value and every ``torch.func`` transform passes through it.
         """
-        check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in), finite=False)
+        check_input_dtype(check_tensor(X, "X", min_ndim=2, trailing=(None, self.d_in), finite=False), self, "X")
+        if X.shape[-2] == 0:
+            raise EnergyInputError(f"`X` must contain at least one token, got shape {tuple(X.shape)}.")
         return self.input_proj(X)
 
     def _pool_and_classify(self, Y: Tensor) -> Tensor:

@@ -37,6 +37,7 @@ from energy._validation import EnergyInputError, check_tensor
 from energy.core.ffn import feed_forward
 from energy.core.norm import layer_norm
 from energy.core.standard import multi_head_attention
+from unfold.step_base import check_input_dtype
 
 __all__ = [
     "GPT2Config",
@@ -66,6 +67,8 @@ def _check_token_ids(tokens: object, seq_len: int) -> Tensor:
     if not isinstance(tokens, Tensor) or tokens.dtype != torch.long or tokens.ndim < 1:
         got = f"dtype {tokens.dtype}, shape {tuple(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens)
         raise EnergyInputError(f"`tokens` must be a LongTensor of token ids with shape (..., n); got {got}.")
+    if tokens.shape[-1] == 0:
+        raise EnergyInputError(f"`tokens` must contain at least one position, got shape {tuple(tokens.shape)}.")
     if tokens.shape[-1] > seq_len:
         raise EnergyInputError(
             f"`tokens` has {tokens.shape[-1]} positions but the model has seq_len={seq_len} position embeddings; "
@@ -409,7 +412,10 @@ class StandardEncoderClassifier(nn.Module):
     def forward(self, X: Tensor, lengths: Tensor | None = None) -> Tensor:
         """Class logits ``(B, n_classes)`` of sequences ``X (B, n, d_in)``; ``lengths (B,)`` marks padding."""
         check_tensor(X, "X", ndim=3, trailing=(None, self.d_in), finite=False)  # metadata only: transform-safe
+        check_input_dtype(X, self, "X")
         n = X.shape[1]
+        if n == 0:
+            raise EnergyInputError(f"`X` must contain at least one token, got shape {tuple(X.shape)}.")
         H = self.input_proj(X)
         if self.position_embedding is not None:
             if n > self.position_embedding.shape[0]:

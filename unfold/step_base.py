@@ -16,10 +16,25 @@ import torch
 from torch import Tensor, nn
 
 from energy import kernels
-from energy._validation import EnergyInputError, check_tensor
-from energy.base import Energy, StepRange
+from energy._validation import EnergyInputError, check_tensor, warn_low_precision
+from energy.base import Energy, StepRange, _precision_checked, _weights_dtype
 
-__all__ = ["Prepared", "Step", "make_kernel", "positive_int"]
+__all__ = ["Prepared", "Step", "make_kernel", "positive_int", "check_input_dtype"]
+
+
+def check_input_dtype(Y: Tensor, module: nn.Module, name: str = "Y") -> Tensor:
+    """Raise :class:`EnergyInputError` unless ``Y`` has the dtype of ``module``'s floating weights (a metadata
+    check: it reads no value, so it runs under every transform). Modules without floating weights accept any float.
+    """
+    for p in module.parameters():
+        if p.is_floating_point():
+            if Y.dtype != p.dtype:
+                raise EnergyInputError(
+                    f"`{name}` has dtype {Y.dtype} but the model's weights are {p.dtype}; cast the input "
+                    f"(`{name}.to({p.dtype})`) or the model (`model.to({Y.dtype})`)."
+                )
+            break
+    return Y
 
 
 def positive_int(v: object, name: str) -> int:
@@ -71,6 +86,25 @@ class Step(nn.Module):
 
     alpha: Tensor
     alpha_value: float
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each step module's ``__init__`` ends with the one-time low-precision warning (policy in
+        :mod:`energy.base`: float16 / bfloat16 weaken the descent guarantee).
+        """
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if callable(init) and not getattr(init, "_precision_checked", False):
+            cls.__init__ = _precision_checked(init)  # type: ignore[method-assign]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """``.to()`` / ``.half()`` / ``.bfloat16()`` (e.g. of a whole model) also give the one-time low-precision
+        warning.
+        """
+        out = super()._apply(fn, recurse)
+        dtype = _weights_dtype(self)
+        if dtype is not None:
+            warn_low_precision(dtype, type(self).__name__)
+        return out
 
     def __init__(self, d: int, *, alpha: float = 1.0, learn_alpha: bool = False) -> None:
         super().__init__()
@@ -160,4 +194,7 @@ class Step(nn.Module):
         return self.alpha if self.learn_alpha else self.alpha_value
 
     def _check_Y(self, Y: Tensor) -> Tensor:
-        return check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
+        Y = check_input_dtype(check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False), self)
+        if Y.shape[-2] == 0:
+            raise EnergyInputError(f"`Y` must contain at least one token, got shape {tuple(Y.shape)}.")
+        return Y

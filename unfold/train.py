@@ -210,6 +210,24 @@ def _call(model: nn.Module, inputs: object) -> Tensor:
     return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
 
 
+def check_class_targets(outputs: Tensor, targets: object, where: str) -> None:
+    """Raise :class:`EnergyInputError` if integer class ``targets`` (shape ``outputs.shape[:-1]``, classes last)
+    lie outside ``[0, C)`` with ``C = outputs.shape[-1]`` (``IGNORE_INDEX`` allowed). Other targets pass unchecked.
+    """
+    if (not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool
+            or outputs.ndim != targets.ndim + 1 or outputs.shape[:-1] != targets.shape or targets.numel() == 0):
+        return
+    C = outputs.shape[-1]
+    bad = ((targets < 0) | (targets >= C)) & (targets != IGNORE_INDEX)
+    if bool(bad.any()):
+        first = int(targets[bad].flatten()[0])
+        raise EnergyInputError(
+            f"`targets` of {where} contain class {first} but the model outputs C = {C} classes (targets must lie in "
+            f"[0, {C - 1}], or be IGNORE_INDEX = {IGNORE_INDEX}); build the model with n_classes ≥ "
+            f"{int(targets.max()) + 1} or fix the labels."
+        )
+
+
 def _batches_ran_out(k: int) -> EnergyInputError:
     return EnergyInputError(
         f"`batches` ran out after {k} batches; pass an endless iterable (e.g. unfold.data.AdditionDataset or "
@@ -296,7 +314,9 @@ def train(
                     raise _batches_ran_out(step)
                 inputs, targets = batch
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(_call(model, inputs), targets)
+                outputs = _call(model, inputs)
+                check_class_targets(outputs, targets, f"batch {step}")
+                loss = loss_fn(outputs, targets)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"the training loss became {float(loss.detach())} at step {step + 1} (lr={lr}); "
@@ -330,6 +350,7 @@ def accuracy(outputs: Tensor, targets: Tensor) -> tuple[int, int]:
             f"`outputs` must have shape targets.shape + (classes,), got {tuple(outputs.shape)} and "
             f"{tuple(targets.shape)}."
         )
+    check_class_targets(outputs, targets, "this batch")
     counted = targets != IGNORE_INDEX
     correct = (outputs.argmax(-1) == targets) & counted
     return int(correct.sum()), int(counted.sum())

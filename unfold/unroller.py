@@ -59,6 +59,7 @@ from unfold.modelfile import (
     safe_load_state_dict,
     save_model,
 )
+from unfold.step_base import check_input_dtype
 from unfold.steps import STEP_TYPES, Prepared, Step
 
 __all__ = [
@@ -243,7 +244,9 @@ class Unrolled(nn.Module):
                 :meth:`trace_energies` (same numbers, with the weights of the time of that call).
         """
         # metadata only (type, rank, width): a forward reads no tensor value, so it runs under torch.func transforms
-        check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False)
+        check_input_dtype(check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False), self)
+        if Y.shape[-2] == 0:
+            raise EnergyInputError(f"`Y` must contain at least one token, got shape {tuple(Y.shape)}.")
         granularity = _trace_granularity(trace)
         prepared = self._prepare()
         if granularity is None:

@@ -24,6 +24,7 @@ from energy._validation import (
     DenseSizeError,
     EnergyInputError,
     check_finite,
+    check_same_device,
     check_same_float_dtype,
     check_tensor,
     value_holds,
@@ -196,8 +197,11 @@ class AttentionLayer:
             raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {self.reduction!r}.")
         if self.c is not None and not (math.isfinite(float(self.c)) and float(self.c) > 0):
             raise EnergyInputError(f"`c` must be a positive finite number, got {self.c!r}.")
-        if self.scale is not None and not math.isfinite(float(self.scale)):
-            raise EnergyInputError(f"`scale` must be a finite real number or None (= 1/√d_K), got {self.scale!r}.")
+        if self.scale is not None and (isinstance(self.scale, (bool, str)) or not math.isfinite(float(self.scale))
+                                       or float(self.scale) <= 0):
+            raise EnergyInputError(
+                f"`scale` must be a finite real number > 0 (κ, the score scale) or None (= 1/√d_K), got {self.scale!r}."
+            )
         if self.mask is not None:
             if self.causal:
                 raise EnergyInputError("pass either `mask` or `causal=True`, not both.")
@@ -255,6 +259,10 @@ class AttentionLayer:
         if X.ndim not in (2, 3):
             raise EnergyInputError(f"`X` must have shape (L, d_V) or (B, L, d_V), got {tuple(X.shape)}.")
         L, d_V = X.shape[-2], X.shape[-1]
+        if X.numel() == 0:
+            raise EnergyInputError(
+                f"`X` must contain at least one sequence of at least one token, got shape {tuple(X.shape)}."
+            )
         if d_V != self.d_V:
             raise EnergyInputError(f"`W_Q` must have shape (d_V, d_K) = ({d_V}, d_K), got {tuple(self.W_Q.shape)}.")
         Yt = None
@@ -264,6 +272,7 @@ class AttentionLayer:
                 raise EnergyInputError(f"`Y` (the target of F) must have shape {(*X.shape[:-1], self.d_out)} (X's "
                                        f"with the output width), got {tuple(Yt.shape)}.")
         check_same_float_dtype(**_present(X=X, W_Q=self.W_Q, Y=Yt))
+        check_same_device(**_present(X=X, W_Q=self.W_Q, Y=Yt))
         X3 = X if X.ndim == 3 else X.unsqueeze(0)
         Y3 = None if Yt is None else (Yt if Yt.ndim == 3 else Yt.unsqueeze(0))
         mask = self.mask

@@ -25,6 +25,7 @@ from energy.hessian.parameter_space import (
     _check_deterministic_model,
     _resolve_reduction,
     check_batches,
+    check_first_batch,
     free_and_fixed,
 )
 
@@ -124,6 +125,7 @@ class CurvatureOperator(LinearOperator):
         sizes = check_batches(self.data, self.batch_size_fn)
         if not sizes or sum(sizes) == 0:
             raise EnergyInputError("`data` contains no samples; pass at least one non-empty batch.")
+        check_first_batch(model, loss_fn, self.data, self.space.dtype)
         self.batch_sizes = sizes
         self.num_data = sum(sizes)
         self.cache = cache
@@ -398,6 +400,7 @@ class JacobianOperator(LinearOperator):
         self.model = model
         self.data = _check_data(data)
         check_batches(self.data, lambda X: 0, pairs=False)
+        check_first_batch(model, None, self.data, self.space.dtype)
         sizes = []
         with torch.no_grad():
             for X in self._inputs_iter():

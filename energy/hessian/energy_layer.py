@@ -53,7 +53,13 @@ import math
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
+from energy._validation import (
+    EnergyInputError,
+    check_same_device,
+    check_same_float_dtype,
+    check_tensor,
+    warn_if_not_float64,
+)
 from energy.core.attention import kappa, metric, softmax_beta
 from energy.hessian.attention_layer import Reduction, _present, check_dense_budget, loss_constant
 from energy.hessian.blocks import Part, _check_part
@@ -73,6 +79,11 @@ def _scale(M: Tensor, scale: float | None) -> float:
     return float(kappa(scale, M.shape[1]))
 
 
+def _check_tied(tied: object) -> None:
+    if not isinstance(tied, bool):
+        raise EnergyInputError(f"`tied` must be a bool (True: values tied to W, step (b)), got {tied!r}.")
+
+
 def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Tensor, Tensor | None]:
     check_tensor(X, "X")
     if X.ndim not in (2, 3):
@@ -86,6 +97,7 @@ def _validate(X: Tensor, M: Tensor, Y: Tensor | None, alpha: float) -> tuple[Ten
         if Y.shape != X.shape:
             raise EnergyInputError(f"`Y` must have the shape of `X` {tuple(X.shape)}, got {tuple(Y.shape)}.")
     check_same_float_dtype(**_present(X=X, M=M, Y=Y))
+    check_same_device(**_present(X=X, M=M, Y=Y))
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
     X3 = X if X.ndim == 3 else X.unsqueeze(0)
@@ -100,6 +112,8 @@ def energy_layer_output(
     ``softmax_β`` and ``W = s M Mᵀ`` are the pure core's :func:`energy.core.attention.softmax_beta` and
     :func:`energy.core.attention.metric` (MATH §1.1), so every ``torch.func`` transform runs through it.
     """
+    _validate(X, M, None, alpha)
+    _check_tied(tied)
     W = metric(M, _scale(M, scale))
     A = softmax_beta(X, W)
     if not tied:
@@ -112,6 +126,7 @@ def energy_layer_loss(
     c: float | None = None, reduction: Reduction = "sum",
 ) -> Tensor:
     """``ℓ = c_eff Σ_b ‖F_b − Y_b‖²`` (constant as in :func:`energy.hessian.attention.loss_constant`)."""
+    _validate(X, M, Y, alpha)
     F = energy_layer_output(X, M, alpha=alpha, tied=tied, scale=scale)
     return loss_constant(X, c, reduction) * ((F - Y) ** 2).sum()
 
@@ -180,6 +195,7 @@ def energy_layer_jacobian(
 ) -> Tensor:
     """Closed-form Jacobian of ``vec_r(F)`` (all sequences stacked) w.r.t. ``vec_r(M)``: ``(B L d, d k)``."""
     X3, _ = _validate(X, M, None, alpha)
+    _check_tied(tied)
     J = _Terms(X3, M, _scale(M, scale), alpha, tied).jacobian()
     return J.reshape(-1, J.shape[-1])
 
@@ -213,6 +229,7 @@ def energy_layer_hessian(
     """
     _check_part(part)
     X3, Y3 = _validate(X, M, Y, alpha)
+    _check_tied(tied)
     d, k = M.shape
     check_dense_budget(d * k, d * k, M.dtype, max_gib, "the dense Hessian w.r.t. M")
     check_dense_budget(X3.shape[0] * X3.shape[1] ** 2, d * k, M.dtype, max_gib, "the logit Jacobian 𝒯")

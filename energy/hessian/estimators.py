@@ -39,7 +39,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError
+from energy._validation import (
+    ConstraintError,
+    EnergyInputError,
+    check_readable,
+    check_result,
+    check_tensor,
+    default_tolerance,
+)
+from energy.hessian.curvature_operators import CurvatureOperator
+from energy.hessian.token_operator import TokenHessianOperator
 
 __all__ = [
     "Estimate",
@@ -54,6 +63,7 @@ __all__ = [
     "hutchpp_squared_frobenius",
     "lanczos",
     "slq_density",
+    "check_symmetric_operator",
 ]
 
 Distribution = Literal["rademacher", "normal"]
@@ -103,6 +113,23 @@ class SpectralDensity(NamedTuple):
 def as_matmat(
     A: Any, dim: int | None = None, *, dtype: torch.dtype = torch.float64
 ) -> tuple[Callable[[Tensor], Tensor], tuple[int, int], torch.dtype]:
+    """Normalise ``A`` to ``(matmat, shape, dtype)`` (see :func:`_as_matmat`); a ``dim`` given with an operator or a
+    tensor must agree with its shape (it is not silently ignored).
+    """
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise EnergyInputError(f"`dim` must be a positive int or None, got {dim!r}.")
+    mm, shape, op_dtype = _as_matmat(A, dim, dtype=dtype)
+    if dim is not None and shape[1] != dim:
+        raise EnergyInputError(
+            f"`dim`={dim} does not match the shape {shape} of `A` (n = {shape[1]}); omit `dim` (it is only needed "
+            "for a matvec callable) or pass dim={shape[1]}."
+        )
+    return mm, shape, op_dtype
+
+
+def _as_matmat(
+    A: Any, dim: int | None = None, *, dtype: torch.dtype = torch.float64
+) -> tuple[Callable[[Tensor], Tensor], tuple[int, int], torch.dtype]:
     """Normalise ``A`` to ``(matmat, shape, dtype)`` with ``matmat: (n, k) -> (m, k)`` tensors in ``dtype``.
 
     Args:
@@ -113,6 +140,7 @@ def as_matmat(
     if isinstance(A, Tensor):
         if A.ndim != 2:
             raise EnergyInputError(f"`A` must be a 2-D tensor, got shape {tuple(A.shape)}.")
+        check_tensor(check_readable(A, "A", "an estimator"), "A", ndim=2)  # floating, finite, with values
         return (lambda V: A @ V.to(A.dtype)), (A.shape[0], A.shape[1]), A.dtype
     if hasattr(A, "matmat") and hasattr(A, "shape"):
         op_dtype = getattr(A, "dtype", dtype)
@@ -154,6 +182,47 @@ def _device_of(A: Any) -> torch.device | None:
     return device if isinstance(device, torch.device) else None
 
 
+def check_symmetric_operator(A: Any, mm: Callable[[Tensor], Tensor], n: int, dtype: torch.dtype, what: str) -> None:
+    r"""Raise unless ``A`` is symmetric, for the routines that assume it (:func:`lanczos`, :func:`slq_density`).
+
+    A dense tensor is checked entrywise (``max |A − Aᵀ| ≤ 1e3·eps·max(1, max|A|)``, :class:`ConstraintError`).
+    Any other operator gets one randomized probe at the start: two fixed random vectors ``u, v`` (their own
+    generator, so the caller's random stream is unchanged) and one product with both,
+    :math:`|u^	op(Av) - v^	op(Au)| \le 100\sqrt{arepsilon}\,(\|u\|\|Av\| + \|v\|\|Au\|)`; a non-finite product
+    raises :class:`EnergyInputError`. The library's curvature operators are symmetric by construction and skip the
+    probe (it costs one data pass there).
+    """
+    if isinstance(A, Tensor):
+        Ad = A.detach()
+        gap = float((Ad - Ad.T).abs().max()) if A.numel() else 0.0
+        tol = default_tolerance(Ad)
+        if gap > tol:
+            raise ConstraintError(
+                f"{what} needs a symmetric matrix `A` (max |A − Aᵀ| = {gap:.3e} > tol {tol:.1e}); its results for a "
+                "non-symmetric matrix are unrelated to the eigenvalues. Pass the symmetric part (A + A.T) / 2, or use "
+                "torch.linalg.eigvals / svdvals for a non-symmetric matrix."
+            )
+        return
+    if isinstance(A, (CurvatureOperator, TokenHessianOperator)):
+        return
+    g = torch.Generator().manual_seed(20240)
+    UV = torch.randn(n, 2, generator=g, dtype=torch.float64).to(dtype)
+    AUV = torch.as_tensor(mm(UV)).to(torch.float64)
+    if not bool(torch.isfinite(AUV).all()):
+        raise EnergyInputError(
+            f"{what}: the products of `A` are not finite (NaN/inf) on random unit-scale vectors; check the operator "
+            "(its data or weights) for NaN/inf entries."
+        )
+    u, v, Au, Av = UV[:, 0].double(), UV[:, 1].double(), AUV[:, 0], AUV[:, 1]
+    gap = abs(float(u @ Av - v @ Au))
+    tol = 100 * math.sqrt(torch.finfo(dtype).eps) * float(u.norm() * Av.norm() + v.norm() * Au.norm())
+    if gap > tol:
+        raise ConstraintError(
+            f"{what} needs a symmetric operator `A`, but a random probe gives |uᵀ(Av) − vᵀ(Au)| = {gap:.3e} > "
+            f"{tol:.1e}; pass the symmetric part (A + Aᵀ)/2, or use an SVD routine for a non-symmetric operator."
+        )
+
+
 def _square(shape: tuple[int, int], what: str) -> int:
     if shape[0] != shape[1]:
         raise EnergyInputError(f"{what} needs a square operator, got shape {shape}.")
@@ -174,6 +243,9 @@ def draw_probes(
     Rademacher (``±1``) or standard normal entries, drawn on the CPU from ``generator`` (so a seed gives the same
     probes on every device) and moved to ``device`` (default: the CPU).
     """
+    for name, value in (("n", n), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EnergyInputError(f"`{name}` must be an int ≥ 0 (probes are (n, k)), got {value!r}.")
     gen = _gen(generator)
     if distribution == "rademacher":
         Z = (torch.randint(0, 2, (n, k), generator=gen) * 2 - 1).to(dtype)
@@ -194,7 +266,7 @@ def _gen(generator: torch.Generator | None) -> torch.Generator:
 
 def _count(num: int, name: str, n: int, *, exact_if_cheaper: bool, minimum: int = 1) -> bool:
     """Validate a sample count; return True when the exact evaluation should be used instead."""
-    if not isinstance(num, int) or num < minimum:
+    if isinstance(num, bool) or not isinstance(num, int) or num < minimum:
         raise EnergyInputError(f"`{name}` must be an int ≥ {minimum}, got {num!r}.")
     if num > n:
         if exact_if_cheaper:
@@ -207,9 +279,19 @@ def _count(num: int, name: str, n: int, *, exact_if_cheaper: bool, minimum: int 
 
 
 def _apply(mm: Callable[[Tensor], Tensor], V: Tensor, batch_size: int | None) -> Tensor:
+    """``A V`` in column chunks; a NaN/inf product raises (an estimate from it would be NaN without a word)."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise EnergyInputError(
+            f"`batch_size` must be a positive int (probes per operator product) or None (all at once), got "
+            f"{batch_size!r}."
+        )
     if batch_size is None or V.shape[1] <= batch_size:
-        return mm(V)
-    return torch.cat([mm(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1)
+        out = mm(V)
+    else:
+        out = torch.cat([mm(V[:, i : i + batch_size]) for i in range(0, V.shape[1], batch_size)], dim=1)
+    check_result(out, "the product `A @ V` of the estimator", {"V": V},
+                 hint="If the scale is moderate, check the operator `A` for NaN/inf entries.")
+    return out
 
 
 def _exact_matrix(mm: Callable, shape: tuple[int, int], dtype: torch.dtype, batch_size: int | None,
@@ -450,7 +532,8 @@ def lanczos(
     ``min(n, max(3k + 50, 100))``); with ``m = n`` the result is exact. Not converging emits a warning.
 
     Args:
-        A: symmetric operator (see module docstring). Symmetry is not checked.
+        A: symmetric operator (see module docstring). Symmetry is checked at the start: entrywise for a dense
+            tensor, by one randomized probe for other operators (:func:`check_symmetric_operator`).
         k: number of eigenpairs, ``1 ≤ k ≤ n``.
         which: ``"LA"`` largest algebraic (top-k, returned descending), ``"SA"`` smallest algebraic (bottom-k,
             ascending), ``"LM"`` largest magnitude (descending ``|λ|``).
@@ -462,8 +545,11 @@ def lanczos(
     """
     mm, shape, dtype = as_matmat(A, dim)
     n = _square(shape, "lanczos")
-    if not isinstance(k, int) or k < 1:
+    check_symmetric_operator(A, mm, n, dtype, "lanczos")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise EnergyInputError(f"`k` must be a positive int, got {k!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise EnergyInputError(f"`tol` must be a finite number > 0 (the relative residual tolerance), got {tol!r}.")
     if k > n:
         raise EnergyInputError(f"`k`={k} eigenpairs requested from an operator of dimension n={n}; use k ≤ n.")
     if which not in ("LA", "SA", "LM"):
@@ -543,6 +629,7 @@ def slq_density(
     """
     mm, shape, dtype = as_matmat(A, dim)
     n = _square(shape, "slq_density")
+    check_symmetric_operator(A, mm, n, dtype, "slq_density")
     if not isinstance(num_probes, int) or num_probes < 1:
         raise EnergyInputError(f"`num_probes` must be a positive int, got {num_probes!r}.")
     if not isinstance(num_steps, int) or num_steps < 1:

@@ -14,7 +14,7 @@ import torch
 from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 from torch import Tensor
 
-from energy._validation import DenseSizeError, EnergyInputError, check_tensor
+from energy._validation import DenseSizeError, EnergyInputError, check_result, check_tensor
 
 __all__ = ["LinearOperator"]
 
@@ -24,6 +24,9 @@ def _available_memory_bytes() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 8 * 2**30
+
+
+_NAN_HINT = "If the scale is moderate, check the model's parameters (or the operator's data) for NaN/inf entries."
 
 
 class LinearOperator:
@@ -49,6 +52,16 @@ class LinearOperator:
         symmetric: bool = False,
         max_vectors: int | None = None,
     ) -> None:
+        if (not isinstance(shape, (tuple, list, torch.Size)) or len(shape) != 2
+                or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in shape)):
+            raise EnergyInputError(
+                f"`shape` must be a pair (m, n) of ints ≥ 0 (the operator maps R^n to R^m), got {shape!r}."
+            )
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise EnergyInputError(
+                f"`dtype` must be a real floating torch dtype (e.g. torch.float64) for the operator's inputs and "
+                f"outputs, got {dtype!r}."
+            )
         self.shape = (int(shape[0]), int(shape[1]))
         self.dtype = dtype
         self.device = torch.device(device)
@@ -91,13 +104,15 @@ class LinearOperator:
     def matmat(self, V: Tensor) -> Tensor:
         """Return ``A @ V`` for ``V`` of shape ``(n, k)`` (all ``k`` columns in one vmapped pass, or chunks)."""
         V, is_vec = self._check_input(V, "V", self.shape[1])
-        out = self._chunked(self._matmat, V)
+        out = check_result(self._chunked(self._matmat, V), f"`{type(self).__name__} @ V`", {"V": V}, hint=_NAN_HINT)
+        assert isinstance(out, Tensor)
         return out[:, 0] if is_vec else out
 
     def rmatmat(self, U: Tensor) -> Tensor:
         """Return ``Aᵀ @ U`` for ``U`` of shape ``(m, k)``."""
         U, is_vec = self._check_input(U, "U", self.shape[0])
-        out = self._chunked(self._rmatmat, U)
+        out = check_result(self._chunked(self._rmatmat, U), f"`{type(self).__name__}.T @ U`", {"U": U}, hint=_NAN_HINT)
+        assert isinstance(out, Tensor)
         return out[:, 0] if is_vec else out
 
     def matvec(self, v: Tensor) -> Tensor:

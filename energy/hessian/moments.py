@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
+from energy._validation import EnergyInputError
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions, attention_matrix
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "layer_moments",
     "attention_jacobians",
     "as_layer",
+    "check_moments",
 ]
 
 #: Parameter order of the assembled Hessian.
@@ -163,6 +165,18 @@ class AttentionMoments:
         return out
 
 
+def check_moments(mom: object, function: str) -> AttentionMoments:
+    """Raise :class:`EnergyInputError` unless ``mom`` is an :class:`AttentionMoments` (a type check only)."""
+    if not isinstance(mom, AttentionMoments):
+        got = f"a tensor of shape {tuple(mom.shape)}" if isinstance(mom, Tensor) else type(mom).__name__
+        raise EnergyInputError(
+            f"{function}: `mom` must be the moments of a layer, got {got}; compute them first with "
+            "`mom = energy.hessian.attention_moments(layer, X, Y)` (or attention_moments(X, W_Q, W_K, W_V, Y)) and "
+            f"call {function}(mom)."
+        )
+    return mom
+
+
 def _weighted_outer(W: Tensor, X: Tensor) -> Tensor:
     """``out[b, i] = Σ_j W[b, i, j] x_j x_jᵀ`` as one batched GEMM, ``(B, L, d, d)``."""
     B, L, d = X.shape
@@ -259,6 +273,7 @@ def attention_jacobians(mom: AttentionMoments) -> dict[str, Tensor]:
         ``{"Q": (N d_O, d_V d_K), "K": (N d_O, d_V d_K), "V": (N d_O, d_V²)[, "O": (N d_O, d_V d_O)]}``,
         ``N = B L``.
     """
+    check_moments(mom, "attention_jacobians")
     N, d, k, o = mom.x.shape[0], mom.d_V, mom.d_K, mom.d_O
     C = mom.B_V @ mom.W_K  # Ṽᵀ Σ_i W_K
     eye_o = torch.eye(o, dtype=mom.x.dtype, device=mom.x.device)

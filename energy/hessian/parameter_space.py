@@ -171,6 +171,77 @@ def _check_finite_leaves(obj: Any, where: str) -> None:
             _check_finite_leaves(item, f"{where}[{key!r}]")
 
 
+def _floating_leaves(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        if obj.is_floating_point():
+            yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _floating_leaves(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _floating_leaves(item)
+
+
+def check_first_batch(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor] | None, data: Iterable,
+                      dtype: torch.dtype) -> None:
+    """Run ``model`` (and ``loss_fn``) once on the first batch at construction, so that data of the wrong dtype or
+    shape, or a target the loss would broadcast, is reported here (naming ``data``) and not by torch at the first
+    product. Checks: the inputs' floating leaves have the parameters' ``dtype``; the forward succeeds and returns
+    one tensor; a floating target has the outputs' shape (a different shape is broadcast by e.g. ``mse_loss`` into
+    a different loss); the loss is a finite scalar.
+    """
+    batch = next(iter(data), None)
+    if batch is None:
+        return
+    X, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
+    for leaf in _floating_leaves(X):
+        if leaf.dtype != dtype:
+            raise EnergyInputError(
+                f"`data` batch 0 has inputs of dtype {leaf.dtype} but the model's parameters are {dtype}; cast the "
+                f"data (`X.to({dtype})`) or the model (`model.to({leaf.dtype})`)."
+            )
+    with torch.no_grad():
+        try:
+            o = model(X)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise EnergyInputError(
+                f"`model` fails on `data` batch 0 (inputs of shape {_shape_of(X)}): {exc}. Check that the batches "
+                "are (inputs, targets) pairs shaped as the model expects."
+            ) from exc
+        if not isinstance(o, Tensor):
+            raise EnergyInputError(f"`model` must return one tensor of outputs, got {type(o).__name__}.")
+        if loss_fn is None:
+            return
+        if isinstance(y, Tensor) and y.is_floating_point() and y.shape != o.shape:
+            raise EnergyInputError(
+                f"`data` batch 0 has targets of shape {tuple(y.shape)} but the model's outputs have shape "
+                f"{tuple(o.shape)}; the loss would broadcast them into a different loss. Reshape the targets to "
+                f"{tuple(o.shape)} (e.g. `y.reshape(o.shape)` / `y.unsqueeze(-1)`)."
+            )
+        try:
+            loss = loss_fn(o, y)
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            raise EnergyInputError(
+                f"`loss_fn` fails on the outputs (shape {tuple(o.shape)}) and targets ({_shape_of(y)}) of `data` "
+                f"batch 0: {exc}."
+            ) from exc
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise EnergyInputError(
+            f"`loss_fn(o, y)` must return a scalar tensor, got {_shape_of(loss)}; use reduction='mean' or 'sum' in "
+            "the loss."
+        )
+    if not bool(torch.isfinite(loss).all()):
+        raise EnergyInputError(
+            f"`loss_fn(o, y)` is not finite on `data` batch 0 ({float(loss)}); every curvature product would be "
+            "NaN. Check the targets' range (e.g. class indices < number of outputs) and the data's scale."
+        )
+
+
+def _shape_of(obj: Any) -> str:
+    return f"tensor of shape {tuple(obj.shape)}" if isinstance(obj, Tensor) else type(obj).__name__
+
+
 def check_batches(data: Iterable, batch_size_fn: Callable[[Any], int], *, pairs: bool = True) -> tuple[int, ...]:
     """Validate every batch once (shape of the pair, finite floating entries) and return the batch sizes ``N_b``.
 

@@ -51,7 +51,7 @@ from typing_extensions import Unpack
 from energy._validation import EnergyInputError
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions
 from energy.hessian.blocks import Part, _Factors
-from energy.hessian.moments import BLOCKS, BLOCKS_O, AttentionMoments, attention_moments
+from energy.hessian.moments import BLOCKS, BLOCKS_O, AttentionMoments, attention_moments, check_moments
 
 __all__ = [
     "BLOCK_NAMES",
@@ -176,6 +176,7 @@ def block_inner_products(mom: AttentionMoments, block: str, *, _cores: _TokenCor
         block: ``"VV"``, ``"VQ"``, ``"VK"``, ``"QQ"``, ``"KK"``, ``"QK"`` (or a transpose such as ``"QV"``);
             with an output projection also ``"OO"``, ``"VO"``, ``"OQ"``, ``"OK"``.
     """
+    check_moments(mom, "block_inner_products")
     block = _canonical(block, mom)
     kappa, c = mom.kappa, mom.c
     if block in ("VV", "OO", "VO"):  # d-space, no per-row factors
@@ -238,6 +239,7 @@ def block_norms_from_moments(
     ``"cross"`` is the inner product ``⟨H_o, H_f⟩_F`` of the block (not a norm). With ``squared=True`` the
     squared norms are returned (no square root; useful to sum blocks).
     """
+    check_moments(mom, "block_norms_from_moments")
     names = _names(mom) if blocks is None else [_canonical(b, mom) for b in blocks]
     cores = _TokenCores(mom)
     out: dict[tuple[str, str], float] = {}
@@ -266,6 +268,7 @@ def block_norms(
 
 def hessian_frobenius_norms(mom: AttentionMoments) -> dict[str, float]:
     """Frobenius norms of the whole ``H``, ``H_o``, ``H_f`` (off-diagonal blocks counted twice)."""
+    check_moments(mom, "hessian_frobenius_norms")
     sq = block_norms_from_moments(mom, squared=True)
     out = {}
     for part in ("H", "H_o", "H_f"):
@@ -304,6 +307,7 @@ def block_diagonals(mom: AttentionMoments, part: Part = "H") -> dict[str, Tensor
     and ``diag H(O,O) = diag(2c W_VᵀM_1ᵀM_1W_V) ⊗ 1`` (the bilinear term sits off the diagonal blocks). Cost
     ``O(N d² k)``. Concatenated in the order of ``mom.params`` they are the diagonal of the whole Hessian.
     """
+    check_moments(mom, "block_diagonals")
     if part not in ("H", "H_o", "H_f"):
         raise EnergyInputError(f"`part` must be 'H', 'H_o' or 'H_f', got {part!r}.")
     return _diag_factors(mom, part)
@@ -316,6 +320,7 @@ def block_traces(mom: AttentionMoments, part: Part = "H") -> dict[str, float]:
               \mathrm{tr}\,H(K,K) = \sum_i \mathrm{tr}R_i\,\|q_i\|^2,\quad
               \mathrm{tr}\,H(V,V) = \mathrm{tr}(2c M_1^\top M_1)\,\|W_O\|_F^2
     """
+    check_moments(mom, "block_traces")
     diags = block_diagonals(mom, part)
     out = {name + name: float(v.sum()) for name, v in diags.items()}
     out["total"] = sum(out.values())

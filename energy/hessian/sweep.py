@@ -193,6 +193,22 @@ class SweepResult:
     stderr: dict[str, np.ndarray] = field(init=False)
 
     def __post_init__(self) -> None:
+        sigmas, seeds = np.asarray(self.sigmas), np.asarray(self.seeds)
+        if sigmas.ndim != 1 or seeds.ndim != 1:
+            raise EnergyInputError(
+                f"`sigmas` and `seeds` must be 1-D arrays, got shapes {sigmas.shape} and {seeds.shape}."
+            )
+        if not isinstance(self.values, dict):
+            raise EnergyInputError(
+                f"`values` must be a dict of arrays keyed by quantity, got {type(self.values).__name__}."
+            )
+        expected = (sigmas.size, seeds.size)
+        for k, a in self.values.items():
+            if np.shape(a) != expected:
+                raise EnergyInputError(
+                    f"`values[{k!r}]` must have shape (len(sigmas), len(seeds)) = {expected} (row i: sigmas[i], "
+                    f"column j: seeds[j]), got shape {np.shape(a)}."
+                )
         n = self.seeds.size
         self.mean = {k: a.mean(axis=1) for k, a in self.values.items()}
         self.stderr = {
@@ -279,6 +295,11 @@ def sigma_sweep(
     if len(seed_list) != n_inits:
         raise EnergyInputError(f"`seeds` must have n_inits={n_inits} entries, got {len(seed_list)}.")
     cache: dict[str, dict[str, float]] = {}
+    if cache_path is not None and os.path.isdir(cache_path):
+        raise EnergyInputError(
+            f"`cache_path` {os.fspath(cache_path)!r} is a directory; pass the path of a JSON file to store the sweep "
+            "in (e.g. 'sweep_cache.json'), or None for no cache."
+        )
     if cache_path is not None and os.path.exists(cache_path):
         with open(cache_path) as fh:
             stored = json.load(fh)

@@ -45,11 +45,21 @@ class TokenHessianOperator(LinearOperator):
         if not callable(fn):
             raise EnergyInputError(f"`fn` must be callable Y -> scalar, got {type(fn).__name__}.")
         with torch.no_grad():
-            value = fn(Y.detach())
+            try:
+                value = fn(Y.detach())
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise EnergyInputError(
+                    f"`fn` fails on `Y` (shape {tuple(Y.shape)}, dtype {Y.dtype}): {exc}."
+                ) from exc
         if not isinstance(value, Tensor) or value.numel() != 1:
             raise EnergyInputError(
                 f"`fn(Y)` must return a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}; "
                 "sum over batch elements (e.g. `lambda Y: energy(Y).sum()`)."
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise EnergyInputError(
+                f"`fn(Y)` is not finite ({float(value)}) at `Y` (max |Y| = {float(Y.detach().abs().max()):.3g}); "
+                "every Hessian product would be NaN. Rescale `Y` or check `fn`."
             )
         n = Y.numel()
         super().__init__((n, n), Y.dtype, Y.device, symmetric=True, max_vectors=max_vectors)
@@ -62,6 +72,14 @@ class TokenHessianOperator(LinearOperator):
         cls, model: Callable[[Tensor], Tensor], loss_fn: Callable[[Tensor, Any], Tensor], X: Tensor, y: Any, **kw: Any
     ) -> TokenHessianOperator:
         r""":math:`\nabla^2_X \ell(\mathrm{model}(X), y)`: the loss Hessian with respect to the input states ``X``."""
+        if isinstance(y, Tensor) and y.is_floating_point() and isinstance(X, Tensor):
+            with torch.no_grad():
+                out = model(X)
+            if isinstance(out, Tensor) and out.shape != y.shape:
+                raise EnergyInputError(
+                    f"`y` has shape {tuple(y.shape)} but `model(X)` has shape {tuple(out.shape)}; the loss would "
+                    f"broadcast them into a different loss. Reshape `y` to {tuple(out.shape)}."
+                )
         return cls(lambda Z: loss_fn(model(Z), y), X, **kw)
 
     def _matmat(self, V: Tensor) -> Tensor:

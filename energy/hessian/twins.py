@@ -26,7 +26,9 @@ def attention_output(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, **options
     """``F``: :func:`energy.reference.single_head_attention` (softmax) or linear attention, times ``W_O``
     (:meth:`AttentionLayer.output`; the options are the fields of :class:`AttentionLayer`).
     """
-    return AttentionLayer.from_weights(W_Q, W_K, W_V, **options).output(X)
+    layer = AttentionLayer.from_weights(W_Q, W_K, W_V, **options)
+    layer.check_inputs(X)
+    return layer.output(X)
 
 
 def attention_loss(*args: Tensor | AttentionLayer, **options: Unpack[LayerOptions]) -> Tensor:
@@ -35,6 +37,7 @@ def attention_loss(*args: Tensor | AttentionLayer, **options: Unpack[LayerOption
     Call as ``attention_loss(layer, X, Y)`` or ``attention_loss(X, W_Q, W_K, W_V, Y, **options)``.
     """
     layer, X, Y = as_layer(args, options, "attention_loss")
+    layer.check_inputs(X, Y)
     return layer.loss(X, Y)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from energy._validation import EnergyInputError
+from energy._validation import EnergyInputError, check_float_dtype
 from unfold.data.text import WordVectors
 
 __all__ = [
@@ -48,6 +48,7 @@ def seeded_embedding_table(
     """
     if not isinstance(d, int) or d < 1:
         raise EnergyInputError(f"`d` must be a positive integer, got {d!r}.")
+    check_float_dtype(dtype)
     words = list(vocab)
     if len(set(words)) != len(words):
         raise EnergyInputError("`vocab` contains duplicate words; pass each word once.")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError
+from energy._validation import EnergyInputError, check_float_dtype
 
 __all__ = [
     "SequenceClassificationData",
@@ -78,6 +78,7 @@ def load_digits_sequences(
         raise EnergyInputError(
             f"`tokens` must be 'rows' (8 tokens × 8 features) or 'half-rows' (16 × 4), got {tokens!r}."
         )
+    check_float_dtype(dtype)
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=dtype) / 16.0  # (N, 8, 8)
     X = images if tokens == "rows" else images.reshape(-1, 16, 4)
@@ -120,6 +121,7 @@ def synthetic_sequence_classification(
         raise EnergyInputError(f"`n_classes` must be an integer ≥ 2, got {n_classes!r}.")
     if not isinstance(n_signal, int) or not 1 <= n_signal <= n_tokens:
         raise EnergyInputError(f"`n_signal` must be an integer in [1, n_tokens={n_tokens}], got {n_signal!r}.")
+    check_float_dtype(dtype)
     gen = torch.Generator().manual_seed(seed)
     U = torch.randn(n_classes, d, generator=gen, dtype=torch.float64)
     U = U / U.norm(dim=1, keepdim=True)

@@ -6,6 +6,7 @@ the data is expected and where to get it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from energy._validation import EnergyInputError
+from energy._validation import EnergyInputError, check_float_dtype
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -208,6 +209,7 @@ def load_glove(
         raise _missing("a GloVe text file (one 'word v1 ... vD' per line)", file, _GLOVE_HOW)
     if max_words is not None and (not isinstance(max_words, int) or max_words < 1):
         raise EnergyInputError(f"`max_words` must be a positive integer or None, got {max_words!r}.")
+    check_float_dtype(dtype)
     keep = None if vocab is None else set(vocab)
     words: list[str] = []
     rows: list[list[float]] = []
@@ -230,9 +232,15 @@ def load_glove(
             if (keep is not None and word not in keep) or word in seen:
                 continue
             try:
-                rows.append([float(v) for v in parts[len(parts) - dim :]])
+                row = [float(v) for v in parts[len(parts) - dim :]]
             except ValueError as err:
                 raise EnergyInputError(f"{file}, line {lineno}: non-numeric vector entry ({err}).") from None
+            if not all(math.isfinite(v) for v in row):
+                raise EnergyInputError(
+                    f"{file}, line {lineno}: the vector of {word!r} has a NaN or inf entry; GloVe vectors are finite, "
+                    "so the file is corrupt: re-download it or remove that line."
+                )
+            rows.append(row)
             words.append(word)
             seen.add(word)
             if (max_words is not None and len(words) >= max_words) or (keep is not None and len(words) == len(keep)):
@@ -240,6 +248,11 @@ def load_glove(
     if dim is None:
         raise EnergyInputError(f"{file} is empty; expected one 'word v1 ... vD' per line.")
     vectors = torch.tensor(rows, dtype=dtype) if rows else torch.zeros(0, dim, dtype=dtype)
+    if not bool(torch.isfinite(vectors).all()):
+        raise EnergyInputError(
+            f"{file}: some vector entries overflow {dtype} (max |v| = {max(abs(v) for r in rows for v in r):.3g}); "
+            "load with dtype=torch.float64."
+        )
     return WordVectors(words, vectors, source=str(file))
 
 

@@ -1,0 +1,14 @@
+"""All cases of the bad-input suite, by area."""
+
+from __future__ import annotations
+
+from . import cases_cli, cases_energy, cases_hessian, cases_unfold
+from ._case import Case
+
+AREAS: dict[str, list[Case]] = {
+    "energy": cases_energy.CASES,
+    "energy.hessian": cases_hessian.CASES,
+    "unfold + paper_figs (API)": cases_unfold.CASES,
+    "command lines": cases_cli.CASES,
+}
+ALL_CASES: list[Case] = [c for cases in AREAS.values() for c in cases]

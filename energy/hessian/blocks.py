@@ -21,7 +21,7 @@ from torch import Tensor
 
 from energy._validation import EnergyInputError, check_tensor
 from energy.hessian.attention_layer import check_dense_budget
-from energy.hessian.moments import AttentionMoments, attention_moments
+from energy.hessian.moments import AttentionMoments, attention_moments, check_moments
 
 __all__ = [
     "Part",
@@ -274,6 +274,7 @@ def hessian_block(
     Returns:
         dense ``(size_a, size_b)`` matrix in ``vec_r`` order.
     """
+    mom = check_moments(mom, "hessian_block")
     _check_part(part)
     if a not in mom.params or b not in mom.params:
         raise EnergyInputError(f"block names must be among {mom.params}, got ({a!r}, {b!r}).")
@@ -289,6 +290,7 @@ def hessian_blocks(
 
     ``max_gib`` bounds the memory of the distinct blocks together (default 4 GiB, :class:`DenseSizeError`).
     """
+    mom = check_moments(mom, "hessian_blocks")
     _check_part(part)
     total = sum(mom.sizes[a] * mom.sizes[b] for a, b in mom.blocks)
     check_dense_budget(total, 1, mom.x.dtype, max_gib, f"the distinct dense blocks of {part}")
@@ -314,6 +316,7 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
         max_gib: memory budget of the dense result (default 4 GiB). Above it a :class:`DenseSizeError`
             states the size and points to ``energy.hessian.structure`` / the matrix-free operators.
     """
+    mom = check_moments(mom, "attention_hessian")
     _check_part(part)
     sizes = mom.sizes
     p = sum(sizes.values())

@@ -5,10 +5,6 @@ run, and its line here must be removed. ``python -m tests.bad_inputs.census`` co
 """
 
 NOT_YET: dict[str, str] = {
-    'attention_hessian:tensor-not-moments':
-        'unclear: AttributeError (expected ValueError/TypeError): "\'Tensor\' object has no attribute \'sizes\'"',
-    'hessian_blocks:tensor-not-moments':
-        'unclear: AttributeError (expected ValueError/TypeError): "\'Tensor\' object has no attribute \'blocks\'',
     'unroll:schedule-str':
         'unclear: EnergyInputError: "unknown step \'a\' at schedule position 0; valid names: attention, energy',
     'unroll:tied-str':

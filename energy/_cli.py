@@ -155,13 +155,7 @@ def check_writable_dir(path: str | os.PathLike[str], flag: str) -> Path:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{flag} {os.fspath(path)}: exists and is not a directory; give a directory path")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        _probe(p)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise UsageError(f"{flag} {os.fspath(path)}: cannot write there ({reason}); "
-                         "give a writable directory") from None
+    _accepts_files(p, f"{flag} {os.fspath(path)}: cannot write there", "give a writable directory")
     return p
 
 
@@ -180,11 +174,14 @@ def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
     if parent.exists() and not parent.is_dir():
         raise UsageError(f"{flag} {os.fspath(path)}: {parent} is a file, not a directory; give a path in a "
                          "writable directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _probe(parent)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise UsageError(f"{flag} {os.fspath(path)}: cannot write to {parent} ({reason}); give a path in a "
-                         "writable directory") from None
+    _accepts_files(parent, f"{flag} {os.fspath(path)}: cannot write to {parent}", "give a path in a writable directory")
     return p
+
+
+def _accepts_files(directory: Path, what: str, fix: str) -> None:
+    """Create ``directory`` if needed and write-probe it; an ``OSError`` becomes ``UsageError`` "what (reason); fix"."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _probe(directory)
+    except OSError as exc:
+        raise UsageError(f"{what} ({exc.strerror or type(exc).__name__}); {fix}") from None

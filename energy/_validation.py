@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_scalar_objective",
     "EnergyInputError",
     "ConstraintError",
     "StepSizeError",
@@ -451,3 +452,25 @@ def check_step_size(alpha: float | Tensor, name: str, *, low: float, high: float
             raise StepSizeError(msg + " Choose a step size inside the range, or leave strict_mode.")
         warnings.warn(msg, StepSizeWarning, stacklevel=3)
     return given if isinstance(given, Tensor) else float(alpha)
+
+
+def check_scalar_objective(value: object, expr: str, *, where: str, fix_scalar: str, fix_finite: str) -> Tensor:
+    """Raise :class:`EnergyInputError` unless ``value`` is a finite scalar tensor.
+
+    For an objective evaluated once on concrete inputs at an operator's construction (its value can be read).
+
+    Args:
+        value: what the objective returned.
+        expr: the call as the user wrote it, e.g. ``"loss_fn(o, y)"``.
+        where: where it was evaluated, e.g. ``"on `data` batch 0"``.
+        fix_scalar: how to make it a scalar.
+        fix_finite: what to check when it is not finite.
+    """
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        got = f"tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise EnergyInputError(f"`{expr}` must return a scalar tensor, got {got}; {fix_scalar}.")
+    if not bool(torch.isfinite(value).all()):
+        raise EnergyInputError(
+            f"`{expr}` is not finite {where} ({float(value)}); every curvature product would be NaN. {fix_finite}"
+        )
+    return value

@@ -71,14 +71,6 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,fn,exc,pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_rejected_clearly(name, fn, exc, pattern):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", energy.StepSizeWarning)
-        with pytest.raises(exc, match=pattern):
-            fn()
-
-
 def test_table_is_large_enough():
     assert len(CASES) >= 15
 
@@ -273,8 +265,8 @@ CASES_ISSUE9 = [
 ]
 
 
-@pytest.mark.parametrize("name,fn,exc,pattern", CASES_ISSUE9, ids=[c[0] for c in CASES_ISSUE9])
-def test_issue9_bad_input_is_rejected_clearly(name, fn, exc, pattern):
+@pytest.mark.parametrize("name,fn,exc,pattern", CASES + CASES_ISSUE9, ids=[c[0] for c in CASES + CASES_ISSUE9])
+def test_bad_input_is_rejected_clearly(name, fn, exc, pattern):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", energy.StepSizeWarning)
         with pytest.raises(exc, match=pattern):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError
+from energy._validation import EnergyInputError, check_scalar_objective
 
 __all__ = ["ParameterSpace", "Reduction"]
 
@@ -226,16 +226,9 @@ def check_first_batch(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor]
                 f"`loss_fn` fails on the outputs (shape {tuple(o.shape)}) and targets ({_shape_of(y)}) of `data` "
                 f"batch 0: {exc}."
             ) from exc
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        raise EnergyInputError(
-            f"`loss_fn(o, y)` must return a scalar tensor, got {_shape_of(loss)}; use reduction='mean' or 'sum' in "
-            "the loss."
-        )
-    if not bool(torch.isfinite(loss).all()):
-        raise EnergyInputError(
-            f"`loss_fn(o, y)` is not finite on `data` batch 0 ({float(loss)}); every curvature product would be "
-            "NaN. Check the targets' range (e.g. class indices < number of outputs) and the data's scale."
-        )
+    check_scalar_objective(
+        loss, "loss_fn(o, y)", where="on `data` batch 0", fix_scalar="use reduction='mean' or 'sum' in the loss",
+        fix_finite="Check the targets' range (e.g. class indices < number of outputs) and the data's scale.")
 
 
 def _shape_of(obj: Any) -> str:

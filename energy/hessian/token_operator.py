@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, linearize, vmap
 
-from energy._validation import EnergyInputError, check_tensor
+from energy._validation import EnergyInputError, check_scalar_objective, check_tensor
 from energy.hessian.linear_operator import LinearOperator
 
 __all__ = ["TokenHessianOperator"]
@@ -51,16 +51,10 @@ class TokenHessianOperator(LinearOperator):
                 raise EnergyInputError(
                     f"`fn` fails on `Y` (shape {tuple(Y.shape)}, dtype {Y.dtype}): {exc}."
                 ) from exc
-        if not isinstance(value, Tensor) or value.numel() != 1:
-            raise EnergyInputError(
-                f"`fn(Y)` must return a scalar tensor, got {getattr(value, 'shape', type(value).__name__)}; "
-                "sum over batch elements (e.g. `lambda Y: energy(Y).sum()`)."
-            )
-        if not bool(torch.isfinite(value).all()):
-            raise EnergyInputError(
-                f"`fn(Y)` is not finite ({float(value)}) at `Y` (max |Y| = {float(Y.detach().abs().max()):.3g}); "
-                "every Hessian product would be NaN. Rescale `Y` or check `fn`."
-            )
+        check_scalar_objective(
+            value, "fn(Y)", where=f"at `Y` (max |Y| = {float(Y.detach().abs().max()):.3g})",
+            fix_scalar="sum over batch elements (e.g. `lambda Y: energy(Y).sum()`)",
+            fix_finite="Rescale `Y` or check `fn`.")
         n = Y.numel()
         super().__init__((n, n), Y.dtype, Y.device, symmetric=True, max_vectors=max_vectors)
         self.fn, self.Y = fn, Y.detach()

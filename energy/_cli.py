@@ -92,7 +92,16 @@ class Parser(argparse.ArgumentParser):
         return super().add_subparsers(**kwargs)
 
     def error(self, message: str) -> NoReturn:
-        """Print one line on stderr and exit with status 2."""
+        """Print one line on stderr and exit with status 2.
+
+        A missing sub-command gets the list of the available commands (plain argparse names only the metavar).
+        """
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and action.choices:
+                name = action.metavar or action.dest
+                if name and "required" in message and str(name) in message:
+                    message = f"{message}; choose one of the commands: {', '.join(action.choices)}"
+                    break
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help for the usage)\n")
 
 

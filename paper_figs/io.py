@@ -85,11 +85,18 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file written by :func:`write_json`."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{os.fspath(path)}: not valid JSON ({exc}); the file is corrupt or truncated — delete "
+                             "it and rerun the figure that writes it.") from None
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 150) -> Path:
     """Save a matplotlib figure atomically; the format is taken from the suffix of ``path`` (``.png``, ``.pdf``)."""
+    if not callable(getattr(fig, "savefig", None)):
+        raise TypeError(f"`fig` must be a matplotlib Figure (with a .savefig method), got {type(fig).__name__}; "
+                        "pass e.g. the `fig` of `fig, ax = plt.subplots()`.")
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if not fmt:

@@ -178,6 +178,9 @@ def measured(
     Returns:
         ``{"value", "uncertainty", "target", "tolerance", "matches", "note"}``.
     """
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not math.isfinite(tolerance) or tolerance < 0):
+        raise ValueError(f"`tolerance` must be a finite number ≥ 0 (an absolute tolerance) or None, got {tolerance!r}.")
     if matches is None and target is not None:
         if tolerance is not None:
             if not isinstance(value, (int, float)) or not isinstance(target, (int, float)):

@@ -84,7 +84,7 @@ def _check_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 
 def _cli_message(exc: Exception, command: str) -> str:
     """A library message in command-line words (``resume=False`` is the flag ``--no-resume``)."""
-    text = str(exc)
+    text = str(exc).replace(" (--no-resume on the command line)", "")  # the API message names both; keep the flag
     if command != "train":  # resuming is not a choice of this command: drop the hint
         text = re.sub(r"\s*\(or pass resume=False[^)]*\)", "", text)
         text = re.sub(r",? or start afresh \(resume=False\)", "", text)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from energy._validation import ConstraintError, EnergyInputError, check_tensor
+from energy._validation import ConstraintError, EnergyInputError, check_real, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.core import Preconditioner
 from energy.core.attention import kappa, key_bias, metric, value_output_maps
@@ -193,6 +193,8 @@ def check_layer(layer: Any, *, preconditioner: Preconditioner | str | None = Non
         value: deprecated former name of the step (``"identity"`` = METRIC, ``"metric"`` = TOKEN).
     """
     prec = _preconditioner(preconditioner, value, "check_layer")
+    if rtol is not None:
+        check_real(rtol, "rtol", what="(a relative tolerance)")
     w = AttentionWeights.of(layer)
     tol = 1e3 * torch.finfo(w.W_Q.dtype).eps if rtol is None else float(rtol)
     failures: list[str] = list(w.extras)
@@ -290,6 +292,9 @@ def to_energy(layer: Any, *, preconditioner: Preconditioner | str | None = None,
             to :func:`nearest_constrained`.
     """
     prec = _preconditioner(preconditioner, value, "to_energy")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha)):
+        raise EnergyInputError(f"`alpha` must be a finite real number (the step size) or None, got {alpha!r}.")
     report = check_layer(layer, preconditioner=prec, rtol=rtol)
     if not report.satisfied:
         raise ConstraintError(

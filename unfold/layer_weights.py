@@ -79,9 +79,14 @@ class AttentionWeights:
             except TypeError as exc:
                 raise EnergyInputError(f"reference weights dict: {exc}; expected keys W_Q, W_K, W_V, W_O, num_heads "
                                        "(and optional b_Q, b_K, b_V, b_O).") from None
+        hint = ""
+        inner = getattr(layer, "self_attn", None)
+        if isinstance(inner, nn.MultiheadAttention):
+            hint = f"; pass its attention sublayer `layer.self_attn` instead (the {type(layer).__name__} itself " \
+                   "also holds feed-forward and normalisation weights)"
         raise EnergyInputError(
             f"`layer` must be an nn.MultiheadAttention, an AttentionWeights or a dict of reference weights, "
-            f"got {type(layer).__name__}."
+            f"got {type(layer).__name__}{hint}."
         )
 
     def qk_products(self) -> Tensor:

@@ -201,6 +201,12 @@ _BUILDERS: dict[str, Builder] = {}
 
 def register_builder(name: str, from_config: Builder) -> None:
     """Register ``from_config(config) -> nn.Module`` so :func:`load_model` rebuilds models of class ``name``."""
+    if not isinstance(name, str) or not name:
+        raise EnergyInputError(f"`name` must be a non-empty string (the model's class name), got {name!r}.")
+    if not callable(from_config):
+        raise EnergyInputError(f"`from_config` must be a callable builder `from_config(config) -> nn.Module` (e.g. "
+                               f"the model class's from_config classmethod), got {type(from_config).__name__} "
+                               f"{from_config!r}.")
     _BUILDERS[name] = from_config
 
 
@@ -298,12 +304,14 @@ def read_model_file(path: str | os.PathLike[str], *, training: bool = False) -> 
     data = p.read_bytes()
     if not data:
         raise CheckpointError(f"cannot read the {where}: it is empty (0 bytes), so it is corrupt or its write never "
-                              "finished. Write it again (or pass resume=False to start a run afresh).")
+                              "finished. Write it again (or pass resume=False (--no-resume on the command line) to "
+                              "start a run afresh).")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated / not a torch file / unpickling refused: the file is unusable, say so
         raise CheckpointError(f"cannot read the {where}: it is corrupt or not a torch file ({_first_line(exc)}). "
-                              "Write it again (or pass resume=False to start a run afresh).") from None
+                              "Write it again (or pass resume=False (--no-resume on the command line) to start a run "
+                              "afresh).") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{where} is not an unfold model file (it holds a {type(payload).__name__}, expected "
                               f"a dict of format {FORMAT!r}).")
@@ -315,7 +323,8 @@ def read_model_file(path: str | os.PathLike[str], *, training: bool = False) -> 
         _check_training(out["training"], where)
     elif training:
         raise CheckpointError(f"{where} holds a model without training state (written by save_model), so no run "
-                              "can resume from it; load it with unfold.load_model, or start afresh (resume=False).")
+                              "can resume from it; load it with unfold.load_model, or start afresh (resume=False "
+                              "(--no-resume on the command line)).")
     return out
 
 
@@ -335,6 +344,9 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     """Rebuild a model from a model file (or a training checkpoint of a registered model) and load its weights
     (validated, all-or-nothing), in the precision it was saved in.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise EnergyInputError(f"`path` must be a file path (str or os.PathLike), got {type(path).__name__} {path!r}; "
+                               "pass the path of a file written by unfold.save_model.")
     payload = read_model_file(path)
     where = f"model file {os.fspath(path)!r}"
     name = payload["builder"]

@@ -281,6 +281,9 @@ class OrthogonalHeads(Constraint):
 
     def __init__(self, heads: int, d: int, k: int) -> None:
         super().__init__()
+        for name, v in (("heads", heads), ("d", d), ("k", k)):
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise EnergyInputError(f"`{name}` must be a positive integer, got {v!r}.")
         if heads * k > d:
             raise EnergyInputError(
                 f"OrthogonalHeads needs heads·k ≤ d (orthogonal subspaces of dimension k in R^d), got heads={heads}, "
@@ -362,6 +365,9 @@ def constraints_of(module: nn.Module) -> dict[str, list[Constraint]]:
 
 def check_constraints(module: nn.Module) -> None:
     """Evaluate every parametrised tensor of ``module`` and run its constraints' checks (raises on violation)."""
+    if not isinstance(module, nn.Module):
+        raise EnergyInputError(f"`module` must be an nn.Module (a model or step with constrained weights), got "
+                               f"{type(module).__name__}.")
     for qualified, cons in constraints_of(module).items():
         owner_name, _, tensor_name = qualified.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError, check_tensor
+from energy._validation import EnergyInputError, check_real, check_tensor
 from unfold.standard import (  # noqa: F401 - re-exported for compatibility
     GPT2Config,
     GPT2Decoder,
@@ -154,6 +154,8 @@ def yang2022(
         tied: share weights across layers (True in the paper).
         fused: fused SDPA attention path.
     """
+    for name, a in (("alpha_att", alpha_att), ("alpha_ffn", alpha_ffn)):
+        check_real(a, name, what="(a step size)")
     schedule: list[Any] = [
         ("attention", {"heads": heads, "alpha": alpha_att, "orthogonal_heads": orthogonal_heads, "fused": fused}),
         ("ffn", {"alpha": alpha_ffn, "spectrum": spectrum}),
@@ -267,4 +269,6 @@ def energy_transformer_block(
 
 def parameter_count(model: nn.Module) -> int:
     """Number of trainable scalars (the unconstrained originals, i.e. what the optimiser updates)."""
+    if not isinstance(model, nn.Module):
+        raise EnergyInputError(f"`model` must be an nn.Module, got {type(model).__name__}; pass the model itself.")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -111,6 +111,9 @@ class Step(nn.Module):
         self.d = positive_int(d, "d")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             raise EnergyInputError(f"`alpha` must be a finite real number, got {alpha!r}.")
+        if alpha < 0:
+            raise EnergyInputError(f"`alpha` must be ≥ 0 (a step size; a negative one ascends the energy), got "
+                                   f"{alpha!r}; use e.g. alpha=1.0.")
         self.alpha_value = float(alpha)  # the fixed step size as a Python number (forwards read no tensor)
         if learn_alpha:
             self.alpha = nn.Parameter(torch.tensor(float(alpha)))

@@ -247,6 +247,30 @@ class _GradientStep(Step):
         return self.ENERGY.FORMULAS[0](Y, *t["weights"])
 
 
+def _check_spectrum(spectrum: object, alpha: float) -> tuple[float, float]:
+    """``spectrum = (lo, hi)``, the eigenvalue bounds of ``W_f``: finite, ``-1 < lo ≤ hi`` (else the FFN energy is
+    unbounded below) and ``alpha·(1 + hi) < 2`` (else the step may raise the energy, MATH §1.3).
+    """
+    ok = (isinstance(spectrum, (tuple, list)) and len(spectrum) == 2
+          and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in spectrum))
+    if not ok:
+        raise EnergyInputError(f"`spectrum` must be a pair (lo, hi) of finite numbers (eigenvalue bounds of W_f, e.g. "
+                               f"(0.0, 0.95)) or None, got {spectrum!r}.")
+    lo, hi = float(spectrum[0]), float(spectrum[1])  # type: ignore[index]
+    if lo > hi:
+        raise EnergyInputError(f"`spectrum` must be (lo, hi) with lo ≤ hi, got {spectrum!r}; pass ({hi!r}, {lo!r}).")
+    if lo <= -1:
+        raise EnergyInputError(f"`spectrum` = {spectrum!r} allows eigenvalues of W_f ≤ -1, where the FFN energy is "
+                               "unbounded below; use lo > -1, e.g. (0.0, 0.95).")
+    if alpha * (1.0 + hi) >= 2.0:
+        raise EnergyInputError(
+            f"`spectrum` = {spectrum!r} allows eigenvalues of W_f up to {hi:g}, so the step size alpha = {alpha:g} is "
+            f"outside the descent range α < 2/(1 + hi) = {2.0 / (1.0 + hi):.3g} (MATH §1.3); use hi < "
+            f"{2.0 / alpha - 1.0 if alpha > 0 else math.inf:.3g} (e.g. spectrum=(0.0, 0.95)) or a smaller alpha."
+        )
+    return lo, hi
+
+
 class FFNStep(_GradientStep):
     r"""Gradient step on the feed-forward energy (MATH §1.3).
 
@@ -278,7 +302,7 @@ class FFNStep(_GradientStep):
         init_std: float | None = None,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.spectrum = None if spectrum is None else (float(spectrum[0]), float(spectrum[1]))
+        self.spectrum = None if spectrum is None else _check_spectrum(spectrum, self.alpha_value)
         self.bias = bool(bias)
         self.init_std = init_std
         std = 1.0 / math.sqrt(d) if init_std is None else float(init_std)
@@ -449,7 +473,7 @@ class HopfieldStep(Step):
                  learn_alpha: bool = False) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
         self.patterns = positive_int(patterns, "patterns")
-        self.beta = float(beta)
+        self.beta = check_real(beta, "beta", positive=True, what="(the inverse temperature)")
         self.X = nn.Parameter(torch.randn(self.patterns, d) / math.sqrt(d))
 
     def config(self) -> dict[str, Any]:

@@ -107,7 +107,8 @@ def validate_state_dict(model: nn.Module, state: object, *, source: str = "check
     """Raise :class:`CheckpointError` unless ``state`` can be loaded into ``model`` exactly as it is
     (:func:`unfold.modelfile.check_state_dict`: keys, tensors, dtypes, shapes, finite values). Nothing is loaded.
     """
-    check_state_dict(model, state, source=source, hint=", or start afresh (resume=False)")
+    check_state_dict(model, state, source=source,
+                     hint=", or start afresh (resume=False (--no-resume on the command line))")
 
 
 def _validate_optimizer_state(optimizer: torch.optim.Optimizer, state: object, source: str) -> None:
@@ -162,6 +163,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{source} was written by a run with {key}={ckpt['meta'].get(key)!r}, this run has {key}={value!r}; "
                 "resuming would not continue the same run. Use the original settings, or pass resume=False "
+                "(--no-resume on the command line) "
                 "(or delete the file) to start afresh."
             )
     validate_state_dict(model, ckpt["model"], source=source)
@@ -277,6 +279,11 @@ def train(
         CheckpointError: the checkpoint is corrupt or belongs to another model / optimiser / lr / seed.
         FloatingPointError: the loss became NaN or inf (lower the learning rate).
     """
+    if not isinstance(model, nn.Module):
+        raise EnergyInputError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise EnergyInputError(f"`loss_fn` must be callable as loss_fn(outputs, targets) -> scalar tensor, got "
+                               f"{type(loss_fn).__name__} {loss_fn!r}; pass e.g. torch.nn.functional.cross_entropy.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise EnergyInputError(f"`steps` must be a positive integer, got {steps!r}.")
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
@@ -296,7 +303,7 @@ def train(
             if start > steps:
                 raise CheckpointError(
                     f"checkpoint {path} is at step {start}, beyond the requested steps={steps}; ask for at least "
-                    f"{start} steps or start afresh (resume=False)."
+                    f"{start} steps or start afresh (resume=False (--no-resume on the command line))."
                 )
             torch.set_rng_state(ckpt["rng_state"])
             resumed_from = start

@@ -48,7 +48,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError, check_tensor
+from energy._validation import EnergyInputError, check_tensor, value_holds
 from energy.composite import CompositeEnergy
 from unfold.modelfile import (
     CheckpointError,
@@ -140,6 +140,9 @@ class Unrolled(nn.Module):
             raise EnergyInputError(f"`depth` must be a positive integer (number of layers), got {depth!r}.")
         if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
             raise EnergyInputError(f"`d` must be a positive integer (token width), got {d!r}.")
+        if not isinstance(tied, bool):
+            raise EnergyInputError(f"`tied` must be a bool (True: one step module per schedule entry shared by all "
+                                   f"layers; False: one per layer), got {tied!r}.")
         defaults = {k: dict(v) for k, v in (step_kwargs or {}).items()}
         for name in defaults:
             if name not in STEP_TYPES:
@@ -243,11 +246,22 @@ class Unrolled(nn.Module):
             energies: ``False`` records the states only (``info["energies"]`` is empty); evaluate them later with
                 :meth:`trace_energies` (same numbers, with the weights of the time of that call).
         """
-        # metadata only (type, rank, width): a forward reads no tensor value, so it runs under torch.func transforms
+        # the input checks are metadata only (type, rank, width, device) and the steps read no tensor value, so the
+        # forward runs under torch.func transforms; the result's finiteness is checked once, through value_holds
+        # (skipped under vmap/linearize and for meta tensors): NaN/inf in Y or an overflow raises instead of
+        # propagating silently
         check_input_dtype(check_tensor(Y, "Y", min_ndim=2, trailing=(None, self.d), finite=False), self)
         if Y.shape[-2] == 0:
             raise EnergyInputError(f"`Y` must contain at least one token, got shape {tuple(Y.shape)}.")
+        _check_device(Y, self)
+        _check_finite_input(Y)
         granularity = _trace_granularity(trace)
+        out = self._forward(Y, granularity, energies)
+        _check_finite_result(out[0] if isinstance(out, tuple) else out, Y)
+        return out
+
+    def _forward(self, Y: Tensor, granularity: str | None,
+                 energies: bool) -> Tensor | tuple[Tensor, dict[str, Any]]:
         prepared = self._prepare()
         if granularity is None:
             for ell in range(self.depth):
@@ -353,6 +367,62 @@ def _trace_granularity(trace: object) -> str | None:
     )
 
 
+def _check_device(Y: Tensor, module: nn.Module) -> None:
+    """A metadata check (no value read): ``Y`` is on the device of the model's weights."""
+    for p in module.parameters():
+        if p.device != Y.device:
+            raise EnergyInputError(
+                f"`Y` is on device {Y.device} but the model's weights are on {p.device}; pass the input there "
+                f"(`Y.to('{p.device}')`) or the model (`model.to('{Y.device}')`)."
+            )
+        break
+
+
+def _check_finite_input(Y: Tensor) -> None:
+    """NaN/inf in ``Y``, or tokens whose squared norm overflows the dtype (the attention scores ``y_i W y_jᵀ`` would
+    overflow, and softmax turns them into a silent wrong answer), raise, naming ``Y``. One reduction read through
+    :func:`energy._validation.value_holds` (skipped under tracing transforms and for meta tensors).
+    """
+    if Y.numel() == 0:
+        return
+    with torch.no_grad():
+        sq = Y * Y
+        if value_holds(torch.isfinite(sq.sum())) or value_holds(torch.isfinite(sq.sum(-1)).all()):
+            return
+        if not value_holds(torch.isfinite(Y).all()):
+            raise EnergyInputError("`Y` contains NaN or inf entries; clean the input (e.g. `torch.nan_to_num`) "
+                                   "before calling the unrolled model.")
+        m = float(Y.abs().max())
+    raise EnergyInputError(
+        f"`Y` is too large for {Y.dtype} (max |Y| = {m:.3g}): the squared norms of its tokens overflow (largest finite "
+        f"value {torch.finfo(Y.dtype).max:.3g}), so the attention scores would not be finite. Rescale `Y` (e.g. "
+        "normalise the tokens)" + (" or use a wider dtype (`model.double()`, `Y.double()`)."
+                                   if Y.dtype != torch.float64 else ".")
+    )
+
+
+def _check_finite_result(out: Tensor, Y: Tensor) -> None:
+    """The one value check of an unrolled forward, at its public entry: a NaN/inf result raises, naming ``Y``.
+
+    It goes through :func:`energy._validation.value_holds` (one reduction of the result), so it is skipped under
+    tracing transforms (``vmap``, ``linearize``) and for meta tensors; the steps themselves read no value. The input
+    is only inspected once the result is known to be bad, to say whether ``Y`` itself was not finite (clean it) or
+    the computation overflowed (rescale ``Y``).
+    """
+    if not out.is_floating_point() or out.numel() == 0 or value_holds(torch.isfinite(out.sum())) \
+            or value_holds(torch.isfinite(out).all()):
+        return
+    if not value_holds(torch.isfinite(Y).all()):
+        raise EnergyInputError("`Y` contains NaN or inf entries, so the unrolled model's output is not finite; "
+                               "clean the input (e.g. `torch.nan_to_num`) before calling the model.")
+    m = float(Y.detach().abs().max())
+    raise EnergyInputError(
+        f"the unrolled model's output is not finite (NaN/inf) although `Y` is finite (max |Y| = {m:.3g}): the "
+        f"computation overflowed {out.dtype}. Rescale `Y` (e.g. normalise the tokens)"
+        + (" or use a wider dtype (`model.double()`, `Y.double()`)." if out.dtype != torch.float64 else ".")
+    )
+
+
 def _with_total(terms: dict[str, Tensor]) -> dict[str, Tensor]:
     """The terms plus ``"total"``, their sum."""
     return {**terms, "total": torch.stack(list(terms.values())).sum(0)}
@@ -371,6 +441,11 @@ def unroll(
 
     Keyword arguments named after steps give that step's options (``attention={...}``, ``ffn={...}``).
     """
+    if isinstance(schedule, str) or not isinstance(schedule, Sequence):
+        raise EnergyInputError(
+            f"`schedule` must be a list or tuple of steps, e.g. ['attention', 'ffn', 'relu'], got {schedule!r}; "
+            + (f"for one step pass [{schedule!r}]." if isinstance(schedule, str) else f"valid names: {_valid_names()}.")
+        )
     return Unrolled(list(schedule), depth, d, tied=tied, alphas=alphas, step_kwargs=step_kwargs)
 
 

@@ -450,7 +450,8 @@ def check_step_size(alpha: float | Tensor, name: str, *, low: float, high: float
         )
         if _STRICT:
             raise StepSizeError(msg + " Choose a step size inside the range, or leave strict_mode.")
-        warnings.warn(msg, StepSizeWarning, stacklevel=3)
+        warnings.warn(msg + " Choose a step size inside the range to keep the guarantee.", StepSizeWarning,
+                      stacklevel=3)
     return given if isinstance(given, Tensor) else float(alpha)
 
 

@@ -247,9 +247,10 @@ class _GradientStep(Step):
         return self.ENERGY.FORMULAS[0](Y, *t["weights"])
 
 
-def _check_spectrum(spectrum: object, alpha: float) -> tuple[float, float]:
+def _check_spectrum(spectrum: object) -> tuple[float, float]:
     """``spectrum = (lo, hi)``, the eigenvalue bounds of ``W_f``: finite, ``-1 < lo ≤ hi`` (else the FFN energy is
-    unbounded below) and ``alpha·(1 + hi) < 2`` (else the step may raise the energy, MATH §1.3).
+    unbounded below). Whether ``alpha`` lies in the range it guarantees, ``α < 2/(1 + hi)`` (MATH §1.3), is the
+    step-size policy's question: a warning, or an error in :func:`energy.strict_mode` (see :class:`FFNStep`).
     """
     ok = (isinstance(spectrum, (tuple, list)) and len(spectrum) == 2
           and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in spectrum))
@@ -262,12 +263,6 @@ def _check_spectrum(spectrum: object, alpha: float) -> tuple[float, float]:
     if lo <= -1:
         raise EnergyInputError(f"`spectrum` = {spectrum!r} allows eigenvalues of W_f ≤ -1, where the FFN energy is "
                                "unbounded below; use lo > -1, e.g. (0.0, 0.95).")
-    if alpha * (1.0 + hi) >= 2.0:
-        raise EnergyInputError(
-            f"`spectrum` = {spectrum!r} allows eigenvalues of W_f up to {hi:g}, so the step size alpha = {alpha:g} is "
-            f"outside the descent range α < 2/(1 + hi) = {2.0 / (1.0 + hi):.3g} (MATH §1.3); use hi < "
-            f"{2.0 / alpha - 1.0 if alpha > 0 else math.inf:.3g} (e.g. spectrum=(0.0, 0.95)) or a smaller alpha."
-        )
     return lo, hi
 
 
@@ -302,7 +297,10 @@ class FFNStep(_GradientStep):
         init_std: float | None = None,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.spectrum = None if spectrum is None else _check_spectrum(spectrum, self.alpha_value)
+        self.spectrum = None if spectrum is None else _check_spectrum(spectrum)
+        guaranteed = self.guaranteed_range()
+        if guaranteed is not None:  # warn now (raise in strict mode), not only at the first forward
+            guaranteed.check(self.alpha_value)
         self.bias = bool(bias)
         self.init_std = init_std
         std = 1.0 / math.sqrt(d) if init_std is None else float(init_std)

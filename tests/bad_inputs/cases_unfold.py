@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import unfold
+from energy import StepSizeWarning
 from paper_figs import io as pio
 from paper_figs import registry as preg
 from unfold import data, modelfile
@@ -91,7 +92,8 @@ add([
                                                                               kernel_kwargs={"q": 2.0}),
          (r"\bq\b", r"(?i)unexpected|valid|p\b")),
     Case("FFNStep:spectrum-reversed", lambda: unfold.FFNStep(d, spectrum=(0.9, 0.1)), (arg("spectrum"), FIX)),
-    Case("FFNStep:spectrum-above-1", lambda: unfold.FFNStep(d, spectrum=(0.0, 2.0)), (arg("spectrum"), FIX)),
+    Case("FFNStep:spectrum-above-1", lambda: unfold.FFNStep(d, spectrum=(0.0, 2.0)), (arg("alpha"), FIX),
+         warns=StepSizeWarning),  # the step-size policy: a warning (an error in energy.strict_mode)
     Case("TiedReLUFFNStep:hidden=0", lambda: unfold.TiedReLUFFNStep(d, hidden=0), (arg("hidden"), FIX)),
     Case("LayerNormProjection:eps-neg", lambda: unfold.LayerNormProjection(d, eps=-1.0), (arg("eps"), FIX)),
     Case("RMSNormProjection:eps-nan", lambda: unfold.RMSNormProjection(d, eps=math.nan), (arg("eps"), FIX)),

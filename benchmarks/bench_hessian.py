@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from benchmarks import benchmark, compare
-from energy.hessian.estimators import draw_probes, hutchinson_squared_frobenius, lanczos
+from energy.hessian.estimators import draw_probes, hutchinson_squared_frobenius
+from energy.hessian.krylov import lanczos
 from energy.hessian.operators import FunctionalOperator, GGNOperator, HessianOperator
 from unfold.data import addition_batch, addition_loss
 from unfold.standard import GPT2Config, GPT2Decoder

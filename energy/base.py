@@ -17,7 +17,8 @@ methods listed in ``Energy.RESULT_METHODS``) computed from finite inputs — an 
 in float64 or ``E.energy(Y * 1e20)`` in float32 — raises :class:`~energy.EnergyInputError` naming ``Y`` and its
 scale ``max |Y|`` (always, not only in :func:`~energy.strict_mode`: a NaN result is never a usable answer). The check
 goes through :func:`energy._validation.value_holds`, so it is skipped under tracing transforms (``vmap``,
-``linearize``) and for meta tensors; step modules and unrolled models call the pure core and are not checked.
+``linearize``) and for meta tensors. Step modules call the pure core and read no value; an unrolled model checks
+its input and its result once, at its forward's entry, through the same helper.
 
 **Precision policy.**
 

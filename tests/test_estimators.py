@@ -17,9 +17,8 @@ from energy.hessian.estimators import (
     hutchinson_trace,
     hutchpp_squared_frobenius,
     hutchpp_trace,
-    lanczos,
-    slq_density,
 )
+from energy.hessian.krylov import lanczos, slq_density
 from energy.hessian.operators import HessianOperator
 
 

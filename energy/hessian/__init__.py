@@ -9,12 +9,13 @@
 * :mod:`~energy.hessian.energy_curvature` – token-space Hessians of the energies and safe step sizes (MATH §4.1).
 * :mod:`~energy.hessian.operators` – matrix-free Hessian / GGN / ``H − GGN`` / Jacobian operators for any
   ``nn.Module`` + loss + data, exportable to ``scipy.sparse.linalg.LinearOperator``.
-* :mod:`~energy.hessian.estimators` – Hutchinson, Hutch++, Lanczos, stochastic Lanczos quadrature.
+* :mod:`~energy.hessian.estimators` – Hutchinson and Hutch++ (traces, diagonals, Frobenius norms), the probes;
+* :mod:`~energy.hessian.krylov` – Lanczos and stochastic Lanczos quadrature.
 * :mod:`~energy.hessian.sweep` – σ-sweeps and log–log slope fits with uncertainties.
 """
 
 from energy._validation import DenseSizeError
-from energy.hessian import estimators
+from energy.hessian import estimators, krylov
 from energy.hessian.attention import (
     BLOCKS,
     PARAMS,
@@ -47,7 +48,8 @@ from energy.hessian.energy_layer import (
     energy_layer_loss,
     energy_layer_output,
 )
-from energy.hessian.estimators import *  # noqa: F403 - Hutchinson, Hutch++, Lanczos, SLQ and draw_probes
+from energy.hessian.estimators import *  # noqa: F403 - Hutchinson, Hutch++ and draw_probes
+from energy.hessian.krylov import *  # noqa: F403 - Lanczos and SLQ
 from energy.hessian.operators import (
     FunctionalOperator,
     GGNOperator,
@@ -107,3 +109,4 @@ __all__ = [
     "THEORY_EXPONENTS",
 ]
 __all__ += estimators.__all__
+__all__ += krylov.__all__

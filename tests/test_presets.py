@@ -204,3 +204,15 @@ def test_preset_classifier_under_transforms(preset):
     jvp_ref = torch.autograd.grad((torch.autograd.grad(out, X_req, w, create_graph=True)[0] * V).sum(), w)[0]
     torch.testing.assert_close(jvp(model, (X,), (V,))[1], jvp_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(vmap(lambda x: model(x[None])[0])(X), model(X), rtol=1e-12, atol=1e-12)
+
+
+def test_classifier_passes_the_trace_granularity_to_its_body():
+    """``trace="layer"`` records the layer boundaries only (a regression: it once recorded every step)."""
+    model = presets.yang2022(d=8, depth=3).double()
+    X = torch.randn(2, 4, 8, dtype=torch.float64)
+    _, layer = model(X, trace="layer")
+    _, step = model(X, trace="step")
+    assert layer["trace"] == "layer" and len(layer["states"]) == 3 + 1
+    assert step["trace"] == "step" and len(step["states"]) == 3 * len(model.body.step_kinds) + 1
+    for a, b in zip(layer["states"], step["states"][:: len(model.body.step_kinds)]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -90,10 +90,10 @@ class UnrolledClassifier(nn.Module):
     def _pool_and_classify(self, Y: Tensor) -> Tensor:
         return Y if self.head is None else self.head(Y.mean(dim=-2))
 
-    def forward(self, X: Tensor, *, trace: bool = False,
+    def forward(self, X: Tensor, *, trace: bool | str = False,
                 energies: bool = True) -> Tensor | tuple[Tensor, dict[str, Any]]:
-        if trace:
-            Y, info = self.body(self.embed(X), trace=True, energies=energies)
+        if trace:  # True / "step" or "layer": the body's granularity
+            Y, info = self.body(self.embed(X), trace=trace, energies=energies)
             return self._pool_and_classify(Y), info
         return self._pool_and_classify(self.body(self.embed(X), trace=False, energies=energies))
 

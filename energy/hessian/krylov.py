@@ -160,8 +160,9 @@ def lanczos(
     check_symmetric_operator(A, mm, n, dtype, "lanczos")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise EnergyInputError(f"`k` must be a positive int, got {k!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise EnergyInputError(f"`tol` must be a finite number > 0 (the relative residual tolerance), got {tol!r}.")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise EnergyInputError(f"`tol` must be a finite number ≥ 0 (the relative residual tolerance; 0 runs every "
+                               f"iteration), got {tol!r}.")
     if k > n:
         raise EnergyInputError(f"`k`={k} eigenpairs requested from an operator of dimension n={n}; use k ≤ n.")
     if which not in ("LA", "SA", "LM"):

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from energy._attention_args import check_preconditioner
 from energy._validation import ConstraintError, EnergyInputError, check_real, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.core import Preconditioner
@@ -99,15 +100,7 @@ def _preconditioner(preconditioner: Preconditioner | str | None, value: str | No
             raise EnergyInputError(f"`value`={value!r} (deprecated) contradicts `preconditioner`={preconditioner!r}; "
                                    "pass only `preconditioner`.")
         return new
-    if preconditioner is None:
-        return Preconditioner.METRIC
-    try:
-        return Preconditioner(preconditioner)
-    except ValueError:
-        raise EnergyInputError(
-            f"`preconditioner` must be 'metric' (step (a), identity values) or 'token' (step (b), values tied to W), "
-            f"got {preconditioner!r}."
-        ) from None
+    return Preconditioner.METRIC if preconditioner is None else check_preconditioner(preconditioner)
 
 
 def _value_output_factors(M: Tensor, scale: float, preconditioner: Preconditioner) -> tuple[Tensor, Tensor]:

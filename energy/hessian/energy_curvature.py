@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from energy._attention_args import check_preconditioner
 from energy._validation import EnergyInputError, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy, pairwise_sq_dist
+from energy.core import Preconditioner
 from energy.ffn import FFNEnergy
 from energy.hessian.attention import check_dense_budget, warn_if_not_float64
 
@@ -55,7 +57,6 @@ __all__ = [
     "preconditioned_curvature",
 ]
 
-Preconditioner = Literal["metric", "token"]
 
 
 def _check_Y(Y: object, d: int, dtype: torch.dtype) -> Tensor:
@@ -75,13 +76,6 @@ def _check_single(Y: Tensor) -> Tensor:
             f"`Y` must be one sequence (n, d) here, got shape {tuple(Y.shape)}; loop over the batch."
         )
     return Y
-
-
-def _check_preconditioner(preconditioner: str) -> str:
-    if preconditioner not in ("metric", "token"):
-        raise EnergyInputError(f"`preconditioner` must be 'metric' (step (a)) or 'token' (step (b)), got "
-                               f"{preconditioner!r}.")
-    return preconditioner
 
 
 def attention_energy_hessian(
@@ -182,18 +176,19 @@ def majoriser_value(energy: AttentionEnergy, Y_t: Tensor, Y: Tensor) -> Tensor:
 
 
 def majoriser_step(
-    energy: AttentionEnergy, Y_t: Tensor, Y: Tensor, alpha: float, preconditioner: Preconditioner = "metric"
+    energy: AttentionEnergy, Y_t: Tensor, Y: Tensor, alpha: float, preconditioner: Preconditioner | str = "metric"
 ) -> Tensor:
     r"""The step with ``D``, ``Γ`` frozen at ``Y_t``, applied to any ``Y``: ``Y − α D̃⁻¹ (L + λI) Y`` (a) or
     ``Y − α D̃⁻¹ (L + λI) Y W`` (b). At ``Y = Y_t`` this is :meth:`AttentionEnergy.step`.
     """
-    _check_preconditioner(preconditioner)
+    preconditioner = check_preconditioner(preconditioner)
     _, deg, L = _frozen(energy, Y_t)
     G = (L @ Y) / deg.unsqueeze(-1)
     return Y - alpha * (G if preconditioner == "metric" else G @ energy.W)
 
 
-def majoriser_step_bound(energy: AttentionEnergy, Y_t: Tensor, preconditioner: Preconditioner = "metric") -> float:
+def majoriser_step_bound(energy: AttentionEnergy, Y_t: Tensor,
+                         preconditioner: Preconditioner | str = "metric") -> float:
     r"""Largest ``α`` for which the step descends the majoriser ``Q(· | Y_t)`` from every start (MATH §1.1).
 
     .. math:: \alpha_{(a)} = \frac{2}{\lambda_{\max}(N)},\qquad
@@ -202,14 +197,14 @@ def majoriser_step_bound(energy: AttentionEnergy, Y_t: Tensor, preconditioner: P
     (``inf`` if the denominator is 0). At ``α`` equal to the bound the worst-case start keeps ``Q`` unchanged;
     beyond it ``Q`` increases along the top eigenvector. Every ``α ∈ (0, bound]`` gives ``E(Y⁺) ≤ E(Y_t)``.
     """
-    _check_preconditioner(preconditioner)
+    preconditioner = check_preconditioner(preconditioner)
     lam_N = float(torch.linalg.eigvalsh(majoriser_matrix(energy, Y_t))[-1])
     lam = lam_N if preconditioner == "metric" else lam_N * float(torch.linalg.eigvalsh(energy.W)[-1])
     return float("inf") if lam <= 0 else 2.0 / lam
 
 
 def preconditioned_curvature(
-    energy: AttentionEnergy, Y: Tensor, preconditioner: Preconditioner = "metric"
+    energy: AttentionEnergy, Y: Tensor, preconditioner: Preconditioner | str = "metric"
 ) -> dict[str, float]:
     r"""Local curvature ``λ_max(P^{-1/2} ∇²E P^{-1/2})`` of the true Hessian, and of the majoriser ``L ⊗ W``.
 
@@ -222,7 +217,7 @@ def preconditioned_curvature(
     Returns:
         ``{"true": λ_max(P^{-1/2} H P^{-1/2}), "majoriser": λ_max(P^{-1/2}(L̃⊗W)P^{-1/2}), "true_min": λ_min(...)}``.
     """
-    _check_preconditioner(preconditioner)
+    preconditioner = check_preconditioner(preconditioner)
     _, deg, L = _frozen(energy, Y)
     W = energy.W
     lam_W, V_W = torch.linalg.eigh(W)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_positive_int",
     "check_scalar_objective",
     "EnergyInputError",
     "ConstraintError",
@@ -302,6 +303,16 @@ def check_tensor(
     if finite:
         check_finite(x, name)
     return x
+
+
+def check_positive_int(value: object, name: str, *, what: str = "") -> int:
+    """``value`` itself when it is a positive ``int`` (not a ``bool``), else an :class:`EnergyInputError` naming
+    ``name`` (``what`` explains the argument, e.g. ``"(number of layers)"``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        explain = f" {what}" if what else ""
+        raise EnergyInputError(f"`{name}` must be a positive integer{explain}, got {value!r}.")
+    return value
 
 
 def check_real(value: object, name: str, *, positive: bool = False, what: str = "") -> float:

@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 from energy._validation import (
     ConstraintError,
     EnergyInputError,
+    check_positive_int,
     check_psd,
     check_scale,
     check_symmetric,
@@ -282,8 +283,7 @@ class OrthogonalHeads(Constraint):
     def __init__(self, heads: int, d: int, k: int) -> None:
         super().__init__()
         for name, v in (("heads", heads), ("d", d), ("k", k)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise EnergyInputError(f"`{name}` must be a positive integer, got {v!r}.")
+            check_positive_int(v, name)
         if heads * k > d:
             raise EnergyInputError(
                 f"OrthogonalHeads needs heads·k ≤ d (orthogonal subspaces of dimension k in R^d), got heads={heads}, "

@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError, check_tensor
+from energy._validation import EnergyInputError, check_positive_int, check_tensor
 from energy.core.ffn import feed_forward
 from energy.core.norm import layer_norm
 from energy.core.standard import multi_head_attention
@@ -53,10 +53,6 @@ __all__ = [
 _T = TypeVar("_T")
 
 
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EnergyInputError(f"`{name}` must be a positive integer, got {value!r}.")
-    return value
 
 
 def _check_token_ids(tokens: object, seq_len: int) -> Tensor:
@@ -124,15 +120,15 @@ class GPT2Config:
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "vocab", "seq_len"):
-            _positive_int(getattr(self, name), name)
+            check_positive_int(getattr(self, name), name)
         if self.d_head is None:
             if self.d_model % self.n_heads:
                 raise EnergyInputError(
                     f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; pass d_head explicitly."
                 )
             self.d_head = self.d_model // self.n_heads
-        _positive_int(self.d_head, "d_head")
-        self.d_mlp = 4 * self.d_model if self.d_mlp is None else _positive_int(self.d_mlp, "d_mlp")
+        check_positive_int(self.d_head, "d_head")
+        self.d_mlp = 4 * self.d_model if self.d_mlp is None else check_positive_int(self.d_mlp, "d_mlp")
         if self.layernorm not in ("none", "pre"):
             raise EnergyInputError(f"`layernorm` must be 'none' or 'pre', got {self.layernorm!r}.")
         if self.attention not in ("softmax", "linear"):
@@ -346,8 +342,8 @@ class MLPBaseline(_TokenModel):
         generator: torch.Generator | None = None,
     ) -> None:
         for name, v in (("d_model", d_model), ("n_layers", n_layers), ("vocab", vocab), ("seq_len", seq_len)):
-            _positive_int(v, name)
-        d_hidden = d_model if d_hidden is None else _positive_int(d_hidden, "d_hidden")
+            check_positive_int(v, name)
+        d_hidden = d_model if d_hidden is None else check_positive_int(d_hidden, "d_hidden")
         if activation not in (None, "relu"):
             raise EnergyInputError(f"`activation` must be None (linear) or 'relu', got {activation!r}.")
         super().__init__(vocab, seq_len, d_model)
@@ -391,16 +387,17 @@ class StandardEncoderClassifier(nn.Module):
     ) -> None:
         super().__init__()
         for name, v in (("d", d), ("n_layers", n_layers), ("n_heads", n_heads), ("n_classes", n_classes)):
-            _positive_int(v, name)
+            check_positive_int(v, name)
         if d % n_heads:
             raise EnergyInputError(f"`d`={d} must be divisible by `n_heads`={n_heads} (nn.MultiheadAttention).")
         self.d = d
-        self.d_in = d if d_in is None else _positive_int(d_in, "d_in")
+        self.d_in = d if d_in is None else check_positive_int(d_in, "d_in")
         self.input_proj = nn.Identity() if self.d_in == d else nn.Linear(self.d_in, d, bias=False)
         self.position_embedding = None
         if n_positions is not None:
-            self.position_embedding = nn.Parameter(0.02 * torch.randn(_positive_int(n_positions, "n_positions"), d))
-        d_ff = 4 * d if d_ff is None else _positive_int(d_ff, "d_ff")
+            n_positions = check_positive_int(n_positions, "n_positions")
+            self.position_embedding = nn.Parameter(0.02 * torch.randn(n_positions, d))
+        d_ff = 4 * d if d_ff is None else check_positive_int(d_ff, "d_ff")
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(
                 d, n_heads, d_ff, dropout=dropout, activation="relu", batch_first=True, norm_first=norm_first

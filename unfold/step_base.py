@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from energy import kernels
-from energy._validation import EnergyInputError, check_tensor, warn_low_precision
+from energy._validation import EnergyInputError, check_positive_int, check_tensor, warn_low_precision
 from energy.base import Energy, StepRange, _precision_checked, _weights_dtype
 
 __all__ = ["Prepared", "Step", "make_kernel", "positive_int", "check_input_dtype"]
@@ -37,11 +37,7 @@ def check_input_dtype(Y: Tensor, module: nn.Module, name: str = "Y") -> Tensor:
     return Y
 
 
-def positive_int(v: object, name: str) -> int:
-    """``v`` itself when it is a positive ``int`` (not a ``bool``), else an :class:`EnergyInputError` on ``name``."""
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise EnergyInputError(f"`{name}` must be a positive integer, got {v!r}.")
-    return v
+positive_int = check_positive_int  # the steps' name for the one positive-integer check
 
 
 def make_kernel(kernel: str | kernels.Kernel, **kwargs: Any) -> kernels.Kernel:

@@ -48,7 +48,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError, check_tensor, value_holds
+from energy._validation import EnergyInputError, check_positive_int, check_tensor, value_holds
 from energy.composite import CompositeEnergy
 from unfold.modelfile import (
     CheckpointError,
@@ -136,10 +136,8 @@ class Unrolled(nn.Module):
                 f"`schedule` must be a non-empty list of steps, e.g. ['attention', 'ffn', 'relu'], got {schedule!r}; "
                 f"valid step names: {_valid_names()}."
             )
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
-            raise EnergyInputError(f"`depth` must be a positive integer (number of layers), got {depth!r}.")
-        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
-            raise EnergyInputError(f"`d` must be a positive integer (token width), got {d!r}.")
+        check_positive_int(depth, "depth", what="(number of layers)")
+        check_positive_int(d, "d", what="(token width)")
         if not isinstance(tied, bool):
             raise EnergyInputError(f"`tied` must be a bool (True: one step module per schedule entry shared by all "
                                    f"layers; False: one per layer), got {tied!r}.")

@@ -60,6 +60,7 @@ from energy.hessian.attention import (
     autograd_attention_ggn,
     autograd_attention_hessian,
     bilinear_term,
+    hessian_block,
     hessian_blocks,
     qk_hessian_blocks,
 )
@@ -206,6 +207,8 @@ def _hessian_pairs(layer: AttentionLayer, X: Tensor, Y: Tensor) -> list[tuple[st
         pairs.append((f"attention_hessian {part}", attention_hessian(mom, part), twin, scale))
         for (a, b), block in hessian_blocks(mom, part).items():
             pairs.append((f"hessian_blocks {part}({a},{b})", block, twin[spans[a], spans[b]], scale))
+            pairs.append((f"hessian_block {part}({a},{b})", hessian_block(mom, a, b, part), twin[spans[a], spans[b]],
+                          scale))
     return pairs
 
 
@@ -230,25 +233,28 @@ def _padding_mask(g: torch.Generator, B: int, L: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------------- MATH §3
 
+_TWINS = "autograd_attention_hessian, autograd_attention_ggn (torch.func; H_f = H − H_o)"
 
-@case("single-head-hessian", compares="attention_hessian / hessian_blocks: H, H_o, H_f (softmax, no W_O)",
-      reference="autograd_attention_hessian, autograd_attention_ggn (torch.func)")
+
+
+@case("single-head-hessian", compares="attention_hessian / hessian_block(s): H, H_o, H_f (softmax, no W_O)",
+      reference=_TWINS)
 def _plain(g: torch.Generator, t: int) -> Trial:
     s = dims(g, t)
     reduction = ("sum", "mean")[t % 2]
     return Trial(s, _hessian_pairs(*_layer(g, s, reduction=reduction)))
 
 
-@case("single-head-hessian-W_O", compares="attention_hessian / hessian_blocks with an output projection W_O",
-      reference="autograd_attention_hessian, autograd_attention_ggn (torch.func)")
+@case("single-head-hessian-W_O", compares="attention_hessian / hessian_block(s) with an output projection W_O",
+      reference=_TWINS)
 def _with_output(g: torch.Generator, t: int) -> Trial:
     s = dims(g, t)
     s["d_O"] = _randint(g, 1, 4) + (t % 2) * 2
     return Trial(s, _hessian_pairs(*_layer(g, s, c=0.37)))
 
 
-@case("single-head-hessian-causal", compares="attention_hessian / hessian_blocks with a causal mask (± W_O)",
-      reference="autograd_attention_hessian, autograd_attention_ggn (torch.func)")
+@case("single-head-hessian-causal", compares="attention_hessian / hessian_block(s) with a causal mask (± W_O)",
+      reference=_TWINS)
 def _causal(g: torch.Generator, t: int) -> Trial:
     s = dims(g, t)
     if t % 2:
@@ -256,15 +262,15 @@ def _causal(g: torch.Generator, t: int) -> Trial:
     return Trial(s, _hessian_pairs(*_layer(g, s, causal=True)))
 
 
-@case("single-head-hessian-padding", compares="attention_hessian / hessian_blocks with a key-padding mask (B, L, L)",
-      reference="autograd_attention_hessian, autograd_attention_ggn (torch.func)")
+@case("single-head-hessian-padding", compares="attention_hessian / hessian_block(s) with a key-padding mask (B, L, L)",
+      reference=_TWINS)
 def _padding(g: torch.Generator, t: int) -> Trial:
     s = dims(g, t)
     return Trial(s, _hessian_pairs(*_layer(g, s, mask=_padding_mask(g, s["B"], s["L"]), scale=0.7)))
 
 
-@case("single-head-linear-attention", compares="attention_hessian / hessian_blocks, linear attention (± causal, ± W_O)",
-      reference="autograd_attention_hessian, autograd_attention_ggn (torch.func)")
+@case("single-head-linear-attention",
+      compares="attention_hessian / hessian_block(s), linear attention (± causal, ± W_O)", reference=_TWINS)
 def _linear(g: torch.Generator, t: int) -> Trial:
     s = dims(g, t)
     if t % 2:
@@ -404,9 +410,9 @@ def _energy_layer(g: torch.Generator, t: int) -> Trial:
     fopts = {"alpha": opts["alpha"], "tied": opts["tied"], "scale": opts["scale"]}
     J = torch.func.jacrev(lambda m: energy_layer_output(X, m.reshape(d, k), **fopts).reshape(-1))(M.reshape(-1))
     return Trial(s, [
-        ("H", energy_layer_hessian(X, M, Y, **opts), H),
-        ("H_o", energy_layer_hessian(X, M, Y, part="H_o", **opts), H_o),
-        ("H_f", energy_layer_hessian(X, M, Y, part="H_f", **opts), H - H_o),
+        ("H", energy_layer_hessian(X, M, Y, **opts), H, _scale(H, H_o)),
+        ("H_o", energy_layer_hessian(X, M, Y, part="H_o", **opts), H_o, _scale(H, H_o)),
+        ("H_f", energy_layer_hessian(X, M, Y, part="H_f", **opts), H - H_o, _scale(H, H_o)),
         ("J", energy_layer_jacobian(X, M, **fopts), J),
     ])
 

@@ -155,10 +155,31 @@ def test_run_rejects_bad_arguments():
         verify.run(trials=0)
 
 
-def test_case_modules_are_imported_before_a_run(monkeypatch):
+def test_a_case_module_adds_a_case_with_one_decorated_function(registry, tmp_path, monkeypatch, capsys, request):
+    """The documented extension path: a module named in CASE_MODULES registers its case when a run starts."""
+    (tmp_path / "extra_hessian_cases.py").write_text(
+        "import torch\n"
+        "from energy.hessian.verify import Trial, case, dims\n\n\n"
+        "@case('block-identity', compares='I', reference='torch.eye')\n"
+        "def _identity(g, t):\n"
+        "    s = dims(g, t)\n"
+        "    return Trial(s, [('I', torch.eye(s['d_V'], dtype=torch.float64), torch.eye(s['d_V']).double())])\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    request.addfinalizer(lambda: sys.modules.pop("extra_hessian_cases", None))  # a rerun imports (registers) again
+    monkeypatch.setattr(verify, "CASE_MODULES", ["extra_hessian_cases"])
+    assert verify.main(["--list"]) == 0
+    assert "block-identity: I" in capsys.readouterr().out
+    (row,) = verify.run(trials=2, cases=["block-identity"])
+    assert row["passed"] and row["max_rel_err"] == 0.0 and len(row["shapes"]) == 2
+
+
+def test_a_missing_case_module_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(verify, "CASE_MODULES", ["no_such_module_for_hessian_verify"])
     with pytest.raises(ModuleNotFoundError):
         verify.run(trials=1, cases=["single-head-hessian"])
+    assert verify.main(["--list"]) == 1
+    assert "no_such_module_for_hessian_verify" in _one_error_line(capsys.readouterr().err)
 
 
 # ----------------------------------------------------------------------------------------------------- the CLI

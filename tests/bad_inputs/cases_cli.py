@@ -12,9 +12,11 @@ from __future__ import annotations
 import functools
 
 import benchmarks.__main__ as bench_main
+import energy.hessian.__main__ as hessian_main
 import paper_figs.__main__ as figs_main
 import unfold.__main__ as unfold_main
 from energy import verify
+from energy.hessian import verify as hessian_verify
 from unfold import constraint_cost
 
 from . import _files as F
@@ -57,6 +59,7 @@ def sub(id: str, module: str, argv, match, codes=(2,), **kw) -> Case:
 
 V, U, P, B, C = verify.main, unfold_main.main, figs_main.main, bench_main.main, constraint_cost.main
 RUNTIME = (1, 2)
+HV = hessian_verify.main
 
 CASES: list[Case] = [
     # --- python -m energy / energy-verify ----------------------------------------------------------------------------
@@ -166,4 +169,17 @@ CASES: list[Case] = [
         (r"--json|plain_file", r"(?i)directory|writ"), codes=RUNTIME),
     sub("constraint_cost (subprocess):--seeds=0", "unfold.constraint_cost", [*CC, "--seeds", "0"],
         (r"--seeds", FIX)),
+    # --- python -m energy.hessian ----------------------------------------------------------------------------------
+    sub("energy.hessian:no-command", "energy.hessian", [], (r"COMMAND", r"verify")),
+    cli("energy.hessian:unknown-command", hessian_main.main, ["verfy"], (r"verfy", r"invalid choice", r"verify")),
+    cli("energy.hessian verify:--trials=0", HV, ["--trials", "0"], (r"--trials", FIX)),
+    cli("energy.hessian verify:--trials=abc", HV, ["--trials", "abc"], (r"--trials", r"invalid int")),
+    cli("energy.hessian verify:--seed=1.5", HV, ["--seed", "1.5"], (r"--seed", r"invalid int")),
+    cli("energy.hessian verify:--case=nope", HV, ["--case", "nope", "--trials", "1"], (r"nope", r"(?i)valid|one of")),
+    cli("energy.hessian verify:unknown-flag", HV, ["--trails", "3"], (r"--trails", r"unrecognized")),
+    cli("energy.hessian verify:--json=<file>/x.json", HV, lambda: ["--json", str(F.under_a_file("x.json"))],
+        (r"--json", r"(?i)directory|writ")),
+    cli("energy.hessian verify:--json=<dir>", HV, lambda: ["--json", str(F.directory())],
+        (r"--json", r"(?i)is a directory", FIX)),
+    cli("energy.hessian verify:--json-without-value", HV, ["--json"], (r"--json", r"expected one argument")),
 ]

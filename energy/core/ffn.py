@@ -77,8 +77,9 @@ def gelu_derivatives(Z: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def gelu_tanh_derivatives(Z: Tensor) -> tuple[Tensor, Tensor]:
-    r""":math:`(\varphi', \varphi'')` of the tanh-approximate GELU (:func:`gelu_tanh`, MATH §5.2). With
-    :math:`t = \tanh u`, :math:`u' = k(1 + 3a x^2)`, :math:`u'' = 6akx` (:math:`k = \sqrt{2/\pi}`,
+    r""":math:`(\varphi', \varphi'')` of the tanh-approximate GELU (:func:`gelu_tanh`, MATH §5.2).
+
+    With :math:`t = \tanh u`, :math:`u' = k(1 + 3a x^2)`, :math:`u'' = 6akx` (:math:`k = \sqrt{2/\pi}`,
     :math:`a = 0.044715`):
 
     .. math:: \varphi' = \tfrac12(1 + t) + \tfrac12 x (1 - t^2) u',\qquad

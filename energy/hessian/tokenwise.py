@@ -177,11 +177,12 @@ def tokenwise_hessian(layer: LayerT, derivatives: Callable[[LayerT, Tensor], Tok
     Args:
         layer: the layer (validated at construction).
         derivatives: ``norm_derivatives`` / ``ffn_derivatives``.
-        X: ``(L, d)`` or ``(B, L, d)``; Y: the target, ``X``'s shape with width ``d_out``.
+        X: ``(L, d)`` or ``(B, L, d)``.
+        Y: the target, ``X``'s shape with width ``d_out``.
         part: ``"H"``, ``"H_o"`` or ``"H_f"``.
         d_out: the output width (``None``: ``d``).
-        c: loss constant (default ``1/(L d_out)``); reduction: ``"sum"`` or ``"mean"`` over sequences
-            (:func:`energy.hessian.attention_layer.loss_constant`).
+        c: loss constant (default ``1/(L d_out)``, :func:`energy.hessian.attention_layer.loss_constant`).
+        reduction: ``"sum"`` or ``"mean"`` (divide by the number of sequences ``B``) over sequences.
         max_gib: memory budget of the dense result (:func:`~energy.hessian.attention_layer.check_dense_budget`).
     """
     part = _check_part(part)
@@ -211,7 +212,7 @@ def _flat_loss(layer: TokenwiseLayer, X: object, Y: object, c: float | None, red
     c_eff = loss_constant(X if isinstance(X, Tensor) else X3, c, reduction, Y3.shape[-1])
     blocks = layer.param_blocks()
     params = layer.params()
-    theta = torch.cat([params[n].reshape(-1) for n, _ in blocks])
+    theta = torch.cat([params[n].reshape(-1) for n, _ in blocks]) if blocks else X3.new_zeros(0)
     sizes = [int(torch.Size(s).numel()) for _, s in blocks]
 
     def output(t: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ reads (the validated entry points are :mod:`energy.ffn` and :func:`energy.refere
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,11 @@ from energy.core.standard import affine
 
 __all__ = [
     "ACTIVATIONS",
+    "ACTIVATION_DERIVATIVES",
+    "gelu_tanh",
+    "relu_derivatives",
+    "gelu_derivatives",
+    "gelu_tanh_derivatives",
     "feed_forward",
     "ffn_energy",
     "ffn_grad",
@@ -29,11 +35,73 @@ def _identity(Z: Tensor) -> Tensor:
     return Z
 
 
-#: activation name -> map: ``"relu"``, ``"gelu"`` (exact erf form, as ``nn.GELU()``), ``None`` (linear)
+#: :math:`\sqrt{2/\pi}` and the cubic coefficient of the tanh approximation of GELU (GPT-2's ``gelu_new``).
+_TANH_K = math.sqrt(2.0 / math.pi)
+_TANH_A = 0.044715
+
+
+def gelu_tanh(Z: Tensor) -> Tensor:
+    r"""GPT-2's tanh approximation of GELU, as ``torch.nn.functional.gelu(Z, approximate="tanh")`` (MATH §5.2).
+
+    .. math:: \varphi(x) = \tfrac12 x\,(1 + \tanh u),\qquad u = \sqrt{2/\pi}\,(x + 0.044715\,x^3)
+    """
+    return torch.nn.functional.gelu(Z, approximate="tanh")
+
+
+#: activation name -> map: ``"relu"``, ``"gelu"`` (exact erf form, as ``nn.GELU()``), ``"gelu_tanh"`` (tanh
+#: approximation, as ``nn.GELU(approximate="tanh")``), ``None`` (linear)
 ACTIVATIONS: dict[str | None, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,
     "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": gelu_tanh,
     None: _identity,
+}
+
+
+def relu_derivatives(Z: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`(\varphi', \varphi'') = (1[x > 0],\ 0)` of ReLU (MATH §5.2; at :math:`x = 0` the value autograd
+    uses, :math:`\varphi'(0) = 0`).
+    """
+    return (Z > 0).to(Z.dtype), torch.zeros_like(Z)
+
+
+def gelu_derivatives(Z: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`(\varphi', \varphi'')` of the exact GELU :math:`\varphi(x) = x\Phi(x)` (MATH §5.2).
+
+    .. math:: \varphi'(x) = \Phi(x) + x\phi(x),\qquad \varphi''(x) = \phi(x)\,(2 - x^2),\qquad
+        \phi(x) = e^{-x^2/2}/\sqrt{2\pi}
+    """
+    pdf = torch.exp(-0.5 * Z * Z) / math.sqrt(2.0 * math.pi)
+    cdf = 0.5 * (1.0 + torch.erf(Z / math.sqrt(2.0)))
+    return cdf + Z * pdf, pdf * (2.0 - Z * Z)
+
+
+def gelu_tanh_derivatives(Z: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`(\varphi', \varphi'')` of the tanh-approximate GELU (:func:`gelu_tanh`, MATH §5.2).
+
+    With :math:`t = \tanh u`, :math:`u' = k(1 + 3a x^2)`, :math:`u'' = 6akx` (:math:`k = \sqrt{2/\pi}`,
+    :math:`a = 0.044715`):
+
+    .. math:: \varphi' = \tfrac12(1 + t) + \tfrac12 x (1 - t^2) u',\qquad
+        \varphi'' = (1 - t^2)\,\big(u' - x\,t\,u'^2 + \tfrac12 x\,u''\big)
+    """
+    t = torch.tanh(_TANH_K * (Z + _TANH_A * Z**3))
+    sech2 = 1.0 - t * t
+    du = _TANH_K * (1.0 + 3.0 * _TANH_A * Z * Z)
+    d2u = 6.0 * _TANH_A * _TANH_K * Z
+    return 0.5 * (1.0 + t) + 0.5 * Z * sech2 * du, sech2 * (du - Z * t * du * du + 0.5 * Z * d2u)
+
+
+def _identity_derivatives(Z: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.ones_like(Z), torch.zeros_like(Z)
+
+
+#: activation name -> ``Z ↦ (φ'(Z), φ''(Z))`` elementwise, for every key of :data:`ACTIVATIONS` (MATH §5.2)
+ACTIVATION_DERIVATIVES: dict[str | None, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
+    "relu": relu_derivatives,
+    "gelu": gelu_derivatives,
+    "gelu_tanh": gelu_tanh_derivatives,
+    None: _identity_derivatives,
 }
 
 

@@ -292,7 +292,7 @@ def feed_forward(
     b_1: Tensor | None,
     W_2: Tensor,
     b_2: Tensor | None,
-    activation: Literal["relu", "gelu"] | None = "relu",
+    activation: Literal["relu", "gelu", "gelu_tanh"] | None = "relu",
 ) -> Tensor:
     r"""Two-matrix feed-forward block (weights act on the right).
 
@@ -304,10 +304,11 @@ def feed_forward(
         b_1: ``(m,)`` or ``None`` (no bias).
         W_2: ``(m, d_out)``.
         b_2: ``(d_out,)`` or ``None`` (no bias).
-        activation: ``"relu"``, ``"gelu"`` (exact, erf form, as ``nn.GELU()``) or ``None`` (linear).
+        activation: ``"relu"``, ``"gelu"`` (exact, erf form, as ``nn.GELU()``), ``"gelu_tanh"`` (GPT-2's tanh
+            approximation) or ``None`` (linear).
     """
     if activation not in core_ffn.ACTIVATIONS:
-        raise EnergyInputError(f"`activation` must be 'relu', 'gelu' or None, got {activation!r}.")
+        raise EnergyInputError(f"`activation` must be 'relu', 'gelu', 'gelu_tanh' or None, got {activation!r}.")
     check_tensor(X, "X", min_ndim=2)
     check_tensor(W_1, "W_1", ndim=2, trailing=(X.shape[-1], None))
     _check_optional(b_1, "b_1", ndim=1, trailing=(W_1.shape[1],))

@@ -96,7 +96,7 @@ TINY = torch.finfo(DTYPE).tiny
 #: The parts of a Hessian: the whole, the Gauss–Newton (outer-product) part and the functional part.
 PARTS: tuple[Part, ...] = ("H", "H_o", "H_f")
 #: Modules whose import registers further cases (with :func:`case`); imported by :func:`load_cases`.
-CASE_MODULES: list[str] = []
+CASE_MODULES: list[str] = ["energy.hessian.verify_block"]
 
 
 #: One comparison: ``(label, closed form, twin)`` or ``(label, closed form, twin, scale)``.

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,hf,crosscheck]"
 	$(PY) -m pip install --quiet --no-deps curvlinops-for-pytorch==3.0.1 \
 	  && $(PY) -m pip install --quiet einops einconv linear_operator opt-einsum \
 	  || echo "curvlinops not installed: its cross-check tests will be skipped"

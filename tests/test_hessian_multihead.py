@@ -221,10 +221,9 @@ def test_from_fused_matches_a_manual_split(gen):
         assert torch.equal(layer.W_V[h], W_qkv[:, 2 * e:][:, cols])
         assert torch.equal(layer.W_O[h], W_proj[cols])
     X = torch.randn(2, 4, d, generator=gen, dtype=DT)
-    Q, K, V = X @ W_qkv[:, :e], X @ W_qkv[:, e:2 * e], X @ W_qkv[:, 2 * e:]  # GPT-2: Conv1D then split heads
+    # GPT-2: q, k, v = (X @ c_attn).split(e), heads = contiguous column blocks, then c_proj
     ref = multi_head_attention(X, X, W_qkv[:, :e], W_qkv[:, e:2 * e], W_qkv[:, 2 * e:], W_proj, num_heads=H,
                                causal=True)
-    assert Q.shape == K.shape == V.shape
     assert _rel(layer.output(X), ref) <= 1e-12
 
 
@@ -283,7 +282,8 @@ def test_dense_parts_and_blocks_match_autograd(gen, case):
         assert _rel(multihead_hessian(layer, X, Y, part), ref) <= TOL, part
     sp = layer.spans()
     names = [n for n, _ in layer.param_blocks()]
-    for a, b in [(names[0], names[-1]), (names[layer.n_heads], names[layer.n_heads]), (names[-1], names[1 % len(names)])]:
+    firsts = ("h0.Q", "kv0.K", "kv0.V", "h0.O")  # against every parameter: within-head, cross-head and GQA blocks
+    for a, b in [(a, b) for a in firsts for b in names] + [(names[-1], "h0.Q")]:
         for part, ref in refs.items():
             blk = multihead_hessian_block(layer, X, Y, a, b, part)
             assert _rel(blk, ref[sp[a], sp[b]], ref) <= TOL, (a, b, part)

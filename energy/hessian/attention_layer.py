@@ -129,8 +129,8 @@ def loss_constant(X: Tensor, c: float | None, reduction: Reduction, d_out: int |
     r"""The effective constant ``c_eff`` with ``ℓ = c_eff Σ_b ‖F_b − Y_b‖²``.
 
     ``c`` defaults to ``1/(L d_out)`` (per-sequence mean squared error, the paper's likely choice, MATH §3.1;
-    ``d_out = d_v``, the value width, or ``d_O`` with an output projection); ``reduction="mean"`` divides by the number of
-    sequences ``B``.
+    ``d_out = d_v``, the value width, or ``d_O`` with an output projection); ``reduction="mean"`` divides by the
+    number of sequences ``B``.
     """
     if reduction not in ("sum", "mean"):
         raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")

@@ -71,7 +71,8 @@ def functional_bilinear(mom: AttentionMoments, d1: dict[str, Tensor], d2: dict[s
 
     Args:
         mom: the head's moments (:func:`energy.hessian.moments.gradient_moments`: ``G`` is ``mom.G``).
-        d1, d2: ``{"Q"|"K"|"V"|"O": (R, *shape)}`` directions (missing weights: zero).
+        d1: ``{"Q"|"K"|"V"|"O": (R, *shape)}``, the first directions (missing weights: zero).
+        d2: the second directions, likewise.
 
     Returns:
         ``(R,)`` values.
@@ -300,7 +301,8 @@ def multihead_block_norms(
 
     Args:
         layer: the multi-head layer.
-        X: ``(L, d)`` or ``(B, L, d)``; Y: the targets of ``F``.
+        X: ``(L, d)`` or ``(B, L, d)``.
+        Y: the targets of ``F``.
         blocks: ``[(a, b), …]`` parameter names (default every distinct block).
         squared: return squared norms.
     """

@@ -187,7 +187,7 @@ class MultiHeadAttentionLayer:
 
     def users(self, name: str) -> tuple[int, ...]:
         """The query heads that use parameter ``name`` (one head, or a whole group for ``kv{g}.K/V``)."""
-        idx = int(name.split(".")[0].lstrip("hkv"))
+        idx = int(check_param_name(self, name, "name").split(".")[0].lstrip("hkv"))
         if name.startswith("kv"):
             return tuple(range(idx * self.group_size, (idx + 1) * self.group_size))
         return (idx,)

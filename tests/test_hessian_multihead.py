@@ -37,6 +37,7 @@ from energy.hessian.multihead_structure import (
 )
 from energy.hessian.structure import block_diagonals, block_norms_from_moments
 from energy.hessian.twins import autograd_multihead_ggn, autograd_multihead_hessian
+from unfold.standard import GPT2Config, SelfAttention
 
 TOL = 1e-10
 
@@ -399,3 +400,36 @@ def test_vmap_and_grad_through_the_pure_closed_forms(gen):
     f = lambda t: (multihead_jacobian(layer.with_flat(t), Xs[0], mask) ** 2).sum()  # noqa: E731
     fd = (f(theta + h * v) - f(theta - h * v)) / (2 * h)
     assert abs(float(Jg @ v) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
+
+
+def test_fused_weights_are_a_reindexing_of_the_blocks(gen):
+    """MATH §5.1: the Hessian in GPT-2's fused ``(c_attn, c_proj)`` is the multi-head Hessian, permuted."""
+    d, e, H, B, L = 4, 6, 3, 2, 4
+    W_qkv = torch.randn(d, 3 * e, generator=gen, dtype=DT)
+    W_proj = torch.randn(e, d, generator=gen, dtype=DT)
+    X, Y = torch.randn(B, L, d, generator=gen, dtype=DT), torch.randn(B, L, d, generator=gen, dtype=DT)
+    layer = MultiHeadAttentionLayer.from_fused(W_qkv, W_proj, H, causal=True)
+    # the fused position of every entry of θ: from_fused applied to the positions themselves
+    pos = torch.arange(W_qkv.numel() + W_proj.numel(), dtype=DT)
+    where = MultiHeadAttentionLayer.from_fused(pos[:W_qkv.numel()].reshape(d, 3 * e),
+                                               pos[W_qkv.numel():].reshape(e, d), H).flat().long()
+    assert torch.equal(where.sort().values, torch.arange(pos.numel()))
+
+    def fused_loss(t: torch.Tensor) -> torch.Tensor:
+        Wq, Wp = t[:W_qkv.numel()].reshape(d, 3 * e), t[W_qkv.numel():].reshape(e, d)
+        F = multi_head_attention(X, X, Wq[:, :e], Wq[:, e:2 * e], Wq[:, 2 * e:], Wp, num_heads=H, causal=True)
+        return layer.loss_constant(X) * ((F - Y) ** 2).sum()
+
+    H_fused = hessian(fused_loss)(torch.cat([W_qkv.reshape(-1), W_proj.reshape(-1)]))
+    assert _rel(multihead_hessian(layer, X, Y), H_fused[where][:, where]) <= TOL
+
+
+def test_from_fused_is_the_library_self_attention(gen):
+    module = SelfAttention(GPT2Config(d_model=5, n_layers=1, n_heads=2, d_head=3, seq_len=4)).double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=DT))
+    W_qkv = torch.cat([module.W_Q, module.W_K, module.W_V], dim=1).detach()
+    layer = MultiHeadAttentionLayer.from_fused(W_qkv, module.W_O.detach(), 2, causal=True)
+    X = torch.randn(3, 4, 5, generator=gen, dtype=DT)
+    assert layer.d_k == 3 and _rel(layer.output(X), module(X).detach()) <= 1e-12

@@ -289,7 +289,7 @@ def multihead_jacobian(layer: MultiHeadAttentionLayer, X3: Tensor, mask: Tensor 
 
     (a shared GQA ``K_g``/``V_g`` adds the Jacobians of its heads). Cost ``O(B L d_out p)``.
     """
-    G0 = torch.zeros_like(layer.heads()[0].output(X3, mask))  # the Jacobians do not depend on G
+    G0 = X3.new_zeros(*X3.shape[:-1], layer.d_out)  # the Jacobians do not depend on G
     jacs = [attention_jacobians(m) for m in head_moments(layer, X3, G0, mask)]
     return torch.cat([_columns(layer, jacs, name) for name, _ in layer.param_blocks()], dim=1)
 

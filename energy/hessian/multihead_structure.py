@@ -16,7 +16,8 @@ and three cost classes occur (``N = B L`` rows, ``d`` input width, ``k`` query/k
   ``(J_aJ_aᵀ)_{(i,m),(j,m')} = s_{ij} (P_i P'^ᵀ_j)_{mm'}`` with scalar row Grams ``s`` (``x_iᵀx_j``, ``q_iᵀq'_j``,
   ``μ_iᵀμ'_j``, ``ν_iᵀν'_j``) and small per-row factors ``P_i`` (``d_out × r``), so
   ``⟨J_aJ_aᵀ, J_bJ_bᵀ⟩ = Σ_{ts} Σ_{ij} s^t_{ij} s^s_{ij} ⟨P^{t⊤}_i P^s_i, P'^{t⊤}_j P'^s_j⟩`` (:func:`_gram_terms`):
-  ``O(N d_out r² + N² r²)`` per pair of terms, ``r ∈ {k, d, d_v, d_out}``; memory ``O(N² + N r²)``.
+  ``O(N d_out r² + N² r²)`` per pair of terms, ``r ∈ {k, d, d_v, d_out}``; memory ``O(N² + N r²)``. A shared
+  ``K_g``/``V_g`` has ``|g|²`` terms (one per pair of its heads), so its blocks cost ``|g|²`` (or ``|g|⁴``) times more.
 * **GQA-shared** (``K_g``, ``V_g`` with groups of several heads, ``S ≠ ∅``): ``‖H_o‖²`` as across heads;
   ``‖H_f‖² = Σ_{h,h'∈S} ⟨H_f^{(h)}, H_f^{(h')}⟩`` by the single-head Kronecker sums of two heads
   (``(K,K)``: ``Σ_ij (q_iᵀq'_j)² ⟨R_i, R'_j⟩``; ``(V,K)``: ``κ² Σ_ij (q_iᵀq'_j)(γ_iᵀγ'_j)⟨Σ_i, Σ'_j⟩``;
@@ -326,19 +327,26 @@ def multihead_block_diagonals(
     """
     _check_part(part)
     ctx = _Context(layer, X, Y)
+    per_head: dict[tuple[int, str], dict[str, Tensor]] = {}
+
+    def head_diagonals(h: int, p: Part) -> dict[str, Tensor]:
+        if (h, p) not in per_head:
+            per_head[(h, p)] = block_diagonals(ctx.moms[h], p)
+        return per_head[(h, p)]
+
     out = {}
     for name, _ in layer.param_blocks():
         heads = layer.users(name)
         if len(heads) == 1:
             h = heads[0]
-            out[name] = block_diagonals(ctx.moms[h], part)[ctx.local(h, name)]
+            out[name] = head_diagonals(h, part)[ctx.local(h, name)]
             continue
         diag = ctx.X3.new_zeros(ctx.sizes[name])
         if part in ("H", "H_o"):
             diag = diag + 2.0 * ctx.c * (ctx.columns(name) ** 2).sum(0)
         if part in ("H", "H_f"):
             for h in heads:
-                diag = diag + block_diagonals(ctx.moms[h], "H_f")[ctx.local(h, name)]
+                diag = diag + head_diagonals(h, "H_f")[ctx.local(h, name)]
         out[name] = diag
     return out
 

@@ -204,7 +204,7 @@ def test_errors(gen):
     with pytest.raises(EnergyInputError, match="W_K"):
         attention_moments(X, W_Q, W_K[:, :1], W_V, Y)
     with pytest.raises(EnergyInputError, match="W_V"):
-        attention_moments(X, W_Q, W_K, W_V[:, :2], Y)
+        attention_moments(X, W_Q, W_K, W_V[:2], Y)
     with pytest.raises(EnergyInputError, match="Y"):
         attention_moments(X, W_Q, W_K, W_V, Y[:, :3])
     with pytest.raises(EnergyInputError, match="W_O"):

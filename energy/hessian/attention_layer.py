@@ -129,8 +129,8 @@ def loss_constant(X: Tensor, c: float | None, reduction: Reduction, d_out: int |
     r"""The effective constant ``c_eff`` with ``ℓ = c_eff Σ_b ‖F_b − Y_b‖²``.
 
     ``c`` defaults to ``1/(L d_out)`` (per-sequence mean squared error, the paper's likely choice, MATH §3.1;
-    ``d_out = d_V``, or ``d_O`` with an output projection); ``reduction="mean"`` divides by the number of
-    sequences ``B``.
+    ``d_out = d_v``, the value width, or ``d_O`` with an output projection); ``reduction="mean"`` divides by the
+    number of sequences ``B``.
     """
     if reduction not in ("sum", "mean"):
         raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {reduction!r}.")
@@ -148,8 +148,8 @@ class AttentionLayer:
     r"""One single-head self-attention layer with its square loss (MATH §3.1), validated once at construction.
 
     Attributes:
-        W_Q, W_K: ``(d_V, d_K)``; W_V: ``(d_V, d_V)``.
-        W_O: optional output projection ``(d_V, d_O)``.
+        W_Q, W_K: ``(d_V, d_K)``; W_V: ``(d_V, d_v)`` (``d_v``, the value width, may differ from ``d_V``).
+        W_O: optional output projection ``(d_v, d_O)``.
         scale: ``κ`` (default ``1/√d_K``).
         mask: boolean ``(L, L)`` or ``(B, L, L)``, ``True`` = attend; causal: use the causal mask instead.
         linear: linear attention (no softmax, MATH §3.6).
@@ -183,15 +183,15 @@ class AttentionLayer:
         d_V = W_Q.shape[0]
         if W_K.shape != W_Q.shape:
             raise EnergyInputError(f"`W_K` must have the shape of `W_Q` {tuple(W_Q.shape)}, got {tuple(W_K.shape)}.")
-        if W_V.shape != (d_V, d_V):
+        if W_V.shape[0] != d_V:
             raise EnergyInputError(
-                f"`W_V` must have shape (d_V, d_V) = ({d_V}, {d_V}) (put a rectangular map in `W_O`), got "
-                f"{tuple(W_V.shape)}."
+                f"`W_V` must have shape (d_V, d_v) = ({d_V}, d_v) (the rows of `W_Q`), got {tuple(W_V.shape)}."
             )
         if self.W_O is not None:
             W_O = _check_array(self.W_O, "W_O", ndim=2)
-            if W_O.shape[0] != d_V:
-                raise EnergyInputError(f"`W_O` must have shape (d_V, d_O) = ({d_V}, d_O), got {tuple(W_O.shape)}.")
+            if W_O.shape[0] != W_V.shape[1]:
+                raise EnergyInputError(f"`W_O` must have shape (d_v, d_O) = ({W_V.shape[1]}, d_O) (d_v = the columns "
+                                       f"of `W_V`), got {tuple(W_O.shape)}.")
         check_same_float_dtype(**_present(W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=self.W_O))
         if self.reduction not in ("sum", "mean"):
             raise EnergyInputError(f"`reduction` must be 'sum' or 'mean', got {self.reduction!r}.")
@@ -222,9 +222,14 @@ class AttentionLayer:
         return self.W_Q.shape[1]
 
     @property
+    def d_v(self) -> int:
+        """Value width: the columns of ``W_V``."""
+        return self.W_V.shape[1]
+
+    @property
     def d_out(self) -> int:
-        """Output width: ``d_O`` with an output projection, else ``d_V``."""
-        return self.d_V if self.W_O is None else self.W_O.shape[1]
+        """Output width: ``d_O`` with an output projection, else ``d_v``."""
+        return self.d_v if self.W_O is None else self.W_O.shape[1]
 
     @property
     def kappa(self) -> float:

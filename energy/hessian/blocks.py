@@ -57,7 +57,7 @@ class _Factors:
         self.mom, self.part = mom, part
         self._cache: dict[str, Tensor] = {}
         x = mom.x
-        self.eye_d = torch.eye(mom.d_V, dtype=x.dtype, device=x.device)
+        self.eye_v = torch.eye(mom.d_v, dtype=x.dtype, device=x.device)
         self.eye_k = torch.eye(mom.d_K, dtype=x.dtype, device=x.device)
         self.eye_o = torch.eye(mom.d_O, dtype=x.dtype, device=x.device)
         self.use_o = part in ("H", "H_o")
@@ -99,7 +99,7 @@ class _Factors:
         return scale * self.mom.M_1.T @ self.mom.M_1
 
     def _make_Omega_O(self) -> Tensor:
-        return self.eye_d if self.mom.W_O is None else self.mom.W_O @ self.mom.W_O.T
+        return self.eye_v if self.mom.W_O is None else self.mom.W_O @ self.mom.W_O.T
 
     def _make_S_O(self) -> Tensor:
         return self.mom.W_V.T @ self.S @ self.mom.W_V
@@ -211,7 +211,7 @@ def _write_block(f: _Factors, a: str, b: str, dest: Tensor, mirror: Tensor | Non
     only slice writes into ``dest`` and ``mirror``.
     """
     mom = f.mom
-    shape = {"Q": (mom.d_V, mom.d_K), "K": (mom.d_V, mom.d_K), "V": (mom.d_V, mom.d_V), "O": (mom.d_V, mom.d_O)}
+    shape = {"Q": (mom.d_V, mom.d_K), "K": (mom.d_V, mom.d_K), "V": (mom.d_V, mom.d_v), "O": (mom.d_v, mom.d_O)}
     dest4 = dest.view(*shape[a], *shape[b])
     mirror4 = None if mirror is None else mirror.view(*shape[b], *shape[a])
     terms, diags = _terms(f, a, b)

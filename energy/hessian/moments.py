@@ -7,6 +7,7 @@ AttentionLayer`); :func:`layer_moments` is the pure computation, transparent to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -24,6 +25,7 @@ __all__ = [
     "AttentionMoments",
     "attention_moments",
     "layer_moments",
+    "gradient_moments",
     "attention_jacobians",
     "as_layer",
     "check_moments",
@@ -75,7 +77,7 @@ class AttentionMoments:
         S_hat: ``Ŝ_i = Σ_j a_ij ((x_j − μ_i)ᵀ W_V g_i)(x_j − μ_i)(x_j − μ_i)ᵀ`` (0 for linear attention),
             ``(N, d, d)``.
         q: ``q_i = W_Qᵀ x_i``, ``(N, k)``.
-        G: residual gradient rows ``g_i = 2 c_eff (f_i − y_i)``, ``(N, d_out)``.
+        G: upstream gradient rows ``g_i = ∂ℓ/∂f_i`` (``2 c_eff (f_i − y_i)`` for the square loss), ``(N, d_out)``.
         B_V: ``B_i = Ṽᵀ Σ_i``, ``(N, d_out, d)``, ``Ṽ = W_V W_O`` (``W_V`` without ``W_O``).
         G_QK: ``κ Σ_i x_i (Σ_i Ṽ g_i)ᵀ`` (the gradient w.r.t. ``W_Q W_Kᵀ``), ``(d, d)``.
         F: layer output, ``(B, L, d_out)`` (``(L, d_out)`` for a single sequence).
@@ -142,8 +144,13 @@ class AttentionMoments:
         return self.q.shape[-1]
 
     @property
+    def d_v(self) -> int:
+        """Value width: the columns of ``W_V``."""
+        return self.W_V.shape[-1]
+
+    @property
     def d_O(self) -> int:
-        """Output width (``d_V`` without output projection)."""
+        """Output width (``d_v`` without output projection)."""
         return self.G.shape[-1]
 
     @property
@@ -159,9 +166,9 @@ class AttentionMoments:
     @property
     def sizes(self) -> dict[str, int]:
         """Number of parameters per block name."""
-        out = {"Q": self.d_V * self.d_K, "K": self.d_V * self.d_K, "V": self.d_V * self.d_V}
+        out = {"Q": self.d_V * self.d_K, "K": self.d_V * self.d_K, "V": self.d_V * self.d_v}
         if self.W_O is not None:
-            out["O"] = self.d_V * self.d_O
+            out["O"] = self.d_v * self.d_O
         return out
 
 
@@ -209,14 +216,11 @@ def attention_moments(*args: Tensor | AttentionLayer, **options: Unpack[LayerOpt
 def layer_moments(
     layer: AttentionLayer, X3: Tensor, Y3: Tensor, mask: Tensor | None, *, single: bool = False
 ) -> AttentionMoments:
-    r"""The moments of MATH §3.2 (pure; inputs as returned by :meth:`AttentionLayer.check_inputs`).
+    r"""The moments of MATH §3.2 for the square loss (pure; inputs as returned by
+    :meth:`AttentionLayer.check_inputs`): :func:`gradient_moments` with the upstream gradient
+    ``G = ∂ℓ/∂F = 2 c_eff (F − Y)``.
 
-    .. math::
-        \mu_i = X^\top a_i,\quad \Sigma_i = X^\top J_i X,\quad
-        \hat S_i = \sum_j r_{ij} (x_j-\mu_i)(x_j-\mu_i)^\top,\ r_{ij} = a_{ij}\,(x_j-\mu_i)^\top \tilde V g_i
-
-    ``Ŝ_i`` is ``Xᵀ (∇²_t a_i·v_i) X``, the curvature of ``v_iᵀ softmax(t)`` with ``v_i = X Ṽ g_i``,
-    ``Ṽ = W_V W_O`` (``W_V`` without output projection).
+    .. math:: G = \partial\ell/\partial F = 2\,c_\mathrm{eff}\,(F - Y)
 
     Args:
         layer: the attention layer.
@@ -225,15 +229,52 @@ def layer_moments(
         mask: ``(B, L, L)`` boolean or ``None``.
         single: the inputs were one sequence (``F`` is then returned as ``(L, d_out)``).
     """
+    c_eff = layer.loss_constant(X3[0] if single else X3)
+    return _moments(layer, X3, lambda F: 2.0 * c_eff * (F - Y3), mask, c_eff, single)
+
+
+def gradient_moments(
+    layer: AttentionLayer, X3: Tensor, G3: Tensor, mask: Tensor | None, *, c: float | None = None,
+    single: bool = False,
+) -> AttentionMoments:
+    r"""The moments of MATH §3.2 with a given upstream gradient ``G = ∂ℓ/∂F`` (pure).
+
+    .. math::
+        \mu_i = X^\top a_i,\quad \Sigma_i = X^\top J_i X,\quad
+        \hat S_i = \sum_j r_{ij} (x_j-\mu_i)(x_j-\mu_i)^\top,\ r_{ij} = a_{ij}\,(x_j-\mu_i)^\top \tilde V g_i
+
+    ``Ŝ_i`` is ``Xᵀ (∇²_t a_i·v_i) X``, the curvature of ``v_iᵀ softmax(t)`` with ``v_i = X Ṽ g_i``,
+    ``Ṽ = W_V W_O`` (``W_V`` without output projection). The functional part built from these moments
+    (``part="H_f"`` of :mod:`energy.hessian.blocks` and :mod:`energy.hessian.structure`) is the ``G``-contracted
+    second derivative ``Σ_{b,l,m} G_{blm} ∇²_θ F_{blm}``, whatever loss ``G`` comes from: inside a multi-head
+    layer (MATH §5.1) or a block, ``G`` is the gradient of the whole output. The outer-product part uses ``c``:
+    ``H_o = 2c JᵀJ`` (the square loss's ``∇²_F ℓ = 2c I``).
+
+    Args:
+        layer: the attention layer.
+        X3: ``(B, L, d_V)`` inputs.
+        G3: ``(B, L, d_out)`` upstream gradient ``∂ℓ/∂F``.
+        mask: ``(B, L, L)`` boolean or ``None``.
+        c: ``c_eff`` of the outer-product part (default: the layer's square-loss constant for ``X3``).
+        single: the inputs were one sequence (``F`` is then returned as ``(L, d_out)``).
+    """
+    c_eff = layer.loss_constant(X3[0] if single else X3) if c is None else c
+    return _moments(layer, X3, lambda F: G3, mask, c_eff, single)
+
+
+def _moments(
+    layer: AttentionLayer, X3: Tensor, gradient: Callable[[Tensor], Tensor], mask: Tensor | None, c_eff: float,
+    single: bool,
+) -> AttentionMoments:
+    """The moments with ``G = gradient(F)`` (:func:`layer_moments`, :func:`gradient_moments`)."""
     W_Q, W_K, W_V, W_O = layer.W_Q, layer.W_K, layer.W_V, layer.W_O
     V_eff = W_V if W_O is None else W_V @ W_O  # Ṽ
-    c_eff = layer.loss_constant(X3[0] if single else X3)
     kappa = layer.kappa
     d = X3.shape[-1]
     A = attention_matrix(X3, W_Q, W_K, kappa, mask, linear=layer.linear)
     M_1 = A @ X3  # (B, L, d)
     F = M_1 @ V_eff
-    G = 2.0 * c_eff * (F - Y3)
+    G = gradient(F)
     v = torch.einsum("bjd,bid->bij", X3 @ V_eff, G)  # v_ij = x_jᵀ Ṽ g_i
     if layer.linear:
         m = torch.ones_like(A) if mask is None else mask.to(A.dtype)
@@ -270,20 +311,20 @@ def attention_jacobians(mom: AttentionMoments) -> dict[str, Tensor]:
         J_K = \kappa\, (\tilde V^\top \Sigma_i) \otimes q_i^\top,\quad J_O = (W_V^\top\mu_i)^\top \otimes I_{d_O}
 
     Returns:
-        ``{"Q": (N d_O, d_V d_K), "K": (N d_O, d_V d_K), "V": (N d_O, d_V²)[, "O": (N d_O, d_V d_O)]}``,
+        ``{"Q": (N d_O, d_V d_K), "K": (N d_O, d_V d_K), "V": (N d_O, d_V d_v)[, "O": (N d_O, d_v d_O)]}``,
         ``N = B L``.
     """
     check_moments(mom, "attention_jacobians")
-    N, d, k, o = mom.x.shape[0], mom.d_V, mom.d_K, mom.d_O
+    N, d, k, o, v = mom.x.shape[0], mom.d_V, mom.d_K, mom.d_O, mom.d_v
     C = mom.B_V @ mom.W_K  # Ṽᵀ Σ_i W_K
     eye_o = torch.eye(o, dtype=mom.x.dtype, device=mom.x.device)
     W_O = eye_o if mom.W_O is None else mom.W_O
     out = {
         "Q": mom.kappa * torch.einsum("ia,imb->imab", mom.x, C).reshape(N * o, d * k),
         "K": mom.kappa * torch.einsum("ima,ib->imab", mom.B_V, mom.q).reshape(N * o, d * k),
-        "V": torch.einsum("in,po->ionp", mom.M_1, W_O).reshape(N * o, d * d),
+        "V": torch.einsum("in,po->ionp", mom.M_1, W_O).reshape(N * o, d * v),
     }
     if mom.W_O is not None:
-        out["O"] = torch.einsum("ip,or->iopr", mom.M_1 @ mom.W_V, eye_o).reshape(N * o, d * o)
+        out["O"] = torch.einsum("ip,or->iopr", mom.M_1 @ mom.W_V, eye_o).reshape(N * o, v * o)
     return out
 

@@ -22,7 +22,7 @@ With the per-row factors of :mod:`energy.hessian.attention` (``R_i``, ``E_i``; G
   ``⟨E^o_iΩ, E^o_j⟩ = (2cκ)² (α_iᵀα_j) ⟨B̃_iΩ, B̃_j⟩``, ``⟨E^f_iΩ, E^f_j⟩ = κ² (γ_iᵀγ_j) ⟨S̃_iΩ, S̃_j⟩``,
   ``⟨E^o_iΩ, E^f_j⟩ = 2cκ² α_iᵀ S̃_j Ω B̃_iᵀ γ_j`` (``Ω = I`` for ``(V,K)``); ``(O,Q)``, ``(O,K)`` alike;
 * with ``W_O``: ``(O,O) = S_O ⊗ I`` (``‖·‖² = d_O ‖S_O‖²``) and ``(V,O) = P ⊠ W_O + Q ⊠ I`` with
-  ``P = 2c M_1ᵀM_1W_V``, ``Q = M_1ᵀG``: ``‖H_o‖² = ‖P‖²‖W_O‖²``, ``‖H_f‖² = d_V‖Q‖²``,
+  ``P = 2c M_1ᵀM_1W_V``, ``Q = M_1ᵀG``: ``‖H_o‖² = ‖P‖²‖W_O‖²``, ``‖H_f‖² = d_v‖Q‖²``,
   ``⟨H_o, H_f⟩ = ⟨P W_O, Q⟩``.
 
 For each block the three numbers ``⟨H_o,H_o⟩``, ``⟨H_o,H_f⟩``, ``⟨H_f,H_f⟩`` are computed exactly, and
@@ -190,7 +190,7 @@ def block_inner_products(mom: AttentionMoments, block: str, *, _cores: _TokenCor
         return {
             "oo": float((P**2).sum()) * float((mom.W_O**2).sum()),
             "of": float(((P @ mom.W_O) * Q).sum()),
-            "ff": mom.d_V * float((Q**2).sum()),
+            "ff": mom.d_v * float((Q**2).sum()),
         }
     tc = _TokenCores(mom) if _cores is None else _cores
     X, K, Ro, Rf = tc.X, tc.K, tc.R["H_o"], tc.R["H_f"]

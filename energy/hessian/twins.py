@@ -18,8 +18,16 @@ from typing_extensions import Unpack
 from energy._validation import warn_if_not_float64
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions
 from energy.hessian.moments import as_layer
+from energy.hessian.multihead import MultiHeadAttentionLayer
 
-__all__ = ["autograd_attention_hessian", "autograd_attention_ggn", "attention_loss", "attention_output"]
+__all__ = [
+    "autograd_attention_hessian",
+    "autograd_attention_ggn",
+    "attention_loss",
+    "attention_output",
+    "autograd_multihead_hessian",
+    "autograd_multihead_ggn",
+]
 
 
 def attention_output(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, **options: Unpack[LayerOptions]) -> Tensor:
@@ -78,4 +86,35 @@ def autograd_attention_ggn(*args: Tensor | AttentionLayer, **options: Unpack[Lay
     """
     layer, X, _, mask, theta, layer_at = _flat_twin(args, options, "autograd_attention_ggn")
     J = torch.func.jacrev(lambda t: layer_at(t).output(X, mask).reshape(-1))(theta)
+    return 2.0 * layer.loss_constant(X) * J.T @ J
+
+
+def _multihead_twin(
+    layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor, routine: str
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Checked ``(X, mask, θ)`` of a multi-head twin (``mask`` shaped like ``X``'s batch)."""
+    warn_if_not_float64(layer.W_Q.dtype, routine)
+    _, _, mask = layer.check_inputs(X, Y)
+    if mask is not None and X.ndim == 2:
+        mask = mask[0]
+    return X, mask, layer.flat()
+
+
+def autograd_multihead_hessian(layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor) -> Tensor:
+    r"""Autograd twin of :func:`~energy.hessian.multihead.multihead_hessian`: ``torch.func.hessian`` of the loss in
+    the flat vector ``θ`` (:meth:`MultiHeadAttentionLayer.flat`, MATH §5.1).
+
+    .. math:: H = \nabla^2_\theta\, \ell(\theta)
+    """
+    X, mask, theta = _multihead_twin(layer, X, Y, "autograd_multihead_hessian")
+    return torch.func.hessian(lambda t: layer.with_flat(t).loss(X, Y, mask))(theta)
+
+
+def autograd_multihead_ggn(layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor) -> Tensor:
+    r"""Autograd twin of ``H_o``: ``2 c_eff JᵀJ`` with ``J = torch.func.jacrev`` of ``vec_r F`` in the flat ``θ``.
+
+    .. math:: H_o = 2 c_\mathrm{eff}\, J^\top J,\qquad J = \partial\, \mathrm{vec}_r F / \partial\theta
+    """
+    X, mask, theta = _multihead_twin(layer, X, Y, "autograd_multihead_ggn")
+    J = torch.func.jacrev(lambda t: layer.with_flat(t).output(X, mask).reshape(-1))(theta)
     return 2.0 * layer.loss_constant(X) * J.T @ J

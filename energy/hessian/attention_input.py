@@ -94,12 +94,6 @@ def _score_gradient(h: _Head, Gt: Tensor, U3: Tensor) -> Tensor:
     return R
 
 
-def _on_diagonal(D: Tensor) -> Tensor:
-    """``out[b, j, ·, j', ·] = δ_jj' D[b, j, ·, ·]`` (``D`` ``(B, L, n, m)`` → ``(B, L, n, L, m)``)."""
-    eye = torch.eye(D.shape[1], dtype=D.dtype, device=D.device)
-    return torch.einsum("jk,bjac->bjakc", eye, D)
-
-
 def head_input_jacobian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None) -> Tensor:
     r"""Jacobian of one head's output with respect to its input, per sequence (docs/MATH.md §5.3a).
 
@@ -122,12 +116,14 @@ def head_input_jacobian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None) 
     h = _head(layer, U3, mask)
     B, L, d = U3.shape
     o = h.V_eff.shape[1]
-    JP = _apply_J(h, U3 @ h.V_eff)  # (B, i, j, m): J_i P
-    jac = (torch.einsum("bij,am->bimja", h.A, h.V_eff)
-           + h.kappa * torch.einsum("bijm,bia->bimja", JP, h.Qt))
-    diag = h.kappa * torch.einsum("bilm,bla->bima", JP, h.Kt)  # (B, i, m, a)
-    jac = jac + _on_diagonal(diag)
-    return jac.reshape(B, L * o, L * d)
+    JP = _apply_J(h, U3 @ h.V_eff).transpose(-1, -2)  # (B, i, m, j): (J_i P)_{jm}
+    KtJP = h.kappa * torch.einsum("bimj,bja->bima", JP, h.Kt)  # (B, i, m, a): κ (K̃ᵀ J_i P)_{am}
+    eye = torch.eye(L, dtype=U3.dtype, device=U3.device)
+    # the three terms as one batched product over r = 0, 1, 2 that writes the result once:
+    # left[b, i, m, j, r] = (a_ij, (J_i P)_jm, δ_ij), right[b, i, m, r, a] = (Ṽ_am, κ Q̃_ia, κ (K̃ᵀ J_i P)_am)
+    left = torch.stack([h.A.unsqueeze(2).expand(B, L, o, L), JP, eye[:, None, :].expand(B, L, o, L)], -1)
+    right = torch.stack([h.V_eff.T.expand(B, L, o, d), h.kappa * h.Qt.unsqueeze(2).expand(B, L, o, d), KtJP], -2)
+    return (left @ right).reshape(B, L * o, L * d)
 
 
 def head_input_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None, G: Tensor) -> Tensor:
@@ -166,25 +162,35 @@ def head_input_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None, G
     """
     h = _head(layer, U3, mask)
     B, L, d = U3.shape
-    kap = h.kappa
+    kap, W_Q, W_K = h.kappa, layer.W_Q, layer.W_K
+    k = W_Q.shape[1]
     Gt = G @ h.V_eff.T  # (B, L, d): G̃ = G Ṽᵀ
     R = _score_gradient(h, Gt, U3)
-    M = layer.W_Q @ layer.W_K.T
-    X = (kap * torch.einsum("bjk,bka,bjc->bjakc", h.Jd, h.Kt, Gt)
-         + kap * torch.einsum("bjk,ac->bjakc", R, M))
-    diag = kap * torch.einsum("bij,bia,bic->bjac", h.Jd, h.Qt, Gt)
+    # Pair terms through W_Q (K̃_{j'a} = Σ_c W_Q[a,c] K_{j'c}, M_{aa'} = Σ_c W_Q[a,c] W_K[a',c]):
+    # X_pair[j,a,j',a'] = Σ_c W_Q[a,c] Ω[j,c,j',a'], Ω[j,c,j',a'] = K_{j'c} w_{jj'a'} + κ r_jj' W_K[a',c]
+    w = kap * h.Jd.unsqueeze(-1) * Gt.unsqueeze(2)  # (B, j, j', a')
     if h.softmax:
-        X = X + kap * kap * torch.einsum("bjk,bka,bjc->bjakc", R, h.Kt, h.Qt)
-        diag = diag + 0.5 * kap * kap * (torch.einsum("bjl,bla,blc->bjac", R, h.Kt, h.Kt)
-                                         + torch.einsum("bij,bia,bic->bjac", R, h.Qt, h.Qt))
+        w = w + kap * kap * R.unsqueeze(-1) * h.Qt.unsqueeze(2)
+    Omega = (h.K.transpose(-1, -2)[:, None, :, :, None] * w.unsqueeze(2)
+             + kap * R[:, :, None, :, None] * W_K.T[None, None, :, None, :])  # (B, j, c, j', a')
+    # token-diagonal blocks (each symmetric half of X + Xᵀ)
+    diag = kap * torch.einsum("bij,bia,bic->bjac", h.Jd, h.Qt, Gt)  # κ Σ_i a_ij q̃_i g̃_iᵀ
+    if h.softmax:  # ½κ² (K̃ᵀ diag(r_j) K̃ + Σ_i r_ij q̃_i q̃_iᵀ); the first through W_Q, into Ω
+        Omega.diagonal(dim1=1, dim2=3).add_(0.5 * kap * kap * torch.einsum("bjl,blc,bla->bcaj", R, h.K, h.Kt))
+        diag = diag + 0.5 * kap * kap * torch.einsum("bij,bia,bic->bjac", R, h.Qt, h.Qt)
+    # H = X + Xᵀ in three products, each writing the (Ld)² result once (out-of-place: every op has a vmap rule)
+    H = (W_Q @ Omega.reshape(B, L, k, L * d)).reshape(-1, d)  # X_pair, rows (b, j, a, j')
+    H = torch.addmm(H, Omega.permute(0, 3, 4, 1, 2).reshape(-1, k), W_Q.T).reshape(B, L * d, L * d)  # + X_pairᵀ
+    H.view(B, L, d, L, d).diagonal(dim1=1, dim2=3).add_((diag + diag.transpose(-1, -2)).permute(0, 2, 3, 1))
+    if h.softmax:  # rank-L part −Σ_i (z_i u_iᵀ + u_i z_iᵀ), u_i = w_i + y_i: one GEMM with inner dimension 2L
         eye = torch.eye(L, dtype=U3.dtype, device=U3.device)
         Z = kap * (torch.einsum("ij,bia->bija", eye, h.A @ h.Kt) + h.A.unsqueeze(-1) * h.Qt.unsqueeze(2))
-        W = (kap * (torch.einsum("ij,bia->bija", eye, R @ h.Kt) + R.unsqueeze(-1) * h.Qt.unsqueeze(2))
-             + h.A.unsqueeze(-1) * Gt.unsqueeze(2))
-        low = Z.reshape(B, L, L * d).transpose(-1, -2) @ W.reshape(B, L, L * d)
-        X = X - low.reshape(B, L, d, L, d)
-    X = (X + _on_diagonal(diag)).reshape(B, L * d, L * d)
-    return X + X.transpose(-1, -2)
+        Wu = (kap * (torch.einsum("ij,bia->bija", eye, R @ h.Kt) + R.unsqueeze(-1) * h.Qt.unsqueeze(2))
+              + h.A.unsqueeze(-1) * Gt.unsqueeze(2))
+        ZW = torch.cat([Z.reshape(B, L, L * d), Wu.reshape(B, L, L * d)], 1)  # (B, 2L, Ld)
+        WZ = torch.cat([Wu.reshape(B, L, L * d), Z.reshape(B, L, L * d)], 1)
+        H = torch.baddbmm(H, ZW.transpose(-1, -2), WZ, alpha=-1)
+    return H
 
 
 def head_input_param_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None, G: Tensor) -> dict[str, Tensor]:
@@ -228,42 +234,47 @@ def head_input_param_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | N
     W_Q, W_K, W_V, W_O = layer.W_Q, layer.W_K, layer.W_V, layer.W_O
     Gt = G @ h.V_eff.T  # G̃ = G Ṽᵀ
     R = _score_gradient(h, Gt, U3)
-    eye = torch.eye(d, dtype=U3.dtype, device=U3.device)
     F_K, F_U = _apply_J(h, h.K), _apply_J(h, U3)  # J_i K, J_i U: (B, i, l, ·)
-    kGt = kap * Gt
+    kGtT, kQtT = (kap * Gt).transpose(-1, -2), (kap * h.Qt).transpose(-1, -2)  # (B, a, i)
+    # Each block is one GEMM over the queries i that writes it once: H[j, a] = Uᵀ Y[j, a] (W_Q), Y[j, a] Q (W_K),
+    # Y[j, a] G_O (W_V), Y[j, a] G (W_O); the δ_ab and rank-one remainders are added in place.
 
-    # W_Q (dt_il = κ U_ib K_lc): dA_i = J_i dt_i, and dR_i = C_i dt_i for softmax
-    H_Q = (kap * torch.einsum("ab,njc->njabc", eye, R @ h.K)
-           + kap * torch.einsum("njb,ac->njabc", R.transpose(-1, -2) @ U3, W_K)
-           + torch.einsum("nib,nia,nijc->njabc", U3, kGt, F_K))
-    # W_K (dt_il = κ Q_ic U_lb)
-    H_K = (kap * torch.einsum("njb,ac->njabc", R @ U3, W_Q)
-           + kap * torch.einsum("ab,njc->njabc", eye, R.transpose(-1, -2) @ h.Q)
-           + torch.einsum("nic,nia,nijb->njabc", h.Q, kGt, F_U))
+    # W_Q: Y[j,a,i,c] = κ G̃_ia F^K_{i,jc} + κ r_ij W_K[a,c] (+ κ² Q̃_ia E^K_{i,jc} + δ_ij κ² (K̃ᵀ E^K_j)_ac)
+    Y = (kGtT[:, None, :, :, None] * F_K.transpose(1, 2).unsqueeze(2)
+         + kap * R.transpose(-1, -2)[:, :, None, :, None] * W_K[None, None, :, None, :])
     if h.softmax:
-        E_K, E_U = _apply_C(h, R, h.K), _apply_C(h, R, U3)  # C_i K, C_i U
-        kkQt = kap * kap * h.Qt
-        H_Q = H_Q + (kap * kap * torch.einsum("njb,njac->njabc", U3, torch.einsum("nla,njlc->njac", h.Kt, E_K))
-                     + torch.einsum("nib,nia,nijc->njabc", U3, kkQt, E_K))
-        H_K = H_K + (kap * kap * torch.einsum("njc,njab->njabc", h.Q, torch.einsum("nla,njlb->njab", h.Kt, E_U))
-                     + torch.einsum("nic,nia,nijb->njabc", h.Q, kkQt, E_U))
-    kQt = kap * h.Qt
+        E_K = _apply_C(h, R, h.K)
+        Y = Y + kap * kQtT[:, None, :, :, None] * E_K.transpose(1, 2).unsqueeze(2)
+        Y.diagonal(dim1=1, dim2=3).add_(kap * kap * torch.einsum("bla,bjlc->bacj", h.Kt, E_K))
+    H_Q = torch.einsum("nib,njaic->njabc", U3, Y)
+    H_Q.diagonal(dim1=2, dim2=3).add_((kap * R @ h.K).unsqueeze(-1))  # κ δ_ab (RK)_jc
 
-    def value_side(S: Tensor, F: Tensor) -> Tensor:
-        """``κ S_jc (K̃ᵀ F_j)_ab + κ Σ_i Q̃_ia S_ic F_{i,jb}``: ``∇_U s`` read through ``dR_i = J_i dv_i`` with
-        ``dv_il = S_ic Z_lb`` (``F_i = J_i Z``).
-        """
-        return (kap * torch.einsum("njc,njab->njabc", S, torch.einsum("nla,njlb->njab", h.Kt, F))
-                + torch.einsum("nia,nic,nijb->njabc", kQt, S, F))
+    # W_K: Y[j,a,b,i] = κ G̃_ia F^U_{i,jb} (+ κ² Q̃_ia E^U_{i,jb} + δ_ij κ² (K̃ᵀ E^U_j)_ab)
+    F_Ut = F_U.permute(0, 2, 3, 1).unsqueeze(2)  # (B, j, 1, b, i)
+    Y = kGtT[:, None, :, None, :] * F_Ut
+    if h.softmax:
+        E_U = _apply_C(h, R, U3)
+        Y = Y + kap * kQtT[:, None, :, None, :] * E_U.permute(0, 2, 3, 1).unsqueeze(2)
+        Y.diagonal(dim1=1, dim2=4).add_(kap * kap * torch.einsum("nla,njlb->nabj", h.Kt, E_U))
+    H_K = (Y.reshape(B, -1, L) @ h.Q).reshape(B, L, d, d, -1)  # (B, j, a, b, c)
+    H_K = torch.addcmul(H_K, (kap * R @ U3)[:, :, None, :, None], W_Q[None, None, :, None, :])  # κ (RU)_jb W_Q[a,c]
+    H_K.diagonal(dim1=2, dim2=3).add_((kap * R.transpose(-1, -2) @ h.Q).unsqueeze(-1))  # κ δ_ab (RᵀQ)_jc
 
-    # W_V (dv_il = U_lb (G W_Oᵀ)_ic) and the explicit Aᵀ G W_Oᵀ dW_Vᵀ
-    G_O = G if W_O is None else G @ W_O.T
-    AtG = h.A.transpose(-1, -2) @ G
-    AtG_O = AtG if W_O is None else AtG @ W_O.T
-    H_V = value_side(G_O, F_U) + torch.einsum("ab,njc->njabc", eye, AtG_O)
-    out = {"Q": H_Q, "K": H_K, "V": H_V}
+    def value_side(F: Tensor, W: Tensor | None, S: Tensor) -> Tensor:
+        """``Y[j,a,b,i] = κ Q̃_ia F_{i,jb} + δ_ij κ (K̃ᵀ F_j)_ab + a_ij W_ab`` (``W = I`` if ``None``), times ``S``."""
+        Y = kQtT[:, None, :, None, :] * F.permute(0, 2, 3, 1).unsqueeze(2)
+        Y.diagonal(dim1=1, dim2=4).add_(kap * torch.einsum("nla,njlb->nabj", h.Kt, F))
+        A_t = h.A.transpose(-1, -2)  # (B, j, i)
+        if W is None:
+            Y.diagonal(dim1=2, dim2=3).add_(A_t.unsqueeze(-1))
+        else:
+            Y = torch.addcmul(Y, A_t[:, :, None, None, :], W[None, None, :, :, None])
+        return (Y.reshape(B, -1, L) @ S).reshape(B, L, d, -1, S.shape[-1])
+
+    # W_V: dv_il = U_lb (G W_Oᵀ)_ic, and the explicit Aᵀ G W_Oᵀ dW_Vᵀ
+    out = {"Q": H_Q, "K": H_K, "V": value_side(F_U, None, G if W_O is None else G @ W_O.T)}
     if W_O is not None:  # dv_il = (U W_V)_lb G_ic, and the explicit Aᵀ G dW_Oᵀ W_Vᵀ
-        out["O"] = value_side(G, _apply_J(h, U3 @ W_V)) + torch.einsum("njc,ab->njabc", AtG, W_V)
+        out["O"] = value_side(_apply_J(h, U3 @ W_V), W_V, G)
     return {n: H.reshape(B, L * d, -1) for n, H in out.items()}
 
 

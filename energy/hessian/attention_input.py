@@ -14,7 +14,8 @@ Notation (one sequence; ``M = W_Q W_Kᵀ``, ``Ṽ = W_V W_O``, ``W_O = I`` witho
 ``v_ij = g_iᵀ p_j`` (``V = G̃ Uᵀ``), ``J_i = ∂a_i/∂t_i`` (``diag(a_i) − a_i a_iᵀ``; linear: ``diag(m_i)``),
 ``r_i = J_i v_i = ∂s/∂t_i`` and ``C_i = ∇²_{t_i}(a_iᵀ v_i) = diag(r_i) − a_i r_iᵀ − r_i a_iᵀ`` (linear: 0).
 The gradient is ``∇_U s = κ (R K̃ + Rᵀ Q̃) + Aᵀ G̃``; every formula below differentiates it once more, never with
-autograd. The functions are pure (no validation, no reads of tensor values): their inputs are those of
+autograd. The functions are pure (no validation, no reads of tensor values, in-place additions only into tensors
+they created, every operation with a ``vmap`` rule): their inputs are those of
 :meth:`~energy.hessian.attention_layer.AttentionLayer.check_inputs` (``U3`` ``(B, L, d)``, the resolved
 ``(B, L, L)`` mask or ``None``) and an upstream gradient ``G = ∂ℓ/∂F`` ``(B, L, d_out)``.
 
@@ -147,9 +148,13 @@ def head_input_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None, G
     Linear attention: ``J_i = diag(m_i)``, ``C_i = 0``, ``r_i = m_i ⊙ v_i``: the ``κ²`` terms and the rank-``L``
     part vanish, ``a`` becomes ``m`` in the pair and diagonal terms.
 
-    Cost per sequence: ``O(L² d² + L d (k + d_out))`` for linear attention; softmax adds the rank-``L`` part, one
-    GEMM ``(Ld × L)(L × Ld)`` of ``O(L³ d²)`` (a sum of ``L`` Kronecker products ``(a_i b_iᵀ) ⊗ (q̃_i c_iᵀ)``,
-    which no reordering brings below a ``(L² × L)(L × d²)`` product).
+    The pair terms are read through ``W_Q`` (``K̃_{j'a} = Σ_c (W_Q)_{ac} K_{j'c}``, ``M_{aa'} = Σ_c (W_Q)_{ac}
+    (W_K)_{a'c}``), so that ``X_pair`` and ``X_pairᵀ`` are two GEMMs with inner dimension ``k``, and the rank-``L``
+    part is one GEMM with inner dimension ``2L``: the ``(Ld)²`` result is written three times, never permuted.
+
+    Cost per sequence: ``O(L² d² k + L d (k + d_out))`` for linear attention; softmax adds the rank-``L`` part,
+    ``O(L³ d²)``: a sum of ``L`` Kronecker products ``(a_i b_iᵀ) ⊗ (q̃_i c_iᵀ)``, that is a ``(L² × L)(L × d²)``
+    product, which no reordering avoids for the dense result (linear attention has no such part).
 
     Args:
         layer: the head.
@@ -237,7 +242,8 @@ def head_input_param_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | N
     F_K, F_U = _apply_J(h, h.K), _apply_J(h, U3)  # J_i K, J_i U: (B, i, l, ·)
     kGtT, kQtT = (kap * Gt).transpose(-1, -2), (kap * h.Qt).transpose(-1, -2)  # (B, a, i)
     # Each block is one GEMM over the queries i that writes it once: H[j, a] = Uᵀ Y[j, a] (W_Q), Y[j, a] Q (W_K),
-    # Y[j, a] G_O (W_V), Y[j, a] G (W_O); the δ_ab and rank-one remainders are added in place.
+    # Y[j, a] G_O (W_V), Y[j, a] G (W_O); the δ_ab terms are added in place on the diagonal, the rank-one remainder
+    # of W_K by one addcmul.
 
     # W_Q: Y[j,a,i,c] = κ G̃_ia F^K_{i,jc} + κ r_ij W_K[a,c] (+ κ² Q̃_ia E^K_{i,jc} + δ_ij κ² (K̃ᵀ E^K_j)_ac)
     Y = (kGtT[:, None, :, :, None] * F_K.transpose(1, 2).unsqueeze(2)

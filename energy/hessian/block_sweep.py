@@ -1,0 +1,222 @@
+r"""The second-order chain rule through a Transformer block: forward Jacobian sweep, backward adjoints (MATH §5.3).
+
+Pure tensor algebra on the closed-form derivatives of the sublayers (see :mod:`energy.hessian.block` for the
+equations). The sweep runs over ``P`` columns, either the block's flat parameter vector (``mode="params"``: the
+contributions are summed over sequences) or the ``L d`` entries of one sequence's input (``mode="tokens"``: one
+``(L d) × (L d)`` Hessian per sequence).
+
+Layouts: a total Jacobian ``𝒯_v`` is ``(B, L, w, P)`` (token ``i`` of sequence ``b``, feature ``m``, column); the
+token-wise sublayers give per-token ``(B, L, w_out, w_in)`` Jacobians, the attention input Jacobian is dense per
+sequence, ``(B, L w_out, L w_in)``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, cast
+
+import torch
+from torch import Tensor
+
+from energy.hessian.attention_input import head_input_hessian, head_input_jacobian, head_input_param_hessian
+from energy.hessian.blocks import Part
+from energy.hessian.ffn_curvature import ffn_derivatives
+from energy.hessian.multihead import MultiHeadAttentionLayer, multihead_functional_hessian, multihead_jacobian
+from energy.hessian.norm_curvature import norm_derivatives
+from energy.hessian.tokenwise import TokenwiseDerivatives
+
+if TYPE_CHECKING:
+    from energy.hessian.block import TransformerBlock
+
+__all__ = ["Mode", "sweep"]
+
+Mode = Literal["params", "tokens"]
+
+#: The operations of each block topology: (kind, sublayer, input(s), output), in forward order.
+_OPS: dict[str, list[tuple[str, str, tuple[str, ...], str]]] = {
+    "pre": [("norm", "ln1", ("X",), "U1"), ("mha", "attention", ("U1",), "A"), ("add", "", ("X", "A"), "Z"),
+            ("norm", "ln2", ("Z",), "U2"), ("ffn", "ffn", ("U2",), "F"), ("add", "", ("Z", "F"), "Out")],
+    "post": [("mha", "attention", ("X",), "A"), ("add", "", ("X", "A"), "S1"), ("norm", "ln1", ("S1",), "Z"),
+             ("ffn", "ffn", ("Z",), "F"), ("add", "", ("Z", "F"), "S2"), ("norm", "ln2", ("S2",), "Out")],
+    "none": [("mha", "attention", ("X",), "A"), ("add", "", ("X", "A"), "Z"), ("ffn", "ffn", ("Z",), "F"),
+             ("add", "", ("Z", "F"), "Out")],
+}
+
+_PREFIX = {"attention": "attn", "ln1": "ln1", "ln2": "ln2", "ffn": "ffn"}
+
+
+class _Accumulator:
+    """The Hessian being summed: ``(P, P)`` (params, summed over sequences) or ``(B, P, P)`` (tokens)."""
+
+    def __init__(self, mode: Mode, B: int, P: int, like: Tensor) -> None:
+        self.mode = mode
+        shape = (P, P) if mode == "params" else (B, P, P)
+        self.H = torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+    def _flat(self, T: Tensor) -> Tensor:
+        """``(B·n, P)`` (params) or ``(B, n, P)`` (tokens) view of a ``(B, ..., P)`` Jacobian."""
+        P = T.shape[-1]
+        return T.reshape(-1, P) if self.mode == "params" else T.reshape(T.shape[0], -1, P)
+
+    def quad(self, T: Tensor, MT: Tensor) -> None:
+        """``H += Σ 𝒯ᵀ (M 𝒯)``, given ``𝒯`` and ``M𝒯`` in the same layout (one GEMM)."""
+        self.H += self._flat(T).transpose(-1, -2) @ self._flat(MT)
+
+    def cross(self, T: Tensor, M: Tensor, cols: slice) -> None:
+        """``H[:, cols] += Σ 𝒯ᵀ M`` and its transpose (params mode), ``M`` of layout ``(B, ..., n)``."""
+        C = self._flat(T).transpose(-1, -2) @ M.reshape(-1, M.shape[-1])
+        self.H[:, cols] += C
+        self.H[cols, :] += C.T
+
+    def block(self, rows: slice, cols: slice, value: Tensor) -> None:
+        """``H[rows, cols] += value`` (and the transposed block when it lies off the diagonal)."""
+        self.H[rows, cols] += value
+        if rows != cols:
+            self.H[cols, rows] += value.T
+
+
+def _attention_columns(layer: MultiHeadAttentionLayer, slices: dict[str, slice]) -> slice:
+    """The contiguous columns of the attention parameters in the block's flat vector."""
+    names = [name for name, _ in layer.param_blocks()]
+    return slice(slices["attn." + names[0]].start, slices["attn." + names[-1]].stop)
+
+
+def _attention_jacobian_input(layer: MultiHeadAttentionLayer, U: Tensor, mask: Tensor | None) -> Tensor:
+    """``∂ vec_r MHA(U) / ∂ vec_r U`` per sequence: the sum of the heads' input Jacobians."""
+    heads = layer.heads()
+    out = head_input_jacobian(heads[0], U, mask)
+    for head in heads[1:]:
+        out = out + head_input_jacobian(head, U, mask)
+    return out
+
+
+def _attention_input_hessian(layer: MultiHeadAttentionLayer, U: Tensor, mask: Tensor | None, G: Tensor) -> Tensor:
+    """``∇²_U ⟨G, MHA(U)⟩`` per sequence: the sum of the heads' input Hessians."""
+    heads = layer.heads()
+    out = head_input_hessian(heads[0], U, mask, G)
+    for head in heads[1:]:
+        out = out + head_input_hessian(head, U, mask, G)
+    return out
+
+
+def _attention_input_param_blocks(layer: MultiHeadAttentionLayer, U: Tensor, mask: Tensor | None, G: Tensor,
+                                  slices: dict[str, slice], p_att: int) -> Tensor:
+    """``∂²⟨G, MHA(U)⟩/∂U ∂θ_attn`` as ``(B, L d, p_attn)`` in the layer's parameter layout (GQA: tied K/V add)."""
+    B, L, d = U.shape
+    out = U.new_zeros(B, L * d, p_att)
+    group = layer.W_Q.shape[0] // layer.W_K.shape[0]
+    for h, head in enumerate(layer.heads()):
+        blocks = head_input_param_hessian(head, U, mask, G)
+        names = {"Q": f"h{h}.Q", "K": f"kv{h // group}.K", "V": f"kv{h // group}.V", "O": f"h{h}.O"}
+        for key, value in blocks.items():
+            out[:, :, slices[names[key]]] += value
+    return out
+
+
+def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | None, c_eff: float, mode: Mode,
+          part: Part) -> Tensor:
+    r"""``∇²ℓ`` (its ``part``) w.r.t. the parameters (``(p, p)``) or each sequence's tokens (``(B, L d, L d)``).
+
+    ``block`` is a :class:`~energy.hessian.block.TransformerBlock`, ``X3`` ``(B, L, d)``, ``target`` as checked by
+    its ``check_inputs``, ``mask`` the resolved attention mask. Equations: :mod:`energy.hessian.block`.
+    """
+    B, L, d = X3.shape
+    use_o, use_f = part in ("H", "H_o"), part in ("H", "H_f")
+    slices = {name: sl for name, sl in block.slices().items()}
+    P = block.num_params if mode == "params" else L * d
+    # ---- forward: values, local derivatives, total Jacobians -------------------------------------------------
+    vals: dict[str, Tensor] = {"X": X3}
+    if mode == "params":
+        T: dict[str, Tensor] = {"X": X3.new_zeros(B, L, d, P)}
+    else:
+        T = {"X": torch.eye(P, dtype=X3.dtype, device=X3.device).reshape(L, d, P).expand(B, L, d, P)}
+    local: dict[str, Tensor | TokenwiseDerivatives] = {}
+    ops = _OPS[block.norm]
+    for kind, sub, inputs, out in ops:
+        if kind == "add":
+            vals[out] = vals[inputs[0]] + vals[inputs[1]]
+            T[out] = T[inputs[0]] + T[inputs[1]]
+            continue
+        u = vals[inputs[0]]
+        if kind == "mha":
+            layer = block.attention
+            vals[out] = layer.output(u, mask)
+            J_U = _attention_jacobian_input(layer, u, mask)
+            Tout = (J_U @ T[inputs[0]].reshape(B, L * d, P)).reshape(B, L, d, P)
+            if mode == "params":
+                Tout[..., _attention_columns(layer, slices)] += multihead_jacobian(layer, u, mask).reshape(B, L, d, -1)
+            local[out] = J_U
+        else:
+            der = norm_derivatives(getattr(block, sub), u) if kind == "norm" else ffn_derivatives(block.ffn, u)
+            vals[out] = der.output
+            Tout = der.J_x @ T[inputs[0]]
+            if mode == "params":
+                for name, J in der.J_params.items():
+                    Tout[..., slices[f"{_PREFIX[sub]}.{name}"]] += J
+            local[out] = der
+        T[out] = Tout
+    out_val, T_out = vals["Out"], T["Out"]
+    if block.W_U is not None:
+        z = out_val @ block.W_U
+        T_z = block.W_U.T @ T_out
+        if mode == "params":
+            V = block.W_U.shape[1]
+            T_z = T_z.clone()
+            eye_v = torch.eye(V, dtype=X3.dtype, device=X3.device)
+            T_z[..., slices["W_U"]] += torch.einsum("bla,vw->blvaw", out_val, eye_v).reshape(B, L, V, d * V)
+    else:
+        z, T_z = out_val, T_out
+    acc = _Accumulator(mode, B, P, X3)
+    # ---- the outer-product part: 𝒯_zᵀ ∇²ℓ_out 𝒯_z -------------------------------------------------------------
+    if block.loss == "mse":
+        g_z = 2.0 * c_eff * (z - target)
+        if use_o:
+            acc.quad(T_z, (2.0 * c_eff) * T_z)
+    else:
+        prob = torch.softmax(z, dim=-1)
+        g_z = c_eff * (prob - torch.nn.functional.one_hot(target, z.shape[-1]).to(z.dtype))
+        if use_o:  # ∇²_z = c (diag p − p pᵀ) per token
+            MT = c_eff * (prob.unsqueeze(-1) * T_z - prob.unsqueeze(-1) * (prob.unsqueeze(-2) @ T_z))
+            acc.quad(T_z, MT)
+    # ---- backward: adjoints and the functional part ---------------------------------------------------------------
+    g: dict[str, Tensor] = {"Out": g_z if block.W_U is None else g_z @ block.W_U.T}
+    if block.W_U is not None and use_f and mode == "params":  # ∂²⟨g_z, Out W_U⟩/∂Out ∂W_U = I ⊗ g_z
+        C = torch.einsum("blap,blv->pav", T_out, g_z).reshape(P, -1)
+        acc.H[:, slices["W_U"]] += C
+        acc.H[slices["W_U"], :] += C.T
+    for kind, sub, inputs, out in reversed(ops):
+        g_out = g[out]
+        if kind == "add":
+            for name in inputs:
+                g[name] = g[name] + g_out if name in g else g_out
+            continue
+        u_name = inputs[0]
+        u, T_u = vals[u_name], T[u_name]
+        if kind == "mha":
+            layer = block.attention
+            J_U = cast(Tensor, local[out])
+            g_u = (g_out.reshape(B, 1, L * d) @ J_U).reshape(B, L, d)
+            if use_f:
+                UU = _attention_input_hessian(layer, u, mask, g_out)
+                acc.quad(T_u, (UU @ T_u.reshape(B, L * d, P)).reshape(B, L, d, P))
+                if mode == "params":
+                    cols = _attention_columns(layer, slices)
+                    local_slices = {name: slice(slices["attn." + name].start - cols.start,
+                                                slices["attn." + name].stop - cols.start)
+                                    for name, _ in layer.param_blocks()}
+                    UT = _attention_input_param_blocks(layer, u, mask, g_out, local_slices, cols.stop - cols.start)
+                    acc.cross(T_u, UT, cols)
+                    acc.block(cols, cols, multihead_functional_hessian(layer, u, g_out, mask))
+        else:
+            der = cast(TokenwiseDerivatives, local[out])
+            g_u = torch.einsum("bloi,blo->bli", der.J_x, g_out)
+            if use_f:
+                s = der.second(g_out)
+                acc.quad(T_u, s.xx @ T_u)
+                if mode == "params":
+                    prefix = _PREFIX[sub]
+                    for name, M in s.x_params.items():
+                        acc.cross(T_u, M, slices[f"{prefix}.{name}"])
+                    for (a, b), value in s.params.items():
+                        acc.block(slices[f"{prefix}.{a}"], slices[f"{prefix}.{b}"], value)
+        g[u_name] = g[u_name] + g_u if u_name in g else g_u
+    return acc.H

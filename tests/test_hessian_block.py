@@ -117,3 +117,14 @@ def test_bad_targets_are_named() -> None:
         block_hessian(block, X, torch.zeros(2, 5, dtype=DT))
     with pytest.raises(EnergyInputError, match="`part`"):
         block_hessian(block, X, torch.zeros(2, 5, dtype=torch.long), part="G")  # type: ignore[arg-type]
+
+
+def test_chunked_symmetric_products_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The column-chunked symmetric products (used for wide Jacobians) give the same Hessian."""
+    import energy.hessian.block_sweep as sweep_module
+
+    block, X, target = _problem(11, n_heads=3, loss="ce")
+    H = autograd_block_hessian(block, X, target)
+    monkeypatch.setattr(sweep_module, "_CHUNK", 7)
+    assert _rel(block_hessian(block, X, target).matrix, H) <= TOL
+    assert _rel(block_token_hessian(block, X, target), autograd_block_token_hessian(block, X, target)) <= TOL

@@ -5,6 +5,13 @@
   masks, ``W_O``; autograd twins ``autograd_attention_hessian`` / ``autograd_attention_ggn``.
 * :mod:`~energy.hessian.structure` – exact Frobenius norms, traces and diagonals of those blocks from their
   Kronecker-sum structure, without materialising them.
+* :mod:`~energy.hessian.multihead` / :mod:`~energy.hessian.multihead_structure` – multi-head attention (grouped-query
+  included): per-head and cross-head blocks, exact norms, traces, diagonals (MATH §5.1).
+* :mod:`~energy.hessian.norm_curvature`, :mod:`~energy.hessian.ffn_curvature` – LayerNorm, RMSNorm and the FFN:
+  Jacobians and second derivatives, token-wise (MATH §5.2); :mod:`~energy.hessian.attention_input` – the input-side
+  derivatives of an attention head (MATH §5.3a).
+* :mod:`~energy.hessian.block` – the exact Hessian of a whole Transformer block (Pre-LN, Post-LN), parameters and
+  tokens (MATH §5.3); :mod:`~energy.hessian.head_norms` – exact per-head block norms at GPT-2 scale (MATH §5.4).
 * :mod:`~energy.hessian.energy_layer` – the energy-derived layer's loss Hessian with respect to ``M`` (MATH §4.2).
 * :mod:`~energy.hessian.energy_curvature` – token-space Hessians of the energies and safe step sizes (MATH §4.1).
 * :mod:`~energy.hessian.operators` – matrix-free Hessian / GGN / ``H − GGN`` / Jacobian operators for any
@@ -34,6 +41,25 @@ from energy.hessian.attention import (
     loss_constant,
     qk_hessian_blocks,
 )
+from energy.hessian.attention_input import (
+    autograd_head_input_hessian,
+    autograd_head_input_jacobian,
+    autograd_head_input_param_hessian,
+    head_input_hessian,
+    head_input_jacobian,
+    head_input_param_hessian,
+)
+from energy.hessian.block import (
+    BlockHessian,
+    TransformerBlock,
+    autograd_block_ggn,
+    autograd_block_hessian,
+    autograd_block_token_hessian,
+    block_hessian,
+    block_loss,
+    block_token_hessian,
+    random_block,
+)
 from energy.hessian.energy_curvature import (
     attention_energy_hessian,
     autograd_energy_hessian,
@@ -49,7 +75,24 @@ from energy.hessian.energy_layer import (
     energy_layer_output,
 )
 from energy.hessian.estimators import *  # noqa: F403 - Hutchinson, Hutch++ and draw_probes
+from energy.hessian.ffn_curvature import FFNLayer, autograd_ffn_ggn, autograd_ffn_hessian, ffn_derivatives, ffn_hessian
 from energy.hessian.krylov import *  # noqa: F403 - Lanczos and SLQ
+from energy.hessian.moments import gradient_moments
+from energy.hessian.multihead import (
+    MultiHeadAttentionLayer,
+    multihead_functional_hessian,
+    multihead_hessian,
+    multihead_hessian_block,
+    multihead_jacobian,
+)
+from energy.hessian.multihead_structure import multihead_block_diagonals, multihead_block_norms, multihead_block_traces
+from energy.hessian.norm_curvature import (
+    NormLayer,
+    autograd_norm_ggn,
+    autograd_norm_hessian,
+    norm_derivatives,
+    norm_hessian,
+)
 from energy.hessian.operators import (
     FunctionalOperator,
     GGNOperator,
@@ -60,6 +103,7 @@ from energy.hessian.operators import (
 )
 from energy.hessian.structure import block_diagonals, block_norms, block_traces, hessian_frobenius_norms
 from energy.hessian.sweep import THEORY_EXPONENTS, SweepResult, fit_loglog_slope, fit_window, sigma_sweep
+from energy.hessian.twins import autograd_multihead_ggn, autograd_multihead_hessian
 
 __all__ = [
     "DenseSizeError",
@@ -84,6 +128,43 @@ __all__ = [
     "block_traces",
     "block_diagonals",
     "hessian_frobenius_norms",
+    "gradient_moments",
+    # MATH §5: multi-head attention, token-wise sublayers, whole blocks
+    "MultiHeadAttentionLayer",
+    "multihead_jacobian",
+    "multihead_functional_hessian",
+    "multihead_hessian",
+    "multihead_hessian_block",
+    "multihead_block_norms",
+    "multihead_block_traces",
+    "multihead_block_diagonals",
+    "autograd_multihead_hessian",
+    "autograd_multihead_ggn",
+    "NormLayer",
+    "norm_derivatives",
+    "norm_hessian",
+    "autograd_norm_hessian",
+    "autograd_norm_ggn",
+    "FFNLayer",
+    "ffn_derivatives",
+    "ffn_hessian",
+    "autograd_ffn_hessian",
+    "autograd_ffn_ggn",
+    "head_input_jacobian",
+    "head_input_hessian",
+    "head_input_param_hessian",
+    "autograd_head_input_jacobian",
+    "autograd_head_input_hessian",
+    "autograd_head_input_param_hessian",
+    "TransformerBlock",
+    "BlockHessian",
+    "block_hessian",
+    "block_token_hessian",
+    "block_loss",
+    "autograd_block_hessian",
+    "autograd_block_ggn",
+    "autograd_block_token_hessian",
+    "random_block",
     # MATH §4
     "energy_layer_output",
     "energy_layer_loss",

@@ -12,6 +12,7 @@ sequence, ``(B, L w_out, L w_in)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast
 
 import torch
@@ -44,6 +45,62 @@ _OPS: dict[str, list[tuple[str, str, tuple[str, ...], str]]] = {
 _PREFIX = {"attention": "attn", "ln1": "ln1", "ln2": "ln2", "ffn": "ffn"}
 
 
+@dataclass(frozen=True)
+class _Jac:
+    """A total Jacobian that is zero outside the columns ``lo : lo + n``: ``T`` ``(B, L, w, n)``."""
+
+    T: Tensor
+    lo: int
+
+    @property
+    def hi(self) -> int:
+        return self.lo + self.T.shape[-1]
+
+    def widen(self, lo: int, hi: int) -> _Jac:
+        """The same Jacobian over the columns ``min(lo, self.lo) : max(hi, self.hi)`` (zeros padded)."""
+        lo, hi = min(lo, self.lo), max(hi, self.hi)
+        if (lo, hi) == (self.lo, self.hi):
+            return self
+        T = self.T.new_zeros(*self.T.shape[:-1], hi - lo)
+        T[..., self.lo - lo:self.hi - lo] = self.T
+        return _Jac(T, lo)
+
+
+def _apply(J: Tensor, jac: _Jac | None, dense: bool) -> _Jac | None:
+    """``J 𝒯``: token-wise ``J`` ``(B, L, w_out, w_in)`` or, ``dense``, per sequence ``(B, L w_out, L w_in)``."""
+    if jac is None:
+        return None
+    if not dense:
+        return _Jac(J @ jac.T, jac.lo)
+    B, L, w, n = jac.T.shape
+    return _Jac((J @ jac.T.reshape(B, L * w, n)).reshape(B, L, -1, n), jac.lo)
+
+
+def _add(a: _Jac | None, b: _Jac | None) -> _Jac | None:
+    """``𝒯_a + 𝒯_b`` over the union of their columns."""
+    if a is None or b is None:
+        return b if a is None else a
+    a, b = a.widen(b.lo, b.hi), b.widen(a.lo, a.hi)
+    return _Jac(a.T + b.T, a.lo)
+
+
+def _inject(jac: _Jac | None, cols: slice, J: Tensor) -> _Jac:
+    """``𝒯 + J E``: the local parameter Jacobian ``J`` ``(B, L, w, n)`` added into the columns ``cols``.
+
+    Writes in place into ``jac.T``, which must be the Jacobian just made for this output (by :func:`_apply`,
+    :func:`_inject` or a matrix product), never one shared with another intermediate.
+    """
+    if jac is None:
+        return _Jac(J.clone(), cols.start)
+    jac = jac.widen(cols.start, cols.stop)
+    jac.T[..., cols.start - jac.lo:cols.stop - jac.lo] += J
+    return jac
+
+
+#: Column chunk of the symmetric products (:meth:`_Accumulator.quad`): wide enough for efficient GEMMs.
+_CHUNK = 1024
+
+
 class _Accumulator:
     """The Hessian being summed: ``(P, P)`` (params, summed over sequences) or ``(B, P, P)`` (tokens)."""
 
@@ -57,15 +114,37 @@ class _Accumulator:
         P = T.shape[-1]
         return T.reshape(-1, P) if self.mode == "params" else T.reshape(T.shape[0], -1, P)
 
-    def quad(self, T: Tensor, MT: Tensor) -> None:
-        """``H += Σ 𝒯ᵀ (M 𝒯)``, given ``𝒯`` and ``M𝒯`` in the same layout (one GEMM)."""
-        self.H += self._flat(T).transpose(-1, -2) @ self._flat(MT)
+    def quad(self, jac: _Jac | None, MT: Tensor) -> None:
+        """``H += Σ 𝒯ᵀ (M 𝒯)`` on the columns of ``𝒯``, given ``M𝒯`` in the layout of ``𝒯`` (``M`` symmetric).
 
-    def cross(self, T: Tensor, M: Tensor, cols: slice) -> None:
-        """``H[:, cols] += Σ 𝒯ᵀ M`` and its transpose (params mode), ``M`` of layout ``(B, ..., n)``."""
-        C = self._flat(T).transpose(-1, -2) @ M.reshape(-1, M.shape[-1])
-        self.H[:, cols] += C
-        self.H[cols, :] += C.T
+        The result is symmetric, so only the column-chunk pairs ``i ≤ j`` are multiplied (GEMMs of at least
+        ``_CHUNK`` columns) and mirrored: about half the flops of one full GEMM when ``𝒯`` is wide.
+        """
+        if jac is None:
+            return
+        T, MT = self._flat(jac.T), self._flat(MT)
+        n = T.shape[-1]
+        k = max(1, min(8, n // _CHUNK))
+        edges = [jac.lo + (n * i) // k for i in range(k + 1)]
+        for i in range(k):
+            rows = slice(edges[i], edges[i + 1])
+            Ti = T[..., rows.start - jac.lo:rows.stop - jac.lo].transpose(-1, -2)
+            for j in range(i, k):
+                cols = slice(edges[j], edges[j + 1])
+                Hij = Ti @ MT[..., cols.start - jac.lo:cols.stop - jac.lo]
+                self.H[..., rows, cols] += Hij
+                if j > i:
+                    self.H[..., cols, rows] += Hij.transpose(-1, -2)
+
+    def cross(self, jac: _Jac | None, M: Tensor, cols: slice) -> None:
+        """``H[𝒯's columns, cols] += Σ 𝒯ᵀ M`` and its transpose (params mode), ``M`` of layout ``(B, ..., n)``."""
+        if jac is not None:
+            self.add_cross(jac, self._flat(jac.T).transpose(-1, -2) @ M.reshape(-1, M.shape[-1]), cols)
+
+    def add_cross(self, jac: _Jac, C: Tensor, cols: slice) -> None:
+        """``H[𝒯's columns, cols] += C`` and its transpose."""
+        self.H[jac.lo:jac.hi, cols] += C
+        self.H[cols, jac.lo:jac.hi] += C.T
 
     def block(self, rows: slice, cols: slice, value: Tensor) -> None:
         """``H[rows, cols] += value`` (and the transposed block when it lies off the diagonal)."""
@@ -125,44 +204,43 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
     P = block.num_params if mode == "params" else L * d
     # ---- forward: values, local derivatives, total Jacobians -------------------------------------------------
     vals: dict[str, Tensor] = {"X": X3}
-    if mode == "params":
-        T: dict[str, Tensor] = {"X": X3.new_zeros(B, L, d, P)}
-    else:
-        T = {"X": torch.eye(P, dtype=X3.dtype, device=X3.device).reshape(L, d, P).expand(B, L, d, P)}
+    T: dict[str, _Jac | None] = {"X": None}  # params: the input does not depend on θ
+    if mode == "tokens":
+        T["X"] = _Jac(torch.eye(P, dtype=X3.dtype, device=X3.device).reshape(L, d, P).expand(B, L, d, P), 0)
     local: dict[str, Tensor | TokenwiseDerivatives] = {}
     ops = _OPS[block.norm]
     for kind, sub, inputs, out in ops:
         if kind == "add":
             vals[out] = vals[inputs[0]] + vals[inputs[1]]
-            T[out] = T[inputs[0]] + T[inputs[1]]
+            T[out] = _add(T[inputs[0]], T[inputs[1]])
             continue
         u = vals[inputs[0]]
         if kind == "mha":
             layer = block.attention
             vals[out] = layer.output(u, mask)
             J_U = _attention_jacobian_input(layer, u, mask)
-            Tout = (J_U @ T[inputs[0]].reshape(B, L * d, P)).reshape(B, L, d, P)
+            T[out] = _apply(J_U, T[inputs[0]], dense=True)
             if mode == "params":
-                Tout[..., _attention_columns(layer, slices)] += multihead_jacobian(layer, u, mask).reshape(B, L, d, -1)
+                T[out] = _inject(T[out], _attention_columns(layer, slices),
+                                 multihead_jacobian(layer, u, mask).reshape(B, L, d, -1))
             local[out] = J_U
         else:
             der = norm_derivatives(getattr(block, sub), u) if kind == "norm" else ffn_derivatives(block.ffn, u)
             vals[out] = der.output
-            Tout = der.J_x @ T[inputs[0]]
+            T[out] = _apply(der.J_x, T[inputs[0]], dense=False)
             if mode == "params":
                 for name, J in der.J_params.items():
-                    Tout[..., slices[f"{_PREFIX[sub]}.{name}"]] += J
+                    T[out] = _inject(T[out], slices[f"{_PREFIX[sub]}.{name}"], J)
             local[out] = der
-        T[out] = Tout
     out_val, T_out = vals["Out"], T["Out"]
+    assert T_out is not None  # every block has parameters upstream of its output (tokens: the identity)
     if block.W_U is not None:
         z = out_val @ block.W_U
-        T_z = block.W_U.T @ T_out
+        T_z: _Jac = _Jac(block.W_U.T @ T_out.T, T_out.lo)
         if mode == "params":
             V = block.W_U.shape[1]
-            T_z = T_z.clone()
             eye_v = torch.eye(V, dtype=X3.dtype, device=X3.device)
-            T_z[..., slices["W_U"]] += torch.einsum("bla,vw->blvaw", out_val, eye_v).reshape(B, L, V, d * V)
+            T_z = _inject(T_z, slices["W_U"], torch.einsum("bla,vw->blvaw", out_val, eye_v).reshape(B, L, V, d * V))
     else:
         z, T_z = out_val, T_out
     acc = _Accumulator(mode, B, P, X3)
@@ -170,19 +248,18 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
     if block.loss == "mse":
         g_z = 2.0 * c_eff * (z - target)
         if use_o:
-            acc.quad(T_z, (2.0 * c_eff) * T_z)
+            acc.quad(T_z, (2.0 * c_eff) * T_z.T)
     else:
         prob = torch.softmax(z, dim=-1)
         g_z = c_eff * (prob - torch.nn.functional.one_hot(target, z.shape[-1]).to(z.dtype))
         if use_o:  # ∇²_z = c (diag p − p pᵀ) per token
-            MT = c_eff * (prob.unsqueeze(-1) * T_z - prob.unsqueeze(-1) * (prob.unsqueeze(-2) @ T_z))
+            MT = c_eff * (prob.unsqueeze(-1) * T_z.T - prob.unsqueeze(-1) * (prob.unsqueeze(-2) @ T_z.T))
             acc.quad(T_z, MT)
     # ---- backward: adjoints and the functional part ---------------------------------------------------------------
     g: dict[str, Tensor] = {"Out": g_z if block.W_U is None else g_z @ block.W_U.T}
     if block.W_U is not None and use_f and mode == "params":  # ∂²⟨g_z, Out W_U⟩/∂Out ∂W_U = I ⊗ g_z
-        C = torch.einsum("blap,blv->pav", T_out, g_z).reshape(P, -1)
-        acc.H[:, slices["W_U"]] += C
-        acc.H[slices["W_U"], :] += C.T
+        acc.add_cross(T_out, torch.einsum("blap,blv->pav", T_out.T, g_z).reshape(T_out.T.shape[-1], -1),
+                      slices["W_U"])
     for kind, sub, inputs, out in reversed(ops):
         g_out = g[out]
         if kind == "add":
@@ -197,7 +274,8 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
             g_u = (g_out.reshape(B, 1, L * d) @ J_U).reshape(B, L, d)
             if use_f:
                 UU = _attention_input_hessian(layer, u, mask, g_out)
-                acc.quad(T_u, (UU @ T_u.reshape(B, L * d, P)).reshape(B, L, d, P))
+                if T_u is not None:
+                    acc.quad(T_u, (UU @ T_u.T.reshape(B, L * d, -1)).reshape(T_u.T.shape))
                 if mode == "params":
                     cols = _attention_columns(layer, slices)
                     local_slices = {name: slice(slices["attn." + name].start - cols.start,
@@ -211,7 +289,8 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
             g_u = torch.einsum("bloi,blo->bli", der.J_x, g_out)
             if use_f:
                 s = der.second(g_out)
-                acc.quad(T_u, s.xx @ T_u)
+                if T_u is not None:
+                    acc.quad(T_u, s.xx @ T_u.T)
                 if mode == "params":
                     prefix = _PREFIX[sub]
                     for name, M in s.x_params.items():

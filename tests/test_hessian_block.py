@@ -12,6 +12,7 @@ from energy.hessian.block import (
     autograd_block_hessian,
     autograd_block_token_hessian,
     block_hessian,
+    block_hessian_parts,
     block_loss,
     block_token_hessian,
     random_block,
@@ -128,3 +129,10 @@ def test_chunked_symmetric_products_match(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(sweep_module, "_CHUNK", 7)
     assert _rel(block_hessian(block, X, target).matrix, H) <= TOL
     assert _rel(block_token_hessian(block, X, target), autograd_block_token_hessian(block, X, target)) <= TOL
+
+
+def test_parts_from_one_sweep() -> None:
+    block, X, target = _problem(13, norm="post", loss="ce")
+    parts = block_hessian_parts(block, X, target)
+    for part in ("H", "H_o", "H_f"):
+        assert _rel(parts[part].matrix, block_hessian(block, X, target, part=part).matrix) <= 1e-13  # type: ignore[arg-type]

@@ -33,8 +33,8 @@ The pieces, each a closed form with its own autograd twin and tests:
   :func:`~energy.hessian.multihead.multihead_functional_hessian` (the single-head blocks of MATH §3, per head; the
   cross-head blocks are pure outer product, MATH §5.1);
 * attention input: :mod:`energy.hessian.attention_input` (MATH §5.3a);
-* LayerNorm, RMSNorm, FFN: :mod:`energy.hessian.norm_curvature` and :mod:`energy.hessian.ffn_curvature` (MATH §5.2), token-wise, so their Jacobians are ``L``
-  blocks of ``d × d``;
+* LayerNorm, RMSNorm, FFN: :mod:`energy.hessian.norm_curvature` and :mod:`energy.hessian.ffn_curvature` (MATH
+  §5.2), token-wise, so their Jacobians are ``L`` blocks of ``d × d``;
 * unembedding (bilinear in ``Out`` and ``W_U``) and the output loss: here.
 
 Cost: with ``P`` columns (``P = p`` parameters, or ``L d`` tokens) the sweep holds one ``(B L d) × P`` Jacobian per
@@ -68,6 +68,7 @@ __all__ = [
     "TransformerBlock",
     "BlockHessian",
     "block_hessian",
+    "block_hessian_parts",
     "block_token_hessian",
     "block_loss",
     "autograd_block_hessian",
@@ -431,6 +432,22 @@ def block_hessian(block: TransformerBlock, X: Tensor, target: Tensor, *, part: P
     from energy.hessian.block_sweep import sweep
 
     return BlockHessian(sweep(block, X3, T, mask, c, "params", part), block.param_blocks())
+
+
+def block_hessian_parts(block: TransformerBlock, X: Tensor, target: Tensor, *,
+                        max_gib: float | None = None) -> dict[str, BlockHessian]:
+    """``{"H", "H_o", "H_f"}`` of :func:`block_hessian` from one sweep (``H = H_o + H_f``; three ``(p, p)``
+    matrices, checked against ``max_gib`` together).
+    """
+    block, X3, T, mask, c = _checked(block, X, target, "block_hessian_parts")
+    warn_if_not_float64(X3.dtype, "block_hessian_parts")
+    p = block.num_params
+    check_dense_budget(3 * p, p, X3.dtype, max_gib, "block_hessian_parts")
+    from energy.hessian.block_sweep import sweep
+
+    H_o, H_f = sweep(block, X3, T, mask, c, "params", "parts")
+    index = block.param_blocks()
+    return {"H": BlockHessian(H_o + H_f, index), "H_o": BlockHessian(H_o, index), "H_f": BlockHessian(H_f, index)}
 
 
 def block_token_hessian(block: TransformerBlock, X: Tensor, target: Tensor, *, part: Part = "H") -> Tensor:

@@ -192,14 +192,16 @@ def _attention_input_param_blocks(layer: MultiHeadAttentionLayer, U: Tensor, mas
 
 
 def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | None, c_eff: float, mode: Mode,
-          part: Part) -> Tensor:
+          part: Part | Literal["parts"]) -> Tensor:
     r"""``∇²ℓ`` (its ``part``) w.r.t. the parameters (``(p, p)``) or each sequence's tokens (``(B, L d, L d)``).
+
+    ``part="parts"`` returns ``H_o`` and ``H_f`` of one sweep stacked along a new first dimension.
 
     ``block`` is a :class:`~energy.hessian.block.TransformerBlock`, ``X3`` ``(B, L, d)``, ``target`` as checked by
     its ``check_inputs``, ``mask`` the resolved attention mask. Equations: :mod:`energy.hessian.block`.
     """
     B, L, d = X3.shape
-    use_o, use_f = part in ("H", "H_o"), part in ("H", "H_f")
+    use_o, use_f = part in ("H", "H_o", "parts"), part in ("H", "H_f", "parts")
     slices = {name: sl for name, sl in block.slices().items()}
     P = block.num_params if mode == "params" else L * d
     # ---- forward: values, local derivatives, total Jacobians -------------------------------------------------
@@ -243,18 +245,20 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
             T_z = _inject(T_z, slices["W_U"], torch.einsum("bla,vw->blvaw", out_val, eye_v).reshape(B, L, V, d * V))
     else:
         z, T_z = out_val, T_out
-    acc = _Accumulator(mode, B, P, X3)
+    acc = acc_o = _Accumulator(mode, B, P, X3)  # H_o goes to acc_o, H_f to acc (the same unless part="parts")
+    if part == "parts":
+        acc = _Accumulator(mode, B, P, X3)
     # ---- the outer-product part: 𝒯_zᵀ ∇²ℓ_out 𝒯_z -------------------------------------------------------------
     if block.loss == "mse":
         g_z = 2.0 * c_eff * (z - target)
         if use_o:
-            acc.quad(T_z, (2.0 * c_eff) * T_z.T)
+            acc_o.quad(T_z, (2.0 * c_eff) * T_z.T)
     else:
         prob = torch.softmax(z, dim=-1)
         g_z = c_eff * (prob - torch.nn.functional.one_hot(target, z.shape[-1]).to(z.dtype))
         if use_o:  # ∇²_z = c (diag p − p pᵀ) per token
             MT = c_eff * (prob.unsqueeze(-1) * T_z.T - prob.unsqueeze(-1) * (prob.unsqueeze(-2) @ T_z.T))
-            acc.quad(T_z, MT)
+            acc_o.quad(T_z, MT)
     # ---- backward: adjoints and the functional part ---------------------------------------------------------------
     g: dict[str, Tensor] = {"Out": g_z if block.W_U is None else g_z @ block.W_U.T}
     if block.W_U is not None and use_f and mode == "params":  # ∂²⟨g_z, Out W_U⟩/∂Out ∂W_U = I ⊗ g_z
@@ -298,4 +302,4 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
                     for (a, b), value in s.params.items():
                         acc.block(slices[f"{prefix}.{a}"], slices[f"{prefix}.{b}"], value)
         g[u_name] = g[u_name] + g_u if u_name in g else g_u
-    return acc.H
+    return torch.stack([acc_o.H, acc.H]) if part == "parts" else acc.H

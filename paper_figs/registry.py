@@ -69,6 +69,7 @@ FIGURE_MODULES: tuple[str, ...] = (
     "paper_figs.ormaniec2024",
     "paper_figs.bridge",
     "paper_figs.bridge_curvature",
+    "paper_figs.block_curvature",
 )
 
 T = TypeVar("T")

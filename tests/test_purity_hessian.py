@@ -349,3 +349,52 @@ def test_autograd_twins_accept_the_layer_and_agree_with_the_closed_form():
     torch.testing.assert_close(autograd_attention_ggn(layer, X, Y), legacy, rtol=0, atol=0)
     torch.testing.assert_close(attention_hessian(attention_moments(layer, X, Y), "H_o"), legacy, rtol=1e-10,
                                atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MATH §5: multi-head attention, token-wise sublayers and whole blocks under transforms
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("mode", ["params", "tokens"])
+def test_block_hessian_sweep_under_transforms(norm, mode):
+    """The whole-block closed form (the pure sweep of energy.hessian.block_sweep) as a function of the inputs."""
+    from energy.hessian.block import random_block
+    from energy.hessian.block_sweep import sweep
+
+    g = torch.Generator().manual_seed(3)
+    block = random_block(3, 2, 2, 4, norm=norm, vocab=3, loss="ce", generator=g)
+    X = torch.randn(2, 3, 3, generator=g, dtype=DT)
+    labels = torch.randint(0, 3, (2, 3), generator=g)
+    X3, T, mask = block.check_inputs(X, labels)
+    c = block.loss_constant(X3)
+    # tol: the closed form has third derivatives ~1e2, so the O(h²) finite-difference reference is good to ~1e-5
+    check_transforms(lambda Z: sweep(block, Z, T, mask, c, mode, "H"), X3, ("vmap", "jvp", "linearize", "vjp"),
+                     tol=1e-4)
+
+
+def test_multihead_closed_forms_under_transforms():
+    """multihead_hessian's pure pieces as functions of the inputs."""
+    from energy.hessian.multihead import MultiHeadAttentionLayer, multihead_functional_hessian, multihead_jacobian
+
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=DT) / 2  # noqa: E731
+    layer = MultiHeadAttentionLayer(r(2, 3, 2), r(2, 3, 2), r(2, 3, 2), r(2, 2, 3), causal=True)
+    X, G = r(2, 3, 3), r(2, 3, 3)
+    mask = torch.ones(3, 3, dtype=torch.bool).tril().expand(2, 3, 3)
+    check_transforms(lambda Z: multihead_jacobian(layer, Z, mask), X, ("vmap", "jvp", "vjp"))
+    check_transforms(lambda Z: multihead_functional_hessian(layer, Z, G, mask), X, ("vmap", "jvp", "vjp"))
+
+
+def test_attention_input_closed_forms_under_transforms():
+    """The input-side head derivatives (MATH §5.3a), linearize included (in-place diagonal writes once broke it)."""
+    from energy.hessian.attention_input import head_input_hessian, head_input_jacobian, head_input_param_hessian
+
+    layer, X, _ = _layer_case(5, W_O=True, causal=True)
+    mask = torch.ones(3, 3, dtype=torch.bool).tril().expand(2, 3, 3)
+    G = torch.randn(2, 3, 2, generator=torch.Generator().manual_seed(6), dtype=DT)
+    check_transforms(lambda Z: head_input_jacobian(layer, Z, mask), X, ("vmap", "jvp", "linearize", "vjp"))
+    check_transforms(lambda Z: head_input_hessian(layer, Z, mask, G), X, ("vmap", "jvp", "linearize", "vjp"))
+    check_transforms(lambda Z: torch.cat([t.reshape(-1) for t in head_input_param_hessian(layer, Z, mask, G).values()]),
+                     X, ("vmap", "jvp", "linearize", "vjp"))

@@ -95,6 +95,15 @@ def _score_gradient(h: _Head, Gt: Tensor, U3: Tensor) -> Tensor:
     return R
 
 
+def _plus_diagonal(T: Tensor, M: Tensor, dim1: int, dim2: int) -> Tensor:
+    """``T`` plus ``M`` on the diagonal of its dimensions ``dim1, dim2`` (``M`` broadcast to
+    ``T.diagonal(dim1=dim1, dim2=dim2)``, diagonal last), out of place: in-place writes into views are what
+    ``linearize``'s traced graph got wrong here.
+    """
+    shape = T.diagonal(dim1=dim1, dim2=dim2).shape
+    return T + torch.diag_embed(M.expand(shape), dim1=dim1, dim2=dim2)
+
+
 def head_input_jacobian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None) -> Tensor:
     r"""Jacobian of one head's output with respect to its input, per sequence (docs/MATH.md §5.3a).
 
@@ -181,12 +190,13 @@ def head_input_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | None, G
     # token-diagonal blocks (each symmetric half of X + Xᵀ)
     diag = kap * torch.einsum("bij,bia,bic->bjac", h.Jd, h.Qt, Gt)  # κ Σ_i a_ij q̃_i g̃_iᵀ
     if h.softmax:  # ½κ² (K̃ᵀ diag(r_j) K̃ + Σ_i r_ij q̃_i q̃_iᵀ); the first through W_Q, into Ω
-        Omega.diagonal(dim1=1, dim2=3).add_(0.5 * kap * kap * torch.einsum("bjl,blc,bla->bcaj", R, h.K, h.Kt))
+        Omega = _plus_diagonal(Omega, 0.5 * kap * kap * torch.einsum("bjl,blc,bla->bcaj", R, h.K, h.Kt), 1, 3)
         diag = diag + 0.5 * kap * kap * torch.einsum("bij,bia,bic->bjac", R, h.Qt, h.Qt)
     # H = X + Xᵀ in three products, each writing the (Ld)² result once (out-of-place: every op has a vmap rule)
     H = (W_Q @ Omega.reshape(B, L, k, L * d)).reshape(-1, d)  # X_pair, rows (b, j, a, j')
     H = torch.addmm(H, Omega.permute(0, 3, 4, 1, 2).reshape(-1, k), W_Q.T).reshape(B, L * d, L * d)  # + X_pairᵀ
-    H.view(B, L, d, L, d).diagonal(dim1=1, dim2=3).add_((diag + diag.transpose(-1, -2)).permute(0, 2, 3, 1))
+    H = _plus_diagonal(H.view(B, L, d, L, d), (diag + diag.transpose(-1, -2)).permute(0, 2, 3, 1), 1, 3).reshape(
+        B, L * d, L * d)
     if h.softmax:  # rank-L part −Σ_i (z_i u_iᵀ + u_i z_iᵀ), u_i = w_i + y_i: one GEMM with inner dimension 2L
         eye = torch.eye(L, dtype=U3.dtype, device=U3.device)
         Z = kap * (torch.einsum("ij,bia->bija", eye, h.A @ h.Kt) + h.A.unsqueeze(-1) * h.Qt.unsqueeze(2))
@@ -242,7 +252,7 @@ def head_input_param_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | N
     F_K, F_U = _apply_J(h, h.K), _apply_J(h, U3)  # J_i K, J_i U: (B, i, l, ·)
     kGtT, kQtT = (kap * Gt).transpose(-1, -2), (kap * h.Qt).transpose(-1, -2)  # (B, a, i)
     # Each block is one GEMM over the queries i that writes it once: H[j, a] = Uᵀ Y[j, a] (W_Q), Y[j, a] Q (W_K),
-    # Y[j, a] G_O (W_V), Y[j, a] G (W_O); the δ_ab terms are added in place on the diagonal, the rank-one remainder
+    # Y[j, a] G_O (W_V), Y[j, a] G (W_O); the δ_ab terms are added on the diagonal, the rank-one remainder
     # of W_K by one addcmul.
 
     # W_Q: Y[j,a,i,c] = κ G̃_ia F^K_{i,jc} + κ r_ij W_K[a,c] (+ κ² Q̃_ia E^K_{i,jc} + δ_ij κ² (K̃ᵀ E^K_j)_ac)
@@ -251,9 +261,9 @@ def head_input_param_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | N
     if h.softmax:
         E_K = _apply_C(h, R, h.K)
         Y = Y + kap * kQtT[:, None, :, :, None] * E_K.transpose(1, 2).unsqueeze(2)
-        Y.diagonal(dim1=1, dim2=3).add_(kap * kap * torch.einsum("bla,bjlc->bacj", h.Kt, E_K))
+        Y = _plus_diagonal(Y, kap * kap * torch.einsum("bla,bjlc->bacj", h.Kt, E_K), 1, 3)
     H_Q = torch.einsum("nib,njaic->njabc", U3, Y)
-    H_Q.diagonal(dim1=2, dim2=3).add_((kap * R @ h.K).unsqueeze(-1))  # κ δ_ab (RK)_jc
+    H_Q = _plus_diagonal(H_Q, (kap * R @ h.K).unsqueeze(-1), 2, 3)  # κ δ_ab (RK)_jc
 
     # W_K: Y[j,a,b,i] = κ G̃_ia F^U_{i,jb} (+ κ² Q̃_ia E^U_{i,jb} + δ_ij κ² (K̃ᵀ E^U_j)_ab)
     F_Ut = F_U.permute(0, 2, 3, 1).unsqueeze(2)  # (B, j, 1, b, i)
@@ -261,18 +271,18 @@ def head_input_param_hessian(layer: AttentionLayer, U3: Tensor, mask: Tensor | N
     if h.softmax:
         E_U = _apply_C(h, R, U3)
         Y = Y + kap * kQtT[:, None, :, None, :] * E_U.permute(0, 2, 3, 1).unsqueeze(2)
-        Y.diagonal(dim1=1, dim2=4).add_(kap * kap * torch.einsum("nla,njlb->nabj", h.Kt, E_U))
+        Y = _plus_diagonal(Y, kap * kap * torch.einsum("nla,njlb->nabj", h.Kt, E_U), 1, 4)
     H_K = (Y.reshape(B, -1, L) @ h.Q).reshape(B, L, d, d, -1)  # (B, j, a, b, c)
     H_K = torch.addcmul(H_K, (kap * R @ U3)[:, :, None, :, None], W_Q[None, None, :, None, :])  # κ (RU)_jb W_Q[a,c]
-    H_K.diagonal(dim1=2, dim2=3).add_((kap * R.transpose(-1, -2) @ h.Q).unsqueeze(-1))  # κ δ_ab (RᵀQ)_jc
+    H_K = _plus_diagonal(H_K, (kap * R.transpose(-1, -2) @ h.Q).unsqueeze(-1), 2, 3)  # κ δ_ab (RᵀQ)_jc
 
     def value_side(F: Tensor, W: Tensor | None, S: Tensor) -> Tensor:
         """``Y[j,a,b,i] = κ Q̃_ia F_{i,jb} + δ_ij κ (K̃ᵀ F_j)_ab + a_ij W_ab`` (``W = I`` if ``None``), times ``S``."""
         Y = kQtT[:, None, :, None, :] * F.permute(0, 2, 3, 1).unsqueeze(2)
-        Y.diagonal(dim1=1, dim2=4).add_(kap * torch.einsum("nla,njlb->nabj", h.Kt, F))
+        Y = _plus_diagonal(Y, kap * torch.einsum("nla,njlb->nabj", h.Kt, F), 1, 4)
         A_t = h.A.transpose(-1, -2)  # (B, j, i)
         if W is None:
-            Y.diagonal(dim1=2, dim2=3).add_(A_t.unsqueeze(-1))
+            Y = _plus_diagonal(Y, A_t.unsqueeze(-1), 2, 3)
         else:
             Y = torch.addcmul(Y, A_t[:, :, None, None, :], W[None, None, :, :, None])
         return (Y.reshape(B, -1, L) @ S).reshape(B, L, d, -1, S.shape[-1])

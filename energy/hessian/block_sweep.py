@@ -61,9 +61,8 @@ class _Jac:
         lo, hi = min(lo, self.lo), max(hi, self.hi)
         if (lo, hi) == (self.lo, self.hi):
             return self
-        T = self.T.new_zeros(*self.T.shape[:-1], hi - lo)
-        T[..., self.lo - lo:self.hi - lo] = self.T
-        return _Jac(T, lo)
+        pads = [self.T.new_zeros(*self.T.shape[:-1], n) for n in (self.lo - lo, hi - self.hi)]
+        return _Jac(torch.cat([pads[0], self.T, pads[1]], dim=-1), lo)  # out of place: a new, traced tensor
 
 
 def _apply(J: Tensor, jac: _Jac | None, dense: bool) -> _Jac | None:
@@ -87,14 +86,14 @@ def _add(a: _Jac | None, b: _Jac | None) -> _Jac | None:
 def _inject(jac: _Jac | None, cols: slice, J: Tensor) -> _Jac:
     """``𝒯 + J E``: the local parameter Jacobian ``J`` ``(B, L, w, n)`` added into the columns ``cols``.
 
-    Writes in place into ``jac.T``, which must be the Jacobian just made for this output (by :func:`_apply`,
-    :func:`_inject` or a matrix product), never one shared with another intermediate.
+    Out of place (one copy of ``𝒯``): in-place writes into column views are what ``linearize``'s traced graph got
+    wrong.
     """
     if jac is None:
-        return _Jac(J.clone(), cols.start)
+        return _Jac(J, cols.start)
     jac = jac.widen(cols.start, cols.stop)
-    jac.T[..., cols.start - jac.lo:cols.stop - jac.lo] += J
-    return jac
+    a, b = cols.start - jac.lo, cols.stop - jac.lo
+    return _Jac(torch.cat([jac.T[..., :a], jac.T[..., a:b] + J, jac.T[..., b:]], dim=-1), jac.lo)
 
 
 #: Column chunk of the symmetric products (:meth:`_Accumulator.quad`): wide enough for efficient GEMMs.
@@ -107,7 +106,9 @@ class _Accumulator:
     def __init__(self, mode: Mode, B: int, P: int, like: Tensor) -> None:
         self.mode = mode
         shape = (P, P) if mode == "params" else (B, P, P)
-        self.H = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        # Zeros that depend on `like` in the traced graph: linearize's constant folding would otherwise turn the
+        # buffer into a constant that the in-place accumulation below changes from one call to the next.
+        self.H = like.new_zeros(shape) + 0.0 * like.sum()
 
     def _flat(self, T: Tensor) -> Tensor:
         """``(B·n, P)`` (params) or ``(B, n, P)`` (tokens) view of a ``(B, ..., P)`` Jacobian."""
@@ -177,18 +178,16 @@ def _attention_input_hessian(layer: MultiHeadAttentionLayer, U: Tensor, mask: Te
     return out
 
 
-def _attention_input_param_blocks(layer: MultiHeadAttentionLayer, U: Tensor, mask: Tensor | None, G: Tensor,
-                                  slices: dict[str, slice], p_att: int) -> Tensor:
-    """``∂²⟨G, MHA(U)⟩/∂U ∂θ_attn`` as ``(B, L d, p_attn)`` in the layer's parameter layout (GQA: tied K/V add)."""
-    B, L, d = U.shape
-    out = U.new_zeros(B, L * d, p_att)
+def _attention_input_param_blocks(layer: MultiHeadAttentionLayer, U: Tensor, mask: Tensor | None, G: Tensor) -> Tensor:
+    """``∂²⟨G, MHA(U)⟩/∂U ∂θ_attn`` as ``(B, L d, p_attn)`` in the layer's parameter order (GQA: tied K/V add)."""
     group = layer.W_Q.shape[0] // layer.W_K.shape[0]
+    blocks: dict[str, Tensor] = {}
     for h, head in enumerate(layer.heads()):
-        blocks = head_input_param_hessian(head, U, mask, G)
         names = {"Q": f"h{h}.Q", "K": f"kv{h // group}.K", "V": f"kv{h // group}.V", "O": f"h{h}.O"}
-        for key, value in blocks.items():
-            out[:, :, slices[names[key]]] += value
-    return out
+        for key, value in head_input_param_hessian(head, U, mask, G).items():
+            name = names[key]
+            blocks[name] = blocks[name] + value if name in blocks else value
+    return torch.cat([blocks[name] for name, _ in layer.param_blocks()], dim=-1)  # out of place (linearize)
 
 
 def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | None, c_eff: float, mode: Mode,
@@ -245,17 +244,22 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
             T_z = _inject(T_z, slices["W_U"], torch.einsum("bla,vw->blvaw", out_val, eye_v).reshape(B, L, V, d * V))
     else:
         z, T_z = out_val, T_out
-    acc = acc_o = _Accumulator(mode, B, P, X3)  # H_o goes to acc_o, H_f to acc (the same unless part="parts")
-    if part == "parts":
-        acc = _Accumulator(mode, B, P, X3)
     # ---- the outer-product part: 𝒯_zᵀ ∇²ℓ_out 𝒯_z -------------------------------------------------------------
     if block.loss == "mse":
         g_z = 2.0 * c_eff * (z - target)
+    else:
+        prob = torch.softmax(z, dim=-1)
+        onehot = (target.unsqueeze(-1) == torch.arange(z.shape[-1], device=z.device)).to(z.dtype)  # no value reads
+        g_z = c_eff * (prob - onehot)
+    # The result buffers are allocated from g_z, which depends on every input, so that under vmap they are batched
+    # like everything written into them.
+    acc = acc_o = _Accumulator(mode, B, P, g_z)  # H_o goes to acc_o, H_f to acc (the same unless part="parts")
+    if part == "parts":
+        acc = _Accumulator(mode, B, P, g_z)
+    if block.loss == "mse":
         if use_o:
             acc_o.quad(T_z, (2.0 * c_eff) * T_z.T)
     else:
-        prob = torch.softmax(z, dim=-1)
-        g_z = c_eff * (prob - torch.nn.functional.one_hot(target, z.shape[-1]).to(z.dtype))
         if use_o:  # ∇²_z = c (diag p − p pᵀ) per token
             MT = c_eff * (prob.unsqueeze(-1) * T_z.T - prob.unsqueeze(-1) * (prob.unsqueeze(-2) @ T_z.T))
             acc_o.quad(T_z, MT)
@@ -282,11 +286,7 @@ def sweep(block: TransformerBlock, X3: Tensor, target: Tensor, mask: Tensor | No
                     acc.quad(T_u, (UU @ T_u.T.reshape(B, L * d, -1)).reshape(T_u.T.shape))
                 if mode == "params":
                     cols = _attention_columns(layer, slices)
-                    local_slices = {name: slice(slices["attn." + name].start - cols.start,
-                                                slices["attn." + name].stop - cols.start)
-                                    for name, _ in layer.param_blocks()}
-                    UT = _attention_input_param_blocks(layer, u, mask, g_out, local_slices, cols.stop - cols.start)
-                    acc.cross(T_u, UT, cols)
+                    acc.cross(T_u, _attention_input_param_blocks(layer, u, mask, g_out), cols)
                     acc.block(cols, cols, multihead_functional_hessian(layer, u, g_out, mask))
         else:
             der = cast(TokenwiseDerivatives, local[out])

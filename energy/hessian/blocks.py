@@ -249,7 +249,7 @@ def bilinear_term(mom: AttentionMoments) -> Tensor:
 
 def _block(f: _Factors, a: str, b: str) -> Tensor:
     """The dense block ``(a, b)`` in a fresh buffer allocated from the moments (batched like them under ``vmap``)."""
-    out = f.mom.G.new_empty(f.mom.sizes[a], f.mom.sizes[b])
+    out = f.mom.G_QK.new_empty(f.mom.sizes[a], f.mom.sizes[b])
     _write_block(f, a, b, out)
     return out
 
@@ -325,9 +325,9 @@ def attention_hessian(mom: AttentionMoments, part: Part = "H", *, max_gib: float
     span, start = {}, 0
     for name in mom.params:
         span[name], start = slice(start, start + sizes[name]), start + sizes[name]
-    # The result buffer is allocated from the moments (``G`` depends on X, the weights and Y), so that under
+    # The result buffer is allocated from the moments (``G_QK`` depends on X, the weights and G), so that under
     # ``vmap`` it is batched like every block written into it; slice writes are tracked by every transform.
-    H = mom.G.new_empty(p, p)  # every entry is written below
+    H = mom.G_QK.new_empty(p, p)  # every entry is written below
     for i, a in enumerate(mom.params):  # upper blocks, each with its transpose
         for b in mom.params[i:]:
             _write_block(f, a, b, H[span[a], span[b]], None if a == b else H[span[b], span[a]])

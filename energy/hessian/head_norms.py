@@ -174,7 +174,7 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
         \|H\|^2 = \sum_{I\le J} w_{IJ} \Big\|\sum_i \mathrm{vec}(R_i[I,J])\,\mathrm{vech}(q_iq_i^\top)^\top\Big\|^2,
         \quad w_{II} = 1,\ w_{IJ} = 2\ (I<J)
 
-    with ``R^o_i[I,J] = 2cκ² D_i[I] D_i[J]ᵀ`` and ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]`` stacked into one GEMM
+    (diagonal tiles packed by :func:`vech`) with ``R^o_i[I,J] = 2cκ² D_i[I] D_i[J]ᵀ`` and ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]`` stacked into one GEMM
     per tile and sequence group (``≥ 1`` sequence, about ``chunk`` rows). Cost ``≈ N d²/2 (2p + L + r)``
     multiply–adds, memory ``O(N d r + chunk·tile² + tile² p)``.
     """
@@ -201,7 +201,10 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
                 XX = X[bs, :, I, None] * X[bs, :, None, J]  # (g, L, tI, tJ)
                 Rf = h.r[bs] @ XX.flatten(2) - (mu[bs, :, I, None] * rho[bs, :, None, J]
                                                 + rho[bs, :, I, None] * mu[bs, :, None, J]).flatten(2)
-                R = torch.cat([Ro.reshape(n, -1), cf * Rf.reshape(n, -1)], dim=1)  # (n, 2 tI tJ)
+                Rf = cf * Rf.reshape(Ro.shape)
+                if I0 == J0:  # a diagonal tile is symmetric: pack it (⟨vech A, vech B⟩ = ⟨A, B⟩)
+                    Ro, Rf = vech(Ro), vech(Rf)
+                R = torch.cat([Ro.reshape(n, -1), Rf.reshape(n, -1)], dim=1)  # (n, 2 tI tJ)
                 M = M + R.T @ S[rows]
             Mo, Mf = M.chunk(2, dim=0)
             oo = oo + w * (Mo * Mo).sum()

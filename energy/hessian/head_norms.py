@@ -174,8 +174,9 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
         \|H\|^2 = \sum_{I\le J} w_{IJ} \Big\|\sum_i \mathrm{vec}(R_i[I,J])\,\mathrm{vech}(q_iq_i^\top)^\top\Big\|^2,
         \quad w_{II} = 1,\ w_{IJ} = 2\ (I<J)
 
-    (diagonal tiles packed by :func:`vech`) with ``R^o_i[I,J] = 2cκ² D_i[I] D_i[J]ᵀ`` and ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]`` stacked into one GEMM
-    per tile and sequence group (``≥ 1`` sequence, about ``chunk`` rows). Cost ``≈ N d²/2 (2p + L + r)``
+    (diagonal tiles packed by :func:`vech`) with ``R^o_i[I,J] = 2cκ² D_i[I] D_i[J]ᵀ`` and
+    ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]`` stacked into one GEMM per tile and sequence group (``≥ 1`` sequence,
+    about ``chunk`` rows). Cost ``≈ N d²/2 (2p + L + r)``
     multiply–adds, memory ``O(N d r + chunk·tile² + tile² p)``.
     """
     X = h.X

@@ -175,8 +175,8 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
         \quad w_{II} = 1,\ w_{IJ} = 2\ (I<J)
 
     (diagonal tiles packed by :func:`vech`) with ``R^o_i[I,J] = 2cκ² D_i[I] D_i[J]ᵀ`` and
-    ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]`` stacked into one GEMM per tile and sequence group (``≥ 1`` sequence,
-    about ``chunk`` rows). Cost ``≈ N d²/2 (2p + L + r)``
+    ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]``, two GEMMs per tile and sequence group (``≥ 1`` sequence, about
+    ``chunk`` rows). Cost ``≈ N d²/2 (2p + L + r)``
     multiply–adds, memory ``O(N d r + chunk·tile² + tile² p)``.
     """
     X = h.X
@@ -193,7 +193,7 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
         for J0 in range(I0, d, tile):
             J = slice(J0, min(d, J0 + tile))
             w = 1.0 if I0 == J0 else 2.0
-            M = zero
+            Mo, Mf = zero, zero
             for b0 in range(0, B, group):
                 bs = slice(b0, min(B, b0 + group))
                 rows = slice(b0 * L, bs.stop * L)
@@ -205,9 +205,8 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
                 Rf = cf * Rf.reshape(Ro.shape)
                 if I0 == J0:  # a diagonal tile is symmetric: pack it (⟨vech A, vech B⟩ = ⟨A, B⟩)
                     Ro, Rf = vech(Ro), vech(Rf)
-                R = torch.cat([Ro.reshape(n, -1), Rf.reshape(n, -1)], dim=1)  # (n, 2 tI tJ)
-                M = M + R.T @ S[rows]
-            Mo, Mf = M.chunk(2, dim=0)
+                Mo = Mo + Ro.reshape(n, -1).T @ S[rows]  # (tI tJ, p): the GEMMs that set the cost
+                Mf = Mf + Rf.reshape(n, -1).T @ S[rows]
             oo = oo + w * (Mo * Mo).sum()
             of = of + w * (Mo * Mf).sum()
             ff = ff + w * (Mf * Mf).sum()

@@ -27,12 +27,13 @@ each norm is computed by whichever side is cheaper (symmetric factors packed by 
 * ``(K,K)``, **primal**: ``M = Σ_i vec R_i vech(q_iq_iᵀ)ᵀ`` in ``t × t`` tiles of ``R`` (upper tiles only),
   ``‖H‖² = Σ_tiles w ‖M_tile‖²``. The Gram route needs ``⟨D_iD_iᵀ, D_jD_jᵀ⟩ = ‖D_iᵀD_j‖²`` for all pairs,
   ``Θ(N² d r²)``; the primal route costs ``Θ(N d² p)``: ``≈ N d²/2 (2p + L + r)`` multiply–adds with the
-  functional part (``1.4·10¹³`` at GPT-2 scale), the one block that cannot meet a minute on two cores.
+  functional part (``1.3·10¹³`` at GPT-2 scale, ≥ 166 s at 160 GFLOP/s), the one block that cannot meet a minute
+  on two cores.
 * ``(V,V)``, ``(O,O)``: ``‖S ⊗ Ω‖² = ‖S‖²‖Ω‖²``, ``O(N d² + d³)``.
 
-Nothing of size ``p²`` nor any ``L × L`` core per row is formed. Memory: ``O(N d r)`` for ``D`` (3.2 GB in
-float64 at GPT-2 scale) plus row chunks. Everything below :func:`head_block_norms` is pure (no validation, no
-reads of tensor values) and returns 0-dim tensors.
+No dense block nor any ``L × L`` core per row is formed. Memory: ``O(N d r)`` for ``D`` (3.2 GB in float64 at
+GPT-2 scale) plus row chunks. Everything except the public :func:`head_block_norms` is pure (no validation, no
+reads of tensor values; :func:`head_inner_products` returns 0-dim tensors).
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ import torch
 __all__ = ["benchmark", "compare", "interleaved_medians", "median_time", "REGISTRY"]
 
 REGISTRY: dict[str, Callable[[bool], dict[str, Any]]] = {}
-MODULES = ("bench_energy", "bench_unfold", "bench_hessian", "bench_hessian_closed", "bench_figures")
+MODULES = (
+    "bench_energy", "bench_unfold", "bench_hessian", "bench_hessian_closed", "bench_figures", "bench_hessian_scale",
+)
 
 
 def benchmark(name: str) -> Callable:

@@ -70,7 +70,7 @@ def test_rows_have_the_documented_keys_and_odd_shapes(rows):
         assert r["trials"] == len(r["shapes"]) == 1
         s = r["shapes"][0]
         assert s["B"] > 1, r
-        if "d_K" in s:  # attention cases: unequal widths and L ≠ d_V
+        if "d_K" in s and "d_V" in s:  # single-head cases: unequal widths and L ≠ d_V
             assert s["d_K"] != s["d_V"] and s["L"] != s["d_V"], r
         assert r["worst"].startswith("trial 0: ")
 

@@ -108,7 +108,7 @@ class _Accumulator:
         shape = (P, P) if mode == "params" else (B, P, P)
         # Zeros that depend on `like` in the traced graph: linearize's constant folding would otherwise turn the
         # buffer into a constant that the in-place accumulation below changes from one call to the next.
-        self.H = like.new_zeros(shape) + 0.0 * like.sum()
+        self.H = (0.0 * like.sum()).expand(shape).contiguous()  # one pass over the P² buffer
 
     def _flat(self, T: Tensor) -> Tensor:
         """``(B·n, P)`` (params) or ``(B, n, P)`` (tokens) view of a ``(B, ..., P)`` Jacobian."""

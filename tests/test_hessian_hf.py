@@ -79,7 +79,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_import_without_transformers():
-    code = ("import sys; import energy, energy.hessian, energy.hessian.hf, energy.hessian.hf_blocks; "
+    code = ("import sys; import energy, energy.hessian, energy.hessian.hf, energy.hessian.hf_blocks, "
+            "energy.hessian.analyze, energy.hessian.__main__; "
             "assert 'transformers' not in sys.modules, 'transformers imported eagerly'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 

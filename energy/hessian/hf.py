@@ -85,7 +85,8 @@ IGNORE_INDEX = -100
 #: Preset name -> (model class name in ``transformers``, config class name, config keyword arguments).
 PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt2-tiny": ("GPT2LMHeadModel", "GPT2Config",
-                  {"n_embd": 16, "n_layer": 2, "n_head": 4, "vocab_size": 50, "n_positions": 16}),
+                  {"n_embd": 16, "n_layer": 2, "n_head": 4, "vocab_size": 50, "n_positions": 16, "bos_token_id": 0,
+                   "eos_token_id": 0}),
     "gpt2-small-shaped": ("GPT2LMHeadModel", "GPT2Config",
                           {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}),
     "llama-tiny": ("LlamaForCausalLM", "LlamaConfig",

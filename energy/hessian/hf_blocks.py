@@ -293,9 +293,9 @@ class BlockCurvature:
     """Blocks ``A_ab`` (``A ∈ {H, H_o, H_f}``) of a Hugging Face model's loss on ``data``, and their norms, traces,
     diagonals, top eigenvalues and spectral densities.
 
-    Exact values come from the ``n_b`` columns ``A_ab I`` when the column block has at most ``exact_max``
-    entries; larger blocks use Hutch++ (traces, ``‖A_aa‖_F``), Hutchinson (diagonals, off-diagonal norms),
-    Lanczos and SLQ (:mod:`energy.hessian.estimators`, :mod:`energy.hessian.krylov`).
+    Exact values come from the ``n_b`` columns ``A_ab I`` (computed once per block and part, then reused) when the
+    column block has at most ``exact_max`` entries; larger blocks use Hutch++ (traces, ``‖A_aa‖_F``), Hutchinson
+    (diagonals, off-diagonal norms), Lanczos and SLQ (:mod:`energy.hessian.estimators`, :mod:`energy.hessian.krylov`).
 
     Args:
         model: a Hugging Face model (see :mod:`energy.hessian.hf`).
@@ -314,6 +314,7 @@ class BlockCurvature:
         self.max_vectors, self.cache, self.exact_max = max_vectors, cache, int(exact_max)
         self.catalogue = block_catalogue(self.model.hf)
         self._parents: dict[tuple[tuple[str, ...], str], CurvatureOperator] = {}
+        self._dense: dict[tuple[str, str, str], Tensor] = {}
 
     def blocks(self, patterns: Sequence[str] | str, *, allow_empty: bool = False) -> list[Block]:
         """The blocks matching names or glob patterns (:func:`select_blocks`)."""
@@ -338,10 +339,14 @@ class BlockCurvature:
                                                     max_vectors=self.max_vectors, cache=self.cache)
         return BlockOperator(self._parents[key], r, c)
 
-    def _exact(self, A: BlockOperator) -> Tensor | None:
+    def _exact(self, A: BlockOperator, part: str) -> Tensor | None:
+        """The dense block ``A I`` (one vmapped pass) if it has at most ``exact_max`` columns; kept for reuse."""
         if A.shape[1] > self.exact_max:
             return None
-        return A.dense()
+        key = (A.rows.name, A.cols.name, part)
+        if key not in self._dense:
+            self._dense[key] = A.dense()
+        return self._dense[key]
 
     def frobenius(self, rows: Block | str, cols: Block | str | None = None, part: str = "H", *,
                   num_matvecs: int = 30, generator: torch.Generator | None = None) -> Estimate:
@@ -349,7 +354,7 @@ class BlockCurvature:
         standard error of the squared estimate ``s`` is carried to the norm as ``s / (2‖A‖_F)``.
         """
         A = self.operator(rows, cols, part)
-        M = self._exact(A)
+        M = self._exact(A, part)
         if M is not None:
             return Estimate(float(torch.linalg.matrix_norm(M)), 0.0, A.shape[1])
         if A.symmetric:
@@ -363,7 +368,7 @@ class BlockCurvature:
               generator: torch.Generator | None = None) -> Estimate:
         r""":math:`\operatorname{tr} A_{aa}` (exact, or Hutch++)."""
         A = self.operator(block, None, part)
-        M = self._exact(A)
+        M = self._exact(A, part)
         if M is not None:
             return Estimate(float(torch.trace(M)), 0.0, A.shape[1])
         return hutchpp_trace(A, num_matvecs, generator=generator, exact_if_cheaper=True)
@@ -372,7 +377,7 @@ class BlockCurvature:
                  generator: torch.Generator | None = None) -> Estimate:
         r""":math:`\operatorname{diag} A_{aa}` (exact, or Hutchinson with Rademacher probes)."""
         A = self.operator(block, None, part)
-        M = self._exact(A)
+        M = self._exact(A, part)
         if M is not None:
             d = torch.diagonal(M).clone()
             return Estimate(d, torch.zeros_like(d), A.shape[1])
@@ -380,14 +385,25 @@ class BlockCurvature:
 
     def top_eigenvalues(self, block: Block | str, part: str = "H", k: int = 3, *,
                         generator: torch.Generator | None = None, tol: float = 1e-8) -> LanczosResult:
-        r"""The ``k`` largest eigenvalues of :math:`A_{aa}` by Lanczos (:func:`~energy.hessian.krylov.lanczos`)."""
+        r"""The ``k`` largest eigenvalues of :math:`A_{aa}`: from the dense block (``eigh``) up to ``exact_max``
+        entries, else by Lanczos (:func:`~energy.hessian.krylov.lanczos`).
+        """
         A = self.operator(block, None, part)
+        M = self._exact(A, part)
+        if M is not None:
+            ev = torch.linalg.eigh(M)
+            top = torch.argsort(ev.eigenvalues, descending=True)[: min(k, A.shape[1])]
+            vecs = ev.eigenvectors[:, top]
+            res = torch.linalg.vector_norm(M @ vecs - vecs * ev.eigenvalues[top], dim=0)
+            return LanczosResult(ev.eigenvalues[top], vecs, res, A.shape[1], True)
         return lanczos(A, min(k, A.shape[1]), generator=generator, tol=tol)
 
     def density(self, block: Block | str, part: str = "H", *, num_probes: int = 4, num_steps: int = 20,
                 num_grid: int = 128, generator: torch.Generator | None = None) -> SpectralDensity:
         r"""Spectral density of :math:`A_{aa}` by stochastic Lanczos quadrature (:func:`~energy.hessian.krylov.
-        slq_density`).
+        slq_density`; on the dense block up to ``exact_max`` entries, so no further products).
         """
         A = self.operator(block, None, part)
-        return slq_density(A, num_probes, min(num_steps, A.shape[1]), generator=generator, num_grid=num_grid)
+        M = self._exact(A, part)
+        return slq_density(A if M is None else M, num_probes, min(num_steps, A.shape[1]), generator=generator,
+                           num_grid=num_grid)

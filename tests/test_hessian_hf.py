@@ -34,6 +34,8 @@ TINY = {
                       max_position_embeddings=8, initializer_range=0.4),
     "bert-cls-tiny": dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=6,
                           vocab_size=13, max_position_embeddings=8, initializer_range=0.4),
+    "tl-tiny": dict(n_layers=1, d_model=8, d_head=2, n_heads=4, n_key_value_heads=2, d_vocab=13, d_mlp=6, n_ctx=8,
+                    positional_embedding_type="rotary"),
     "vit-tiny": dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=6, image_size=4,
                      patch_size=2, num_channels=1, initializer_range=0.4),
 }
@@ -46,6 +48,8 @@ DENSE_PARAMS = {
     "bert-tiny": ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.output.LayerNorm.bias"],
     "bert-cls-tiny": ["bert.encoder.layer.0.attention.self.value.weight", "classifier.weight"],
     "vit-tiny": ["vit.layers.0.attention.k_proj.weight", "vit.layers.0.layernorm_before.weight"],
+    "tl-tiny": ["blocks.0._original_component.attn._original_component.k._original_component.weight",
+                "blocks.0._original_component.ln2._original_component.weight"],
 }
 
 
@@ -88,7 +92,7 @@ def test_import_without_transformers():
 @pytest.mark.parametrize("preset", sorted(TINY))
 def test_build_is_seeded_float64_eval(preset):
     a, b, c = _model(preset, 0), _model(preset, 0), _model(preset, 1)
-    pa, pb, pc = (torch.cat([p.reshape(-1) for p in m.parameters()]) for m in (a, b, c))
+    pa, pb, pc = (torch.cat([p.reshape(-1) for p in torch.nn.Module.parameters(m)]) for m in (a, b, c))
     assert pa.dtype == DT and not a.training
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
@@ -209,11 +213,11 @@ def test_sdpa_model_switched_to_eager_and_restored(preset):
 def _projection_outputs(model, module_names, inputs):
     """Outputs of the named sub-modules on ``inputs`` (forward hooks)."""
     out = {}
-    mods = dict(model.named_modules())
+    mods = dict(torch.nn.Module.named_modules(model))
     hooks = [mods[n].register_forward_hook(lambda mod, a, o, n=n: out.__setitem__(n, o.detach().clone()))
              for n in module_names]
     with torch.no_grad():
-        model(**{k: v for k, v in inputs.items() if k != "labels"})
+        hf.LogitsModel(model)(inputs)
     for h in hooks:
         h.remove()
     return out
@@ -225,6 +229,8 @@ def _projection_outputs(model, module_names, inputs):
     ("llama-tiny", "model.layers.0.self_attn.q_proj", "layer0.head2.Q", range(4, 6)),
     ("llama-tiny", "model.layers.0.self_attn.k_proj", "layer0.kv_head1.K", range(2, 4)),
     ("bert-tiny", "bert.encoder.layer.0.attention.self.value", "layer0.head1.V", range(4, 8)),
+    ("tl-tiny", "blocks.0._original_component.attn._original_component.v._original_component", "layer0.kv_head1.V",
+     range(2, 4)),
 ])
 def test_head_blocks_move_only_their_head(preset, proj, block, columns):
     """Perturbing a head block's entries changes exactly that head's columns of the projection output."""
@@ -232,7 +238,7 @@ def test_head_blocks_move_only_their_head(preset, proj, block, columns):
     x = hf.synthetic_batches(m, batch=1, seq_len=4)[0][0]
     before = _projection_outputs(m, [proj], x)[proj]
     b = block_catalogue(m)[block]
-    params = dict(m.named_parameters())
+    params = dict(torch.nn.Module.named_parameters(m))
     with torch.no_grad():
         for name, idx in b.pieces:
             params[name][idx] += 0.3
@@ -272,7 +278,7 @@ def test_block_errors():
         block_catalogue(m)
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "tl-tiny"])
 def test_block_operators_are_slices_of_the_full_operator(preset):
     """Diagonal and off-diagonal blocks (heads, fused Q/K/V slices, O, MLP, norms) of H, H_o, H_f equal the
     rows/columns of the full dense operator, and the estimators give the exact values."""
@@ -280,7 +286,7 @@ def test_block_operators_are_slices_of_the_full_operator(preset):
     data = hf.synthetic_batches(m, batch=2, seq_len=4, num_batches=2)
     bc = BlockCurvature(m, data, exact_max=64)
     cat = bc.catalogue
-    kv = "kv_head1.K" if preset == "llama-tiny" else "head1.K"
+    kv = "head1.K" if preset == "gpt2-tiny" else "kv_head1.K"
     pairs = [("layer0.head1.Q", f"layer0.{kv}"), ("layer0.head0.O", "layer0.ln2"), ("embed", "layer0.head1.Q")]
     full = {p: hf.curvature_operator(m, data, part=p) for p in ("H", "H_o", "H_f")}
     dense = {p: op.dense() for p, op in full.items()}

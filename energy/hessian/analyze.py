@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
 
     def body() -> int:
         from energy.hessian import hf
-        from energy.hessian.hf_blocks import BlockCurvature
+        from energy.hessian.hf_blocks import BlockCurvature, _model_type
 
         parser = Parser(prog=prog, description=(__doc__ or "").split("\n\n")[0].split(": ", 1)[-1])
         parser.add_argument("--model", required=True, metavar="PATH",
@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
             if args.data is not None:
                 data = hf.token_batches(model, _load_tokens(args.data), batch=args.batch, seed=args.seed)
             else:
-                max_len = getattr(model.config, "n_positions", getattr(model.config, "max_position_embeddings", None))
+                cfg = hf._config(model)
+                max_len = next((getattr(cfg, k) for k in ("n_positions", "max_position_embeddings", "n_ctx")
+                                if isinstance(getattr(cfg, k, None), int)), None)
                 if isinstance(max_len, int) and args.seq_len > max_len:
                     raise UsageError(f"--seq-len {args.seq_len} exceeds the model's {max_len} positions")
                 data = hf.synthetic_batches(model, batch=args.batch, seq_len=args.seq_len,
@@ -206,8 +208,8 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
                           progress=None if args.quiet else _progress_bar)
         doc = {
             "command": "analyze", "model": args.model, "model_class": type(model).__name__,
-            "model_type": getattr(model.config, "model_type", None), "task": hf.task_of(model),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "model_type": _model_type(model), "task": hf.task_of(model),
+            "num_parameters": sum(p.numel() for p in torch.nn.Module.parameters(model)),
             "settings": {"data": args.data, "batch": args.batch, "seq_len": None if args.data else args.seq_len,
                          "num_batches": len(data), "seed": args.seed, "blocks": args.blocks or list(DEFAULT_BLOCKS),
                          "what": what, "parts": parts, "top_k": args.top_k, "num_matvecs": args.num_matvecs,
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
 
 
 def _shapes(model: Any) -> dict[str, torch.Size]:
-    return {n: p.shape for n, p in model.named_parameters()}
+    return {n: p.shape for n, p in torch.nn.Module.named_parameters(model)}
 
 
 def _finite(x: Any) -> Any:

@@ -44,6 +44,7 @@ mathematically identical eager attention and restores the previous setting after
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -102,6 +103,9 @@ PRESETS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bert-cls-tiny": ("BertForSequenceClassification", "BertConfig",
                       {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24,
                        "vocab_size": 50, "max_position_embeddings": 16, "num_labels": 3}),
+    "tl-tiny": ("TransformerBridge", "native",
+                {"n_layers": 2, "d_model": 16, "n_ctx": 16, "d_head": 4, "n_heads": 4, "n_key_value_heads": 2,
+                 "d_vocab": 50, "d_mlp": 24, "act_fn": "gelu", "normalization_type": "LN"}),
     "vit-tiny": ("ViTForImageClassification", "ViTConfig",
                  {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 24,
                   "image_size": 8, "patch_size": 4, "num_channels": 3, "num_labels": 3}),
@@ -115,6 +119,7 @@ _TASK_OF_CLASS = {
     "BertForMaskedLM": "masked-lm",
     "BertForSequenceClassification": "sequence-classification",
     "ViTForImageClassification": "image-classification",
+    "TransformerBridge": "causal-lm",
 }
 #: ``model_type`` -> class used when ``config.json`` names no ``architectures``.
 _DEFAULT_CLASS = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -139,7 +144,9 @@ def _transformers() -> Any:
 
 
 def _finish(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    return model.to(dtype).eval()
+    if any(p.dtype != dtype for p in nn.Module.parameters(model)):
+        model = model.to(dtype)
+    return model.eval()
 
 
 def build_model(preset: str, *, seed: int = 0, dtype: torch.dtype = torch.float64,
@@ -159,6 +166,8 @@ def build_model(preset: str, *, seed: int = 0, dtype: torch.dtype = torch.float6
     if preset not in PRESETS:
         raise EnergyInputError(f"`preset` must be one of {sorted(PRESETS)}, got {preset!r}.")
     model_cls, config_cls, kwargs = PRESETS[preset]
+    if model_cls == "TransformerBridge":
+        return _build_transformer_lens({**kwargs, **overrides}, seed, dtype)
     tf = _transformers()
     config = getattr(tf, config_cls)(**{**kwargs, **overrides}, attn_implementation=attn_implementation)
     config.architectures = [model_cls]
@@ -169,6 +178,20 @@ def build_model(preset: str, *, seed: int = 0, dtype: torch.dtype = torch.float6
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(tf, model_cls)(config)
+    return _finish(model, dtype)
+
+
+def _build_transformer_lens(config: dict[str, Any], seed: int, dtype: torch.dtype) -> nn.Module:
+    """A TransformerLens 4 ``TransformerBridge`` around its native causal LM (``TransformerBridge.boot_native``)."""
+    try:
+        from transformer_lens.model_bridge.sources.native import boot
+    except ImportError as exc:  # pragma: no cover - the extra is installed for the tests
+        raise EnergyInputError("the preset needs the optional package `transformer-lens` (>= 4); install the extra: "
+                               "pip install 'energy-unfolding[hf]'.") from exc
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with contextlib.redirect_stdout(sys.stderr):  # its dtype notice is not the command's output
+            model = boot(config, dtype=dtype)
     return _finish(model, dtype)
 
 
@@ -275,11 +298,13 @@ def count_targets(task: str) -> Callable[[Mapping[str, Tensor]], int]:
 
 
 def _config(model: nn.Module) -> Any:
-    return model.config
+    """The model's configuration: ``config`` (Hugging Face) or ``cfg`` (TransformerLens)."""
+    return getattr(model, "config", None) or getattr(model, "cfg", None)
 
 
 def _vocab_size(model: nn.Module) -> int:
-    return int(_config(model).vocab_size)
+    cfg = _config(model)
+    return int(getattr(cfg, "vocab_size", None) or cfg.d_vocab)
 
 
 def token_batches(model: nn.Module, tokens: Tensor, *, batch: int, seed: int = 0,
@@ -345,7 +370,7 @@ def _ordinary_ids(model: nn.Module) -> Tensor:
     """
     vocab = _vocab_size(model)
     keep = torch.ones(vocab, dtype=torch.bool)
-    pad = getattr(model.config, "pad_token_id", None)
+    pad = getattr(_config(model), "pad_token_id", None)
     if isinstance(pad, int) and 0 <= pad < vocab:
         keep[pad] = False
     if task_of(model) == "masked-lm":
@@ -446,7 +471,8 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 
 
 class LogitsModel(nn.Module):
-    """``inputs -> logits`` view of a Hugging Face model for the curvature operators, with the model's own names.
+    """``inputs -> logits`` view of a Hugging Face model (or a TransformerLens ``TransformerBridge``, called on
+    ``inputs["input_ids"]``) for the curvature operators, with the model's own names.
 
     The wrapped model's top-level sub-modules are registered on the wrapper, so parameter names (and
     ``functional_call``'s tied weights, e.g. GPT-2's ``lm_head.weight`` = ``transformer.wte.weight``) are those of
@@ -456,10 +482,11 @@ class LogitsModel(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
-            raise EnergyInputError(f"`model` must be a Hugging Face PreTrainedModel, got {type(model).__name__}.")
-        if any(True for _ in model.named_parameters(recurse=False)) or any(
-                True for _ in model.named_buffers(recurse=False)):
+        if not isinstance(model, nn.Module) or _config(model) is None:
+            raise EnergyInputError(f"`model` must be a Hugging Face PreTrainedModel or a TransformerLens "
+                                   f"TransformerBridge, got {type(model).__name__}.")
+        if any(True for _ in nn.Module.named_parameters(model, recurse=False)) or any(
+                True for _ in nn.Module.named_buffers(model, recurse=False)):
             raise EnergyInputError(f"`model` ({type(model).__name__}) has parameters or buffers at its top level; "
                                    "LogitsModel supports models whose weights live in sub-modules.")
         object.__setattr__(self, "_hf", model)
@@ -484,8 +511,11 @@ class LogitsModel(nn.Module):
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """The model's logits for the keyword inputs (``labels`` ignored)."""
         kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+        if type(self.hf).__name__ == "TransformerBridge":
+            out: Tensor = self.hf(kwargs["input_ids"])
+            return out
         with eager_attention(self.hf):
-            out: Tensor = self.hf(**kwargs).logits
+            out = self.hf(**kwargs).logits
         return out
 
 

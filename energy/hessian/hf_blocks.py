@@ -110,16 +110,34 @@ ATTENTION_LAYOUTS: dict[str, dict[str, Any]] = {
             "pos_embed": ["vit.embeddings.position_embeddings"], "final_norm": ["vit.layernorm"]},
 }
 ATTENTION_LAYOUTS["mistral"] = ATTENTION_LAYOUTS["llama"]
+_TL = "._original_component"
+ATTENTION_LAYOUTS["transformer-lens"] = {
+    "layers": f"blocks.{{i}}{_TL}", **{p: f"attn{_TL}.{p}{_TL}" for p in "qkvo"}, "ln1": ["ln1"], "ln2": ["ln2"],
+    "mlp": ["mlp"], "embed": ["embed"], "pos_embed": ["pos_embed"], "final_norm": ["ln_final"]}
+
+
+def _model_type(model: nn.Module) -> str | None:
+    """The key of :data:`ATTENTION_LAYOUTS` for ``model`` (``config.model_type``; ``"transformer-lens"`` for a
+    TransformerLens 4 ``TransformerBridge``, whose layers are ``blocks.{i}._original_component``).
+    """
+    hf = getattr(model, "hf", model)
+    if type(hf).__name__ == "TransformerBridge":
+        return "transformer-lens"
+    mt = getattr(getattr(hf, "config", None), "model_type", None)
+    return mt if isinstance(mt, str) else None
 
 
 def _heads(config: Any) -> tuple[int, int, int, int, int]:
     """``(n_layers, d_model, n_heads, n_kv_heads, d_head)`` from a Hugging Face config."""
-    n_layers = int(getattr(config, "num_hidden_layers", getattr(config, "n_layer", 0)))
-    d = int(getattr(config, "hidden_size", getattr(config, "n_embd", 0)))
-    n_heads = int(getattr(config, "num_attention_heads", getattr(config, "n_head", 0)))
-    n_kv = getattr(config, "num_key_value_heads", None)
+    def first(*keys: str) -> Any:
+        return next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
+
+    n_layers = int(first("num_hidden_layers", "n_layer", "n_layers") or 0)
+    d = int(first("hidden_size", "n_embd", "d_model") or 0)
+    n_heads = int(first("num_attention_heads", "n_head", "n_heads") or 0)
+    n_kv = first("num_key_value_heads", "n_key_value_heads")
     n_kv = n_heads if n_kv is None else int(n_kv)
-    d_head = getattr(config, "head_dim", None)
+    d_head = first("head_dim", "d_head")
     d_head = d // max(n_heads, 1) if d_head is None else int(d_head)
     return n_layers, d, n_heads, n_kv, d_head
 
@@ -179,16 +197,17 @@ def _layer_attention(shapes: dict[str, torch.Size], lay: dict[str, Any], pre: st
 
 
 def block_catalogue(model: nn.Module) -> dict[str, Block]:
-    """Every block name of ``model`` (a Hugging Face model or its :class:`~energy.hessian.hf.LogitsModel`).
+    """Every block name of ``model`` (a Hugging Face model, a TransformerLens ``TransformerBridge``, or their
+    :class:`~energy.hessian.hf.LogitsModel`; names as ``nn.Module.named_parameters`` gives them).
 
     Structured names (module docstring) for the model types of :data:`ATTENTION_LAYOUTS`, then every parameter
     tensor under its own name. Raises :class:`EnergyInputError` if a known model type's attention tensors do not
     have the shapes its config implies.
     """
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+    shapes = {n: p.shape for n, p in nn.Module.named_parameters(model)}
     out: dict[str, Block] = {}
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    model_type = _model_type(model)
     lay = ATTENTION_LAYOUTS.get(model_type or "")
     if lay is not None:
         sizes = _heads(config)
@@ -226,7 +245,7 @@ def select_blocks(model: nn.Module, patterns: Sequence[str] | str, *, allow_empt
             close = difflib.get_close_matches(pat, names, n=4, cutoff=0.5)
             structured = [n for n in names if "." not in n or n.startswith("layer")]
             hint = f" Close matches: {close}." if close else ""
-            layout = "" if getattr(getattr(model, "config", None), "model_type", None) in ATTENTION_LAYOUTS else (
+            layout = "" if _model_type(model) in ATTENTION_LAYOUTS else (
                 f" This model type has no known attention layout (known: {sorted(ATTENTION_LAYOUTS)}), so only "
                 "whole tensors are blocks.")
             what = "is not a block name" if not any(c in pat for c in "*?[") else "matches no block"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -74,7 +75,7 @@ def _dense_hessian(op) -> torch.Tensor:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-300))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,6 +204,39 @@ def test_sdpa_model_switched_to_eager_and_restored(preset):
     assert sdpa.config._attn_implementation == "sdpa"
     logits = sdpa(**{k: v for k, v in data[0][0].items() if k != "labels"}).logits
     assert torch.isfinite(logits).all() and sdpa.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "bert-tiny", "vit-tiny", "llama-tiny", "mistral-tiny"])
+def test_float64_attention_equals_the_models_own_sdpa(preset):
+    """Logits through the switched model (float64 eager attention with the model's masks, RoPE, GQA) against the
+    model's own SDPA forward, with a padded sequence (attention_mask) where the model takes one. LLaMA/Mistral's own
+    RMSNorm rounds through float32; the reference runs with the float64 RMSNorm (checked separately below), so the
+    comparison isolates the attention."""
+    m = _model(preset, 3, attn_implementation="sdpa")
+    x = hf.synthetic_batches(m, batch=2, seq_len=5, seed=3)[0][0]
+    kwargs = {k: v for k, v in x.items() if k != "labels"}
+    if "input_ids" in x:
+        kwargs["attention_mask"] = torch.ones_like(x["input_ids"])
+        kwargs["attention_mask"][1, 3:] = 0
+    norms = [mod for mod in m.modules() if type(mod).__name__.endswith("RMSNorm")]
+    for mod in norms:
+        mod.forward = types.MethodType(hf._rms_norm_float64, mod)
+    with torch.no_grad():
+        ref = m(**kwargs).logits
+    for mod in norms:
+        del mod.forward
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        ours = hf.LogitsModel(m)(kwargs)
+    keep = kwargs["attention_mask"].bool() if "attention_mask" in kwargs else torch.ones(ref.shape[:-1], dtype=bool)
+    assert _rel(ours[keep], ref[keep]) < 1e-12
+    assert m.config._attn_implementation == "sdpa"
+    if norms:  # the float64 RMSNorm is the model's own on float32 inputs
+        h = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+        mod = type(norms[0])(8).to(torch.float32)
+        with torch.no_grad():
+            mod.weight.uniform_(0.5, 1.5)
+            assert torch.allclose(hf._rms_norm_float64(mod, h), mod(h), rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------------------

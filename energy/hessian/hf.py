@@ -1,18 +1,19 @@
-r"""Hugging Face ``transformers`` models in the curvature module: tiny models built offline, standard losses, data,
-and fused attention switched to eager for the products (MATH §3.1, §3.7).
+r"""Hugging Face ``transformers`` and TransformerLens models in the curvature module: tiny models built offline,
+standard losses, data, and fused attention switched to eager for the products (MATH §3.1, §3.7).
 
-``transformers`` is imported lazily (only when a model is built or loaded), so ``import energy.hessian`` works
-without it (extra ``hf``).
+``transformers`` and ``transformer_lens`` are imported lazily (only when a model is built or loaded), so
+``import energy.hessian`` works without them (extra ``hf``).
 
 Models and tasks
 ----------------
 :func:`build_model` builds a preset (:data:`PRESETS`: ``gpt2-tiny``, ``llama-tiny``, ``mistral-tiny``,
-``bert-tiny``, ``bert-cls-tiny``, ``vit-tiny``, ``gpt2-small-shaped``) from a config with a seed (random init,
-float64, eval mode); :func:`load_model` reads a local directory (``config.json``; weights when present, else the
-seeded random init). The task follows from the model class (:func:`task_of`):
+``bert-tiny``, ``bert-cls-tiny``, ``vit-tiny``, ``gpt2-small-shaped``, and ``tl-tiny``, a TransformerLens 4
+``TransformerBridge`` around its native causal LM; TransformerLens 4 has no ``HookedTransformer``) from a config
+with a seed (random init, float64, eval mode); :func:`load_model` reads a local directory (``config.json``; weights
+when present, else the seeded random init). The task follows from the model class (:func:`task_of`):
 
-* ``causal-lm`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM``): shifted cross-entropy,
-  logits at position ``t`` score token ``t + 1``;
+* ``causal-lm`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``, ``MistralForCausalLM``, ``TransformerBridge``): shifted
+  cross-entropy, logits at position ``t`` score token ``t + 1``;
 * ``masked-lm`` (``BertForMaskedLM``): cross-entropy at the masked positions (label ``-100`` elsewhere);
 * ``sequence-classification`` / ``image-classification``: cross-entropy of one label per example.
 
@@ -36,9 +37,16 @@ Fused attention
 ---------------
 SDPA / flash attention kernels have no forward-mode derivative on the CPU (``jvp`` raises ``NotImplementedError``
 for ``_scaled_dot_product_flash_attention_for_cpu``), which the ``H_o`` / ``H_f`` products need.
-:class:`LogitsModel` runs every forward pass inside :func:`eager_attention`, which switches the model to the
-mathematically identical eager attention and restores the previous setting afterwards; a one-line
-``UserWarning`` says so when the wrapper is built.
+:class:`LogitsModel` runs every forward pass inside :func:`eager_attention`, which switches the model to
+:func:`float64_attention` (the same function from differentiable ops, registered in ``transformers`` as
+``"energy_eager"``) and restores the previous setting afterwards; a one-line ``UserWarning`` says so when the wrapper
+is built. The models' own eager functions are not used: LLaMA's, Mistral's and ViT's take the softmax in float32,
+and LLaMA/Mistral's RMSNorm rounds through float32, which limits float64 products to about 1e-7; inside the block
+both run in the input dtype, and SiLU is computed as ``x·σ(x)`` (``aten::silu_backward`` has no forward-mode rule).
+
+Padding tokens: ``nn.Embedding(padding_idx=p)`` zeroes the reverse-mode gradient of row ``p`` while forward mode
+keeps it, so ``H`` and ``H_o + H_f`` disagree on that row when ``p`` occurs in the inputs; mark padding with
+``attention_mask`` and label ``-100`` (:func:`synthetic_batches` never draws the padding id).
 """
 
 from __future__ import annotations

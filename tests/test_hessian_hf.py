@@ -307,6 +307,11 @@ def test_block_errors():
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(EnergyInputError, match="no known attention layout"):
         select_blocks(plain, "*.head*.Q")
+    bc = BlockCurvature(m, hf.synthetic_batches(m, batch=1, seq_len=3))
+    with pytest.raises(EnergyInputError, match="pattern matching 2 blocks"):
+        bc.operator("layer0.head*.Q")
+    with pytest.raises(EnergyInputError, match="Close matches"):
+        bc.frobenius("layer0.head1.q")
     m.config.n_embd = 12  # config and tensors disagree: not the layout the catalogue expects
     with pytest.raises(EnergyInputError, match="expected attention layout.*c_attn"):
         block_catalogue(m)

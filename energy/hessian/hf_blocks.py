@@ -342,7 +342,11 @@ class BlockCurvature:
     def _block(self, b: Block | str) -> Block:
         if isinstance(b, Block):
             return b
-        return select_blocks(self.model.hf, [b])[0] if b in self.catalogue else self.blocks([b])[0]
+        if b not in self.catalogue:
+            hits = self.blocks([b])  # raises for an unknown name, with close matches
+            raise EnergyInputError(f"block {b!r} is a pattern matching {len(hits)} blocks ({hits[0].name}, ...); an "
+                                   "operator takes one block name (loop over bc.blocks(pattern)).")
+        return self.catalogue[b]
 
     def operator(self, rows: Block | str, cols: Block | str | None = None, part: str = "H") -> BlockOperator:
         """The block ``A_{rows, cols}`` of the part ``A`` (default ``cols = rows``) as a linear operator."""

@@ -25,6 +25,7 @@ PROG = "python -m energy.hessian"
 #: ``name: (module whose main(argv, prog=...) runs it, one-line help)``.
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("energy.hessian.verify", "every closed form against its autograd twin (max relative error ≤ 1e-10)"),
+    "analyze": ("energy.hessian.analyze", "blockwise curvature (per-head Q/K/V, O, MLP, norms) of an HF model"),
 }
 
 

@@ -380,7 +380,7 @@ class BlockHessian:
         sl = self.slices()
         for name in (a, b):
             if name not in sl:
-                raise EnergyInputError(f"unknown parameter block {name!r}; the blocks are {list(sl)}.")
+                raise EnergyInputError(f"unknown parameter block {name!r}; choose one of {list(sl)}.")
         return self.matrix[sl[a], sl[b]]
 
     def frobenius(self) -> dict[tuple[str, str], float]:

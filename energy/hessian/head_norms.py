@@ -315,8 +315,8 @@ def head_block_norms(
     names = [b if b in HEAD_BLOCKS else b[::-1] for b in blocks]
     bad = [b for b in names if b not in HEAD_BLOCKS]
     if bad:
-        raise EnergyInputError(f"`blocks` may contain only {HEAD_BLOCKS}, got {bad}; the off-diagonal blocks of one "
-                               "head are computed by energy.hessian.structure.block_norms.")
+        raise EnergyInputError(f"`blocks` must be among {HEAD_BLOCKS}, got {bad}; for the off-diagonal blocks of one "
+                               "head use energy.hessian.structure.block_norms.")
     chunk = check_positive_int(chunk, "chunk", what="(rows per step)")
     tile = check_positive_int(tile, "tile", what="(tile side of the (K,K) primal route)")
     X3, G3 = (X[None], G[None]) if X.ndim == 2 else (X, G)

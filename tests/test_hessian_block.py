@@ -136,3 +136,32 @@ def test_parts_from_one_sweep() -> None:
     parts = block_hessian_parts(block, X, target)
     for part in ("H", "H_o", "H_f"):
         assert _rel(parts[part].matrix, block_hessian(block, X, target, part=part).matrix) <= 1e-13  # type: ignore[arg-type]
+
+
+class _BlockModule(torch.nn.Module):
+    """The block as an ``nn.Module`` of its flat parameter vector (for the matrix-free operators)."""
+
+    def __init__(self, block: TransformerBlock, mask: torch.Tensor | None) -> None:
+        super().__init__()
+        self.block, self.mask = block, mask
+        self.theta = torch.nn.Parameter(block.flat().detach().clone())
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.block.with_flat(self.theta).logits(X, self.mask)
+
+
+@pytest.mark.parametrize("case", [dict(norm="pre", loss="ce", n_heads=3), dict(norm="post", loss="mse")],
+                         ids=["pre-ce", "post-mse"])
+def test_matrix_free_operators_agree_with_the_closed_form(case: dict) -> None:
+    """HessianOperator / GGNOperator / FunctionalOperator on the same block equal H, H_o, H_f (MATH §3.7, §5.3)."""
+    from energy.hessian import FunctionalOperator, GGNOperator, HessianOperator
+
+    block, X, target = _problem(17, **case)
+    X3, T, mask = block.check_inputs(X, target)
+    c = block.loss_constant(X3)
+    module = _BlockModule(block, mask)
+    data = [(X3, T)]
+    closed = block_hessian_parts(block, X, target)
+    for op, part in ((HessianOperator, "H"), (GGNOperator, "H_o"), (FunctionalOperator, "H_f")):
+        dense = op(module, lambda z, y: block.loss_of_logits(z, y, c), None, data, reduction="sum").dense()
+        assert _rel(dense, closed[part].matrix) <= TOL, part

@@ -289,3 +289,43 @@ def test_import_unfold_does_not_import_transformers():
     code = "import sys, unfold, unfold.converters; assert 'transformers' not in sys.modules"
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_gpt2_layer_scaled_attention_and_to_energy():
+    """scale_attn_by_inverse_layer_idx: κ = 1/(√d_head·(layer_idx + 1)) is read off, reproduces the module, and is
+    noted; to_energy of a GPT-2 block raises without pointing to a nearest layer that does not exist."""
+    pytest.importorskip("transformers")
+    from energy.hessian.hf import build_model
+    from unfold.converters import to_energy
+    model = build_model("gpt2-tiny", seed=2, scale_attn_by_inverse_layer_idx=True)
+    attn = model.transformer.h[1].attn
+    w = diagnose(attn).weights
+    assert math.isclose(w.kappa, 1 / (2 * math.sqrt(w.d_head)), rel_tol=1e-15)
+    X = torch.randn(1, 5, w.d, generator=torch.Generator().manual_seed(3), dtype=DT)
+    with torch.no_grad():
+        got = attn(X, attention_mask=_causal_additive(5)[None, None])[0]
+    torch.testing.assert_close(got, _reference_attention(w, X, True), rtol=0, atol=1e-12)
+    assert any("scale_attn_by_inverse_layer_idx" in n for n in check_layer(attn).notes)
+    with pytest.raises(ConstraintError) as err:
+        to_energy(model.transformer.h[0])
+    assert "none exists" in str(err.value) and "gives the nearest" not in str(err.value)
+
+
+@pytest.mark.parametrize("h,d,k", [(1, 5, 3), (2, 6, 3), (3, 7, 2)])
+def test_multihead_attention_layer_with_own_scale_converts(gen, h, d, k):
+    """A constrained MultiHeadAttentionLayer with κ = 0.3 (W_Q = W_K = M_h, W_V W_O = P_h, or I for one head)
+    converts to the energy W_h = 0.3 M_h M_hᵀ (the scale travels through AttentionWeights.kappa)."""
+    from unfold.converters import to_energy
+    U = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=DT))[0][:, : h * k].reshape(d, h, k).transpose(0, 1)
+    M = U @ torch.randn(h, k, k, generator=gen, dtype=DT)
+    if h == 1:  # one head: the value map is the identity
+        W_V, W_O = torch.eye(d, dtype=DT)[None], torch.eye(d, dtype=DT)[None]
+        W_Q = torch.cat([M, M.new_zeros(1, d, d - k)], -1)
+    else:
+        W_V, W_O, W_Q = U, U.transpose(-1, -2), M
+    mh = MultiHeadAttentionLayer(W_Q, W_Q, W_V, W_O, scale=0.3)
+    report = check_layer(mh)
+    assert report.satisfied, str(report)
+    E, _ = to_energy(mh)
+    W_expected = 0.3 * M @ M.transpose(-1, -2)
+    torch.testing.assert_close(E.W if h > 1 else E.W[None], W_expected, rtol=0, atol=1e-12)

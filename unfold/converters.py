@@ -31,6 +31,13 @@ has no such bias. What is and is not reproducible:
 Heads on mutually orthogonal subspaces keep the single-head descent guarantee; for general heads the summed step is
 reproduced just as exactly, but it is not a guaranteed descent step (MATH §1.2) — the report says which case holds.
 
+Real layers and blocks (:mod:`unfold.layer_diagnosis`): :func:`check_layer` also reads
+``nn.TransformerEncoderLayer``, Hugging Face ``GPT2Attention``/``GPT2Block`` and LLaMA/Mistral-style attention,
+and :class:`energy.hessian.multihead.MultiHeadAttentionLayer`, and reports what no weight change removes — a causal
+mask (sized by :func:`causal_gap`), RoPE, linear attention, a fixed mask — and the block's normalisation placement,
+skip map, FFN tie and dropout; :attr:`ConstraintReport.nearest` says where the nearest constrained layer is, or why
+none exists.
+
 Unconstrained layers: :func:`check_layer` reports every violated constraint with its size (e.g. "W_Q W_Kᵀ is not
 symmetric: ‖asym‖/‖W‖ = 0.43") and :func:`nearest_constrained` returns the nearest constrained layer (Frobenius-nearest
 symmetric PSD rank-``d_head`` part of each ``W_Q^h W_K^{hᵀ}``, value maps set to the constraint) and the distances.
@@ -195,7 +202,8 @@ def check_layer(layer: Any, *, causal: bool = False, preconditioner: Preconditio
             :class:`energy.hessian.multihead.MultiHeadAttentionLayer`, ``nn.TransformerEncoderLayer``, or a Hugging
             Face ``GPT2Attention``, ``GPT2Block`` or LLaMA/Mistral-style attention (:mod:`unfold.layer_diagnosis`).
         causal: the layer is applied with a causal mask (GPT-2 and LLaMA attention are causal regardless); the
-            report then names the mask with its size, :func:`causal_gap`.
+            report then names the mask with its size, :func:`causal_gap` of the step of the layer's metric (the
+            PSD part of ``W_Q^h W_K^{hᵀ}``: the layer's own when the weights are constrained).
         preconditioner: the step whose value constraint is checked: ``Preconditioner.METRIC`` (default, step (a):
             ``W_V^h W_O^h = P_h``, identity for one head) or ``Preconditioner.TOKEN`` (step (b):
             ``W_V^h W_O^h = α W_h``); plain strings ``"metric"``/``"token"`` are accepted.
@@ -366,8 +374,9 @@ def to_energy(layer: Any, *, preconditioner: Preconditioner | str | None = None,
     report = check_layer(layer, preconditioner=prec, rtol=rtol)
     if not report.satisfied:
         raise ConstraintError(
-            f"{report}\nThis layer is not a descent step of an attention energy. "
-            "unfold.converters.nearest_constrained(layer) gives the nearest constrained layer and the distance to it."
+            f"{report}\nThis layer is not a descent step of an attention energy"
+            + ("." if report.nearest.startswith("none") else "; unfold.converters.nearest_constrained(layer) gives "
+               "the nearest constrained layer and the distance to it.")
         )
     w = diagnose(layer).weights
     same = bool(torch.equal(w.W_Q, w.W_K))

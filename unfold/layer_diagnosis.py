@@ -221,7 +221,7 @@ def _multihead(mh: MultiHeadAttentionLayer, causal: bool, rtol: float | None) ->
     return d
 
 
-def _gpt2_attention(m: nn.Module, rtol: float | None, kind: str) -> Diagnosis:
+def _gpt2_attention(m: Any, rtol: float | None, kind: str) -> Diagnosis:
     if getattr(m, "is_cross_attention", False):
         raise EnergyInputError("`layer` is a cross-attention GPT2Attention (is_cross_attention=True); an energy step "
                                "is self-attention. Pass a self-attention layer.")
@@ -241,12 +241,12 @@ def _gpt2_attention(m: nn.Module, rtol: float | None, kind: str) -> Diagnosis:
     return d
 
 
-def _llama_attention(m: nn.Module, rtol: float | None) -> Diagnosis:
+def _llama_attention(m: Any, rtol: float | None) -> Diagnosis:
     q: Any = m.q_proj
     k: Any = m.k_proj
     v: Any = m.v_proj
     o: Any = m.o_proj
-    dh = int(m.head_dim)  # type: ignore[arg-type]
+    dh = int(m.head_dim)
     d_model = q.weight.shape[1]
 
     def heads(W: Tensor) -> Tensor:  # nn.Linear weight (H·dh, d) -> right acting (H, d, dh)
@@ -278,7 +278,7 @@ def _llama_attention(m: nn.Module, rtol: float | None) -> Diagnosis:
     return d
 
 
-def _rope_size(m: nn.Module, mh: MultiHeadAttentionLayer) -> float | None:
+def _rope_size(m: Any, mh: MultiHeadAttentionLayer) -> float | None:
     """``‖S_RoPE − S‖/‖S‖`` of the query–key logits on :func:`probe_input`, RoPE from the module's own package."""
     mod = sys.modules.get(type(m).__module__)
     prefix = type(m).__name__.removesuffix("Attention")

@@ -329,3 +329,17 @@ def test_multihead_attention_layer_with_own_scale_converts(gen, h, d, k):
     E, _ = to_energy(mh)
     W_expected = 0.3 * M @ M.transpose(-1, -2)
     torch.testing.assert_close(E.W if h > 1 else E.W[None], W_expected, rtol=0, atol=1e-12)
+
+
+def test_sliding_window_and_cross_attention():
+    """A Mistral sliding window is a further mask failure; a cross-attention GPT2Attention is refused clearly."""
+    pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    from energy.hessian.hf import build_model
+    attn = build_model("mistral-tiny", seed=0, sliding_window=3).model.layers[0].self_attn
+    report = check_layer(attn)
+    assert any(f.startswith("sliding-window mask (window 3)") for f in report.failures)
+    cross = GPT2Attention(build_model("gpt2-tiny").config, is_cross_attention=True, layer_idx=0)
+    with pytest.raises(EnergyInputError, match="cross-attention GPT2Attention"):
+        check_layer(cross)

@@ -139,7 +139,10 @@ class ConstraintReport:
         satisfied: all constraints hold (within ``rtol``): the layer is a descent-step layer.
         failures: one human-readable line per violated constraint, with its size.
         measures: the numbers (per head): ``qk_asymmetry`` ‖asym‖/‖S‖, ``qk_lambda_min`` (relative), value-map
-            distances, bias norms.
+            distances, bias norms; where they apply ``causal_gap`` and ``probe`` (:func:`causal_gap`),
+            ``rope_logit_change``, ``n_heads``/``n_kv_heads``, and for blocks ``norm_placement``,
+            ``skip_mismatch``, ``ffn_alpha``, ``ffn_tie_distance``, ``ffn_activation``, the LayerNorm affine
+            sizes and ``dropout`` (:mod:`unfold.layer_diagnosis`).
         preconditioner: the step whose value constraint was checked (``METRIC`` = step (a), identity values;
             ``TOKEN`` = step (b), values tied to ``W``).
         alpha: the step size read off the value map (step (b): ``W_V W_O = α W``), else 1.

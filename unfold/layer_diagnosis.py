@@ -290,9 +290,12 @@ def _rope_size(m: Any, mh: MultiHeadAttentionLayer) -> float | None:
     Qh = torch.einsum("bnd,hdk->bhnk", Y, mh.W_Q.detach())
     Kh = torch.einsum("bnd,hdk->bhnk", Y, mh.W_K.detach().repeat_interleave(mh.group_size, 0))
     pos = torch.arange(Y.shape[1]).unsqueeze(0).expand(Y.shape[0], -1)
-    with torch.no_grad():
-        cos, sin = rotary(config=m.config).to(Y.dtype)(Y, pos)
-        Qr, Kr = apply(Qh, Kh, cos.to(Y.dtype), sin.to(Y.dtype))
+    try:  # the rotary class and function of the module's own transformers package (signatures vary by version)
+        with torch.no_grad():
+            cos, sin = rotary(config=m.config).to(Y.dtype)(Y, pos)
+            Qr, Kr = apply(Qh, Kh, cos.to(Y.dtype), sin.to(Y.dtype))
+    except (TypeError, AttributeError, ValueError):
+        return None
     S, Sr = Qh @ Kh.transpose(-1, -2), Qr @ Kr.transpose(-1, -2)
     return _rel(Sr - S, S)
 

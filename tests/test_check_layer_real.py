@@ -343,3 +343,24 @@ def test_sliding_window_and_cross_attention():
     cross = GPT2Attention(build_model("gpt2-tiny").config, is_cross_attention=True, layer_idx=0)
     with pytest.raises(EnergyInputError, match="cross-attention GPT2Attention"):
         check_layer(cross)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 1, 5), (2, 4, 5), (4, 5)])
+def test_causal_gap_on_given_tokens(gen, shape):
+    """One token: the causal mask changes nothing (gap 0 to rounding); otherwise the gap equals the torch layer's."""
+    M = torch.randn(1, 5, 5, generator=gen, dtype=DT)
+    E = AttentionEnergy(M[0])
+    Y = torch.randn(*shape, generator=gen, dtype=DT)
+    gap = causal_gap(M, E.scale, Preconditioner.METRIC, 0.5, Y)
+    if shape[-2] == 1:
+        assert gap < 1e-15
+        return
+    Yb = Y if Y.ndim == 3 else Y[None]
+    mha = to_standard(E)
+    with torch.no_grad():
+        out = mha(Yb, Yb, Yb, attn_mask=key_bias_mask(Yb, E) + _causal_additive(shape[-2]), need_weights=False)[0]
+    causal = 0.5 * Yb + 0.5 * out
+    target = E.step(Yb, 0.5)
+    assert abs(gap - float((causal - target).norm() / target.norm())) <= 1e-10 * gap
+    with pytest.raises(EnergyInputError, match="`Y` must be"):
+        causal_gap(M, E.scale, Preconditioner.METRIC, 0.5, Y[..., :4])

@@ -294,9 +294,10 @@ def _nearest_text(diag: Diagnosis) -> str:
     return f"unfold.converters.nearest_constrained(layer) returns it{part}"
 
 
-def causal_gap(M: Tensor, scale: float, preconditioner: Preconditioner, alpha: float = 1.0) -> float:
-    r"""``‖Y⁺_causal − Y⁺‖_F/‖Y⁺‖_F`` on :func:`~unfold.layer_diagnosis.probe_input`: the energy step ``Y⁺`` of
-    the heads ``M (h, d, k)`` against the same layer with a causal mask.
+def causal_gap(M: Tensor, scale: float, preconditioner: Preconditioner, alpha: float = 1.0,
+               Y: Tensor | None = None) -> float:
+    r"""``‖Y⁺_causal − Y⁺‖_F/‖Y⁺‖_F`` on ``Y`` ``(..., n, d)`` (default :func:`~unfold.layer_diagnosis.probe_input`):
+    the energy step ``Y⁺`` of the heads ``M (h, d, k)`` against the same layer with a causal mask.
 
     The causal layer keeps the step's value maps, skip map and key bias and restricts the mixing to ``j ≤ i``:
 
@@ -307,7 +308,13 @@ def causal_gap(M: Tensor, scale: float, preconditioner: Preconditioner, alpha: f
     ``T`` this is :func:`energy.core.attention.apply_step` of the energy's step.
     """
     energy = _energy_from_factors(M, scale)
-    Y = probe_input(M.shape[1], M.dtype)
+    if Y is None:
+        Y = probe_input(M.shape[1], M.dtype)
+    else:
+        check_tensor(Y, "Y", min_ndim=2)
+        if Y.shape[-1] != M.shape[1] or Y.dtype != M.dtype:
+            raise EnergyInputError(f"`Y` must be (..., n, d) with d = {M.shape[1]} and dtype {M.dtype} (those of "
+                                   f"`M`), got shape {tuple(Y.shape)} and dtype {Y.dtype}.")
     M3 = _M3(energy)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -31,6 +31,13 @@ has no such bias. What is and is not reproducible:
 Heads on mutually orthogonal subspaces keep the single-head descent guarantee; for general heads the summed step is
 reproduced just as exactly, but it is not a guaranteed descent step (MATH §1.2) — the report says which case holds.
 
+Real layers and blocks (:mod:`unfold.layer_diagnosis`): :func:`check_layer` also reads
+``nn.TransformerEncoderLayer``, Hugging Face ``GPT2Attention``/``GPT2Block`` and LLaMA/Mistral-style attention,
+and :class:`energy.hessian.multihead.MultiHeadAttentionLayer`, and reports what no weight change removes — a causal
+mask (sized by :func:`causal_gap`), RoPE, linear attention, a fixed mask — and the block's normalisation placement,
+skip map, FFN tie and dropout; :attr:`ConstraintReport.nearest` says where the nearest constrained layer is, or why
+none exists.
+
 Unconstrained layers: :func:`check_layer` reports every violated constraint with its size (e.g. "W_Q W_Kᵀ is not
 symmetric: ‖asym‖/‖W‖ = 0.43") and :func:`nearest_constrained` returns the nearest constrained layer (Frobenius-nearest
 symmetric PSD rank-``d_head`` part of each ``W_Q^h W_K^{hᵀ}``, value maps set to the constraint) and the distances.
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,7 +59,8 @@ from energy._attention_args import check_preconditioner
 from energy._validation import ConstraintError, EnergyInputError, check_real, check_tensor
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.core import Preconditioner
-from energy.core.attention import kappa, key_bias, metric, value_output_maps
+from energy.core.attention import apply_step, head_gamma, head_keys, key_bias, metric, value_output_maps
+from unfold.layer_diagnosis import Diagnosis, diagnose, probe_input, probe_text
 from unfold.layer_weights import AttentionWeights, from_mha, to_mha
 from unfold.steps import AttentionStep
 
@@ -63,6 +71,7 @@ __all__ = [
     "from_mha",
     "to_mha",
     "check_layer",
+    "causal_gap",
     "nearest_constrained",
     "to_energy",
     "to_standard",
@@ -130,11 +139,17 @@ class ConstraintReport:
         satisfied: all constraints hold (within ``rtol``): the layer is a descent-step layer.
         failures: one human-readable line per violated constraint, with its size.
         measures: the numbers (per head): ``qk_asymmetry`` ‖asym‖/‖S‖, ``qk_lambda_min`` (relative), value-map
-            distances, bias norms.
+            distances, bias norms; where they apply ``causal_gap`` and ``probe`` (:func:`causal_gap`),
+            ``rope_logit_change``, ``n_heads``/``n_kv_heads``, and for blocks ``norm_placement``,
+            ``skip_mismatch``, ``ffn_alpha``, ``ffn_tie_distance``, ``ffn_activation``, the LayerNorm affine
+            sizes and ``dropout`` (:mod:`unfold.layer_diagnosis`).
         preconditioner: the step whose value constraint was checked (``METRIC`` = step (a), identity values;
             ``TOKEN`` = step (b), values tied to ``W``).
         alpha: the step size read off the value map (step (b): ``W_V W_O = α W``), else 1.
         heads_orthogonal: whether the heads' subspaces are mutually orthogonal (descent guarantee, MATH §1.2).
+        kind: the layer type that was checked.
+        notes: structural facts that are not failures (grouped-query attention, Post-LN, inactive dropout).
+        nearest: where the nearest constrained layer is (:func:`nearest_constrained`), or why none exists.
     """
 
     satisfied: bool
@@ -143,6 +158,9 @@ class ConstraintReport:
     preconditioner: Preconditioner
     alpha: float
     heads_orthogonal: bool
+    kind: str = ""
+    notes: list[str] = field(default_factory=list)
+    nearest: str = ""
 
     @property
     def value(self) -> str:
@@ -155,8 +173,13 @@ class ConstraintReport:
         if self.satisfied:
             g = "guaranteed descent" if self.heads_orthogonal else "heads not orthogonal: descent not guaranteed"
             step = "(a), identity values" if self.preconditioner is Preconditioner.METRIC else "(b), values tied to W"
-            return f"constrained layer (step {step}; α = {self.alpha:.6g}; {g})"
-        return "unconstrained layer:\n  - " + "\n  - ".join(self.failures)
+            head = f"constrained layer (step {step}; α = {self.alpha:.6g}; {g})"
+        else:
+            head = "unconstrained layer:\n  - " + "\n  - ".join(self.failures)
+        of = f"{self.kind}: " if self.kind else ""
+        notes = "".join(f"\n  note: {n}" for n in self.notes)
+        nearest = f"\n  nearest constrained layer: {self.nearest}" if self.nearest and not self.satisfied else ""
+        return of + head + notes + nearest
 
 
 def _rel(num: Tensor, den: Tensor) -> float:
@@ -173,23 +196,34 @@ def _psd_factor(S: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return F @ F.transpose(-1, -2), F
 
 
-def check_layer(layer: Any, *, preconditioner: Preconditioner | str | None = None, rtol: float | None = None,
-                value: str | None = None) -> ConstraintReport:
-    """Measure the constraints of MATH §1.7 on a standard layer (see the module docstring).
+def check_layer(layer: Any, *, causal: bool = False, preconditioner: Preconditioner | str | None = None,
+                rtol: float | None = None, value: str | None = None) -> ConstraintReport:
+    """Measure the constraints of MATH §1.7 on a standard layer or block (see the module docstring).
 
     Args:
-        layer: ``nn.MultiheadAttention``, :class:`AttentionWeights` or a dict of reference weights.
+        layer: ``nn.MultiheadAttention``, :class:`AttentionWeights`, a dict of reference weights,
+            :class:`energy.hessian.multihead.MultiHeadAttentionLayer`, ``nn.TransformerEncoderLayer``, or a Hugging
+            Face ``GPT2Attention``, ``GPT2Block`` or LLaMA/Mistral-style attention (:mod:`unfold.layer_diagnosis`).
+        causal: the layer is applied with a causal mask (GPT-2 and LLaMA attention are causal regardless); the
+            report then names the mask with its size, :func:`causal_gap` of the step of the layer's metric (the
+            PSD part of ``W_Q^h W_K^{hᵀ}``: the layer's own when the weights are constrained).
         preconditioner: the step whose value constraint is checked: ``Preconditioner.METRIC`` (default, step (a):
             ``W_V^h W_O^h = P_h``, identity for one head) or ``Preconditioner.TOKEN`` (step (b):
             ``W_V^h W_O^h = α W_h``); plain strings ``"metric"``/``"token"`` are accepted.
         rtol: relative tolerance (default ``1e3·eps`` of the dtype, i.e. exact up to rounding).
         value: deprecated former name of the step (``"identity"`` = METRIC, ``"metric"`` = TOKEN).
+
+    Raises:
+        EnergyInputError: an unsupported ``layer`` (the message lists the supported types).
     """
     prec = _preconditioner(preconditioner, value, "check_layer")
     if rtol is not None:
         check_real(rtol, "rtol", what="(a relative tolerance)")
-    w = AttentionWeights.of(layer)
-    tol = 1e3 * torch.finfo(w.W_Q.dtype).eps if rtol is None else float(rtol)
+    if not isinstance(causal, bool):
+        raise EnergyInputError(f"`causal` must be True or False (whether the layer is applied with a causal mask), "
+                               f"got {causal!r}.")
+    diag = diagnose(layer, causal=causal, rtol=rtol)
+    w, tol = diag.weights, diag.tol
     failures: list[str] = list(w.extras)
     measures: dict[str, Any] = {}
     for name in ("b_Q", "b_K", "b_V", "b_O"):
@@ -216,7 +250,7 @@ def check_layer(layer: Any, *, preconditioner: Preconditioner | str | None = Non
     # value maps, against the PSD part of the query–key product (the layer's metric if constrained)
     _, F = _psd_factor(S, w.d_head)
     V = w.vo_products()
-    values, outputs = _value_output_factors(F, float(kappa(None, w.d_head)), prec)
+    values, outputs = _value_output_factors(F, w.kappa, prec)
     target = values @ outputs  # (h, d, d): I / P_h (step (a)) or W_h (step (b))
     alpha = 1.0
     if prec is Preconditioner.TOKEN:  # W_V^h W_O^h = α W_h: the least-squares α per head, one α for the layer
@@ -234,8 +268,66 @@ def check_layer(layer: Any, *, preconditioner: Preconditioner | str | None = Non
         else:
             name = "the identity" if w.num_heads == 1 else "the projector P_h onto range(M_h)"
             failures.append(f"head {h}: value/output map W_V W_O is not {name}: ‖W_V W_O − P‖/‖P‖ = {dv:.3g}")
+    if diag.causal:
+        gap = causal_gap(F, w.kappa, prec, alpha)
+        measures["causal_gap"] = gap
+        measures["probe"] = probe_text(w.d)
+        failures.append(
+            f"causal mask ({diag.measures['causal_source']}): a symmetric pairwise energy's step is not causal; "
+            f"the causal layer differs from the energy step it would otherwise reproduce by "
+            f"‖causal − step‖/‖step‖ = {gap:.3g} on {probe_text(w.d)} (no weight change removes this)")
+    failures += diag.failures
+    measures.update(diag.measures)
     orthogonal = MultiHeadAttentionEnergy(F).heads_orthogonal() if w.num_heads > 1 else True
-    return ConstraintReport(not failures, failures, measures, prec, alpha, orthogonal)
+    report = ConstraintReport(not failures, failures, measures, prec, alpha, orthogonal, diag.kind, diag.notes,
+                              _nearest_text(diag))
+    return report
+
+
+def _nearest_text(diag: Diagnosis) -> str:
+    """Where the nearest constrained layer is, or why none exists."""
+    if diag.no_nearest:
+        return ("none exists: " + "; ".join(diag.no_nearest) + ". The weights alone can be constrained: "
+                "nearest_constrained(unfold.layer_diagnosis.diagnose(layer).weights) drops the structure above.")
+    part = "" if diag.kind in ("nn.MultiheadAttention", "AttentionWeights", "dict", "MultiHeadAttentionLayer") else \
+        " (of its attention; the block findings above are structure, not attention weights)"
+    return f"unfold.converters.nearest_constrained(layer) returns it{part}"
+
+
+def causal_gap(M: Tensor, scale: float, preconditioner: Preconditioner, alpha: float = 1.0,
+               Y: Tensor | None = None) -> float:
+    r"""``‖Y⁺_causal − Y⁺‖_F/‖Y⁺‖_F`` on ``Y`` ``(..., n, d)`` (default :func:`~unfold.layer_diagnosis.probe_input`):
+    the energy step ``Y⁺`` of the heads ``M (h, d, k)`` against the same layer with a causal mask.
+
+    The causal layer keeps the step's value maps, skip map and key bias and restricts the mixing to ``j ≤ i``:
+
+    .. math:: A^{c}_h = \frac{\Gamma_h \circ T}{(\Gamma_h \circ T)\,\mathbf 1},\qquad
+        Y^{c} = Y - \alpha\textstyle\sum_h (V_h - A^{c}_h V_h)\, O_h,
+
+    with ``T`` the lower-triangular ones and ``Γ_h`` the Gaussian kernel of the energy (MATH §1.1, §1.2); without
+    ``T`` this is :func:`energy.core.attention.apply_step` of the energy's step.
+    """
+    energy = _energy_from_factors(M, scale)
+    if Y is None:
+        Y = probe_input(M.shape[1], M.dtype)
+    else:
+        check_tensor(Y, "Y", min_ndim=2)
+        if Y.shape[-1] != M.shape[1] or Y.dtype != M.dtype:
+            raise EnergyInputError(f"`Y` must be (..., n, d) with d = {M.shape[1]} and dtype {M.dtype} (those of "
+                                   f"`M`), got shape {tuple(Y.shape)} and dtype {Y.dtype}.")
+    M3 = _M3(energy)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = energy.step(Y, alpha, preconditioner=preconditioner.value)
+        K = head_keys(Y, M3)
+        _, Gamma = head_gamma(K, energy.scale, energy.kernel, None)
+        n = Y.shape[-2]
+        Gc = Gamma * torch.ones(n, n, dtype=Y.dtype).tril()
+        A = Gc / Gc.sum(-1, keepdim=True)
+        values, out = value_output_maps(M3, energy.scale, preconditioner, single=M3.shape[0] == 1)
+        Vals = Y.unsqueeze(-3) if values is None else head_keys(Y, values)
+        causal = apply_step(Y, A, Vals, out, alpha, None)
+    return float((causal - target).norm() / target.norm().clamp_min(1e-300))
 
 
 # ---------------------------------------------------------------------------------------------- energy <-> layer
@@ -261,9 +353,10 @@ class EnergyStep:
                 f"preconditioner={self.preconditioner.value!r})")
 
 
-def _energy_from_factors(M: Tensor, d_head: int) -> AttentionEnergyLike:
-    """The energy with ``W_h = M_h M_hᵀ/√d_head`` of head factors ``M (h, d, k)`` (one head: AttentionEnergy)."""
-    scale = float(kappa(None, d_head))  # the softmax(Q Kᵀ/√d_head) convention of nn.MultiheadAttention
+def _energy_from_factors(M: Tensor, scale: float) -> AttentionEnergyLike:
+    """The energy with ``W_h = κ M_h M_hᵀ`` of head factors ``M (h, d, k)`` (one head: AttentionEnergy); ``κ`` the
+    layer's scale (``1/√d_head``, the softmax(Q Kᵀ/√d_head) convention of nn.MultiheadAttention, by default).
+    """
     return AttentionEnergy(M[0], scale=scale) if M.shape[0] == 1 else MultiHeadAttentionEnergy(M, scale=scale)
 
 
@@ -291,13 +384,14 @@ def to_energy(layer: Any, *, preconditioner: Preconditioner | str | None = None,
     report = check_layer(layer, preconditioner=prec, rtol=rtol)
     if not report.satisfied:
         raise ConstraintError(
-            f"{report}\nThis layer is not a descent step of an attention energy. "
-            "unfold.converters.nearest_constrained(layer) gives the nearest constrained layer and the distance to it."
+            f"{report}\nThis layer is not a descent step of an attention energy"
+            + ("." if report.nearest.startswith("none") else "; unfold.converters.nearest_constrained(layer) gives "
+               "the nearest constrained layer and the distance to it.")
         )
-    w = AttentionWeights.of(layer)
+    w = diagnose(layer).weights
     same = bool(torch.equal(w.W_Q, w.W_K))
     M = w.heads("W_Q") if same else _psd_factor(w.qk_products(), w.d_head)[1]  # M_h M_hᵀ = W_Q^h W_K^{hᵀ}
-    energy = _energy_from_factors(M, w.d_head)
+    energy = _energy_from_factors(M, w.kappa)
     if prec is Preconditioner.METRIC:
         return energy, EnergyStep(energy, 1.0 if alpha is None else float(alpha), prec, report)
     if alpha is not None and abs(alpha - report.alpha) > 1e-8 * max(1.0, abs(report.alpha)):
@@ -432,14 +526,26 @@ def nearest_constrained(layer: Any, *, preconditioner: Preconditioner | str | No
 
     Returns:
         ``(layer, info)``; ``info`` has per-head relative distances ``qk_distance`` (‖S − S*‖/‖S‖),
-        ``value_distance``, the bias norms, and ``report`` (the :class:`ConstraintReport` of the input).
+        ``value_distance``, the bias norms, and ``report`` (the :class:`ConstraintReport` of the input). For a
+        block (``nn.TransformerEncoderLayer``, ``GPT2Block``) the layer is that of its attention.
+
+    Raises:
+        ConstraintError: none exists: a causal mask, RoPE, linear attention or a fixed mask (no weight change
+            removes them); the message names them.
     """
     prec = _preconditioner(preconditioner, value, "nearest_constrained")
+    diag = diagnose(layer)
+    if diag.no_nearest:
+        raise ConstraintError(
+            f"{diag.kind}: no constrained layer exists: {'; '.join(diag.no_nearest)}. No change of the weights "
+            "removes this; nearest_constrained(unfold.layer_diagnosis.diagnose(layer).weights) gives the nearest "
+            "constrained layer of the attention weights alone (the structure dropped)."
+        )
     report = check_layer(layer, preconditioner=prec)
-    w = AttentionWeights.of(layer)
+    w = diag.weights
     S = w.qk_products()
     S_star, F = _psd_factor(S, w.d_head)
-    nearest = to_standard(_energy_from_factors(F, w.d_head), preconditioner=prec)
+    nearest = to_standard(_energy_from_factors(F, w.kappa), preconditioner=prec)
     if prec is Preconditioner.TOKEN:  # scale the value maps by the least-squares α
         with torch.no_grad():
             nearest.out_proj.weight.mul_(report.alpha)

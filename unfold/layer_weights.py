@@ -8,6 +8,7 @@ A layer computes, head by head, :math:`\mathrm{softmax}(\kappa\, Y W_Q^h W_K^{h\
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,7 @@ class AttentionWeights:
     b_V: Tensor | None = None
     b_O: Tensor | None = None
     extras: list[str] = field(default_factory=list)  # features of the layer that no energy step has
+    scale: float | None = None  # the logits' scale κ (None: 1/√d_head, the nn.MultiheadAttention convention)
 
     def __post_init__(self) -> None:
         for name in ("W_Q", "W_K", "W_V", "W_O"):
@@ -57,6 +59,11 @@ class AttentionWeights:
     @property
     def d_head(self) -> int:
         return self.W_Q.shape[1] // self.num_heads
+
+    @property
+    def kappa(self) -> float:
+        """The scale ``κ`` of the logits ``κ Y W_Q^h W_K^{hᵀ} Yᵀ`` (default ``1/√d_head``)."""
+        return 1.0 / math.sqrt(self.d_head) if self.scale is None else float(self.scale)
 
     def heads(self, name: str) -> Tensor:
         """Per-head blocks: ``W_Q/W_K/W_V`` → ``(h, d, d_head)``, ``W_O`` → ``(h, d_head, d)``."""

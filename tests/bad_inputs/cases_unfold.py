@@ -148,8 +148,9 @@ def _mha_ok() -> nn.MultiheadAttention:
     torch.manual_seed(0)
     return unfold.to_standard(unfold.AttentionStep(d))
 add([
-    Case("check_layer:TransformerEncoderLayer", lambda: unfold.check_layer(
-        nn.TransformerEncoderLayer(d, 2, dim_feedforward=8)), (arg("layer"), r"\.self_attn")),
+    Case("check_layer:causal-str", lambda: unfold.check_layer(MHA, causal="yes"), (arg("causal"), FIX)),
+    Case("check_layer:TransformerDecoderLayer", lambda: unfold.check_layer(
+        nn.TransformerDecoderLayer(d, 2, dim_feedforward=8)), (arg("layer"), r"self_attn")),
     Case("check_layer:Linear", lambda: unfold.check_layer(nn.Linear(d, d)), (arg("layer"), r"MultiheadAttention")),
     enum_case("check_layer", "preconditioner", lambda v: unfold.check_layer(MHA, preconditioner=v)),
     enum_case("check_layer", "value", lambda v: unfold.check_layer(MHA, value=v)),

@@ -36,7 +36,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _model(seed: int = 0, *, n_head: int = 2, n_layer: int = 2, n_inner: int | None = 6, b_K: bool = True,
-           attn_implementation: str = "eager", **biases: bool):
+           attn_implementation: str = "eager", config: dict | None = None, **biases: bool):
     """A tiny GPT-2 with perturbed LayerNorm / MLP parameters; the attention biases named in ``biases`` (``b_Q``,
     ``b_V``, ``b_O``) nonzero, the others zero; ``b_K`` nonzero unless told (it is exactly irrelevant).
     """
@@ -44,7 +44,7 @@ def _model(seed: int = 0, *, n_head: int = 2, n_layer: int = 2, n_inner: int | N
         warnings.simplefilter("ignore")
         model = hf.build_model("gpt2-tiny", seed=seed, n_embd=8, n_head=n_head, n_layer=n_layer, n_inner=n_inner,
                                vocab_size=13, n_positions=8, initializer_range=0.4,
-                               attn_implementation=attn_implementation)
+                               attn_implementation=attn_implementation, **(config or {}))
     g = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():
         for blk in model.transformer.h:
@@ -80,15 +80,19 @@ def _operator_parts(model, layer: int, block, X: torch.Tensor, T: torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 
 FORWARD_CASES = [dict(n_head=2, layer=0, B=2, L=5), dict(n_head=4, layer=1, B=3, L=4, n_inner=None),
-                 dict(n_head=2, layer=1, B=1, L=1), dict(n_head=4, layer=0, B=2, L=6, attn="sdpa")]
+                 dict(n_head=2, layer=1, B=1, L=1), dict(n_head=4, layer=0, B=2, L=6, attn="sdpa"),
+                 dict(n_head=1, layer=1, B=2, L=3, base=True),
+                 dict(n_head=2, layer=1, B=2, L=4, inverse_layer_scale=True)]
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_block_output_equals_the_hf_block(case: dict) -> None:
     """The library block on the captured input = the HF block inside its model (the next block's input or the
     model's last hidden state before ln_f) and = GPT2BlockModule, to 1e-12."""
-    model = _model(1, n_head=case["n_head"], n_inner=case.get("n_inner", 6),
-                   attn_implementation=case.get("attn", "eager"))
+    config = {"scale_attn_by_inverse_layer_idx": True} if case.get("inverse_layer_scale") else None
+    lm = _model(1, n_head=case["n_head"], n_inner=case.get("n_inner", 6),
+                attn_implementation=case.get("attn", "eager"), config=config)
+    model = lm.transformer if case.get("base") else lm  # GPT2Model or GPT2LMHeadModel
     layer = case["layer"]
     ids = _ids(2, case["B"], case["L"])
     X = capture_block_input(model, ids, layer)
@@ -97,12 +101,14 @@ def test_block_output_equals_the_hf_block(case: dict) -> None:
     assert report.exact  # b_K is nonzero here and does not matter
     X3, _, mask = block.attention.check_inputs(X)
     ours = block.logits(X3, mask)
-    if layer + 1 < len(model.transformer.h):
+    if case.get("inverse_layer_scale"):
+        assert block.attention.scale == (8 // case["n_head"]) ** -0.5 / (layer + 1)
+    if layer + 1 < len(lm.transformer.h):
         assert _rel(ours, capture_block_input(model, ids, layer + 1)) <= 1e-12
     else:  # the last block: the model's last hidden state is ln_f of its output
         with torch.no_grad():
-            last = model.transformer(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-            assert _rel(model.transformer.ln_f(ours), last) <= 1e-12
+            last = lm.transformer(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            assert _rel(lm.transformer.ln_f(ours), last) <= 1e-12
     with torch.no_grad():
         assert _rel(ours, GPT2BlockModule(model, layer)(X)) <= 1e-12
 
@@ -130,7 +136,7 @@ def test_the_mapped_weights_are_the_hf_weights() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 HESSIAN_CASES = [dict(n_head=2, layer=0, B=2, L=4, seed=0), dict(n_head=4, layer=1, B=1, L=3, seed=1),
-                 dict(n_head=2, layer=1, B=2, L=1, seed=2)]
+                 dict(n_head=2, layer=1, B=2, L=1, seed=2), dict(n_head=1, layer=0, B=3, L=2, seed=3)]
 
 
 @pytest.mark.parametrize("case", HESSIAN_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))

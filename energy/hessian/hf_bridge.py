@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError
+from energy.hessian.attention_layer import Reduction
 from energy.hessian.block import OutputLoss, TransformerBlock
 from energy.hessian.ffn_curvature import FFNLayer
 from energy.hessian.multihead import MultiHeadAttentionLayer
@@ -275,7 +276,7 @@ def _report(layer: int, d: int, b_qkv: Tensor, b_O: Tensor, loss: str, upcast: b
 
 
 def block_from_gpt2(model: nn.Module, layer: int = 0, *, loss: OutputLoss = "mse", W_U: Tensor | None = None,
-                    c: float | None = None, reduction: str = "sum",
+                    c: float | None = None, reduction: Reduction = "sum",
                     dtype: torch.dtype = torch.float64) -> tuple[TransformerBlock, GPT2BridgeReport]:
     r"""The library's closed-form :class:`~energy.hessian.block.TransformerBlock` of GPT-2 block ``layer``.
 
@@ -329,8 +330,7 @@ def block_from_gpt2(model: nn.Module, layer: int = 0, *, loss: OutputLoss = "mse
     mlp = hf_block.mlp
     ffn = FFNLayer(t(mlp.c_fc.weight), t(mlp.c_fc.bias), t(mlp.c_proj.weight), t(mlp.c_proj.bias),
                    GPT2_ACTIVATIONS[act])
-    block = TransformerBlock(mha, ffn, ln1, ln2, "pre", None if W_U is None else t(W_U), loss, c,
-                             reduction)  # type: ignore[arg-type]  # checked by TransformerBlock
+    block = TransformerBlock(mha, ffn, ln1, ln2, "pre", None if W_U is None else t(W_U), loss, c, reduction)
     report = _report(layer, int(attn.embed_dim), attn.c_attn.bias, attn.c_proj.bias, loss,
                      bool(getattr(cfg, "reorder_and_upcast_attn", False)))
     return block, report

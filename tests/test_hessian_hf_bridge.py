@@ -264,15 +264,40 @@ def test_value_bias_is_an_output_bias_and_not_absorbable_after_the_ffn() -> None
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _WithHead(torch.nn.Module):
+    """``X ↦ lm_head(GPT2Block(X))``: the HF block followed by the tied unembedding (no ln_f)."""
+
+    def __init__(self, model, layer: int) -> None:
+        super().__init__()
+        self.block = GPT2BlockModule(model, layer)
+        self.lm_head = model.lm_head
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.block(X))
+
+
 def test_cross_entropy_uses_the_tied_unembedding() -> None:
+    """loss='ce': W_U = lm_head.weightᵀ, the logits are the HF block's through lm_head, and H, H_o, H_f (W_U
+    included) equal the operators on the HF block with its lm_head, ≤ 1e-10."""
     model = _model(8)
     block, report = block_from_gpt2(model, 1, loss="ce")
     assert block.W_U is not None and torch.equal(block.W_U, model.transformer.wte.weight.T)
     assert any("ln_f" in note for note in report.notes)
     X = capture_block_input(model, _ids(11, 2, 3), 1)
     X3, _, mask = block.attention.check_inputs(X)
+    head = _WithHead(model, 1)
     with torch.no_grad():
-        assert _rel(block.logits(X3, mask), GPT2BlockModule(model, 1)(X) @ model.lm_head.weight.T) <= 1e-12
+        assert _rel(block.logits(X3, mask), head(X)) <= 1e-12
+    target = torch.randint(0, 13, (2, 3), generator=torch.Generator().manual_seed(12))
+    closed = block_hessian_parts(block, X, target)
+    names, index = gpt2_block_parameter_map(block, prefix="block.")
+    assert names[-1] == "lm_head.weight" and names[0] == "block.ln_1.weight"
+    c = block.loss_constant(X3)
+    op = HessianOperator(head, lambda z, y: block.loss_of_logits(z, y, c), list(names), [(X, target)],
+                         reduction="sum")
+    ops = op.products(torch.eye(op.shape[0], dtype=DT), ("H", "H_o", "H_f"))
+    for part in ("H", "H_o", "H_f"):
+        assert _rel(closed[part].matrix, ops[part][index][:, index]) <= TOL, part
 
 
 def test_bad_inputs_are_named() -> None:
@@ -293,4 +318,4 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(EnergyInputError, match="activation_function"):
         block_from_gpt2(model, 0)
     with pytest.raises(EnergyInputError, match="block_from_gpt2"):
-        gpt2_block_parameter_map(block_from_gpt2(_model(0), 0, loss="ce")[0])
+        gpt2_block_parameter_map("not a block")  # type: ignore[arg-type]

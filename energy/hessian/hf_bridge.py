@@ -336,7 +336,8 @@ def block_from_gpt2(model: nn.Module, layer: int = 0, *, loss: OutputLoss = "mse
     return block, report
 
 
-def gpt2_block_parameter_map(block: TransformerBlock, *, prefix: str = "") -> tuple[tuple[str, ...], Tensor]:
+def gpt2_block_parameter_map(block: TransformerBlock, *, prefix: str = "",
+                             unembedding: str = "lm_head.weight") -> tuple[tuple[str, ...], Tensor]:
     r"""The HF parameter names of a GPT-2 block and the index that puts their flat vector in the block's order.
 
     With ``θ_HF`` the concatenated ``vec_r`` of the returned names (in that order; ``Conv1D`` weights ``(in, out)``)
@@ -346,22 +347,24 @@ def gpt2_block_parameter_map(block: TransformerBlock, *, prefix: str = "") -> tu
               H_\mathrm{block} = H_\mathrm{HF}[\mathrm{index}][:, \mathrm{index}],
 
     ``θ_block`` = :meth:`TransformerBlock.flat` (type-major heads ``h{h}.Q, …, kv{g}.K, …, kv{g}.V, …, h{h}.O``,
-    then ``ln1``, ``ln2``, ``ffn``). The attention biases are not in the list (operator-only). The index is built
-    by applying the slicing of :meth:`~energy.hessian.multihead.MultiHeadAttentionLayer.from_fused` to the
-    positions of the entries.
+    then ``ln1``, ``ln2``, ``ffn``, and ``W_U`` = ``lm_head.weight``ᵀ when the block has one). The attention
+    biases are not in the list (operator-only). The index is built by applying the slicing of
+    :meth:`~energy.hessian.multihead.MultiHeadAttentionLayer.from_fused` to the positions of the entries.
 
     Args:
-        block: a block from :func:`block_from_gpt2` (without ``W_U``).
-        prefix: prepended to every name (e.g. ``"transformer.h.0."`` for the whole model's parameters).
+        block: a block from :func:`block_from_gpt2`.
+        prefix: prepended to every block parameter's name (e.g. ``"transformer.h.0."`` for the whole model).
+        unembedding: the name of the ``(V, d)`` unembedding weight whose transpose is ``W_U`` (not prefixed; used
+            only when the block has ``W_U``).
 
     Returns:
         ``(names, index)``.
     """
-    if not isinstance(block, TransformerBlock) or block.W_U is not None or block.norm != "pre" or \
+    if not isinstance(block, TransformerBlock) or block.norm != "pre" or \
             block.ln1 is None or block.ln2 is None or block.ln1.beta is None or block.ffn.b_1 is None or \
             block.ffn.b_2 is None or block.attention.n_kv_heads != block.attention.n_heads:
         raise EnergyInputError("`block` must be a GPT-2 block from block_from_gpt2 (Pre-LN, LayerNorm with bias, "
-                               "FFN biases, no W_U, as many K/V heads as heads).")
+                               "FFN biases, as many K/V heads as heads).")
     mha = block.attention
     d, H, dh, d_ff = mha.d, mha.n_heads, mha.d_k, block.ffn.d_ff
     shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d),
@@ -378,5 +381,10 @@ def gpt2_block_parameter_map(block: TransformerBlock, *, prefix: str = "") -> tu
     order: Sequence[Tensor] = (Q, K, V, O_, pos["ln_1.weight"], pos["ln_1.bias"], pos["ln_2.weight"],
                                pos["ln_2.bias"], pos["mlp.c_fc.weight"], pos["mlp.c_fc.bias"],
                                pos["mlp.c_proj.weight"], pos["mlp.c_proj.bias"])
+    names = tuple(prefix + n for n in _CLOSED_FORM_NAMES)
+    if block.W_U is not None:  # W_U[i, v] = lm_head.weight[v, i]
+        d_z = block.d_z
+        order = (*order, torch.arange(start, start + d_z * d).reshape(d_z, d).T)
+        names = (*names, unembedding)
     index = torch.cat([p.reshape(-1) for p in order])
-    return tuple(prefix + n for n in _CLOSED_FORM_NAMES), index
+    return names, index

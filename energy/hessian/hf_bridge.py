@@ -112,7 +112,7 @@ def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int = 0) -> 
 
     Runs the model once (no gradients) with a forward pre-hook on ``h[layer]`` that records its input: the token
     plus position embeddings for ``layer = 0``, else the output of block ``layer − 1``. The model should be in eval
-    mode (dropout would make the captured states random).
+    mode (dropout would make the captured states random) and float64 (a float32 model's states are only upcast).
 
     Args:
         model: a ``GPT2LMHeadModel`` or ``GPT2Model``.
@@ -133,7 +133,8 @@ def capture_block_input(model: nn.Module, input_ids: Tensor, layer: int = 0) -> 
         raise EnergyInputError(f"`input_ids` must lie in [0, {cfg.vocab_size}) (the vocabulary), got values in "
                                f"[{int(ids.min())}, {int(ids.max())}].")
     if ids.shape[1] > cfg.n_positions:
-        raise EnergyInputError(f"`input_ids` has length {ids.shape[1]} > n_positions = {cfg.n_positions}.")
+        raise EnergyInputError(f"`input_ids` has length {ids.shape[1]} > n_positions = {cfg.n_positions}; pass at "
+                               f"most {cfg.n_positions} tokens per sequence.")
     seen: list[Tensor] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -57,16 +57,22 @@ KERNEL = 0.03
 # --------------------------------------------------------------------------------------------------------------
 
 
-def markov_tokens(vocab: int, n_seq: int, seq_len: int, *, seed: int) -> Tensor:
-    """Seeded token sequences of a random first-order Markov chain (peaked rows: ``softmax(3 z)``, ``z ~ N(0, 1)``),
-    so that a few Adam steps can learn something beyond the unigram distribution.
+def markov_tokens(vocab: int, n_seq: int, seq_len: int, *, seed: int, successors: int = 16) -> Tensor:
+    """Seeded token sequences of a random first-order Markov chain, so that a few Adam steps can learn something
+    beyond the unigram distribution: each token has ``min(successors, vocab)`` random successors (drawn with
+    repetition) with peaked probabilities ``softmax(3 z)``, ``z ~ N(0, 1)`` (memory ``vocab × successors``, so a
+    GPT-2 vocabulary is fine).
     """
     g = torch.Generator().manual_seed(seed)
-    trans = torch.softmax(3.0 * torch.randn(vocab, vocab, generator=g, dtype=DTYPE), dim=1)
+    k = min(successors, vocab)
+    support = torch.randint(vocab, (vocab, k), generator=g)
+    probs = torch.softmax(3.0 * torch.randn(vocab, k, generator=g, dtype=DTYPE), dim=1)
     tokens = torch.empty(n_seq, seq_len, dtype=torch.int64)
     tokens[:, 0] = torch.randint(vocab, (n_seq,), generator=g)
     for t in range(1, seq_len):
-        tokens[:, t] = torch.multinomial(trans[tokens[:, t - 1]], 1, generator=g)[:, 0]
+        prev = tokens[:, t - 1]
+        pick = torch.multinomial(probs[prev], 1, generator=g)[:, 0]
+        tokens[:, t] = support[prev, pick]
     return tokens
 
 
@@ -219,10 +225,11 @@ def _mlp_case(mlp: TokenMLP, data: Any, probes: int, steps: int, seed: int, grid
         f"Top: SLQ spectral densities ({d['probes']} probes × {d['steps']} Lanczos steps, Gaussian kernel "
         f"s = {KERNEL} on the normalised axis λ / max|λ|) of diagonal blocks of the loss Hessian of a GPT-2-shaped "
         f"model (d = {d['d']}, {d['n_layer']} layers, {d['n_head']} heads, vocabulary {d['vocab']}) and of an "
-        f"MLP of the same widths ({d['mlp_hidden']} GELU layers) on the same next-token task (random Markov-chain "
-        f"tokens, {d['n_seq']} sequences of length {d['seq_len']}), at initialisation and after {d['train_steps']} "
-        f"full-batch Adam steps (lr {d['lr']}). Bottom: pairwise Jensen–Shannon divergence (nats) between the "
-        "block densities. Float64; Hessian products by the library's block operators (energy.hessian.hf_blocks)."
+        f"MLP of the same widths ({d['mlp_hidden']} GELU layers) on the same next-token task (a random Markov chain, "
+        f"16 successors per token; {d['n_seq']} sequences of length {d['seq_len']}), at initialisation and after "
+        f"{d['train_steps']} full-batch Adam steps (lr {d['lr']}). Bottom: pairwise Jensen–Shannon divergence "
+        "(nats) between the block densities. Float64; Hessian products by the library's block operators "
+        "(energy.hessian.hf_blocks)."
     ),
     paper_seed=0,
     single_thread=True,

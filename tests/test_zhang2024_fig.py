@@ -156,3 +156,15 @@ def test_plot_draws_from_the_stored_json(run: tuple[dict, dict]) -> None:
     fig = REGISTRY[NAME].plot_fn(stored, FigureConfig(fidelity="tiny"))  # type: ignore[misc]
     assert len(fig.axes) >= 2 * len(CASES)
     REGISTRY[NAME].summary_fn(stored)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("vocab", [3, 50, 50257])
+def test_markov_tokens_are_seeded_and_have_few_successors(vocab: int) -> None:
+    a = markov_tokens(vocab, 40, 30, seed=5, successors=4)
+    assert torch.equal(a, markov_tokens(vocab, 40, 30, seed=5, successors=4))
+    assert not torch.equal(a, markov_tokens(vocab, 40, 30, seed=6, successors=4))
+    assert int(a.min()) >= 0 and int(a.max()) < vocab
+    successors: dict[int, set[int]] = {}
+    for u, v in zip(a[:, :-1].reshape(-1).tolist(), a[:, 1:].reshape(-1).tolist(), strict=True):
+        successors.setdefault(u, set()).add(v)
+    assert max(len(s) for s in successors.values()) <= 4

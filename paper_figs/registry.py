@@ -70,6 +70,7 @@ FIGURE_MODULES: tuple[str, ...] = (
     "paper_figs.bridge",
     "paper_figs.bridge_curvature",
     "paper_figs.block_curvature",
+    "paper_figs.zhang2024",
 )
 
 T = TypeVar("T")

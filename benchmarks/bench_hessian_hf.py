@@ -20,6 +20,9 @@ Model: ``GPT2LMHeadModel`` built offline from a seeded config (:func:`energy.hes
   ``SubmatrixLinearOperator`` to the block's entries, and ``fast_lanczos`` (Papyan 2020, the Lanczos underneath its
   ``lanczos_approximate_spectrum``; called directly so that the spectrum boundaries are not estimated by extra ARPACK
   products) once per probe. Ratio ours / curvlinops per block.
+
+Times are medians of process CPU time (``time.process_time``), robust to the machine being shared; run with
+``OMP_NUM_THREADS=1``.
 """
 
 from __future__ import annotations
@@ -50,16 +53,20 @@ def _model(width: int) -> tuple[Any, list]:
 
 
 def _medians(fns: dict[str, Callable[[], Any]], *, repeat: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each callable, all run in turn ``repeat`` times (interleaved, same conditions)."""
+    """Median process CPU time of each callable, all run in turn ``repeat`` times (interleaved, same conditions).
+
+    CPU time (``time.process_time``) rather than wall time: on a shared machine a descheduled burst would otherwise
+    land on whichever callable was running; run with ``OMP_NUM_THREADS=1`` so that it is also the wall time.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.process_time() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -150,7 +157,7 @@ def bench_block_slq(quick: bool) -> dict[str, Any]:
 
         ours()
         theirs()
-        t_ours, t_cl = interleaved_medians(ours, theirs, repeat=3)
+        t_ours, t_cl = interleaved_medians(ours, theirs, repeat=3, clock=time.process_time)
         ratios.append(t_ours / t_cl)
         nodes = ours().nodes
         out.update({f"{label}_block": name, f"{label}_size": len(idx), f"{label}_ours_s": t_ours,

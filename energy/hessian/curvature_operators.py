@@ -224,6 +224,9 @@ class CurvatureOperator(LinearOperator):
         network in forward-over-reverse (``H_f``, ``J``) and reverse mode (``Jᵀ``, ``H`` alone).
         """
         if kinds == {"H"}:
+            if next(iter(Vd.values())).shape[0] == 1:  # one column: the vjp itself (vmap costs ~15% on GPT-2)
+                return {"H": {n: t.unsqueeze(0) for n, t in state["hvp_fn"]({n: v[0] for n, v in Vd.items()})[0]
+                              .items()}}
             return {"H": vmap(state["hvp_fn"])(Vd)[0]}
         f, ell, o = state["f"], state["ell"], state["o"]
         out: dict[str, dict[str, Tensor]] = {}

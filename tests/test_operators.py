@@ -408,3 +408,15 @@ def test_ggn_at_layer_output_is_outer_product_part_of_math_3_4(gen):
     assert torch.allclose(D[sQ, sQ], H_QQ, atol=1e-12)
     F_VV = FunctionalOperator(model, loss, ["W_V"], data, reduction="sum", batch_size_fn=lambda X: 1).dense()
     assert F_VV.abs().max() < 1e-14
+
+
+def test_single_column_hessian_product_equals_the_batched_one(gen):
+    """One column takes the kept vjp directly (no vmap); it must equal that column of a batched product."""
+    model = _mlp(gen)
+    _, _, data = _regression_data(gen)
+    H = HessianOperator(model, nn.MSELoss(), None, data)
+    V = torch.randn(H.shape[0], 3, generator=gen, dtype=torch.float64)
+    batched = H @ V
+    for j in range(3):
+        single = H @ V[:, j]
+        assert torch.allclose(single, batched[:, j], rtol=1e-13, atol=1e-15)

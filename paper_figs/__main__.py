@@ -57,6 +57,8 @@ DATA_OPTIONS: dict[str, str] = {
     "imdb": "path to the IMDB dataset (Yang et al. figs 5-6 run the paper's exact setting when given)",
     "sst2": "path to the SST-2 dataset (Yang et al. figs 5-6)",
     "glove": "path to GloVe-840B-300d vectors (Yang et al. figs 5-6)",
+    "gpt2": "path to a local Hugging Face GPT-2 directory (config.json, weights when present): "
+            "zhang2024-blockwise-spectra measures that model instead of a seeded random one",
 }
 
 

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from energy.hessian.curvature_operators import HessianOperator
-from energy.hessian.hf import CausalLMLoss, LogitsModel, build_model, count_targets, token_batches
+from energy.hessian.hf import CausalLMLoss, LogitsModel, build_model, count_targets, load_model, token_batches
 from energy.hessian.hf_blocks import BlockCurvature
 from energy.hessian.krylov import SpectralDensity, slq_density
 from paper_figs.io import decode_array, encode_array
@@ -233,6 +233,7 @@ def _mlp_case(mlp: TokenMLP, data: Any, probes: int, steps: int, seed: int, grid
     ),
     paper_seed=0,
     single_thread=True,
+    options=("gpt2",),
 )
 def compute_zhang_blockwise(cfg: FigureConfig) -> dict[str, Any]:
     """Block densities, radii, Frobenius norms and JS matrices of the four cases (:data:`CASES`)."""
@@ -249,10 +250,19 @@ def compute_zhang_blockwise(cfg: FigureConfig) -> dict[str, Any]:
     steps = cfg.pick(tiny=8, quick=30, paper=60, key="steps")
     train_steps = cfg.pick(tiny=5, quick=40, paper=200, key="train_steps")
     lr = 1e-2 if cfg.quick else 1e-3
-    preset = "gpt2-small-shaped" if cfg.fidelity == "paper" else "gpt2-tiny"
-    overrides: dict[str, Any] = {} if cfg.fidelity == "paper" else {"n_embd": d, "n_layer": n_layer, "n_head": n_head,
-                                                    "vocab_size": vocab, "n_positions": seq_len}
-    model = build_model(preset, seed=cfg.seed, **overrides)
+    path = cfg.options.get("gpt2")
+    preset = "local directory"
+    if path is not None:  # a user's GPT-2 (pretrained when its directory has weights): its own sizes
+        model = load_model(path, seed=cfg.seed)
+        conf: Any = model.config
+        d, n_layer, n_head, vocab = conf.n_embd, conf.n_layer, conf.n_head, conf.vocab_size
+        seq_len = min(seq_len, conf.n_positions)
+        layers_shown = tuple(sorted({0, n_layer - 1}))
+    else:
+        preset = "gpt2-small-shaped" if cfg.fidelity == "paper" else "gpt2-tiny"
+        overrides: dict[str, Any] = {} if cfg.fidelity == "paper" else {
+            "n_embd": d, "n_layer": n_layer, "n_head": n_head, "vocab_size": vocab, "n_positions": seq_len}
+        model = build_model(preset, seed=cfg.seed, **overrides)
     tokens = markov_tokens(vocab, n_seq, seq_len, seed=cfg.seed + 1)
     data = token_batches(model, tokens, batch=max(1, n_seq // 2), seed=cfg.seed)
     grid = torch.linspace(-GRID_HALF, GRID_HALF, 241, dtype=DTYPE)
@@ -281,6 +291,7 @@ def compute_zhang_blockwise(cfg: FigureConfig) -> dict[str, Any]:
     return {
         "grid": encode_array(grid), "cases": {c: cases[c] for c in CASES},
         "loss_transformer": losses_t, "loss_mlp": losses_m,
+        "model": str(path) if path is not None else preset,
         "d": d, "n_layer": n_layer, "n_head": n_head, "vocab": vocab, "n_seq": n_seq, "seq_len": seq_len,
         "mlp_hidden": 2 * n_layer, "probes": probes, "steps": steps, "train_steps": train_steps, "lr": lr,
         "n_params_transformer": sum(p.numel() for p in model.parameters()),

@@ -168,3 +168,19 @@ def test_markov_tokens_are_seeded_and_have_few_successors(vocab: int) -> None:
     for u, v in zip(a[:, :-1].reshape(-1).tolist(), a[:, 1:].reshape(-1).tolist(), strict=True):
         successors.setdefault(u, set()).add(v)
     assert max(len(s) for s in successors.values()) <= 4
+
+
+def test_a_local_gpt2_directory_is_measured_instead(tmp_path):
+    """``--gpt2 PATH``: the figure measures the user's model (a config-only directory: seeded init), its sizes."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 8, "n_layer": 1, "n_head": 2,
+        "vocab_size": 24, "n_positions": 8}), encoding="utf-8")
+    from paper_figs.registry import REGISTRY, FigureConfig, load_figure_modules
+
+    load_figure_modules()
+    data = REGISTRY["zhang2024-blockwise-spectra"](FigureConfig(fidelity="tiny", options={"gpt2": str(tmp_path)}))
+    assert data["model"] == str(tmp_path)
+    assert (data["d"], data["n_layer"], data["vocab"]) == (8, 1, 24)
+    assert data["seq_len"] <= 8

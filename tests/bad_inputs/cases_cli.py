@@ -16,6 +16,7 @@ import energy.hessian.__main__ as hessian_main
 import paper_figs.__main__ as figs_main
 import unfold.__main__ as unfold_main
 from energy import verify
+from energy.hessian import analyze as hessian_analyze
 from energy.hessian import verify as hessian_verify
 from unfold import constraint_cost
 
@@ -60,6 +61,8 @@ def sub(id: str, module: str, argv, match, codes=(2,), **kw) -> Case:
 V, U, P, B, C = verify.main, unfold_main.main, figs_main.main, bench_main.main, constraint_cost.main
 RUNTIME = (1, 2)
 HV = hessian_verify.main
+HA = hessian_analyze.main
+ANALYZE = ["--model", "gpt2-tiny", "--batch", "1", "--seq-len", "3"]
 
 CASES: list[Case] = [
     # --- python -m energy / energy-verify ----------------------------------------------------------------------------
@@ -182,4 +185,18 @@ CASES: list[Case] = [
     cli("energy.hessian verify:--json=<dir>", HV, lambda: ["--json", str(F.directory())],
         (r"--json", r"(?i)is a directory", FIX)),
     cli("energy.hessian verify:--json-without-value", HV, ["--json"], (r"--json", r"expected one argument")),
+    # --- python -m energy.hessian analyze ----------------------------------------------------------------------------
+    cli("energy.hessian analyze:no-model", HA, [], (r"--model", r"required")),
+    cli("energy.hessian analyze:--model=nope", HA, lambda: ["--model", "no-such-model-or-dir", "--json",
+                                                            str(F.tmp() / "a.json")],
+        (r"no-such-model-or-dir", r"(?i)preset|config\.json|directory")),
+    cli("energy.hessian analyze:--blocks=no-match", HA, lambda: [*ANALYZE, "--json", str(F.tmp() / "a.json"),
+                                                                "--blocks", "zzz*"], (r"zzz", r"(?i)match")),
+    cli("energy.hessian analyze:--what=bad", HA, [*ANALYZE, "--what", "norms,colour"], (r"colour", FIX)),
+    cli("energy.hessian analyze:--parts=bad", HA, [*ANALYZE, "--parts", "H,G2"], (r"G2", FIX)),
+    cli("energy.hessian analyze:--batch=0", HA, [*ANALYZE, "--batch", "0"], (r"--batch", FIX)),
+    cli("energy.hessian analyze:--json=<dir>", HA, lambda: [*ANALYZE, "--json", str(F.directory())],
+        (r"--json", r"(?i)is a directory", FIX)),
+    cli("energy.hessian analyze:--data=missing", HA, lambda: [*ANALYZE, "--json", str(F.tmp() / "a.json"), "--data",
+                                                             "/no/such/ids.pt"], (r"--data", FIX)),
 ]

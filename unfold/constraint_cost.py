@@ -95,7 +95,7 @@ class Task:
 def with_positions(X: Tensor) -> Tensor:
     """Append a one-hot position to every token: ``(B, n, d) -> (B, n, d + n)``."""
     B, n, _ = X.shape
-    return torch.cat([X, torch.eye(n, dtype=X.dtype).expand(B, n, n)], dim=-1)
+    return torch.cat([X, torch.eye(n, dtype=X.dtype, device=X.device).expand(B, n, n)], dim=-1)
 
 
 def _addition_features(tokens: Tensor) -> tuple[Tensor, Tensor]:

@@ -309,7 +309,7 @@ def causal_gap(M: Tensor, scale: float, preconditioner: Preconditioner, alpha: f
     """
     energy = _energy_from_factors(M, scale)
     if Y is None:
-        Y = probe_input(M.shape[1], M.dtype)
+        Y = probe_input(M.shape[1], M.dtype, M.device)
     else:
         check_tensor(Y, "Y", min_ndim=2)
         if Y.shape[-1] != M.shape[1] or Y.dtype != M.dtype:
@@ -322,7 +322,7 @@ def causal_gap(M: Tensor, scale: float, preconditioner: Preconditioner, alpha: f
         K = head_keys(Y, M3)
         _, Gamma = head_gamma(K, energy.scale, energy.kernel, None)
         n = Y.shape[-2]
-        Gc = Gamma * torch.ones(n, n, dtype=Y.dtype).tril()
+        Gc = Gamma * torch.ones(n, n, dtype=Y.dtype, device=Y.device).tril()
         A = Gc / Gc.sum(-1, keepdim=True)
         values, out = value_output_maps(M3, energy.scale, preconditioner, single=M3.shape[0] == 1)
         Vals = Y.unsqueeze(-3) if values is None else head_keys(Y, values)

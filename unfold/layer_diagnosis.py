@@ -52,10 +52,13 @@ SUPPORTED = ("nn.MultiheadAttention", "unfold.layer_weights.AttentionWeights", "
 PROBE = (2, 8, 0)
 
 
-def probe_input(d: int, dtype: torch.dtype) -> Tensor:
-    """The seeded input ``Y ~ N(0, 1)`` of shape ``(2, 8, d)`` (generator seed 0) on which sizes are measured."""
+def probe_input(d: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """The seeded input ``Y ~ N(0, 1)`` of shape ``(2, 8, d)`` (generator seed 0) on which sizes are measured.
+
+    Drawn on the CPU (so a seed gives the same input on every device) and moved to ``device`` (default: the CPU).
+    """
     B, n, seed = PROBE
-    return torch.randn(B, n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return torch.randn(B, n, d, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
 
 
 def probe_text(d: int) -> str:
@@ -286,10 +289,10 @@ def _rope_size(m: Any, mh: MultiHeadAttentionLayer) -> float | None:
     apply = getattr(mod, "apply_rotary_pos_emb", None)
     if rotary is None or apply is None:
         return None
-    Y = probe_input(mh.d, mh.W_Q.dtype)
+    Y = probe_input(mh.d, mh.W_Q.dtype, mh.W_Q.device)
     Qh = torch.einsum("bnd,hdk->bhnk", Y, mh.W_Q.detach())
     Kh = torch.einsum("bnd,hdk->bhnk", Y, mh.W_K.detach().repeat_interleave(mh.group_size, 0))
-    pos = torch.arange(Y.shape[1]).unsqueeze(0).expand(Y.shape[0], -1)
+    pos = torch.arange(Y.shape[1], device=Y.device).unsqueeze(0).expand(Y.shape[0], -1)
     try:  # the rotary class and function of the module's own transformers package (signatures vary by version)
         with torch.no_grad():
             cos, sin = rotary(config=m.config).to(Y.dtype)(Y, pos)
@@ -339,7 +342,7 @@ def block_findings(d: Diagnosis, *, norm_first: bool, norms: dict[str, nn.Module
         if dev > tol or bn > tol:
             d.failures.append(f"{name}: affine LayerNorm (rms(γ − 1) = {dev:.3g}, ‖b‖ = {bn:.3g}) is no projection "
                               "onto a sphere (MATH §1.4); use elementwise_affine=False or γ = 1, b = 0")
-    skip = _rel(w.vo_products().sum(0), torch.eye(w.d, dtype=w.W_Q.dtype))
+    skip = _rel(w.vo_products().sum(0), torch.eye(w.d, dtype=w.W_Q.dtype, device=w.W_Q.device))
     m["skip_mismatch"] = skip
     if skip > tol:
         d.failures.append(f"residual: the block adds Y with weight I, the step's skip map is R = I − Σ_h W_V^h W_O^h "

@@ -141,7 +141,7 @@ def to_mha(weights: AttentionWeights, *, batch_first: bool = True) -> nn.Multihe
         layer.in_proj_weight.copy_(torch.cat([weights.W_Q.T, weights.W_K.T, weights.W_V.T], dim=0))
         layer.out_proj.weight.copy_(weights.W_O.T)
         if has_bias:
-            zeros = torch.zeros(d, dtype=weights.W_Q.dtype)
+            zeros = torch.zeros(d, dtype=weights.W_Q.dtype, device=weights.W_Q.device)
             layer.in_proj_bias.copy_(torch.cat([b if b is not None else zeros
                                                 for b in (weights.b_Q, weights.b_K, weights.b_V)]))
             layer.out_proj.bias.copy_(weights.b_O if weights.b_O is not None else zeros)

@@ -321,7 +321,7 @@ class OrthogonalHeads(Constraint):
             )
         G = torch.einsum("hdk,gdl->hgkl", M, M)
         off = G.clone()
-        idx = torch.arange(self.heads)
+        idx = torch.arange(self.heads, device=M.device)
         off[idx, idx] = 0.0
         scale = float(G[idx, idx].abs().max()) if G.numel() else 1.0
         worst = float(off.abs().max()) / max(scale, 1e-300)

@@ -110,14 +110,14 @@ def _as_matmat(
         if A.ndim != 2:
             raise EnergyInputError(f"`A` must be a 2-D tensor, got shape {tuple(A.shape)}.")
         check_tensor(check_readable(A, "A", "an estimator"), "A", ndim=2)  # floating, finite, with values
-        return (lambda V: A @ V.to(A.dtype)), (A.shape[0], A.shape[1]), A.dtype
+        return (lambda V: A @ V.to(A.device, A.dtype)), (A.shape[0], A.shape[1]), A.dtype
     if hasattr(A, "matmat") and hasattr(A, "shape"):
         op_dtype = getattr(A, "dtype", dtype)
         if isinstance(op_dtype, torch.dtype):
             return A.matmat, (int(A.shape[0]), int(A.shape[1])), op_dtype
 
         def mm(V: Tensor) -> Tensor:  # numpy-based (e.g. scipy) operator
-            return torch.as_tensor(np.asarray(A.matmat(V.detach().cpu().numpy())), dtype=V.dtype)
+            return torch.as_tensor(np.asarray(A.matmat(V.detach().cpu().numpy())), dtype=V.dtype, device=V.device)
 
         return mm, (int(A.shape[0]), int(A.shape[1])), dtype
     if hasattr(A, "shape") and len(A.shape) == 2 and (hasattr(A, "matvec") or hasattr(A, "__matmul__")):
@@ -125,7 +125,8 @@ def _as_matmat(
         op_dtype = getattr(A, "dtype", dtype)
         op_dtype = op_dtype if isinstance(op_dtype, torch.dtype) else dtype
         if hasattr(A, "__matmul__"):  # torch-based operators (e.g. curvlinops') multiply matrices with `@`
-            return (lambda V: torch.as_tensor(A @ V.to(op_dtype))), shape, op_dtype
+            device = _device_of(A)  # probes are moved to the operator's device (a CPU operator when it has none)
+            return (lambda V: torch.as_tensor(A @ V.to(device, op_dtype))), shape, op_dtype
 
         def mv_cols(V: Tensor) -> Tensor:
             return torch.stack([torch.as_tensor(A.matvec(V[:, j])).reshape(-1) for j in range(V.shape[1])], dim=1)
@@ -176,7 +177,7 @@ def check_symmetric_operator(A: Any, mm: Callable[[Tensor], Tensor], n: int, dty
         return
     g = torch.Generator().manual_seed(20240)
     UV = torch.randn(n, 2, generator=g, dtype=torch.float64).to(dtype)
-    AUV = torch.as_tensor(mm(UV)).to(torch.float64)
+    AUV = torch.as_tensor(mm(UV)).to("cpu", torch.float64)  # a one-off check, on the CPU with u, v
     if not bool(torch.isfinite(AUV).all()):
         raise EnergyInputError(
             f"{what}: the products of `A` are not finite (NaN/inf) on random unit-scale vectors; check the operator "
@@ -230,6 +231,12 @@ def _gen(generator: torch.Generator | None) -> torch.Generator:
         return torch.Generator().manual_seed(0)
     if not isinstance(generator, torch.Generator):
         raise EnergyInputError(f"`generator` must be a torch.Generator, got {type(generator).__name__}.")
+    if generator.device.type != "cpu":
+        raise EnergyInputError(
+            f"`generator` must be a CPU torch.Generator (probes are drawn on the CPU, so a seed gives the same probes "
+            f"on every device, then moved to the operator's device), got one on {generator.device}; pass "
+            "torch.Generator().manual_seed(seed)."
+        )
     return generator
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from energy._validation import EnergyInputError
 from energy.hessian.estimators import (
+    _device_of,
     _gen,
     _square,
     as_matmat,
@@ -79,16 +80,17 @@ def _lanczos_basis(
     Returns:
         ``Q (n, m)``, ``alpha (m,)``, ``beta (m,)`` (``beta[j]`` couples ``q_j`` and ``q_{j+1}``), and the last ``β``.
     """
-    Q = torch.zeros(n, num_steps, dtype=torch.float64)
-    alpha = torch.zeros(num_steps, dtype=torch.float64)
-    beta = torch.zeros(num_steps, dtype=torch.float64)
+    device = q0.device  # the basis lives on the start vector's device (the operator's, see the callers)
+    Q = torch.zeros(n, num_steps, dtype=torch.float64, device=device)
+    alpha = torch.zeros(num_steps, dtype=torch.float64, device=device)
+    beta = torch.zeros(num_steps, dtype=torch.float64, device=device)
     q = q0 / q0.norm()
     scale = 0.0
     m = 0
     last_beta = 0.0
     for j in range(num_steps):
         Q[:, j] = q
-        w = mm(q.to(dtype)[:, None])[:, 0].to("cpu", torch.float64)  # basis on the CPU, products anywhere
+        w = mm(q.to(dtype)[:, None])[:, 0].to(device, torch.float64)
         alpha[j] = q @ w
         for _ in range(2):
             w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
@@ -104,7 +106,7 @@ def _lanczos_basis(
             if not restart_on_breakdown:
                 last_beta = 0.0
                 break
-            r = torch.randn(n, generator=generator, dtype=torch.float64)
+            r = torch.randn(n, generator=generator, dtype=torch.float64).to(device)  # CPU draw: same on every device
             for _ in range(2):
                 r = r - Q[:, : j + 1] @ (Q[:, : j + 1].T @ r)
             q, beta[j] = r / r.norm(), 0.0
@@ -171,12 +173,13 @@ def lanczos(
     if m_max < k or m_max > n:
         raise EnergyInputError(f"`max_iter`={max_iter} must lie in [k, n] = [{k}, {n}].")
     g = _gen(generator)
+    device = _device_of(A)  # None (CPU) for callables and scipy operators
     if v0 is None:
-        q0 = torch.randn(n, generator=g, dtype=torch.float64)
+        q0 = torch.randn(n, generator=g, dtype=torch.float64).to(device)  # CPU draw: same on every device
     else:
         if not isinstance(v0, Tensor) or v0.shape != (n,):
             raise EnergyInputError(f"`v0` must be a tensor of shape ({n},), got {getattr(v0, 'shape', v0)!r}.")
-        q0 = v0.to(torch.float64)
+        q0 = v0.to(device, torch.float64)
 
     def converged(alpha: Tensor, beta: Tensor, b: float, m: int) -> bool:
         if m < k or (m % 5 and m < m_max):
@@ -189,7 +192,7 @@ def lanczos(
     Q, alpha, beta, b = _lanczos_basis(mm, n, dtype, q0, m_max, g, restart_on_breakdown=True, stop=converged)
     theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
     idx = _select(theta, k, which)
-    res = b * S[-1, idx].abs() if Q.shape[1] < n else torch.zeros(k, dtype=torch.float64)
+    res = b * S[-1, idx].abs() if Q.shape[1] < n else torch.zeros(k, dtype=torch.float64, device=theta.device)
     ok = bool((res <= tol * max(float(theta.abs().max()), 1e-300)).all())
     if not ok:
         warnings.warn(
@@ -252,10 +255,11 @@ def slq_density(
             f"`num_steps`={num_steps} exceeds the dimension n={n}; use num_steps ≤ n (n steps are already exact)."
         )
     g = _gen(generator)
-    nodes = torch.zeros(num_probes, num_steps, dtype=torch.float64)
-    weights = torch.zeros(num_probes, num_steps, dtype=torch.float64)
+    device = _device_of(A)  # None (CPU) for callables and scipy operators
+    nodes = torch.zeros(num_probes, num_steps, dtype=torch.float64, device=device)
+    weights = torch.zeros(num_probes, num_steps, dtype=torch.float64, device=device)
     for p in range(num_probes):
-        z = draw_probes(n, 1, generator=g)[:, 0]  # float64 on the CPU, where the Lanczos basis is kept
+        z = draw_probes(n, 1, generator=g, device=device)[:, 0]  # float64, on the operator's device
         _, alpha, beta, _ = _lanczos_basis(mm, n, dtype, z, num_steps, g, restart_on_breakdown=False)
         theta, S = torch.linalg.eigh(_tridiag(alpha, beta))
         m = theta.shape[0]
@@ -267,9 +271,9 @@ def slq_density(
     if s <= 0:
         raise EnergyInputError(f"`kernel_width` must be positive, got {kernel_width!r}.")
     if grid is None:
-        grid = torch.linspace(lo - 3 * s, hi + 3 * s, num_grid, dtype=torch.float64)
+        grid = torch.linspace(lo - 3 * s, hi + 3 * s, num_grid, dtype=torch.float64, device=nodes.device)
     else:
-        grid = torch.as_tensor(grid, dtype=torch.float64)
+        grid = torch.as_tensor(grid, dtype=torch.float64, device=nodes.device)
     diff = (grid[:, None] - nodes.reshape(1, -1)) / s
     density = (torch.exp(-0.5 * diff**2) / (s * math.sqrt(2 * math.pi)) * weights.reshape(1, -1)).sum(dim=1)
     return SpectralDensity(nodes, weights, grid, density, s)

@@ -181,7 +181,7 @@ class LinearOperator:
         cols = []
         for i in range(0, n, step):
             E = torch.zeros(n, min(step, n - i), dtype=self.dtype, device=self.device)
-            E[torch.arange(i, i + E.shape[1]), torch.arange(E.shape[1])] = 1
+            E[torch.arange(i, i + E.shape[1], device=E.device), torch.arange(E.shape[1], device=E.device)] = 1
             cols.append(self._matmat(E))
         return torch.cat(cols, dim=1)
 

@@ -341,31 +341,36 @@ def token_batches(model: nn.Module, tokens: Tensor, *, batch: int, seed: int = 0
         if task == "causal-lm":
             labels = ids.clone()
         elif task == "masked-lm":
-            mask = torch.rand(ids.shape, generator=g) < mask_prob
+            mask = torch.rand(ids.shape, generator=g) < mask_prob  # drawn on the CPU: the same on every device
             mask.view(-1)[int(torch.randint(ids.numel(), (1,), generator=g))] = True
+            mask = mask.to(ids.device)
             labels = torch.where(mask, ids, torch.full_like(ids, IGNORE_INDEX))
             ids = torch.where(mask, torch.full_like(ids, vocab - 1), ids)
         else:
-            labels = torch.randint(int(_config(model).num_labels), (ids.shape[0],), generator=g)
+            labels = torch.randint(int(_config(model).num_labels), (ids.shape[0],), generator=g).to(ids.device)
         out.append(({"input_ids": ids, "labels": labels}, labels))
     return out
 
 
 def synthetic_batches(model: nn.Module, *, batch: int = 2, seq_len: int = 5, num_batches: int = 1,
                       seed: int = 0) -> list[tuple[dict[str, Tensor], Tensor]]:
-    """Seeded random batches for ``model``'s task: uniform token ids, or standard normal pixels for ViT."""
+    """Seeded random batches for ``model``'s task: uniform token ids, or standard normal pixels for ViT.
+
+    Drawn on the CPU (so a seed gives the same batches on every device) and moved to the device of ``model``.
+    """
     g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     n = batch * num_batches
     if task_of(model) == "image-classification":
         c, s = int(_config(model).num_channels), int(_config(model).image_size)
         dtype = next(model.parameters()).dtype
         out = []
         for _ in range(num_batches):
-            pixels = torch.randn(batch, c, s, s, generator=g, dtype=dtype)
-            labels = torch.randint(int(_config(model).num_labels), (batch,), generator=g)
+            pixels = torch.randn(batch, c, s, s, generator=g, dtype=dtype).to(device)
+            labels = torch.randint(int(_config(model).num_labels), (batch,), generator=g).to(device)
             out.append(({"pixel_values": pixels, "labels": labels}, labels))
         return out
-    tokens = _ordinary_ids(model)[torch.randint(len(_ordinary_ids(model)), (n, seq_len), generator=g)]
+    tokens = _ordinary_ids(model)[torch.randint(len(_ordinary_ids(model)), (n, seq_len), generator=g)].to(device)
     return token_batches(model, tokens, batch=batch, seed=seed + 1)
 
 

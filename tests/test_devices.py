@@ -42,6 +42,7 @@ from energy.hessian.krylov import lanczos
 from energy.hessian.linear_operator import LinearOperator
 from energy.normalization import LayerNormProjection, RMSNormProjection
 from unfold.constraint_cost import with_positions
+from unfold.layer_weights import AttentionWeights, to_mha
 from unfold.unroller import unroll
 
 META = torch.device("meta")
@@ -119,6 +120,12 @@ class _Diag(LinearOperator):
 def test_meta_dense_materialisation() -> None:
     """``LinearOperator.dense`` builds its unit columns (and their indices) on the operator's device."""
     _is_meta(_Diag(_meta(4)).dense())
+
+
+def test_meta_to_mha_fills_missing_biases_on_the_weights_device() -> None:
+    """``to_mha`` with only ``b_Q`` given fills the other biases with zeros on the weights' device."""
+    layer = to_mha(AttentionWeights(_meta(D, D), _meta(D, D), _meta(D, D), _meta(D, D), 1, b_Q=_meta(D)))
+    _is_meta([layer.in_proj_bias, layer.out_proj.bias, layer(_meta(B, N, D), _meta(B, N, D), _meta(B, N, D))[0]])
 
 
 def test_value_reading_functions_say_so_on_meta() -> None:

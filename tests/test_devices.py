@@ -7,11 +7,11 @@ Two layers of checks.
   so a clean run with a meta result proves device propagation without a GPU. Covered: the attention, multi-head,
   tied-ReLU, LayerNorm/RMSNorm energies (value, gradient, step), the core FFN formulas, the energy curvature and
   majoriser closed forms, the closed-form attention Hessian, the unrolled model (attention/FFN/ReLU steps), the
-  one-hot positions of ``constraint_cost`` and the dense materialisation of a :class:`LinearOperator`.
+  one-hot positions of ``constraint_cost``, the zero biases of ``to_mha``, ``block_hessian`` of a whole block and
+  the dense materialisation of a :class:`LinearOperator`.
   Functions that legitimately read values are not run on meta (they raise a clear ``EnergyInputError`` instead):
   :class:`~energy.ffn.FFNEnergy` (its step range needs the eigenvalues of ``I + W_f``), the estimators and Krylov
-  routines (probe statistics, Ritz convergence and ``float`` results), and the data-dependent validation of
-  :class:`~energy.hessian.block.TransformerBlock`.
+  routines (probe statistics, Ritz convergence and ``float`` results).
 * ``cuda`` (marker ``cuda``, skipped without a GPU): the same public functions on ``cuda`` and on the CPU in float64
   agree to ``1e-10`` relative error, including ``block_hessian``, a ``HessianOperator`` product and the
   Hutchinson/Lanczos estimators (whose probes are drawn on the CPU from a CPU generator and moved to the
@@ -56,6 +56,16 @@ def _meta(*shape: int) -> Tensor:
 def _is_meta(out: Any) -> None:
     tensors = [out] if isinstance(out, Tensor) else list(out)
     assert tensors and all(isinstance(t, Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    """A (nested, frozen) dataclass of tensors with every tensor moved to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: _to(getattr(obj, f.name), device) for f in dataclasses.fields(obj)
+                                           if f.init})
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,6 +116,13 @@ def test_meta_unrolled_model() -> None:
     _is_meta(model(_meta(B, N, D)))
 
 
+@pytest.mark.parametrize("norm", ["pre", "post", "none"])
+def test_meta_block_hessian(norm: str) -> None:
+    """The closed-form block Hessian (causal GQA attention, FFN, norms, MSE loss) of a block moved to meta is meta."""
+    block = _to(random_block(D, 2, 2, 5, kv_heads=1, norm=norm), META)  # type: ignore[arg-type]
+    _is_meta(block_hessian(block, _meta(B, N, D), _meta(B, N, D)).matrix)
+
+
 class _Diag(LinearOperator):
     """``diag(w)`` as a matrix-free operator, on the device of ``w``."""
 
@@ -147,16 +164,6 @@ def test_probes_are_seeded_on_the_cpu_and_moved() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # cuda: the same numbers on the GPU as on the CPU (float64)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _to(obj: Any, device: torch.device | str) -> Any:
-    """A (nested, frozen) dataclass of tensors with every tensor moved to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _to(getattr(obj, f.name), device) for f in dataclasses.fields(obj)
-                                           if f.init})
-    return obj
 
 
 def _close(a: Tensor, b: Tensor) -> None:

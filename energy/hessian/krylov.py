@@ -153,7 +153,8 @@ def lanczos(
             ascending), ``"LM"`` largest magnitude (descending ``|λ|``).
         max_iter: maximal Krylov dimension.
         tol: relative residual tolerance.
-        generator: for the start vector (and restarts after breakdown).
+        generator: a CPU generator for the start vector (and restarts after breakdown); the draws are moved to
+            the operator's device, where the basis and the results live (the CPU for callables and scipy operators).
         v0: start vector (default: normal random).
         dim: dimension if ``A`` is a callable.
     """
@@ -237,7 +238,8 @@ def slq_density(
         A: symmetric operator (see module docstring).
         num_probes: ``P``, the number of random probes.
         num_steps: ``m ≤ n``, Lanczos steps per probe.
-        generator: source of the probes.
+        generator: a CPU generator, the source of the probes (moved to the operator's device, where the nodes,
+            weights, grid and density live).
         grid: evaluation points of the density (default ``num_grid`` points over the node range ± 3 s).
         num_grid: number of points of the default ``grid`` (ignored when ``grid`` is given).
         kernel_width: Gaussian width ``s`` (default 1% of the node range, at least 1e-12).

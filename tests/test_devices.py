@@ -6,7 +6,7 @@ Two layers of checks.
   only meta tensors that creates a tensor without ``device=`` (an implicit CPU tensor) then mixes devices and raises,
   so a clean run with a meta result proves device propagation without a GPU. Covered: the attention, multi-head,
   tied-ReLU, LayerNorm/RMSNorm energies (value, gradient, step), the core FFN formulas, the energy curvature and
-  majoriser closed forms, the closed-form attention Hessian, the unrolled model (attention/FFN/ReLU steps), the
+  majoriser closed forms, the closed-form attention Hessian, the unrolled model and each of its step kinds, the
   one-hot positions of ``constraint_cost``, the zero biases of ``to_mha``, ``block_hessian`` of a whole block and
   the dense materialisation of a :class:`LinearOperator`.
   Functions that legitimately read values are not run on meta (they raise a clear ``EnergyInputError`` instead):
@@ -114,6 +114,14 @@ def test_meta_unrolled_model() -> None:
     """The unrolled attention/FFN/ReLU model (steps and their buffers) runs on meta after ``.to('meta')``."""
     model = unroll(["attention", "ffn", "relu"], depth=2, d=D).to(DT).to(META)
     _is_meta(model(_meta(B, N, D)))
+
+
+@pytest.mark.filterwarnings("ignore::energy.StepSizeWarning")  # energy_transformer: no guaranteed step size
+@pytest.mark.parametrize("step", ["attention", "energy_transformer", "ffn", "hopfield", "layernorm", "relu", "rmsnorm",
+                                  "tied_ffn"])
+def test_meta_every_step(step: str) -> None:
+    """Each step kind of the unroller, alone, runs on meta (its forward creates nothing on the CPU)."""
+    _is_meta(unroll([step], depth=1, d=4).to(DT).to(META)(_meta(B, N, 4)))
 
 
 @pytest.mark.parametrize("norm", ["pre", "post", "none"])

@@ -44,16 +44,15 @@ attention input Jacobian; memory ``O(P² + B L d P)``. Nothing is differentiated
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
-from energy.core import norm as core_norm
-from energy.core.ffn import feed_forward
 from energy.hessian.attention_layer import Reduction, check_dense_budget
 from energy.hessian.blocks import Part
 from energy.hessian.ffn_curvature import FFNLayer
@@ -213,22 +212,25 @@ class TransformerBlock:
 
     def flat(self) -> Tensor:
         """The flat parameter vector (``vec_r`` of each parameter, in :meth:`param_blocks` order)."""
-        parts = [sub.flat() if hasattr(sub, "flat") else _flat_of(sub) for _, sub in self._sublayers()]
+        values = {name: t for prefix, sub in self._sublayers() for name, t in _named(prefix, sub).items()}
         if self.W_U is not None:
-            parts.append(self.W_U.reshape(-1))
-        return torch.cat(parts)
+            values["W_U"] = self.W_U
+        return torch.cat([values[name].reshape(-1) for name, _ in self.param_blocks()])
 
     def with_flat(self, theta: Tensor) -> TransformerBlock:
-        """The same block with the parameters of the flat vector ``theta`` (pure; for the autograd twins)."""
-        subs: dict[str, object] = {}
-        start = 0
-        for prefix, sub in self._sublayers():
-            n = sum(math.prod(s) for _, s in sub.param_blocks())
-            piece = theta[start:start + n]
-            subs[prefix] = sub.with_flat(piece) if hasattr(sub, "with_flat") else _with_flat(sub, piece)
-            start += n
-        W_U = None if self.W_U is None else theta[start:].reshape(self.W_U.shape)
-        return _unchecked_block(self, subs, W_U)
+        """The same block with the parameters of the flat vector ``theta`` (for the autograd twins; the value checks
+        of the sublayers skip themselves inside transforms).
+        """
+        sl = self.slices()
+        fields: dict[str, Any] = {"attention": self.attention.with_flat(theta[_span(sl, "attn.")])}
+        for name in ("ln1", "ln2", "ffn"):
+            sub = getattr(self, name)
+            if sub is not None:
+                fields[name] = dataclasses.replace(sub, **{n: theta[sl[f"{name}.{n}"]].reshape(shape)
+                                                           for n, shape in sub.param_blocks()})
+        if self.W_U is not None:
+            fields["W_U"] = theta[sl["W_U"]].reshape(self.W_U.shape)
+        return dataclasses.replace(self, **fields)
 
     # -- the pure forward map and loss -----------------------------------------------------------------------------
     def logits(self, X: Tensor, mask: Tensor | None) -> Tensor:
@@ -278,37 +280,23 @@ class TransformerBlock:
         return X3, T, mask
 
 
-def _flat_of(sub: NormLayer | FFNLayer) -> Tensor:
-    """``vec_r`` concatenation of a token-wise sublayer's parameters, in its ``param_blocks()`` order."""
-    return torch.cat([getattr(sub, name).reshape(-1) for name, _ in sub.param_blocks()])
+def _named(prefix: str, sub: MultiHeadAttentionLayer | NormLayer | FFNLayer) -> dict[str, Tensor]:
+    """``{"<prefix>.<name>": tensor}`` of a sublayer's parameters."""
+    if isinstance(sub, MultiHeadAttentionLayer):
+        flat = sub.flat()
+        out, start = {}, 0
+        for name, shape in sub.param_blocks():
+            n = math.prod(shape)
+            out[f"{prefix}.{name}"] = flat[start:start + n]
+            start += n
+        return out
+    return {f"{prefix}.{name}": t for name, t in sub.params().items()}
 
 
-def _with_flat(sub: NormLayer | FFNLayer, theta: Tensor) -> NormLayer | FFNLayer:
-    """A token-wise sublayer with its parameters taken from the flat vector ``theta`` (unvalidated copy)."""
-    values = {}
-    start = 0
-    for name, shape in sub.param_blocks():
-        n = math.prod(shape)
-        values[name] = theta[start:start + n].reshape(shape)
-        start += n
-    clone = object.__new__(type(sub))
-    for field in sub.__dataclass_fields__:
-        object.__setattr__(clone, field, values.get(field, getattr(sub, field)))
-    return clone
-
-
-def _unchecked_block(block: TransformerBlock, subs: dict[str, object], W_U: Tensor | None) -> TransformerBlock:
-    """A copy of ``block`` with other sublayers (no re-validation: used inside transforms)."""
-    clone = object.__new__(TransformerBlock)
-    for field in block.__dataclass_fields__:
-        object.__setattr__(clone, field, getattr(block, field))
-    object.__setattr__(clone, "attention", subs["attn"])
-    object.__setattr__(clone, "ffn", subs["ffn"])
-    for name in ("ln1", "ln2"):
-        if name in subs:
-            object.__setattr__(clone, name, subs[name])
-    object.__setattr__(clone, "W_U", W_U)
-    return clone
+def _span(slices: dict[str, slice], prefix: str) -> slice:
+    """The contiguous columns of the parameters whose names start with ``prefix``."""
+    spans = [s for name, s in slices.items() if name.startswith(prefix)]
+    return slice(spans[0].start, spans[-1].stop)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,32 +304,21 @@ def _unchecked_block(block: TransformerBlock, subs: dict[str, object], W_U: Tens
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _norm_forward(ln: NormLayer, X: Tensor) -> Tensor:
-    """LayerNorm or RMSNorm of every token (:mod:`energy.core.norm`)."""
-    if ln.kind == "rms":
-        return core_norm.rms_norm(X, ln.gamma, ln.eps)
-    return core_norm.layer_norm(X, ln.gamma, ln.beta, ln.eps)
-
-
-def _ffn_forward(ffn: FFNLayer, X: Tensor) -> Tensor:
-    return feed_forward(X, ffn.W_1, ffn.b_1, ffn.W_2, ffn.b_2, ffn.activation)
-
-
 def _forward(block: TransformerBlock, X: Tensor, mask: Tensor | None) -> list[Tensor]:
     """The intermediates of MATH §5.3, ending with ``Out`` (pure)."""
     mha = block.attention
     if block.norm == "pre":
         assert block.ln1 is not None and block.ln2 is not None
-        U1 = _norm_forward(block.ln1, X)
+        U1 = block.ln1.output(X)
         Z = X + mha.output(U1, mask)
-        U2 = _norm_forward(block.ln2, Z)
-        return [U1, Z, U2, Z + _ffn_forward(block.ffn, U2)]
+        U2 = block.ln2.output(Z)
+        return [U1, Z, U2, Z + block.ffn.output(U2)]
     if block.norm == "post":
         assert block.ln1 is not None and block.ln2 is not None
-        Z = _norm_forward(block.ln1, X + mha.output(X, mask))
-        return [Z, _norm_forward(block.ln2, Z + _ffn_forward(block.ffn, Z))]
+        Z = block.ln1.output(X + mha.output(X, mask))
+        return [Z, block.ln2.output(Z + block.ffn.output(Z))]
     Z = X + mha.output(X, mask)
-    return [Z, Z + _ffn_forward(block.ffn, Z)]
+    return [Z, Z + block.ffn.output(Z)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

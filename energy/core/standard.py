@@ -22,6 +22,7 @@ __all__ = [
     "scores",
     "attention_weights",
     "linear_attention_weights",
+    "softmax_jacobian_apply",
     "multi_head_attention",
 ]
 
@@ -91,6 +92,17 @@ def linear_attention_weights(Q: Tensor, K: Tensor, kappa: Scale, *, mask: Tensor
     """
     A = scores(Q, K, kappa)
     return A if mask is None else torch.where(mask, A, 0.0)
+
+
+def softmax_jacobian_apply(A: Tensor, V: Tensor) -> Tensor:
+    r"""Row-wise softmax Jacobian times ``V``: ``r_i = J_i v_i``, ``J_i = diag(a_i) − a_i a_iᵀ`` (MATH §3.2).
+
+    .. math:: r_{ij} = a_{ij}\,(v_{ij} - a_i^\top v_i)
+
+    ``A`` holds the softmax rows ``a_i`` (last dimension), ``V`` the vectors ``v_i`` of the same shape. Then
+    ``Σ_j r_ij = 0``; the curvature of ``a(t)ᵀ v`` is ``diag(r) − a rᵀ − r aᵀ``.
+    """
+    return A * (V - (A * V).sum(-1, keepdim=True))
 
 
 def multi_head_attention(x_q: Tensor, x_kv: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor | None,

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from energy.core import standard as core_standard
 from energy.hessian.attention_layer import AttentionLayer, attention_matrix
 
 __all__ = [
@@ -89,10 +90,7 @@ def _apply_C(h: _Head, R: Tensor, Z: Tensor) -> Tensor:
 def _score_gradient(h: _Head, Gt: Tensor, U3: Tensor) -> Tensor:
     """``R = ∂s/∂T``, rows ``r_i = J_i v_i`` with ``v_ij = g̃_iᵀ u_j`` ``(B, L, L)``, cost ``O(L² d)``."""
     v = Gt @ U3.transpose(-1, -2)
-    R = h.Jd * v
-    if h.softmax:
-        R = R - h.A * (h.A * v).sum(-1, keepdim=True)
-    return R
+    return core_standard.softmax_jacobian_apply(h.A, v) if h.softmax else h.Jd * v
 
 
 def _plus_diagonal(T: Tensor, M: Tensor, dim1: int, dim2: int) -> Tensor:

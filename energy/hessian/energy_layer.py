@@ -60,6 +60,7 @@ from energy._validation import (
     check_tensor,
     warn_if_not_float64,
 )
+from energy.core import standard as core_standard
 from energy.core.attention import kappa, metric, softmax_beta
 from energy.hessian.attention_layer import Reduction, _present, check_dense_budget, loss_constant
 from energy.hessian.blocks import Part, _check_part
@@ -166,7 +167,7 @@ class _Terms:
         X, A, s, alpha = self.X, self.A, self.s, self.alpha
         h = G @ self.W if self.tied else G  # W symmetric: rows (W g_i)ᵀ
         v = torch.einsum("bjm,bim->bij", X, h)
-        r = A * (v - (A * v).sum(-1, keepdim=True))
+        r = core_standard.softmax_jacobian_apply(A, v)
         # Σ_i 𝒯_iᵀ C_i 𝒯_i with C_i = diag(r_i) − a_i r_iᵀ − r_i a_iᵀ
         Ta = torch.einsum("bij,bijq->biq", A, self.T)
         Tr = torch.einsum("bij,bijq->biq", r, self.T)

@@ -53,6 +53,7 @@ from energy._validation import (
     check_tensor,
 )
 from energy.core import attention as core_attention
+from energy.core import standard as core_standard
 from energy.hessian.attention_layer import attention_matrix
 from energy.hessian.structure import _parts
 
@@ -109,7 +110,7 @@ class _Head:
         self.K = X @ W_K  # (B, L, k)
         V = X @ W_V  # (B, L, d_v)
         v = (G @ W_O.T) @ V.transpose(-1, -2)  # v_ij = g_iᵀ W_Oᵀ W_Vᵀ x_j
-        self.r = self.A * (v - (self.A * v).sum(-1, keepdim=True))  # r_i = J_i v_i
+        self.r = core_standard.softmax_jacobian_apply(self.A, v)  # r_i = J_i v_i
         R_O = torch.linalg.qr(W_O.T, mode="r")[1]  # Ω = W_O W_Oᵀ = R_Oᵀ R_O, (min(d_v, d_out), d_v)
         self.Vt = V @ R_O.T  # Ṽ, (B, L, r)
         self.q = (X @ W_Q).reshape(-1, W_Q.shape[1])  # (N, k)

@@ -16,6 +16,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from energy._validation import EnergyInputError
+from energy.core import standard as core_standard
 from energy.hessian.attention_layer import AttentionLayer, LayerOptions, attention_matrix
 
 __all__ = [
@@ -282,7 +283,7 @@ def _moments(
         Jv = m * v
     else:
         J_tok = torch.diag_embed(A) - A.unsqueeze(-1) * A.unsqueeze(-2)
-        r = A * (v - (A * v).sum(-1, keepdim=True))  # r_ij = a_ij (v_ij − a_iᵀ v_i) = (J_i v_i)_j; Σ_j r_ij = 0
+        r = core_standard.softmax_jacobian_apply(A, v)  # r_ij = a_ij (v_ij − a_iᵀ v_i) = (J_i v_i)_j; Σ_j r_ij = 0
         Jv = r
     N = X3.shape[0] * X3.shape[1]
     x = X3.reshape(N, d)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, linearize, vjp, vmap
 
 from energy._validation import EnergyInputError, warn_if_not_float64
+from energy.hessian.distributed import ShardGroup, check_same_model, resolve_shards
 from energy.hessian.linear_operator import LinearOperator, _SubmatrixOperator, _TransposedOperator
 from energy.hessian.parameter_space import (
     ParameterSpace,
@@ -90,6 +91,10 @@ class CurvatureOperator(LinearOperator):
             and reuse it for every later product. Pays off for many sequential products (Lanczos) on few
             batches; memory = activations of every batch. The cache is built for the current parameter values;
             call :meth:`clear_cache` after changing the model.
+        distributed: ``True`` (the default process group) or a :class:`~energy.hessian.distributed.ShardGroup`:
+            ``data`` is this rank's shard, the weights ``w_b`` use the count over all ranks and every product,
+            gradient and loss is summed over the ranks (MATH §6.1; :mod:`energy.hessian.distributed`). Every rank
+            must construct the operator (same model, weights and settings) and call the same products.
     """
 
     part: Part = "H"
@@ -105,11 +110,24 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         max_vectors: int | None = None,
         cache: bool = False,
+        distributed: bool | ShardGroup = False,
     ) -> None:
-        if not callable(loss_fn):
-            raise EnergyInputError(f"`loss_fn` must be callable (o, y) -> scalar, got {type(loss_fn).__name__}.")
-        self.space = ParameterSpace(model, params)
-        _check_deterministic_model(model)
+        self.shards = resolve_shards(distributed)
+        if self.shards is None:
+            self._setup(model, loss_fn, params, data, reduction, batch_size_fn)
+        else:
+            shards = self.shards
+            shards.run(lambda: self._setup(model, loss_fn, params, data, reduction, batch_size_fn),
+                       "checking each rank's model and data shard")
+            shards.check_same((self.space.names, tuple(map(tuple, self.space.shapes)), str(self.space.dtype),
+                               self.reduction, self.part), "the parameter blocks, dtype, reduction and part")
+            check_same_model(shards, model)
+        self.local_num_data = sum(self.batch_sizes)
+        self.num_data = self.local_num_data if self.shards is None else self.shards.total(
+            self.local_num_data, "the number of samples")
+        if self.num_data == 0:
+            raise EnergyInputError("`data` contains no samples; pass at least one non-empty batch"
+                                   + ("." if self.shards is None else " on some rank."))
         super().__init__(
             (self.space.dim, self.space.dim),
             self.space.dtype,
@@ -117,19 +135,26 @@ class CurvatureOperator(LinearOperator):
             symmetric=True,
             max_vectors=max_vectors,
         )
+        self.cache = cache
+        self._cache: list[dict[str, Any]] | None = None
+
+    def _setup(self, model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], params: Sequence[str] | str | None,
+               data: Iterable, reduction: Reduction | None, batch_size_fn: Callable[[Any], int] | None) -> None:
+        """This rank's checks of the model, loss and data (a data shard may be empty when distributed)."""
+        if not callable(loss_fn):
+            raise EnergyInputError(f"`loss_fn` must be callable (o, y) -> scalar, got {type(loss_fn).__name__}.")
+        self.space = ParameterSpace(model, params)
+        _check_deterministic_model(model)
         self.model = model
         self.loss_fn = loss_fn
         self.reduction: Reduction = _resolve_reduction(loss_fn, reduction)
         self.data = _check_data(data)
         self.batch_size_fn = batch_size_fn or (lambda X: int(X.shape[0]))
         sizes = check_batches(self.data, self.batch_size_fn)
-        if not sizes or sum(sizes) == 0:
+        if self.shards is None and (not sizes or sum(sizes) == 0):
             raise EnergyInputError("`data` contains no samples; pass at least one non-empty batch.")
         check_first_batch(model, loss_fn, self.data, self.space.dtype)
         self.batch_sizes = sizes
-        self.num_data = sum(sizes)
-        self.cache = cache
-        self._cache: list[dict[str, Any]] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     @property
@@ -247,7 +272,7 @@ class CurvatureOperator(LinearOperator):
             out["H"] = {n: GV[n] + out["H_f"][n] for n in GV}
         return out
 
-    def _products(self, V: Tensor, kinds: frozenset[str]) -> dict[str, Tensor]:
+    def _local_products(self, V: Tensor, kinds: frozenset[str]) -> dict[str, Tensor]:
         free, fixed = self._free_and_fixed()
         Vd = self.space.split(V)
         total: dict[str, Tensor] = {}
@@ -262,7 +287,21 @@ class CurvatureOperator(LinearOperator):
                         continue
                     flat = self.space.join(blocks)
                     total[kind] = total[kind].add_(flat, alpha=w) if kind in total else flat.mul_(w)
-        return total
+        return {k: total[k] if k in total else torch.zeros_like(V) for k in kinds}
+
+    def _products(self, V: Tensor, kinds: frozenset[str]) -> dict[str, Tensor]:
+        """``{part: Σ_b w_b A_b V}``, summed over the ranks when distributed (one all-reduce for all parts)."""
+        if self.shards is None:
+            return self._local_products(V, kinds)
+        order = sorted(kinds)
+
+        def local() -> Tensor:
+            out = self._local_products(V, kinds)
+            return torch.cat([out[k] for k in order])
+
+        flat = self.shards.sum(local, (len(order) * V.shape[0], V.shape[1]), V, f"the {'/'.join(order)} products",
+                               probe=V)
+        return dict(zip(order, flat.split(V.shape[0])))
 
     # -- public ----------------------------------------------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
@@ -298,23 +337,34 @@ class CurvatureOperator(LinearOperator):
         out = self.products(V, ("H", "H_o"))
         return out["H"], out["H_o"]
 
+    def _reduce(self, compute: Callable[[], Tensor], like: Tensor, what: str) -> Tensor:
+        return compute() if self.shards is None else self.shards.sum(compute, like.shape, like, what)
+
     def gradient(self) -> Tensor:
         r"""The flat gradient :math:`\nabla_\theta \mathcal L` with the same weighting as the operator."""
         free, fixed = self._free_and_fixed()
         total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
-        for X, y, w in self._batches():
-            f, ell = self._functions(X, y, fixed)
-            g = grad(lambda p, f=f, ell=ell: ell(f(p)))(free)
-            total.add_(self.space.flatten(g), alpha=w)
-        return total
+
+        def local() -> Tensor:
+            for X, y, w in self._batches():
+                f, ell = self._functions(X, y, fixed)
+                g = grad(lambda p, f=f, ell=ell: ell(f(p)))(free)
+                total.add_(self.space.flatten(g), alpha=w)
+            return total
+
+        return self._reduce(local, total, "the gradient")
 
     def loss(self) -> Tensor:
         r"""The objective :math:`\mathcal L(\theta) = \sum_b w_b \ell_b(\theta)` (module docstring)."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        with torch.no_grad():
-            for X, y, w in self._batches():
-                total += w * self.loss_fn(self.model(X), y)
-        return total
+
+        def local() -> Tensor:
+            with torch.no_grad():
+                for X, y, w in self._batches():
+                    total.add_(w * self.loss_fn(self.model(X), y))
+            return total
+
+        return self._reduce(local, total, "the loss")
 
     def block(self, rows: Sequence[str] | str, cols: Sequence[str] | str | None = None) -> LinearOperator:
         """The sub-matrix with rows of blocks ``rows`` and columns of blocks ``cols`` (default: ``rows``).
@@ -337,6 +387,7 @@ class CurvatureOperator(LinearOperator):
                 batch_size_fn=self.batch_size_fn,
                 max_vectors=self.max_vectors,
                 cache=self.cache,
+                distributed=self.shards or False,
             )
         return _SubmatrixOperator(self, [self.space.slice(n) for n in rows], [self.space.slice(n) for n in cols])
 
@@ -388,6 +439,8 @@ class JacobianOperator(LinearOperator):
 
     Args:
         model, params, data, max_vectors: as for :class:`CurvatureOperator` (targets in ``data`` are ignored).
+        distributed: as for :class:`CurvatureOperator`: the rows are then this rank's outputs (the output space is
+            sharded with the data), ``J V`` is local and ``Jᵀ U`` is summed over the ranks.
     """
 
     def __init__(
@@ -397,7 +450,20 @@ class JacobianOperator(LinearOperator):
         data: Iterable,
         *,
         max_vectors: int | None = None,
+        distributed: bool | ShardGroup = False,
     ) -> None:
+        self.shards = resolve_shards(distributed)
+        if self.shards is None:
+            self._setup(model, params, data)
+        else:
+            self.shards.run(lambda: self._setup(model, params, data), "checking each rank's model and data shard")
+            self.shards.check_same((self.space.names, tuple(map(tuple, self.space.shapes)), str(self.space.dtype)),
+                                   "the parameter blocks and dtype")
+            check_same_model(self.shards, model)
+        super().__init__((sum(self._out_sizes), self.space.dim), self.space.dtype, self.space.device,
+                         max_vectors=max_vectors)
+
+    def _setup(self, model: nn.Module, params: Sequence[str] | str | None, data: Iterable) -> None:
         self.space = ParameterSpace(model, params)
         _check_deterministic_model(model)
         self.model = model
@@ -411,12 +477,10 @@ class JacobianOperator(LinearOperator):
                 if not isinstance(o, Tensor):
                     raise EnergyInputError(f"`model` must return one tensor of outputs, got {type(o).__name__}.")
                 sizes.append((tuple(o.shape), o.numel()))
-        if not sizes:
+        if not sizes and self.shards is None:
             raise EnergyInputError("`data` contains no batches.")
         self.output_shapes = tuple(s for s, _ in sizes)
         self._out_sizes = tuple(n for _, n in sizes)
-        super().__init__((sum(self._out_sizes), self.space.dim), self.space.dtype, self.space.device,
-                         max_vectors=max_vectors)
 
     def _inputs_iter(self) -> Iterator[Any]:
         for batch in self.data:
@@ -439,16 +503,19 @@ class JacobianOperator(LinearOperator):
     def _rmatmat(self, U: Tensor) -> Tensor:
         free, fixed = self._fixed()
         total = torch.zeros(self.shape[1], U.shape[1], dtype=self.dtype, device=self.device)
-        i = 0
-        with torch.no_grad():
-            for X, shp, n in zip(self._inputs_iter(), self.output_shapes, self._out_sizes):
-                f = lambda p, X=X: functional_call(self.model, (p, fixed), (X,))
-                vjp_fn = vjp(f, free)[1]
-                Ub = U[i : i + n].T.reshape(U.shape[1], *shp)
-                i += n
-                flat = self.space.join(vmap(vjp_fn)(Ub)[0])
-                total.add_(flat)
-        return total
+
+        def local() -> Tensor:
+            i = 0
+            with torch.no_grad():
+                for X, shp, n in zip(self._inputs_iter(), self.output_shapes, self._out_sizes):
+                    f = lambda p, X=X: functional_call(self.model, (p, fixed), (X,))
+                    vjp_fn = vjp(f, free)[1]
+                    Ub = U[i : i + n].T.reshape(U.shape[1], *shp)
+                    i += n
+                    total.add_(self.space.join(vmap(vjp_fn)(Ub)[0]))
+            return total
+
+        return local() if self.shards is None else self.shards.sum(local, total.shape, total, "the Jᵀ products")
 
     @property
     def T(self) -> TransposedJacobianOperator:  # noqa: N802

@@ -70,6 +70,7 @@ from energy.hessian.curvature_operators import (
     GGNOperator,
     HessianOperator,
 )
+from energy.hessian.distributed import ShardGroup, resolve_shards
 
 __all__ = [
     "PRESETS",
@@ -541,7 +542,7 @@ _PART_CLASS: dict[str, type[CurvatureOperator]] = {"H": HessianOperator, "H_o": 
 
 def curvature_operator(model: nn.Module, data: Sequence[tuple[Mapping[str, Tensor], Tensor]], *, part: str = "H",
                        params: Sequence[str] | str | None = None, max_vectors: int | None = None,
-                       cache: bool = False) -> CurvatureOperator:
+                       cache: bool = False, distributed: bool | ShardGroup = False) -> CurvatureOperator:
     """The curvature operator ``part`` (``"H"``, ``"H_o"``, ``"H_f"``) of a Hugging Face model's standard loss.
 
     Args:
@@ -551,6 +552,7 @@ def curvature_operator(model: nn.Module, data: Sequence[tuple[Mapping[str, Tenso
         params: parameter names of the model (default: all).
         max_vectors: column chunk of the products (:class:`~energy.hessian.curvature_operators.CurvatureOperator`).
         cache: keep each batch's linearisation between products (same class).
+        distributed: ``data`` is this rank's shard; products are summed over the ranks (MATH §6.1).
 
     Returns:
         The operator of the data-set mean over every counted target (module docstring).
@@ -560,12 +562,20 @@ def curvature_operator(model: nn.Module, data: Sequence[tuple[Mapping[str, Tenso
     wrapped = model if isinstance(model, LogitsModel) else LogitsModel(model)
     task = task_of(wrapped)
     counts = count_targets(task)
-    for i, batch in enumerate(data):
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else None
-        if not isinstance(inputs, Mapping) or "labels" not in inputs:
-            raise EnergyInputError(f"`data` batch {i} must be (inputs, labels) with inputs a dict holding 'labels' "
-                                   "(use synthetic_batches or token_batches).")
-        if counts(inputs) == 0:
-            raise EnergyInputError(f"`data` batch {i} has no counted target (every label is -100); drop it.")
+
+    def check_data() -> None:
+        for i, batch in enumerate(data):
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else None
+            if not isinstance(inputs, Mapping) or "labels" not in inputs:
+                raise EnergyInputError(f"`data` batch {i} must be (inputs, labels) with inputs a dict holding "
+                                       "'labels' (use synthetic_batches or token_batches).")
+            if counts(inputs) == 0:
+                raise EnergyInputError(f"`data` batch {i} has no counted target (every label is -100); drop it.")
+
+    shards = resolve_shards(distributed)
+    if shards is None:
+        check_data()
+    else:
+        shards.run(check_data, "checking each rank's batches")
     return _PART_CLASS[part](wrapped, loss_for(task), params, data, reduction="mean", batch_size_fn=counts,
-                             max_vectors=max_vectors, cache=cache)
+                             max_vectors=max_vectors, cache=cache, distributed=distributed)

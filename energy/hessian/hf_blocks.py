@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from energy._validation import EnergyInputError
 from energy.hessian.curvature_operators import CurvatureOperator, resolve_parts
+from energy.hessian.distributed import ShardGroup
 from energy.hessian.estimators import (
     Estimate,
     hutchinson_diagonal,
@@ -322,15 +323,19 @@ class BlockCurvature:
         max_vectors: column chunk of the products (memory bound).
         cache: keep each batch's linearisation between products (fast Lanczos on few batches).
         exact_max: largest column block computed exactly.
+        distributed: ``data`` is this rank's shard and every product is summed over the ranks
+            (:class:`~energy.hessian.curvature_operators.CurvatureOperator`, MATH §6.1); all estimates are then
+            computed identically on every rank.
     """
 
     def __init__(self, model: nn.Module, data: Sequence[Any], *, max_vectors: int | None = None, cache: bool = False,
-                 exact_max: int = 256) -> None:
+                 exact_max: int = 256, distributed: bool | ShardGroup = False) -> None:
         from energy.hessian.hf import LogitsModel
 
         self.model = model if isinstance(model, LogitsModel) else LogitsModel(model)
         self.data = data
         self.max_vectors, self.cache, self.exact_max = max_vectors, cache, int(exact_max)
+        self.distributed = distributed
         self.catalogue = block_catalogue(self.model.hf)
         self._parents: dict[tuple[tuple[str, ...], str], CurvatureOperator] = {}
         self._dense: dict[tuple[str, str, str], Tensor] = {}
@@ -359,7 +364,8 @@ class BlockCurvature:
         key = (tensors, canon)
         if key not in self._parents:
             self._parents[key] = curvature_operator(self.model, self.data, part=canon, params=list(tensors),
-                                                    max_vectors=self.max_vectors, cache=self.cache)
+                                                    max_vectors=self.max_vectors, cache=self.cache,
+                                                    distributed=self.distributed)
         return BlockOperator(self._parents[key], r, c)
 
     def _exact(self, A: BlockOperator, part: str) -> Tensor | None:

@@ -20,12 +20,20 @@ settings and one record per block: ``name``, ``params`` (number of entries), ``t
 ``{part: value}`` with ``frobenius_stderr`` and ``exact``, ``trace``, ``top_eigenvalues`` ``{part: [...]}``,
 ``density`` ``{part: {"grid": [...], "values": [...], "kernel_width": s}}`` and ``seconds``. Progress goes to stderr.
 Bad usage ends with one line and exit status 2.
+
+Under ``torchrun --nproc_per_node N -m energy.hessian analyze ...`` the same command runs data-parallel (MATH §6.1):
+every rank builds the same batches, keeps its contiguous share (:func:`energy.hessian.distributed.shard_batches`),
+and every product is summed over the ranks, so the records equal one process's; rank 0 alone shows progress and
+writes the JSON, which also records ``world_size``. Messages carry ``[rank r/N]``; a failing rank makes every rank
+stop (``--timeout`` bounds every wait for a rank that stops answering).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
 import warnings
@@ -129,6 +137,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
 
     def body() -> int:
         from energy.hessian import hf
+        from energy.hessian.distributed import init_from_env, shard_batches
         from energy.hessian.hf_blocks import BlockCurvature, _model_type
 
         parser = Parser(prog=prog, description=(__doc__ or "").split("\n\n")[0].split(": ", 1)[-1])
@@ -152,7 +161,11 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
         parser.add_argument("--exact-max", type=int, default=256, help="largest block whose norms are computed exactly")
         parser.add_argument("--list-blocks", action="store_true", help="list the model's block names and exit")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
+        parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                            help="under torchrun: the longest wait for another rank before every rank stops")
         args = parser.parse_args(argv)
+        if not args.timeout > 0:
+            raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         for flag in ("batch", "seq_len", "num_batches", "top_k", "probes", "steps", "grid", "exact_max"):
             if getattr(args, flag) < 1:
                 raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -161,7 +174,14 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
         what, parts = _csv(args.what, WHAT, "--what"), _csv(args.parts, PARTS, "--parts")
         if args.json is None and not args.list_blocks:
             raise UsageError("--json OUT is required (where to write the records), e.g. --json blocks.json")
-        out = None if args.json is None else check_writable_file(args.json, "--json")
+        shards = init_from_env(timeout=args.timeout)
+        rank, world = (0, 1) if shards is None else (shards.rank, shards.world_size)
+        lead = rank == 0
+
+        def writable() -> Path | None:
+            return None if args.json is None or not lead else check_writable_file(args.json, "--json")
+
+        out = writable() if shards is None else shards.run(writable, "checking that --json is writable")
         try:
             if Path(args.model).is_dir():
                 model = hf.load_model(args.model, seed=args.seed)
@@ -175,7 +195,8 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
             if args.list_blocks:
                 from energy.hessian.hf_blocks import block_catalogue
 
-                print("\n".join(block_catalogue(model)))
+                if lead:
+                    print("\n".join(block_catalogue(model)))
                 return 0
             if args.data is not None:
                 data = hf.token_batches(model, _load_tokens(args.data), batch=args.batch, seed=args.seed)
@@ -187,16 +208,20 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
                     raise UsageError(f"--seq-len {args.seq_len} exceeds the model's {max_len} positions")
                 data = hf.synthetic_batches(model, batch=args.batch, seq_len=args.seq_len,
                                             num_batches=args.num_batches, seed=args.seed)
+            if shards is not None and len(data) < world:
+                raise UsageError(f"{len(data)} batch(es) cannot be shared by {world} ranks: give every rank at least "
+                                 f"one batch (--num-batches ≥ {world}, or more rows in --data)")
+            shard = data if shards is None else shard_batches(data, rank, world)
             with warnings.catch_warnings(record=True) as notes:
                 warnings.simplefilter("always", UserWarning)
-                bc = BlockCurvature(model, data, exact_max=args.exact_max)
-            for note in notes:
+                bc = BlockCurvature(model, shard, exact_max=args.exact_max, distributed=shards or False)
+            for note in notes if lead else ():
                 print(f"{prog}: note: {note.message}", file=sys.stderr)
             blocks = bc.blocks(args.blocks or DEFAULT_BLOCKS, allow_empty=args.blocks is None)
             if not blocks:
                 raise UsageError("no default block exists for this model; name blocks with --blocks "
                                  "(see --list-blocks)")
-            if "density" in what and any(args.steps > b.numel(_shapes(model)) for b in blocks):
+            if lead and "density" in what and any(args.steps > b.numel(_shapes(model)) for b in blocks):
                 small = min(b.numel(_shapes(model)) for b in blocks)
                 print(f"{prog}: note: SLQ steps capped at the block size for blocks smaller than --steps "
                       f"{args.steps} (smallest: {small})", file=sys.stderr)
@@ -205,7 +230,11 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
         t0 = time.perf_counter()
         records = analyze(bc, blocks, what=what, parts=parts, top_k=args.top_k, num_matvecs=args.num_matvecs,
                           probes=args.probes, steps=args.steps, grid=args.grid, seed=args.seed,
-                          progress=None if args.quiet else _progress_bar)
+                          progress=None if args.quiet or not lead else _progress_bar)
+        parent = bc.operator(blocks[0], None, parts[0]).parent
+        num_targets, loss = parent.num_data, float(parent.loss())
+        if not lead:
+            return 0
         doc = {
             "command": "analyze", "model": args.model, "model_class": type(model).__name__,
             "model_type": _model_type(model), "task": hf.task_of(model),
@@ -214,8 +243,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
                          "num_batches": len(data), "seed": args.seed, "blocks": args.blocks or list(DEFAULT_BLOCKS),
                          "what": what, "parts": parts, "top_k": args.top_k, "num_matvecs": args.num_matvecs,
                          "probes": args.probes, "steps": args.steps, "grid": args.grid, "exact_max": args.exact_max},
-            "num_targets": sum(bc.operator(blocks[0], None, parts[0]).parent.batch_sizes),
-            "loss": float(bc.operator(blocks[0], None, parts[0]).parent.loss()),
+            "num_targets": num_targets, "loss": loss, "world_size": world,
             "torch": torch.__version__, "seconds": time.perf_counter() - t0, "blocks": records,
         }
         assert out is not None
@@ -223,7 +251,34 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
         print(f"{len(records)} block(s) x {len(parts)} part(s) -> {out}")
         return 0
 
-    return run_command(prog, body, argv)
+    shared = _rank_label()
+    if shared:
+        signal.signal(signal.SIGTERM, _stopped_by_launcher)
+    status = run_command(prog + shared, body, argv)
+    if shared and status != 0:  # a failed distributed run: exit now, before gloo's threads are torn down (that can
+        sys.stdout.flush()  # abort the interpreter once a peer has left) -- the message is already printed
+        sys.stderr.flush()
+        os._exit(status)
+    if shared and torch.distributed.is_initialized():  # every rank done (rank 0 has written): leave together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return status
+
+
+def _stopped_by_launcher(signum: int, frame: Any) -> None:
+    """The launcher stops the other ranks (SIGTERM) when one fails: say so in one line, not die silently."""
+    from energy._cli import Interrupted
+
+    exc = Interrupted("stopped by the launcher (SIGTERM): another rank failed (its message says why) or the job was "
+                      "cancelled; nothing was written (the JSON is written atomically at the end)")
+    exc.code = 128 + signum
+    raise exc
+
+
+def _rank_label() -> str:
+    """`` [rank r/N]`` under torchrun (``WORLD_SIZE > 1``), else empty."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f" [rank {os.environ.get('RANK', '?')}/{world}]" if world > 1 else ""
 
 
 def _shapes(model: Any) -> dict[str, torch.Size]:

@@ -123,8 +123,8 @@ class CurvatureOperator(LinearOperator):
                                self.reduction, self.part), "the parameter blocks, dtype, reduction and part")
             check_same_model(shards, model)
         self.local_num_data = sum(self.batch_sizes)
-        self.num_data = self.local_num_data if self.shards is None else self.shards.total(
-            self.local_num_data, "the number of samples")
+        self.num_data = self.local_num_data if self.shards is None else int(self.shards.total(
+            self.local_num_data, "the number of samples"))
         if self.num_data == 0:
             raise EnergyInputError("`data` contains no samples; pass at least one non-empty batch"
                                    + ("." if self.shards is None else " on some rank."))

@@ -24,7 +24,7 @@ Without a CUDA device the script refuses (exit status 2, one line) unless ``--de
 runs the same code at tiny sizes on the CPU (a smoke run, tested in ``tests/test_gpu_check.py``).
 
 Estimated GPU time at full size on one H100 (not measured: no GPU was lent when this was written): suite ≈ 1 min
-(43 small float64 cases, mostly the Python start and imports), hvp ≈ 20 s (model build on the CPU, then ~0.1 s per
+(42 small float64 cases, mostly the Python start and imports), hvp ≈ 20 s (model build on the CPU, then ~0.1 s per
 call), head_norms ≈ 1 min (``(Q,Q)`` ≈ 3·10¹¹ and ``(K,K)`` ≈ 1.3·10¹³ float64 multiply–adds at a few Tflop/s),
 fused ≈ 10 s: about 3 minutes in all, under the 8-minute bound that ``--budget-s 420`` guards.
 """

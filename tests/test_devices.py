@@ -3,20 +3,18 @@
 * ``meta``, runs everywhere: PyTorch's ``meta`` device computes shapes and dtypes without values. A function fed
   only meta tensors that creates a tensor without ``device=`` (an implicit CPU tensor) then mixes devices and raises,
   so a clean run with a meta result proves device propagation without a GPU. :data:`META_CASES` and the tests after
-  it cover the energies (value, gradient, step) and the fused step, the energy curvature, the single-head, multi-head,
-  input-side, energy-layer, token-wise and per-head closed forms, the block Hessian and its twins, the converters'
-  maps, every unrolled step kind, the ``yang2022`` preset and the GPT-2 decoder. Functions that legitimately read
-  values are not run on meta: :class:`~energy.ffn.FFNEnergy` (its step range needs eigenvalues; it says so), exact
-  norms and traces (Python floats), the curvature operators (their first-batch check evaluates the loss), the
-  estimators and Krylov routines (probe statistics, convergence, ``float`` results), ``to_energy`` (constraints).
+  it cover the energies (value, gradient, step), the fused step, the reference functions, the energy curvature, the
+  single-head, multi-head, input-side, energy-layer, token-wise and per-head closed forms, the block Hessian and its
+  twins, the converters, every unrolled step kind, ``yang2022`` and the GPT-2 decoder. Not run on meta as they read
+  values: ``FFNEnergy`` (its step range; it says so), exact norms and traces (floats), the curvature operators (a
+  first-batch loss check), the estimators and Krylov routines, ``to_energy`` (constraint checks).
 * ``cuda`` (marker ``cuda``, skipped without a GPU; ``pytest -m cuda tests/test_devices.py``): each case of
   :data:`CUDA_CASES` runs on the CPU and on ``cuda`` in float64 from the same seeded inputs (drawn on the CPU, moved),
   and the results agree to ``1e-10`` (``max|gpu − cpu| / max|cpu|`` per tensor; the numbers of a result jointly):
-  the energies, every step kind unrolled, ``yang2022``, the attention moments/Hessian/norms, the multi-head blocks and
-  norms, the block Hessian, the per-head norms, the token-wise LayerNorm/RMSNorm/FFN curvature, the operators (``H``,
-  ``GGN``, ``H_f``, ``J``, ``Jᵀ``, blocks, token space, a Hugging Face GPT-2 and its ``BlockCurvature``) and each
-  estimator (Hutchinson, Hutch++, Lanczos, SLQ) on an operator and a dense matrix (probes drawn on the CPU from a CPU
-  generator, so both runs see the same probes).
+  the energies, every unrolled step kind, ``yang2022``, the attention, multi-head, block, per-head and token-wise
+  closed forms, the operators (``H``, ``GGN``, ``H_f``, ``J``, ``Jᵀ``, blocks, token space, a Hugging Face GPT-2 and
+  its ``BlockCurvature``) and each estimator (Hutchinson, Hutch++, Lanczos, SLQ) on an operator and a dense matrix
+  (probes drawn on the CPU from a CPU generator, so both runs see the same probes).
 """
 
 from __future__ import annotations
@@ -34,7 +32,9 @@ from _helpers import DT
 from torch import Tensor, nn
 
 from energy import AttentionEnergy, MultiHeadAttentionEnergy, TiedReLUEnergy
+from energy import reference as ref
 from energy._validation import EnergyInputError
+from energy.composite import CompositeEnergy
 from energy.core import ffn as core_ffn
 from energy.core import related as core_related
 from energy.core import standard as core_standard
@@ -65,7 +65,8 @@ from energy.hessian.tokenwise import autograd_tokenwise_hessian
 from energy.hopfield import HopfieldEnergy
 from energy.normalization import LayerNormProjection, RMSNormProjection
 from unfold.constraint_cost import with_positions
-from unfold.converters import key_bias_mask, skip_map
+from unfold.converters import key_bias_mask, skip_map, standard_step
+from unfold.layer_diagnosis import probe_input
 from unfold.layer_weights import AttentionWeights, to_mha
 from unfold.presets import yang2022
 from unfold.standard import GPT2Config, GPT2Decoder
@@ -128,6 +129,10 @@ def _et() -> EnergyTransformerEnergy:
     return EnergyTransformerEnergy(_meta(2, D, K), _meta(2, D, K), _meta(6, D), ln_bias=_meta(D))
 
 
+def _value_grad_step(E: Any, Y: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    return E.energy(Y), E.grad(Y), E.step(Y, alpha)
+
+
 class _Diag(LinearOperator):
     """``diag(w)`` as a matrix-free operator, on the device of ``w``."""
 
@@ -141,28 +146,19 @@ class _Diag(LinearOperator):
 
 META_CASES: dict[str, Callable[[Tensor], Any]] = {
     # energies: value, gradient, step
-    "attention.energy": lambda Y: _attention_energy().energy(Y),
-    "attention.grad": lambda Y: _attention_energy().grad(Y),
-    "attention.step": lambda Y: _attention_energy().step(Y, 0.5),
+    "attention": lambda Y: _value_grad_step(_attention_energy(), Y, 0.5),
     "attention.step_masked": lambda Y: _attention_energy().step(Y, 0.5, token_mask=torch.ones(B, N, dtype=torch.bool,
                                                                                               device=META)),
-    "multihead.energy": lambda Y: MultiHeadAttentionEnergy(_meta(2, D, K)).energy(Y),
-    "multihead.grad": lambda Y: MultiHeadAttentionEnergy(_meta(2, D, K)).grad(Y),
-    "multihead.step": lambda Y: MultiHeadAttentionEnergy(_meta(2, D, K)).step(Y, 0.5),
-    "tied_relu.energy": lambda Y: TiedReLUEnergy(_meta(D, 6)).energy(Y),
-    "tied_relu.grad": lambda Y: TiedReLUEnergy(_meta(D, 6)).grad(Y),
-    "tied_relu.step": lambda Y: TiedReLUEnergy(_meta(D, 6)).step(Y, 0.5),
+    "multihead": lambda Y: _value_grad_step(MultiHeadAttentionEnergy(_meta(2, D, K)), Y, 0.5),
+    "tied_relu": lambda Y: _value_grad_step(TiedReLUEnergy(_meta(D, 6)), Y, 0.5),
     "core.ffn_energy": lambda Y: core_ffn.ffn_energy(Y, _meta(D, D), _meta(D)),
     "core.ffn_step": lambda Y: core_ffn.descent_step(Y, core_ffn.ffn_grad(Y, _meta(D, D), _meta(D)), 0.5),
     "layernorm": lambda Y: LayerNormProjection()(Y),
     "layernorm.indicator": lambda Y: LayerNormProjection().indicator(Y),
     "rmsnorm": lambda Y: RMSNormProjection()(Y),
-    "hopfield.energy": lambda Y: HopfieldEnergy(_meta(7, D), beta=0.8).energy(Y),
-    "hopfield.grad": lambda Y: HopfieldEnergy(_meta(7, D), beta=0.8).grad(Y),
-    "hopfield.step": lambda Y: HopfieldEnergy(_meta(7, D), beta=0.8).step(Y, 0.5),
-    "energy_transformer.energy": lambda Y: _et().energy(Y),
-    "energy_transformer.grad": lambda Y: _et().grad(Y),
-    "energy_transformer.step": lambda Y: _et().step(Y, 0.05),
+    "hopfield": lambda Y: _value_grad_step(HopfieldEnergy(_meta(7, D), beta=0.8), Y, 0.5),
+    "energy_transformer": lambda Y: _value_grad_step(_et(), Y, 0.05),
+    "composite.grad": lambda Y: CompositeEnergy({"a": _attention_energy(), "r": TiedReLUEnergy(_meta(D, 6))}).grad(Y),
     "core.et_normalize": lambda Y: core_related.et_normalize(Y, 1.0, None, 1e-5),
     "core.et_scores": lambda Y: core_related.et_scores(Y, _meta(2, D, K), _meta(2, D, K), 0.5, True),
     "fused.one_head": lambda Y: attention_step_fused(Y, _meta(D, K), 0.3),
@@ -171,6 +167,12 @@ META_CASES: dict[str, Callable[[Tensor], Any]] = {
     "fused.heads": lambda Y: attention_step_fused(Y, _meta(2, D, K), 0.3),
     "fused.heads_token": lambda Y: attention_step_fused(Y, _meta(2, D, K), 0.3, preconditioner="token"),
     "fused.and_energy": lambda Y: attention_step_fused_and_energy(Y, _meta(2, D, K), 0.3),
+    "reference.attention": lambda Y: [
+        ref.single_head_attention(Y, _meta(D, K), _meta(D, K), _meta(D, D + 1)),
+        ref.multi_head_attention(Y, Y, _meta(D, 4), _meta(D, 4), _meta(D, 4), _meta(4, D), num_heads=2, causal=True),
+        ref.linear_attention(Y, Y, _meta(D, 4), _meta(D, 4), _meta(D, 4), num_heads=2, causal=True)],
+    "reference.ffn_norms": lambda Y: [ref.feed_forward(Y, _meta(D, 7), _meta(7), _meta(7, D), _meta(D)),
+                                      ref.layer_norm(Y), ref.rms_norm(Y), ref.causal_mask(3, 4, device=META)],
     "core.causal_mask": lambda Y: core_standard.causal_mask(3, 4, device=META),
     "core.multi_head_attention": lambda Y: core_standard.multi_head_attention(
         Y, Y, _meta(D, 4), _meta(D, 4), _meta(D, 4), _meta(4, D), num_heads=2, causal=True),
@@ -223,9 +225,13 @@ META_CASES: dict[str, Callable[[Tensor], Any]] = {
     # unfold
     "constraint_cost.with_positions": with_positions,
     "converters.skip_map": lambda Y: skip_map(MultiHeadAttentionEnergy(_meta(2, D, K)), 0.5),
+    "converters.standard_step": lambda Y: standard_step(nn.MultiheadAttention(D, 1, batch_first=True).to(DT).to(META),
+                                                        Y, _attention_energy()),
+    "layer_diagnosis.probe_input": lambda Y: probe_input(D, DT, META),
     "converters.key_bias_mask": lambda Y: key_bias_mask(Y, MultiHeadAttentionEnergy(_meta(2, D, K))),
     "unroll.attention_ffn_relu": lambda Y: unroll(["attention", "ffn", "relu"], depth=2, d=D).to(DT).to(META)(Y),
-    "yang2022": lambda Y: yang2022(d=6, depth=2, d_in=D, n_classes=3, heads=2).to(DT).to(META)(Y),
+    "yang2022": lambda Y: [yang2022(d=6, depth=2, d_in=D, n_classes=3, heads=2, orthogonal_heads=orthogonal).to(DT)
+                           .to(META)(Y) for orthogonal in (False, True)],
     "yang2022.layernorm": lambda Y: yang2022(d=D, depth=2, normalization="layernorm").to(DT).to(META)(Y),
     "converters.to_mha_zero_biases": lambda Y: [(m := to_mha(AttentionWeights(  # b_K, b_V, b_O: zeros on the device
         _meta(D, D), _meta(D, D), _meta(D, D), _meta(D, D), 1, b_Q=_meta(D)))).in_proj_bias, m.out_proj.bias,
@@ -345,10 +351,6 @@ def _agree(gpu: Any, cpu: Any) -> None:
 # -- energies: value, gradient, step ------------------------------------------------------------------------------
 
 
-def _value_grad_step(E: Any, Y: Tensor, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    return E.energy(Y), E.grad(Y), E.step(Y, alpha)
-
-
 @_case("energy.attention")
 def _(dev: torch.device) -> Any:
     r = _Draw(dev)
@@ -365,17 +367,11 @@ def _(dev: torch.device) -> Any:
     return (*_value_grad_step(E, Y, 0.3), *attention_step_fused_and_energy(Y, E.M, 0.3))
 
 
-@_case("energy.tied_relu")
+@_case("energy.tied_relu_ffn")
 def _(dev: torch.device) -> Any:
     r = _Draw(dev, 2)
-    return _value_grad_step(TiedReLUEnergy(r(D, 6)), r(B, N, D), 0.3)
-
-
-@_case("energy.ffn")
-def _(dev: torch.device) -> Any:
-    r = _Draw(dev, 3)
-    R = r(D, D, scale=0.05)
-    return _value_grad_step(FFNEnergy(R + R.T, r(D)), r(B, N, D), 0.3)
+    R, Y = r(D, D, scale=0.05), r(B, N, D)
+    return _value_grad_step(TiedReLUEnergy(r(D, 6)), Y, 0.3), _value_grad_step(FFNEnergy(R + R.T, r(D)), Y, 0.3)
 
 
 @_case("energy.layernorm_rmsnorm")

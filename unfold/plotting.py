@@ -60,7 +60,7 @@ def plot_trace(info: Mapping[str, Any], path: str | os.PathLike[str] | None = No
     from energy._io import atomic_write
 
     E = _layer_totals(info)
-    rel = (E - E.min()).numpy()  # (layers + 1, inputs)
+    rel = (E - E.min()).detach().cpu().numpy()  # (layers + 1, inputs); matplotlib reads host memory
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.boxplot(list(rel), positions=list(range(rel.shape[0])), showfliers=False)
     ax.plot(range(rel.shape[0]), rel.mean(-1), "o-", color="C3", label="mean")

@@ -74,7 +74,7 @@ def check_dense_budget(rows: int, cols: int, dtype: torch.dtype, max_gib: float 
         what: name of the requested object for the message.
     """
     budget = DEFAULT_MAX_GIB if max_gib is None else max_gib
-    size = rows * cols * torch.empty((), dtype=dtype).element_size() / _GIB
+    size = rows * cols * dtype.itemsize / _GIB
     if size > budget:
         raise DenseSizeError(
             f"{what} would be a dense {rows} × {cols} matrix of {size:.2f} GiB, above the budget of {budget:g} GiB "

@@ -473,26 +473,29 @@ def random_block(d: int, n_heads: int, d_head: int, d_ff: int, *, kv_heads: int 
                  norm: NormPosition = "pre", norm_kind: Literal["layer", "rms"] = "layer",
                  activation: str = "gelu", vocab: int | None = None, loss: OutputLoss = "mse",
                  causal: bool = True, eps: float = 1e-5, scale: float = 1.0,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> TransformerBlock:
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu") -> TransformerBlock:
     """A block with seeded random weights (entries ``N(0, scale²/fan_in)``; LayerNorm ``γ ≈ 1``, ``b ≈ 0`` perturbed).
 
     For tests, figures and benchmarks; every argument is a field of the sublayers (``kv_heads``: grouped-query
-    attention with that many K/V heads).
+    attention with that many K/V heads). The weights are drawn on the CPU from ``generator`` (a seed gives the same
+    block on every device) and moved to ``device``.
     """
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     h_kv = n_heads if kv_heads is None else kv_heads
 
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device)
+
     def w(*shape: int) -> Tensor:
-        return scale * torch.randn(*shape, generator=g, dtype=dtype) / math.sqrt(shape[-2])
+        return scale * r(*shape) / math.sqrt(shape[-2])
 
     attention = MultiHeadAttentionLayer(w(n_heads, d, d_head), w(h_kv, d, d_head), w(h_kv, d, d_head),
                                         w(n_heads, d_head, d), causal=causal)
-    ffn = FFNLayer(w(d, d_ff), 0.1 * torch.randn(d_ff, generator=g, dtype=dtype), w(d_ff, d),
-                   0.1 * torch.randn(d, generator=g, dtype=dtype), activation)  # type: ignore[arg-type]
+    ffn = FFNLayer(w(d, d_ff), 0.1 * r(d_ff), w(d_ff, d), 0.1 * r(d), activation)  # type: ignore[arg-type]
     lns: list[NormLayer | None] = [None, None]
     if norm != "none":
-        lns = [NormLayer(1 + 0.1 * torch.randn(d, generator=g, dtype=dtype),
-                         None if norm_kind == "rms" else 0.1 * torch.randn(d, generator=g, dtype=dtype),
-                         eps, norm_kind) for _ in range(2)]
+        lns = [NormLayer(1 + 0.1 * r(d), None if norm_kind == "rms" else 0.1 * r(d), eps, norm_kind)
+               for _ in range(2)]
     W_U = None if vocab is None else w(d, vocab)
     return TransformerBlock(attention, ffn, lns[0], lns[1], norm, W_U, loss)

@@ -272,7 +272,7 @@ def _indices(block: Block, op: CurvatureOperator) -> Tensor:
     for name, idx in block.pieces:
         sl = op.space.slice(name)
         shape = op.space.shapes[op.space.names.index(name)]
-        parts.append(torch.arange(sl.start, sl.stop).reshape(shape)[idx].reshape(-1))
+        parts.append(torch.arange(sl.start, sl.stop, device=op.device).reshape(shape)[idx].reshape(-1))
     return torch.cat(parts)
 
 

@@ -371,10 +371,10 @@ def gpt2_block_parameter_map(block: TransformerBlock, *, prefix: str = "",
     shapes = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d),
               "attn.c_proj.weight": (d, d), "ln_2.weight": (d,), "ln_2.bias": (d,), "mlp.c_fc.weight": (d, d_ff),
               "mlp.c_fc.bias": (d_ff,), "mlp.c_proj.weight": (d_ff, d), "mlp.c_proj.bias": (d,)}
-    pos, start = {}, 0
+    pos, start, device = {}, 0, mha.W_Q.device
     for name in _CLOSED_FORM_NAMES:
         n = math.prod(shapes[name])
-        pos[name] = torch.arange(start, start + n).reshape(shapes[name])
+        pos[name] = torch.arange(start, start + n, device=device).reshape(shapes[name])
         start += n
     qkv = pos["attn.c_attn.weight"]
     Q, K, V = (qkv[:, i * d:(i + 1) * d].reshape(d, H, dh).transpose(0, 1) for i in range(3))
@@ -385,7 +385,7 @@ def gpt2_block_parameter_map(block: TransformerBlock, *, prefix: str = "",
     names = tuple(prefix + n for n in _CLOSED_FORM_NAMES)
     if block.W_U is not None:  # W_U[i, v] = lm_head.weight[v, i]
         d_z = block.d_z
-        order = (*order, torch.arange(start, start + d_z * d).reshape(d_z, d).T)
+        order = (*order, torch.arange(start, start + d_z * d, device=device).reshape(d_z, d).T)
         names = (*names, unembedding)
     index = torch.cat([p.reshape(-1) for p in order])
     return names, index

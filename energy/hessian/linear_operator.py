@@ -166,7 +166,7 @@ class LinearOperator:
                 Default: half the memory currently available.
         """
         m, n = self.shape
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         need = m * n * itemsize / 2**30
         limit = _available_memory_bytes() / 2 / 2**30 if max_gib is None else float(max_gib)
         if need > limit:

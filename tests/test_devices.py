@@ -564,7 +564,16 @@ def _mlp_hessian(dev: torch.device) -> HessianOperator:
     return HessianOperator(model, nn.MSELoss(), None, data)
 
 
-_OPERANDS: dict[str, Callable[[torch.device], Any]] = {"hessian_operator": _mlp_hessian, "dense": _symmetric_dense}
+_OPERANDS: dict[str, Callable[[torch.device], Any]] = {"hessian_operator": _mlp_hessian, "dense": _symmetric_dense,
+                                                       "callable": lambda dev: _OnDevice(_symmetric_dense(dev))}
+
+
+class _OnDevice:  # a matvec callable answering on its own device (the probes stay on the CPU)
+    def __init__(self, D: Tensor) -> None:
+        self.D, self.shape = D, tuple(D.shape)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        return self.D @ v.to(self.D.device)
 for _est in _ESTIMATORS:
     for _op in _OPERANDS:
 

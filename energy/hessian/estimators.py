@@ -128,16 +128,18 @@ def _as_matmat(
             device = _device_of(A)  # probes are moved to the operator's device (a CPU operator when it has none)
             return (lambda V: torch.as_tensor(A @ V.to(device, op_dtype))), shape, op_dtype
 
-        def mv_cols(V: Tensor) -> Tensor:
-            return torch.stack([torch.as_tensor(A.matvec(V[:, j])).reshape(-1) for j in range(V.shape[1])], dim=1)
+        def mv_cols(V: Tensor) -> Tensor:  # results brought to the probes' device (the CPU, see _device_of)
+            return torch.stack([torch.as_tensor(A.matvec(V[:, j])).reshape(-1).to(V.device)
+                                for j in range(V.shape[1])], dim=1)
 
         return mv_cols, shape, op_dtype
     if callable(A):
         if dim is None or not isinstance(dim, int) or dim < 1:
             raise EnergyInputError(f"a matvec callable needs `dim` (a positive int), got dim={dim!r}.")
 
-        def mm_cols(V: Tensor) -> Tensor:
-            return torch.stack([torch.as_tensor(A(V[:, j])).reshape(-1) for j in range(V.shape[1])], dim=1)
+        def mm_cols(V: Tensor) -> Tensor:  # a callable may answer on any device: results join the probes' device
+            return torch.stack([torch.as_tensor(A(V[:, j])).reshape(-1).to(V.device) for j in range(V.shape[1])],
+                               dim=1)
 
         return mm_cols, (dim, dim), dtype
     raise EnergyInputError(

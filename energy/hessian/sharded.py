@@ -19,7 +19,8 @@ Two methods (what works through ``fully_shard`` in torch 2.13 is recorded in the
       D(\epsilon) = \frac{\nabla\mathcal L(\theta+\epsilon v) - \nabla\mathcal L(\theta-\epsilon v)}{2\epsilon},
       \qquad R = \frac{4 D(\epsilon/2) - D(\epsilon)}{3} = Hv + O(\epsilon^4),
 
-  with :math:`\epsilon\lVert v\rVert = u^{1/5}` (``u`` the unit roundoff; the rounding/truncation balance, MATH §6.x).
+  with :math:`\epsilon\lVert v\rVert = (3u)^{1/5}` (``u`` the unit roundoff; the rounding/truncation balance,
+  :func:`fd_step`, MATH §6.x).
   Every rank keeps only shards: θ, v, the gradient and the differences. The parameters are restored bit-exactly
   from the saved local shards after every product (copied back, never subtracted).
 * ``"exact"``: double backward (reverse-over-reverse) through FSDP2's *unsharded* parameters. It works only with
@@ -106,12 +107,17 @@ def fd_error_model(eps: float, delta: float, fifth: float) -> float:
     return 3.0 * delta / eps + eps**4 * fifth / 4.0
 
 
-def fd_step(dtype: torch.dtype, v_norm: float) -> float:
-    r"""The default step :math:`\epsilon = u^{1/5} / \lVert v\rVert`: the minimiser
-    :math:`(3\delta/\lVert b\rVert)^{1/5}` of :func:`fd_error_model` with :math:`\delta \approx u` and
-    :math:`\lVert b\rVert \approx 1` (gradients and derivatives of order one along the unit direction).
+def fd_step(dtype: torch.dtype, *, delta: float | None = None, fifth: float = 1.0) -> float:
+    r"""The step length :math:`\epsilon\lVert v\rVert` minimising :func:`fd_error_model` for a unit direction.
+
+    .. math::
+        \epsilon_\star = \Big(\frac{3\delta}{\lVert b\rVert}\Big)^{1/5},
+
+    with the defaults :math:`\delta = u` (the unit roundoff of ``dtype``) and :math:`\lVert b\rVert = 1` (gradient
+    and fifth derivative of order one along the unit direction): :math:`\approx 8.0\cdot 10^{-4}` in float64.
     """
-    return float(torch.finfo(dtype).eps) ** 0.2 / v_norm
+    d = float(torch.finfo(dtype).eps) if delta is None else delta
+    return (3.0 * d / fifth) ** 0.2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,8 +149,7 @@ class ShardedHessian:
             so every rank runs the same FSDP collectives.
         method: ``"finite_difference"`` or ``"exact"`` (module docstring).
         batch_size_fn: ``c_b`` from ``X`` (default ``X.shape[0]``); the global count ``C`` is all-reduced once here.
-        step: the step length :math:`\epsilon\lVert v\rVert` of the finite differences (default :math:`u^{1/5}`).
-        timeout: seconds allowed for the agreement collectives of the validation.
+        step: the step length :math:`\epsilon\lVert v\rVert` of the finite differences (default :func:`fd_step`).
 
     Every rank must call every method (they are collective), with its own shards.
     """
@@ -183,7 +188,7 @@ class ShardedHessian:
         batches = list(data)
         self.batches = [*zip(batches, (c / self.num_targets for c in counts.tolist())),
                         *[(batches[-1], 0.0)] * (int(sizes.item()) - len(batches))]
-        self.step = float(step) if step is not None else float(torch.finfo(self.dtype).eps) ** 0.2
+        self.step = float(step) if step is not None else fd_step(self.dtype)
 
     def _local_problem(self, model: object, params: Mapping[str, Tensor], data: object) -> str | None:
         """What is wrong on this rank (checked before any collective), or ``None``."""
@@ -395,26 +400,33 @@ class ShardedHessian:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def llama_parameter_count(d: int, layers: int, ffn: int, vocab: int, *, tied: bool = False) -> int:
-    r"""Parameters of a LLaMA-shaped decoder: :math:`V d (2 - [\text{tied}]) + L(4d^2 + 3 d f + 2d) + d`."""
-    return vocab * d * (1 if tied else 2) + layers * (4 * d * d + 3 * d * ffn + 2 * d) + d
+def llama_parameter_count(d: int, layers: int, ffn: int, vocab: int, *, heads: int = 1, kv_heads: int | None = None,
+                          tied: bool = False) -> int:
+    r"""Parameters of a LLaMA-shaped decoder (no biases; ``kv_heads`` < ``heads`` is grouped-query attention).
+
+    .. math::
+        P = V d\,(2 - [\text{tied}]) + L\Big(2d^2 + 2d\,\frac{d\,h_{kv}}{h} + 3 d f + 2d\Big) + d
+    """
+    kv = d * (kv_heads if kv_heads is not None else heads) // heads
+    return vocab * d * (1 if tied else 2) + layers * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + d
 
 
 def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[Tensor, Any], Tensor], X: Any, y: Any, *,
                            create_graph: bool) -> int:
     """Bytes of the tensors autograd saves for the backward that follows: the forward's (``create_graph=False``),
     or the forward's plus the first backward's when that backward builds a graph for a second (double backward).
-    Storage shared by several saved tensors (a parameter saved by many nodes) is counted once.
+    Storage shared by several saved tensors is counted once; parameters and their views are not counted.
     """
     seen: dict[tuple[int, int], int] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def pack(t: Tensor) -> Tensor:
-        if not isinstance(t, nn.Parameter):
-            s = t.untyped_storage()
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:  # parameters (and views of them, e.g. Wᵀ) are not activations
             seen[(s.data_ptr(), s.nbytes())] = s.nbytes()
         return t
 
-    params = [p for p in model.parameters() if p.requires_grad]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn(model(X), y)
         if create_graph:
@@ -459,11 +471,15 @@ def memory_model(num_params: int, largest_unit: int, *, ranks: int, bytes_per_el
     return MemoryModel(shard, shard, 5 * shard, 2 * 2 * largest_unit * bytes_per_element, int(acts))
 
 
-def llama_activation_elements_per_token(d: int, layers: int, ffn: int, heads: int, seq_len: int, *,
+def llama_activation_elements_per_token(d: int, layers: int, ffn: int, heads: int, vocab: int, seq_len: int, *,
                                         eager_attention: bool) -> int:
-    r"""Elements a LLaMA decoder saves per token for backward: per layer, the two RMSNorm inputs and outputs
-    (:math:`4d`), q, k, v and the attention output (:math:`4d`), the MLP gate, up, SiLU(gate) and their product
-    (:math:`4f`), plus the attention probabilities :math:`a s` with eager attention (flash attention keeps
-    :math:`a` log-sum-exps instead, and has no double backward).
+    r"""Elements a LLaMA decoder must keep per token for backward (the mathematical minimum; an implementation
+    keeps more, see the README): per layer, the two RMSNorm inputs and outputs (:math:`4d`), q, k, v and the
+    attention output (:math:`4d`), the MLP gate, up, SiLU(gate) and their product (:math:`4f`), and the attention
+    probabilities :math:`h s` with eager attention (flash attention keeps :math:`h` log-sum-exps instead, and has no
+    double backward); then the logits and their log-softmax (:math:`2V`).
+
+    .. math::
+        A = L\,(8d + 4f + h\,s) + 2V
     """
-    return layers * (8 * d + 4 * ffn + (heads * seq_len if eager_attention else heads))
+    return layers * (8 * d + 4 * ffn + (heads * seq_len if eager_attention else heads)) + 2 * vocab

@@ -19,7 +19,7 @@ Two methods (what works through ``fully_shard`` in torch 2.13 is recorded in the
       D(\epsilon) = \frac{\nabla\mathcal L(\theta+\epsilon v) - \nabla\mathcal L(\theta-\epsilon v)}{2\epsilon},
       \qquad R = \frac{4 D(\epsilon/2) - D(\epsilon)}{3} = Hv + O(\epsilon^4),
 
-  with :math:`\epsilon\lVert v\rVert = (3u)^{1/5}` (``u`` the unit roundoff; the rounding/truncation balance,
+  with :math:`\epsilon\lVert v\rVert = (3u)^{1/5}` (``u`` = ``torch.finfo(dtype).eps``; the rounding/truncation balance,
   :func:`fd_step`, MATH §6.x).
   Every rank keeps only shards: θ, v, the gradient and the differences. The parameters are restored bit-exactly
   from the saved local shards after every product (copied back, never subtracted).
@@ -113,7 +113,7 @@ def fd_step(dtype: torch.dtype, *, delta: float | None = None, fifth: float = 1.
     .. math::
         \epsilon_\star = \Big(\frac{3\delta}{\lVert b\rVert}\Big)^{1/5},
 
-    with the defaults :math:`\delta = u` (the unit roundoff of ``dtype``) and :math:`\lVert b\rVert = 1` (gradient
+    with the defaults :math:`\delta = u` (``torch.finfo(dtype).eps``) and :math:`\lVert b\rVert = 1` (gradient
     and fifth derivative of order one along the unit direction): :math:`\approx 8.0\cdot 10^{-4}` in float64.
     """
     d = float(torch.finfo(dtype).eps) if delta is None else delta
@@ -341,9 +341,14 @@ class ShardedHessian:
         return {n: richardson(d[0][n], d[1][n]) for n in self.params}
 
     def matvec_with_error(self, v: Mapping[str, Tensor]) -> tuple[Shards, float]:
-        r"""``(Hv shards, error estimate)``: the error estimate of the returned :math:`R(\epsilon, \epsilon/2)` is
-        :math:`\lVert R(\epsilon,\epsilon/2) - R(\epsilon/2,\epsilon/4)\rVert` (one more pair of gradients,
-        MATH §6.x). For ``method="exact"`` the estimate is 0.0 (round-off only).
+        r"""``(Hv shards, error estimate)`` with one more pair of gradients (MATH §6.x).
+
+        .. math::
+            \hat E = \tfrac{16}{15}\,\lVert R(\epsilon,\epsilon/2) - R(\epsilon/2,\epsilon/4)\rVert,
+
+        asymptotically exact for the truncation error :math:`\lVert b\rVert\epsilon^4/4` of the returned
+        :math:`R(\epsilon, \epsilon/2)` (the difference is :math:`\tfrac{15}{64} b\epsilon^4`), plus the round-off
+        the two extrapolants carry; an estimate, not a rigorous bound. For ``method="exact"`` it is 0.0.
         """
         self._check_shards(v, "v")
         vv = dict(v)
@@ -352,7 +357,7 @@ class ShardedHessian:
         d = self._differences(vv, self._steps(vv, 3))
         r1 = {n: richardson(d[0][n], d[1][n]) for n in self.params}
         diff = {n: r1[n] - richardson(d[1][n], d[2][n]) for n in self.params}
-        return r1, float(torch.sqrt(self.dot(diff, diff)))
+        return r1, 16.0 / 15.0 * float(torch.sqrt(self.dot(diff, diff)))
 
     @contextlib.contextmanager
     def _unsharded(self) -> Iterator[dict[str, Tensor]]:

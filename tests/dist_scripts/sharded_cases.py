@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from energy.hessian import hf
 
 
-def build(case: str, width: int = 16) -> nn.Module:
-    """The unsharded model of ``case`` (float64, seeded)."""
+def build(case: str, width: int = 16, positions: int = 16) -> nn.Module:
+    """The unsharded model of ``case`` (float64, seeded); ``width`` and ``positions`` of the GPT-2 case."""
     if case == "gpt":
-        return hf.LogitsModel(hf.build_model("gpt2-tiny", n_embd=width))
+        return hf.LogitsModel(hf.build_model("gpt2-tiny", n_embd=width, n_positions=positions))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()

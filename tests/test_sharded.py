@@ -20,6 +20,7 @@ from energy.hessian.curvature_operators import HessianOperator
 from energy.hessian.sharded import (
     ShardedHessian,
     central_difference,
+    fd_error_estimate,
     fd_error_model,
     fd_step,
     llama_activation_elements_per_token,
@@ -120,6 +121,12 @@ def test_central_difference_and_richardson_orders(seed: int) -> None:
     slope_r = [math.log(extrapolated[i] / extrapolated[i + 1]) / math.log(2) for i in range(2)]
     assert all(abs(s - 2) < 0.1 for s in slope), slope
     assert all(abs(s - 4) < 0.2 for s in slope_r), slope_r
+    # where truncation dominates and O(ε⁶) is small, the a-posteriori bound holds and is tight (round-off negligible)
+    u = float(torch.finfo(torch.float64).eps)
+    for e in (0.05, 0.025):
+        r1, r2 = richardson(d(e), d(e / 2)), richardson(d(e / 2), d(e / 4))
+        bound = fd_error_estimate(float((r1 - r2).norm()), u * float(grad(theta).norm()), e)
+        assert float((r1 - hv).norm()) <= bound <= 1.2 * float((r1 - hv).norm())
 
 
 def test_default_step_minimises_the_error_model() -> None:

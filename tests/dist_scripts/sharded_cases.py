@@ -21,7 +21,8 @@ def build(case: str, width: int = 16, positions: int = 16) -> nn.Module:
         return hf.LogitsModel(hf.build_model("gpt2-tiny", n_embd=width, n_positions=positions))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3),
+                             nn.Dropout(0.1)).double().eval()  # dropout: inactive in eval mode, refused in train mode
 
 
 def loss_and_count(case: str, model: nn.Module) -> tuple[nn.Module, Callable[[Any], int]]:

@@ -184,8 +184,8 @@ class ShardedHessian:
         self.model, self.loss_fn, self.method = model, loss_fn, method
         self.batch_size_fn = batch_size_fn or (lambda X: int(X.shape[0]))
         params = {n: p for n, p in model.named_parameters() if p.requires_grad} if isinstance(model, nn.Module) else {}
-        self.group = next(iter(params.values())).device_mesh.get_group() if params and all(  # type: ignore[attr-defined]
-            isinstance(p, DTensor) for p in params.values()) else dist.group.WORLD
+        one_mesh = bool(params) and all(isinstance(p, DTensor) and p.device_mesh.ndim == 1 for p in params.values())
+        self.group = next(iter(params.values())).device_mesh.get_group() if one_mesh else dist.group.WORLD  # type: ignore[attr-defined]
         problem = None
         if method not in ("exact", "finite_difference"):
             problem = f"`method` must be 'exact' or 'finite_difference', got {method!r}."
@@ -215,6 +215,9 @@ class ShardedHessian:
         if not isinstance(model, FSDPModule) or not params or not all(isinstance(p, DTensor) for p in params.values()):
             return (f"`model` ({type(model).__name__}) must be wrapped by torch.distributed.fsdp.fully_shard (its "
                     "parameters DTensor shards); call fully_shard(block) per layer, then fully_shard(model).")
+        if any(p.device_mesh.ndim != 1 for p in params.values()):  # type: ignore[attr-defined]
+            return ("`model` is sharded over a multi-dimensional device mesh (HSDP); ShardedHessian supports "
+                    "fully_shard over a 1-D mesh.")
         dtypes = {p.dtype for p in params.values()}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
             return f"`model` parameters must share one floating dtype, got {sorted(map(str, dtypes))}."

@@ -451,6 +451,16 @@ def saved_activation_bytes(model: nn.Module, loss_fn: Callable[[Tensor, Any], Te
     """Bytes of the tensors autograd saves for the backward that follows: the forward's (``create_graph=False``),
     or the forward's plus the first backward's when that backward builds a graph for a second (double backward).
     Storage shared by several saved tensors is counted once; parameters and their views are not counted.
+
+    Args:
+        model: an unsharded module (the measurement runs in one process).
+        loss_fn: ``loss_fn(model(X), y) -> scalar``.
+        X: one batch's inputs.
+        y: its targets.
+        create_graph: count the first backward's saved tensors too (double backward).
+
+    Returns:
+        The bytes, as measured by ``torch.autograd.graph.saved_tensors_hooks``.
     """
     seen: dict[tuple[int, int], int] = {}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -497,6 +507,23 @@ def memory_model(num_params: int, largest_unit: int, *, ranks: int, bytes_per_el
     * ``"exact"``: parameter shard, every unit unsharded (full ``P``), the full gradient (part of the double-backward
       graph), full ``v`` and ``Hv`` (3 ``P``), and activations times ``double_backward_factor`` (the saved bytes of
       forward + create_graph backward over those of the forward, :func:`saved_activation_bytes`).
+
+    .. math::
+        M_{\mathrm{fd}} = 7\,\lceil P/N\rceil b + 4 P_{\mathrm{unit}} b + A T b, \qquad
+        M_{\mathrm{exact}} = \lceil P/N\rceil b + 4 P b + \phi A T b
+
+    Args:
+        num_params: :math:`P`.
+        largest_unit: :math:`P_{\mathrm{unit}}`, parameters of the largest FSDP unit (one decoder layer).
+        ranks: :math:`N`.
+        bytes_per_element: :math:`b` (2 bf16, 4 fp32, 8 float64).
+        activation_elements_per_token: :math:`A`, e.g. :func:`llama_activation_elements_per_token`.
+        tokens_per_rank: :math:`T`.
+        method: ``"finite_difference"`` or ``"exact"``.
+        double_backward_factor: :math:`\phi`.
+
+    Returns:
+        The parts, in bytes.
     """
     shard = math.ceil(num_params / ranks) * bytes_per_element
     acts = activation_elements_per_token * tokens_per_rank * bytes_per_element

@@ -22,7 +22,7 @@ __all__ = ["benchmark", "compare", "interleaved_medians", "median_time", "REGIST
 REGISTRY: dict[str, Callable[[bool], dict[str, Any]]] = {}
 MODULES = (
     "bench_energy", "bench_unfold", "bench_hessian", "bench_hessian_closed", "bench_figures", "bench_hessian_scale",
-    "bench_hessian_block", "bench_hessian_hf",
+    "bench_hessian_block", "bench_hessian_hf", "bench_distributed",
 )
 
 

@@ -337,7 +337,7 @@ def head_inner_products(
             are then this rank's rows, and every rank gets the norms of the union of the rows (MATH §6.2).
     """
     red = RowReduction() if reduction is None else reduction
-    h = _Head(X, W_Q, W_K, W_V, W_O, G.reshape(X.shape[0], X.shape[1], -1), c, kappa, causal)
+    h = _Head(X, W_Q, W_K, W_V, W_O, G.reshape(X.shape[0], X.shape[1], W_O.shape[1]), c, kappa, causal)
     compute = {"QQ": lambda: _qq(h, chunk, red), "KK": lambda: _kk(h, chunk, tile, red), "VV": lambda: _vv(h, red),
                "OO": lambda: _oo(h, red)}
     return {name: compute[name]() for name in blocks}

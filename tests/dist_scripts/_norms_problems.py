@@ -49,7 +49,8 @@ def head_problem(B: int, causal: bool, seed: int = 0) -> dict[str, Any]:
     """
     g = torch.Generator().manual_seed(seed)
     p: dict[str, Any] = {"X": 0.9 * torch.randn(B, L, D, generator=g, dtype=DT),
-                         "W_Q": torch.randn(D, K, generator=g, dtype=DT), "W_K": torch.randn(D, K, generator=g, dtype=DT),
+                         "W_Q": torch.randn(D, K, generator=g, dtype=DT),
+                         "W_K": torch.randn(D, K, generator=g, dtype=DT),
                          "W_V": torch.randn(D, DV, generator=g, dtype=DT),
                          "W_O": torch.randn(DV, DO, generator=g, dtype=DT)}
     F_rest = torch.randn(B, L, DO, generator=g, dtype=DT)

@@ -3,7 +3,7 @@
 Modes: ``heads`` (every case of ``head_block_norms``), ``blocks`` (block Hessians, parts, loss, token Hessians and
 the multi-head diagonals), both saved by every rank to ``OUT.<rank>``; the faults ``nan`` (rank 1's ``X`` holds a
 NaN), ``weights`` (rank 1's ``W_Q`` differs by one ulp), ``block_nan`` (a NaN in rank 1's block input); and
-``time D K L B REPEAT`` (timings of each block of ``head_block_norms``, rank 0 saves them). Each rank prints one
+``time D K L B REPEAT [CHUNK]`` (timings of each block of ``head_block_norms``, rank 0 saves them). Each rank prints one
 ``OUTCOME <rank> ok`` or ``OUTCOME <rank> <ExceptionType> <first line of the message>`` and exits 1 on an error.
 """
 
@@ -41,7 +41,7 @@ def _fault(mode: str, rank: int, world: int) -> None:
     head_block_norms(X, W_Q, p["W_K"], p["W_V"], p["W_O"], p["G"][idx], c=p["c"], causal=True, distributed=True)
 
 
-def _time(rank: int, world: int, d: int, k: int, L: int, B: int, repeat: int) -> dict:
+def _time(rank: int, world: int, d: int, k: int, L: int, B: int, repeat: int, chunk: int = 2048) -> dict:
     """Best-of-``repeat`` seconds of each block on this rank's share of ``B`` sequences (a barrier before each)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(B, L, d, generator=g, dtype=torch.float64)
@@ -57,7 +57,7 @@ def _time(rank: int, world: int, d: int, k: int, L: int, B: int, repeat: int) ->
                 dist.barrier()
             t0 = time.perf_counter()
             head_block_norms(X[idx], W[0], W[1], W[2], W_O, G[idx], c=1.0 / (B * L * d), causal=True,
-                             blocks=[block], distributed=world > 1)
+                             blocks=[block], chunk=chunk, distributed=world > 1)
             best = min(best, time.perf_counter() - t0)
         out[block] = best
     return out
@@ -76,7 +76,7 @@ def main() -> int:
                    "multihead": P.multihead_results(rank, world, distributed=True)}
             torch.save(res, f"{out}.{rank}")
         elif mode == "time":
-            res = _time(rank, world, *(int(a) for a in sys.argv[3:8]))
+            res = _time(rank, world, *(int(a) for a in sys.argv[3:]))
             if rank == 0:
                 torch.save(res, out)
         else:

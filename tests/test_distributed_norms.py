@@ -10,6 +10,7 @@ pairs, the row-reduction hooks) are checked in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from dist_scripts import _norms_problems as P
 
 from energy._validation import EnergyInputError
 from energy.hessian.block import block_hessian
-from energy.hessian.head_norms import HEAD_BLOCKS, RowReduction, gram_units, head_block_norms, head_inner_products
+from energy.hessian.head_norms import HEAD_BLOCKS, RowShards, gram_units, head_block_norms, head_inner_products
 
 TOL = 1e-12
 
@@ -146,7 +147,7 @@ def test_simulated_shards_of_the_gram_route_add_up():
     opts = {"c": p["c"], "kappa": 0.6, "causal": True, "blocks": ["QQ"], "chunk": 5}
     whole = torch.stack(head_inner_products(*args, **opts)["QQ"])
     for world in (2, 3):
-        shares = [torch.stack(head_inner_products(*args, **opts, reduction=RowReduction(rank=r, world_size=world))
+        shares = [torch.stack(head_inner_products(*args, **opts, row_shards=RowShards(rank=r, world_size=world))
                               ["QQ"]) for r in range(world)]
         assert _rel(sum(shares), whole) <= TOL
 
@@ -170,6 +171,6 @@ def test_global_sequence_count_sets_the_mean_constant():
     """``c_eff`` of a mean over sequences with the count of all ranks: rank sums are the union's terms."""
     block, X, T = P.block_problem("pre", "mse", "mean")
     whole = block_hessian(block, X, T).matrix
-    parts = [block_hessian(block.__class__(**{**block.__dict__, "c": block.loss_constant(X[i:i + 1], X.shape[0]),
-                                            "reduction": "sum"}), X[i:i + 1], T[i:i + 1]).matrix for i in range(3)]
+    parts = [block_hessian(dataclasses.replace(block, c=block.loss_constant(X[i:i + 1], X.shape[0]), reduction="sum"),
+                           X[i:i + 1], T[i:i + 1]).matrix for i in range(3)]
     assert _rel(sum(parts), whole) <= TOL

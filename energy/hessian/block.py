@@ -396,12 +396,20 @@ def _checked(block: object, X: object, target: object, routine: str, shards: Sha
         blk, X3, T, mask = check()
         return blk, X3, T, mask, blk.loss_constant(X3)
     blk, X3, T, mask = shards.run(check, f"checking each rank's block and sequences ({routine})")
-    shards.check_same((blk.param_blocks(), str(X3.dtype), blk.norm, blk.loss, blk.c, blk.reduction,
-                       _digest(blk.flat())), f"the block's weights and settings ({routine})")
+    shards.check_same((blk.param_blocks(), str(X3.dtype), _settings(blk), _digest(blk.flat())),
+                      f"the block's weights and settings ({routine})")
     B = shards.total(X3.shape[0], "the number of sequences")
     if B == 0:
         raise EnergyInputError(f"{routine}: `X` holds no sequence on any rank; give at least one rank a sequence.")
     return blk, X3, T, mask, blk.loss_constant(X3, B)
+
+
+def _settings(blk: TransformerBlock) -> tuple[object, ...]:
+    """The block's settings that are not weights (compared across ranks)."""
+    mha = blk.attention
+    norms = tuple((ln.eps, ln.kind) for ln in (blk.ln1, blk.ln2) if ln is not None)
+    return (blk.norm, blk.loss, blk.c, blk.reduction, mha.scale, mha.causal, mha.linear, mha.c, mha.reduction,
+            blk.ffn.activation, norms, mha.mask is None)
 
 
 def _digest(t: Tensor) -> str:

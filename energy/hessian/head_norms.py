@@ -39,7 +39,7 @@ reads of tensor values; :func:`head_inner_products` returns 0-dim tensors).
 split over ranks ``(V,V)``, ``(O,O)`` all-reduce their Gram matrix ``S``, ``(K,K)`` all-reduces each tile ``M``
 (a sum over rows) before its squared norm, and ``(Q,Q)``, whose Gram route couples every pair of rows, gathers the
 packed row factors ``(x_i, vech P^o_i, vech P^f_i)`` of all ranks and splits the symmetric pairs between them
-(:class:`RowReduction`: the identity in one process, so the pure core is the same code).
+(:class:`RowShards`: the identity in one process, so the pure core is the same code).
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ from energy.hessian.attention_layer import attention_matrix
 from energy.hessian.distributed import ShardGroup, resolve_shards
 from energy.hessian.structure import _parts
 
-__all__ = ["HEAD_BLOCKS", "RowReduction", "head_output", "vech", "gram_units", "head_inner_products",
-           "shard_reduction", "head_block_norms"]
+__all__ = ["HEAD_BLOCKS", "RowShards", "head_output", "vech", "gram_units", "head_inner_products",
+           "head_block_norms"]
 
 #: The diagonal blocks of one head that :func:`head_block_norms` computes.
 HEAD_BLOCKS: tuple[str, ...] = ("QQ", "KK", "VV", "OO")
@@ -116,14 +116,14 @@ def _same(t: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class RowReduction:
+class RowShards:
     r"""How the row sums and row sets of a head combine over data shards (MATH §6.2); the identity in one process.
 
     The pure core calls only these hooks, so one process and a sharded run execute the same formulas.
 
     Attributes:
         sum: ``t ↦ Σ_r t_r`` for a tensor of the same shape on every rank (``(V,V)``, ``(O,O)``: ``S``;
-            ``(K,K)``: each tile ``M``; every block: its three scalars).
+            ``(K,K)``: each tile ``M``; ``(Q,Q)``: its three scalars).
         gather: ``(n_r, m) ↦ (Σ_r n_r, m)``, the rows of every rank in rank order (``(Q,Q)``'s row factors).
         rank: this shard's index; world_size: the number of shards (the share of the ``(Q,Q)`` pairs,
             :func:`gram_units`).
@@ -133,6 +133,14 @@ class RowReduction:
     gather: Callable[[Tensor], Tensor] = _same
     rank: int = 0
     world_size: int = 1
+
+    @classmethod
+    def of(cls, shards: ShardGroup) -> RowShards:
+        """The hooks of a process group: sums by ``all_reduce``, rows by a padded ``all_gather``
+        (:func:`_gather_rows`).
+        """
+        return cls(sum=lambda t: shards.all_reduce_(t.clone(), "a row sum of the head norms"),
+                   gather=lambda t: _gather_rows(shards, t), rank=shards.rank, world_size=shards.world_size)
 
 
 def gram_units(N: int, chunk: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int, int]]:
@@ -221,7 +229,7 @@ def _gram_weighted(x: Tensor, P: Tensor, F: Tensor, units: list[tuple[int, int, 
     return oo, of, ff
 
 
-def _qq(h: _Head, chunk: int, red: RowReduction) -> tuple[Tensor, Tensor, Tensor]:
+def _qq(h: _Head, chunk: int, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(‖H_o‖², ⟨H_o,H_f⟩, ‖H_f‖²)`` of ``(Q, Q)`` by the Gram route: ``Σ_ij (x_iᵀx_j)² ⟨P_i, P'_j⟩`` with
     ``P^o_i = 2cκ² E_iE_iᵀ``, ``P^f_i = κ² KᵀC_iK`` (module docstring). Cost ``O(B L² k(r + k) + N²(d + p))``.
 
@@ -243,7 +251,7 @@ def _qq(h: _Head, chunk: int, red: RowReduction) -> tuple[Tensor, Tensor, Tensor
     return oo, of, ff
 
 
-def _kk(h: _Head, chunk: int, tile: int, red: RowReduction) -> tuple[Tensor, Tensor, Tensor]:
+def _kk(h: _Head, chunk: int, tile: int, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(‖H_o‖², ⟨H_o,H_f⟩, ‖H_f‖²)`` of ``(K, K)`` by the primal route, tile by tile of ``R_i``.
 
     .. math::
@@ -293,7 +301,7 @@ def _kk(h: _Head, chunk: int, tile: int, red: RowReduction) -> tuple[Tensor, Ten
     return oo, of, ff
 
 
-def _vv(h: _Head, red: RowReduction) -> tuple[Tensor, Tensor, Tensor]:
+def _vv(h: _Head, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
     r"""``‖2c M_1ᵀM_1 ⊗ W_OW_Oᵀ‖² = (2c)² ‖M_1ᵀM_1‖² ‖W_OW_Oᵀ‖²``; ``H_f(V,V) = 0``. Sharded: ``S = M_1ᵀM_1`` (a
     sum over rows) is summed over the ranks.
     """
@@ -303,7 +311,7 @@ def _vv(h: _Head, red: RowReduction) -> tuple[Tensor, Tensor, Tensor]:
     return (2.0 * h.c) ** 2 * (S * S).sum() * (Om * Om).sum(), zero, zero
 
 
-def _oo(h: _Head, red: RowReduction) -> tuple[Tensor, Tensor, Tensor]:
+def _oo(h: _Head, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
     r"""``‖2c W_VᵀM_1ᵀM_1W_V ⊗ I_{d_out}‖² = (2c)² d_out ‖W_VᵀM_1ᵀM_1W_V‖²``; ``H_f(O,O) = 0``. Sharded: ``S`` is
     summed over the ranks.
     """
@@ -316,7 +324,7 @@ def _oo(h: _Head, red: RowReduction) -> tuple[Tensor, Tensor, Tensor]:
 def head_inner_products(
     X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, G: Tensor, *, c: float, kappa: float,
     causal: bool, blocks: Sequence[str] = HEAD_BLOCKS, chunk: int = 2048, tile: int = 64,
-    reduction: RowReduction | None = None,
+    row_shards: RowShards | None = None,
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     r"""``{block: (‖H_o‖², ⟨H_o, H_f⟩, ‖H_f‖²)}`` as 0-dim tensors (pure; module docstring, MATH §5.4).
 
@@ -333,10 +341,10 @@ def head_inner_products(
         blocks: names from :data:`HEAD_BLOCKS`.
         chunk: rows per step (Gram row chunk; sequence group of the primal route).
         tile: tile side of ``R_i`` in the primal route.
-        reduction: how rows combine over data shards (:class:`RowReduction`; default one process). ``X`` and ``G``
+        row_shards: how rows combine over data shards (:class:`RowShards`; default one process). ``X`` and ``G``
             are then this rank's rows, and every rank gets the norms of the union of the rows (MATH §6.2).
     """
-    red = RowReduction() if reduction is None else reduction
+    red = RowShards() if row_shards is None else row_shards
     h = _Head(X, W_Q, W_K, W_V, W_O, G.reshape(X.shape[0], X.shape[1], W_O.shape[1]), c, kappa, causal)
     compute = {"QQ": lambda: _qq(h, chunk, red), "KK": lambda: _kk(h, chunk, tile, red), "VV": lambda: _vv(h, red),
                "OO": lambda: _oo(h, red)}
@@ -367,12 +375,6 @@ def _gather_rows(shards: ShardGroup, t: Tensor) -> Tensor:
     parts = [torch.empty_like(buf) for _ in sizes]
     shards._collective(lambda: dist.all_gather(parts, buf, group=shards.group), "the rows of the (Q,Q) Gram route")
     return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(t.device)
-
-
-def shard_reduction(shards: ShardGroup) -> RowReduction:
-    """The :class:`RowReduction` of a process group: sums by ``all_reduce``, rows by :func:`_gather_rows`."""
-    return RowReduction(sum=lambda t: shards.all_reduce_(t.clone(), "a row sum of the head norms"),
-                        gather=lambda t: _gather_rows(shards, t), rank=shards.rank, world_size=shards.world_size)
 
 
 def head_block_norms(
@@ -455,7 +457,7 @@ def head_block_norms(
 
     if shards is None:
         X3, W_Q, W_K, W_V, W_O, G3, c_val, kappa, names, chunk, tile = checked(X, W_Q, W_K, W_V, W_O, G, chunk, tile)
-        red = RowReduction()
+        red = RowShards()
     else:
         X3, W_Q, W_K, W_V, W_O, G3, c_val, kappa, names, chunk, tile = shards.run(
             lambda: checked(X, W_Q, W_K, W_V, W_O, G, chunk, tile), "checking each rank's head and sequences")
@@ -464,9 +466,9 @@ def head_block_norms(
                           "the head's weights and the settings (shapes, dtype, c, scale, causal, blocks, chunk, tile)")
         if shards.total(X3.shape[0] * X3.shape[1], "the number of rows") == 0:
             raise EnergyInputError("`X` holds no tokens on any rank; give at least one rank a sequence.")
-        red = shard_reduction(shards)
+        red = RowShards.of(shards)
     ips = head_inner_products(X3, W_Q, W_K, W_V, W_O, G3, c=c_val, kappa=kappa, causal=causal, blocks=names,
-                              chunk=chunk, tile=tile, reduction=red)
+                              chunk=chunk, tile=tile, row_shards=red)
     out: dict[tuple[str, str], float] = {}
     for name, (oo, of, ff) in ips.items():
         for part, value in _parts({"oo": float(oo), "of": float(of), "ff": float(ff)}, squared).items():

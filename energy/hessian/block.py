@@ -45,7 +45,9 @@ attention input Jacobian; memory ``O(P² + B L d P)``. Nothing is differentiated
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,6 +57,7 @@ from torch import Tensor
 from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
 from energy.hessian.attention_layer import Reduction, check_dense_budget
 from energy.hessian.blocks import Part
+from energy.hessian.distributed import ShardGroup, resolve_shards
 from energy.hessian.ffn_curvature import FFNLayer
 from energy.hessian.multihead import (
     MultiHeadAttentionLayer,
@@ -238,11 +241,15 @@ class TransformerBlock:
         out = _forward(self, X, mask)[-1]
         return out if self.W_U is None else out @ self.W_U
 
-    def loss_constant(self, X3: Tensor) -> float:
-        """``c_eff``: ``c`` (default ``1/(L d_z)`` for ``"mse"``, ``1/L`` for ``"ce"``), over ``B`` if ``"mean"``."""
+    def loss_constant(self, X3: Tensor, num_sequences: float | None = None) -> float:
+        """``c_eff``: ``c`` (default ``1/(L d_z)`` for ``"mse"``, ``1/L`` for ``"ce"``), over ``B`` if ``"mean"``.
+
+        ``num_sequences`` replaces ``B = X3.shape[0]`` (data shards: the count over all ranks, MATH §6.2).
+        """
         L = X3.shape[-2]
         c0 = float(self.c) if self.c is not None else (1.0 / (L * self.d_z) if self.loss == "mse" else 1.0 / L)
-        return c0 / X3.shape[0] if self.reduction == "mean" else c0
+        B = X3.shape[0] if num_sequences is None else num_sequences
+        return c0 / B if self.reduction == "mean" else c0
 
     def loss_of_logits(self, z: Tensor, target: Tensor, c_eff: float) -> Tensor:
         """``ℓ_out(z)``: ``c_eff Σ‖z − Y‖²`` or ``c_eff Σ_i (logsumexp z_i − z_{i,y_i})`` (pure)."""
@@ -366,13 +373,50 @@ class BlockHessian:
         return {(a, b): float(torch.linalg.matrix_norm(self.matrix[sl[a], sl[b]])) for a in sl for b in sl}
 
 
-def _checked(block: object, X: object, target: object, routine: str) -> tuple[TransformerBlock, Tensor, Tensor,
-                                                                               Tensor | None, float]:
-    if not isinstance(block, TransformerBlock):
-        raise EnergyInputError(f"{routine}: `block` must be an energy.hessian.block.TransformerBlock, got "
-                               f"{type(block).__name__}; build one with TransformerBlock(...) or random_block(...).")
-    X3, T, mask = block.check_inputs(X, target)
-    return block, X3, T, mask, block.loss_constant(X3)
+def _checked(block: object, X: object, target: object, routine: str, shards: ShardGroup | None = None,
+             dense: int = 0, max_gib: float | None = None) -> tuple[TransformerBlock, Tensor, Tensor, Tensor | None,
+                                                                  float]:
+    """``(block, X3, target3, mask, c_eff)`` after the checks; with ``dense`` rows, the ``(dense, p)`` budget.
+
+    Data shards (``shards``): the checks run on every rank and any rank's error stops all of them; the ranks must
+    hold the same block (weights checksum, settings), and ``c_eff`` of a mean over sequences divides by the number
+    of sequences of *all* ranks, so that the rank sums are the terms of the union's loss (MATH §6.2).
+    """
+    def check() -> tuple[TransformerBlock, Tensor, Tensor, Tensor | None]:
+        if not isinstance(block, TransformerBlock):
+            raise EnergyInputError(f"{routine}: `block` must be an energy.hessian.block.TransformerBlock, got "
+                                   f"{type(block).__name__}; build one with TransformerBlock(...) or "
+                                   "random_block(...).")
+        X3, T, mask = block.check_inputs(X, target)
+        if dense:
+            check_dense_budget(dense, block.num_params, X3.dtype, max_gib, routine)
+        return block, X3, T, mask
+
+    if shards is None:
+        blk, X3, T, mask = check()
+        return blk, X3, T, mask, blk.loss_constant(X3)
+    blk, X3, T, mask = shards.run(check, f"checking each rank's block and sequences ({routine})")
+    shards.check_same((blk.param_blocks(), str(X3.dtype), _settings(blk), _digest(blk.flat())),
+                      f"the block's weights and settings ({routine})")
+    B = shards.total(X3.shape[0], "the number of sequences")
+    if B == 0:
+        raise EnergyInputError(f"{routine}: `X` holds no sequence on any rank; give at least one rank a sequence.")
+    return blk, X3, T, mask, blk.loss_constant(X3, B)
+
+
+def _settings(blk: TransformerBlock) -> tuple[object, ...]:
+    """The block's settings that are not weights (compared across ranks)."""
+    mha = blk.attention
+    norms = tuple((ln.eps, ln.kind) for ln in (blk.ln1, blk.ln2) if ln is not None)
+    return (blk.norm, blk.loss, blk.c, blk.reduction, mha.scale, mha.causal, mha.linear, mha.c, mha.reduction,
+            blk.ffn.activation, norms, mha.mask is None)
+
+
+def _digest(t: Tensor) -> str:
+    """SHA-256 of a flat parameter vector (equal on two ranks iff they hold the same weights)."""
+    data = t.detach().to("cpu").contiguous()
+    return hashlib.sha256(f"{data.dtype}:{data.numel()};".encode() + data.view(torch.uint8).numpy().tobytes()
+                          ).hexdigest()
 
 
 def _check_part(part: object) -> Part:
@@ -381,14 +425,24 @@ def _check_part(part: object) -> Part:
     return part  # type: ignore[return-value]
 
 
-def block_loss(block: TransformerBlock, X: Tensor, target: Tensor) -> Tensor:
-    """The block's loss ``ℓ(X)`` (MATH §5.3), after checking the inputs."""
-    block, X3, T, mask, c = _checked(block, X, target, "block_loss")
-    return block.loss_of_logits(block.logits(X3, mask), T, c)
+def _summed(shards: ShardGroup | None, compute: Callable[[], Tensor], shape: tuple[int, ...], like: Tensor,
+            what: str) -> Tensor:
+    """``compute()`` in one process; ``Σ_r compute_r()`` with consensus on failure over data shards."""
+    return compute() if shards is None else shards.sum(compute, shape, like, what)
+
+
+def block_loss(block: TransformerBlock, X: Tensor, target: Tensor, *,
+               distributed: bool | ShardGroup = False) -> Tensor:
+    """The block's loss ``ℓ(X)`` (MATH §5.3), after checking the inputs; summed over the ranks with
+    ``distributed`` (``X``, ``target``: this rank's sequences).
+    """
+    shards = resolve_shards(distributed)
+    block, X3, T, mask, c = _checked(block, X, target, "block_loss", shards)
+    return _summed(shards, lambda: block.loss_of_logits(block.logits(X3, mask), T, c), (), X3, "the block loss")
 
 
 def block_hessian(block: TransformerBlock, X: Tensor, target: Tensor, *, part: Part = "H",
-                  max_gib: float | None = None) -> BlockHessian:
+                  max_gib: float | None = None, distributed: bool | ShardGroup = False) -> BlockHessian:
     r"""The exact parameter Hessian of a whole block (or its ``H_o`` / ``H_f`` part) in closed form (MATH §5.3).
 
     .. math:: H = 𝒯_z^\top \nabla^2\ell_\mathrm{out}\, 𝒯_z + \sum_f [𝒯_u; E_f]^\top \nabla^2\langle g_y, f\rangle
@@ -400,41 +454,58 @@ def block_hessian(block: TransformerBlock, X: Tensor, target: Tensor, *, part: P
         target: ``(B, L, d_z)`` regression targets (``loss="mse"``) or ``(B, L)`` class indices (``"ce"``).
         part: ``"H"``, ``"H_o"`` (Gauss–Newton of the whole block) or ``"H_f"`` (the functional rest).
         max_gib: memory budget of the dense ``(p, p)`` result (default 4 GiB).
+        distributed: ``True`` (the default process group) or a :class:`~energy.hessian.distributed.ShardGroup`:
+            ``X`` and ``target`` are this rank's sequences (uneven counts allowed); ``H = Σ_r H_r`` over the
+            sequences of every rank, with the constant of a mean over *all* sequences, is returned on every rank
+            (one all-reduce of ``p²`` numbers; MATH §6.2).
     """
     part = _check_part(part)
-    block, X3, T, mask, c = _checked(block, X, target, "block_hessian")
+    shards = resolve_shards(distributed)
+    block, X3, T, mask, c = _checked(block, X, target, "block_hessian", shards, _rows(block), max_gib)
     warn_if_not_float64(X3.dtype, "block_hessian")
     p = block.num_params
-    check_dense_budget(p, p, X3.dtype, max_gib, "block_hessian")
     from energy.hessian.block_sweep import sweep
 
-    return BlockHessian(sweep(block, X3, T, mask, c, "params", part), block.param_blocks())
+    H = _summed(shards, lambda: sweep(block, X3, T, mask, c, "params", part), (p, p), X3, "the block Hessian")
+    return BlockHessian(H, block.param_blocks())
 
 
-def block_hessian_parts(block: TransformerBlock, X: Tensor, target: Tensor, *,
-                        max_gib: float | None = None) -> dict[str, BlockHessian]:
+def _rows(block: object, copies: int = 1) -> int:
+    """Rows of the dense result checked against the memory budget (``copies · p``; 0 if ``block`` is invalid)."""
+    return copies * block.num_params if isinstance(block, TransformerBlock) else 0
+
+
+def block_hessian_parts(block: TransformerBlock, X: Tensor, target: Tensor, *, max_gib: float | None = None,
+                        distributed: bool | ShardGroup = False) -> dict[str, BlockHessian]:
     """``{"H", "H_o", "H_f"}`` of :func:`block_hessian` from one sweep (``H = H_o + H_f``; three ``(p, p)``
-    matrices, checked against ``max_gib`` together).
+    matrices, checked against ``max_gib`` together). ``distributed`` as for :func:`block_hessian` (one all-reduce
+    of ``2p²`` numbers: ``H_o`` and ``H_f``).
     """
-    block, X3, T, mask, c = _checked(block, X, target, "block_hessian_parts")
+    shards = resolve_shards(distributed)
+    block, X3, T, mask, c = _checked(block, X, target, "block_hessian_parts", shards, _rows(block, 3), max_gib)
     warn_if_not_float64(X3.dtype, "block_hessian_parts")
     p = block.num_params
-    check_dense_budget(3 * p, p, X3.dtype, max_gib, "block_hessian_parts")
     from energy.hessian.block_sweep import sweep
 
-    H_o, H_f = sweep(block, X3, T, mask, c, "params", "parts")
+    H_o, H_f = _summed(shards, lambda: sweep(block, X3, T, mask, c, "params", "parts"), (2, p, p), X3,
+                       "the block Hessian parts").unbind()
     index = block.param_blocks()
     return {"H": BlockHessian(H_o + H_f, index), "H_o": BlockHessian(H_o, index), "H_f": BlockHessian(H_f, index)}
 
 
-def block_token_hessian(block: TransformerBlock, X: Tensor, target: Tensor, *, part: Part = "H") -> Tensor:
+def block_token_hessian(block: TransformerBlock, X: Tensor, target: Tensor, *, part: Part = "H",
+                        distributed: bool | ShardGroup = False) -> Tensor:
     r"""The token-space Hessian ``∇²_{X_b} ℓ`` of every sequence, ``(B, L d, L d)`` (``vec_r`` of ``X_b``).
 
     The same composition as :func:`block_hessian` with the columns of one sequence's input in place of the
-    parameters (MATH §5.3); ``part`` splits it the same way.
+    parameters (MATH §5.3); ``part`` splits it the same way. With ``distributed`` (``X``, ``target``: this rank's
+    sequences) each rank returns the Hessians of *its own* sequences, with the loss constant of the union (a mean
+    divides by the number of sequences of all ranks): they are not a sum, and the one-process result is their
+    concatenation along ``B`` in rank order (MATH §6.2). Nothing but the count is communicated.
     """
     part = _check_part(part)
-    block, X3, T, mask, c = _checked(block, X, target, "block_token_hessian")
+    shards = resolve_shards(distributed)
+    block, X3, T, mask, c = _checked(block, X, target, "block_token_hessian", shards)
     from energy.hessian.block_sweep import sweep
 
     return sweep(block, X3, T, mask, c, "tokens", part)

@@ -34,13 +34,22 @@ each norm is computed by whichever side is cheaper (symmetric factors packed by 
 No dense block nor any ``L × L`` core per row is formed. Memory: ``O(N d r)`` for ``D`` (3.2 GB in float64 at
 GPT-2 scale) plus row chunks. Everything except the public :func:`head_block_norms` is pure (no validation, no
 reads of tensor values; :func:`head_inner_products` returns 0-dim tensors).
+
+**Data shards** (``distributed=``, docs/MATH.md §6.2): every block is a sum over rows ``i``, so with the rows
+split over ranks ``(V,V)``, ``(O,O)`` all-reduce their Gram matrix ``S``, ``(K,K)`` all-reduces each tile ``M``
+(a sum over rows) before its squared norm, and ``(Q,Q)``, whose Gram route couples every pair of rows, gathers the
+packed row factors ``(x_i, vech P^o_i, vech P^f_i)`` of all ranks and splits the symmetric pairs between them
+(:class:`RowShards`: the identity in one process, so the pure core is the same code).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from energy._validation import (
@@ -55,9 +64,11 @@ from energy._validation import (
 from energy.core import attention as core_attention
 from energy.core import standard as core_standard
 from energy.hessian.attention_layer import attention_matrix
+from energy.hessian.distributed import ShardGroup, resolve_shards
 from energy.hessian.structure import _parts
 
-__all__ = ["HEAD_BLOCKS", "head_output", "vech", "head_inner_products", "head_block_norms"]
+__all__ = ["HEAD_BLOCKS", "RowShards", "head_output", "vech", "gram_units", "head_inner_products",
+           "head_block_norms"]
 
 #: The diagonal blocks of one head that :func:`head_block_norms` computes.
 HEAD_BLOCKS: tuple[str, ...] = ("QQ", "KK", "VV", "OO")
@@ -100,6 +111,67 @@ def vech(S: Tensor) -> Tensor:
     return S[..., iu[0], iu[1]] * w
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class RowShards:
+    r"""How the row sums and row sets of a head combine over data shards (MATH §6.2); the identity in one process.
+
+    The pure core calls only these hooks, so one process and a sharded run execute the same formulas.
+
+    Attributes:
+        sum: ``t ↦ Σ_r t_r`` for a tensor of the same shape on every rank (``(V,V)``, ``(O,O)``: ``S``;
+            ``(K,K)``: each tile ``M``; ``(Q,Q)``: its three scalars).
+        gather: ``(n_r, m) ↦ (Σ_r n_r, m)``, the rows of every rank in rank order (``(Q,Q)``'s row factors).
+        rank: this shard's index; world_size: the number of shards (the share of the ``(Q,Q)`` pairs,
+            :func:`gram_units`).
+    """
+
+    sum: Callable[[Tensor], Tensor] = _same
+    gather: Callable[[Tensor], Tensor] = _same
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def of(cls, shards: ShardGroup) -> RowShards:
+        """The hooks of a process group: sums by ``all_reduce``, rows by a padded ``all_gather``
+        (:func:`_gather_rows`).
+        """
+        return cls(sum=lambda t: shards.all_reduce_(t.clone(), "a row sum of the head norms"),
+                   gather=lambda t: _gather_rows(shards, t), rank=shards.rank, world_size=shards.world_size)
+
+
+def gram_units(N: int, chunk: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int, int]]:
+    r"""This rank's share ``[(i0, i1, j0, j1)]`` of the symmetric pair sum ``Σ_{ij} w_ij f(i, j)`` over ``N`` rows.
+
+    A unit is the rectangle of rows ``i0:i1`` against columns ``j0:j1`` with ``j0 = i0`` (a diagonal block and the
+    columns after it) or ``j0 ≥ i1`` (strictly above the diagonal); columns ``j < i1`` count once, the others twice
+    (the mirrored pairs), so the units of all ranks cover every pair exactly once.
+
+    * one shard: row chunks of ``chunk`` rows against all later columns (one wide GEMM per chunk);
+    * ``W`` shards: ``n = max(⌈N/chunk⌉, 2W − 1)`` near-equal row chunks, the ``n(n+1)/2`` chunk pairs ``I ≤ J``
+      dealt by longest-first greedy on their cost ``|I||J|`` (every rank computes the same deal), so each rank does
+      ``≈ N²/(2W)(1 + 1/n)`` pairs.
+
+    Pure Python on sizes (no tensors).
+    """
+    if world_size == 1:
+        return [(i0, min(N, i0 + chunk), i0, N) for i0 in range(0, N, chunk)]
+    n = min(N, max(-(-N // chunk), 2 * world_size - 1))
+    edges = [N * t // n for t in range(n + 1)] if n else [0]
+    units = [(edges[a], edges[a + 1], edges[b], edges[b + 1]) for a in range(n) for b in range(a, n)]
+    units.sort(key=lambda u: -(u[1] - u[0]) * (u[3] - u[2]))  # stable: the same deal on every rank
+    load, mine = [0] * world_size, []
+    for u in units:
+        r = min(range(world_size), key=lambda q: (load[q], q))
+        load[r] += (u[1] - u[0]) * (u[3] - u[2])
+        if r == rank:
+            mine.append(u)
+    return mine
+
+
 class _Head:
     """Per-head quantities shared by the blocks (all pure tensor algebra; MATH §3.2 with ``W_O``)."""
 
@@ -136,40 +208,50 @@ class _Head:
                 - (r @ Ub)[:, :, None] * (A @ Wb)[:, None, :])
 
 
-def _gram_weighted(w: Tensor, P: Tensor, F: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``(Σ_ij w_ij ⟨P_i,P_j⟩, Σ_ij w_ij ⟨P_i,F_j⟩, Σ_ij w_ij ⟨F_i,F_j⟩)`` for symmetric ``w = (x_iᵀx_j)²``.
+def _gram_weighted(x: Tensor, P: Tensor, F: Tensor, units: list[tuple[int, int, int, int]]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``(Σ_ij w_ij ⟨P_i,P_j⟩, Σ_ij w_ij ⟨P_i,F_j⟩, Σ_ij w_ij ⟨F_i,F_j⟩)`` for symmetric ``w = (x_iᵀx_j)²`` over the
+    pair units of :func:`gram_units`.
 
-    ``w`` is given by its factor ``x`` ``(N, d)``; ``P``, ``F`` are ``(N, p)`` packed rows. Row chunk ``I``
-    against columns ``j ≥ I_start`` only (off-diagonal chunk pairs twice): ``≈ 2 N² p + N² d/2`` multiply–adds.
+    ``x`` ``(N, d)``; ``P``, ``F`` are ``(N, p)`` packed rows. A unit ``(i0, i1, j0, j1)`` costs
+    ``|I||J|(d + 4p)`` multiply–adds (one shard, chunk ``n``: ``≈ N²(d + 4p)/2 · (1 + n/N)`` in all).
     """
-    N = w.shape[0]
     zero = P.new_zeros(())
     oo, of, ff = zero, zero, zero
-    for i0 in range(0, N, chunk):
-        i1 = min(N, i0 + chunk)
-        W = (w[i0:i1] @ w[i0:].T) ** 2  # (n, N − i0)
-        W = torch.cat([W[:, : i1 - i0], 2.0 * W[:, i1 - i0 :]], dim=1)  # off-diagonal chunk pairs count twice
-        PI, FI, PJ, FJ = P[i0:i1], F[i0:i1], P[i0:], F[i0:]
+    for i0, i1, j0, j1 in units:
+        W = (x[i0:i1] @ x[j0:j1].T) ** 2  # (|I|, |J|)
+        once = max(0, min(j1, i1) - j0)  # the columns of the diagonal block count once, the others twice
+        W = torch.cat([W[:, :once], 2.0 * W[:, once:]], dim=1)
+        PI, FI, PJ, FJ = P[i0:i1], F[i0:i1], P[j0:j1], F[j0:j1]
         oo = oo + (W * (PI @ PJ.T)).sum()
         ff = ff + (W * (FI @ FJ.T)).sum()
         of = of + 0.5 * (W * (PI @ FJ.T + FI @ PJ.T)).sum()  # w symmetric: the pair (i, j) and (j, i)
     return oo, of, ff
 
 
-def _qq(h: _Head, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _qq(h: _Head, chunk: int, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(‖H_o‖², ⟨H_o,H_f⟩, ‖H_f‖²)`` of ``(Q, Q)`` by the Gram route: ``Σ_ij (x_iᵀx_j)² ⟨P_i, P'_j⟩`` with
     ``P^o_i = 2cκ² E_iE_iᵀ``, ``P^f_i = κ² KᵀC_iK`` (module docstring). Cost ``O(B L² k(r + k) + N²(d + p))``.
+
+    Sharded: the rows ``[x_i | vech P^o_i | vech P^f_i]`` of all ranks are gathered (``N(d + 2p)`` numbers), each
+    rank sums its share of the pairs (:func:`gram_units`) and the three scalars are summed over the ranks.
     """
     k2 = h.kappa**2
-    Po, Pf = [], []
+    k = h.K.shape[-1]
+    Po, Pf = [h.x.new_zeros(0, k * (k + 1) // 2)], [h.x.new_zeros(0, k * (k + 1) // 2)]
     for b in range(h.A.shape[0]):
         E = h.jacobian_factor(h.K, b)  # (L, k, r)
         Po.append(vech((2.0 * h.c * k2) * E @ E.transpose(1, 2)))
         Pf.append(vech(k2 * h.curvature_factor(h.K, h.K, b)))
-    return _gram_weighted(h.x, torch.cat(Po), torch.cat(Pf), chunk)
+    d, p = h.x.shape[1], Po[0].shape[1]
+    rows = red.gather(torch.cat([h.x, torch.cat(Po), torch.cat(Pf)], dim=1))  # (N, d + 2p), all ranks' rows
+    x, P, F = rows[:, :d], rows[:, d : d + p], rows[:, d + p :]
+    oo, of, ff = _gram_weighted(x, P, F, gram_units(rows.shape[0], chunk, red.rank, red.world_size))
+    oo, of, ff = red.sum(torch.stack([oo, of, ff])).unbind()
+    return oo, of, ff
 
 
-def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
+def _kk(h: _Head, chunk: int, tile: int, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
     r"""``(‖H_o‖², ⟨H_o,H_f⟩, ‖H_f‖²)`` of ``(K, K)`` by the primal route, tile by tile of ``R_i``.
 
     .. math::
@@ -179,11 +261,13 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
     (diagonal tiles packed by :func:`vech`) with ``R^o_i[I,J] = 2cκ² D_i[I] D_i[J]ᵀ`` and
     ``R^f_i[I,J] = κ² X[:,I]ᵀ C_i X[:,J]``, two GEMMs per tile and sequence group (``≥ 1`` sequence, about
     ``chunk`` rows). Cost ``≈ N d²/2 (2p + L + r)``
-    multiply–adds, memory ``O(N d r + chunk·tile² + tile² p)``.
+    multiply–adds, memory ``O(N d r + chunk·tile² + tile² p)``. Sharded: each tile ``[M^o | M^f]`` (a sum over
+    rows) is summed over the ranks before its squared norm (one all-reduce of ``2|tile| p`` numbers per tile).
     """
     X = h.X
     B, L, d = X.shape
-    D = torch.cat([h.jacobian_factor(X, b) for b in range(B)])  # (N, d, r), D_i = Xᵀ J_i Ṽ
+    r_dim = h.Vt.shape[-1]
+    D = torch.cat([X.new_zeros(0, d, r_dim), *[h.jacobian_factor(X, b) for b in range(B)]])  # D_i = Xᵀ J_i Ṽ
     S = vech(h.q[:, :, None] * h.q[:, None, :])  # (N, p)
     mu, rho = h.A @ X, h.r @ X  # Xᵀa_i, Xᵀr_i: (B, L, d)
     co, cf = 2.0 * h.c * h.kappa**2, h.kappa**2
@@ -195,7 +279,8 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
         for J0 in range(I0, d, tile):
             J = slice(J0, min(d, J0 + tile))
             w = 1.0 if I0 == J0 else 2.0
-            Mo, Mf = zero, zero
+            tI, tJ = I.stop - I.start, J.stop - J.start
+            M = X.new_zeros(2, tI * (tI + 1) // 2 if I0 == J0 else tI * tJ, S.shape[1])  # [M^o, M^f]
             for b0 in range(0, B, group):
                 bs = slice(b0, min(B, b0 + group))
                 rows = slice(b0 * L, bs.stop * L)
@@ -207,26 +292,31 @@ def _kk(h: _Head, chunk: int, tile: int) -> tuple[Tensor, Tensor, Tensor]:
                 Rf = cf * Rf.reshape(Ro.shape)
                 if I0 == J0:  # a diagonal tile is symmetric: pack it (⟨vech A, vech B⟩ = ⟨A, B⟩)
                     Ro, Rf = vech(Ro), vech(Rf)
-                Mo = Mo + Ro.reshape(n, -1).T @ S[rows]  # (tI tJ, p): the GEMMs that set the cost
-                Mf = Mf + Rf.reshape(n, -1).T @ S[rows]
+                M = M + torch.stack([Ro.reshape(n, -1).T @ S[rows],  # (tI tJ, p): the GEMMs that set the cost
+                                     Rf.reshape(n, -1).T @ S[rows]])
+            Mo, Mf = red.sum(M).unbind()
             oo = oo + w * (Mo * Mo).sum()
             of = of + w * (Mo * Mf).sum()
             ff = ff + w * (Mf * Mf).sum()
     return oo, of, ff
 
 
-def _vv(h: _Head) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``‖2c M_1ᵀM_1 ⊗ W_OW_Oᵀ‖² = (2c)² ‖M_1ᵀM_1‖² ‖W_OW_Oᵀ‖²``; ``H_f(V,V) = 0``."""
+def _vv(h: _Head, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``‖2c M_1ᵀM_1 ⊗ W_OW_Oᵀ‖² = (2c)² ‖M_1ᵀM_1‖² ‖W_OW_Oᵀ‖²``; ``H_f(V,V) = 0``. Sharded: ``S = M_1ᵀM_1`` (a
+    sum over rows) is summed over the ranks.
+    """
     M1 = (h.A @ h.X).reshape(-1, h.X.shape[-1])
-    S, Om = M1.T @ M1, h.W_O @ h.W_O.T
+    S, Om = red.sum(M1.T @ M1), h.W_O @ h.W_O.T
     zero = S.new_zeros(())
     return (2.0 * h.c) ** 2 * (S * S).sum() * (Om * Om).sum(), zero, zero
 
 
-def _oo(h: _Head) -> tuple[Tensor, Tensor, Tensor]:
-    r"""``‖2c W_VᵀM_1ᵀM_1W_V ⊗ I_{d_out}‖² = (2c)² d_out ‖W_VᵀM_1ᵀM_1W_V‖²``; ``H_f(O,O) = 0``."""
+def _oo(h: _Head, red: RowShards) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``‖2c W_VᵀM_1ᵀM_1W_V ⊗ I_{d_out}‖² = (2c)² d_out ‖W_VᵀM_1ᵀM_1W_V‖²``; ``H_f(O,O) = 0``. Sharded: ``S`` is
+    summed over the ranks.
+    """
     MV = (h.A @ (h.X @ h.W_V)).reshape(-1, h.W_V.shape[1])
-    S = MV.T @ MV
+    S = red.sum(MV.T @ MV)
     zero = S.new_zeros(())
     return (2.0 * h.c) ** 2 * h.W_O.shape[1] * (S * S).sum(), zero, zero
 
@@ -234,6 +324,7 @@ def _oo(h: _Head) -> tuple[Tensor, Tensor, Tensor]:
 def head_inner_products(
     X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, G: Tensor, *, c: float, kappa: float,
     causal: bool, blocks: Sequence[str] = HEAD_BLOCKS, chunk: int = 2048, tile: int = 64,
+    row_shards: RowShards | None = None,
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
     r"""``{block: (‖H_o‖², ⟨H_o, H_f⟩, ‖H_f‖²)}`` as 0-dim tensors (pure; module docstring, MATH §5.4).
 
@@ -250,17 +341,46 @@ def head_inner_products(
         blocks: names from :data:`HEAD_BLOCKS`.
         chunk: rows per step (Gram row chunk; sequence group of the primal route).
         tile: tile side of ``R_i`` in the primal route.
+        row_shards: how rows combine over data shards (:class:`RowShards`; default one process). ``X`` and ``G``
+            are then this rank's rows, and every rank gets the norms of the union of the rows (MATH §6.2).
     """
-    h = _Head(X, W_Q, W_K, W_V, W_O, G.reshape(X.shape[0], X.shape[1], -1), c, kappa, causal)
-    compute = {"QQ": lambda: _qq(h, chunk), "KK": lambda: _kk(h, chunk, tile), "VV": lambda: _vv(h),
-               "OO": lambda: _oo(h)}
+    red = RowShards() if row_shards is None else row_shards
+    h = _Head(X, W_Q, W_K, W_V, W_O, G.reshape(X.shape[0], X.shape[1], W_O.shape[1]), c, kappa, causal)
+    compute = {"QQ": lambda: _qq(h, chunk, red), "KK": lambda: _kk(h, chunk, tile, red), "VV": lambda: _vv(h, red),
+               "OO": lambda: _oo(h, red)}
     return {name: compute[name]() for name in blocks}
+
+
+def _digest(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' dtypes, shapes and bytes: equal on two ranks iff they hold the same weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        data = t.detach().to("cpu").contiguous()
+        h.update(f"{data.dtype}:{tuple(data.shape)};".encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+def _gather_rows(shards: ShardGroup, t: Tensor) -> Tensor:
+    """Every rank's rows ``(n_r, m)`` concatenated in rank order, ``(Σ_r n_r, m)``: the counts by one all-reduce,
+    then one ``all_gather`` of the rows padded to ``max_r n_r`` (each rank receives ``(W − 1) max_r n_r m``
+    numbers; the all-reduce of a zero-padded ``(N, m)`` buffer would move about twice as much).
+    """
+    counts = t.new_zeros(shards.world_size, dtype=torch.float64, device=torch.device("cpu"))
+    counts[shards.rank] = float(t.shape[0])
+    sizes = [int(n) for n in shards.all_reduce_(counts, "the row counts of the (Q,Q) Gram route").tolist()]
+    device = shards._buffer_device(t.device)
+    buf = t.new_zeros((max(sizes), *t.shape[1:]), device=device)
+    buf[: t.shape[0]] = t.to(device)
+    parts = [torch.empty_like(buf) for _ in sizes]
+    shards._collective(lambda: dist.all_gather(parts, buf, group=shards.group), "the rows of the (Q,Q) Gram route")
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(t.device)
 
 
 def head_block_norms(
     X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, G: Tensor, *, c: float,
     scale: float | None = None, causal: bool = False, blocks: Sequence[str] = HEAD_BLOCKS, chunk: int = 2048,
-    tile: int = 64, squared: bool = False,
+    tile: int = 64, squared: bool = False, distributed: bool | ShardGroup = False,
 ) -> dict[tuple[str, str], float]:
     r"""Exact Frobenius norms of one head's diagonal Hessian blocks in a multi-head layer (MATH §5.1, §5.4).
 
@@ -285,6 +405,12 @@ def head_block_norms(
         chunk: rows per step (memory ``O(chunk · N)`` for ``(Q,Q)``, ``O(chunk · tile²)`` for ``(K,K)``).
         tile: tile side of the ``(K,K)`` primal route.
         squared: return squared norms.
+        distributed: ``True`` (the default process group) or a :class:`~energy.hessian.distributed.ShardGroup`:
+            ``X`` and ``G`` are this rank's sequences (its own rows of ``G``; any number, none included, and ``L``
+            may differ between ranks), everything else is the same on every rank — ``c`` included, the constant of
+            the loss of the *union* of the sequences (a mean over all sequences divides by the global count,
+            e.g. ``ShardGroup.total(B_r)``). Every rank returns the norms of the union (MATH §6.2); the inputs are
+            checked on every rank first and any rank's error stops all of them.
 
     Returns:
         ``{(block, part): value}`` with parts ``"H"``, ``"H_o"``, ``"H_f"`` (norms, squared with ``squared``) and
@@ -293,37 +419,56 @@ def head_block_norms(
     Cost (``N = B L``, ``p = k(k+1)/2``, ``r = min(d_v, d_out)``): ``(Q,Q)`` ``O(B L² k (r + k) + N² (d + p))``,
     ``(K,K)`` ``Θ(N d² (p + L))``, ``(V,V)``, ``(O,O)`` ``O(N d² + d³)``; see the module docstring.
     """
-    X = check_tensor(X, "X", min_ndim=2)
-    if X.ndim not in (2, 3):
-        raise EnergyInputError(f"`X` must be (L, d) or (B, L, d), got shape {tuple(X.shape)}.")
-    d = X.shape[-1]
-    W_Q = check_tensor(W_Q, "W_Q", ndim=2, trailing=(d, None))
-    k = W_Q.shape[1]
-    W_K = check_tensor(W_K, "W_K", ndim=2, trailing=(d, k))
-    W_V = check_tensor(W_V, "W_V", ndim=2, trailing=(d, None))
-    W_O = check_tensor(W_O, "W_O", ndim=2, trailing=(W_V.shape[1], None))
-    G = check_tensor(G, "G", ndim=X.ndim, trailing=(*X.shape[:-1], W_O.shape[1]))
-    check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, G=G)
-    check_same_device(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, G=G)
-    c_val = check_real(c, "c", positive=True, what="(the loss constant of ℓ = c Σ‖F − Y‖²)")
-    sc = check_scale(scale)
-    if isinstance(sc, Tensor):
-        raise EnergyInputError("`scale` must be a Python number here (the norms are returned as floats).")
-    if not isinstance(causal, bool):
-        raise EnergyInputError(f"`causal` must be True or False, got {causal!r}.")
-    if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
-        raise EnergyInputError(f"`blocks` must be a sequence of block names such as ('QQ', 'KK'), got {blocks!r}.")
-    names = [b if b in HEAD_BLOCKS else b[::-1] for b in blocks]
-    bad = [b for b in names if b not in HEAD_BLOCKS]
-    if bad:
-        raise EnergyInputError(f"`blocks` must be among {HEAD_BLOCKS}, got {bad}; for the off-diagonal blocks of one "
-                               "head use energy.hessian.structure.block_norms.")
-    chunk = check_positive_int(chunk, "chunk", what="(rows per step)")
-    tile = check_positive_int(tile, "tile", what="(tile side of the (K,K) primal route)")
-    X3, G3 = (X[None], G[None]) if X.ndim == 2 else (X, G)
-    kappa = float(core_attention.kappa(sc, k))
+    shards = resolve_shards(distributed)
+
+    def checked(X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, G: Tensor, chunk: int, tile: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, float, list[str], int, int]:
+        X = check_tensor(X, "X", min_ndim=2)
+        if X.ndim not in (2, 3):
+            raise EnergyInputError(f"`X` must be (L, d) or (B, L, d), got shape {tuple(X.shape)}.")
+        d = X.shape[-1]
+        W_Q = check_tensor(W_Q, "W_Q", ndim=2, trailing=(d, None))
+        k = W_Q.shape[1]
+        W_K = check_tensor(W_K, "W_K", ndim=2, trailing=(d, k))
+        W_V = check_tensor(W_V, "W_V", ndim=2, trailing=(d, None))
+        W_O = check_tensor(W_O, "W_O", ndim=2, trailing=(W_V.shape[1], None))
+        G = check_tensor(G, "G", ndim=X.ndim, trailing=(*X.shape[:-1], W_O.shape[1]))
+        check_same_float_dtype(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, G=G)
+        check_same_device(X=X, W_Q=W_Q, W_K=W_K, W_V=W_V, W_O=W_O, G=G)
+        c_val = check_real(c, "c", positive=True, what="(the loss constant of ℓ = c Σ‖F − Y‖²)")
+        sc = check_scale(scale)
+        if isinstance(sc, Tensor):
+            raise EnergyInputError("`scale` must be a Python number here (the norms are returned as floats).")
+        if not isinstance(causal, bool):
+            raise EnergyInputError(f"`causal` must be True or False, got {causal!r}.")
+        if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
+            raise EnergyInputError(f"`blocks` must be a sequence of block names such as ('QQ', 'KK'), got "
+                                   f"{blocks!r}.")
+        names = [b if b in HEAD_BLOCKS else b[::-1] for b in blocks]
+        bad = [b for b in names if b not in HEAD_BLOCKS]
+        if bad:
+            raise EnergyInputError(f"`blocks` must be among {HEAD_BLOCKS}, got {bad}; for the off-diagonal blocks of "
+                                   "one head use energy.hessian.structure.block_norms.")
+        chunk = check_positive_int(chunk, "chunk", what="(rows per step)")
+        tile = check_positive_int(tile, "tile", what="(tile side of the (K,K) primal route)")
+        X3, G3 = (X[None], G[None]) if X.ndim == 2 else (X, G)
+        kappa = float(core_attention.kappa(sc, k))
+        return X3, W_Q, W_K, W_V, W_O, G3, c_val, kappa, names, chunk, tile
+
+    if shards is None:
+        X3, W_Q, W_K, W_V, W_O, G3, c_val, kappa, names, chunk, tile = checked(X, W_Q, W_K, W_V, W_O, G, chunk, tile)
+        red = RowShards()
+    else:
+        X3, W_Q, W_K, W_V, W_O, G3, c_val, kappa, names, chunk, tile = shards.run(
+            lambda: checked(X, W_Q, W_K, W_V, W_O, G, chunk, tile), "checking each rank's head and sequences")
+        shards.check_same((W_Q.shape, W_V.shape, W_O.shape, str(X3.dtype), c_val, kappa, causal, names, chunk, tile,
+                           squared, _digest(W_Q, W_K, W_V, W_O)),
+                          "the head's weights and the settings (shapes, dtype, c, scale, causal, blocks, chunk, tile)")
+        if shards.total(X3.shape[0] * X3.shape[1], "the number of rows") == 0:
+            raise EnergyInputError("`X` holds no tokens on any rank; give at least one rank a sequence.")
+        red = RowShards.of(shards)
     ips = head_inner_products(X3, W_Q, W_K, W_V, W_O, G3, c=c_val, kappa=kappa, causal=causal, blocks=names,
-                              chunk=chunk, tile=tile)
+                              chunk=chunk, tile=tile, row_shards=red)
     out: dict[tuple[str, str], float] = {}
     for name, (oo, of, ff) in ips.items():
         for part, value in _parts({"oo": float(oo), "of": float(of), "ff": float(ff)}, squared).items():

@@ -31,12 +31,17 @@ a GQA-shared one ``diag 2c J_aᵀJ_a + Σ_h diag H_f^{(h)}``, ``O(N d_out p_a)``
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 
 import torch
 from torch import Tensor
 
+from energy._validation import EnergyInputError
+from energy.hessian.attention_layer import loss_constant
 from energy.hessian.blocks import Part, _check_part
+from energy.hessian.distributed import ShardGroup, resolve_shards
 from energy.hessian.moments import AttentionMoments, attention_jacobians
 from energy.hessian.multihead import (
     _LOCAL,
@@ -316,17 +321,9 @@ def multihead_block_norms(
     return out
 
 
-def multihead_block_diagonals(
-    layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor, part: Part = "H"
-) -> dict[str, Tensor]:
-    r"""Diagonals of the diagonal blocks ``part(a, a)``, ``{name: (p_a,)}`` in flat order (MATH §5.1).
-
-    .. math:: \mathrm{diag}\,H(a,a) = \mathrm{diag}\,H^{(h)}(a,a)\ \ (a\ \text{of one head}),\qquad
-              \mathrm{diag}\,H(a,a) = 2c\textstyle\sum_r (J_a)_{r\cdot}^{\circ 2} + \sum_{h\in S}\mathrm{diag}\,
-              H_f^{(h)}(a,a)\ \ (\text{GQA-shared } a)
-    """
-    _check_part(part)
-    ctx = _Context(layer, X, Y)
+def _diagonals(ctx: _Context, part: Part) -> dict[str, Tensor]:
+    """The diagonals of :func:`multihead_block_diagonals` on one context (the rows of one process or rank)."""
+    layer = ctx.layer
     per_head: dict[tuple[int, str], dict[str, Tensor]] = {}
 
     def head_diagonals(h: int, p: Part) -> dict[str, Tensor]:
@@ -351,11 +348,67 @@ def multihead_block_diagonals(
     return out
 
 
-def multihead_block_traces(layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor, part: Part = "H") -> dict[str, float]:
-    r"""Traces of the diagonal blocks ``{name: tr part(a, a)}`` and ``"total"`` (the trace of ``part``).
+def _sharded_layer(shards: ShardGroup, layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor
+                   ) -> MultiHeadAttentionLayer:
+    r"""The layer whose loss on this rank's sequences is this rank's share of the union's loss (MATH §6.2):
+    ``reduction="sum"`` with ``c_eff = c_0 / Σ_r B_r`` for a mean over sequences (``c_0`` unchanged for a sum),
+    after checking every rank's inputs (consensus) and that the ranks hold the same layer.
+    """
+    def check() -> Tensor:
+        if not isinstance(layer, MultiHeadAttentionLayer):
+            raise EnergyInputError("`layer` must be an energy.hessian.multihead.MultiHeadAttentionLayer, got "
+                                   f"{type(layer).__name__}.")
+        return layer.check_inputs(X, Y)[0]
+
+    X3 = shards.run(check, "checking each rank's layer and sequences")
+    theta = layer.flat().detach().to("cpu").contiguous()
+    shards.check_same((layer.param_blocks(), str(theta.dtype), layer.c, layer.reduction, layer.causal, layer.linear,
+                       layer.scale, hashlib.sha256(theta.view(torch.uint8).numpy().tobytes()).hexdigest()),
+                      "the layer's weights and settings")
+    B = shards.total(X3.shape[0], "the number of sequences")
+    c0 = loss_constant(X3, layer.c, "sum", layer.d_out)
+    return dataclasses.replace(layer, c=c0 / B if layer.reduction == "mean" else c0, reduction="sum")
+
+
+def multihead_block_diagonals(
+    layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor, part: Part = "H", *,
+    distributed: bool | ShardGroup = False,
+) -> dict[str, Tensor]:
+    r"""Diagonals of the diagonal blocks ``part(a, a)``, ``{name: (p_a,)}`` in flat order (MATH §5.1).
+
+    .. math:: \mathrm{diag}\,H(a,a) = \mathrm{diag}\,H^{(h)}(a,a)\ \ (a\ \text{of one head}),\qquad
+              \mathrm{diag}\,H(a,a) = 2c\textstyle\sum_r (J_a)_{r\cdot}^{\circ 2} + \sum_{h\in S}\mathrm{diag}\,
+              H_f^{(h)}(a,a)\ \ (\text{GQA-shared } a)
+
+    ``distributed`` (``True`` or a :class:`~energy.hessian.distributed.ShardGroup`): ``X``, ``Y`` are this rank's
+    sequences; the diagonals are sums over sequences, so each rank computes its own with the loss constant of the
+    union (a mean divides by the number of sequences of all ranks) and one all-reduce of ``p`` numbers sums them
+    (MATH §6.2).
+    """
+    _check_part(part)
+    shards = resolve_shards(distributed)
+    if shards is None:
+        return _diagonals(_Context(layer, X, Y), part)
+    shard_layer = _sharded_layer(shards, layer, X, Y)
+    names = [(name, math.prod(shape)) for name, shape in layer.param_blocks()]
+    like = layer.W_Q
+
+    def local() -> Tensor:
+        diags = _diagonals(_Context(shard_layer, X, Y), part)
+        return torch.cat([diags[name] for name, _ in names])
+
+    flat = shards.sum(local, (sum(n for _, n in names),), like, "the multi-head block diagonals")
+    return dict(zip([name for name, _ in names], flat.split([n for _, n in names])))
+
+
+def multihead_block_traces(layer: MultiHeadAttentionLayer, X: Tensor, Y: Tensor, part: Part = "H", *,
+                           distributed: bool | ShardGroup = False) -> dict[str, float]:
+    r"""Traces of the diagonal blocks ``{name: tr part(a, a)}`` and ``"total"`` (the trace of ``part``);
+    ``distributed`` as for :func:`multihead_block_diagonals`.
 
     .. math:: \mathrm{tr}\,H = \textstyle\sum_a \mathrm{tr}\,H(a, a)
     """
-    out = {name: float(v.sum()) for name, v in multihead_block_diagonals(layer, X, Y, part).items()}
+    diags = multihead_block_diagonals(layer, X, Y, part, distributed=distributed)
+    out = {name: float(v.sum()) for name, v in diags.items()}
     out["total"] = sum(out.values())
     return out

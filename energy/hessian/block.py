@@ -45,7 +45,6 @@ attention input Jacobian; memory ``O(P² + B L d P)``. Nothing is differentiated
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +56,7 @@ from torch import Tensor
 from energy._validation import EnergyInputError, check_same_float_dtype, check_tensor, warn_if_not_float64
 from energy.hessian.attention_layer import Reduction, check_dense_budget
 from energy.hessian.blocks import Part
-from energy.hessian.distributed import ShardGroup, resolve_shards
+from energy.hessian.distributed import ShardGroup, resolve_shards, tensor_checksum
 from energy.hessian.ffn_curvature import FFNLayer
 from energy.hessian.multihead import (
     MultiHeadAttentionLayer,
@@ -396,7 +395,7 @@ def _checked(block: object, X: object, target: object, routine: str, shards: Sha
         blk, X3, T, mask = check()
         return blk, X3, T, mask, blk.loss_constant(X3)
     blk, X3, T, mask = shards.run(check, f"checking each rank's block and sequences ({routine})")
-    shards.check_same((blk.param_blocks(), str(X3.dtype), _settings(blk), _digest(blk.flat())),
+    shards.check_same((blk.param_blocks(), str(X3.dtype), _settings(blk), tensor_checksum(blk.flat())),
                       f"the block's weights and settings ({routine})")
     B = shards.total(X3.shape[0], "the number of sequences")
     if B == 0:
@@ -410,13 +409,6 @@ def _settings(blk: TransformerBlock) -> tuple[object, ...]:
     norms = tuple((ln.eps, ln.kind) for ln in (blk.ln1, blk.ln2) if ln is not None)
     return (blk.norm, blk.loss, blk.c, blk.reduction, mha.scale, mha.causal, mha.linear, mha.c, mha.reduction,
             blk.ffn.activation, norms, mha.mask is None)
-
-
-def _digest(t: Tensor) -> str:
-    """SHA-256 of a flat parameter vector (equal on two ranks iff they hold the same weights)."""
-    data = t.detach().to("cpu").contiguous()
-    return hashlib.sha256(f"{data.dtype}:{data.numel()};".encode() + data.view(torch.uint8).numpy().tobytes()
-                          ).hexdigest()
 
 
 def _check_part(part: object) -> Part:

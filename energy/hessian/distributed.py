@@ -52,6 +52,7 @@ __all__ = [
     "resolve_shards",
     "all_reduce_sum",
     "parameter_checksum",
+    "tensor_checksum",
     "shard_batches",
     "init_from_env",
 ]
@@ -123,6 +124,21 @@ class ShardGroup:
         if buf is not t:
             t.copy_(buf)
         return t
+
+    def gather_rows(self, t: Tensor, what: str) -> Tensor:
+        """Every rank's rows ``(n_r, …)`` concatenated in rank order, ``(Σ_r n_r, …)``: the counts by one
+        all-reduce, then one ``all_gather`` of the rows padded to ``max_r n_r`` (each rank receives
+        ``(W − 1) max_r n_r`` rows; an all-reduce of a zero-padded ``(Σ_r n_r, …)`` buffer moves about twice as much).
+        """
+        counts = torch.zeros(self.world_size, dtype=torch.float64)
+        counts[self.rank] = float(t.shape[0])
+        sizes = [int(n) for n in self.all_reduce_(counts, f"the row counts of {what}").tolist()]
+        device = self._buffer_device(t.device)
+        buf = t.new_zeros((max(sizes), *t.shape[1:]), device=device)
+        buf[: t.shape[0]] = t.to(device)
+        parts = [torch.empty_like(buf) for _ in sizes]
+        self._collective(lambda: dist.all_gather(parts, buf, group=self.group), what)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(t.device)
 
     def gather_objects(self, obj: Any, what: str) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order."""
@@ -266,16 +282,24 @@ def all_reduce_sum(t: Tensor, shards: ShardGroup | None = None) -> Tensor:
     return _ReplicatedSum.apply(t, shards or resolve_shards(True))  # type: ignore[no-any-return]
 
 
-def parameter_checksum(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes, bytes): equal iff the ranks hold the same
-    weights.
+def tensor_checksum(*tensors: Tensor, names: Sequence[str] | None = None) -> str:
+    """SHA-256 of the tensors' (names,) dtypes, shapes and bytes: equal on two ranks iff they hold the same values
+    bit for bit.
     """
     h = hashlib.sha256()
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+    for i, t in enumerate(tensors):
         data = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        h.update(f"{'' if names is None else names[i]}:{data.dtype}:{tuple(data.shape)};".encode())
         h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return h.hexdigest()
+
+
+def parameter_checksum(model: nn.Module) -> str:
+    """:func:`tensor_checksum` of every parameter and buffer with its name: equal iff the ranks hold the same
+    weights.
+    """
+    named = [*model.named_parameters(), *model.named_buffers()]
+    return tensor_checksum(*(t for _, t in named), names=[n for n, _ in named])
 
 
 def check_same_model(shards: ShardGroup, model: nn.Module) -> None:

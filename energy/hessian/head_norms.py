@@ -44,12 +44,10 @@ packed row factors ``(x_i, vech P^o_i, vech P^f_i)`` of all ranks and splits the
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from energy._validation import (
@@ -64,7 +62,7 @@ from energy._validation import (
 from energy.core import attention as core_attention
 from energy.core import standard as core_standard
 from energy.hessian.attention_layer import attention_matrix
-from energy.hessian.distributed import ShardGroup, resolve_shards
+from energy.hessian.distributed import ShardGroup, resolve_shards, tensor_checksum
 from energy.hessian.structure import _parts
 
 __all__ = ["HEAD_BLOCKS", "RowShards", "head_output", "vech", "gram_units", "head_inner_products",
@@ -137,10 +135,11 @@ class RowShards:
     @classmethod
     def of(cls, shards: ShardGroup) -> RowShards:
         """The hooks of a process group: sums by ``all_reduce``, rows by a padded ``all_gather``
-        (:func:`_gather_rows`).
+        (:meth:`~energy.hessian.distributed.ShardGroup.gather_rows`).
         """
         return cls(sum=lambda t: shards.all_reduce_(t.clone(), "a row sum of the head norms"),
-                   gather=lambda t: _gather_rows(shards, t), rank=shards.rank, world_size=shards.world_size)
+                   gather=lambda t: shards.gather_rows(t, "the rows of the (Q,Q) Gram route"), rank=shards.rank,
+                   world_size=shards.world_size)
 
 
 def gram_units(N: int, chunk: int, rank: int = 0, world_size: int = 1) -> list[tuple[int, int, int, int]]:
@@ -351,32 +350,6 @@ def head_inner_products(
     return {name: compute[name]() for name in blocks}
 
 
-def _digest(*tensors: Tensor) -> str:
-    """SHA-256 of the tensors' dtypes, shapes and bytes: equal on two ranks iff they hold the same weights."""
-    h = hashlib.sha256()
-    for t in tensors:
-        data = t.detach().to("cpu").contiguous()
-        h.update(f"{data.dtype}:{tuple(data.shape)};".encode())
-        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return h.hexdigest()
-
-
-def _gather_rows(shards: ShardGroup, t: Tensor) -> Tensor:
-    """Every rank's rows ``(n_r, m)`` concatenated in rank order, ``(Σ_r n_r, m)``: the counts by one all-reduce,
-    then one ``all_gather`` of the rows padded to ``max_r n_r`` (each rank receives ``(W − 1) max_r n_r m``
-    numbers; the all-reduce of a zero-padded ``(N, m)`` buffer would move about twice as much).
-    """
-    counts = t.new_zeros(shards.world_size, dtype=torch.float64, device=torch.device("cpu"))
-    counts[shards.rank] = float(t.shape[0])
-    sizes = [int(n) for n in shards.all_reduce_(counts, "the row counts of the (Q,Q) Gram route").tolist()]
-    device = shards._buffer_device(t.device)
-    buf = t.new_zeros((max(sizes), *t.shape[1:]), device=device)
-    buf[: t.shape[0]] = t.to(device)
-    parts = [torch.empty_like(buf) for _ in sizes]
-    shards._collective(lambda: dist.all_gather(parts, buf, group=shards.group), "the rows of the (Q,Q) Gram route")
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(t.device)
-
-
 def head_block_norms(
     X: Tensor, W_Q: Tensor, W_K: Tensor, W_V: Tensor, W_O: Tensor, G: Tensor, *, c: float,
     scale: float | None = None, causal: bool = False, blocks: Sequence[str] = HEAD_BLOCKS, chunk: int = 2048,
@@ -462,7 +435,7 @@ def head_block_norms(
         X3, W_Q, W_K, W_V, W_O, G3, c_val, kappa, names, chunk, tile = shards.run(
             lambda: checked(X, W_Q, W_K, W_V, W_O, G, chunk, tile), "checking each rank's head and sequences")
         shards.check_same((W_Q.shape, W_V.shape, W_O.shape, str(X3.dtype), c_val, kappa, causal, names, chunk, tile,
-                           squared, _digest(W_Q, W_K, W_V, W_O)),
+                           squared, tensor_checksum(W_Q, W_K, W_V, W_O)),
                           "the head's weights and the settings (shapes, dtype, c, scale, causal, blocks, chunk, tile)")
         if shards.total(X3.shape[0] * X3.shape[1], "the number of rows") == 0:
             raise EnergyInputError("`X` holds no tokens on any rank; give at least one rank a sequence.")

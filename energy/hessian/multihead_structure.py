@@ -32,7 +32,6 @@ a GQA-shared one ``diag 2c J_aᵀJ_a + Σ_h diag H_f^{(h)}``, ``O(N d_out p_a)``
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 from energy._validation import EnergyInputError
 from energy.hessian.attention_layer import loss_constant
 from energy.hessian.blocks import Part, _check_part
-from energy.hessian.distributed import ShardGroup, resolve_shards
+from energy.hessian.distributed import ShardGroup, resolve_shards, tensor_checksum
 from energy.hessian.moments import AttentionMoments, attention_jacobians
 from energy.hessian.multihead import (
     _LOCAL,
@@ -361,9 +360,9 @@ def _sharded_layer(shards: ShardGroup, layer: MultiHeadAttentionLayer, X: Tensor
         return layer.check_inputs(X, Y)[0]
 
     X3 = shards.run(check, "checking each rank's layer and sequences")
-    theta = layer.flat().detach().to("cpu").contiguous()
+    theta = layer.flat()
     shards.check_same((layer.param_blocks(), str(theta.dtype), layer.c, layer.reduction, layer.causal, layer.linear,
-                       layer.scale, hashlib.sha256(theta.view(torch.uint8).numpy().tobytes()).hexdigest()),
+                       layer.scale, tensor_checksum(theta)),
                       "the layer's weights and settings")
     B = shards.total(X3.shape[0], "the number of sequences")
     c0 = loss_constant(X3, layer.c, "sum", layer.d_out)

@@ -1,6 +1,7 @@
 """The README's memory model of one Hessian-vector product of a 7B LLaMA-shaped model under FSDP2 (bytes per rank).
 
-Usage: ``PYTHONPATH=. python tests/dist_scripts/sharded_memory_table.py`` prints the markdown tables. Every number comes from
+Usage: ``PYTHONPATH=. python tests/dist_scripts/sharded_memory_table.py`` prints the markdown tables. Every number
+comes from
 :mod:`energy.hessian.sharded` (``llama_parameter_count``, ``llama_activation_elements_per_token``,
 ``memory_model``, ``fd_step``, ``fd_error_model``); the double-backward factor and the implementation overhead are
 measured here (``saved_activation_bytes``) on a small float64 Hugging Face LLaMA with the 7B's ``f/d`` ratio.

@@ -13,7 +13,10 @@ shard_batches`) and every product ends with one all-reduce.
   process (``T₁``) and for two (``T₂``, rank 0's clock: every rank leaves the all-reduce together); the parallel
   efficiency ``T₁ / (2 T₂)`` (1 = perfect; target ≥ 0.8 at the largest width), the speed-up ``T₁ / T₂`` and the
   growth exponent of ``T₁`` in the parameter count (:func:`energy.hessian.sweep.fit_loglog_slope`). The products
-  of the two runs are compared too (``max_rel_diff``: they must agree to float32 rounding).
+  of the two runs are compared too (``max_rel_diff``: they must agree to float32 rounding). The machine's own
+  limit is measured alongside: the same two shards in two processes without a process group (no all-reduce),
+  ``T₁ / (2 T_indep)`` (``machine_limit``): on a shared machine it separates the library's overhead from the
+  machine's.
 
 Each configuration runs in fresh processes started by ``torch.multiprocessing`` (spawn) with one intra-op
 thread; the machine needs two idle cores for the numbers to mean anything (``cpus`` and the load average before
@@ -53,18 +56,24 @@ def _problem(width: int, quick: bool) -> tuple[Any, list]:
     return model, hf.synthetic_batches(model, batch=batch, seq_len=seq, num_batches=num_batches, seed=0)
 
 
-def _worker(rank: int, world: int, port: int, width: int, quick: bool, repeat: int, out: Any) -> None:
-    """One rank: build the operator on its shard, time ``repeat`` HVPs and Hutchinson estimates (after a warm-up)."""
+def _worker(rank: int, world: int, port: int, width: int, quick: bool, repeat: int, out: Any,
+            independent: bool = False) -> None:
+    """One rank: build the operator on its shard, time ``repeat`` HVPs and Hutchinson estimates (after a warm-up).
+
+    ``independent``: the ranks run on their shards without a process group (no all-reduce): the machine's own limit
+    for two processes sharing it.
+    """
     from energy.hessian import hf
     from energy.hessian.distributed import shard_batches
     from energy.hessian.estimators import hutchinson_trace
 
     torch.set_num_threads(1)
-    if world > 1:
+    shared = world > 1 and not independent
+    if shared:
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     model, data = _problem(width, quick)
-    H = hf.curvature_operator(model, shard_batches(data, rank, world), part="H", distributed=world > 1)
+    H = hf.curvature_operator(model, shard_batches(data, rank, world), part="H", distributed=shared)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
 
     def hutchinson() -> Any:
@@ -81,7 +90,7 @@ def _worker(rank: int, world: int, port: int, width: int, quick: bool, repeat: i
     if rank == 0:  # a file, not a pipe: the parent joins the ranks before it reads
         torch.save({"hvp_s": statistics.median(times["hvp"]), "hutchinson_s": statistics.median(times["hutchinson"]),
                     "num_params": H.shape[0], "Hv": Hv}, out)
-    if world > 1:
+    if shared:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -92,11 +101,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(world: int, width: int, quick: bool, repeat: int) -> dict[str, Any]:
+def _run(world: int, width: int, quick: bool, repeat: int, independent: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        mp.start_processes(_worker, args=(world, _free_port(), width, quick, repeat, out), nprocs=world, join=True,
-                           start_method="spawn")
+        mp.start_processes(_worker, args=(world, _free_port(), width, quick, repeat, out, independent), nprocs=world,
+                           join=True, start_method="spawn")
         return torch.load(out)  # type: ignore[no-any-return]
 
 
@@ -111,17 +120,21 @@ def bench_data_parallel(quick: bool) -> dict[str, Any]:
     for width in widths:
         r1 = _run(1, width, quick, repeat)
         r2 = _run(2, width, quick, repeat)
+        r_ind = _run(2, width, quick, repeat, independent=True)
         out["num_params"].append(r1["num_params"])
         one_hvp.append(r1["hvp_s"])
         a, b = r1["Hv"], r2["Hv"]
         out[f"d{width}_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
         for op in ("hvp", "hutchinson"):
             t1, t2 = r1[f"{op}_s"], r2[f"{op}_s"]
+            t_ind = r_ind[f"{op}_s"]
             out.update({f"d{width}_{op}_one_process_s": t1, f"d{width}_{op}_two_processes_s": t2,
-                        f"d{width}_{op}_speedup": t1 / t2, f"d{width}_{op}_efficiency": t1 / (2 * t2)})
+                        f"d{width}_{op}_speedup": t1 / t2, f"d{width}_{op}_efficiency": t1 / (2 * t2),
+                        f"d{width}_{op}_machine_limit": t1 / (2 * t_ind)})
     last = widths[-1]
     out["efficiency_hvp"] = out[f"d{last}_hvp_efficiency"]
     out["efficiency_hutchinson"] = out[f"d{last}_hutchinson_efficiency"]
+    out["machine_limit_hvp"] = out[f"d{last}_hvp_machine_limit"]
     out["ratio"] = out["efficiency_hvp"]
     fit = fit_loglog_slope(out["num_params"], one_hvp)
     out["exponent_one_process_hvp_in_params"] = fit.slope

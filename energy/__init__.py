@@ -48,7 +48,7 @@ from energy.normalization import (
     rmsnorm_projection,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     # errors and modes

@@ -61,6 +61,14 @@ from energy.hessian.block import (
     block_token_hessian,
     random_block,
 )
+from energy.hessian.distributed import (
+    InconsistentRanksError,
+    RankFailure,
+    ShardGroup,
+    all_reduce_sum,
+    init_from_env,
+    shard_batches,
+)
 from energy.hessian.energy_curvature import (
     attention_energy_hessian,
     autograd_energy_hessian,
@@ -108,6 +116,13 @@ from energy.hessian.twins import autograd_multihead_ggn, autograd_multihead_hess
 
 __all__ = [
     "DenseSizeError",
+    # MATH §6.1 data-parallel curvature
+    "ShardGroup",
+    "RankFailure",
+    "InconsistentRanksError",
+    "all_reduce_sum",
+    "init_from_env",
+    "shard_batches",
     # MATH §3 closed forms
     "PARAMS",
     "BLOCKS",

@@ -147,5 +147,5 @@ def test_parameter_checksum_sees_one_ulp():
 
 
 def test_all_reduce_sum_needs_a_group():
-    with pytest.raises(EnergyInputError, match="needs an initialised torch.distributed process group"):
+    with pytest.raises(EnergyInputError, match="all_reduce_sum needs an initialised torch.distributed process group"):
         all_reduce_sum(torch.ones(2))

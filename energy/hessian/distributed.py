@@ -279,7 +279,10 @@ def all_reduce_sum(t: Tensor, shards: ShardGroup | None = None) -> Tensor:
     ones. (``torch.distributed.nn.functional.all_reduce`` instead all-reduces the gradients too, which
     differentiates ``Σ_r φ`` — ``world_size`` times this objective.)
     """
-    return _ReplicatedSum.apply(t, shards or resolve_shards(True))  # type: ignore[no-any-return]
+    if shards is None and not (dist.is_available() and dist.is_initialized()):
+        raise EnergyInputError("all_reduce_sum needs an initialised torch.distributed process group (launch with "
+                               "torchrun and call torch.distributed.init_process_group() first) or `shards`.")
+    return _ReplicatedSum.apply(t, shards or ShardGroup())  # type: ignore[no-any-return]
 
 
 def tensor_checksum(*tensors: Tensor, names: Sequence[str] | None = None) -> str:

@@ -199,4 +199,5 @@ CASES: list[Case] = [
         (r"--json", r"(?i)is a directory", FIX)),
     cli("energy.hessian analyze:--data=missing", HA, lambda: [*ANALYZE, "--json", str(F.tmp() / "a.json"), "--data",
                                                              "/no/such/ids.pt"], (r"--data", FIX)),
+    cli("energy.hessian analyze:--timeout=0", HA, [*ANALYZE, "--timeout", "0"], (r"--timeout", FIX)),
 ]

@@ -10,6 +10,7 @@ suite.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -106,3 +107,21 @@ def describe(ranks: Sequence[Rank]) -> str:
     """Every rank's status and the tail of its output, for assertion messages."""
     return "\n".join(f"--- rank {r.rank}: rc={r.returncode} ({r.seconds:.1f} s)\n{r.stdout[-2000:]}\n"
                      f"{r.stderr[-4000:]}" for r in ranks)
+
+
+def outcomes(ranks: Sequence[Rank]) -> dict[int, str]:
+    """``{rank: "ok" | "<ExceptionType> <first line>"}`` from the workers' ``OUTCOME`` lines
+    (``tests/dist_scripts/_protocol.py``)."""
+    found = {}
+    for r in ranks:
+        m = re.search(r"^OUTCOME (\d+) (.*)$", r.stdout, re.M)
+        assert m, describe(ranks)
+        found[int(m.group(1))] = m.group(2)
+    return found
+
+
+def run_checked(script: str, mode: str, out: Path, *, timeout: float = 90.0, world_size: int = 2) -> list[Rank]:
+    """``run_ranks(script, world_size, [mode, out])``, failing the test (with every rank's output) on a hang."""
+    ranks = run_ranks(script, world_size, [mode, str(out)], timeout=timeout)
+    assert not any(r.timed_out for r in ranks), describe(ranks)
+    return ranks

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist import describe, run_ranks
+from _dist import describe, outcomes, run_checked
 from dist_scripts import _problems as P
 
 from energy._validation import EnergyInputError
@@ -36,18 +36,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _run(mode: str, out: Path, timeout: float = 90.0) -> list:
-    ranks = run_ranks("dp_worker.py", 2, [mode, str(out)], timeout=timeout)
-    assert not any(r.timed_out for r in ranks), describe(ranks)
-    return ranks
-
-
-def _outcomes(ranks: list) -> dict[int, str]:
-    found = {}
-    for r in ranks:
-        m = re.search(r"^OUTCOME (\d+) (.*)$", r.stdout, re.M)
-        assert m, describe(ranks)
-        found[int(m.group(1))] = m.group(2)
-    return found
+    return run_checked("dp_worker.py", mode, out, timeout=timeout)
 
 
 def _compare(dist_res: dict, ref: dict) -> dict[str, float]:
@@ -106,7 +95,7 @@ def test_second_derivative_through_the_reduced_gradient(tmp_path):
 )
 def test_faults_stop_every_rank_with_a_message(tmp_path, mode, rank1, rank0):
     ranks = _run(mode, tmp_path / "r.pt", timeout=60)
-    outcome = _outcomes([r for r in ranks if mode != "exit" or r.rank == 0])
+    outcome = outcomes([r for r in ranks if mode != "exit" or r.rank == 0])
     assert all(r.returncode not in (0, None) for r in ranks), describe(ranks)
     assert re.match(rank0, outcome[0]), describe(ranks)
     if rank1 is not None:

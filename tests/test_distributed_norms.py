@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _dist import describe, run_ranks
+from _dist import describe, outcomes, run_checked
 from dist_scripts import _norms_problems as P
 
 from energy._validation import EnergyInputError
@@ -26,19 +26,8 @@ from energy.hessian.head_norms import HEAD_BLOCKS, RowShards, gram_units, head_b
 TOL = 1e-12
 
 
-def _run(mode: str, out: Path, timeout: float = 60.0) -> list:
-    ranks = run_ranks("norms_worker.py", 2, [mode, str(out)], timeout=timeout)
-    assert not any(r.timed_out for r in ranks), describe(ranks)
-    return ranks
-
-
-def _outcomes(ranks: list) -> dict[int, str]:
-    found = {}
-    for r in ranks:
-        m = re.search(r"^OUTCOME (\d+) (.*)$", r.stdout, re.M)
-        assert m, describe(ranks)
-        found[int(m.group(1))] = m.group(2)
-    return found
+def _run(mode: str, out: Path, timeout: float = 90.0) -> list:
+    return run_checked("norms_worker.py", mode, out, timeout=timeout)
 
 
 def _rel(a: torch.Tensor | float, b: torch.Tensor | float) -> float:
@@ -106,7 +95,7 @@ def test_block_hessians_and_multihead_diagonals_equal_one_process(tmp_path):
 )
 def test_a_bad_rank_stops_every_rank_with_a_message(tmp_path, mode, rank1, rank0):
     ranks = _run(mode, tmp_path / "r.pt", timeout=40)
-    outcome = _outcomes(ranks)
+    outcome = outcomes(ranks)
     assert all(r.returncode not in (0, None) for r in ranks), describe(ranks)
     assert re.match(rank0, outcome[0]), describe(ranks)
     assert re.match(rank1, outcome[1]), describe(ranks)

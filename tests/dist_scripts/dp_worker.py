@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from energy.hessian.curvature_operators import HessianOperator
 from energy.hessian.distributed import all_reduce_sum, shard_batches
 from energy.hessian.estimators import hutchinson_trace
 from tests.dist_scripts import _problems as P
+from tests.dist_scripts._protocol import run_rank
 
 
 def _equal(rank: int, world: int) -> dict:
@@ -81,28 +80,16 @@ def _fault(mode: str, rank: int, world: int) -> None:
 
 def main() -> int:
     mode, out = sys.argv[1], sys.argv[2]
-    timeout = 4.0 if mode == "hang" else 60.0
-    dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    try:
+
+    def body(rank: int, world: int) -> None:
         if mode in ("equal", "hf", "second_order"):
             res = {"equal": _equal, "hf": _hf, "second_order": _second_order}[mode](rank, world)
             if rank == 0:
                 torch.save(res, out)
         else:
             _fault(mode, rank, world)
-    except Exception as exc:  # the test reads every rank's outcome
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"OUTCOME {rank} {type(exc).__name__} {first}", flush=True)
-        print(f"SECONDS {rank} {time.perf_counter() - t0:.2f}", flush=True)
-        sys.stderr.flush()
-        os._exit(1)  # as the analyze CLI does: no teardown of gloo's threads after a peer left (it can abort)
-    print(f"OUTCOME {rank} ok", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+
+    return run_rank(body, timeout=4.0 if mode == "hang" else 60.0)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ NaN), ``weights`` (rank 1's ``W_Q`` differs by one ulp), ``block_nan`` (a NaN in
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from energy.hessian.block import block_hessian
 from energy.hessian.head_norms import HEAD_BLOCKS, head_block_norms
 from tests.dist_scripts import _norms_problems as P
+from tests.dist_scripts._protocol import run_rank
 
 
 def _fault(mode: str, rank: int, world: int) -> None:
@@ -65,10 +64,8 @@ def _time(rank: int, world: int, d: int, k: int, L: int, B: int, repeat: int, ch
 
 def main() -> int:
     mode, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    try:
+
+    def body(rank: int, world: int) -> None:
         if mode == "heads":
             torch.save(P.head_results(rank, world, distributed=True), f"{out}.{rank}")
         elif mode == "blocks":
@@ -81,15 +78,8 @@ def main() -> int:
                 torch.save(res, out)
         else:
             _fault(mode, rank, world)
-    except Exception as exc:  # the test reads every rank's outcome
-        first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"OUTCOME {rank} {type(exc).__name__} {first}", flush=True)
-        sys.stderr.flush()
-        os._exit(1)  # no teardown of gloo's threads after a peer left (it can abort)
-    print(f"OUTCOME {rank} ok", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+
+    return run_rank(body, timeout=30.0)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -129,7 +130,7 @@ def test_to_json_holds_every_field():
     assert all(s["guarantee"] in GUARANTEE_KINDS for s in out["steps"])
     assert "energy_per_layer_per_example" not in json.loads(cert.to_json(per_example=False))
     assert isinstance(cert, Certificate) and math.isfinite(out["max_rel_violation"])
-    with pytest.raises(Exception):  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cert.violations = 3  # type: ignore[misc]
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from energy._validation import EnergyInputError, check_positive_int
 from unfold.certificate import Certificate, descent_certificate
 from unfold.presets import UnrolledClassifier, yang2022
+from unfold.recurrent import RecurrentUnrolled
 from unfold.unroller import Unrolled
 
 __all__ = ["FamilySpec", "FAMILIES", "build_classifier", "descent_certificate", "Certificate", "family_names",
@@ -103,6 +104,28 @@ def _build_learned(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **
     return _classifier(_schedule(att, ffn, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
 
 
+def _build_sphere(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    att: dict[str, Any] = {"heads": heads, "alpha": o["eta"]}
+    ffn: dict[str, Any] = {}
+    if o["learn_steps"]:
+        att.update(learn_alpha=True, alpha_range=(0.05, 1.0))
+        ffn.update(learn_alpha=True, alpha_range=(0.05, 1.0 / 1.95), alpha=0.5)
+    schedule = [("sphere_attention", att), ("sphere_ffn", ffn)]
+    return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
+
+
+def _build_recurrent(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    att = {**_heads_kwargs(heads, True), "fused": o["fused"]}
+    body = RecurrentUnrolled(_schedule(att, {}, o["relu"]), depth, d, tol=o["tol"], min_depth=o["min_depth"])
+    return UnrolledClassifier(body, d_in=d_in, n_classes=n_outputs)
+
+
+def _build_energy_ffn(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    att = {**_heads_kwargs(heads, True), "fused": o["fused"]}
+    mlp = {"hidden": o["hidden"], "activation": o["activation"], "alpha": o["omega"]}
+    return _classifier([("attention", att), ("energy_ffn", mlp)], depth, d, d_in, n_outputs, o["tied"])
+
+
 _COMMON = {"relu": True, "fused": True}
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -143,6 +166,25 @@ FAMILIES: dict[str, FamilySpec] = {
             f"α ∈ {FFN_RANGE} ⊂ (0, 2/1.95) (MATH §7.3).",
             True, {**_COMMON, "tied": True, "att_range": ATTENTION_RANGE, "ffn_range": FFN_RANGE,
                    "alpha_att": 1.0, "alpha_ffn": 0.9}, _build_learned),
+        FamilySpec(
+            "sphere",
+            "hyperspherical: tokens on ‖y_i‖ = √d, attention and FFN as normalised MM steps (Hyper-SET-like).",
+            "attention: MM step on the sphere with η ∈ (0, 1], any heads (μ_i = Σ_h D^h_ii λ_max(W_h)); FFN: "
+            "normalised gradient step, α ∈ (0, 1/1.95] (MATH §7.5); the first step projects onto the sphere.",
+            True, {"tied": True, "eta": 1.0, "learn_steps": False}, _build_sphere),
+        FamilySpec(
+            "recurrent",
+            "one weight-tied layer iterated until the energy's relative decrease falls below tol (depth = max).",
+            "every step as yang2022 with orthogonal heads; the stopping rule reports the depth used per input "
+            "(MATH §7.6).",
+            True, {**_COMMON, "tol": 1e-3, "min_depth": 1}, _build_recurrent),
+        FamilySpec(
+            "energy_ffn",
+            "attention step + a two-matrix FFN with tied W_2 = Wᵀ and skip, the gradient step of an anchored energy.",
+            "attention: exact MM step (MATH §1.1); FFN: gradient step with α = ω·2/L, L = 1 + s₋‖W‖₂² computed from "
+            "the weights (relu/sigmoid: L = 1; gelu: a bound) (MATH §7.4).",
+            True, {"fused": True, "tied": True, "hidden": None, "activation": "relu", "omega": 0.5},
+            _build_energy_ffn),
     )
 }
 

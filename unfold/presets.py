@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_real, check_tensor
+from unfold.recurrent import RecurrentUnrolled
 from unfold.standard import (  # noqa: F401 - re-exported for compatibility
     GPT2Config,
     GPT2Decoder,
@@ -134,6 +135,9 @@ _BODY_BUILDERS: dict[str, Any] = {}
 def register_body_builder(name: str, from_config: Any) -> None:
     """Make ``UnrolledClassifier.from_config`` rebuild bodies whose class sets ``BUILDER = name``."""
     _BODY_BUILDERS[name] = from_config
+
+
+register_body_builder(RecurrentUnrolled.BUILDER, RecurrentUnrolled.from_config)
 
 
 def yang2022(

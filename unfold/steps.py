@@ -227,6 +227,13 @@ class AttentionStep(Step):
             lambda Yc, mc: core_att.head_energy(Yc, t["M"], t["kappa"], self.kernel, 0.0, mc).sum(-1),
             Y, None, self.heads)
 
+    def rounding_scale(self, Y: Tensor) -> float:
+        r"""``½·n·h``: the energy is :math:`-\tfrac12(\sum_{ij}\gamma_{ij} - \sum_i\gamma_{ii})` per head
+        (:func:`energy.core.attention.gaussian_energy`), so its rounding is relative to the diagonal's ``n`` ones,
+        not to the (possibly tiny) result.
+        """
+        return 0.5 * Y.shape[-2] * self.heads
+
 
 # ------------------------------------------------------------------------------------------------------------- FFN
 
@@ -563,3 +570,10 @@ STEP_TYPES: dict[str, type[Step]] = {
     for cls in (AttentionStep, FFNStep, TiedReLUFFNStep, ReLUProjection, LayerNormProjection, RMSNormProjection,
                 HopfieldStep, EnergyTransformerStep)
 }
+
+# the steps of other modules join the vocabulary here, so that every model file can be rebuilt after importing the
+# unroller (these modules import this one; the names they need are defined above)
+from unfold.energy_ffn import EnergyMLPStep  # noqa: E402
+from unfold.sphere import SphereAttentionStep, SphereFFNStep  # noqa: E402
+
+STEP_TYPES.update({cls.kind: cls for cls in (SphereAttentionStep, SphereFFNStep, EnergyMLPStep)})

@@ -188,7 +188,7 @@ def test_energy_mlp_step_descends_for_every_weight(seed, activation, omega, scal
 def test_energy_mlp_limit_is_detected():
     """ω ≥ 1 leaves the descent lemma's range: warned, unguaranteed, and (ω = 1.9 on a quadratic well) increasing."""
     with pytest.warns(StepSizeWarning):
-        body = Unrolled([("energy_ffn", {"alpha": 1.9, "hidden": 3})], 1, 4).double()
+        body = Unrolled([("tied_mlp", {"alpha": 1.9, "hidden": 3})], 1, 4).double()
     with torch.no_grad():
         body.layer(0)[0].W.zero_()  # E = ½‖y − b‖²: α = 3.8 overshoots by a factor 2.8
     with pytest.warns(StepSizeWarning):

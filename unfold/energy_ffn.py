@@ -165,7 +165,7 @@ class EnergyMLPStep(Step):
         init_std: std of the entries of ``W`` (default ``1/√(d + m)``).
     """
 
-    kind = "energy_ffn"
+    kind = "tied_mlp"
     term = "E_mlp"
 
     def __init__(self, d: int, *, hidden: int | None = None, activation: str = "relu", alpha: float = 0.5,

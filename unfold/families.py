@@ -64,7 +64,8 @@ def _heads_kwargs(heads: int, orthogonal: bool) -> dict[str, Any]:
 def _yang(d_in: int, d: int, depth: int, heads: int, n_outputs: int, o: dict[str, Any], *, tied: bool,
           orthogonal: bool, normalization: str | None = None) -> UnrolledClassifier:
     return yang2022(d, depth, relu=o["relu"], d_in=d_in, n_classes=n_outputs, tied=tied, fused=o["fused"],
-                    normalization=normalization, norm_eps=1e-5, **_heads_kwargs(heads, orthogonal))
+                    normalization=normalization, norm_eps=1e-5, spectrum_map=o["spectrum_map"],
+                    **_heads_kwargs(heads, orthogonal))
 
 
 def _build_yang2022(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
@@ -94,19 +95,21 @@ def _classifier(schedule: list[Any], depth: int, d: int, d_in: int, n_outputs: i
 
 def _build_general(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att = {"heads": heads, "fused": o["fused"], "backtrack": o["backtrack"]}
-    return _classifier(_schedule(att, {}, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
+    ffn = {"spectrum_map": o["spectrum_map"]}
+    return _classifier(_schedule(att, ffn, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
 
 
 def _build_learned(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att = {**_heads_kwargs(heads, True), "fused": o["fused"], "learn_alpha": True, "alpha_range": o["att_range"],
            "alpha": o["alpha_att"]}
-    ffn = {"learn_alpha": True, "alpha_range": o["ffn_range"], "alpha": o["alpha_ffn"]}
+    ffn = {"learn_alpha": True, "alpha_range": o["ffn_range"], "alpha": o["alpha_ffn"],
+           "spectrum_map": o["spectrum_map"]}
     return _classifier(_schedule(att, ffn, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
 
 
 def _build_sphere(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att: dict[str, Any] = {"heads": heads, "alpha": o["eta"]}
-    ffn: dict[str, Any] = {}
+    ffn: dict[str, Any] = {"spectrum_map": o["spectrum_map"]}
     if o["learn_steps"]:
         att.update(learn_alpha=True, alpha_range=(0.05, 1.0))
         ffn.update(learn_alpha=True, alpha_range=(0.05, 1.0 / 1.95), alpha=0.5)
@@ -116,17 +119,21 @@ def _build_sphere(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o
 
 def _build_recurrent(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att = {**_heads_kwargs(heads, True), "fused": o["fused"]}
-    body = RecurrentUnrolled(_schedule(att, {}, o["relu"]), depth, d, tol=o["tol"], min_depth=o["min_depth"])
+    ffn = {"spectrum_map": o["spectrum_map"]}
+    body = RecurrentUnrolled(_schedule(att, ffn, o["relu"]), depth, d, tol=o["tol"], min_depth=o["min_depth"])
     return UnrolledClassifier(body, d_in=d_in, n_classes=n_outputs)
 
 
 def _build_energy_ffn(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att = {**_heads_kwargs(heads, True), "fused": o["fused"]}
     mlp = {"hidden": o["hidden"], "activation": o["activation"], "alpha": o["omega"]}
-    return _classifier([("attention", att), ("energy_ffn", mlp)], depth, d, d_in, n_outputs, o["tied"])
+    return _classifier([("attention", att), ("tied_mlp", mlp)], depth, d, d_in, n_outputs, o["tied"])
 
 
-_COMMON = {"relu": True, "fused": True}
+#: options every family with a yang2022-style FFN step has; the new families use the smooth spectrum map (every
+#: eigen-direction of W_f keeps a gradient, MATH §7.3), the paper's two keep the reference code's clip
+_COMMON = {"relu": True, "fused": True, "spectrum_map": "smooth"}
+_PAPER = {"relu": True, "fused": True, "spectrum_map": "clip"}
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -137,12 +144,12 @@ FAMILIES: dict[str, FamilySpec] = {
             "attention: exact MM step, α = 1 ∈ (0, 2) (MATH §1.1(a), one head; several heads are general heads, "
             "no guarantee, MATH §1.2); FFN + ReLU: projected gradient step on E_ffn + ι_{≥0}, α = 1 < 2/1.95 "
             "(MATH §1.3).",
-            True, dict(_COMMON), _build_yang2022),
+            True, dict(_PAPER), _build_yang2022),
         FamilySpec(
             "yang2022_ln",
             "yang2022 plus a LayerNorm projection (no affine, eps 1e-5) at the end of every layer.",
             "attention: as yang2022; FFN + ReLU + LayerNorm: none (projection onto a non-convex set, MATH §1.4).",
-            False, dict(_COMMON), _build_yang2022_ln),
+            False, dict(_PAPER), _build_yang2022_ln),
         FamilySpec(
             "untied",
             "yang2022 with one set of weights per layer (several heads: orthogonal heads).",
@@ -171,7 +178,7 @@ FAMILIES: dict[str, FamilySpec] = {
             "hyperspherical: tokens on ‖y_i‖ = √d, attention and FFN as normalised MM steps (Hyper-SET-like).",
             "attention: MM step on the sphere with η ∈ (0, 1], any heads (μ_i = Σ_h D^h_ii λ_max(W_h)); FFN: "
             "normalised gradient step, α ∈ (0, 1/1.95] (MATH §7.5); the first step projects onto the sphere.",
-            True, {"tied": True, "eta": 1.0, "learn_steps": False}, _build_sphere),
+            True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth"}, _build_sphere),
         FamilySpec(
             "recurrent",
             "one weight-tied layer iterated until the energy's relative decrease falls below tol (depth = max).",

@@ -325,8 +325,7 @@ def test_bounded_learnable_alpha_and_backtracking_options():
         FFNStep(4, spectrum=None, alpha=0.5, alpha_range=(0.1, 1.0))
     with pytest.raises(EnergyInputError, match=r"backtrack"):
         FFNStep(4, backtrack=-1)
-    with pytest.warns(StepSizeWarning):
-        bad = AttentionStep(6, heads=2, alpha=30.0, fused=False).double()
+    bad = AttentionStep(6, heads=2, alpha=30.0, fused=False).double()  # general heads: no range (warns in forwards)
     good = AttentionStep(6, heads=2, alpha=30.0, fused=False, backtrack=5).double()
     good.load_state_dict(bad.state_dict())
     Y = torch.randn(4, 5, 6, dtype=DT) * 2

@@ -13,8 +13,8 @@ and resumes from an existing checkpoint of the same run) and writes the trained 
 instead of ``--preset`` (family options as ``--option KEY=VALUE``, the value read as JSON, e.g. ``tied=false``);
 after training the descent certificate (:func:`unfold.certificate.descent_certificate`) on the probe inputs is
 summarised, and written as JSON with ``--certificate``. ``trace`` loads such a model (or builds a fresh preset),
-runs the forward pass with ``trace=True`` on test inputs of the task and prints the mean of every energy term at every state
-(and optionally plots the per-layer total energy with :func:`unfold.plot_trace`).
+runs the forward pass with ``trace=True`` on test inputs of the task and prints the mean of every energy term at
+every state (and optionally plots the per-layer total energy with :func:`unfold.plot_trace`).
 
 Installed as the console script ``unfold``. Every output path (``--save``, ``--checkpoint``, ``--json``, ``--plot``)
 is checked writable before anything is computed. With ``trace --model`` the model file fixes the architecture and

@@ -112,3 +112,15 @@ def test_certified_families_never_increase_a_guaranteed_term(seed, b, n, heads, 
     X = _X(seed, b=b, n=n) * 3.0
     cert = descent_certificate(model, X, rtol=1e-12)
     assert cert.certified, cert.summary()
+
+
+@given(seed=st.integers(0, 2**16), heads=st.sampled_from([2, 4, 8]), eta=st.floats(0.05, 1.95))
+def test_general_heads_with_the_computed_bound_are_certified(seed, heads, eta):
+    model = _model("general_heads", seed=seed, heads=heads, mode="bound", eta=eta)
+    cert = descent_certificate(model, _X(seed) * 3.0, rtol=1e-12)
+    assert cert.certified and {e.guarantee for e in cert.steps} == {"bound", "gradient"}
+
+
+def test_general_heads_mode_must_be_known():
+    with pytest.raises(EnergyInputError, match=r"`mode` must be 'backtrack' or 'bound'"):
+        build_classifier("general_heads", d_in=3, d=8, depth=1, heads=2, n_outputs=2, mode="exact")

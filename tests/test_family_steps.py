@@ -26,7 +26,13 @@ from unfold.energy_ffn import (
     mlp_grad,
 )
 from unfold.recurrent import RecurrentUnrolled
-from unfold.sphere import SphereAttentionStep, SphereFFNStep, attention_grad_and_curvature, head_lambda_max
+from unfold.sphere import (
+    BoundedAttentionStep,
+    SphereAttentionStep,
+    SphereFFNStep,
+    attention_grad_and_curvature,
+    head_lambda_max,
+)
 from unfold.unroller import Unrolled
 
 f64 = torch.float64
@@ -269,3 +275,39 @@ def test_ffn_energy_used_by_the_sphere_step_is_the_projects():
     step = SphereFFNStep(4).double()
     Y = torch.randn(2, 3, 4, dtype=f64)
     torch.testing.assert_close(step.energy_at(step.prepare(), Y), FFNEnergy(step.W_f, step.b).energy(Y))
+
+
+# ------------------------------------------------------------------------------- general heads, computed bound (§7.2)
+
+
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 6), heads=st.sampled_from([1, 2, 3]), eta=st.floats(0.01, 1.99),
+       scale=st.sampled_from([0.5, 1.0, 4.0]))
+def test_bounded_attention_step_descends_for_any_heads(seed, n, heads, eta, scale):
+    torch.manual_seed(seed)
+    step = BoundedAttentionStep(6, heads=heads, k=3, alpha=eta, init_std=scale).double()
+    Y = torch.randn(2, n, 6, dtype=f64, generator=_gen(seed)) * 2
+    p = step.prepare()
+    E0, E1 = step.energy_at(p, Y), step.energy_at(p, step.forward_prepared(p, Y))
+    assert bool((E1 <= E0 + 1e-12 * E0.abs().clamp_min(step.rounding_scale(Y))).all())
+
+
+def test_bounded_attention_step_is_the_preconditioned_gradient_step():
+    """Y⁺ = Y − η ∇E/μ with the project's ∇E_att (autograd of AttentionEnergy) and μ from its parts."""
+    torch.manual_seed(1)
+    step = BoundedAttentionStep(5, heads=2, k=2, alpha=0.7).double()
+    Y = torch.randn(3, 4, 5, dtype=f64)
+    E = MultiHeadAttentionEnergy(step.M.detach())
+    grad = torch.func.grad(lambda Z: E.energy(Z).sum())(Y)
+    _, mu = attention_grad_and_curvature(Y, step.M.detach(), 1 / math.sqrt(2))
+    torch.testing.assert_close(step(Y), Y - 0.7 * grad / mu[..., None], rtol=1e-12, atol=1e-12)
+
+
+def test_bounded_attention_limit_is_detected():
+    """η = 2 is the descent lemma's edge: beyond it (η = 6) the certificate reports unguaranteed increases."""
+    torch.manual_seed(2)
+    with pytest.warns(StepSizeWarning):
+        body = Unrolled([("bounded_attention", {"heads": 2, "alpha": 6.0, "init_std": 0.3})], 2, 6).double()
+        cert = descent_certificate(body, torch.randn(16, 5, 6, dtype=f64) * 0.5)
+    assert all(e.guarantee == "none" for e in cert.steps) and cert.unguaranteed_increases > 0
+    with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*\(0, 2\)"):
+        BoundedAttentionStep(6, heads=2, alpha_range=(0.1, 2.5))

@@ -94,8 +94,15 @@ def _classifier(schedule: list[Any], depth: int, d: int, d_in: int, n_outputs: i
 
 
 def _build_general(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
-    att = {"heads": heads, "fused": o["fused"], "backtrack": o["backtrack"]}
     ffn = {"spectrum_map": o["spectrum_map"]}
+    if o["mode"] == "bound":
+        att: Any = ("bounded_attention", {"heads": heads, "alpha": o["eta"]})
+        schedule = [att, ("ffn", ffn)] + (["relu"] if o["relu"] else [])
+        return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
+    if o["mode"] != "backtrack":
+        raise EnergyInputError(f"family 'general_heads': option `mode` must be 'backtrack' or 'bound', got "
+                               f"{o['mode']!r}.")
+    att = {"heads": heads, "fused": o["fused"], "backtrack": o["backtrack"]}
     return _classifier(_schedule(att, ffn, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
 
 
@@ -163,9 +170,11 @@ FAMILIES: dict[str, FamilySpec] = {
             True, {**_COMMON, "tied": True}, _build_orthogonal),
         FamilySpec(
             "general_heads",
-            "several unconstrained heads; the attention step backtracks on its energy (α halved ≤ K times).",
-            "attention: backtracking, E_att(Y⁺) ≤ E_att(Y) enforced per input (MATH §7.2); FFN + ReLU as yang2022.",
-            True, {**_COMMON, "tied": True, "backtrack": 4}, _build_general),
+            "several unconstrained heads: the attention step backtracks on its energy (mode='backtrack', α halved "
+            "≤ K times) or takes the per-token majoriser step (mode='bound').",
+            "attention: backtracking, E_att(Y⁺) ≤ E_att(Y) enforced per input, or a step η ∈ (0, 2) of the per-token "
+            "curvature bound μ_i = Σ_h D^h_ii λ_max(W_h) (MATH §7.2); FFN + ReLU as yang2022.",
+            True, {**_COMMON, "tied": True, "mode": "backtrack", "backtrack": 4, "eta": 1.0}, _build_general),
         FamilySpec(
             "learned_steps",
             "learnable step sizes α = lo + (hi − lo)σ(a) inside the guaranteed ranges (orthogonal heads).",

@@ -1,4 +1,5 @@
-r"""Hyperspherical steps: normalisation as a constraint of the energy (MATH §7.5; in the spirit of Hyper-SET).
+r"""Steps from a per-token majoriser of the attention energy: hyperspherical steps (normalisation as a constraint of
+the energy, MATH §7.5; in the spirit of Hyper-SET) and the general-heads step with a computed bound (MATH §7.2).
 
 Tokens live on the sphere :math:`\|y_i\| = r` (``r = √d``, the radius of RMSNorm). For an energy :math:`E` whose
 curvature along each token is bounded by :math:`\mu_i` at :math:`X` (a per-token majoriser),
@@ -22,6 +23,11 @@ good as :math:`X`). ``η < 1`` uses the larger curvature :math:`\mu_i/η`, also 
 
 The steps are not affine in the step size (the normalisation), so they do not backtrack; their ranges are exact.
 A token with :math:`x_i - \eta g_i/\mu_i = 0` has a constant bound on the sphere and stays where it is.
+
+Without the sphere the same bound gives :class:`BoundedAttentionStep`, a gradient step preconditioned per token by
+the majoriser's curvature, :math:`y_i^+ = y_i - \eta\, g_i/\mu_i`, which descends for :math:`\eta \in (0, 2)`
+(descent lemma: :math:`E(Y^+) \le E(Y) - \sum_i \eta(1 - \eta/2)\|g_i\|^2/\mu_i`) for any heads: the computed step
+bound for general (non-orthogonal) heads.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ from energy.kernels import GaussianKernel
 from unfold.step_base import Prepared
 from unfold.steps import AttentionStep, FFNStep
 
-__all__ = ["SphereAttentionStep", "SphereFFNStep", "sphere_normalize", "sphere_attention_step",
-           "attention_grad_and_curvature", "head_lambda_max"]
+__all__ = ["SphereAttentionStep", "SphereFFNStep", "BoundedAttentionStep", "sphere_normalize",
+           "sphere_attention_step", "bounded_attention_step", "attention_grad_and_curvature", "head_lambda_max"]
 
 _GAUSSIAN = GaussianKernel()
 
@@ -71,6 +77,16 @@ def sphere_attention_step(Y: Tensor, M: Tensor, kappa: float | Tensor, eta: floa
     """
     grad, mu = attention_grad_and_curvature(Y, M, kappa)
     return sphere_normalize(Y - eta * grad / mu.unsqueeze(-1), Y, radius)
+
+
+def bounded_attention_step(Y: Tensor, M: Tensor, kappa: float | Tensor, eta: float | Tensor) -> Tensor:
+    r"""The general-heads attention step with a computed bound (MATH §7.2), ``(..., n, d)``.
+
+    .. math:: Y^+ = Y - \eta\,\mathrm{diag}(\mu)^{-1}\nabla E_{att}(Y),\qquad
+        \mu_i = \sum_h D^h_{ii}\lambda_{\max}(W_h),\qquad \eta \in (0, 2).
+    """
+    grad, mu = attention_grad_and_curvature(Y, M, kappa)
+    return Y - eta * grad / mu.unsqueeze(-1)
 
 
 def attention_grad_and_curvature(Y: Tensor, M: Tensor, kappa: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -150,6 +166,53 @@ class SphereAttentionStep(_OnSphere, AttentionStep):
         return sphere_attention_step(Y, t["M"], t["kappa"], self._alpha(), self.radius)
 
     def forward_prepared_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.forward_prepared(prepared, Y), None
+
+
+class BoundedAttentionStep(AttentionStep):
+    r"""Attention as a gradient step preconditioned by the per-token curvature of its majoriser (MATH §7.2): for
+    any heads (orthogonal or not), ``alpha = η ∈ (0, 2)`` descends (module docstring). Gaussian kernel.
+
+    Args:
+        d: token width.
+        heads: heads.
+        alpha: ``η`` (default 1).
+        **kwargs: ``k``, ``scale``, ``orthogonal_heads``, ``learn_alpha``, ``alpha_range``, ``backtrack``,
+            ``init_std`` of :class:`~unfold.steps.AttentionStep`.
+    """
+
+    kind = "bounded_attention"
+    guarantee_kind = "bound"
+
+    def __init__(self, d: int, *, heads: int = 1, alpha: float = 1.0, **kwargs: Any) -> None:
+        for bad in ("kernel", "kernel_kwargs", "preconditioner", "fused"):
+            if bad in kwargs:
+                raise EnergyInputError(f"the bounded_attention step has no option `{bad}` (Gaussian kernel, its own "
+                                       "preconditioner); drop it.")
+        super().__init__(d, heads=heads, alpha=alpha, fused=False, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        for key in ("kernel", "kernel_kwargs", "preconditioner", "fused"):
+            out.pop(key)
+        return out
+
+    def guaranteed_range(self) -> StepRange:
+        return StepRange(0.0, 2.0, "MATH §7.2: η ∈ (0, 2) for the per-token curvature bound μ_i = Σ_h D^h_ii "
+                                   "λ_max(W_h) of the attention majoriser (any heads), computed at every forward")
+
+    def _range_of(self, energy: Energy) -> StepRange:
+        return self.guaranteed_range()
+
+    def _tensors(self) -> dict[str, Any]:
+        return {"M": self.M, "kappa": core_att.kappa(self.scale, self.k)}
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        return bounded_attention_step(Y, t["M"], t["kappa"], self._alpha())
+
+    def forward_prepared_and_energy(self, prepared: Prepared, Y: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.backtrack:
+            return super().forward_prepared_and_energy(prepared, Y)
         return self.forward_prepared(prepared, Y), None
 
 

@@ -306,7 +306,7 @@ def test_bounded_attention_limit_is_detected():
     """η = 2 is the descent lemma's edge: beyond it (η = 6) the certificate reports unguaranteed increases."""
     torch.manual_seed(2)
     with pytest.warns(StepSizeWarning):
-        body = Unrolled([("bounded_attention", {"heads": 2, "alpha": 6.0, "init_std": 0.3})], 2, 6).double()
+        body = Unrolled([("majorised_attention", {"heads": 2, "alpha": 6.0, "init_std": 0.3})], 2, 6).double()
         cert = descent_certificate(body, torch.randn(16, 5, 6, dtype=f64) * 0.5)
     assert all(e.guarantee == "none" for e in cert.steps) and cert.unguaranteed_increases > 0
     with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*\(0, 2\)"):

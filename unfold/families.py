@@ -96,7 +96,7 @@ def _classifier(schedule: list[Any], depth: int, d: int, d_in: int, n_outputs: i
 def _build_general(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     ffn = {"spectrum_map": o["spectrum_map"]}
     if o["mode"] == "bound":
-        att: Any = ("bounded_attention", {"heads": heads, "alpha": o["eta"]})
+        att: Any = ("majorised_attention", {"heads": heads, "alpha": o["eta"]})
         schedule = [att, ("ffn", ffn)] + (["relu"] if o["relu"] else [])
         return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
     if o["mode"] != "backtrack":

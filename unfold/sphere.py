@@ -181,13 +181,13 @@ class BoundedAttentionStep(AttentionStep):
             ``init_std`` of :class:`~unfold.steps.AttentionStep`.
     """
 
-    kind = "bounded_attention"
+    kind = "majorised_attention"
     guarantee_kind = "bound"
 
     def __init__(self, d: int, *, heads: int = 1, alpha: float = 1.0, **kwargs: Any) -> None:
         for bad in ("kernel", "kernel_kwargs", "preconditioner", "fused"):
             if bad in kwargs:
-                raise EnergyInputError(f"the bounded_attention step has no option `{bad}` (Gaussian kernel, its own "
+                raise EnergyInputError(f"the majorised_attention step has no option `{bad}` (Gaussian kernel, its own "
                                        "preconditioner); drop it.")
         super().__init__(d, heads=heads, alpha=alpha, fused=False, **kwargs)
 

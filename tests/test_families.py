@@ -124,3 +124,16 @@ def test_general_heads_with_the_computed_bound_are_certified(seed, heads, eta):
 def test_general_heads_mode_must_be_known():
     with pytest.raises(EnergyInputError, match=r"`mode` must be 'backtrack' or 'bound'"):
         build_classifier("general_heads", d_in=3, d=8, depth=1, heads=2, n_outputs=2, mode="exact")
+
+
+@given(seed=st.integers(0, 2**16), a=st.floats(0.0, 1.9), w=st.floats(0.05, 0.1), b=st.floats(0.0, 0.9),
+       v=st.floats(0.05, 0.12))
+def test_learned_steps_with_any_range_inside_the_guarantee_are_certified(seed, a, w, b, v):
+    """Property: every interval inside (0, 2) (attention) and (0, 2/1.95) (FFN) is accepted and certified."""
+    att, ffn = (a, min(a + w, 2.0)), (b, min(b + v, 2 / 1.95))
+    model = _model("learned_steps", seed=seed, att_range=att, ffn_range=ffn, alpha_att=0.5 * sum(att),
+                   alpha_ffn=0.5 * sum(ffn))
+    cert = descent_certificate(model, _X(seed) * 2.0, rtol=1e-12)
+    assert cert.certified
+    alphas = {e.steps[0]: e.alpha for e in cert.steps}
+    assert att[0] < alphas["attention"] < att[1] and ffn[0] < alphas["ffn"] < ffn[1]

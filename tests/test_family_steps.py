@@ -25,6 +25,7 @@ from unfold.energy_ffn import (
     mlp_energy,
     mlp_grad,
 )
+from tests._transforms import check_transforms
 from unfold.recurrent import RecurrentUnrolled
 from unfold.sphere import (
     BoundedAttentionStep,
@@ -33,6 +34,7 @@ from unfold.sphere import (
     attention_grad_and_curvature,
     head_lambda_max,
 )
+from unfold.steps import FFNStep
 from unfold.unroller import Unrolled
 
 f64 = torch.float64
@@ -311,3 +313,32 @@ def test_bounded_attention_limit_is_detected():
     assert all(e.guarantee == "none" for e in cert.steps) and cert.unguaranteed_increases > 0
     with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*\(0, 2\)"):
         BoundedAttentionStep(6, heads=2, alpha_range=(0.1, 2.5))
+
+
+# ------------------------------------------------------------------------------- purity: torch.func through the steps
+
+
+@pytest.mark.parametrize("name", ["sphere_attention", "sphere_ffn", "tied_mlp", "majorised_attention",
+                                  "backtracking_attention", "learned_ffn", "recurrent"])
+def test_new_steps_pass_every_torch_func_transform(name):
+    """grad, vjp, jvp, linearize, vmap (and hessian) through each new step agree with autograd (float64): the
+    forwards are pure (the recurrent model's stopping reads go through value_holds)."""
+    torch.manual_seed(0)
+    build = {
+        "sphere_attention": lambda: SphereAttentionStep(4, heads=2, k=2),
+        "sphere_ffn": lambda: SphereFFNStep(4, spectrum_map="smooth"),
+        "tied_mlp": lambda: EnergyMLPStep(4, hidden=3, activation="gelu"),
+        "majorised_attention": lambda: BoundedAttentionStep(4, heads=2, k=2, alpha=1.5),
+        "backtracking_attention": lambda: Unrolled([("attention", {"heads": 2, "fused": False, "alpha": 3.0,
+                                                                    "backtrack": 3})], 1, 4),
+        "learned_ffn": lambda: FFNStep(4, alpha=0.5, alpha_range=(0.1, 1.0), spectrum_map="smooth"),
+        "recurrent": lambda: RecurrentUnrolled([("attention", {"fused": False}), "ffn"], 3, 4, tol=1e-2),
+    }[name]
+    module = build().double()
+    g = _gen(1)
+    x = torch.randn(2, 3, 4, dtype=f64, generator=g)
+    if name.startswith("sphere"):
+        x = _on_sphere(x, module.radius)
+    U, v = torch.randn(2, 3, 4, dtype=f64, generator=g), torch.randn(2, 3, 4, dtype=f64, generator=g)
+    check_transforms(module, lambda z: (module(z) * U).sum() + (module(z) ** 2).sum(), x, U, v,
+                     second_order=name in ("tied_mlp", "majorised_attention"))

@@ -149,3 +149,21 @@ def test_bad_inputs_to_the_certificate():
         descent_certificate(model, torch.randn(4, 3))
     with pytest.raises(EnergyInputError, match=r"rtol"):
         descent_certificate(model, torch.randn(2, 4, 3), rtol=math.nan)
+
+
+def test_unchanged_counts_skipped_backtracking_steps_and_stopped_inputs():
+    """A backtracking step that finds no descent (K = 0 and a huge α) leaves the input as it was: counted."""
+    torch.manual_seed(3)
+    Y = torch.randn(6, 5, 8, dtype=f64) * 2
+    bt = Unrolled([("attention", {"heads": 2, "alpha": 500.0, "fused": False, "backtrack": 1})], 1, 8).double()
+    cert = descent_certificate(bt, Y, rtol=0.0)
+    (entry,) = cert.steps
+    assert entry.guarantee == "backtracking" and entry.increases == 0 and entry.unchanged > 0
+    from unfold.recurrent import RecurrentUnrolled
+
+    torch.manual_seed(0)
+    rec = RecurrentUnrolled(["attention", "ffn", "relu"], 6, 8, tol=1e9, min_depth=2).double()
+    cert = descent_certificate(rec, Y)
+    assert cert.depth_used == (2,) * 6
+    assert all(e.unchanged == 6 for e in cert.steps if e.layer >= 2)
+    assert all(e.unchanged == 0 for e in cert.steps if e.layer < 2)

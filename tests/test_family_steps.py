@@ -14,6 +14,7 @@ from energy import StepSizeWarning
 from energy._validation import EnergyInputError
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.ffn import FFNEnergy
+from tests._transforms import check_transforms
 from unfold.certificate import descent_certificate
 from unfold.energy_ffn import (
     ACTIVATIONS,
@@ -25,7 +26,6 @@ from unfold.energy_ffn import (
     mlp_energy,
     mlp_grad,
 )
-from tests._transforms import check_transforms
 from unfold.recurrent import RecurrentUnrolled
 from unfold.sphere import (
     BoundedAttentionStep,

@@ -68,6 +68,8 @@ class StepCertificate:
         violations: ``increases`` of a guaranteed step (0 for ``"none"``).
         max_rel_increase: largest relative increase ``ΔE / max(|E(Y)|, |E(Y⁺)|)`` over the inputs (0 if none).
         mean_change: mean of ``E(Y⁺) − E(Y)`` over the inputs with a finite ``E(Y)``.
+        unchanged: inputs the step left exactly as they were (a backtracking step that found no descent, a stopped
+            input of a recurrent model).
     """
 
     layer: int
@@ -81,6 +83,7 @@ class StepCertificate:
     violations: int
     max_rel_increase: float
     mean_change: float
+    unchanged: int = 0
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ def _certify_group(steps: list[Step], prepared: list[Any], j0: int, j1: int, gro
     if base.term is None:  # a projection without a preceding energy step: nothing to measure it on
         return StepCertificate(ell, j0, tuple(group_kinds), None, "none",
                                f"the {base.kind} projection has no energy term and no preceding step (MATH §1.4)",
-                               None, 0, 0, 0.0, 0.0)
+                               None, 0, 0, 0.0, 0.0, _unchanged(before, after))
     kind, statement = base.guarantee()
     broken = [k for k in group_kinds[1:] if k in _NONCONVEX]
     if broken and kind != "none":
@@ -271,4 +274,9 @@ def _certify_group(steps: list[Step], prepared: list[Any], j0: int, j1: int, gro
     increases, max_rel, mean = _measure(Eb, Ea, _infeasible(base, group_kinds, before), tol,
                                         base.rounding_scale(before))
     return StepCertificate(ell, j0, tuple(group_kinds), base.term, kind, statement, base.current_alpha(), increases,
-                           increases if kind != "none" else 0, max_rel, mean)
+                           increases if kind != "none" else 0, max_rel, mean, _unchanged(before, after))
+
+
+def _unchanged(before: Tensor, after: Tensor) -> int:
+    """Inputs whose tokens the step left exactly as they were."""
+    return int((before == after).flatten(-2).all(-1).sum())

@@ -25,7 +25,7 @@ SIZES = {"d_in": 3, "d": d, "depth": 1, "heads": 2, "n_outputs": 2}
 TRAIN = ["train", "--d", "8", "--depth", "1", "--steps", "1", "--quiet", "--task", "synthetic"]
 
 
-def build(family: str, **kw: object) -> object:
+def build(family: str, **kw: object) -> torch.nn.Module:
     return build_classifier(family, **{**SIZES, **kw})  # type: ignore[arg-type]
 
 

@@ -137,3 +137,12 @@ def test_learned_steps_with_any_range_inside_the_guarantee_are_certified(seed, a
     assert cert.certified
     alphas = {e.steps[0]: e.alpha for e in cert.steps}
     assert att[0] < alphas["attention"] < att[1] and ffn[0] < alphas["ffn"] < ffn[1]
+
+
+def test_sphere_with_learned_steps_and_bool_options():
+    model = _model("sphere", learn_steps=True)
+    att, ffn = model.body.layer(0)
+    assert att.alpha_range == (0.05, 1.0) and 0.05 < att.current_alpha() < 1.0 and ffn.alpha_range is not None
+    assert descent_certificate(model, _X()).certified
+    with pytest.raises(EnergyInputError, match=r"option `relu` must be a bool"):
+        build_classifier("untied", d_in=3, d=8, depth=1, heads=1, n_outputs=2, relu="no")

@@ -117,8 +117,8 @@ def _build_learned(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **
 def _build_sphere(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att: dict[str, Any] = {"heads": heads, "alpha": o["eta"]}
     ffn: dict[str, Any] = {"spectrum_map": o["spectrum_map"]}
-    if o["learn_steps"]:
-        att.update(learn_alpha=True, alpha_range=(0.05, 1.0))
+    if o["learn_steps"]:  # η = lo + (hi − lo)σ(a) starts strictly inside (0.05, 1)
+        att.update(learn_alpha=True, alpha_range=(0.05, 1.0), alpha=min(o["eta"], 0.95))
         ffn.update(learn_alpha=True, alpha_range=(0.05, 1.0 / 1.95), alpha=0.5)
     schedule = [("sphere_attention", att), ("sphere_ffn", ffn)]
     return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
@@ -241,6 +241,10 @@ def build_classifier(family: str, *, d_in: int, d: int, depth: int, heads: int, 
     if unknown:
         raise EnergyInputError(f"family {family!r} has no option(s) {unknown}; valid options: "
                                f"{sorted(spec.options) or 'none'}.")
+    for name, value in options.items():
+        if isinstance(spec.options[name], bool) and not isinstance(value, bool):
+            raise EnergyInputError(f"family {family!r}: option `{name}` must be a bool (True or False), got "
+                                   f"{value!r}.")
     assert spec.build is not None
     model = spec.build(d_in, d, depth, heads, n_outputs, **{**spec.options, **options})
     model.family = family

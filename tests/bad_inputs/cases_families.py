@@ -85,6 +85,9 @@ CASES: list[Case] = [
     # --- families, options ---------------------------------------------------------------------------------------
     Case("families:unknown-family", lambda: build("yang"), (r"'yang'", r"valid families: .*untied")),
     Case("families:unknown-option", lambda: build("untied", tide=True), (r"tide", r"valid options")),
+    Case("families:bool-option-str", lambda: build("untied", relu="no"), (arg("relu"), r"must be a bool")),
+    Case("families:general-heads-mode", lambda: build("general_heads", mode="exact"),
+         (arg("mode"), r"'backtrack' or 'bound'")),
     Case("RecurrentUnrolled:min_depth-above-max", lambda: RecurrentUnrolled(["attention"], 2, d, min_depth=3),
          (arg("min_depth"), r"\[1, max_depth = 2\]")),
     Case("RecurrentUnrolled:tol-nan", lambda: RecurrentUnrolled(["attention"], 2, d, tol=math.nan),

@@ -34,7 +34,7 @@ from unfold.sphere import (
     attention_grad_and_curvature,
     head_lambda_max,
 )
-from unfold.steps import FFNStep
+from unfold.steps import AttentionStep, FFNStep
 from unfold.unroller import Unrolled
 
 f64 = torch.float64
@@ -342,3 +342,25 @@ def test_new_steps_pass_every_torch_func_transform(name):
     U, v = torch.randn(2, 3, 4, dtype=f64, generator=g), torch.randn(2, 3, 4, dtype=f64, generator=g)
     check_transforms(module, lambda z: (module(z) * U).sum() + (module(z) ** 2).sum(), x, U, v,
                      second_order=name in ("tied_mlp", "majorised_attention"))
+
+
+# -------------------------------------------------------------------------- orthogonal heads split exactly (§7.2)
+
+
+@pytest.mark.parametrize("heads,k,d,alpha", [(2, 2, 5, 1.0), (3, 1, 4, 1.7), (2, 3, 6, 0.4), (2, 1, 2, 1.0)])
+def test_orthogonal_heads_split_into_per_subspace_steps(seed, heads, k, d, alpha):
+    """E_att(Y) = Σ_h E_h(Y P_h), and the multi-head step's P_h-component is head h's own step (a) on Y P_h, the
+    complement unchanged (MATH §7.2) — so each head's MM guarantee carries over. (One head keeps the identity value
+    map of step (a): it also mixes the complement, on which its energy does not depend.)"""
+    torch.manual_seed(seed)
+    step = AttentionStep(d, heads=heads, k=k, orthogonal_heads=True, fused=False, alpha=alpha).double()
+    M = step.M.detach()
+    Y = torch.randn(2, 4, d, dtype=f64, generator=_gen(seed))
+    P = [torch.linalg.qr(M[h])[0] @ torch.linalg.qr(M[h])[0].T for h in range(heads)]
+    per_head = [AttentionEnergy(M[h]) for h in range(heads)]
+    torch.testing.assert_close(step.energy_at(step.prepare(), Y), sum(E.energy(Y @ P[h]) for h, E in
+                                                                     enumerate(per_head)), rtol=1e-12, atol=1e-12)
+    rest = torch.eye(d, dtype=f64) - sum(P)
+    expected = Y @ rest + sum(E.step(Y @ P[h], alpha, preconditioner="metric") @ P[h] for h, E in
+                              enumerate(per_head))
+    torch.testing.assert_close(step(Y), expected, rtol=1e-11, atol=1e-12)

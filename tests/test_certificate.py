@@ -167,3 +167,20 @@ def test_unchanged_counts_skipped_backtracking_steps_and_stopped_inputs():
     assert cert.depth_used == (2,) * 6
     assert all(e.unchanged == 6 for e in cert.steps if e.layer >= 2)
     assert all(e.unchanged == 0 for e in cert.steps if e.layer < 2)
+
+
+def test_relu_keeps_only_a_gradient_steps_guarantee():
+    """[attention, relu]: the MM step (metric preconditioner) is not a Euclidean gradient step, so the projected
+    pair has no guarantee; [ffn, relu] and [majorised_attention, relu] keep theirs; a backtracking step before a ReLU
+    loses it (its test precedes the projection)."""
+    torch.manual_seed(0)
+    Y = torch.randn(3, 4, 6, dtype=f64)
+    kinds = {}
+    for first in ("attention", "ffn", "majorised_attention", ("ffn", {"backtrack": 2})):
+        body = Unrolled([first, "relu"], 1, 6).double()
+        (entry,) = descent_certificate(body, Y).steps
+        kinds[str(first)] = (entry.guarantee, entry.statement)
+    assert kinds["attention"][0] == "none" and "ReLU projection" in kinds["attention"][1]
+    assert kinds["ffn"][0] == "gradient" and "projected gradient" in kinds["ffn"][1]
+    assert kinds["majorised_attention"][0] == "bound"
+    assert kinds[str(("ffn", {"backtrack": 2}))][0] == "none"

@@ -26,8 +26,10 @@ and its ReLU form one projected-gradient step). For every certified step of ever
 
 A LayerNorm / RMSNorm projection after a step removes the group's guarantee (the sphere is not convex, MATH §1.4),
 except for the hyperspherical family, whose steps are themselves constrained steps with a descent statement
-(MATH §7.5). The model energy (the sum of the terms) along the layers is reported as a trace (mean and per input);
-it is not certified (MATH §1.6: descent on each term does not imply descent on the sum).
+(MATH §7.5). A ReLU keeps it only after a (per-token scaled) gradient step inside its range — the projected-gradient
+argument — not after an MM step in another metric or a backtracking step (whose test precedes the projection).
+The model energy (the sum of the terms) along the layers is reported as a trace (mean and per input); it is not
+certified (MATH §1.6: descent on each term does not imply descent on the sum).
 """
 
 from __future__ import annotations
@@ -269,6 +271,12 @@ def _certify_group(steps: list[Step], prepared: list[Any], j0: int, j1: int, gro
     if broken and kind != "none":
         kind, statement = "none", (f"{statement}; but followed by the {broken[0]} projection onto a non-convex set: "
                                    "no descent guarantee (MATH §1.4)")
+    elif "relu" in group_kinds[1:] and kind != "none":
+        if base.projection_compatible and kind != "backtracking":
+            statement += "; with the ReLU: a projected gradient step on the term + ι_{≥0} (MATH §1.3, §7.1)"
+        else:
+            kind, statement = "none", (f"{statement}; but followed by a ReLU projection, which keeps the guarantee of "
+                                       "a (per-token scaled) gradient step only, not of this step (MATH §7.1)")
     Eb = cast(Tensor, base.energy_at(prepared[j0], before))
     Ea = cast(Tensor, base.energy_at(prepared[j0], after))
     increases, max_rel, mean = _measure(Eb, Ea, _infeasible(base, group_kinds, before), tol,

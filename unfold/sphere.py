@@ -183,6 +183,7 @@ class BoundedAttentionStep(AttentionStep):
 
     kind = "majorised_attention"
     guarantee_kind = "bound"
+    projection_compatible = True  # per-token scaling: the orthant projection is the same in its metric
 
     def __init__(self, d: int, *, heads: int = 1, alpha: float = 1.0, **kwargs: Any) -> None:
         for bad in ("kernel", "kernel_kwargs", "preconditioner", "fused"):

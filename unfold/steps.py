@@ -252,6 +252,7 @@ class _GradientStep(Step):
     """
 
     ENERGY: ClassVar[type[FFNEnergy] | type[TiedReLUEnergy]]
+    projection_compatible = True
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError

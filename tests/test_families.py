@@ -105,10 +105,13 @@ def test_learned_range_outside_the_guarantee_is_an_error(rng):
 
 @given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]),
        family=st.sampled_from(["untied", "orthogonal_heads", "general_heads", "learned_steps", "sphere",
-                               "recurrent", "energy_ffn"]))
+                               "recurrent", "energy_ffn", "sphere_mlp"]))
 def test_certified_families_never_increase_a_guaranteed_term(seed, b, n, heads, family):
     """Property: inside the guaranteed ranges (float64), no certified step increases its term (MATH §7)."""
-    model = _model(family, seed=seed, heads=heads)
+    if family == "sphere_mlp":
+        model = _model("sphere", seed=seed, heads=heads, ffn="mlp")
+    else:
+        model = _model(family, seed=seed, heads=heads)
     X = _X(seed, b=b, n=n) * 3.0
     cert = descent_certificate(model, X, rtol=1e-12)
     assert cert.certified, cert.summary()
@@ -119,6 +122,11 @@ def test_general_heads_with_the_computed_bound_are_certified(seed, heads, eta):
     model = _model("general_heads", seed=seed, heads=heads, mode="bound", eta=eta)
     cert = descent_certificate(model, _X(seed) * 3.0, rtol=1e-12)
     assert cert.certified and {e.guarantee for e in cert.steps} == {"bound", "gradient"}
+
+
+def test_sphere_ffn_option_must_be_known():
+    with pytest.raises(EnergyInputError, match=r"`ffn` must be 'quadratic'.*or 'mlp'"):
+        build_classifier("sphere", d_in=3, d=8, depth=1, heads=2, n_outputs=2, ffn="gated")
 
 
 def test_general_heads_mode_must_be_known():

@@ -31,6 +31,7 @@ from unfold.sphere import (
     BoundedAttentionStep,
     SphereAttentionStep,
     SphereFFNStep,
+    SphereMLPStep,
     attention_grad_and_curvature,
     head_lambda_max,
 )
@@ -112,6 +113,21 @@ def test_sphere_ffn_step_descends_on_the_sphere(seed, n, alpha_frac):
     assert bool((E1 <= E0 + 1e-12 * E0.abs()).all())
 
 
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5), activation=st.sampled_from(sorted(ACTIVATIONS)),
+       omega=st.floats(0.01, 1.0), scale=st.sampled_from([0.3, 1.0, 3.0]))
+def test_sphere_mlp_step_descends_on_the_sphere(seed, n, activation, omega, scale):
+    torch.manual_seed(seed)
+    step = SphereMLPStep(4, hidden=5, activation=activation, alpha=omega, init_std=scale).double()
+    with torch.no_grad():
+        step.b.copy_(torch.randn(4, dtype=f64, generator=_gen(seed)) * 2)
+    Y = _on_sphere(torch.randn(2, n, 4, dtype=f64, generator=_gen(seed + 1)), step.radius)
+    p = step.prepare()
+    Y1 = step.forward_prepared(p, Y)
+    torch.testing.assert_close(torch.linalg.vector_norm(Y1, dim=-1), torch.full((2, n), step.radius, dtype=f64))
+    E0, E1 = step.energy_at(p, Y), step.energy_at(p, Y1)
+    assert bool((E1 <= E0 + 1e-12 * E0.abs().clamp_min(1)).all())
+
+
 def test_sphere_limits_are_detected():
     """Outside the ranges: η > 1 / α > 1/1.95 warn, the certificate calls the steps unguaranteed and finds the
     increases (W_f = 0.95 I, b ≠ 0: an overshooting step moves away from b on the sphere)."""
@@ -134,6 +150,8 @@ def test_sphere_limits_are_detected():
         SphereAttentionStep(4, backtrack=2)
     with pytest.raises(EnergyInputError, match=r"radius"):
         SphereFFNStep(4, radius=-1.0)
+    with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*\(0, 1\]"):
+        SphereMLPStep(4, alpha=0.5, alpha_range=(0.1, 1.5))
 
 
 def test_sphere_certificate_ignores_the_off_sphere_input_and_certifies_the_rest():
@@ -318,7 +336,7 @@ def test_bounded_attention_limit_is_detected():
 # ------------------------------------------------------------------------------- purity: torch.func through the steps
 
 
-@pytest.mark.parametrize("name", ["sphere_attention", "sphere_ffn", "tied_mlp", "majorised_attention",
+@pytest.mark.parametrize("name", ["sphere_attention", "sphere_ffn", "sphere_mlp", "tied_mlp", "majorised_attention",
                                   "backtracking_attention", "learned_ffn", "recurrent"])
 def test_new_steps_pass_every_torch_func_transform(name):
     """grad, vjp, jvp, linearize, vmap (and hessian) through each new step agree with autograd (float64): the
@@ -327,6 +345,7 @@ def test_new_steps_pass_every_torch_func_transform(name):
     build = {
         "sphere_attention": lambda: SphereAttentionStep(4, heads=2, k=2),
         "sphere_ffn": lambda: SphereFFNStep(4, spectrum_map="smooth"),
+        "sphere_mlp": lambda: SphereMLPStep(4, hidden=3, activation="gelu"),
         "tied_mlp": lambda: EnergyMLPStep(4, hidden=3, activation="gelu"),
         "majorised_attention": lambda: BoundedAttentionStep(4, heads=2, k=2, alpha=1.5),
         "backtracking_attention": lambda: Unrolled([("attention", {"heads": 2, "fused": False, "alpha": 3.0,

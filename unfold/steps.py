@@ -591,7 +591,8 @@ STEP_TYPES: dict[str, type[Step]] = {
 # the steps of other modules join the vocabulary here, so that every model file can be rebuilt after importing the
 # unroller (these modules import this one; the names they need are defined above)
 from unfold.energy_ffn import EnergyMLPStep  # noqa: E402
-from unfold.sphere import BoundedAttentionStep, SphereAttentionStep, SphereFFNStep  # noqa: E402
+from unfold.sphere import BoundedAttentionStep, SphereAttentionStep, SphereFFNStep, SphereMLPStep  # noqa: E402
 
-_MORE_STEPS: tuple[type[Step], ...] = (SphereAttentionStep, SphereFFNStep, EnergyMLPStep, BoundedAttentionStep)
+_MORE_STEPS: tuple[type[Step], ...] = (SphereAttentionStep, SphereFFNStep, SphereMLPStep, EnergyMLPStep,
+                                       BoundedAttentionStep)
 STEP_TYPES.update({cls.kind: cls for cls in _MORE_STEPS})

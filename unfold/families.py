@@ -197,6 +197,13 @@ FAMILIES: dict[str, FamilySpec] = {
             True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth", "ffn": "quadratic",
                    "activation": "relu", "hidden": None}, _build_sphere),
         FamilySpec(
+            "sphere_mlp",
+            "sphere with the two-matrix FFN energy (tied W_2 = Wᵀ, anchor b): family 'sphere' with ffn='mlp'.",
+            "attention: MM step on the sphere, η ∈ (0, 1], any heads; FFN: normalised gradient step on E_mlp with "
+            "α = ω/L(W), ω ∈ (0, 1] (MATH §7.4, §7.5).",
+            True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth", "ffn": "mlp",
+                   "activation": "relu", "hidden": None}, _build_sphere),
+        FamilySpec(
             "recurrent",
             "one weight-tied layer iterated until the energy's relative decrease falls below tol (depth = max).",
             "every step as yang2022 with orthogonal heads; the stopping rule reports the depth used per input "

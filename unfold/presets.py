@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_real, check_tensor
+from unfold.recurrent import RecurrentUnrolled
 from unfold.standard import (  # noqa: F401 - re-exported for compatibility
     GPT2Config,
     GPT2Decoder,
@@ -65,16 +66,34 @@ class UnrolledClassifier(nn.Module):
         self.input_bias = input_bias
         self.input_proj = nn.Identity() if self.d_in == body.d else nn.Linear(self.d_in, body.d, bias=input_bias)
         self.head = nn.Linear(body.d, n_classes) if n_classes is not None else None
+        #: the :mod:`unfold.families` family that built this model (``None``: built otherwise)
+        self.family: str | None = None
 
     def config(self) -> dict[str, Any]:
-        return {"body": self.body.config(), "d_in": self.d_in, "n_classes": self.n_classes,
-                "input_bias": self.input_bias}
+        out = {"body": self.body.config(), "d_in": self.d_in, "n_classes": self.n_classes,
+               "input_bias": self.input_bias}
+        if self.family is not None:
+            out["family"] = self.family
+        body_builder = getattr(self.body, "BUILDER", None)
+        if body_builder is not None:  # a body other than Unrolled (e.g. the recurrent one): how to rebuild it
+            out["body_builder"] = body_builder
+        return out
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> UnrolledClassifier:
         try:
-            return cls(Unrolled.from_config(config["body"]), d_in=config["d_in"], n_classes=config["n_classes"],
-                       input_bias=config.get("input_bias", False))
+            body_builder = config.get("body_builder")
+            if body_builder is None:
+                body = Unrolled.from_config(config["body"])
+            elif body_builder in _BODY_BUILDERS:
+                body = _BODY_BUILDERS[body_builder](config["body"])
+            else:
+                raise CheckpointError(f"invalid UnrolledClassifier config: unknown body builder {body_builder!r} "
+                                      f"(known: {sorted(_BODY_BUILDERS)}).")
+            model = cls(body, d_in=config["d_in"], n_classes=config["n_classes"],
+                        input_bias=config.get("input_bias", False))
+            model.family = config.get("family")
+            return model
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"invalid UnrolledClassifier config: {exc}") from None
 
@@ -109,6 +128,17 @@ class UnrolledClassifier(nn.Module):
 
 register_builder("UnrolledClassifier", UnrolledClassifier.from_config)
 
+#: bodies other than :class:`~unfold.unroller.Unrolled` an UnrolledClassifier can be rebuilt with (name → from_config)
+_BODY_BUILDERS: dict[str, Any] = {}
+
+
+def register_body_builder(name: str, from_config: Any) -> None:
+    """Make ``UnrolledClassifier.from_config`` rebuild bodies whose class sets ``BUILDER = name``."""
+    _BODY_BUILDERS[name] = from_config
+
+
+register_body_builder(RecurrentUnrolled.BUILDER, RecurrentUnrolled.from_config)
+
 
 def yang2022(
     d: int = 300,
@@ -126,6 +156,7 @@ def yang2022(
     norm_eps: float = 0.0,
     tied: bool = True,
     fused: bool = True,
+    spectrum_map: str = "clip",
 ) -> UnrolledClassifier:
     r"""The weight-tied unfolded Transformer of Yang, Huang & Wipf (2022), MATH §1.6, §1.8.
 
@@ -153,12 +184,14 @@ def yang2022(
             ``nn.LayerNorm`` / ``nn.RMSNorm`` map, defined everywhere).
         tied: share weights across layers (True in the paper).
         fused: fused SDPA attention path.
+        spectrum_map: ``"clip"`` (the reference code's spectrum clip) or ``"smooth"`` (the smooth map into the
+            band, :class:`~unfold.parametrizations.SpectrumSquash`, MATH §7.3).
     """
     for name, a in (("alpha_att", alpha_att), ("alpha_ffn", alpha_ffn)):
         check_real(a, name, what="(a step size)")
     schedule: list[Any] = [
         ("attention", {"heads": heads, "alpha": alpha_att, "orthogonal_heads": orthogonal_heads, "fused": fused}),
-        ("ffn", {"alpha": alpha_ffn, "spectrum": spectrum}),
+        ("ffn", {"alpha": alpha_ffn, "spectrum": spectrum, "spectrum_map": spectrum_map}),
     ]
     if relu:
         schedule.append("relu")
@@ -188,16 +221,18 @@ def init_signal_preserving_(
     over 12 layers, and the gradients of ``M``, ``W_f`` and the input map are ``10⁻⁸ … 10⁻⁵`` against ``0.3`` for
     ``b``):
 
-    * ``W_f = clip(½(A + Aᵀ), 0, 0.95)`` with ``A_ij ~ N(0, 1/d)`` has a semicircle spectrum on ``[−√2, √2]``
-      clipped to the band, so about half of the eigenvalues are ``0``. Once the attention steps have merged the
-      tokens of a sequence (step (a) with ``α = 1`` is a convex combination of the tokens) and while the ReLU is
-      inactive, one layer maps a perturbation ``δ`` of the state to ``−δ W_f``; ``depth`` tied layers transmit
-      ``δ W_f^{depth}``, i.e. ``λ^{12}`` per eigen-direction (``0.95¹² = 0.54``, ``0.5¹² = 2.4·10⁻⁴``, ``0``).
+    * ``½(A + Aᵀ)`` with ``A_ij ~ N(0, 1/d)`` has a semicircle spectrum on ``[−√2, √2]``; the default start maps
+      it into the band (``m + r tanh((λ − m)/r)``, MATH §7.3; before, it was clipped, putting about half of the
+      eigenvalues at ``0``), so about half of the eigenvalues of ``W_f`` are still below ``0.12``. Once the
+      attention steps have merged the tokens of a sequence (step (a) with ``α = 1`` is a convex combination of the
+      tokens) and while the ReLU is inactive, one layer maps a perturbation ``δ`` of the state to ``−δ W_f``;
+      ``depth`` tied layers transmit ``δ W_f^{depth}``, i.e. ``λ^{12}`` per eigen-direction (``0.95¹² = 0.54``,
+      ``0.5¹² = 2.4·10⁻⁴``, ``0.1¹² = 10⁻¹²``).
     * ``b = 0`` with ``W_f ⪰ 0``: after the first ReLU the tokens are non-negative and ``ReLU(−Y W_f)`` removes
       every component along which ``Y W_f`` is positive (all of it for ``W_f ∝ I``).
 
-    This initialiser sets, for every FFN step, the unconstrained original of ``W_f`` to ``Q diag(λ) Qᵀ`` with
-    ``Q`` Haar-orthogonal and ``λ_i ~ U(ffn_band)`` (distinct, inside the constraint's band: the clip is the
+    This initialiser sets, for every FFN step, ``W_f`` to ``Q diag(λ) Qᵀ`` (through the constraint's right inverse)
+    with ``Q`` Haar-orthogonal and ``λ_i ~ U(ffn_band)`` (distinct, inside the constraint's band: the clip is the
     identity at initialisation and every eigenvalue receives a gradient), the bias to ``b = ffn_bias · 1``, and
     (``input_std`` not ``None``) the input map's weight to ``N(0, input_std²)`` entries (its bias to 0). The
     attention factor ``M`` keeps its default. The model's structure, its constraints and its step sizes are
@@ -235,7 +270,8 @@ def init_signal_preserving_(
         Q, R = torch.linalg.qr(G)
         Q = Q * torch.sign(torch.diagonal(R)).unsqueeze(-2)  # Haar-distributed
         lam = lo + (hi - lo) * torch.rand(d, generator=generator, dtype=torch.float64)
-        original.copy_(((Q * lam.unsqueeze(-2)) @ Q.T).to(original.dtype))
+        # the constraint's right inverse: the clip's is the value itself, the smooth map's its preimage
+        step.W_f = ((Q * lam.unsqueeze(-2)) @ Q.T).to(original.dtype)
         if step.bias:
             step.b.fill_(ffn_bias)
     if input_std is not None and isinstance(model.input_proj, nn.Linear):

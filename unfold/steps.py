@@ -48,7 +48,15 @@ from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.step_range import attention_step_range
-from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, Symmetric
+from unfold.parametrizations import (
+    OrthogonalHeads,
+    PSDMetric,
+    SpectrumClip,
+    SpectrumSquash,
+    Symmetric,
+    check_spectrum,
+    interior_start,
+)
 from unfold.step_base import Prepared, Step, make_kernel, positive_int
 
 __all__ = [
@@ -102,6 +110,7 @@ class AttentionStep(Step):
 
     kind = "attention"
     term = "E_att"
+    guarantee_kind = "mm"
 
     def __init__(
         self,
@@ -118,12 +127,15 @@ class AttentionStep(Step):
         orthogonal_heads: bool = False,
         fused: bool = True,
         init_std: float | None = None,
+        alpha_range: tuple[float, float] | None = None,
+        backtrack: int = 0,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
         self.heads = positive_int(heads, "heads")
         if k is None:
             if d % heads:
-                raise EnergyInputError(f"`heads` = {heads} does not divide d = {d}; pass the per-head width `k`.")
+                raise EnergyInputError(f"`heads` = {heads} does not divide d = {d}; pass the per-head width `k` "
+                                       "or choose heads dividing d.")
             k = d // heads
         self.k = positive_int(k, "k")
         self.preconditioner = check_preconditioner(preconditioner).value
@@ -145,6 +157,7 @@ class AttentionStep(Step):
             parametrize.register_parametrization(self, "M", constraint)
         else:
             self.M = nn.Parameter(torch.randn(self.heads, d, self.k) * std)
+        self._setup_step_size(alpha_range, backtrack)
 
     def config(self) -> dict[str, Any]:
         if self.kernel_name is None:
@@ -207,6 +220,8 @@ class AttentionStep(Step):
         log-normalisers, :func:`energy.core.fused.fused_step_and_energy`). ``Y⁺`` is the same map as
         :meth:`forward_prepared`.
         """
+        if self.backtrack:
+            return super().forward_prepared_and_energy(prepared, Y)
         t, Y, alpha = prepared.tensors, self._check_Y(Y), self._alpha()
         if self.uses_fused:
             return fused_step_and_energy(Y, t["M"], alpha, t["kappa"], t["values"], t["out"])
@@ -220,6 +235,13 @@ class AttentionStep(Step):
             lambda Yc, mc: core_att.head_energy(Yc, t["M"], t["kappa"], self.kernel, 0.0, mc).sum(-1),
             Y, None, self.heads)
 
+    def rounding_scale(self, Y: Tensor) -> float:
+        r"""``½·n·h``: the energy is :math:`-\tfrac12(\sum_{ij}\gamma_{ij} - \sum_i\gamma_{ii})` per head
+        (:func:`energy.core.attention.gaussian_energy`), so its rounding is relative to the diagonal's ``n`` ones,
+        not to the (possibly tiny) result.
+        """
+        return 0.5 * Y.shape[-2] * self.heads
+
 
 # ------------------------------------------------------------------------------------------------------------- FFN
 
@@ -230,6 +252,7 @@ class _GradientStep(Step):
     """
 
     ENERGY: ClassVar[type[FFNEnergy] | type[TiedReLUEnergy]]
+    projection_compatible = True
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -247,32 +270,17 @@ class _GradientStep(Step):
         return self.ENERGY.FORMULAS[0](Y, *t["weights"])
 
 
-def _check_spectrum(spectrum: object) -> tuple[float, float]:
-    """``spectrum = (lo, hi)``, the eigenvalue bounds of ``W_f``: finite, ``-1 < lo ≤ hi`` (else the FFN energy is
-    unbounded below). Whether ``alpha`` lies in the range it guarantees, ``α < 2/(1 + hi)`` (MATH §1.3), is the
-    step-size policy's question: a warning, or an error in :func:`energy.strict_mode` (see :class:`FFNStep`).
-    """
-    ok = (isinstance(spectrum, (tuple, list)) and len(spectrum) == 2
-          and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in spectrum))
-    if not ok:
-        raise EnergyInputError(f"`spectrum` must be a pair (lo, hi) of finite numbers (eigenvalue bounds of W_f, e.g. "
-                               f"(0.0, 0.95)) or None, got {spectrum!r}.")
-    lo, hi = float(spectrum[0]), float(spectrum[1])  # type: ignore[index]
-    if lo > hi:
-        raise EnergyInputError(f"`spectrum` must be (lo, hi) with lo ≤ hi, got {spectrum!r}; pass ({hi!r}, {lo!r}).")
-    if lo <= -1:
-        raise EnergyInputError(f"`spectrum` = {spectrum!r} allows eigenvalues of W_f ≤ -1, where the FFN energy is "
-                               "unbounded below; use lo > -1, e.g. (0.0, 0.95).")
-    return lo, hi
-
-
 class FFNStep(_GradientStep):
     r"""Gradient step on the feed-forward energy (MATH §1.3).
 
     .. math:: Y^+ = Y - \alpha\big(Y (I + W_f) - 1 b^\top\big) = (1-\alpha) Y - \alpha Y W_f + \alpha 1 b^\top
 
     ``W_f`` is constrained by :class:`SpectrumClip` (``spectrum=(lo, hi)``, default ``[0, 0.95]`` so that ``α = 1``
-    descends) or, with ``spectrum=None``, only by :class:`Symmetric`.
+    descends; ``spectrum_map="smooth"``: :class:`SpectrumSquash`, the smooth map into the open band, whose every
+    eigen-direction keeps a gradient during training, MATH §7.3) or, with ``spectrum=None``, only by
+    :class:`Symmetric`. Both store an original whose spectrum lies strictly inside the band (the draw's spectrum
+    mapped by :func:`~unfold.parametrizations.squash`), so every eigen-direction gets a gradient at
+    initialisation.
 
     Args:
         d: token width.
@@ -280,6 +288,8 @@ class FFNStep(_GradientStep):
         bias: learn ``b`` (else ``b = 0``, a buffer).
         alpha, learn_alpha: step size.
         init_std: std of the entries of the unconstrained matrix (default ``1/√d``).
+        alpha_range, backtrack: step-size policy (:class:`~unfold.step_base.Step`).
+        spectrum_map: ``"clip"`` (default; the reference code's map) or ``"smooth"``.
     """
 
     kind = "ffn"
@@ -295,9 +305,19 @@ class FFNStep(_GradientStep):
         alpha: float = 1.0,
         learn_alpha: bool = False,
         init_std: float | None = None,
+        alpha_range: tuple[float, float] | None = None,
+        backtrack: int = 0,
+        spectrum_map: str = "clip",
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.spectrum = None if spectrum is None else _check_spectrum(spectrum)
+        self.spectrum = None if spectrum is None else check_spectrum(spectrum)
+        if spectrum_map not in ("clip", "smooth"):
+            raise EnergyInputError(f"`spectrum_map` must be 'clip' (SpectrumClip) or 'smooth' (SpectrumSquash), got "
+                                   f"{spectrum_map!r}.")
+        if spectrum_map == "smooth" and self.spectrum is not None and not self.spectrum[0] < self.spectrum[1]:
+            raise EnergyInputError(f"spectrum_map='smooth' needs an open band lo < hi, got spectrum={spectrum!r}; "
+                                   "use spectrum_map='clip' for a single value.")
+        self.spectrum_map = spectrum_map
         guaranteed = self.guaranteed_range()
         if guaranteed is not None:  # warn now (raise in strict mode), not only at the first forward
             guaranteed.check(self.alpha_value)
@@ -308,20 +328,34 @@ class FFNStep(_GradientStep):
         A = 0.5 * (A + A.T)
         constraint: nn.Module
         if self.spectrum is not None:
-            constraint = SpectrumClip(*self.spectrum)
-            A = constraint(A)  # a valid starting value (right_inverse checks it)
+            # the original has its spectrum *strictly inside* the band (the smooth map g of the draw's): the clip is
+            # the identity there (derivative 1 on every eigen-direction; a clipped start would put about half of the
+            # eigenvalues on the band's edge, where they get none), the squash has g' ≥ 1 − tanh²(1) ≈ 0.42 there
+            # (a start W_f = g(g(S)), spectrum in about (0.12, 0.84) for [0, 0.95])
+            A = interior_start(A, *self.spectrum)
+            constraint = SpectrumSquash(*self.spectrum) if spectrum_map == "smooth" else SpectrumClip(*self.spectrum)
         else:
             constraint = Symmetric()
-        self.W_f = nn.Parameter(A)
-        parametrize.register_parametrization(self, "W_f", constraint)
+        if isinstance(constraint, SpectrumSquash):  # register on a valid value, then set the original itself
+            self.W_f = nn.Parameter(0.5 * (constraint.lo + constraint.hi) * torch.eye(d))
+            parametrize.register_parametrization(self, "W_f", constraint)
+            with torch.no_grad():
+                self.get_parameter("parametrizations.W_f.original").copy_(A)
+        else:
+            self.W_f = nn.Parameter(A)
+            parametrize.register_parametrization(self, "W_f", constraint)
         if self.bias:
             self.b = nn.Parameter(torch.zeros(d))
         else:
             self.register_buffer("b", torch.zeros(d))
+        self._setup_step_size(alpha_range, backtrack)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
-                "bias": self.bias, "init_std": self.init_std}
+        out = {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
+               "bias": self.bias, "init_std": self.init_std}
+        if self.spectrum_map != "clip":  # the default, and the meaning of files without the key
+            out["spectrum_map"] = self.spectrum_map
+        return out
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
         return self.W_f, self.b
@@ -553,3 +587,12 @@ STEP_TYPES: dict[str, type[Step]] = {
     for cls in (AttentionStep, FFNStep, TiedReLUFFNStep, ReLUProjection, LayerNormProjection, RMSNormProjection,
                 HopfieldStep, EnergyTransformerStep)
 }
+
+# the steps of other modules join the vocabulary here, so that every model file can be rebuilt after importing the
+# unroller (these modules import this one; the names they need are defined above)
+from unfold.energy_ffn import EnergyMLPStep  # noqa: E402
+from unfold.sphere import BoundedAttentionStep, SphereAttentionStep, SphereFFNStep, SphereMLPStep  # noqa: E402
+
+_MORE_STEPS: tuple[type[Step], ...] = (SphereAttentionStep, SphereFFNStep, SphereMLPStep, EnergyMLPStep,
+                                       BoundedAttentionStep)
+STEP_TYPES.update({cls.kind: cls for cls in _MORE_STEPS})

@@ -3,13 +3,13 @@ thread on the same total data, ratio of wall times measured in the same run.
 
 Model: a Hugging Face GPT-2 built offline from a seeded config (:func:`energy.hessian.hf.build_model`, 2 layers,
 4 heads, vocabulary 128), float32, at widths ``d ∈ {64, 128, 256}`` (quick: ``{32, 48, 64}``); data: 8 batches of
-8 random sequences of 64 tokens (quick: 4 × 4 × 16), the mean shifted cross-entropy over all of them. One process
+8 random sequences of 32 tokens (quick: 4 × 4 × 16), the mean shifted cross-entropy over all of them. One process
 holds all batches; each of two processes (gloo, loopback) holds four (:func:`energy.hessian.distributed.
 shard_batches`) and every product ends with one all-reduce.
 
 * ``hessian/data-parallel-efficiency``: per width, the median wall time of one Hessian-vector product
   (``curvature_operator(..., part="H") @ v``, all parameters) and of one Hutchinson trace estimate
-  (:func:`energy.hessian.estimators.hutchinson_trace`, 8 Rademacher probes in one 8-column product), for one
+  (:func:`energy.hessian.estimators.hutchinson_trace`, 4 Rademacher probes in one 4-column product), for one
   process (``T₁``) and for two (``T₂``, rank 0's clock: every rank leaves the all-reduce together); the parallel
   efficiency ``T₁ / (2 T₂)`` (1 = perfect; target ≥ 0.8 at the largest width), the speed-up ``T₁ / T₂`` and the
   growth exponent of ``T₁`` in the parameter count (:func:`energy.hessian.sweep.fit_loglog_slope`). The products
@@ -19,8 +19,10 @@ shard_batches`) and every product ends with one all-reduce.
   machine's.
 
 Each configuration runs in fresh processes started by ``torch.multiprocessing`` (spawn) with one intra-op
-thread; the machine needs two idle cores for the numbers to mean anything (``cpus`` and the load average before
-the run are recorded).
+thread, median of ``repeat`` calls after a warm-up; the three configurations (one process, two ranks, two independent
+processes) run in turn, ``rounds`` times, and each time is the median over the rounds, so that a change of the
+machine's load during the run falls on all three alike. The machine needs two idle cores for the numbers to mean
+anything (``cpus`` and the load average before and after are recorded).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ LAYERS, HEADS, VOCAB = 2, 4, 128
 def _problem(width: int, quick: bool) -> tuple[Any, list]:
     from energy.hessian import hf
 
-    num_batches, batch, seq = (4, 4, 16) if quick else (8, 8, 64)
+    num_batches, batch, seq = (4, 4, 16) if quick else (8, 8, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = hf.build_model("gpt2-tiny", seed=0, dtype=DT, n_embd=width, n_layer=LAYERS, n_head=HEADS,
@@ -77,7 +79,7 @@ def _worker(rank: int, world: int, port: int, width: int, quick: bool, repeat: i
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(1), dtype=DT)
 
     def hutchinson() -> Any:
-        return hutchinson_trace(H, 8, generator=torch.Generator().manual_seed(2), batch_size=8)
+        return hutchinson_trace(H, 4, generator=torch.Generator().manual_seed(2), batch_size=4)
 
     times: dict[str, list[float]] = {"hvp": [], "hutchinson": []}
     for i in range(repeat + 1):  # the first round is the warm-up
@@ -112,22 +114,25 @@ def _run(world: int, width: int, quick: bool, repeat: int, independent: bool = F
 @benchmark("hessian/data-parallel-efficiency")
 def bench_data_parallel(quick: bool) -> dict[str, Any]:
     widths = (32, 48, 64) if quick else (64, 128, 256)
-    repeat = 3 if quick else 5
+    repeat, rounds = (2, 1) if quick else (3, 3)
     out: dict[str, Any] = {"dtype": "float32", "layers": LAYERS, "heads": HEADS, "vocab": VOCAB,
-                           "widths": list(widths), "repeat": repeat, "cpus": os.cpu_count(),
+                           "widths": list(widths), "repeat": repeat, "rounds": rounds, "cpus": os.cpu_count(),
                            "load_before": os.getloadavg()[0], "num_params": []}
     one_hvp = []
     for width in widths:
-        r1 = _run(1, width, quick, repeat)
-        r2 = _run(2, width, quick, repeat)
-        r_ind = _run(2, width, quick, repeat, independent=True)
-        out["num_params"].append(r1["num_params"])
-        one_hvp.append(r1["hvp_s"])
-        a, b = r1["Hv"], r2["Hv"]
+        runs: dict[str, list[dict[str, Any]]] = {"one": [], "two": [], "independent": []}
+        for _ in range(rounds):
+            runs["one"].append(_run(1, width, quick, repeat))
+            runs["two"].append(_run(2, width, quick, repeat))
+            runs["independent"].append(_run(2, width, quick, repeat, independent=True))
+        med = {k: {op: statistics.median(r[f"{op}_s"] for r in v) for op in ("hvp", "hutchinson")}
+               for k, v in runs.items()}
+        out["num_params"].append(runs["one"][0]["num_params"])
+        one_hvp.append(med["one"]["hvp"])
+        a, b = runs["one"][0]["Hv"], runs["two"][0]["Hv"]
         out[f"d{width}_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
         for op in ("hvp", "hutchinson"):
-            t1, t2 = r1[f"{op}_s"], r2[f"{op}_s"]
-            t_ind = r_ind[f"{op}_s"]
+            t1, t2, t_ind = med["one"][op], med["two"][op], med["independent"][op]
             out.update({f"d{width}_{op}_one_process_s": t1, f"d{width}_{op}_two_processes_s": t2,
                         f"d{width}_{op}_speedup": t1 / t2, f"d{width}_{op}_efficiency": t1 / (2 * t2),
                         f"d{width}_{op}_machine_limit": t1 / (2 * t_ind)})

@@ -53,6 +53,8 @@ def test_products_and_estimates_equal_one_process(tmp_path):
     got = torch.load(tmp_path / "r.pt")
     ref = P.mlp_results(list(range(len(P.SIZES))), P.token_states()[0])
     assert got["num_data"] == ref["num_data"] == sum(P.SIZES)
+    rows = got.pop("jacobian_V_rows")
+    assert _rel(rows, ref.pop("jacobian_V_rows")[: rows.shape[0]]) <= TOL  # J V: rank 0's rows of the union's
     errs = _compare(got, ref)
     assert set(errs) >= {"products_H", "products_H_o", "products_H_f", "ggn", "gradient", "loss", "block",
                          "offblock", "hutchinson", "diagonal", "hutchpp", "lanczos", "slq_nodes", "slq_weights",

@@ -79,6 +79,7 @@ def mlp_results(indices: list[int], Y: Tensor, *, distributed: bool = False) -> 
     J = JacobianOperator(model, None, [X for X, _ in batches], distributed=distributed)
     out["jacobian_T"] = J.T @ cotangents(indices)
     out["jacobian_rows"] = J.shape[0]
+    out["jacobian_V_rows"] = J @ probes(J.shape[1], 2)  # this rank's rows only (no communication)
     W = token_states()[1]
     T = TokenHessianOperator(token_fn(W), Y, distributed=distributed)
     out["token"] = T @ probes(T.shape[0], 2)

@@ -120,7 +120,9 @@ class CurvatureOperator(LinearOperator):
             shards.run(lambda: self._setup(model, loss_fn, params, data, reduction, batch_size_fn),
                        "checking each rank's model and data shard")
             shards.check_same((self.space.names, tuple(map(tuple, self.space.shapes)), str(self.space.dtype),
-                               self.reduction, self.part), "the parameter blocks, dtype, reduction and part")
+                               self.reduction, self.part, max_vectors),
+                              "the parameter blocks, dtype, reduction, part and max_vectors (the column chunks: one "
+                              "all-reduce each)")
             check_same_model(shards, model)
         self.local_num_data = sum(self.batch_sizes)
         self.num_data = self.local_num_data if self.shards is None else int(self.shards.total(

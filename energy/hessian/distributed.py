@@ -113,8 +113,15 @@ class ShardGroup:
             ) from exc
 
     def _buffer_device(self, device: torch.device) -> torch.device:
+        """Where a collective's buffer lives: the CPU for gloo, the current GPU for nccl (counts and flags are made
+        on the CPU), else the tensor's own device.
+        """
         backend = dist.get_backend(self.group)
-        return torch.device("cpu") if backend == "gloo" else device
+        if backend == "gloo":
+            return torch.device("cpu")
+        if backend == "nccl" and device.type == "cpu":
+            return torch.device("cuda", torch.cuda.current_device())
+        return device
 
     def all_reduce_(self, t: Tensor, what: str) -> Tensor:
         """Sum ``t`` over the ranks in place (no autograd); ``what`` names it in errors."""

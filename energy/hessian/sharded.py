@@ -48,6 +48,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Partial, distribute_tensor
 
 from energy._validation import EnergyInputError
+from energy.hessian.distributed import ShardGroup
 from energy.hessian.parameter_space import _check_data, _check_deterministic_model, _floating_leaves
 
 __all__ = [
@@ -147,8 +148,7 @@ def fd_step(dtype: torch.dtype, *, delta: float | None = None, fifth: float = 1.
 
 def _agree(problem: str | None, group: Any) -> None:
     """Raise the same :class:`EnergyInputError` on every rank if any rank found a problem (one collective, no hang)."""
-    problems: list[str | None] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(problems, problem, group=group)
+    problems: list[str | None] = ShardGroup(group).gather_objects(problem, "each rank's input checks")
     ranks: dict[str, list[int]] = {}
     for r, p in enumerate(problems):
         if p is not None:
@@ -198,16 +198,14 @@ class ShardedHessian:
         self.params: dict[str, DTensor] = params  # type: ignore[assignment]
         self.dtype = next(iter(params.values())).dtype
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        counts = torch.tensor([float(self.batch_size_fn(X)) for X, _ in data], dtype=torch.float64)
-        total = counts.sum().reshape(1)
-        sizes = torch.tensor([float(len(counts))], dtype=torch.float64)
-        dist.all_reduce(total, group=self.group)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self.group)
-        self.num_targets = int(total.item())
-        self.world_size = dist.get_world_size(self.group)
+        shards = ShardGroup(self.group)
+        counts = [float(self.batch_size_fn(X)) for X, _ in data]
+        self.num_targets = int(shards.total(sum(counts), "the number of targets"))
+        most = max(shards.gather_objects(len(counts), "the number of batches per rank"))
+        self.world_size = shards.world_size
         batches = list(data)
-        self.batches = [*zip(batches, (c / self.num_targets for c in counts.tolist())),
-                        *[(batches[-1], 0.0)] * (int(sizes.item()) - len(batches))]
+        self.batches = [*zip(batches, (c / self.num_targets for c in counts)),
+                        *[(batches[-1], 0.0)] * (most - len(batches))]
         self.step = float(step) if step is not None else fd_step(self.dtype)
 
     def _local_problem(self, model: object, params: Mapping[str, Tensor], data: object) -> str | None:
@@ -282,9 +280,9 @@ class ShardedHessian:
 
     def dot(self, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
         r"""The global inner product :math:`\langle a, b\rangle` of two sharded vectors (one all-reduce)."""
-        s = sum(((a[n] * b[n]).sum() for n in self.params), torch.zeros((), dtype=self.dtype))
-        dist.all_reduce(s, group=self.group)
-        return s
+        local = [(a[n] * b[n]).sum() for n in self.params]
+        s = sum(local, torch.zeros((), dtype=self.dtype, device=local[0].device))
+        return ShardGroup(self.group).all_reduce_(s, "an inner product of sharded vectors")
 
     def _dtensor(self, name: str, local: Tensor) -> DTensor:
         p = self.params[name]
@@ -419,7 +417,8 @@ class ShardedHessian:
             hv = [torch.zeros_like(t) for t in v_full.values()]
             for (X, y), w in self.batches:
                 g = torch.autograd.grad(self._loss(X, y, w), leaves, create_graph=True)
-                gv = sum(((gi * vi).sum() for gi, vi in zip(g, v_full.values())), torch.zeros((), dtype=self.dtype))
+                gv = sum(((gi * vi).sum() for gi, vi in zip(g, v_full.values())),
+                         torch.zeros((), dtype=self.dtype, device=g[0].device))
                 for acc, h in zip(hv, torch.autograd.grad(gv, leaves)):
                     acc.add_(h)
         out = {}

@@ -65,16 +65,34 @@ class UnrolledClassifier(nn.Module):
         self.input_bias = input_bias
         self.input_proj = nn.Identity() if self.d_in == body.d else nn.Linear(self.d_in, body.d, bias=input_bias)
         self.head = nn.Linear(body.d, n_classes) if n_classes is not None else None
+        #: the :mod:`unfold.families` family that built this model (``None``: built otherwise)
+        self.family: str | None = None
 
     def config(self) -> dict[str, Any]:
-        return {"body": self.body.config(), "d_in": self.d_in, "n_classes": self.n_classes,
-                "input_bias": self.input_bias}
+        out = {"body": self.body.config(), "d_in": self.d_in, "n_classes": self.n_classes,
+               "input_bias": self.input_bias}
+        if self.family is not None:
+            out["family"] = self.family
+        body_builder = getattr(self.body, "BUILDER", None)
+        if body_builder is not None:  # a body other than Unrolled (e.g. the recurrent one): how to rebuild it
+            out["body_builder"] = body_builder
+        return out
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> UnrolledClassifier:
         try:
-            return cls(Unrolled.from_config(config["body"]), d_in=config["d_in"], n_classes=config["n_classes"],
-                       input_bias=config.get("input_bias", False))
+            body_builder = config.get("body_builder")
+            if body_builder is None:
+                body = Unrolled.from_config(config["body"])
+            elif body_builder in _BODY_BUILDERS:
+                body = _BODY_BUILDERS[body_builder](config["body"])
+            else:
+                raise CheckpointError(f"invalid UnrolledClassifier config: unknown body builder {body_builder!r} "
+                                      f"(known: {sorted(_BODY_BUILDERS)}).")
+            model = cls(body, d_in=config["d_in"], n_classes=config["n_classes"],
+                        input_bias=config.get("input_bias", False))
+            model.family = config.get("family")
+            return model
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"invalid UnrolledClassifier config: {exc}") from None
 
@@ -108,6 +126,14 @@ class UnrolledClassifier(nn.Module):
 
 
 register_builder("UnrolledClassifier", UnrolledClassifier.from_config)
+
+#: bodies other than :class:`~unfold.unroller.Unrolled` an UnrolledClassifier can be rebuilt with (name → from_config)
+_BODY_BUILDERS: dict[str, Any] = {}
+
+
+def register_body_builder(name: str, from_config: Any) -> None:
+    """Make ``UnrolledClassifier.from_config`` rebuild bodies whose class sets ``BUILDER = name``."""
+    _BODY_BUILDERS[name] = from_config
 
 
 def yang2022(

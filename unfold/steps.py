@@ -102,6 +102,7 @@ class AttentionStep(Step):
 
     kind = "attention"
     term = "E_att"
+    guarantee_kind = "mm"
 
     def __init__(
         self,
@@ -118,12 +119,15 @@ class AttentionStep(Step):
         orthogonal_heads: bool = False,
         fused: bool = True,
         init_std: float | None = None,
+        alpha_range: tuple[float, float] | None = None,
+        backtrack: int = 0,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
         self.heads = positive_int(heads, "heads")
         if k is None:
             if d % heads:
-                raise EnergyInputError(f"`heads` = {heads} does not divide d = {d}; pass the per-head width `k`.")
+                raise EnergyInputError(f"`heads` = {heads} does not divide d = {d}; pass the per-head width `k` "
+                                       "or choose heads dividing d.")
             k = d // heads
         self.k = positive_int(k, "k")
         self.preconditioner = check_preconditioner(preconditioner).value
@@ -145,6 +149,7 @@ class AttentionStep(Step):
             parametrize.register_parametrization(self, "M", constraint)
         else:
             self.M = nn.Parameter(torch.randn(self.heads, d, self.k) * std)
+        self._setup_step_size(alpha_range, backtrack)
 
     def config(self) -> dict[str, Any]:
         if self.kernel_name is None:
@@ -207,6 +212,8 @@ class AttentionStep(Step):
         log-normalisers, :func:`energy.core.fused.fused_step_and_energy`). ``Y⁺`` is the same map as
         :meth:`forward_prepared`.
         """
+        if self.backtrack:
+            return super().forward_prepared_and_energy(prepared, Y)
         t, Y, alpha = prepared.tensors, self._check_Y(Y), self._alpha()
         if self.uses_fused:
             return fused_step_and_energy(Y, t["M"], alpha, t["kappa"], t["values"], t["out"])
@@ -295,6 +302,8 @@ class FFNStep(_GradientStep):
         alpha: float = 1.0,
         learn_alpha: bool = False,
         init_std: float | None = None,
+        alpha_range: tuple[float, float] | None = None,
+        backtrack: int = 0,
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
         self.spectrum = None if spectrum is None else _check_spectrum(spectrum)
@@ -318,6 +327,7 @@ class FFNStep(_GradientStep):
             self.b = nn.Parameter(torch.zeros(d))
         else:
             self.register_buffer("b", torch.zeros(d))
+        self._setup_step_size(alpha_range, backtrack)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),

@@ -1,0 +1,112 @@
+"""Model families (unfold.families, MATH §7): every family builds, trains, saves, and keeps its stated guarantee."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from energy._validation import EnergyInputError
+from unfold.certificate import descent_certificate
+from unfold.families import FAMILIES, build_classifier, family_names
+from unfold.modelfile import load_model, save_model
+from unfold.train import train
+
+f64 = torch.float64
+
+
+def _model(family: str, seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    args = {"d_in": 3, "d": 8, "depth": 2, "heads": 2, "n_outputs": 4, **kw}
+    return build_classifier(family, **args).double()
+
+
+def _X(seed: int = 0, b: int = 5, n: int = 6) -> torch.Tensor:
+    return torch.randn(b, n, 3, dtype=f64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_family_builds_traces_and_certifies(family):
+    spec = FAMILIES[family]
+    assert spec.name == family and spec.description and "MATH §" in spec.guarantee
+    model = _model(family, heads=1 if family.startswith("yang2022") else 2)  # yang2022: the paper's one head
+    X = _X()
+    logits, info = model(X, trace=True)
+    assert logits.shape == (5, 4) and torch.equal(logits, model(X))
+    assert info["energies"]["total"].shape[-1] == 5
+    cert = descent_certificate(model, X)
+    assert cert.family == family and cert.violations == 0
+    if spec.certifiable:
+        assert cert.certified, cert.summary()
+    else:
+        assert cert.guaranteed_share < 1.0 and any(e.guarantee == "none" for e in cert.steps)
+    json.loads(cert.to_json())
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_every_family_trains_a_few_steps_and_round_trips(family, tmp_path):
+    torch.manual_seed(0)
+    model = build_classifier(family, d_in=3, d=8, depth=2, heads=2, n_outputs=4)
+    X, y = torch.randn(8, 5, 3), torch.randint(0, 4, (8,))
+    res = train(model, torch.nn.functional.cross_entropy, [(X, y)] * 3, steps=3, lr=1e-2, progress=False, seed=0)
+    assert len(res.history) == 3 and all(math.isfinite(v) for v in res.history)
+    path = save_model(model, tmp_path / "m.pt")
+    back = load_model(path)
+    assert back.family == family
+    torch.testing.assert_close(back(X), model(X), rtol=0, atol=0)
+
+
+def test_learned_steps_stay_inside_their_ranges_after_training():
+    torch.manual_seed(1)
+    model = build_classifier("learned_steps", d_in=3, d=8, depth=2, heads=2, n_outputs=4)
+    X, y = torch.randn(8, 5, 3), torch.randint(0, 4, (8,))
+    train(model, torch.nn.functional.cross_entropy, [(X, y)] * 20, steps=20, lr=1.0, progress=False, seed=0)
+    att, ffn, _ = model.body.layer(0)
+    for step in (att, ffn):
+        lo, hi = step.alpha_range
+        assert lo < step.current_alpha() < hi or step.current_alpha() in (lo, hi)
+        kind, _ = step.guarantee()
+        assert kind in ("mm", "gradient")
+
+
+def test_yang2022_with_general_heads_reports_no_guarantee_for_attention():
+    with pytest.warns(UserWarning, match="not mutually orthogonal"):
+        cert = descent_certificate(_model("yang2022", heads=2), _X())
+    kinds = {e.steps: e.guarantee for e in cert.steps}
+    assert kinds[("attention",)] == "none" and kinds[("ffn", "relu")] == "gradient"
+    assert cert.guaranteed_share == 0.5 and not cert.certified
+
+
+def test_unknown_family_lists_the_valid_ones():
+    with pytest.raises(EnergyInputError, match=r"unknown family .yang.; valid families: .*yang2022_ln"):
+        build_classifier("yang", d_in=3, d=8, depth=2, heads=1, n_outputs=2)
+
+
+def test_heads_not_dividing_the_width_names_both_and_the_fix():
+    with pytest.raises(EnergyInputError, match=r"`heads` = 3 does not divide the width d = 8.*\[1, 2, 4, 8\]"):
+        build_classifier("untied", d_in=3, d=8, depth=2, heads=3, n_outputs=2)
+
+
+def test_unknown_option_lists_the_family_options():
+    with pytest.raises(EnergyInputError, match=r"no option\(s\) \['backtrak'\].*backtrack"):
+        build_classifier("general_heads", d_in=3, d=8, depth=2, heads=2, n_outputs=2, backtrak=2)
+
+
+@pytest.mark.parametrize("rng", [(0.5, 2.5), (-0.1, 1.0), (0.0, 2.0000001)])
+def test_learned_range_outside_the_guarantee_is_an_error(rng):
+    with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*guaranteed range.*choose"):
+        build_classifier("learned_steps", d_in=3, d=8, depth=2, heads=2, n_outputs=2, att_range=rng)
+
+
+@given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]),
+       family=st.sampled_from(["untied", "orthogonal_heads", "general_heads", "learned_steps"]))
+def test_certified_families_never_increase_a_guaranteed_term(seed, b, n, heads, family):
+    """Property: inside the guaranteed ranges (float64), no certified step increases its term (MATH §7)."""
+    model = _model(family, seed=seed, heads=heads)
+    X = _X(seed, b=b, n=n) * 3.0
+    cert = descent_certificate(model, X, rtol=1e-12)
+    assert cert.certified, cert.summary()

@@ -115,13 +115,13 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--tasks", default="digits,addition,text", help=f"comma-separated, of: {', '.join(TASKS)}")
     parser.add_argument("--models", default="all", help=f"comma-separated, of: {', '.join(model_names())}")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 … N-1), at least 1")
-    parser.add_argument("--sweep-seeds", type=int, default=3, help="seeds that run every learning rate (the "
+    parser.add_argument("--sweep-seeds", type=int, default=1, help="seeds that run every learning rate (the "
                                                                     "others run the best one)")
     parser.add_argument("--d", default="16,32", help="sizes: comma-separated widths of the standard encoder; every "
                                                       "family is matched to its parameter count")
     parser.add_argument("--depth", type=int, default=4, help="number of layers")
     parser.add_argument("--heads", type=int, default=2, help="attention heads (standard and multi-head families)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=250, help="optimizer steps per run")
     parser.add_argument("--lr", default="1e-3,3e-3,1e-2", help="learning rates of the sweep, comma-separated")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")

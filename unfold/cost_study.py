@@ -13,13 +13,17 @@ and CPU, of the training loop alone) and, for every family whose steps carry a g
   learning rate is reported as mean ± std over all seeds.
 * **Resume.** With ``cache=PATH`` every finished run is written to that JSON file (atomically, after each run); a
   later call skips the runs found there. A run's key holds everything that determines it (task, model, width, heads,
-  depth, learning rate, seed, steps, batch size, optimiser, certificate inputs, study version), so a cache written
-  with other settings is never mistaken for this one. Ctrl-C raises :class:`energy._cli.Interrupted` naming the
+  depth, learning rate, seed, steps, batch size, optimiser, certificate inputs, study version, and a fingerprint of
+  the source of the model, data and training modules), so a cache written with other settings or other code is never
+  mistaken for this one. Ctrl-C raises :class:`energy._cli.Interrupted` naming the
   finished runs.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import json
 import math
 import statistics
@@ -75,8 +79,8 @@ class StudyConfig:
     heads: int = 2
     lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seeds: int = 3
-    steps: int = 300
+    sweep_seeds: int = 1
+    steps: int = 250
     batch_size: int = 64
     optimizer: str = "adam"
     certify_inputs: int = 256
@@ -112,10 +116,27 @@ class StudyConfig:
         return self
 
 
+#: the modules whose source determines a run's result (models, steps, certificates, data, training loop)
+_CODE = ("unfold.families", "unfold.certificate", "unfold.steps", "unfold.step_base", "unfold.parametrizations",
+         "unfold.unroller", "unfold.presets", "unfold.standard", "unfold.train", "unfold.cost_tasks",
+         "unfold.cost_models", "unfold.data.addition", "unfold.data.sequences", "unfold.data.offline_text")
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """12 hex digits of the SHA-256 of the source of the modules in ``_CODE``: a run cached by other code is redone."""
+    h = hashlib.sha256()
+    for name in _CODE:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin is not None:
+            h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def run_key(cfg: StudyConfig, task: str, model: str, d: int, heads: int, lr: float, seed: int) -> str:
-    """The cache key of one run: every setting that determines its result."""
+    """The cache key of one run: every setting that determines its result, and the code fingerprint."""
     return (f"{task}/{model}/d{d}/h{heads}/L{cfg.depth}/lr{lr!r}/seed{seed}/steps{cfg.steps}/b{cfg.batch_size}/"
-            f"{cfg.optimizer}/cert{cfg.certify_inputs}/v{STUDY_VERSION}")
+            f"{cfg.optimizer}/cert{cfg.certify_inputs}/v{STUDY_VERSION}/code-{code_fingerprint()}")
 
 
 def load_cache(path: Path) -> dict[str, Any]:
@@ -358,7 +379,7 @@ def run_study(cfg: StudyConfig, *, cache: str | Path | None = None,
 
     report: dict[str, Any] = {
         "settings": {**asdict(cfg), "models": cfg.model_list(),
-                     "study_version": STUDY_VERSION,
+                     "study_version": STUDY_VERSION, "code_fingerprint": code_fingerprint(),
                      "standard": "unfold.standard.standard_encoder (nn.TransformerEncoderLayer, d_ff = 4d, post-LN)",
                      "families": {n: {"description": FAMILIES[n].description, "guarantee": FAMILIES[n].guarantee,
                                       "certifiable": FAMILIES[n].certifiable}

@@ -27,8 +27,11 @@ TARGET_TIME_RATIO = 2.0
 
 
 def study_config(cfg: FigureConfig) -> StudyConfig:
-    """The study the figure runs at ``cfg.fidelity`` (``sizes`` overrides: ``tasks``, ``sizes``, ``models``,
-    ``seeds``, ``steps``, ``lrs``)."""
+    """The study the figure runs at ``cfg.fidelity``.
+
+    ``cfg.sizes`` overrides (tests): ``tasks``, ``sizes``, ``models``, ``depth``, ``seeds``, ``steps``, ``lrs``,
+    ``certify_inputs``.
+    """
     if cfg.fidelity == "paper":
         base = StudyConfig()
         return StudyConfig(**{**{k: getattr(base, k) for k in base.__dataclass_fields__},
@@ -65,8 +68,8 @@ def _caption(d: dict[str, Any]) -> str:
     "parameters, one budget, LR picked on validation), and the energy trace of the best certified model.",
     claim=(
         "An energy-certified unfolded model (every step with a descent guarantee, no violation) comes within "
-        f"{TARGET_GAP_POINTS:g} accuracy points of the standard encoder on digits at equal parameter counts, at no more "
-        f"than {TARGET_TIME_RATIO:g}× its training time (issue #13's target; report what is reached)."
+        f"{TARGET_GAP_POINTS:g} accuracy points of the standard encoder on digits at equal parameter counts, at no "
+        f"more than {TARGET_TIME_RATIO:g}× its training time (issue #13's target; report what is reached)."
     ),
     caption=_caption,
     paper_seed=0,

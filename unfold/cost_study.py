@@ -146,7 +146,8 @@ def load_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise EnergyInputError(f"cache {path}: not readable JSON ({exc}); delete it to start the study afresh.") from None
+        raise EnergyInputError(f"cache {path}: not readable JSON ({exc}); delete it to start the study "
+                               "afresh.") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
         raise EnergyInputError(f"cache {path}: not a study cache (no 'runs' object); delete it or pass another path.")
     return dict(data["runs"])
@@ -375,7 +376,8 @@ def run_study(cfg: StudyConfig, *, cache: str | Path | None = None,
     except KeyboardInterrupt:
         where = (f"cached in {path}; rerun the same command to resume (finished runs are skipped)" if path
                  is not None else "nothing was cached (no cache file given); rerun to start again")
-        raise Interrupted(f"{len(runs)} of {n_total} runs finished ({done_now} trained in this call), {where}") from None
+        raise Interrupted(f"{len(runs)} of {n_total} runs finished ({done_now} trained in this call), "
+                          f"{where}") from None
 
     report: dict[str, Any] = {
         "settings": {**asdict(cfg), "models": cfg.model_list(),

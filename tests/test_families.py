@@ -50,7 +50,8 @@ def test_every_family_builds_traces_and_certifies(family):
 @pytest.mark.parametrize("family", family_names())
 def test_every_family_trains_a_few_steps_and_round_trips(family, tmp_path):
     torch.manual_seed(0)
-    model = build_classifier(family, d_in=3, d=8, depth=2, heads=2, n_outputs=4)
+    heads = 1 if family.startswith("yang2022") else 2
+    model = build_classifier(family, d_in=3, d=8, depth=2, heads=heads, n_outputs=4)
     X, y = torch.randn(8, 5, 3), torch.randint(0, 4, (8,))
     res = train(model, torch.nn.functional.cross_entropy, [(X, y)] * 3, steps=3, lr=1e-2, progress=False, seed=0)
     assert len(res.history) == 3 and all(math.isfinite(v) for v in res.history)
@@ -103,10 +104,23 @@ def test_learned_range_outside_the_guarantee_is_an_error(rng):
 
 
 @given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]),
-       family=st.sampled_from(["untied", "orthogonal_heads", "general_heads", "learned_steps"]))
+       family=st.sampled_from(["untied", "orthogonal_heads", "general_heads", "learned_steps", "sphere",
+                               "recurrent", "energy_ffn"]))
 def test_certified_families_never_increase_a_guaranteed_term(seed, b, n, heads, family):
     """Property: inside the guaranteed ranges (float64), no certified step increases its term (MATH §7)."""
     model = _model(family, seed=seed, heads=heads)
     X = _X(seed, b=b, n=n) * 3.0
     cert = descent_certificate(model, X, rtol=1e-12)
     assert cert.certified, cert.summary()
+
+
+@given(seed=st.integers(0, 2**16), heads=st.sampled_from([2, 4, 8]), eta=st.floats(0.05, 1.95))
+def test_general_heads_with_the_computed_bound_are_certified(seed, heads, eta):
+    model = _model("general_heads", seed=seed, heads=heads, mode="bound", eta=eta)
+    cert = descent_certificate(model, _X(seed) * 3.0, rtol=1e-12)
+    assert cert.certified and {e.guarantee for e in cert.steps} == {"bound", "gradient"}
+
+
+def test_general_heads_mode_must_be_known():
+    with pytest.raises(EnergyInputError, match=r"`mode` must be 'backtrack' or 'bound'"):
+        build_classifier("general_heads", d_in=3, d=8, depth=1, heads=2, n_outputs=2, mode="exact")

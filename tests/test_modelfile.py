@@ -21,6 +21,7 @@ from unfold.modelfile import (
     save_model,
     write_model_file,
 )
+from unfold.parametrizations import SpectrumClip
 from unfold.presets import yang2022
 from unfold.standard import standard_encoder
 from unfold.train import load_checkpoint, save_checkpoint, train
@@ -132,3 +133,28 @@ def test_deprecated_read_checkpoint_warns_and_reads(tmp_path):
     path = save_model(_model(), tmp_path / "m.pt")
     with pytest.warns(DeprecationWarning, match="read_model_file"):
         assert read_checkpoint(path)["builder"] == "UnrolledClassifier"
+
+
+def test_a_model_file_of_the_clipped_start_loads_unchanged(tmp_path):
+    """Files written before the interior start of W_f (original = clip(sym(A)), spectrum on the band's edge) load
+    with the same W_f and outputs: the state format did not change (the clip stays the default map)."""
+    model = _model()
+    ffn = model.body.layer(0)[1]
+    A = torch.randn(6, 6, dtype=DT, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ffn.parametrizations.W_f.original.copy_(SpectrumClip(0.0, 0.95)(0.5 * (A + A.T)))
+    path = save_model(model, tmp_path / "old.pt")
+    back = load_model(path)
+    torch.testing.assert_close(back.body.layer(0)[1].W_f, ffn.W_f, rtol=0, atol=0)
+    torch.testing.assert_close(back(_X()), model(_X()), rtol=0, atol=0)
+
+
+def test_family_models_with_their_new_steps_round_trip(tmp_path):
+    from unfold.families import build_classifier
+
+    for family in ("sphere", "recurrent", "energy_ffn", "learned_steps"):
+        torch.manual_seed(0)
+        model = build_classifier(family, d_in=4, d=6, depth=2, heads=2, n_outputs=3).double()
+        back = load_model(save_model(model, tmp_path / f"{family}.pt"))
+        assert type(back.body) is type(model.body) and back.family == family
+        torch.testing.assert_close(back(_X()), model(_X()), rtol=0, atol=0)

@@ -17,9 +17,11 @@ from unfold.parametrizations import (
     OrthogonalHeads,
     PSDMetric,
     SpectrumClip,
+    SpectrumSquash,
     Symmetric,
     check_constraints,
     constraints_of,
+    squash,
 )
 
 
@@ -149,6 +151,60 @@ def test_spectrum_clip_check_and_assignment(gen):
     torch.testing.assert_close(m.W_f, ok, rtol=0, atol=1e-14)  # failed assignments changed nothing
     with pytest.raises(EnergyInputError, match="lo ≤ hi"):
         SpectrumClip(1.0, 0.0)
+
+
+# -------------------------------------------------------------------------------------- SpectrumSquash (MATH §7.3)
+
+
+def test_spectrum_squash_forward_is_the_smooth_map_of_the_spectrum(gen):
+    A = torch.randn(6, 6, generator=gen, dtype=DT)  # (tanh reaches ±1 in float64 beyond ~19 half-widths)
+    W = SpectrumSquash(0.0, 0.95)(A)
+    lam_s, V = torch.linalg.eigh(0.5 * (A + A.T))
+    torch.testing.assert_close(W @ V, V * squash(lam_s, 0.0, 0.95), rtol=0, atol=1e-12)
+    lam = torch.linalg.eigvalsh(W)
+    assert bool((lam > 0).all()) and bool((lam < 0.95).all())
+    # slope 1 at the centre of the band, and g(m) = m
+    m = torch.tensor([0.475], dtype=DT, requires_grad=True)
+    (slope,) = torch.autograd.grad(squash(m, 0.0, 0.95).sum(), m)
+    assert float(slope) == pytest.approx(1.0, abs=1e-15) and float(squash(m, 0.0, 0.95)) == pytest.approx(0.475)
+
+
+@pytest.mark.parametrize("repeated", [False, True])
+def test_spectrum_squash_derivative_matches_autograd_through_eigh_and_finite_differences(gen, repeated):
+    """Daleckii–Krein backward = autograd through eigh (distinct eigenvalues) and central differences (also with
+    repeated eigenvalues, where autograd through eigh is not defined)."""
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=gen, dtype=DT))
+    lam = torch.tensor([-1.0, -1.0, 0.3, 0.3, 2.0] if repeated else [-1.3, -0.2, 0.3, 0.8, 2.0], dtype=DT)
+    A = ((Q * lam) @ Q.T).requires_grad_(True)
+    C = torch.randn(5, 5, generator=gen, dtype=DT)
+    p = SpectrumSquash(-0.5, 0.5)
+    (g,) = torch.autograd.grad((p(A) * C).sum(), A)
+    if not repeated:
+        def twin(S):
+            e, U = torch.linalg.eigh(0.5 * (S + S.T))
+            return ((U * squash(e, -0.5, 0.5).unsqueeze(-2)) @ U.T * C).sum()
+        torch.testing.assert_close(g, torch.func.grad(twin)(A.detach()), rtol=1e-10, atol=1e-12)
+    for _ in range(3):
+        D = torch.randn(5, 5, generator=gen, dtype=DT)
+        eps = 1e-6
+        with torch.no_grad():
+            fd = ((p(A + eps * D) * C).sum() - (p(A - eps * D) * C).sum()) / (2 * eps)
+        assert abs(float((g * D).sum()) - float(fd)) < 1e-7
+
+
+def test_spectrum_squash_right_inverse_is_exact_inside_and_refuses_the_edge(gen):
+    m = _holder("W_f", 0.475 * torch.eye(4, dtype=DT))
+    parametrize.register_parametrization(m, "W_f", SpectrumSquash(0.0, 0.95))
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=DT))
+    ok = (Q * torch.tensor([0.01, 0.3, 0.5, 0.94], dtype=DT)) @ Q.T
+    m.W_f = ok
+    torch.testing.assert_close(m.W_f, ok, rtol=0, atol=1e-12)
+    with pytest.raises(ConstraintError, match=r"SpectrumSquash.*edge.*spectrum_map='clip'"):
+        m.W_f = torch.diag(torch.tensor([0.0, 0.3, 0.5, 0.9], dtype=DT))
+    with pytest.raises(ConstraintError, match=r"SpectrumSquash.*eigenvalues in \[0, 1.5\]"):
+        m.W_f = torch.diag(torch.tensor([0.0, 0.3, 0.5, 1.5], dtype=DT))
+    with pytest.raises(EnergyInputError, match="lo < hi"):
+        SpectrumSquash(0.5, 0.5)
 
 
 # ------------------------------------------------------------------------------------------------ OrthogonalHeads

@@ -16,6 +16,7 @@ from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.normalization import layernorm_projection
 from energy.reference import attention_weights
+from unfold.parametrizations import SpectrumClip
 from unfold.steps import (
     AttentionStep,
     EnergyTransformerStep,
@@ -253,3 +254,80 @@ def test_bad_arguments():
     step = AttentionStep(4).double()
     with pytest.raises(EnergyInputError, match="Y"):
         step(torch.randn(2, 3, 5, dtype=DT))
+
+
+# -------------------------------------------------------------------- the W_f gradient at initialisation (MATH §7.3)
+
+
+def _eigen_gradients(step: FFNStep) -> torch.Tensor:
+    """The singular values of the derivative of ``W_f`` with respect to its original on symmetric directions
+    (``d(d+1)/2`` of them): a zero is a direction of the original that gets no gradient, whatever the loss."""
+    A = step.parametrizations.W_f.original.detach()
+    constraint = step.parametrizations.W_f[0]
+    d = A.shape[-1]
+    J = torch.func.jacrev(constraint)(A).reshape(d * d, d * d)
+    iu = torch.triu_indices(d, d)
+    B = torch.zeros(d, d, iu.shape[1], dtype=A.dtype)
+    B[iu[0], iu[1], torch.arange(iu.shape[1])] = 1.0
+    B[iu[1], iu[0], torch.arange(iu.shape[1])] = 1.0
+    B = B / torch.linalg.vector_norm(B, dim=(0, 1))
+    return torch.linalg.svdvals(J @ B.reshape(d * d, -1))
+
+
+@pytest.mark.parametrize("spectrum_map", ["clip", "smooth"])
+@pytest.mark.parametrize("d", [3, 8, 12])
+def test_every_eigen_direction_of_w_f_gets_a_gradient_at_initialisation(seed, spectrum_map, d):
+    torch.manual_seed(seed)
+    step = FFNStep(d, spectrum_map=spectrum_map).double()
+    g = _eigen_gradients(step)  # the clip: exactly 1; the squash: g' ≥ 1 − tanh²(1) at the interior start
+    assert bool((g > (0.99 if spectrum_map == "clip" else 1 - math.tanh(1) ** 2 - 1e-12)).all()), g
+    lam = torch.linalg.eigvalsh(step.W_f.detach())
+    assert bool((lam > 0).all()) and bool((lam < 0.95).all())  # the start is strictly inside the band
+
+
+def test_a_clipped_start_starves_eigen_directions_which_the_fix_avoids(seed):
+    """The old start (original = clip(sym(A)), half of the spectrum on the edge 0) gives some eigen-directions no
+    gradient — the defect the interior start removes."""
+    torch.manual_seed(seed)
+    step = FFNStep(12).double()
+    A = torch.randn(12, 12, dtype=DT) / math.sqrt(12)
+    with torch.no_grad():
+        step.parametrizations.W_f.original.copy_(SpectrumClip(0.0, 0.95)(0.5 * (A + A.T)))
+    g = _eigen_gradients(step)
+    assert int((g < 1e-12).sum()) > 0
+
+
+def test_smooth_spectrum_keeps_learning_where_the_clip_stops():
+    """An eigenvalue of the original pushed past the band: the clip's derivative is 0 there, the squash's is not."""
+    clip, smooth = FFNStep(4, spectrum_map="clip").double(), FFNStep(4, spectrum_map="smooth").double()
+    for step in (clip, smooth):
+        with torch.no_grad():
+            step.parametrizations.W_f.original.copy_(torch.diag(torch.tensor([2.0, 0.3, 0.5, -1.0], dtype=DT)))
+    assert int((_eigen_gradients(clip) < 1e-12).sum()) == 2  # the two diagonal directions outside the band
+    assert bool((_eigen_gradients(smooth) > 1e-3).all())
+    assert smooth.config()["spectrum_map"] == "smooth" and "spectrum_map" not in clip.config()
+    with pytest.raises(EnergyInputError, match="spectrum_map"):
+        FFNStep(4, spectrum_map="soft")
+
+
+def test_bounded_learnable_alpha_and_backtracking_options():
+    """alpha_range: α = lo + (hi − lo)σ(a) starts at alpha and receives a gradient; backtrack: E never rises."""
+    torch.manual_seed(0)
+    step = FFNStep(4, alpha=0.6, alpha_range=(0.1, 1.0)).double()
+    assert step.current_alpha() == pytest.approx(0.6, rel=1e-7)  # the logit was made in float32
+    assert "alpha" not in dict(step.named_parameters())
+    Y = torch.randn(2, 3, 4, dtype=DT)
+    step(Y).sum().backward()
+    assert step.alpha_logit.grad is not None and float(step.alpha_logit.grad.abs()) > 0
+    with pytest.raises(EnergyInputError, match=r"alpha` = 1.1 .*inside alpha_range"):
+        FFNStep(4, alpha=1.1, alpha_range=(0.1, 1.0))
+    with pytest.raises(EnergyInputError, match=r"depends on its weights"):
+        FFNStep(4, spectrum=None, alpha=0.5, alpha_range=(0.1, 1.0))
+    with pytest.raises(EnergyInputError, match=r"backtrack"):
+        FFNStep(4, backtrack=-1)
+    bad = AttentionStep(6, heads=2, alpha=30.0, fused=False).double()  # general heads: no range (warns in forwards)
+    good = AttentionStep(6, heads=2, alpha=30.0, fused=False, backtrack=5).double()
+    good.load_state_dict(bad.state_dict())
+    Y = torch.randn(4, 5, 6, dtype=DT) * 2
+    p = good.prepare()
+    assert bool((good.energy_at(p, good(Y)) <= good.energy_at(p, Y)).all())

@@ -97,3 +97,47 @@ def test_constraint_cost_pipeline_tiny(tmp_path):
     assert cc_main(["--tasks", "digits", "--seeds", "1", "--steps", "1", "--d", "4", "--depth", "1",
                     "--models", "standard", "--lr", "3e-3", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["steps"] == 1
+
+
+def test_train_builds_every_family_and_writes_its_certificate(tmp_path, capsys):
+    from unfold.families import family_names
+
+    for family in family_names():
+        cert = tmp_path / f"{family}.json"
+        args = ["train", "--family", family, "--task", "synthetic", "--d", "8", "--depth", "2", "--heads", "2",
+                "--steps", "2", "--batch-size", "8", "--quiet", "--certificate", str(cert)]
+        assert main(args) == 0, family
+        out = capsys.readouterr().out
+        assert f"model: {family}" in out and "certificate:" in out
+        data = json.loads(cert.read_text())
+        assert data["family"] == family and 0.0 <= data["guaranteed_share"] <= 1.0
+
+
+def test_family_options_and_model_files(tmp_path, capsys):
+    model = tmp_path / "m.pt"
+    assert main(["train", "--family", "recurrent", "--option", "tol=0.01", "--option", "min_depth=2", "--task",
+                 "synthetic", "--d", "8", "--depth", "3", "--steps", "2", "--batch-size", "8", "--quiet", "--save",
+                 str(model)]) == 0
+    capsys.readouterr()
+    assert main(["trace", "--model", str(model), "--n", "4"]) == 0
+    assert "total energy decreased" in capsys.readouterr().out
+    assert main(["trace", "--model", str(model), "--family", "sphere", "--n", "4"]) == 2
+    assert "--family sphere: contradicts the model" in capsys.readouterr().err
+
+
+def test_bad_family_arguments(capsys):
+    assert main(["train", "--family", "yang", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--family yang: unknown family; valid families: " in err and "yang2022_ln" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["train", "--family", "untied", "--no-relu", "--steps", "1"]) == 2
+    assert "--no-relu: does not apply to --family untied" in capsys.readouterr().err
+    assert main(["train", "--family", "untied", "--option", "tied", "--steps", "1"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["train", "--family", "untied", "--option", "tide=1", "--steps", "1", "--task", "synthetic"]) == 2
+    assert "no option(s) ['tide']" in capsys.readouterr().err
+    assert main(["train", "--family", "untied", "--heads", "3", "--d", "8", "--steps", "1", "--task",
+                 "synthetic"]) == 2
+    assert "`heads` = 3 does not divide the width d = 8" in capsys.readouterr().err
+    assert main(["train", "--option", "tied=false", "--steps", "1"]) == 2
+    assert "--option: only for --family" in capsys.readouterr().err

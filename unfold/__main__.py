@@ -3,14 +3,18 @@
 Examples::
 
     python -m unfold train --task digits --d 32 --depth 4 --steps 300 --checkpoint runs/digits.ckpt --save runs/m.pt
+    python -m unfold train --family learned_steps --heads 4 --option tied=false --certificate runs/cert.json
     python -m unfold trace --model runs/m.pt --task digits --plot runs/trace.png
     python -m unfold trace --preset yang2022 --d 16 --depth 6 --task synthetic --json trace.json
 
 ``train`` uses :func:`unfold.train.train` (seeded; with ``--checkpoint`` it saves every ``--checkpoint-every`` steps
 and resumes from an existing checkpoint of the same run) and writes the trained model with
-:func:`unfold.unroller.save_model` (``--save``). ``trace`` loads such a model (or builds a fresh preset), runs the
-forward pass with ``trace=True`` on test inputs of the task and prints the mean of every energy term at every state
-(and optionally plots the per-layer total energy with :func:`unfold.plot_trace`).
+:func:`unfold.unroller.save_model` (``--save``). ``--family NAME`` builds a model family of :mod:`unfold.families`
+instead of ``--preset`` (family options as ``--option KEY=VALUE``, the value read as JSON, e.g. ``tied=false``);
+after training the descent certificate (:func:`unfold.certificate.descent_certificate`) on the probe inputs is
+summarised, and written as JSON with ``--certificate``. ``trace`` loads such a model (or builds a fresh preset),
+runs the forward pass with ``trace=True`` on test inputs of the task and prints the mean of every energy term at
+every state (and optionally plots the per-layer total energy with :func:`unfold.plot_trace`).
 
 Installed as the console script ``unfold``. Every output path (``--save``, ``--checkpoint``, ``--json``, ``--plot``)
 is checked writable before anything is computed. With ``trace --model`` the model file fixes the architecture and
@@ -36,7 +40,9 @@ import torch
 from energy._cli import Interrupted, Parser, UsageError, check_writable_file, prog_name, run_command
 from energy._io import atomic_write_text
 from energy._validation import EnergyInputError
+from unfold.certificate import descent_certificate
 from unfold.constraint_cost import TASKS, make_task
+from unfold.families import build_classifier, family_names
 from unfold.modelfile import CheckpointError, load_model, read_model_file, save_model
 from unfold.plotting import plot_trace
 from unfold.presets import UnrolledClassifier, energy_transformer_block, yang2022
@@ -48,10 +54,48 @@ PRESETS = ("yang2022", "energy_transformer")
 NORM_EPS_DEFAULT: float = inspect.signature(yang2022).parameters["norm_eps"].default
 
 #: The flags that describe the architecture (checked against the model file by ``trace --model``).
-MODEL_FLAGS = ("preset", "d", "depth", "heads", "no_relu", "normalization", "norm_eps", "untied")
+MODEL_FLAGS = ("preset", "family", "d", "depth", "heads", "no_relu", "normalization", "norm_eps", "untied")
+
+#: the preset flags that a family does not take (it fixes its own schedule; its options go through --option)
+_PRESET_ONLY = {"no_relu": "--no-relu", "normalization": "--normalization", "untied": "--untied"}
+
+
+def _family_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--option KEY=VALUE`` pairs as keyword arguments (the value as JSON, else as a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE, e.g. --option tied=false")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.replace("-", "_")] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _check_family_flags(args: argparse.Namespace) -> None:
+    """``--family`` / ``--option`` against the preset flags, before anything is computed."""
+    if getattr(args, "family", None) is None:
+        if getattr(args, "option", None):
+            raise UsageError("--option: only for --family (family options); drop it or pass --family NAME")
+        return
+    if args.family not in family_names():
+        raise UsageError(f"--family {args.family}: unknown family; valid families: {', '.join(family_names())}")
+    given = [flag for dest, flag in _PRESET_ONLY.items() if getattr(args, dest)]
+    given += ["--preset"] if args.preset != "yang2022" else []
+    if given:
+        raise UsageError(f"{', '.join(given)}: does not apply to --family {args.family} (a family fixes its "
+                         "schedule); drop it, or pass family options as --option KEY=VALUE")
+    _family_options(args.option)
 
 
 def _build(args: argparse.Namespace, d_in: int, n_outputs: int) -> UnrolledClassifier:
+    _check_family_flags(args)
+    if args.family is not None:
+        return build_classifier(args.family, d_in=d_in, d=args.d, depth=args.depth, heads=args.heads,
+                                n_outputs=n_outputs, **_family_options(args.option))
     if args.preset == "yang2022":
         return yang2022(args.d, args.depth, relu=not args.no_relu, heads=args.heads, d_in=d_in, n_classes=n_outputs,
                         normalization=args.normalization, norm_eps=args.norm_eps, tied=not args.untied)
@@ -60,6 +104,10 @@ def _build(args: argparse.Namespace, d_in: int, n_outputs: int) -> UnrolledClass
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=PRESETS, default="yang2022", help="model preset")
+    p.add_argument("--family", default=None, metavar="NAME",
+                   help=f"model family of unfold.families instead of a preset ({', '.join(family_names())})")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a family option (repeatable; the value as JSON), e.g. --option tied=false")
     p.add_argument("--d", type=int, default=32, help="token width")
     p.add_argument("--depth", type=int, default=4, help="number of layers")
     p.add_argument("--heads", type=int, default=1, help="attention heads")
@@ -108,15 +156,19 @@ def _checkpoint_note(path: str | None) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """``train``: build the preset, train it on the task (checkpoint / resume), print the test accuracy, save it."""
     _check_positive(args, ("d", "depth", "heads", "steps", "lr", "batch_size", "checkpoint_every"))
+    _check_family_flags(args)
     if args.save:
         check_writable_file(args.save, "--save")
     if args.checkpoint:
         check_writable_file(args.checkpoint, "--checkpoint")
+    if args.certificate:
+        check_writable_file(args.certificate, "--certificate")
     task = make_task(args.task, seed=args.seed, batch_size=args.batch_size)
     torch.manual_seed(args.seed)
     model = _build(args, task.d_in, task.n_outputs)
     print(f"[unfold] task: {task.description}")
-    print(f"[unfold] model: {args.preset}, d={args.d}, depth={args.depth}, schedule={model.body.schedule}")
+    print(f"[unfold] model: {args.family or args.preset}, d={args.d}, depth={args.depth}, "
+          f"schedule={model.body.schedule}")
     try:
         res = train(model, task.loss_fn, task.train_batches, steps=args.steps, lr=args.lr, optimizer=args.optimizer,
                     seed=args.seed, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
@@ -129,6 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"[unfold] resumed from step {res.resumed_from}")
     acc = evaluate(model, task.test_batches(), task.metric)
     print(f"[unfold] final train loss {res.final_loss:.4f}; test accuracy {acc:.4f}")
+    model.eval()
+    cert = descent_certificate(model, task.X_probe)
+    print(f"[unfold] certificate: {cert.summary()}")
+    if args.certificate:
+        atomic_write_text(args.certificate, cert.to_json())
+        print(f"[unfold] wrote the certificate to {args.certificate}")
     if args.save:
         save_model(model, args.save, extra={"task": args.task, "seed": args.seed, "test_accuracy": acc})
         print(f"[unfold] saved model to {args.save}")
@@ -143,6 +201,7 @@ def _model_flags(model: UnrolledClassifier) -> dict[str, Any]:
     norm = next((k for k in kinds if k in ("layernorm", "rmsnorm")), None)
     return {
         "preset": "energy_transformer" if "energy_transformer" in kinds else "yang2022",
+        "family": model.family,
         "d": cfg["d"],
         "depth": cfg["depth"],
         "heads": kwargs[0].get("heads", 1) if kwargs else 1,
@@ -204,6 +263,7 @@ def cmd_trace(args: argparse.Namespace, explicit: dict[str, Any]) -> int:
     Optionally writes the mean energies as JSON (``--json``) and a per-layer plot of the total energy (``--plot``).
     """
     _check_positive(args, ("d", "depth", "heads", "n"))
+    _check_family_flags(args)
     if args.json:
         check_writable_file(args.json, "--json")
     if args.plot:
@@ -273,6 +333,8 @@ def build_parser(prog: str = "python -m unfold") -> tuple[Parser, dict[str, Pars
                          help="steps between checkpoints (None: unfold.train's default)")
     p_train.add_argument("--no-resume", action="store_true", help="start afresh even if the checkpoint exists")
     p_train.add_argument("--save", default=None, help="write the trained model here (for `trace --model`)")
+    p_train.add_argument("--certificate", default=None,
+                         help="write the descent certificate on the probe inputs here (JSON)")
     p_train.add_argument("--quiet", action="store_true", help="no progress bar")
     p_trace = sub.add_parser("trace", help="per-layer energy table of a saved or fresh model")
     _add_model_args(p_trace)

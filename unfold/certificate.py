@@ -19,8 +19,10 @@ and its ReLU form one projected-gradient step). For every certified step of ever
 * the measured change of the step's own energy term on every input, ``E(Y⁺) − E(Y)``: the term of the layer that acts,
   plus the indicator of the constraint set when the group projects onto one (``ι_{≥0}`` for ReLU, the sphere for the
   hyperspherical steps: the term is ``+∞`` at an infeasible input, so the first projection counts as a decrease);
-* *violations*: guaranteed steps whose term increased by more than ``rtol`` relative to ``max(|E(Y)|, |E(Y⁺)|)``;
-  increases of unguaranteed steps are counted separately (nothing was promised).
+* *violations*: guaranteed steps whose term increased by more than ``rtol`` relative to ``max(|E(Y)|, |E(Y⁺)|, s)``
+  (``s``: :meth:`~unfold.step_base.Step.rounding_scale`, the size of what the term is computed from — for attention
+  the ``n·h/2`` diagonal kernel values, so that a tiny energy's rounding is not an increase); increases of
+  unguaranteed steps are counted separately (nothing was promised).
 
 A LayerNorm / RMSNorm projection after a step removes the group's guarantee (the sphere is not convex, MATH §1.4),
 except for the hyperspherical family, whose steps are themselves constrained steps with a descent statement
@@ -178,11 +180,13 @@ def _infeasible(step: Step, group_kinds: list[str], Y: Tensor) -> Tensor:
     return bad
 
 
-def _measure(Eb: Tensor, Ea: Tensor, infeasible: Tensor, rtol: float) -> tuple[int, float, float]:
-    """``(increases, max relative increase, mean change)`` over the inputs with a finite, feasible ``E(Y)``."""
+def _measure(Eb: Tensor, Ea: Tensor, infeasible: Tensor, rtol: float, floor: float) -> tuple[int, float, float]:
+    """``(increases, max relative increase, mean change)`` over the inputs with a finite, feasible ``E(Y)``; an
+    increase is relative to ``max(|E(Y)|, |E(Y⁺)|, floor)`` (``floor``: :meth:`Step.rounding_scale`).
+    """
     ok = ~infeasible & torch.isfinite(Eb)
     delta = Ea - Eb
-    scale = torch.maximum(Eb.abs(), Ea.abs()).clamp_min(torch.finfo(Eb.dtype).tiny)
+    scale = torch.maximum(Eb.abs(), Ea.abs()).clamp_min(max(floor, torch.finfo(Eb.dtype).tiny))
     rel = torch.where(ok, delta / scale, torch.zeros_like(delta))
     inc = rel > rtol
     n_ok = int(ok.sum())
@@ -264,6 +268,7 @@ def _certify_group(steps: list[Step], prepared: list[Any], j0: int, j1: int, gro
                                    "no descent guarantee (MATH §1.4)")
     Eb = cast(Tensor, base.energy_at(prepared[j0], before))
     Ea = cast(Tensor, base.energy_at(prepared[j0], after))
-    increases, max_rel, mean = _measure(Eb, Ea, _infeasible(base, group_kinds, before), tol)
+    increases, max_rel, mean = _measure(Eb, Ea, _infeasible(base, group_kinds, before), tol,
+                                        base.rounding_scale(before))
     return StepCertificate(ell, j0, tuple(group_kinds), base.term, kind, statement, base.current_alpha(), increases,
                            increases if kind != "none" else 0, max_rel, mean)

@@ -25,6 +25,7 @@ from typing import Any
 from energy._validation import EnergyInputError, check_positive_int
 from unfold.certificate import Certificate, descent_certificate
 from unfold.presets import UnrolledClassifier, yang2022
+from unfold.recurrent import RecurrentUnrolled
 from unfold.unroller import Unrolled
 
 __all__ = ["FamilySpec", "FAMILIES", "build_classifier", "descent_certificate", "Certificate", "family_names",
@@ -63,7 +64,8 @@ def _heads_kwargs(heads: int, orthogonal: bool) -> dict[str, Any]:
 def _yang(d_in: int, d: int, depth: int, heads: int, n_outputs: int, o: dict[str, Any], *, tied: bool,
           orthogonal: bool, normalization: str | None = None) -> UnrolledClassifier:
     return yang2022(d, depth, relu=o["relu"], d_in=d_in, n_classes=n_outputs, tied=tied, fused=o["fused"],
-                    normalization=normalization, norm_eps=1e-5, **_heads_kwargs(heads, orthogonal))
+                    normalization=normalization, norm_eps=1e-5, spectrum_map=o["spectrum_map"],
+                    **_heads_kwargs(heads, orthogonal))
 
 
 def _build_yang2022(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
@@ -92,18 +94,53 @@ def _classifier(schedule: list[Any], depth: int, d: int, d_in: int, n_outputs: i
 
 
 def _build_general(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    ffn = {"spectrum_map": o["spectrum_map"]}
+    if o["mode"] == "bound":
+        att: Any = ("majorised_attention", {"heads": heads, "alpha": o["eta"]})
+        schedule = [att, ("ffn", ffn)] + (["relu"] if o["relu"] else [])
+        return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
+    if o["mode"] != "backtrack":
+        raise EnergyInputError(f"family 'general_heads': option `mode` must be 'backtrack' or 'bound', got "
+                               f"{o['mode']!r}.")
     att = {"heads": heads, "fused": o["fused"], "backtrack": o["backtrack"]}
-    return _classifier(_schedule(att, {}, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
+    return _classifier(_schedule(att, ffn, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
 
 
 def _build_learned(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att = {**_heads_kwargs(heads, True), "fused": o["fused"], "learn_alpha": True, "alpha_range": o["att_range"],
            "alpha": o["alpha_att"]}
-    ffn = {"learn_alpha": True, "alpha_range": o["ffn_range"], "alpha": o["alpha_ffn"]}
+    ffn = {"learn_alpha": True, "alpha_range": o["ffn_range"], "alpha": o["alpha_ffn"],
+           "spectrum_map": o["spectrum_map"]}
     return _classifier(_schedule(att, ffn, o["relu"]), depth, d, d_in, n_outputs, o["tied"])
 
 
-_COMMON = {"relu": True, "fused": True}
+def _build_sphere(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    att: dict[str, Any] = {"heads": heads, "alpha": o["eta"]}
+    ffn: dict[str, Any] = {"spectrum_map": o["spectrum_map"]}
+    if o["learn_steps"]:
+        att.update(learn_alpha=True, alpha_range=(0.05, 1.0))
+        ffn.update(learn_alpha=True, alpha_range=(0.05, 1.0 / 1.95), alpha=0.5)
+    schedule = [("sphere_attention", att), ("sphere_ffn", ffn)]
+    return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
+
+
+def _build_recurrent(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    att = {**_heads_kwargs(heads, True), "fused": o["fused"]}
+    ffn = {"spectrum_map": o["spectrum_map"]}
+    body = RecurrentUnrolled(_schedule(att, ffn, o["relu"]), depth, d, tol=o["tol"], min_depth=o["min_depth"])
+    return UnrolledClassifier(body, d_in=d_in, n_classes=n_outputs)
+
+
+def _build_energy_ffn(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
+    att = {**_heads_kwargs(heads, True), "fused": o["fused"]}
+    mlp = {"hidden": o["hidden"], "activation": o["activation"], "alpha": o["omega"]}
+    return _classifier([("attention", att), ("tied_mlp", mlp)], depth, d, d_in, n_outputs, o["tied"])
+
+
+#: options every family with a yang2022-style FFN step has; the new families use the smooth spectrum map (every
+#: eigen-direction of W_f keeps a gradient, MATH §7.3), the paper's two keep the reference code's clip
+_COMMON = {"relu": True, "fused": True, "spectrum_map": "smooth"}
+_PAPER = {"relu": True, "fused": True, "spectrum_map": "clip"}
 
 FAMILIES: dict[str, FamilySpec] = {
     spec.name: spec
@@ -114,12 +151,12 @@ FAMILIES: dict[str, FamilySpec] = {
             "attention: exact MM step, α = 1 ∈ (0, 2) (MATH §1.1(a), one head; several heads are general heads, "
             "no guarantee, MATH §1.2); FFN + ReLU: projected gradient step on E_ffn + ι_{≥0}, α = 1 < 2/1.95 "
             "(MATH §1.3).",
-            True, dict(_COMMON), _build_yang2022),
+            True, dict(_PAPER), _build_yang2022),
         FamilySpec(
             "yang2022_ln",
             "yang2022 plus a LayerNorm projection (no affine, eps 1e-5) at the end of every layer.",
             "attention: as yang2022; FFN + ReLU + LayerNorm: none (projection onto a non-convex set, MATH §1.4).",
-            False, dict(_COMMON), _build_yang2022_ln),
+            False, dict(_PAPER), _build_yang2022_ln),
         FamilySpec(
             "untied",
             "yang2022 with one set of weights per layer (several heads: orthogonal heads).",
@@ -133,9 +170,11 @@ FAMILIES: dict[str, FamilySpec] = {
             True, {**_COMMON, "tied": True}, _build_orthogonal),
         FamilySpec(
             "general_heads",
-            "several unconstrained heads; the attention step backtracks on its energy (α halved ≤ K times).",
-            "attention: backtracking, E_att(Y⁺) ≤ E_att(Y) enforced per input (MATH §7.2); FFN + ReLU as yang2022.",
-            True, {**_COMMON, "tied": True, "backtrack": 4}, _build_general),
+            "several unconstrained heads: the attention step backtracks on its energy (mode='backtrack', α halved "
+            "≤ K times) or takes the per-token majoriser step (mode='bound').",
+            "attention: backtracking, E_att(Y⁺) ≤ E_att(Y) enforced per input, or a step η ∈ (0, 2) of the per-token "
+            "curvature bound μ_i = Σ_h D^h_ii λ_max(W_h) (MATH §7.2); FFN + ReLU as yang2022.",
+            True, {**_COMMON, "tied": True, "mode": "backtrack", "backtrack": 4, "eta": 1.0}, _build_general),
         FamilySpec(
             "learned_steps",
             "learnable step sizes α = lo + (hi − lo)σ(a) inside the guaranteed ranges (orthogonal heads).",
@@ -143,6 +182,25 @@ FAMILIES: dict[str, FamilySpec] = {
             f"α ∈ {FFN_RANGE} ⊂ (0, 2/1.95) (MATH §7.3).",
             True, {**_COMMON, "tied": True, "att_range": ATTENTION_RANGE, "ffn_range": FFN_RANGE,
                    "alpha_att": 1.0, "alpha_ffn": 0.9}, _build_learned),
+        FamilySpec(
+            "sphere",
+            "hyperspherical: tokens on ‖y_i‖ = √d, attention and FFN as normalised MM steps (Hyper-SET-like).",
+            "attention: MM step on the sphere with η ∈ (0, 1], any heads (μ_i = Σ_h D^h_ii λ_max(W_h)); FFN: "
+            "normalised gradient step, α ∈ (0, 1/1.95] (MATH §7.5); the first step projects onto the sphere.",
+            True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth"}, _build_sphere),
+        FamilySpec(
+            "recurrent",
+            "one weight-tied layer iterated until the energy's relative decrease falls below tol (depth = max).",
+            "every step as yang2022 with orthogonal heads; the stopping rule reports the depth used per input "
+            "(MATH §7.6).",
+            True, {**_COMMON, "tol": 1e-3, "min_depth": 1}, _build_recurrent),
+        FamilySpec(
+            "energy_ffn",
+            "attention step + a two-matrix FFN with tied W_2 = Wᵀ and skip, the gradient step of an anchored energy.",
+            "attention: exact MM step (MATH §1.1); FFN: gradient step with α = ω·2/L, L = 1 + s₋‖W‖₂² computed from "
+            "the weights (relu/sigmoid: L = 1; gelu: a bound) (MATH §7.4).",
+            True, {"fused": True, "tied": True, "hidden": None, "activation": "relu", "omega": 0.5},
+            _build_energy_ffn),
     )
 }
 

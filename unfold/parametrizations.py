@@ -44,6 +44,7 @@ __all__ = [
     "PSDMetric",
     "Symmetric",
     "SpectrumClip",
+    "SpectrumSquash",
     "OrthogonalHeads",
     "constraints_of",
     "check_constraints",
@@ -159,19 +160,36 @@ class Symmetric(Constraint):
         return self.check(W)
 
 
-def _daleckii_krein(lam: Tensor, V: Tensor, f: Tensor, lo: float, hi: float, G: Tensor) -> Tensor:
-    r""":math:`V\,(\Phi \circ (V^\top \mathrm{sym}(G)\, V))\,V^\top`: the derivative of the spectral clip in
-    direction ``G`` (self-adjoint, so it is also the vector–Jacobian product); tensor operations only.
+def _daleckii_krein(lam: Tensor, V: Tensor, f: Tensor, fprime: Tensor, G: Tensor) -> Tensor:
+    r""":math:`V\,(\Phi \circ (V^\top \mathrm{sym}(G)\, V))\,V^\top`: the derivative of the spectral function
+    :math:`S \mapsto V f(\Lambda) V^\top` in direction ``G`` (self-adjoint, so it is also the vector–Jacobian
+    product); ``fprime`` = :math:`f'(\lambda_i)`, used on (near-)ties. Tensor operations only.
     """
     dlam = lam.unsqueeze(-1) - lam.unsqueeze(-2)
     df = f.unsqueeze(-1) - f.unsqueeze(-2)
-    inside = ((lam >= lo) & (lam <= hi)).to(lam.dtype)  # one-sided at the bounds: they can move back
     tie = dlam.abs() <= 1e3 * torch.finfo(lam.dtype).eps * lam.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(1.0)
-    # ties: the derivative f' (1 inside the band, 0 outside; equal eigenvalues share one side)
-    deriv = 0.5 * (inside.unsqueeze(-1) + inside.unsqueeze(-2))
+    deriv = 0.5 * (fprime.unsqueeze(-1) + fprime.unsqueeze(-2))  # ties: f' (equal eigenvalues share one value)
     Phi = torch.where(tie, deriv, df / torch.where(tie, torch.ones_like(dlam), dlam))
     Gs = 0.5 * (G + G.transpose(-1, -2))
     return V @ (Phi * (V.transpose(-1, -2) @ Gs @ V)) @ V.transpose(-1, -2)
+
+
+def _clip_prime(lam: Tensor, lo: float, hi: float) -> Tensor:
+    """The clip's derivative: 1 inside ``[lo, hi]``, 0 outside (one-sided at the bounds: they can move back)."""
+    return ((lam >= lo) & (lam <= hi)).to(lam.dtype)
+
+
+def squash(lam: Tensor, lo: float, hi: float) -> Tensor:
+    r""":math:`g(\lambda) = m + r\tanh((\lambda - m)/r)`, :math:`m = (lo + hi)/2`, :math:`r = (hi - lo)/2`: a smooth
+    increasing bijection of :math:`\mathbb{R}` onto :math:`(lo, hi)` with slope 1 at the centre (MATH §7.3); pure.
+    """
+    m, r = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    return m + r * torch.tanh((lam - m) / r)
+
+
+def _squash_prime(lam: Tensor, lo: float, hi: float) -> Tensor:
+    m, r = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    return 1.0 - torch.tanh((lam - m) / r) ** 2
 
 
 class _ClipSpectrum(torch.autograd.Function):
@@ -209,12 +227,34 @@ class _ClipSpectrum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, G: Tensor, *_: Any) -> tuple[Tensor, None, None]:
         lam, V, f = ctx.saved_tensors
-        return _daleckii_krein(lam, V, f, ctx.lo, ctx.hi, G), None, None
+        return _daleckii_krein(lam, V, f, _clip_prime(lam, ctx.lo, ctx.hi), G), None, None
 
     @staticmethod
     def jvp(ctx: Any, dS: Tensor, *_: Any) -> tuple[Tensor, None, None, None]:
         lam, V, f = ctx.saved_tensors
-        return _daleckii_krein(lam, V, f, ctx.lo, ctx.hi, dS), None, None, None
+        return _daleckii_krein(lam, V, f, _clip_prime(lam, ctx.lo, ctx.hi), dS), None, None, None
+
+
+class _SquashSpectrum(_ClipSpectrum):
+    r"""``S ↦ V g(Λ) Vᵀ`` with the smooth :func:`squash` ``g`` (Daleckii–Krein derivative, :math:`\Phi > 0`
+    everywhere: every eigen-direction receives a gradient, MATH §7.3).
+    """
+
+    @staticmethod
+    def forward(S: Tensor, lo: float, hi: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        lam, V = torch.linalg.eigh(S)
+        f = squash(lam, lo, hi)
+        return (V * f.unsqueeze(-2)) @ V.transpose(-1, -2), lam, V, f
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor, *_: Any) -> tuple[Tensor, None, None]:
+        lam, V, f = ctx.saved_tensors
+        return _daleckii_krein(lam, V, f, _squash_prime(lam, ctx.lo, ctx.hi), G), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, dS: Tensor, *_: Any) -> tuple[Tensor, None, None, None]:
+        lam, V, f = ctx.saved_tensors
+        return _daleckii_krein(lam, V, f, _squash_prime(lam, ctx.lo, ctx.hi), dS), None, None, None
 
 
 class SpectrumClip(Constraint):
@@ -260,6 +300,51 @@ class SpectrumClip(Constraint):
 
     def right_inverse(self, W: Tensor) -> Tensor:
         return self.check(W)
+
+
+class SpectrumSquash(SpectrumClip):
+    r"""Symmetric matrix with eigenvalues mapped smoothly into the open band ``(lo, hi)`` (MATH §7.3).
+
+    .. math:: W = V\,g(\Lambda)\,V^\top,\qquad g(\lambda) = m + r\tanh\big((\lambda - m)/r\big),\qquad
+        V \Lambda V^\top = \tfrac12 (A + A^\top)
+
+    (:func:`squash`: ``m = (lo + hi)/2``, ``r = (hi − lo)/2``). Unlike :class:`SpectrumClip`, whose derivative is 0
+    for eigenvalues of the original outside the band (they stop learning), :math:`g' > 0` everywhere, so every
+    eigen-direction gets a gradient. ``right_inverse`` is exact for values with eigenvalues strictly inside the band
+    (:math:`g^{-1} = m + r\,\mathrm{artanh}((w - m)/r)`); a value on the band's edge is not reachable and raises.
+
+    Args:
+        lo: lower bound of the spectrum.
+        hi: upper bound (``hi > lo``).
+    """
+
+    constraint_name = "SpectrumSquash"
+
+    def __init__(self, lo: float = 0.0, hi: float = 0.95) -> None:
+        super().__init__(lo, hi)
+        if not self.lo < self.hi:
+            raise EnergyInputError(f"SpectrumSquash needs lo < hi (an open band), got lo={lo!r}, hi={hi!r}; use "
+                                   "SpectrumClip for a single value.")
+
+    def describe(self) -> str:
+        return f"SpectrumSquash(symmetric, eigenvalues in ({self.lo:g}, {self.hi:g}) by m + r·tanh((λ − m)/r))"
+
+    def forward(self, A: Tensor) -> Tensor:
+        return _SquashSpectrum.apply(_sym(A), self.lo, self.hi)[0]
+
+    def right_inverse(self, W: Tensor) -> Tensor:
+        """The original ``V g⁻¹(Λ) Vᵀ`` of a symmetric ``W`` with eigenvalues strictly inside ``(lo, hi)``."""
+        self.check(W)
+        lam, V = torch.linalg.eigh(W)
+        m, r = 0.5 * (self.lo + self.hi), 0.5 * (self.hi - self.lo)
+        u = (lam - m) / r
+        if float(u.abs().max()) >= 1.0:
+            raise ConstraintError(
+                f"{self.describe()}: the value has an eigenvalue on the band's edge ({float(lam.min()):.6g} or "
+                f"{float(lam.max()):.6g}), which the smooth map never reaches; move it inside (e.g. shrink towards "
+                f"{m:g}) or use spectrum_map='clip'."
+            )
+        return (V * (m + r * torch.atanh(u)).unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
 class OrthogonalHeads(Constraint):

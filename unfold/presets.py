@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from energy._validation import EnergyInputError, check_real, check_tensor
+from unfold.recurrent import RecurrentUnrolled
 from unfold.standard import (  # noqa: F401 - re-exported for compatibility
     GPT2Config,
     GPT2Decoder,
@@ -136,6 +137,9 @@ def register_body_builder(name: str, from_config: Any) -> None:
     _BODY_BUILDERS[name] = from_config
 
 
+register_body_builder(RecurrentUnrolled.BUILDER, RecurrentUnrolled.from_config)
+
+
 def yang2022(
     d: int = 300,
     depth: int = 12,
@@ -152,6 +156,7 @@ def yang2022(
     norm_eps: float = 0.0,
     tied: bool = True,
     fused: bool = True,
+    spectrum_map: str = "clip",
 ) -> UnrolledClassifier:
     r"""The weight-tied unfolded Transformer of Yang, Huang & Wipf (2022), MATH §1.6, §1.8.
 
@@ -179,12 +184,14 @@ def yang2022(
             ``nn.LayerNorm`` / ``nn.RMSNorm`` map, defined everywhere).
         tied: share weights across layers (True in the paper).
         fused: fused SDPA attention path.
+        spectrum_map: ``"clip"`` (the reference code's spectrum clip) or ``"smooth"`` (the smooth map into the
+            band, :class:`~unfold.parametrizations.SpectrumSquash`, MATH §7.3).
     """
     for name, a in (("alpha_att", alpha_att), ("alpha_ffn", alpha_ffn)):
         check_real(a, name, what="(a step size)")
     schedule: list[Any] = [
         ("attention", {"heads": heads, "alpha": alpha_att, "orthogonal_heads": orthogonal_heads, "fused": fused}),
-        ("ffn", {"alpha": alpha_ffn, "spectrum": spectrum}),
+        ("ffn", {"alpha": alpha_ffn, "spectrum": spectrum, "spectrum_map": spectrum_map}),
     ]
     if relu:
         schedule.append("relu")
@@ -222,8 +229,8 @@ def init_signal_preserving_(
     * ``b = 0`` with ``W_f ⪰ 0``: after the first ReLU the tokens are non-negative and ``ReLU(−Y W_f)`` removes
       every component along which ``Y W_f`` is positive (all of it for ``W_f ∝ I``).
 
-    This initialiser sets, for every FFN step, the unconstrained original of ``W_f`` to ``Q diag(λ) Qᵀ`` with
-    ``Q`` Haar-orthogonal and ``λ_i ~ U(ffn_band)`` (distinct, inside the constraint's band: the clip is the
+    This initialiser sets, for every FFN step, ``W_f`` to ``Q diag(λ) Qᵀ`` (through the constraint's right inverse)
+    with ``Q`` Haar-orthogonal and ``λ_i ~ U(ffn_band)`` (distinct, inside the constraint's band: the clip is the
     identity at initialisation and every eigenvalue receives a gradient), the bias to ``b = ffn_bias · 1``, and
     (``input_std`` not ``None``) the input map's weight to ``N(0, input_std²)`` entries (its bias to 0). The
     attention factor ``M`` keeps its default. The model's structure, its constraints and its step sizes are
@@ -261,7 +268,8 @@ def init_signal_preserving_(
         Q, R = torch.linalg.qr(G)
         Q = Q * torch.sign(torch.diagonal(R)).unsqueeze(-2)  # Haar-distributed
         lam = lo + (hi - lo) * torch.rand(d, generator=generator, dtype=torch.float64)
-        original.copy_(((Q * lam.unsqueeze(-2)) @ Q.T).to(original.dtype))
+        # the constraint's right inverse: the clip's is the value itself, the smooth map's its preimage
+        step.W_f = ((Q * lam.unsqueeze(-2)) @ Q.T).to(original.dtype)
         if step.bias:
             step.b.fill_(ffn_bias)
     if input_std is not None and isinstance(model.input_proj, nn.Linear):

@@ -173,6 +173,13 @@ class Step(nn.Module):
             return "bound", f"α = {alpha:.6g} in the range computed from the current weights {computed}"
         return "none", f"α = {alpha:.6g} outside the range computed from the current weights {computed}"
 
+    def rounding_scale(self, Y: Tensor) -> float:
+        """The magnitude of the quantities this step's energy term is computed from at ``Y`` (a Python number; 0:
+        the term's own magnitude is the scale). A certificate measures an energy change relative to
+        ``max(|E(Y)|, |E(Y⁺)|, rounding_scale)``, so that rounding in the evaluation is not reported as an increase.
+        """
+        return 0.0
+
     def prepare(self) -> Prepared:
         """Evaluate the parametrisations once for one forward pass; check a fixed ``α`` against
         :meth:`guaranteed_range` (a Python comparison, no tensor read). A backtracking step enforces its decrease

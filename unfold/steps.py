@@ -48,7 +48,7 @@ from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.step_range import attention_step_range
-from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, Symmetric
+from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, SpectrumSquash, Symmetric, squash
 from unfold.step_base import Prepared, Step, make_kernel, positive_int
 
 __all__ = [
@@ -227,6 +227,13 @@ class AttentionStep(Step):
             lambda Yc, mc: core_att.head_energy(Yc, t["M"], t["kappa"], self.kernel, 0.0, mc).sum(-1),
             Y, None, self.heads)
 
+    def rounding_scale(self, Y: Tensor) -> float:
+        r"""``½·n·h``: the energy is :math:`-\tfrac12(\sum_{ij}\gamma_{ij} - \sum_i\gamma_{ii})` per head
+        (:func:`energy.core.attention.gaussian_energy`), so its rounding is relative to the diagonal's ``n`` ones,
+        not to the (possibly tiny) result.
+        """
+        return 0.5 * Y.shape[-2] * self.heads
+
 
 # ------------------------------------------------------------------------------------------------------------- FFN
 
@@ -273,13 +280,27 @@ def _check_spectrum(spectrum: object) -> tuple[float, float]:
     return lo, hi
 
 
+def _interior_start(S: Tensor, lo: float, hi: float) -> Tensor:
+    """``V g(Λ) Vᵀ`` for ``S = V Λ Vᵀ`` (``g`` = :func:`unfold.parametrizations.squash`, into the open band), or
+    ``lo·I`` for a single-value band.
+    """
+    if not lo < hi:
+        return lo * torch.eye(S.shape[-1], dtype=S.dtype)
+    lam, V = torch.linalg.eigh(S)
+    return (V * squash(lam, lo, hi).unsqueeze(-2)) @ V.T
+
+
 class FFNStep(_GradientStep):
     r"""Gradient step on the feed-forward energy (MATH §1.3).
 
     .. math:: Y^+ = Y - \alpha\big(Y (I + W_f) - 1 b^\top\big) = (1-\alpha) Y - \alpha Y W_f + \alpha 1 b^\top
 
     ``W_f`` is constrained by :class:`SpectrumClip` (``spectrum=(lo, hi)``, default ``[0, 0.95]`` so that ``α = 1``
-    descends) or, with ``spectrum=None``, only by :class:`Symmetric`.
+    descends; ``spectrum_map="smooth"``: :class:`SpectrumSquash`, the smooth map into the open band, whose every
+    eigen-direction keeps a gradient during training, MATH §7.3) or, with ``spectrum=None``, only by
+    :class:`Symmetric`. Both store an original whose spectrum lies strictly inside the band (the draw's spectrum
+    mapped by :func:`~unfold.parametrizations.squash`), so every eigen-direction gets a gradient at
+    initialisation.
 
     Args:
         d: token width.
@@ -287,6 +308,8 @@ class FFNStep(_GradientStep):
         bias: learn ``b`` (else ``b = 0``, a buffer).
         alpha, learn_alpha: step size.
         init_std: std of the entries of the unconstrained matrix (default ``1/√d``).
+        alpha_range, backtrack: step-size policy (:class:`~unfold.step_base.Step`).
+        spectrum_map: ``"clip"`` (default; the reference code's map) or ``"smooth"``.
     """
 
     kind = "ffn"
@@ -304,9 +327,17 @@ class FFNStep(_GradientStep):
         init_std: float | None = None,
         alpha_range: tuple[float, float] | None = None,
         backtrack: int = 0,
+        spectrum_map: str = "clip",
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
         self.spectrum = None if spectrum is None else _check_spectrum(spectrum)
+        if spectrum_map not in ("clip", "smooth"):
+            raise EnergyInputError(f"`spectrum_map` must be 'clip' (SpectrumClip) or 'smooth' (SpectrumSquash), got "
+                                   f"{spectrum_map!r}.")
+        if spectrum_map == "smooth" and self.spectrum is not None and not self.spectrum[0] < self.spectrum[1]:
+            raise EnergyInputError(f"spectrum_map='smooth' needs an open band lo < hi, got spectrum={spectrum!r}; "
+                                   "use spectrum_map='clip' for a single value.")
+        self.spectrum_map = spectrum_map
         guaranteed = self.guaranteed_range()
         if guaranteed is not None:  # warn now (raise in strict mode), not only at the first forward
             guaranteed.check(self.alpha_value)
@@ -317,12 +348,22 @@ class FFNStep(_GradientStep):
         A = 0.5 * (A + A.T)
         constraint: nn.Module
         if self.spectrum is not None:
-            constraint = SpectrumClip(*self.spectrum)
-            A = constraint(A)  # a valid starting value (right_inverse checks it)
+            # the original has its spectrum *strictly inside* the band (the smooth map g of the draw's): the clip is
+            # the identity there (derivative 1 on every eigen-direction; a clipped start would put about half of the
+            # eigenvalues on the band's edge, where they get none), the squash has g' ≥ 1 − tanh²(1) ≈ 0.42 there
+            # (a start W_f = g(g(S)), spectrum in about (0.12, 0.84) for [0, 0.95])
+            A = _interior_start(A, *self.spectrum)
+            constraint = SpectrumSquash(*self.spectrum) if spectrum_map == "smooth" else SpectrumClip(*self.spectrum)
         else:
             constraint = Symmetric()
-        self.W_f = nn.Parameter(A)
-        parametrize.register_parametrization(self, "W_f", constraint)
+        if isinstance(constraint, SpectrumSquash):  # register on a valid value, then set the original itself
+            self.W_f = nn.Parameter(0.5 * (constraint.lo + constraint.hi) * torch.eye(d))
+            parametrize.register_parametrization(self, "W_f", constraint)
+            with torch.no_grad():
+                self.get_parameter("parametrizations.W_f.original").copy_(A)
+        else:
+            self.W_f = nn.Parameter(A)
+            parametrize.register_parametrization(self, "W_f", constraint)
         if self.bias:
             self.b = nn.Parameter(torch.zeros(d))
         else:
@@ -330,8 +371,11 @@ class FFNStep(_GradientStep):
         self._setup_step_size(alpha_range, backtrack)
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
-                "bias": self.bias, "init_std": self.init_std}
+        out = {**super().config(), "spectrum": None if self.spectrum is None else list(self.spectrum),
+               "bias": self.bias, "init_std": self.init_std}
+        if self.spectrum_map != "clip":  # the default, and the meaning of files without the key
+            out["spectrum_map"] = self.spectrum_map
+        return out
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:
         return self.W_f, self.b
@@ -563,3 +607,11 @@ STEP_TYPES: dict[str, type[Step]] = {
     for cls in (AttentionStep, FFNStep, TiedReLUFFNStep, ReLUProjection, LayerNormProjection, RMSNormProjection,
                 HopfieldStep, EnergyTransformerStep)
 }
+
+# the steps of other modules join the vocabulary here, so that every model file can be rebuilt after importing the
+# unroller (these modules import this one; the names they need are defined above)
+from unfold.energy_ffn import EnergyMLPStep  # noqa: E402
+from unfold.sphere import BoundedAttentionStep, SphereAttentionStep, SphereFFNStep  # noqa: E402
+
+_MORE_STEPS: tuple[type[Step], ...] = (SphereAttentionStep, SphereFFNStep, EnergyMLPStep, BoundedAttentionStep)
+STEP_TYPES.update({cls.kind: cls for cls in _MORE_STEPS})

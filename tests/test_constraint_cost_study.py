@@ -17,7 +17,7 @@ from unfold import cost_study
 from unfold.constraint_cost import format_sweep, format_table, main
 from unfold.cost_models import STANDARD, build_model, certifiable, heads_for, match_width, model_names
 from unfold.cost_study import StudyConfig, load_cache, run_study
-from unfold.cost_tasks import NEGATORS, NEGATIVE_WORDS, POSITIVE_WORDS, make_task, negation_sentiment
+from unfold.cost_tasks import NEGATIVE_WORDS, NEGATORS, POSITIVE_WORDS, make_task, negation_sentiment
 from unfold.data import FIXED_VOCABULARY
 from unfold.families import FAMILIES
 from unfold.presets import parameter_count
@@ -113,7 +113,12 @@ def test_certifiable_follows_the_families() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, list[str]]:
     cache = tmp_path_factory.mktemp("study") / "runs.json"
     lines: list[str] = []
-    return run_study(StudyConfig(**TINY), cache=cache, log=lines.append), cache, lines
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every test (conftest); a module fixture is set up before the function fixtures
+    try:
+        return run_study(StudyConfig(**TINY), cache=cache, log=lines.append), cache, lines
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_report_structure_and_equal_parameters(tiny: tuple[dict, Path, list[str]]) -> None:
@@ -176,6 +181,25 @@ def test_rerun_skips_cached_runs_and_other_settings_retrain(tiny: tuple[dict, Pa
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(Exception, match="delete it"):
         run_study(StudyConfig(**TINY), cache=tmp_path / "bad.json")
+
+
+def test_a_changed_family_invalidates_only_its_own_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = StudyConfig(**TINY)
+    task = make_task("digits", seed=0)
+    keys = {m: cost_study.run_key(cfg, task, m, 4, 1, 1e-3, 0) for m in ("yang2022", "untied")}
+    assert keys == {m: cost_study.run_key(cfg, task, m, 4, 1, 1e-3, 0) for m in keys}  # stable
+    real = cost_study.build_model
+
+    def changed(name: str, **kw: object) -> torch.nn.Module:  # e.g. a new initialisation of one family
+        net = real(name, **kw)  # type: ignore[arg-type]
+        if name == "yang2022":
+            with torch.no_grad():
+                net.head.bias.add_(1e-3)
+        return net
+
+    monkeypatch.setattr(cost_study, "build_model", changed)
+    assert cost_study.run_key(cfg, task, "yang2022", 4, 1, 1e-3, 0) != keys["yang2022"]
+    assert cost_study.run_key(cfg, task, "untied", 4, 1, 1e-3, 0) == keys["untied"]
 
 
 def test_interruption_names_finished_runs_and_resumes(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from energy._validation import EnergyInputError
+from energy._validation import ConstraintError, EnergyInputError
 from unfold.families import FAMILIES, build_classifier, descent_certificate
 from unfold.presets import parameter_count
 from unfold.standard import standard_encoder
@@ -74,8 +74,21 @@ def build_model(name: str, *, d_in: int, n_outputs: int, d: int, depth: int, hea
     return build_classifier(name, d_in=d_in, d=d, depth=depth, heads=heads, n_outputs=n_outputs)
 
 
-def _count(name: str, d_in: int, n_outputs: int, d: int, depth: int, heads: int) -> int:
-    return parameter_count(build_model(name, d_in=d_in, n_outputs=n_outputs, d=d, depth=depth, heads=heads))
+def _count(name: str, d_in: int, n_outputs: int, d: int, depth: int, heads: int, attempts: int = 5) -> int:
+    """The parameter count at width ``d`` (it does not depend on the values: a build that a constraint check refuses
+    at initialisation, e.g. a float32 factorisation just outside its tolerance, is retried with another seed).
+    """
+    for attempt in range(attempts):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(attempt)
+            try:
+                net = build_model(name, d_in=d_in, n_outputs=n_outputs, d=d, depth=depth, heads=heads)
+            except ConstraintError:
+                if attempt == attempts - 1:
+                    raise
+                continue
+        return parameter_count(net)
+    raise AssertionError("unreachable")
 
 
 def _match_heads(name: str, target: int, d_in: int, n_outputs: int, depth: int, heads: int,

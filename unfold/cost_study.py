@@ -40,7 +40,7 @@ from torch import Tensor
 
 from energy._cli import Interrupted
 from energy._io import atomic_write_text
-from energy._validation import EnergyInputError, check_positive_int
+from energy._validation import ConstraintError, EnergyInputError, check_positive_int
 from unfold.cost_models import STANDARD, build_model, certifiable, certificate, heads_for, match_width, model_names
 from unfold.cost_tasks import TASKS, Task, make_task
 from unfold.families import FAMILIES
@@ -142,7 +142,10 @@ def model_fingerprint(task: Task, model: str, d: int, depth: int, heads: int, se
     retrains rather than reusing runs that may differ.
     """
     torch.manual_seed(seed)
-    net = build_model(model, d_in=task.d_in, n_outputs=task.n_outputs, d=d, depth=depth, heads=heads)
+    try:
+        net = build_model(model, d_in=task.d_in, n_outputs=task.n_outputs, d=d, depth=depth, heads=heads)
+    except ConstraintError:  # the run records the failure; its key must still be stable
+        return "build-refused"
     out = net(task.X_probe[:8])
     out.square().sum().backward()
     h = hashlib.sha256()
@@ -213,10 +216,16 @@ def _test_inputs(task: Task, n: int) -> Tensor:
 
 def _one_run(cfg: StudyConfig, task: Task, model: str, d: int, heads: int, lr: float, seed: int) -> dict[str, Any]:
     """Train one model and measure it (the record stored in the cache)."""
-    torch.manual_seed(seed)
-    net = build_model(model, d_in=task.d_in, n_outputs=task.n_outputs, d=d, depth=cfg.depth, heads=heads)
     rec: dict[str, Any] = {"task": task.name, "model": model, "d": d, "heads": heads, "lr": lr, "seed": seed,
-                           "parameters": parameter_count(net), "diverged": False}
+                           "diverged": False}
+    torch.manual_seed(seed)
+    try:
+        net = build_model(model, d_in=task.d_in, n_outputs=task.n_outputs, d=d, depth=cfg.depth, heads=heads)
+    except ConstraintError as exc:  # a constraint check refused the initial weights: recorded like a divergence
+        rec.update(diverged=True, final_loss=None, error=f"build refused: {exc}", wall_s=0.0, cpu_s=0.0, val=None,
+                   test=None, extra={}, certificate=None, parameters=None)
+        return rec
+    rec["parameters"] = parameter_count(net)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         res = train(net, task.loss_fn, task.train_batches, steps=cfg.steps, lr=lr, optimizer=cfg.optimizer,  # type: ignore[arg-type]

@@ -234,6 +234,40 @@ def test_diverged_run_is_recorded_and_ranks_last(monkeypatch: pytest.MonkeyPatch
     assert report["sweep"]["digits"]["4"][STANDARD][repr(1e-2)]["diverged"] == 1
 
 
+def test_refused_builds_are_retried_for_counts_and_recorded_for_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from energy._validation import ConstraintError
+    from unfold import cost_models
+
+    real, calls = cost_models.build_model, []
+
+    def flaky(name: str, **kw: object) -> torch.nn.Module:  # refuses its first build, as a float32 check may
+        calls.append(name)
+        if len(calls) == 1:
+            raise ConstraintError("could not factor `M`")
+        return real(name, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cost_models, "build_model", flaky)
+    assert cost_models._count("yang2022", 8, 2, 6, 1, 1) == parameter_count(
+        real("yang2022", d_in=8, n_outputs=2, d=6, depth=1, heads=1))
+
+    def refuse_untied(name: str, **kw: object) -> torch.nn.Module:
+        if name == "untied":
+            raise ConstraintError("could not factor `M`")
+        return real(name, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cost_study, "build_model", refuse_untied)
+    cfg = StudyConfig(**{**TINY, "models": (STANDARD, "untied"), "lrs": (1e-3,)})
+    plans = {"digits": [{"size": 4, "target": 1, "models": {
+        STANDARD: {"d": 4, "heads": 2, "parameters": 1, "relative_gap": 0.0},
+        "untied": {"d": 4, "heads": 1, "parameters": 1, "relative_gap": 0.0}}}]}
+    monkeypatch.setattr(cost_study, "plan_sizes", lambda cfg, task: plans["digits"])
+    report = run_study(cfg, log=lambda s: None)
+    failed = [r for r in report["runs"] if r["model"] == "untied"]
+    assert len(failed) == 2 and all(r["diverged"] and "build refused" in r["error"] for r in failed)
+    assert report["results"]["digits"]["4"]["untied"]["test_accuracy"]["mean"] is None
+    assert report["results"]["digits"]["4"][STANDARD]["test_accuracy"]["mean"] is not None
+
+
 def test_config_validation_names_the_setting() -> None:
     for bad, match in ((dict(tasks=("mnist",)), "tasks"), (dict(models=("gpt",)), "valid models"),
                        (dict(sizes=(5,)), "divisible"), (dict(lrs=(0.0,)), "lrs"), (dict(steps=0), "steps"),

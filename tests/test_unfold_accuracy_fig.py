@@ -37,7 +37,7 @@ def test_configs_per_fidelity() -> None:
     assert quick.tasks == ("digits",) and quick.sizes == (8, 16) and quick.seeds == (0, 1, 2)
     assert quick.models is None and len(quick.lrs) == 1  # every family; the sweep is the full study's
     paper = study_config(FigureConfig(fidelity="paper", seed=5))
-    assert paper.seeds == (5, 6, 7) and paper.tasks == ("digits", "addition", "text") and len(paper.lrs) == 3
+    assert paper.seeds == (5, 6, 7) and paper.tasks == ("digits", "addition", "text") and len(paper.lrs) == 4
 
 
 def test_tiny_run_has_two_sizes_every_model_and_a_certified_trace(data: dict) -> None:

@@ -122,7 +122,7 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--depth", type=int, default=4, help="number of layers")
     parser.add_argument("--heads", type=int, default=2, help="attention heads (standard and multi-head families)")
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps per run")
-    parser.add_argument("--lr", default="1e-3,3e-3,1e-2", help="learning rates of the sweep, comma-separated")
+    parser.add_argument("--lr", default="1e-3,3e-3,1e-2,3e-2", help="learning rates of the sweep, comma-separated")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these sizes)")
     args = parser.parse_args(argv)

@@ -79,7 +79,7 @@ class StudyConfig:
     sizes: tuple[int, ...] = (16, 32)
     depth: int = 4
     heads: int = 2
-    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_seeds: int = 1
     steps: int = 250

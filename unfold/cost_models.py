@@ -15,6 +15,7 @@ equal parameters they are wider.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -150,10 +151,13 @@ def certificate(model: nn.Module, X: Tensor) -> dict[str, Any]:
 
     The per-layer energies of every input are summarised by their mean (``energy_per_layer``, from the certificate)
     and their standard deviation (``energy_per_layer_std``), and the share of inputs whose total energy decreased
-    over every layer (``monotone_share``).
+    over every layer (``monotone_share``). Non-finite energies (an energy unbounded below reached ``-inf``) are kept
+    as such (Python's JSON writes them as ``-Infinity``): a diverging trace is recorded, not hidden.
     """
     cert = descent_certificate(model, X)
-    out: dict[str, Any] = json.loads(cert.to_json(per_example=False))
+    out: dict[str, Any] = json.loads(json.dumps(asdict(cert)))
+    out.pop("energy_per_layer_per_example")
+    out["certified"] = cert.certified
     per_example = torch.tensor(cert.energy_per_layer_per_example, dtype=torch.float64)  # (inputs, depth + 1)
     out["energy_per_layer_std"] = per_example.std(0, correction=0).tolist()
     out["monotone_share"] = float((per_example[:, 1:] < per_example[:, :-1]).all(1).double().mean())

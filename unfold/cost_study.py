@@ -118,16 +118,20 @@ class StudyConfig:
         return self
 
 
-#: the modules whose source determines a run's result beyond the model itself (data, training loop, certificate)
-_CODE = ("unfold.certificate", "unfold.train", "unfold.cost_tasks", "unfold.cost_models", "unfold.data.addition",
-         "unfold.data.sequences", "unfold.data.offline_text")
+#: the modules whose source determines every run's result beyond the model itself (data, training loop) ...
+_CODE = ("unfold.train", "unfold.cost_tasks", "unfold.data.addition", "unfold.data.sequences",
+         "unfold.data.offline_text")
+#: ... and those that also determine the record of a certified run (the certificate)
+_CERTIFICATE_CODE = ("unfold.certificate", "unfold.cost_models")
 
 
 @functools.cache
-def code_fingerprint() -> str:
-    """12 hex digits of the SHA-256 of the source of the modules in ``_CODE``: a run cached by other code is redone."""
+def code_fingerprint(certified: bool = False) -> str:
+    """12 hex digits of the SHA-256 of the source of the modules in ``_CODE`` (and ``_CERTIFICATE_CODE`` when
+    ``certified``): a run cached by other code is redone; a change to the certificate redoes only certified runs.
+    """
     h = hashlib.sha256()
-    for name in _CODE:
+    for name in _CODE + (_CERTIFICATE_CODE if certified else ()):
         spec = importlib.util.find_spec(name)
         if spec is not None and spec.origin is not None:
             h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
@@ -163,7 +167,7 @@ def run_key(cfg: StudyConfig, task: Task, model: str, d: int, heads: int, lr: fl
     (:func:`model_fingerprint`) and the code fingerprint of data, training and certificate (:func:`code_fingerprint`).
     """
     return (f"{task.name}/{model}/d{d}/h{heads}/L{cfg.depth}/lr{lr!r}/seed{seed}/steps{cfg.steps}/b{cfg.batch_size}/"
-            f"{cfg.optimizer}/cert{cfg.certify_inputs}/v{STUDY_VERSION}/code-{code_fingerprint()}/"
+            f"{cfg.optimizer}/cert{cfg.certify_inputs}/v{STUDY_VERSION}/code-{code_fingerprint(certifiable(model))}/"
             f"model-{model_fingerprint(task, model, d, cfg.depth, heads, seed)}")
 
 
@@ -415,7 +419,7 @@ def run_study(cfg: StudyConfig, *, cache: str | Path | None = None,
 
     report: dict[str, Any] = {
         "settings": {**asdict(cfg), "models": cfg.model_list(),
-                     "study_version": STUDY_VERSION, "code_fingerprint": code_fingerprint(),
+                     "study_version": STUDY_VERSION, "code_fingerprint": code_fingerprint(True),
                      "standard": "unfold.standard.standard_encoder (nn.TransformerEncoderLayer, d_ff = 4d, post-LN)",
                      "families": {n: {"description": FAMILIES[n].description, "guarantee": FAMILIES[n].guarantee,
                                       "certifiable": FAMILIES[n].certifiable}

@@ -149,3 +149,38 @@ def test_bad_inputs_to_the_certificate():
         descent_certificate(model, torch.randn(4, 3))
     with pytest.raises(EnergyInputError, match=r"rtol"):
         descent_certificate(model, torch.randn(2, 4, 3), rtol=math.nan)
+
+
+def test_unchanged_counts_skipped_backtracking_steps_and_stopped_inputs():
+    """A backtracking step that finds no descent (K = 0 and a huge α) leaves the input as it was: counted."""
+    torch.manual_seed(3)
+    Y = torch.randn(6, 5, 8, dtype=f64) * 2
+    bt = Unrolled([("attention", {"heads": 2, "alpha": 500.0, "fused": False, "backtrack": 1})], 1, 8).double()
+    cert = descent_certificate(bt, Y, rtol=0.0)
+    (entry,) = cert.steps
+    assert entry.guarantee == "backtracking" and entry.increases == 0 and entry.unchanged > 0
+    from unfold.recurrent import RecurrentUnrolled
+
+    torch.manual_seed(0)
+    rec = RecurrentUnrolled(["attention", "ffn", "relu"], 6, 8, tol=1e9, min_depth=2).double()
+    cert = descent_certificate(rec, Y)
+    assert cert.depth_used == (2,) * 6
+    assert all(e.unchanged == 6 for e in cert.steps if e.layer >= 2)
+    assert all(e.unchanged == 0 for e in cert.steps if e.layer < 2)
+
+
+def test_relu_keeps_only_a_gradient_steps_guarantee():
+    """[attention, relu]: the MM step (metric preconditioner) is not a Euclidean gradient step, so the projected
+    pair has no guarantee; [ffn, relu] and [majorised_attention, relu] keep theirs; a backtracking step before a ReLU
+    loses it (its test precedes the projection)."""
+    torch.manual_seed(0)
+    Y = torch.randn(3, 4, 6, dtype=f64)
+    kinds = {}
+    for first in ("attention", "ffn", "majorised_attention", ("ffn", {"backtrack": 2})):
+        body = Unrolled([first, "relu"], 1, 6).double()
+        (entry,) = descent_certificate(body, Y).steps
+        kinds[str(first)] = (entry.guarantee, entry.statement)
+    assert kinds["attention"][0] == "none" and "ReLU projection" in kinds["attention"][1]
+    assert kinds["ffn"][0] == "gradient" and "projected gradient" in kinds["ffn"][1]
+    assert kinds["majorised_attention"][0] == "bound"
+    assert kinds[str(("ffn", {"backtrack": 2}))][0] == "none"

@@ -105,10 +105,13 @@ def test_learned_range_outside_the_guarantee_is_an_error(rng):
 
 @given(seed=st.integers(0, 2**16), b=st.integers(1, 3), n=st.integers(1, 6), heads=st.sampled_from([1, 2, 4]),
        family=st.sampled_from(["untied", "orthogonal_heads", "general_heads", "learned_steps", "sphere",
-                               "recurrent", "energy_ffn"]))
+                               "recurrent", "energy_ffn", "sphere_mlp"]))
 def test_certified_families_never_increase_a_guaranteed_term(seed, b, n, heads, family):
     """Property: inside the guaranteed ranges (float64), no certified step increases its term (MATH §7)."""
-    model = _model(family, seed=seed, heads=heads)
+    if family == "sphere_mlp":
+        model = _model("sphere", seed=seed, heads=heads, ffn="mlp")
+    else:
+        model = _model(family, seed=seed, heads=heads)
     X = _X(seed, b=b, n=n) * 3.0
     cert = descent_certificate(model, X, rtol=1e-12)
     assert cert.certified, cert.summary()
@@ -121,6 +124,33 @@ def test_general_heads_with_the_computed_bound_are_certified(seed, heads, eta):
     assert cert.certified and {e.guarantee for e in cert.steps} == {"bound", "gradient"}
 
 
+def test_sphere_ffn_option_must_be_known():
+    with pytest.raises(EnergyInputError, match=r"`ffn` must be 'quadratic'.*or 'mlp'"):
+        build_classifier("sphere", d_in=3, d=8, depth=1, heads=2, n_outputs=2, ffn="gated")
+
+
 def test_general_heads_mode_must_be_known():
     with pytest.raises(EnergyInputError, match=r"`mode` must be 'backtrack' or 'bound'"):
         build_classifier("general_heads", d_in=3, d=8, depth=1, heads=2, n_outputs=2, mode="exact")
+
+
+@given(seed=st.integers(0, 2**16), a=st.floats(0.0, 1.9), w=st.floats(0.05, 0.1), b=st.floats(0.0, 0.9),
+       v=st.floats(0.05, 0.12))
+def test_learned_steps_with_any_range_inside_the_guarantee_are_certified(seed, a, w, b, v):
+    """Property: every interval inside (0, 2) (attention) and (0, 2/1.95) (FFN) is accepted and certified."""
+    att, ffn = (a, min(a + w, 2.0)), (b, min(b + v, 2 / 1.95))
+    model = _model("learned_steps", seed=seed, att_range=att, ffn_range=ffn, alpha_att=0.5 * sum(att),
+                   alpha_ffn=0.5 * sum(ffn))
+    cert = descent_certificate(model, _X(seed) * 2.0, rtol=1e-12)
+    assert cert.certified
+    alphas = {e.steps[0]: e.alpha for e in cert.steps}
+    assert att[0] < alphas["attention"] < att[1] and ffn[0] < alphas["ffn"] < ffn[1]
+
+
+def test_sphere_with_learned_steps_and_bool_options():
+    model = _model("sphere", learn_steps=True)
+    att, ffn = model.body.layer(0)
+    assert att.alpha_range == (0.05, 1.0) and 0.05 < att.current_alpha() < 1.0 and ffn.alpha_range is not None
+    assert descent_certificate(model, _X()).certified
+    with pytest.raises(EnergyInputError, match=r"option `relu` must be a bool"):
+        build_classifier("untied", d_in=3, d=8, depth=1, heads=1, n_outputs=2, relu="no")

@@ -14,6 +14,7 @@ from energy import StepSizeWarning
 from energy._validation import EnergyInputError
 from energy.attention import AttentionEnergy, MultiHeadAttentionEnergy
 from energy.ffn import FFNEnergy
+from tests._transforms import check_transforms
 from unfold.certificate import descent_certificate
 from unfold.energy_ffn import (
     ACTIVATIONS,
@@ -30,9 +31,11 @@ from unfold.sphere import (
     BoundedAttentionStep,
     SphereAttentionStep,
     SphereFFNStep,
+    SphereMLPStep,
     attention_grad_and_curvature,
     head_lambda_max,
 )
+from unfold.steps import AttentionStep, FFNStep
 from unfold.unroller import Unrolled
 
 f64 = torch.float64
@@ -110,6 +113,21 @@ def test_sphere_ffn_step_descends_on_the_sphere(seed, n, alpha_frac):
     assert bool((E1 <= E0 + 1e-12 * E0.abs()).all())
 
 
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5), activation=st.sampled_from(sorted(ACTIVATIONS)),
+       omega=st.floats(0.01, 1.0), scale=st.sampled_from([0.3, 1.0, 3.0]))
+def test_sphere_mlp_step_descends_on_the_sphere(seed, n, activation, omega, scale):
+    torch.manual_seed(seed)
+    step = SphereMLPStep(4, hidden=5, activation=activation, alpha=omega, init_std=scale).double()
+    with torch.no_grad():
+        step.b.copy_(torch.randn(4, dtype=f64, generator=_gen(seed)) * 2)
+    Y = _on_sphere(torch.randn(2, n, 4, dtype=f64, generator=_gen(seed + 1)), step.radius)
+    p = step.prepare()
+    Y1 = step.forward_prepared(p, Y)
+    torch.testing.assert_close(torch.linalg.vector_norm(Y1, dim=-1), torch.full((2, n), step.radius, dtype=f64))
+    E0, E1 = step.energy_at(p, Y), step.energy_at(p, Y1)
+    assert bool((E1 <= E0 + 1e-12 * E0.abs().clamp_min(1)).all())
+
+
 def test_sphere_limits_are_detected():
     """Outside the ranges: η > 1 / α > 1/1.95 warn, the certificate calls the steps unguaranteed and finds the
     increases (W_f = 0.95 I, b ≠ 0: an overshooting step moves away from b on the sphere)."""
@@ -132,6 +150,8 @@ def test_sphere_limits_are_detected():
         SphereAttentionStep(4, backtrack=2)
     with pytest.raises(EnergyInputError, match=r"radius"):
         SphereFFNStep(4, radius=-1.0)
+    with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*\(0, 1\]"):
+        SphereMLPStep(4, alpha=0.5, alpha_range=(0.1, 1.5))
 
 
 def test_sphere_certificate_ignores_the_off_sphere_input_and_certifies_the_rest():
@@ -311,3 +331,55 @@ def test_bounded_attention_limit_is_detected():
     assert all(e.guarantee == "none" for e in cert.steps) and cert.unguaranteed_increases > 0
     with pytest.raises(EnergyInputError, match=r"alpha_range.*outside.*\(0, 2\)"):
         BoundedAttentionStep(6, heads=2, alpha_range=(0.1, 2.5))
+
+
+# ------------------------------------------------------------------------------- purity: torch.func through the steps
+
+
+@pytest.mark.parametrize("name", ["sphere_attention", "sphere_ffn", "sphere_mlp", "tied_mlp", "majorised_attention",
+                                  "backtracking_attention", "learned_ffn", "recurrent"])
+def test_new_steps_pass_every_torch_func_transform(name):
+    """grad, vjp, jvp, linearize, vmap (and hessian) through each new step agree with autograd (float64): the
+    forwards are pure (the recurrent model's stopping reads go through value_holds)."""
+    torch.manual_seed(0)
+    build = {
+        "sphere_attention": lambda: SphereAttentionStep(4, heads=2, k=2),
+        "sphere_ffn": lambda: SphereFFNStep(4, spectrum_map="smooth"),
+        "sphere_mlp": lambda: SphereMLPStep(4, hidden=3, activation="gelu"),
+        "tied_mlp": lambda: EnergyMLPStep(4, hidden=3, activation="gelu"),
+        "majorised_attention": lambda: BoundedAttentionStep(4, heads=2, k=2, alpha=1.5),
+        "backtracking_attention": lambda: Unrolled([("attention", {"heads": 2, "fused": False, "alpha": 3.0,
+                                                                    "backtrack": 3})], 1, 4),
+        "learned_ffn": lambda: FFNStep(4, alpha=0.5, alpha_range=(0.1, 1.0), spectrum_map="smooth"),
+        "recurrent": lambda: RecurrentUnrolled([("attention", {"fused": False}), "ffn"], 3, 4, tol=1e-2),
+    }[name]
+    module = build().double()
+    g = _gen(1)
+    x = torch.randn(2, 3, 4, dtype=f64, generator=g)
+    if name.startswith("sphere"):
+        x = _on_sphere(x, module.radius)
+    U, v = torch.randn(2, 3, 4, dtype=f64, generator=g), torch.randn(2, 3, 4, dtype=f64, generator=g)
+    check_transforms(module, lambda z: (module(z) * U).sum() + (module(z) ** 2).sum(), x, U, v,
+                     second_order=name in ("tied_mlp", "majorised_attention"))
+
+
+# -------------------------------------------------------------------------- orthogonal heads split exactly (§7.2)
+
+
+@pytest.mark.parametrize("heads,k,d,alpha", [(2, 2, 5, 1.0), (3, 1, 4, 1.7), (2, 3, 6, 0.4), (2, 1, 2, 1.0)])
+def test_orthogonal_heads_split_into_per_subspace_steps(seed, heads, k, d, alpha):
+    """E_att(Y) = Σ_h E_h(Y P_h), and the multi-head step's P_h-component is head h's own step (a) on Y P_h, the
+    complement unchanged (MATH §7.2) — so each head's MM guarantee carries over. (One head keeps the identity value
+    map of step (a): it also mixes the complement, on which its energy does not depend.)"""
+    torch.manual_seed(seed)
+    step = AttentionStep(d, heads=heads, k=k, orthogonal_heads=True, fused=False, alpha=alpha).double()
+    M = step.M.detach()
+    Y = torch.randn(2, 4, d, dtype=f64, generator=_gen(seed))
+    P = [torch.linalg.qr(M[h])[0] @ torch.linalg.qr(M[h])[0].T for h in range(heads)]
+    per_head = [AttentionEnergy(M[h]) for h in range(heads)]
+    torch.testing.assert_close(step.energy_at(step.prepare(), Y), sum(E.energy(Y @ P[h]) for h, E in
+                                                                     enumerate(per_head)), rtol=1e-12, atol=1e-12)
+    rest = torch.eye(d, dtype=f64) - sum(P)
+    expected = Y @ rest + sum(E.step(Y @ P[h], alpha, preconditioner="metric") @ P[h] for h, E in
+                              enumerate(per_head))
+    torch.testing.assert_close(step(Y), expected, rtol=1e-11, atol=1e-12)

@@ -152,9 +152,24 @@ def test_a_model_file_of_the_clipped_start_loads_unchanged(tmp_path):
 def test_family_models_with_their_new_steps_round_trip(tmp_path):
     from unfold.families import build_classifier
 
-    for family in ("sphere", "recurrent", "energy_ffn", "learned_steps"):
+    for family, options in (("sphere", {}), ("sphere", {"ffn": "mlp", "learn_steps": True}), ("recurrent", {}),
+                            ("energy_ffn", {}), ("learned_steps", {}), ("general_heads", {"mode": "bound"})):
         torch.manual_seed(0)
-        model = build_classifier(family, d_in=4, d=6, depth=2, heads=2, n_outputs=3).double()
-        back = load_model(save_model(model, tmp_path / f"{family}.pt"))
+        model = build_classifier(family, d_in=4, d=6, depth=2, heads=2, n_outputs=3, **options).double()
+        back = load_model(save_model(model, tmp_path / "m.pt"))
         assert type(back.body) is type(model.body) and back.family == family
         torch.testing.assert_close(back(_X()), model(_X()), rtol=0, atol=0)
+
+
+def test_constrained_state_dict_of_a_smooth_spectrum_model_loads_through_the_right_inverse():
+    """The constrained value of W_f (SpectrumSquash) loads into a fresh model through artanh: same outputs."""
+    from unfold.modelfile import constrained_state_dict
+
+    torch.manual_seed(0)
+    a = yang2022(6, 2, d_in=4, n_classes=3, spectrum_map="smooth").double()
+    torch.manual_seed(1)
+    b = yang2022(6, 2, d_in=4, n_classes=3, spectrum_map="smooth").double()
+    sd = constrained_state_dict(a)
+    assert "body.layers.0.1.W_f" in sd
+    b.load_state_dict(sd)
+    torch.testing.assert_close(b(_X()), a(_X()), rtol=1e-12, atol=1e-12)

@@ -26,8 +26,10 @@ and its ReLU form one projected-gradient step). For every certified step of ever
 
 A LayerNorm / RMSNorm projection after a step removes the group's guarantee (the sphere is not convex, MATH §1.4),
 except for the hyperspherical family, whose steps are themselves constrained steps with a descent statement
-(MATH §7.5). The model energy (the sum of the terms) along the layers is reported as a trace (mean and per input);
-it is not certified (MATH §1.6: descent on each term does not imply descent on the sum).
+(MATH §7.5). A ReLU keeps it only after a (per-token scaled) gradient step inside its range — the projected-gradient
+argument — not after an MM step in another metric or a backtracking step (whose test precedes the projection).
+The model energy (the sum of the terms) along the layers is reported as a trace (mean and per input); it is not
+certified (MATH §1.6: descent on each term does not imply descent on the sum).
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class StepCertificate:
         violations: ``increases`` of a guaranteed step (0 for ``"none"``).
         max_rel_increase: largest relative increase ``ΔE / max(|E(Y)|, |E(Y⁺)|)`` over the inputs (0 if none).
         mean_change: mean of ``E(Y⁺) − E(Y)`` over the inputs with a finite ``E(Y)``.
+        unchanged: inputs the step left exactly as they were (a backtracking step that found no descent, a stopped
+            input of a recurrent model).
     """
 
     layer: int
@@ -81,6 +85,7 @@ class StepCertificate:
     violations: int
     max_rel_increase: float
     mean_change: float
+    unchanged: int = 0
 
 
 @dataclass(frozen=True)
@@ -260,15 +265,26 @@ def _certify_group(steps: list[Step], prepared: list[Any], j0: int, j1: int, gro
     if base.term is None:  # a projection without a preceding energy step: nothing to measure it on
         return StepCertificate(ell, j0, tuple(group_kinds), None, "none",
                                f"the {base.kind} projection has no energy term and no preceding step (MATH §1.4)",
-                               None, 0, 0, 0.0, 0.0)
+                               None, 0, 0, 0.0, 0.0, _unchanged(before, after))
     kind, statement = base.guarantee()
     broken = [k for k in group_kinds[1:] if k in _NONCONVEX]
     if broken and kind != "none":
         kind, statement = "none", (f"{statement}; but followed by the {broken[0]} projection onto a non-convex set: "
                                    "no descent guarantee (MATH §1.4)")
+    elif "relu" in group_kinds[1:] and kind != "none":
+        if base.projection_compatible and kind != "backtracking":
+            statement += "; with the ReLU: a projected gradient step on the term + ι_{≥0} (MATH §1.3, §7.1)"
+        else:
+            kind, statement = "none", (f"{statement}; but followed by a ReLU projection, which keeps the guarantee of "
+                                       "a (per-token scaled) gradient step only, not of this step (MATH §7.1)")
     Eb = cast(Tensor, base.energy_at(prepared[j0], before))
     Ea = cast(Tensor, base.energy_at(prepared[j0], after))
     increases, max_rel, mean = _measure(Eb, Ea, _infeasible(base, group_kinds, before), tol,
                                         base.rounding_scale(before))
     return StepCertificate(ell, j0, tuple(group_kinds), base.term, kind, statement, base.current_alpha(), increases,
-                           increases if kind != "none" else 0, max_rel, mean)
+                           increases if kind != "none" else 0, max_rel, mean, _unchanged(before, after))
+
+
+def _unchanged(before: Tensor, after: Tensor) -> int:
+    """Inputs whose tokens the step left exactly as they were."""
+    return int((before == after).flatten(-2).all(-1).sum())

@@ -167,6 +167,7 @@ class EnergyMLPStep(Step):
 
     kind = "tied_mlp"
     term = "E_mlp"
+    projection_compatible = True
 
     def __init__(self, d: int, *, hidden: int | None = None, activation: str = "relu", alpha: float = 0.5,
                  learn_alpha: bool = False, alpha_range: tuple[float, float] | None = None, backtrack: int = 0,

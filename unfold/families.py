@@ -116,12 +116,18 @@ def _build_learned(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **
 
 def _build_sphere(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
     att: dict[str, Any] = {"heads": heads, "alpha": o["eta"]}
-    ffn: dict[str, Any] = {"spectrum_map": o["spectrum_map"]}
-    if o["learn_steps"]:
-        att.update(learn_alpha=True, alpha_range=(0.05, 1.0))
-        ffn.update(learn_alpha=True, alpha_range=(0.05, 1.0 / 1.95), alpha=0.5)
-    schedule = [("sphere_attention", att), ("sphere_ffn", ffn)]
-    return _classifier(schedule, depth, d, d_in, n_outputs, o["tied"])
+    if o["ffn"] not in ("quadratic", "mlp"):
+        raise EnergyInputError(f"family 'sphere': option `ffn` must be 'quadratic' (E_ffn, §1.3) or 'mlp' (E_mlp, "
+                               f"§7.4), got {o['ffn']!r}.")
+    if o["ffn"] == "mlp":
+        ffn: tuple[str, dict[str, Any]] = ("sphere_mlp", {"activation": o["activation"], "hidden": o["hidden"]})
+        top = 1.0
+    else:
+        ffn, top = ("sphere_ffn", {"spectrum_map": o["spectrum_map"]}), 1.0 / 1.95
+    if o["learn_steps"]:  # α = lo + (hi − lo)σ(a) starts strictly inside its interval
+        att.update(learn_alpha=True, alpha_range=(0.05, 1.0), alpha=min(o["eta"], 0.95))
+        ffn[1].update(learn_alpha=True, alpha_range=(0.05, top), alpha=0.5 * top)
+    return _classifier([("sphere_attention", att), ffn], depth, d, d_in, n_outputs, o["tied"])
 
 
 def _build_recurrent(d_in: int, d: int, depth: int, heads: int, n_outputs: int, **o: Any) -> UnrolledClassifier:
@@ -186,8 +192,17 @@ FAMILIES: dict[str, FamilySpec] = {
             "sphere",
             "hyperspherical: tokens on ‖y_i‖ = √d, attention and FFN as normalised MM steps (Hyper-SET-like).",
             "attention: MM step on the sphere with η ∈ (0, 1], any heads (μ_i = Σ_h D^h_ii λ_max(W_h)); FFN: "
-            "normalised gradient step, α ∈ (0, 1/1.95] (MATH §7.5); the first step projects onto the sphere.",
-            True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth"}, _build_sphere),
+            "normalised gradient step, α ∈ (0, 1/1.95] (ffn='quadratic') or α = ω/L(W), ω ∈ (0, 1] (ffn='mlp', "
+            "E_mlp of §7.4) (MATH §7.5); the first step projects onto the sphere.",
+            True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth", "ffn": "quadratic",
+                   "activation": "relu", "hidden": None}, _build_sphere),
+        FamilySpec(
+            "sphere_mlp",
+            "sphere with the two-matrix FFN energy (tied W_2 = Wᵀ, anchor b): family 'sphere' with ffn='mlp'.",
+            "attention: MM step on the sphere, η ∈ (0, 1], any heads; FFN: normalised gradient step on E_mlp with "
+            "α = ω/L(W), ω ∈ (0, 1] (MATH §7.4, §7.5).",
+            True, {"tied": True, "eta": 1.0, "learn_steps": False, "spectrum_map": "smooth", "ffn": "mlp",
+                   "activation": "relu", "hidden": None}, _build_sphere),
         FamilySpec(
             "recurrent",
             "one weight-tied layer iterated until the energy's relative decrease falls below tol (depth = max).",
@@ -241,6 +256,10 @@ def build_classifier(family: str, *, d_in: int, d: int, depth: int, heads: int, 
     if unknown:
         raise EnergyInputError(f"family {family!r} has no option(s) {unknown}; valid options: "
                                f"{sorted(spec.options) or 'none'}.")
+    for name, value in options.items():
+        if isinstance(spec.options[name], bool) and not isinstance(value, bool):
+            raise EnergyInputError(f"family {family!r}: option `{name}` must be a bool (True or False), got "
+                                   f"{value!r}.")
     assert spec.build is not None
     model = spec.build(d_in, d, depth, heads, n_outputs, **{**spec.options, **options})
     model.family = family

@@ -347,6 +347,35 @@ class SpectrumSquash(SpectrumClip):
         return (V * (m + r * torch.atanh(u)).unsqueeze(-2)) @ V.transpose(-1, -2)
 
 
+def check_spectrum(spectrum: object) -> tuple[float, float]:
+    """``spectrum = (lo, hi)``, the eigenvalue bounds of ``W_f``: finite, ``-1 < lo ≤ hi`` (else the FFN energy is
+    unbounded below). Whether ``alpha`` lies in the range it guarantees, ``α < 2/(1 + hi)`` (MATH §1.3), is the
+    step-size policy's question: a warning, or an error in :func:`energy.strict_mode` (see :class:`FFNStep`).
+    """
+    ok = (isinstance(spectrum, (tuple, list)) and len(spectrum) == 2
+          and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in spectrum))
+    if not ok:
+        raise EnergyInputError(f"`spectrum` must be a pair (lo, hi) of finite numbers (eigenvalue bounds of W_f, e.g. "
+                               f"(0.0, 0.95)) or None, got {spectrum!r}.")
+    lo, hi = float(spectrum[0]), float(spectrum[1])  # type: ignore[index]
+    if lo > hi:
+        raise EnergyInputError(f"`spectrum` must be (lo, hi) with lo ≤ hi, got {spectrum!r}; pass ({hi!r}, {lo!r}).")
+    if lo <= -1:
+        raise EnergyInputError(f"`spectrum` = {spectrum!r} allows eigenvalues of W_f ≤ -1, where the FFN energy is "
+                               "unbounded below; use lo > -1, e.g. (0.0, 0.95).")
+    return lo, hi
+
+
+def interior_start(S: Tensor, lo: float, hi: float) -> Tensor:
+    """``V g(Λ) Vᵀ`` for ``S = V Λ Vᵀ`` (``g`` = :func:`squash`, into the open band), or ``lo·I`` for a single-value
+    band: the start of a spectrum-constrained ``W_f`` (MATH §7.3).
+    """
+    if not lo < hi:
+        return lo * torch.eye(S.shape[-1], dtype=S.dtype)
+    lam, V = torch.linalg.eigh(S)
+    return (V * squash(lam, lo, hi).unsqueeze(-2)) @ V.T
+
+
 class OrthogonalHeads(Constraint):
     r"""Head factors on mutually orthogonal subspaces (MATH §1.2).
 

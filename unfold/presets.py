@@ -221,11 +221,13 @@ def init_signal_preserving_(
     over 12 layers, and the gradients of ``M``, ``W_f`` and the input map are ``10⁻⁸ … 10⁻⁵`` against ``0.3`` for
     ``b``):
 
-    * ``W_f = clip(½(A + Aᵀ), 0, 0.95)`` with ``A_ij ~ N(0, 1/d)`` has a semicircle spectrum on ``[−√2, √2]``
-      clipped to the band, so about half of the eigenvalues are ``0``. Once the attention steps have merged the
-      tokens of a sequence (step (a) with ``α = 1`` is a convex combination of the tokens) and while the ReLU is
-      inactive, one layer maps a perturbation ``δ`` of the state to ``−δ W_f``; ``depth`` tied layers transmit
-      ``δ W_f^{depth}``, i.e. ``λ^{12}`` per eigen-direction (``0.95¹² = 0.54``, ``0.5¹² = 2.4·10⁻⁴``, ``0``).
+    * ``½(A + Aᵀ)`` with ``A_ij ~ N(0, 1/d)`` has a semicircle spectrum on ``[−√2, √2]``; the default start maps
+      it into the band (``m + r tanh((λ − m)/r)``, MATH §7.3; before, it was clipped, putting about half of the
+      eigenvalues at ``0``), so about half of the eigenvalues of ``W_f`` are still below ``0.12``. Once the
+      attention steps have merged the tokens of a sequence (step (a) with ``α = 1`` is a convex combination of the
+      tokens) and while the ReLU is inactive, one layer maps a perturbation ``δ`` of the state to ``−δ W_f``;
+      ``depth`` tied layers transmit ``δ W_f^{depth}``, i.e. ``λ^{12}`` per eigen-direction (``0.95¹² = 0.54``,
+      ``0.5¹² = 2.4·10⁻⁴``, ``0.1¹² = 10⁻¹²``).
     * ``b = 0`` with ``W_f ⪰ 0``: after the first ReLU the tokens are non-negative and ``ReLU(−Y W_f)`` removes
       every component along which ``Y W_f`` is positive (all of it for ``W_f ∝ I``).
 

@@ -42,10 +42,11 @@ from energy._validation import EnergyInputError
 from energy.base import Energy, StepRange
 from energy.core import attention as core_att
 from energy.kernels import GaussianKernel
+from unfold.energy_ffn import EnergyMLPStep, mlp_grad
 from unfold.step_base import Prepared
 from unfold.steps import AttentionStep, FFNStep
 
-__all__ = ["SphereAttentionStep", "SphereFFNStep", "BoundedAttentionStep", "sphere_normalize",
+__all__ = ["SphereAttentionStep", "SphereFFNStep", "SphereMLPStep", "BoundedAttentionStep", "sphere_normalize",
            "sphere_attention_step", "bounded_attention_step", "attention_grad_and_curvature", "head_lambda_max"]
 
 _GAUSSIAN = GaussianKernel()
@@ -183,6 +184,7 @@ class BoundedAttentionStep(AttentionStep):
 
     kind = "majorised_attention"
     guarantee_kind = "bound"
+    projection_compatible = True  # per-token scaling: the orthant projection is the same in its metric
 
     def __init__(self, d: int, *, heads: int = 1, alpha: float = 1.0, **kwargs: Any) -> None:
         for bad in ("kernel", "kernel_kwargs", "preconditioner", "fused"):
@@ -254,6 +256,40 @@ class SphereFFNStep(_OnSphere, FFNStep):
 
     def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
         return sphere_normalize(super()._step(t, Y), Y, self.radius)
+
+
+class SphereMLPStep(_OnSphere, EnergyMLPStep):
+    r"""The two-matrix FFN energy's step on the sphere (MATH §7.4, §7.5):
+    :math:`Y^+ = r\,\mathrm{normalize}(Y - (\omega/L)\nabla E_{mlp}(Y))`, :math:`L = 1 + s_-\|W\|_2^2` computed from
+    the weights, guaranteed for :math:`\omega \in (0, 1]` (``alpha`` is ``ω``; (7.5.1) with :math:`\mu_i = L`).
+
+    Args:
+        d: token width.
+        radius: sphere radius (default ``√d``).
+        **kwargs: ``hidden``, ``activation``, ``alpha``, ``learn_alpha``, ``alpha_range``, ``init_std`` of
+            :class:`~unfold.energy_ffn.EnergyMLPStep`.
+    """
+
+    kind = "sphere_mlp"
+    guarantee_kind = "mm"
+    projection_compatible = False
+
+    def __init__(self, d: int, *, radius: float | None = None, alpha: float = 1.0, **kwargs: Any) -> None:
+        if "backtrack" in kwargs:
+            raise EnergyInputError("the sphere_mlp step has no option `backtrack` (its range is exact); drop it.")
+        super().__init__(d, alpha=alpha, **kwargs)
+        self.radius = _radius(radius, d)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "radius": self.radius}
+
+    def guaranteed_range(self) -> StepRange:
+        return StepRange(0.0, 1.0, "MATH §7.5: α = ω/L on the sphere, L = 1 + s₋‖W‖₂² computed from the weights at "
+                                   "every forward, ω ∈ (0, 1]", high_inclusive=True)
+
+    def _step(self, t: dict[str, Any], Y: Tensor) -> Tensor:
+        V = Y - (self._alpha() / t["L"]) * mlp_grad(Y, t["W"], t["b"], t["c"], self.activation)
+        return sphere_normalize(V, Y, self.radius)
 
 
 def _radius(radius: float | None, d: int) -> float:

@@ -88,6 +88,9 @@ class Step(nn.Module):
     backtrack: int = 0
     #: what a certificate calls this step's guarantee when its ``α`` lies in the guaranteed range
     guarantee_kind: ClassVar[str] = "gradient"
+    #: whether the step is a (per-token scaled) gradient step, so that a following projection onto a convex set
+    #: separable per coordinate (ReLU) keeps its guarantee as a projected-gradient step (MATH §1.3, §7.1)
+    projection_compatible: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each step module's ``__init__`` ends with the one-time low-precision warning (policy in

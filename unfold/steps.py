@@ -48,7 +48,15 @@ from energy.energy_transformer import EnergyTransformerEnergy
 from energy.ffn import FFNEnergy, TiedReLUEnergy
 from energy.hopfield import HopfieldEnergy
 from energy.step_range import attention_step_range
-from unfold.parametrizations import OrthogonalHeads, PSDMetric, SpectrumClip, SpectrumSquash, Symmetric, squash
+from unfold.parametrizations import (
+    OrthogonalHeads,
+    PSDMetric,
+    SpectrumClip,
+    SpectrumSquash,
+    Symmetric,
+    check_spectrum,
+    interior_start,
+)
 from unfold.step_base import Prepared, Step, make_kernel, positive_int
 
 __all__ = [
@@ -244,6 +252,7 @@ class _GradientStep(Step):
     """
 
     ENERGY: ClassVar[type[FFNEnergy] | type[TiedReLUEnergy]]
+    projection_compatible = True
 
     def _weights(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -259,35 +268,6 @@ class _GradientStep(Step):
 
     def _energy_term(self, t: dict[str, Any], Y: Tensor) -> Tensor:
         return self.ENERGY.FORMULAS[0](Y, *t["weights"])
-
-
-def _check_spectrum(spectrum: object) -> tuple[float, float]:
-    """``spectrum = (lo, hi)``, the eigenvalue bounds of ``W_f``: finite, ``-1 < lo ≤ hi`` (else the FFN energy is
-    unbounded below). Whether ``alpha`` lies in the range it guarantees, ``α < 2/(1 + hi)`` (MATH §1.3), is the
-    step-size policy's question: a warning, or an error in :func:`energy.strict_mode` (see :class:`FFNStep`).
-    """
-    ok = (isinstance(spectrum, (tuple, list)) and len(spectrum) == 2
-          and all(not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in spectrum))
-    if not ok:
-        raise EnergyInputError(f"`spectrum` must be a pair (lo, hi) of finite numbers (eigenvalue bounds of W_f, e.g. "
-                               f"(0.0, 0.95)) or None, got {spectrum!r}.")
-    lo, hi = float(spectrum[0]), float(spectrum[1])  # type: ignore[index]
-    if lo > hi:
-        raise EnergyInputError(f"`spectrum` must be (lo, hi) with lo ≤ hi, got {spectrum!r}; pass ({hi!r}, {lo!r}).")
-    if lo <= -1:
-        raise EnergyInputError(f"`spectrum` = {spectrum!r} allows eigenvalues of W_f ≤ -1, where the FFN energy is "
-                               "unbounded below; use lo > -1, e.g. (0.0, 0.95).")
-    return lo, hi
-
-
-def _interior_start(S: Tensor, lo: float, hi: float) -> Tensor:
-    """``V g(Λ) Vᵀ`` for ``S = V Λ Vᵀ`` (``g`` = :func:`unfold.parametrizations.squash`, into the open band), or
-    ``lo·I`` for a single-value band.
-    """
-    if not lo < hi:
-        return lo * torch.eye(S.shape[-1], dtype=S.dtype)
-    lam, V = torch.linalg.eigh(S)
-    return (V * squash(lam, lo, hi).unsqueeze(-2)) @ V.T
 
 
 class FFNStep(_GradientStep):
@@ -330,7 +310,7 @@ class FFNStep(_GradientStep):
         spectrum_map: str = "clip",
     ) -> None:
         super().__init__(d, alpha=alpha, learn_alpha=learn_alpha)
-        self.spectrum = None if spectrum is None else _check_spectrum(spectrum)
+        self.spectrum = None if spectrum is None else check_spectrum(spectrum)
         if spectrum_map not in ("clip", "smooth"):
             raise EnergyInputError(f"`spectrum_map` must be 'clip' (SpectrumClip) or 'smooth' (SpectrumSquash), got "
                                    f"{spectrum_map!r}.")
@@ -352,7 +332,7 @@ class FFNStep(_GradientStep):
             # the identity there (derivative 1 on every eigen-direction; a clipped start would put about half of the
             # eigenvalues on the band's edge, where they get none), the squash has g' ≥ 1 − tanh²(1) ≈ 0.42 there
             # (a start W_f = g(g(S)), spectrum in about (0.12, 0.84) for [0, 0.95])
-            A = _interior_start(A, *self.spectrum)
+            A = interior_start(A, *self.spectrum)
             constraint = SpectrumSquash(*self.spectrum) if spectrum_map == "smooth" else SpectrumClip(*self.spectrum)
         else:
             constraint = Symmetric()
@@ -611,7 +591,8 @@ STEP_TYPES: dict[str, type[Step]] = {
 # the steps of other modules join the vocabulary here, so that every model file can be rebuilt after importing the
 # unroller (these modules import this one; the names they need are defined above)
 from unfold.energy_ffn import EnergyMLPStep  # noqa: E402
-from unfold.sphere import BoundedAttentionStep, SphereAttentionStep, SphereFFNStep  # noqa: E402
+from unfold.sphere import BoundedAttentionStep, SphereAttentionStep, SphereFFNStep, SphereMLPStep  # noqa: E402
 
-_MORE_STEPS: tuple[type[Step], ...] = (SphereAttentionStep, SphereFFNStep, EnergyMLPStep, BoundedAttentionStep)
+_MORE_STEPS: tuple[type[Step], ...] = (SphereAttentionStep, SphereFFNStep, SphereMLPStep, EnergyMLPStep,
+                                       BoundedAttentionStep)
 STEP_TYPES.update({cls.kind: cls for cls in _MORE_STEPS})

@@ -25,7 +25,7 @@ SIZES = {"d_in": 3, "d": d, "depth": 1, "heads": 2, "n_outputs": 2}
 TRAIN = ["train", "--d", "8", "--depth", "1", "--steps", "1", "--quiet", "--task", "synthetic"]
 
 
-def build(family: str, **kw: object) -> object:
+def build(family: str, **kw: object) -> torch.nn.Module:
     return build_classifier(family, **{**SIZES, **kw})  # type: ignore[arg-type]
 
 
@@ -85,6 +85,9 @@ CASES: list[Case] = [
     # --- families, options ---------------------------------------------------------------------------------------
     Case("families:unknown-family", lambda: build("yang"), (r"'yang'", r"valid families: .*untied")),
     Case("families:unknown-option", lambda: build("untied", tide=True), (r"tide", r"valid options")),
+    Case("families:bool-option-str", lambda: build("untied", relu="no"), (arg("relu"), r"must be a bool")),
+    Case("families:general-heads-mode", lambda: build("general_heads", mode="exact"),
+         (arg("mode"), r"'backtrack' or 'bound'")),
     Case("RecurrentUnrolled:min_depth-above-max", lambda: RecurrentUnrolled(["attention"], 2, d, min_depth=3),
          (arg("min_depth"), r"\[1, max_depth = 2\]")),
     Case("RecurrentUnrolled:tol-nan", lambda: RecurrentUnrolled(["attention"], 2, d, tol=math.nan),

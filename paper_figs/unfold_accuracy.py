@@ -3,7 +3,7 @@ encoder, and the energy trace per layer of the best certified model (MATH §1.7,
 
 The data is a real run of the constraint-cost study (:func:`unfold.cost_study.run_study`): every model trained at
 equal parameter counts with one budget, the learning rate picked on the validation split, several seeds. At
-``--quick`` it is a reduced study (digits, two small sizes, one learning rate, 60 steps); at ``--paper`` it is the
+``--quick`` it is a reduced study (digits, two small sizes, one learning rate 10⁻², 50 steps); at ``--paper`` it is the
 full study of ``python -m unfold.constraint_cost`` (whose stored result is ``docs/results/constraint_cost.json``).
 """
 
@@ -42,10 +42,10 @@ def study_config(cfg: FigureConfig) -> StudyConfig:
         sizes=tuple(cfg.pick(tiny=(4, 8), quick=(8, 16), paper=(16, 32), key="sizes")),
         depth=cfg.pick(tiny=2, quick=4, paper=4, key="depth"),
         heads=2,
-        lrs=tuple(cfg.pick(tiny=(3e-3,), quick=(3e-3,), paper=(3e-3,), key="lrs")),
+        lrs=tuple(cfg.pick(tiny=(1e-2,), quick=(1e-2,), paper=(1e-2,), key="lrs")),
         seeds=tuple(cfg.seed + s for s in range(cfg.pick(tiny=2, quick=3, paper=3, key="seeds"))),
         sweep_seeds=cfg.pick(tiny=2, quick=3, paper=3, key="seeds"),
-        steps=cfg.pick(tiny=3, quick=60, paper=250, key="steps"),
+        steps=cfg.pick(tiny=3, quick=50, paper=250, key="steps"),
         certify_inputs=cfg.pick(tiny=32, quick=128, paper=256, key="certify_inputs"),
     )
 

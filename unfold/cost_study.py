@@ -431,6 +431,8 @@ def run_study(cfg: StudyConfig, *, cache: str | Path | None = None,
         "runs": [{k: v for k, v in r.items() if k != "certificate"}
                  | ({"certificate": _compact(r["certificate"])} if r.get("certificate") else {}) for r in runs],
         "trained_now": done_now,
+        "training_wall_s_total": sum(r["wall_s"] for r in runs),
+        "training_cpu_s_total": sum(r["cpu_s"] for r in runs),
         "wall_s": time.perf_counter() - t_start,
         "cpu_s": time.process_time() - c_start,
         "torch": torch.__version__,

@@ -71,6 +71,7 @@ FIGURE_MODULES: tuple[str, ...] = (
     "paper_figs.bridge_curvature",
     "paper_figs.block_curvature",
     "paper_figs.zhang2024",
+    "paper_figs.unfold_accuracy",
 )
 
 T = TypeVar("T")

@@ -73,25 +73,29 @@ def test_mismatched_training_checkpoint_is_refused(tmp_path, capsys):
 
 
 def test_constraint_cost_pipeline_tiny(tmp_path):
-    """The measurement script end to end at toy size (the numbers themselves are measured by running it)."""
-    from unfold.constraint_cost import format_table, make_task, run
+    """The measurement script end to end at toy size (the numbers themselves are measured by running it; the study
+    itself is tested in tests/test_constraint_cost_study.py).
+    """
+    from unfold.constraint_cost import StudyConfig, format_table, make_task, run_study
     from unfold.constraint_cost import main as cc_main
 
     task = make_task("addition", seed=0, batch_size=4)
     X, y = next(iter(task.train_batches))
     assert X.shape == (4, 12, 24) and y.shape == (4, 6) and task.n_outputs == 60
-    report = run(tasks=("digits", "addition"), seeds=(0, 1), d=8, depth=1, steps=2, trace_variants=False)
+    report = run_study(StudyConfig(tasks=("digits", "addition"), models=("standard", "yang2022", "yang2022_ln"),
+                                   sizes=(4,), depth=1, lrs=(3e-3,), seeds=(0, 1), steps=2, certify_inputs=8),
+                       log=lambda s: None)
     for t in ("digits", "addition"):
-        for kind in ("unfolded", "unfolded_ln", "standard"):
-            acc = report["results"][t][kind]["test_accuracy"]
+        for kind in ("yang2022", "yang2022_ln", "standard"):
+            acc = report["results"][t]["4"][kind]["test_accuracy"]
             assert len(acc["values"]) == 2 and 0.0 <= acc["mean"] <= 1.0
-        assert len(report["results"][t]["unfolded"]["energy_traces"]) == 2
-    assert "exact_match" in report["results"]["addition"]["standard"]
-    assert "| digits | test_accuracy |" in format_table(report)
+        assert len(report["best_certified"][t]["certificates"]) == 2
+    assert "exact_match" in report["results"]["addition"]["4"]["standard"]
+    assert "| digits | 4 | standard |" in format_table(report)
     assert cc_main(["--tasks", "mnist"]) == 2
     out = tmp_path / "cc.json"
     assert cc_main(["--tasks", "digits", "--seeds", "1", "--steps", "1", "--d", "4", "--depth", "1",
-                    "--no-trace-variants", "--json", str(out)]) == 0
+                    "--models", "standard", "--lr", "3e-3", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["steps"] == 1
 
 

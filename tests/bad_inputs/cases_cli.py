@@ -28,7 +28,8 @@ FIX = (r"(?i)\b(use|pass|give|must|expected|should|one of|valid|choose|instead|o
 TINY = ["--d", "4", "--depth", "1", "--seed", "0"]
 TRAIN = ["train", *TINY, "--steps", "1", "--quiet", "--task", "synthetic"]
 TRACE = ["trace", "--n", "2", "--task", "synthetic"]
-CC = ["--tasks", "synthetic", "--seeds", "1", "--steps", "1", "--d", "4", "--depth", "1", "--no-trace-variants"]
+CC = ["--tasks", "synthetic", "--seeds", "1", "--steps", "1", "--d", "4", "--depth", "1", "--models", "standard",
+      "--lr", "3e-3"]
 FIG = "yang2022-apollonius"
 
 

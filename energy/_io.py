@@ -9,11 +9,12 @@ Windows. An interrupted write leaves either the old file or the new one, never a
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "default_file_mode"]
 
@@ -68,3 +69,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def finite_json(x: Any) -> Any:
+    """``x`` (nested dicts, lists, tuples, floats) with every non-finite float replaced by ``None``, so that
+    ``json.dumps(..., allow_nan=False)`` writes strict JSON (``NaN``/``Infinity`` are not JSON).
+    """
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_json(v) for v in x]
+    return x

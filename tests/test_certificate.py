@@ -184,3 +184,14 @@ def test_relu_keeps_only_a_gradient_steps_guarantee():
     assert kinds["ffn"][0] == "gradient" and "projected gradient" in kinds["ffn"][1]
     assert kinds["majorised_attention"][0] == "bound"
     assert kinds[str(("ffn", {"backtrack": 2}))][0] == "none"
+
+
+def test_to_json_writes_a_non_finite_energy_as_null():
+    """A trained model can reach an energy of −inf (an unbounded FFN energy): the JSON stays strict, with null."""
+    torch.manual_seed(0)
+    model = build_classifier("learned_steps", d_in=3, d=8, depth=2, heads=2, n_outputs=2).double()
+    cert = descent_certificate(model, torch.randn(3, 4, 3, dtype=f64))
+    layers = list(cert.energy_per_layer)
+    layers[-1] = -math.inf
+    out = json.loads(dataclasses.replace(cert, energy_per_layer=layers).to_json())
+    assert out["energy_per_layer"][-1] is None and out["energy_per_layer"][0] == cert.energy_per_layer[0]

@@ -41,6 +41,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from energy._io import finite_json
 from energy._validation import EnergyInputError, check_real
 from unfold.step_base import Step
 from unfold.unroller import Unrolled
@@ -133,19 +134,13 @@ class Certificate:
         out["certified"] = self.certified
         if not per_example:
             out.pop("energy_per_layer_per_example")
-        return json.dumps(out, indent=1, allow_nan=False, default=_json_default)
+        return json.dumps(finite_json(out), indent=1, allow_nan=False)  # a non-finite energy is written as null
 
     def summary(self) -> str:
         """One line: share of guaranteed steps, violations, worst relative increase."""
         return (f"{self.model}{f' ({self.family})' if self.family else ''}: {100 * self.guaranteed_share:.0f}% of "
                 f"steps guaranteed, {self.violations} violations (max rel. {self.max_rel_violation:.2e}), "
                 f"{self.unguaranteed_increases} increases of unguaranteed steps, on {self.n_inputs} inputs")
-
-
-def _json_default(obj: object) -> object:
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(type(obj).__name__)
 
 
 def _energy_body(model: object) -> tuple[Unrolled, Any, Any]:

@@ -31,7 +31,6 @@ stop (``--timeout`` bounds every wait for a rank that stops answering).
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -132,7 +131,7 @@ def _load_tokens(path: str) -> torch.Tensor:
 def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian analyze") -> int:
     """``python -m energy.hessian analyze --model PATH --json OUT [...]``; returns the exit status (0, 1, 2, 130)."""
     from energy._cli import Parser, UsageError, check_writable_file, run_command
-    from energy._io import atomic_write_text
+    from energy._io import atomic_write_text, finite_json
     from energy._validation import EnergyInputError
 
     def body() -> int:
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
             "torch": torch.__version__, "seconds": time.perf_counter() - t0, "blocks": records,
         }
         assert out is not None
-        atomic_write_text(out, json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+        atomic_write_text(out, json.dumps(finite_json(doc), indent=1, allow_nan=False) + "\n")
         print(f"{len(records)} block(s) x {len(parts)} part(s) -> {out}")
         return 0
 
@@ -283,17 +282,6 @@ def _rank_label() -> str:
 
 def _shapes(model: Any) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in torch.nn.Module.named_parameters(model)}
-
-
-def _finite(x: Any) -> Any:
-    """``x`` with every non-finite float replaced by ``None`` (strict JSON)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 if __name__ == "__main__":

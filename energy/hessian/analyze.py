@@ -258,9 +258,12 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m energy.hessian
         sys.stdout.flush()  # abort the interpreter once a peer has left) -- the message is already printed
         sys.stderr.flush()
         os._exit(status)
-    if shared and torch.distributed.is_initialized():  # every rank done (rank 0 has written): leave together
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if shared and torch.distributed.is_initialized():  # every rank done (rank 0 has written): leave together,
+        torch.distributed.barrier()  # then exit without the interpreter's teardown of gloo's threads (it can abort
+        torch.distributed.destroy_process_group()  # once the group is gone: "terminate called without an active
+        sys.stdout.flush()  # exception")
+        sys.stderr.flush()
+        os._exit(status)
     return status
 
 

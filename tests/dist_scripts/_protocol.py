@@ -2,9 +2,10 @@
 
 ``run_rank(body, timeout=…)`` joins the gloo group from the ``env://`` variables, runs ``body(rank, world_size)``
 with one thread, and prints one ``OUTCOME <rank> ok`` or ``OUTCOME <rank> <ExceptionType> <first line>`` plus
-``SECONDS <rank> <s>`` on failure, which the tests read (``tests/_dist.py::outcomes``). A failed rank leaves with
-``os._exit(1)`` — as the analyze command line does — so that no teardown of gloo's threads runs after a peer has
-left (it can abort the interpreter); a successful one waits for the others (a barrier) before leaving the group.
+``SECONDS <rank> <s>`` on failure, which the tests read (``tests/_dist.py::outcomes``). Every rank leaves with
+``os._exit`` — as the analyze command line does — so that no interpreter teardown of gloo's threads runs after a
+peer has left (it can abort: "terminate called without an active exception"); a successful rank first waits for
+the others (a barrier) and leaves the group.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 
-def run_rank(body: Callable[[int, int], None], *, timeout: float = 60.0) -> int:
+def run_rank(body: Callable[[int, int], None], *, timeout: float = 60.0) -> NoReturn:
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
@@ -35,4 +37,5 @@ def run_rank(body: Callable[[int, int], None], *, timeout: float = 60.0) -> int:
     print(f"OUTCOME {rank} ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown of gloo's threads either (it can abort after the group is gone)

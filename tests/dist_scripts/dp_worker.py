@@ -78,7 +78,7 @@ def _fault(mode: str, rank: int, world: int) -> None:
         hutchinson_trace(H, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def main() -> int:
+def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
 
     def body(rank: int, world: int) -> None:
@@ -89,8 +89,8 @@ def main() -> int:
         else:
             _fault(mode, rank, world)
 
-    return run_rank(body, timeout=4.0 if mode == "hang" else 60.0)
+    run_rank(body, timeout=4.0 if mode == "hang" else 60.0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -36,6 +36,7 @@ from unfold.data import (
     seeded_embedding_table,
     synthetic_sequence_classification,
 )
+from unfold.data.sequences import _seeded_split
 from unfold.train import accuracy
 
 __all__ = [
@@ -223,24 +224,11 @@ def _text_task(seed: int, batch_size: int, d_embed: int = 16) -> Task:
 # ----------------------------------------------------------------------------------------- classification tasks
 
 
-def _holdout(n: int, labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Stratified seeded split of ``range(n)`` into (kept, held out), ``round(fraction·n_c)`` held out per class."""
-    gen = torch.Generator().manual_seed(seed)
-    keep, out = [], []
-    for c in torch.unique(labels):
-        idx = torch.nonzero(labels == c).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        k = round(fraction * idx.numel())
-        out.append(idx[:k])
-        keep.append(idx[k:])
-    return torch.cat(keep).sort().values, torch.cat(out).sort().values
-
-
 def _classification_task(name: str, seed: int, batch_size: int) -> Task:
     dtype = torch.get_default_dtype()
     data = (load_digits_sequences(seed=seed, dtype=dtype) if name == "digits"
             else synthetic_sequence_classification(seed=seed, dtype=dtype))
-    keep, held = _holdout(data.y_train.numel(), data.y_train, 0.15, seed + 7919)
+    keep, held = _seeded_split(data.y_train.numel(), data.y_train, 0.15, seed + 7919)  # stratified
     Xall = with_positions(data.X_train)
     Xtr, ytr, Xva, yva = Xall[keep], data.y_train[keep], Xall[held], data.y_train[held]
     Xte = with_positions(data.X_test)
